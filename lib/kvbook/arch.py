@@ -1,0 +1,214 @@
+"""GGUF-style metadata -> ModelArch, following the pinned llama.cpp build's loader rules.
+
+Every source (local GGUF, remote GGUF header, HF config.json, YAML preset) is first turned
+into a metadata dict with GGUF key names; this module is the one place that interprets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvbook.errors import ModelError
+from kvbook.interface import ModelArch, RecurrentShape
+
+
+@dataclass(frozen=True)
+class ArchRule:
+    """Per-architecture choices made in llama.cpp's `load_arch_hparams` (build 11434)."""
+
+    swa_pattern: int | None = None  # default sliding_window_pattern; None = no SWA
+    swa_dense_first: bool = False
+    swa_needs_window: bool = False  # SWA only when attention.sliding_window > 0
+    recurrent: str | None = None  # "interval": every full_attention_interval-th layer is attention
+    required: tuple[str, ...] = ()
+
+
+# Architectures whose memory layout kvbook models and has checked against llama.cpp's source.
+RULES: dict[str, ArchRule] = {
+    "llama": ArchRule(),
+    "qwen2": ArchRule(),
+    "qwen2moe": ArchRule(),
+    "qwen3": ArchRule(),
+    "qwen3moe": ArchRule(),
+    "mistral3": ArchRule(),
+    "smollm3": ArchRule(),
+    "granite": ArchRule(),
+    "glm4moe": ArchRule(),
+    "ernie4_5-moe": ArchRule(),
+    "minimax-m2": ArchRule(),
+    "deepseek2": ArchRule(),
+    "gemma2": ArchRule(swa_pattern=2, required=("attention.sliding_window",)),
+    "gemma3": ArchRule(swa_pattern=6, swa_needs_window=True),
+    "cohere2": ArchRule(swa_pattern=4, required=("attention.sliding_window",)),
+    "gpt-oss": ArchRule(swa_pattern=2, required=("attention.sliding_window",)),
+    "qwen3next": ArchRule(recurrent="interval"),
+    "qwen35": ArchRule(recurrent="interval"),
+    "qwen35moe": ArchRule(recurrent="interval"),
+}
+
+MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
+
+
+class _Meta:
+    """Typed access to `{arch}.*` keys with clear errors naming the key."""
+
+    def __init__(self, meta: Mapping[str, Any], arch: str, source: str):
+        self.meta, self.arch, self.source = meta, arch, source
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def int(self, key: str, default: int | None = None) -> int:
+        value = self.raw(key, default)
+        if value is None:
+            raise ModelError(f"{self.source}: missing metadata key {self.arch}.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+            raise ModelError(f"{self.source}: {self.arch}.{key} must be a non-negative integer, got {value!r}")
+        return int(value)
+
+    def per_layer(self, key: str, n: int, default: int | list[int] | None) -> tuple[int, ...]:
+        """An int-or-array key expanded to n layers (llama.cpp's get_key_or_arr)."""
+        value = self.raw(key, default)
+        if value is None:
+            raise ModelError(f"{self.source}: missing metadata key {self.arch}.{key}")
+        if isinstance(value, (list, tuple)):
+            if len(value) < n:
+                raise ModelError(f"{self.source}: {self.arch}.{key} has {len(value)} entries for {n} layers")
+            values = [v for v in value[:n]]
+        else:
+            values = [value] * n
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ModelError(f"{self.source}: {self.arch}.{key} must hold non-negative integers, got {v!r}")
+        return tuple(int(v) for v in values)
+
+    def bools(self, key: str, n: int) -> tuple[bool, ...] | None:
+        value = self.raw(key)
+        if value is None or not isinstance(value, (list, tuple)):
+            return None
+        if len(value) < n:
+            raise ModelError(f"{self.source}: {self.arch}.{key} has {len(value)} entries for {n} layers")
+        return tuple(bool(v) for v in value[:n])
+
+
+def supported_archs() -> list[str]:
+    return sorted(RULES)
+
+
+def arch_from_metadata(
+    meta: Mapping[str, Any],
+    *,
+    name: str,
+    source: str,
+    weights_bytes: int,
+    weights_exact: bool,
+    weights_note: str,
+    n_vocab: int | None = None,
+    sha256: str | None = None,
+) -> ModelArch:
+    """Interpret GGUF metadata the way llama.cpp's loader does, for the memory model."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"{source}: no general.architecture in the metadata; is this a model GGUF?")
+    rule = RULES.get(arch)
+    if rule is None:
+        raise ModelError(
+            f"{source}: architecture '{arch}' is not modelled by kvbook; supported: {', '.join(supported_archs())}"
+        )
+    m = _Meta(meta, arch, source)
+    for key in rule.required:
+        m.int(key)
+
+    n_layer_all = m.int("block_count")
+    if not 0 < n_layer_all <= MAX_LAYERS:
+        raise ModelError(f"{source}: {arch}.block_count={n_layer_all} is outside 1..{MAX_LAYERS}")
+    n_nextn = m.int("nextn_predict_layers", 0)
+    if n_nextn >= n_layer_all:
+        raise ModelError(f"{source}: {arch}.nextn_predict_layers={n_nextn} leaves no main layers")
+    n_layer = n_layer_all - n_nextn
+    n_embd = m.int("embedding_length")
+
+    n_head_all = m.per_layer("attention.head_count", n_layer_all, 0)
+    n_head_kv_all = m.per_layer("attention.head_count_kv", n_layer_all, list(n_head_all))
+    n_head0 = n_head_all[0]
+    head_k = m.int("attention.key_length", n_embd // n_head0 if n_head0 else 0)
+    head_v = m.int("attention.value_length", n_embd // n_head0 if n_head0 else 0)
+    head_k_swa = m.int("attention.key_length_swa", head_k)
+    head_v_swa = m.int("attention.value_length_swa", head_v)
+    is_mla = m.raw("attention.key_length_mla") is not None and m.raw("attention.value_length_mla") is not None
+
+    # Sliding-window layers (llama_model_base::load_swa_pattern)
+    n_swa = m.int("attention.sliding_window", 0)
+    is_swa: tuple[bool, ...] = (False,) * n_layer_all
+    if rule.swa_pattern is not None and (n_swa > 0 or not rule.swa_needs_window):
+        explicit = m.bools("attention.sliding_window_pattern", n_layer_all)
+        if explicit is not None:
+            is_swa = explicit
+        else:
+            pattern = m.int("attention.sliding_window_pattern", rule.swa_pattern)
+            is_swa = tuple(
+                il < n_layer
+                and (pattern == 0 or (il % pattern != 0 if rule.swa_dense_first else il % pattern < pattern - 1))
+                for il in range(n_layer_all)
+            )
+    else:
+        n_swa = 0
+
+    # Recurrent layers of hybrid models
+    is_rec: tuple[bool, ...] = (False,) * n_layer_all
+    recurrent: RecurrentShape | None = None
+    if rule.recurrent == "interval":
+        explicit = m.bools("attention.recurrent_layers", n_layer_all)
+        if explicit is not None:
+            is_rec = explicit
+        else:
+            interval = m.int("full_attention_interval", 4)
+            if interval == 0:
+                raise ModelError(f"{source}: {arch}.full_attention_interval must be > 0")
+            is_rec = tuple(il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all))
+        recurrent = RecurrentShape(
+            d_conv=m.int("ssm.conv_kernel"),
+            d_inner=m.int("ssm.inner_size"),
+            d_state=m.int("ssm.state_size"),
+            n_group=m.int("ssm.group_count"),
+        )
+
+    vocab = n_vocab if n_vocab is not None else m.int("vocab_size", 0)
+    if vocab <= 0:
+        raise ModelError(f"{source}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
+    n_ff = max(m.per_layer("feed_forward_length", n_layer_all, 0))
+    n_ff_exp = max(m.per_layer("expert_feed_forward_length", n_layer_all, 0))
+
+    return ModelArch(
+        name=name,
+        arch=arch,
+        source=source,
+        n_layer=n_layer,
+        n_layer_nextn=n_nextn,
+        n_embd=n_embd,
+        n_vocab=vocab,
+        n_ctx_train=m.int("context_length"),
+        n_head=n_head_all[:n_layer],
+        n_head_kv=n_head_kv_all[:n_layer],
+        head_k=head_k,
+        head_v=head_v,
+        head_k_swa=head_k_swa,
+        head_v_swa=head_v_swa,
+        is_swa=is_swa[:n_layer],
+        n_swa=n_swa,
+        is_recurrent=is_rec[:n_layer],
+        recurrent=recurrent,
+        is_mla=is_mla,
+        n_layer_kv_from_start=n_layer,
+        n_ff=n_ff,
+        n_expert=m.int("expert_count", 0),
+        n_expert_used=m.int("expert_used_count", 0),
+        n_ff_exp=n_ff_exp,
+        weights_bytes=weights_bytes,
+        weights_exact=weights_exact,
+        weights_note=weights_note,
+        metadata_keys=len(meta),
+        sha256=sha256,
+    )

@@ -1,0 +1,193 @@
+"""`kvbook` command line. Every failure the user can cause prints one line and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from kvbook.errors import BadInput, KvbookError
+from kvbook.interface import GiB, MiB, Plan, to_dict
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"kvbook: error: {message} (see kvbook {self.prog.split()[-1]} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
+
+
+def plan_summary(plan: Plan) -> dict:
+    """The plan as the flat JSON contract other tools and notebooks read."""
+    mem = plan.memory
+    main = max(plan.pools, key=lambda u: u.need_bytes)
+    return {
+        "model": plan.model.name,
+        "arch": plan.model.arch,
+        "source": plan.model.source,
+        "device": plan.device.id,
+        "n_ctx": mem.shape.n_ctx,
+        "n_ctx_seq": mem.shape.n_ctx_seq,
+        "n_seq": mem.shape.n_seq,
+        "kv_unified": mem.shape.kv_unified,
+        "n_batch": mem.shape.n_batch,
+        "n_ubatch": mem.shape.n_ubatch,
+        "flash_attn": mem.shape.flash_attn,
+        "caches": [
+            {"kind": c.kind.value, "cells": c.cells, "layers": c.layers, "k_type": c.k_type, "v_type": c.v_type,
+             "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "bytes": c.bytes}
+            for c in mem.caches
+        ],
+        "kv_bytes": mem.kv_bytes,
+        "recurrent_bytes": mem.recurrent_bytes,
+        "weights_bytes": mem.weights_bytes,
+        "weights_exact": mem.weights_exact,
+        "weights_note": plan.model.weights_note,
+        "compute_bytes": mem.compute.bytes,
+        "compute_error_pct": mem.compute.error_pct,
+        "output_bytes": mem.output_bytes,
+        "host_extras_bytes": mem.host_extras.bytes,
+        "start_bytes": mem.start_bytes,
+        "total_bytes": mem.total_bytes,
+        "budget_bytes": main.budget_bytes,
+        "pools": to_dict(plan.pools),
+        "verdict": plan.verdict.value,
+        "max_ctx": plan.max_ctx,
+        "alternatives": to_dict(plan.alternatives),
+        "llama_server_args": list(plan.flags.argv),
+        "litellm_max_input_tokens": plan.litellm_max_input_tokens,
+        "notes": list(plan.notes),
+    }
+
+
+def format_plan(plan: Plan) -> str:
+    m, mem = plan.model, plan.memory
+    s = mem.shape
+    lines = [
+        f"model    {m.name} ({m.arch}, {m.n_layer} layers) from {m.source}",
+        f"device   {plan.device.name}",
+        f"context  n_ctx={s.n_ctx} n_ctx_seq={s.n_ctx_seq} slots={s.n_seq} unified={str(s.kv_unified).lower()} "
+        f"ubatch={s.n_ubatch} flash_attn={'on' if s.flash_attn else 'off'}",
+        "",
+        f"  weights      {_gib(mem.weights_bytes)}  {m.weights_note}",
+    ]
+    for c in mem.caches:
+        types = f"{c.k_type}/{c.v_type}" if c.v_type else f"{c.k_type} (K only, MLA)"
+        label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
+        lines.append(f"  {label:<12} {_gib(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
+    lines += [
+        f"  compute      {_gib(mem.compute.bytes)}  approximate, worst error seen {mem.compute.error_pct}%",
+        f"  output       {_gib(mem.output_bytes)}  logits",
+        f"  at start     {_gib(mem.start_bytes)}",
+        f"  host growth  {_gib(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
+        f"  total        {_gib(mem.total_bytes)}",
+        "",
+    ]
+    for u in plan.pools:
+        lines.append(f"  {u.pool}: needs {_gib(u.need_bytes).strip()} of {_gib(u.budget_bytes).strip()} "
+                     f"-> {u.verdict.value} (headroom {_gib(u.headroom_bytes).strip()})")
+    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {plan.max_ctx}"]
+    for alt in plan.alternatives:
+        lines.append(f"  alternative: {alt.change} -> {_gib(alt.total_bytes).strip()} ({alt.verdict.value})")
+    lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from kvbook.devices import custom_budget, load_device, this_machine
+    from kvbook.flags import parse_server_args
+    from kvbook.loaders import load_model
+    from kvbook.plan import make_plan
+
+    server_argv = list(args.server_args)
+    if server_argv and server_argv[0] == "--":
+        server_argv = server_argv[1:]
+    if not server_argv:
+        raise BadInput("give the llama-server command line after --, e.g. kvbook plan -- llama-server -m MODEL -c 8192")
+    flags = parse_server_args(server_argv)
+    if args.budget_gib is not None:
+        device = custom_budget(args.budget_gib)
+    elif args.device:
+        device = load_device(args.device)
+    else:
+        device = this_machine()
+    arch = load_model(flags.model)
+    plan = make_plan(arch, flags, device)
+    if args.json:
+        print(json.dumps(plan_summary(plan), indent=1))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from kvbook.components import model_path
+
+    print(model_path(args.name))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from kvbook.components import doctor
+
+    rows = doctor()
+    if args.json:
+        print(json.dumps([{**to_dict(r), "path": str(r.path) if r.path else None} for r in rows], indent=1))
+    else:
+        for r in rows:
+            mark = "ok " if r.ok else "MISSING"
+            print(f"{mark:<8}{r.name:<22}{(r.version or '-'):<28}{r.path or '-'}")
+            if r.hint:
+                print(f"{'':<8}{r.hint}")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="predict what a llama-server command line allocates and whether it fits")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", help="device preset id (params/devices) or 'this-machine' (default)")
+    where.add_argument("--budget-gib", type=float, help="a custom memory budget in GiB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="-- llama-server -m MODEL [flags]")
+    p.set_defaults(func=_cmd_plan)
+
+    m = sub.add_parser("models", help="bundled models")
+    msub = m.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
+    mp = msub.add_parser("path", help="print a bundled model's local GGUF path")
+    mp.add_argument("name", help="smollm2-135m or gemma3-270m")
+    mp.set_defaults(func=_cmd_models)
+
+    d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except KvbookError as exc:
+        print(f"kvbook: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvbook: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

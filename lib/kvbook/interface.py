@@ -1,0 +1,334 @@
+"""Every public kvbook record: frozen, typed, and JSON-serialisable through `to_dict`.
+
+Data flows one way: ModelArch + ServerFlags -> ContextShape -> MemoryPlan -> Plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def to_dict(record: Any) -> Any:
+    """A record (or tuple/list/dict of records) as plain JSON-ready values."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        out = {f.name: to_dict(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        extra = getattr(record, "json_extras", None)
+        if callable(extra):
+            out.update(extra())
+        return out
+    if isinstance(record, enum.Enum):
+        return record.value
+    if isinstance(record, (list, tuple)):
+        return [to_dict(x) for x in record]
+    if isinstance(record, dict):
+        return {str(k): to_dict(v) for k, v in record.items()}
+    return record
+
+
+# ---------------------------------------------------------------- model architecture
+
+
+@dataclass(frozen=True)
+class RecurrentShape:
+    """Gated-delta-net / Mamba2 state sizes (elements per layer per sequence)."""
+
+    d_conv: int
+    d_inner: int
+    d_state: int
+    n_group: int
+
+    @property
+    def n_embd_r(self) -> int:
+        """Conv state width: (d_conv-1) * (d_inner + 2*n_group*d_state)."""
+        return (self.d_conv - 1) * (self.d_inner + 2 * self.n_group * self.d_state)
+
+    @property
+    def n_embd_s(self) -> int:
+        """Delta-rule / SSM state width: d_state * d_inner."""
+        return self.d_state * self.d_inner
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """What llama.cpp's loader derives from a model's metadata, per layer where it varies.
+
+    Per-layer tuples cover the main layers only (n_layer); NextN/MTP layers never own a cache
+    in the main context and are counted in n_layer_nextn.
+    """
+
+    name: str
+    arch: str
+    source: str
+    n_layer: int
+    n_layer_nextn: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    n_head: tuple[int, ...]
+    n_head_kv: tuple[int, ...]
+    head_k: int
+    head_v: int
+    head_k_swa: int
+    head_v_swa: int
+    is_swa: tuple[bool, ...]
+    n_swa: int
+    is_recurrent: tuple[bool, ...]
+    recurrent: RecurrentShape | None
+    is_mla: bool
+    n_layer_kv_from_start: int
+    n_ff: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    weights_bytes: int
+    weights_exact: bool
+    weights_note: str
+    metadata_keys: int = 0
+    sha256: str | None = None
+
+    def has_kv(self, il: int) -> bool:
+        """True when layer il owns an attention KV cache in the main context."""
+        return il < self.n_layer_kv_from_start and not self.is_recurrent[il]
+
+    def head_k_at(self, il: int) -> int:
+        return self.head_k_swa if self.is_swa[il] else self.head_k
+
+    def head_v_at(self, il: int) -> int:
+        return self.head_v_swa if self.is_swa[il] else self.head_v
+
+    @property
+    def is_hybrid(self) -> bool:
+        return any(self.is_recurrent)
+
+    @property
+    def has_swa(self) -> bool:
+        return any(self.is_swa)
+
+
+# ---------------------------------------------------------------- server flags
+
+
+class FlashAttn(str, enum.Enum):
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ServerFlags:
+    """The memory-relevant part of a llama-server command line, with the server's defaults."""
+
+    model: str
+    ctx: int = 0
+    parallel: int = -1
+    kv_unified: bool | None = None
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: FlashAttn = FlashAttn.AUTO
+    batch: int = 2048
+    ubatch: int = 512
+    swa_full: bool = False
+    cache_ram_mib: int = 8192
+    ctx_checkpoints: int = 32
+    gpu_layers: str = "auto"
+    fit: bool = True
+    no_kv_offload: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    argv: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """How llama-server sizes the context for given flags: what llama_context logs."""
+
+    n_ctx: int
+    n_ctx_seq: int
+    n_seq: int
+    n_stream: int
+    kv_unified: bool
+    n_batch: int
+    n_ubatch: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    swa_full: bool
+    n_outputs_max: int
+
+
+# ---------------------------------------------------------------- memory
+
+
+class CacheKind(str, enum.Enum):
+    KV = "kv"
+    SWA = "swa"
+    RECURRENT = "recurrent"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache llama.cpp creates: matches one `llama_kv_cache: size = ...` log line."""
+
+    kind: CacheKind
+    cells: int
+    layers: int
+    k_type: str
+    v_type: str | None
+    k_bytes: int
+    v_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.k_bytes + self.v_bytes
+
+    def json_extras(self) -> dict[str, Any]:
+        return {"bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class ComputeEstimate:
+    """Compute buffer: a calibrated approximation, never exact; `error_pct` is the measured bound."""
+
+    bytes: int
+    error_pct: float
+    method: str
+
+
+@dataclass(frozen=True)
+class HostExtras:
+    """Host RAM that grows while the server runs (prompt cache, context checkpoints)."""
+
+    cache_ram_bytes: int
+    checkpoint_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.cache_ram_bytes + self.checkpoint_bytes
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Everything llama-server allocates at start, plus run-time host growth, in bytes."""
+
+    shape: ContextShape
+    caches: tuple[CacheSpec, ...]
+    weights_bytes: int
+    weights_exact: bool
+    output_bytes: int
+    compute: ComputeEstimate
+    host_extras: HostExtras
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.bytes for c in self.caches if c.kind is not CacheKind.RECURRENT)
+
+    @property
+    def recurrent_bytes(self) -> int:
+        return sum(c.bytes for c in self.caches if c.kind is CacheKind.RECURRENT)
+
+    @property
+    def start_bytes(self) -> int:
+        """Allocated when the server starts."""
+        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Start allocation plus the host RAM that can grow at run time."""
+        return self.start_bytes + self.host_extras.bytes
+
+    def json_extras(self) -> dict[str, Any]:
+        return {
+            "kv_bytes": self.kv_bytes,
+            "recurrent_bytes": self.recurrent_bytes,
+            "start_bytes": self.start_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+
+# ---------------------------------------------------------------- devices and plans
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One memory pool with its own budget: host RAM or one GPU."""
+
+    name: str
+    kind: str
+    budget_bytes: int
+    total_bytes: int
+    bandwidth_gbps: float | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    """A machine to plan for: its pools; on unified memory everything counts against one pool."""
+
+    id: str
+    name: str
+    unified: bool
+    pools: tuple[Pool, ...]
+    notes: str = ""
+    sources: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def main_pool(self) -> Pool:
+        """Where weights, KV and compute go when everything is offloaded (the first GPU, else host)."""
+        gpus = [p for p in self.pools if p.kind == "gpu"]
+        return gpus[0] if gpus else self.pools[0]
+
+
+class Verdict(str, enum.Enum):
+    FITS = "fits"
+    TIGHT = "tight"
+    DOES_NOT_FIT = "does not fit"
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """What one pool must hold under a plan, against its budget."""
+
+    pool: str
+    need_bytes: int
+    budget_bytes: int
+    verdict: Verdict
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.need_bytes
+
+    def json_extras(self) -> dict[str, Any]:
+        return {"headroom_bytes": self.headroom_bytes}
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A changed command line that fits, with the reason it was suggested."""
+
+    change: str
+    flags: tuple[str, ...]
+    n_ctx: int
+    total_bytes: int
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's answer for one model, one command line and one device."""
+
+    model: ModelArch
+    flags: ServerFlags
+    device: Device
+    memory: MemoryPlan
+    pools: tuple[PoolUsage, ...]
+    verdict: Verdict
+    max_ctx: int
+    alternatives: tuple[Alternative, ...] = ()
+    litellm_max_input_tokens: int = 0
+    notes: tuple[str, ...] = field(default=())

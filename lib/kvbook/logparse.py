@@ -1,0 +1,136 @@
+"""Parse what llama-server (and llama-fit-params) log about allocations at `-lv 4` into a record.
+
+Formats are those of the pinned build (shared/reference/llama-cpp-memory.md section 8): every
+line carries a timestamp and level prefix, numbers are MiB with two decimals.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from kvbook.interface import MiB
+
+_NUM = r"([0-9]+(?:\.[0-9]+)?)"
+_RE = {
+    "n_ctx": re.compile(r"llama_context: n_ctx\s+= (\d+)"),
+    "n_ctx_seq": re.compile(r"llama_context: n_ctx_seq\s+= (\d+)"),
+    "n_seq_max": re.compile(r"llama_context: n_seq_max\s+= (\d+)"),
+    "n_batch": re.compile(r"llama_context: n_batch\s+= (\d+)"),
+    "n_ubatch": re.compile(r"llama_context: n_ubatch\s+= (\d+)"),
+    "flash_attn": re.compile(r"llama_context: flash_attn\s+= (\w+)"),
+    "kv_unified": re.compile(r"llama_context: kv_unified\s+= (\w+)"),
+    "model_buf": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*" + _NUM + " MiB"),
+    "output_buf": re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s*" + _NUM + " MiB"),
+    "compute_buf": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "iswa": re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells"),
+    "kv": re.compile(
+        r"llama_kv_cache: size = \s*" + _NUM + r" MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\), "
+        r"K \((\w+)\):\s*" + _NUM + r" MiB, V \((\w+)\):\s*" + _NUM + " MiB"
+    ),
+    "rs": re.compile(
+        r"llama_memory_recurrent: size = \s*" + _NUM + r" MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+) seqs"
+        r"[^)]*\), R \((\w+)\):\s*" + _NUM + r" MiB, S \((\w+)\):\s*" + _NUM + " MiB"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoggedCache:
+    """One `llama_kv_cache: size = ...` or `llama_memory_recurrent: size = ...` line (MiB as printed)."""
+
+    kind: str
+    cells: int
+    layers: int
+    k_type: str
+    k_mib: float
+    v_type: str | None
+    v_mib: float
+    total_mib: float
+
+
+@dataclass(frozen=True)
+class LoggedMemory:
+    """What the server said it allocated; MiB values keep the log's two-decimal precision."""
+
+    n_ctx: int | None = None
+    n_ctx_seq: int | None = None
+    n_seq_max: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    flash_attn: str | None = None
+    kv_unified: bool | None = None
+    model_mib: dict[str, float] = field(default_factory=dict)
+    output_mib: float | None = None
+    compute_mib: dict[str, float] = field(default_factory=dict)
+    caches: tuple[LoggedCache, ...] = ()
+
+    @property
+    def compute_bytes(self) -> int:
+        return round(sum(self.compute_mib.values()) * MiB)
+
+    @property
+    def weights_mib(self) -> float:
+        """Model buffers, counting CPU_REPACK copies once (they replace part of the mapped buffer)."""
+        return sum(v for k, v in self.model_mib.items() if k != "CPU_REPACK")
+
+
+def parse_log(text: str) -> LoggedMemory:
+    """The last context creation in a llama-server log (a server logs one; fit probes log none at -lv 4)."""
+    values: dict[str, object] = {}
+    model_mib: dict[str, float] = {}
+    compute_mib: dict[str, float] = {}
+    caches: list[LoggedCache] = []
+    pending_kind = "kv"
+    for line in text.splitlines():
+        if "llama_context: constructing llama_context" in line:
+            caches, compute_mib, pending_kind = [], {}, "kv"
+            values.pop("output_mib", None)
+        for key in ("n_ctx", "n_ctx_seq", "n_seq_max", "n_batch", "n_ubatch"):
+            m = _RE[key].search(line)
+            if m:
+                values[key] = int(m.group(1))
+        if m := _RE["flash_attn"].search(line):
+            values["flash_attn"] = m.group(1)
+        if m := _RE["kv_unified"].search(line):
+            values["kv_unified"] = m.group(1) == "true"
+        if m := _RE["model_buf"].search(line):
+            model_mib[m.group(1)] = float(m.group(2))
+        if m := _RE["output_buf"].search(line):
+            values["output_mib"] = float(m.group(2))
+        if m := _RE["compute_buf"].search(line):
+            compute_mib[m.group(1)] = float(m.group(2))
+        if m := _RE["iswa"].search(line):
+            pending_kind = "swa" if m.group(1) == "SWA" else "kv"
+        if m := _RE["kv"].search(line):
+            caches.append(
+                LoggedCache(
+                    kind=pending_kind,
+                    cells=int(m.group(2)),
+                    layers=int(m.group(3)),
+                    k_type=m.group(6),
+                    k_mib=float(m.group(7)),
+                    v_type=m.group(8),
+                    v_mib=float(m.group(9)),
+                    total_mib=float(m.group(1)),
+                )
+            )
+        if m := _RE["rs"].search(line):
+            caches.append(
+                LoggedCache(
+                    kind="recurrent",
+                    cells=int(m.group(2)),
+                    layers=int(m.group(3)),
+                    k_type=m.group(5),
+                    k_mib=float(m.group(6)),
+                    v_type=m.group(7),
+                    v_mib=float(m.group(8)),
+                    total_mib=float(m.group(1)),
+                )
+            )
+    return LoggedMemory(model_mib=model_mib, compute_mib=compute_mib, caches=tuple(caches), **values)  # type: ignore[arg-type]
+
+
+def mib2(n_bytes: int) -> float:
+    """Bytes as the log prints them: MiB rounded to two decimals."""
+    return round(n_bytes / MiB, 2)
