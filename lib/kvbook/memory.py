@@ -61,7 +61,11 @@ def context_shape(arch: ModelArch, flags: ServerFlags) -> ContextShape:
         n_seq, unified = SERVER_AUTO_SLOTS, True
     else:
         n_seq, unified = flags.parallel, bool(flags.kv_unified)
-    n_ctx = pad(flags.ctx if flags.ctx > 0 else arch.n_ctx_train)
+    if flags.ctx > 0:
+        n_ctx = pad(flags.ctx)
+    else:
+        # -c 0: the training context per stream when --fit is on (common/fit.cpp), else in total
+        n_ctx = pad(arch.n_ctx_train * (n_seq if flags.fit and not unified else 1))
     if unified:
         n_ctx_seq, n_stream = n_ctx, 1
     else:

@@ -1,0 +1,122 @@
+"""Launch llama-server from typed flags: plan first, loopback by default, log at -lv 4 in the run
+folder, and read back what it really allocated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvbook.errors import BadInput, ServerError
+from kvbook.flags import parse_server_args
+from kvbook.interface import Device, Plan, ServerFlags, Verdict
+from kvbook.logparse import LoggedMemory, parse_log
+from kvbook.procs import ManagedProcess, ProcessSpec, check_host, free_port
+
+# Flags kvbook sets itself when it launches a server.
+_OWNED = {"--host", "--port", "-lv", "--verbosity", "--log-verbosity", "--log-file", "-v", "--verbose"}
+
+
+def launch_args(flags: ServerFlags, host: str, port: int, api_key: str | None = None) -> list[str]:
+    """The user's llama-server flags with host, port and verbosity set by kvbook."""
+    args = list(flags.argv)
+    if args and not args[0].startswith("-"):
+        args = args[1:]
+    out: list[str] = []
+    skip = False
+    for i, token in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in _OWNED:
+            skip = "=" not in token and name not in ("-v", "--verbose")
+            continue
+        out.append(token)
+    out += ["--host", host, "--port", str(port), "-lv", "4"]
+    if api_key:
+        out += ["--api-key", api_key]
+    return out
+
+
+@dataclass
+class LlamaServer:
+    """A running llama-server with its plan and log."""
+
+    process: ManagedProcess
+    flags: ServerFlags
+    plan: Plan | None
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.spec.log_path
+
+    def measured(self) -> LoggedMemory:
+        """What the server logged about its allocations."""
+        return parse_log(self.log_path.read_text(errors="replace"))
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+    def __enter__(self) -> LlamaServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_llama_server(
+    server_args: list[str] | ServerFlags,
+    *,
+    binary: Path | None = None,
+    run_dir: Path,
+    device: Device | None = None,
+    force: bool = False,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    allow_remote: bool = False,
+    api_key: str | None = None,
+    ready_timeout_s: float = 120.0,
+    plan_first: bool = True,
+) -> LlamaServer:
+    """Plan, refuse when it will not fit (unless force), start, wait for /health."""
+    from kvbook.components import find_llama_server
+    from kvbook.devices import this_machine
+    from kvbook.loaders import load_model
+    from kvbook.plan import make_plan
+
+    flags = server_args if isinstance(server_args, ServerFlags) else parse_server_args(server_args)
+    check_host(host, allow_remote)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        raise BadInput(f"llama-server on {host} would be reachable from the network: give it an API key")
+    plan = None
+    if plan_first:
+        plan = make_plan(load_model(flags.model), flags, device or this_machine())
+        if plan.verdict is Verdict.DOES_NOT_FIT and not force:
+            need = max(u.need_bytes for u in plan.pools) / 2**30
+            raise BadInput(
+                f"the plan says this will not fit ({need:.2f} GiB needed on {plan.device.name}); "
+                f"largest context that fits: {plan.max_ctx}. Use force=True (--force) to launch anyway"
+            )
+    binary = binary or find_llama_server()
+    port = port or free_port(host)
+    spec = ProcessSpec(
+        name="llama-server",
+        argv=(str(binary), *launch_args(flags, host, port, api_key)),
+        host=host,
+        port=port,
+        log_path=run_dir / f"llama-server-{port}.log",
+        ready_paths=("/health",),
+        ready_timeout_s=ready_timeout_s,
+    )
+    process = ManagedProcess(spec)
+    process.start()
+    return LlamaServer(process=process, flags=flags, plan=plan)
+
+
+def require_alive(server: LlamaServer) -> None:
+    if not server.process.alive():
+        raise ServerError(f"llama-server at {server.base_url} is not running (backend down)")

@@ -1,0 +1,40 @@
+"""Shared fixtures: real components found through kvbook.components, and no process left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvbook import procs
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    """The llama-server under test (KVBOOK_LLAMA_SERVER, PATH, or the pinned build); fails, never skips."""
+    from kvbook.components import find_llama_server
+
+    return find_llama_server()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from kvbook.components import model_path
+
+    return model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    from kvbook.components import model_path
+
+    return model_path("gemma3-270m")
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every server a test starts is stopped when it ends, pass or fail; a leak fails the test."""
+    yield
+    leaked = [p.spec.name for p in procs.live_processes()]
+    procs.stop_all()
+    assert not leaked, f"test left processes running: {leaked}"
