@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    try:
         return int(args.func(args) or 0)
     except KvbookError as exc:
         print(f"kvbook: error: {exc}", file=sys.stderr)
