@@ -150,6 +150,45 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvbook.runner import load_params, resolve_notebook, run_notebook
+
+    params = load_params(Path(args.params_file)) if args.params_file else {}
+    notebook = resolve_notebook(args.notebook)
+    out = Path(args.output_dir) if args.output_dir else None
+    result = run_notebook(notebook, params, out, progress=not args.quiet)
+    summary = result.summary
+    print(f"report: {result.html or '(none)'}")
+    print(f"summary: {result.output_dir / 'summary.json'}")
+    if not result.ok:
+        print(f"kvbook: error: {result.error}", file=sys.stderr)
+        return 1
+    failures = summary.get("required_failures") or []
+    if failures and args.fail_on_check:
+        print(f"kvbook: error: {len(failures)} required smoke check(s) failed, first: {failures[0]}", file=sys.stderr)
+        return 1
+    if summary.get("verdict") == "does not fit" and args.fail_on_no_fit:
+        print("kvbook: error: the plan does not fit its device", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from kvbook.index import build_index
+    from kvbook.runner import outputs_dir
+
+    print(build_index(outputs_dir()))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvbook.demo import run_demo
+
+    return run_demo(quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -167,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     mp = msub.add_parser("path", help="print a bundled model's local GGUF path")
     mp.add_argument("name", help="smollm2-135m or gemma3-270m")
     mp.set_defaults(func=_cmd_models)
+
+    r = sub.add_parser("run", help="execute a notebook headless with a params file; write HTML and summary.json")
+    r.add_argument("notebook", help="notebook path or name in notebooks/ (e.g. 01-sizing)")
+    r.add_argument("-f", "--params-file", help="YAML file of notebook parameters")
+    r.add_argument("--output-dir", help="where to write (default: outputs/<run id>/)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--no-fail-on-check", dest="fail_on_check", action="store_false",
+                   help="exit 0 even when a required smoke check fails")
+    r.add_argument("--no-fail-on-no-fit", dest="fail_on_no_fit", action="store_false",
+                   help="exit 0 even when a plan does not fit")
+    r.set_defaults(func=_cmd_run)
+
+    dm = sub.add_parser("demo", help="plan the post's flag set, launch both servers, smoke-test, write reports")
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=_cmd_demo)
+
+    rp = sub.add_parser("report", help="build outputs/index.html listing every run")
+    rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
     d.add_argument("--json", action="store_true")

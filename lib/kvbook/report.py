@@ -1,0 +1,71 @@
+"""Small display helpers shared by notebooks and reports: escaped HTML tables, no pandas needed."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, caption: str = "") -> str:
+    """Rows of dicts as an HTML table; every value is escaped."""
+    if not rows:
+        return f"<p><em>{html.escape(caption or 'nothing to show')}: no rows</em></p>"
+    cols = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r.get(c)))}</td>" for c in cols) + "</tr>"
+        for r in rows
+    )
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table class="kvbook">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class HTML:
+    """Rich-display wrapper so a notebook can show a table without importing IPython."""
+
+    def __init__(self, markup: str):
+        self.markup = markup
+
+    def _repr_html_(self) -> str:
+        return self.markup
+
+
+def latency_figure(results: Sequence[Any]):
+    """Time to first byte, first text and total per route for each timed check (plotly bar chart)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for metric, label in (("ttfb_s", "first byte"), ("first_text_s", "first text"), ("total_s", "total")):
+        xs, ys = [], []
+        for r in results:
+            value = getattr(r.timings, metric)
+            if value is not None:
+                xs.append(f"{r.check}<br>{r.route}")
+                ys.append(1000 * value)
+        if ys:
+            fig.add_bar(name=label, x=xs, y=ys)
+    fig.update_layout(barmode="group", yaxis_title="ms", title="Latency per check and route", height=420)
+    return fig
+
+
+def pass_fail_figure(results: Sequence[Any]):
+    """A check x route grid: green pass, red fail (required), grey fail (recorded only)."""
+    import plotly.graph_objects as go
+
+    checks = list(dict.fromkeys(r.check for r in results))
+    routes = list(dict.fromkeys(r.route for r in results))
+    z, text = [], []
+    for check in checks:
+        row, trow = [], []
+        for route in routes:
+            mine = [r for r in results if r.check == check and r.route == route]
+            passed = sum(r.passed for r in mine)
+            row.append(1.0 if mine and passed == len(mine) else (0.5 if mine and not mine[0].required else 0.0))
+            trow.append(f"{passed}/{len(mine)}")
+        z.append(row)
+        text.append(trow)
+    fig = go.Figure(go.Heatmap(z=z, x=routes, y=checks, text=text, texttemplate="%{text}", showscale=False,
+                               zmin=0, zmax=1, colorscale=[[0, "#d9534f"], [0.5, "#bbbbbb"], [1, "#5cb85c"]]))
+    fig.update_layout(title="Checks passed per route", height=60 + 40 * len(checks))
+    return fig
