@@ -109,14 +109,20 @@ def _post(target: Target, path: str, body: dict, cfg: SmokeConfig) -> tuple[dict
     if resp.status_code != 200 or (isinstance(data, dict) and data.get("type") == "error"):
         err = data.get("error", data) if isinstance(data, dict) else data
         message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-        down = resp.status_code in (502, 503, 504) or "connect" in message.lower() or "connection" in message.lower()
-        prefix = "backend down: " if down else ""
-        raise _Fail(f"{prefix}HTTP {resp.status_code}: {message[:200]}")
+        raise _Fail(http_failure(resp.status_code, message))
     if not isinstance(data, dict):
         raise _Fail("answer is JSON but not an object")
     out = (data.get("usage") or {}).get("output_tokens")
     return data, Timings(ttfb_s=total, total_s=total, output_tokens=out,
                          tokens_per_s=(out / total) if out and total else None)
+
+
+def http_failure(status: int, message: str) -> str:
+    """A failed HTTP answer as a reason; a proxy that cannot reach its backend says 'backend down'."""
+    lowered = message.lower()
+    down = status in (502, 503, 504) or "cannot connect" in lowered or "connection refused" in lowered \
+        or "connection error" in lowered
+    return f"{'backend down: ' if down else ''}HTTP {status}: {message[:200]}"
 
 
 def _body(target: Target, cfg: SmokeConfig, messages: list, **extra: Any) -> dict:
@@ -286,9 +292,7 @@ def _stream(target: Target, body: dict, cfg: SmokeConfig) -> tuple[list[dict], T
         with requests.post(target.url("/v1/messages"), json={**body, "stream": True}, headers=_headers(target),
                            timeout=cfg.timeout_s, stream=True) as resp:
             if resp.status_code != 200:
-                text = resp.text[:200]
-                raise _Fail(("backend down: " if resp.status_code in (502, 503, 504) else "") +
-                            f"HTTP {resp.status_code}: {text}")
+                raise _Fail(http_failure(resp.status_code, resp.text))
             for event, data in iter_sse(resp):
                 now = time.perf_counter() - t0
                 ttfb = ttfb if ttfb is not None else now
