@@ -3,7 +3,7 @@
     .venv/bin/python tools/calibrate_compute.py            # refit and rewrite the coefficients
     .venv/bin/python tools/calibrate_compute.py --check    # print the errors only
 
-Input: lib/kvbook/data/compute_calibration.jsonl, one measured run per line (model preset id,
+Input: lib/kvbook/data/compute_calibration.jsonl, one measured run per line (bundled model name,
 llama-server flags, the `sched_reserve: ... compute buffer size` it logged). Output:
 lib/kvbook/data/compute_coefficients.json. Review the diff of the error figures before committing.
 """
@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "lib"))
 from kvbook.compute import activation_width, attention_bytes  # noqa: E402
 from kvbook.flags import parse_server_args  # noqa: E402
 from kvbook.interface import MiB  # noqa: E402
-from kvbook.loaders import load_model  # noqa: E402
+from kvbook.components import model_path  # noqa: E402
+from kvbook.loaders import load_gguf  # noqa: E402
 from kvbook.memory import caches, context_shape  # noqa: E402
 
 DATA = ROOT / "lib" / "kvbook" / "data"
@@ -33,7 +34,9 @@ def rows() -> list[dict]:
     archs: dict = {}
     for line in (DATA / "compute_calibration.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        arch = archs.setdefault(rec["model"], load_model(rec["model"]))
+        if rec["model"] not in archs:
+            archs[rec["model"]] = load_gguf(model_path(rec["model"]))
+        arch = archs[rec["model"]]
         flags = parse_server_args(["-m", rec["model"], *rec["args"]])
         shape = context_shape(arch, flags)
         cells = [c.cells for c in caches(arch, shape) if c.kind.value != "recurrent"]
