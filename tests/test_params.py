@@ -1,0 +1,51 @@
+"""Every preset loads, names its id after its file, and cites a source for every number."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvbook.devices import device_ids, load_device
+from kvbook.loaders import load_model, params_dir
+
+MODELS = sorted((params_dir() / "models").glob("*.yaml"))
+DEVICES = sorted((params_dir() / "devices").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.stem)
+def test_model_preset(path: Path):
+    doc = yaml.safe_load(path.read_text())
+    assert doc["id"] == path.stem
+    missing = [k for k in doc["metadata"] if k not in doc.get("sources", {})]
+    assert not missing, f"uncited keys: {missing}"
+    assert doc["weights"].get("source")
+    arch = load_model(path.stem)
+    assert arch.n_layer > 0 and arch.weights_bytes > 0 and not arch.weights_exact
+
+
+@pytest.mark.parametrize("path", DEVICES, ids=lambda p: p.stem)
+def test_device_preset(path: Path):
+    doc = yaml.safe_load(path.read_text())
+    assert doc["id"] == path.stem
+    for key in ("budget_mib", "bandwidth_gbps"):
+        assert key in doc.get("sources", {}), f"{key} not cited"
+    device = load_device(path.stem)
+    assert all(p.budget_bytes > 0 for p in device.pools)
+    assert all(p.budget_bytes <= p.total_bytes for p in device.pools)
+
+
+def test_ids_unique_and_listed():
+    ids = device_ids()
+    assert len(ids) == len(set(ids)) and "this-machine" in ids and "m1-max-64" in ids
+
+
+def test_bundled_presets_match_real_files(smollm2, gemma3):
+    from kvbook.loaders import load_gguf
+
+    for name, path in (("smollm2-135m", smollm2), ("gemma3-270m", gemma3)):
+        preset, real = load_model(name), load_gguf(path)
+        for field in ("n_layer", "n_embd", "n_vocab", "n_head_kv", "head_k", "head_v", "is_swa", "n_swa", "n_ctx_train"):
+            assert getattr(preset, field) == getattr(real, field), (name, field)
+        assert preset.weights_bytes == path.stat().st_size
