@@ -1,0 +1,416 @@
+"""Write weightless GGUF files that llama.cpp's loader accepts, for sizing without downloads.
+
+The file holds the given metadata and every tensor llama.cpp creates for the architecture
+(names and shapes from the pinned build's `src/models/<arch>.cpp`); the data region is a
+hole, so even a 400 GB model costs only its header on disk.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+from kvbook.errors import ModelError
+
+Tensor = tuple[str, tuple[int, ...]]  # name, ggml shape (ne0 first)
+
+_REQUIRED: Any = object()
+
+# Keys llama.cpp reads as float32 even when a YAML preset writes a whole number.
+_FLOAT_SUFFIXES = ("freq_base", "freq_base_swa", "epsilon", "scale", "softcapping", "factor",
+                   "multiplier", "beta_fast", "beta_slow", "alpha")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters, read the way llama-model.cpp reads them
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Hp:
+    """The layer-0 hyperparameters `LLAMA_LOAD_LOCALS` exposes, plus raw metadata access."""
+
+    md: Mapping[str, Any]
+    arch: str
+    n_embd: int
+    n_layer_all: int
+    n_layer: int  # trunk layers; NextN/MTP layers follow them
+    n_vocab: int
+    n_head: int
+    n_head_kv: int
+    head_k: int
+    head_v: int
+    n_rot: int
+    n_expert: int
+    n_expert_used: int
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        return _get(self.md, self.arch, key, default)
+
+    def at(self, key: str, il: int, default: Any = _REQUIRED) -> int:
+        """A per-layer key (int or list) at layer `il`."""
+        v = self.get(key, default)
+        return int(v[il]) if isinstance(v, (list, tuple)) else int(v)
+
+    def n_ff(self, il: int = 0) -> int:
+        return self.at("feed_forward_length", il, 0)
+
+    def n_ff_exp(self, il: int = 0) -> int:
+        v = self.at("expert_feed_forward_length", il, 0)
+        return v if v else self.n_ff(il) // max(self.n_expert_used, 1)
+
+    def is_swa(self, il: int, default_pattern: int) -> bool:
+        if il >= self.n_layer or not self.get("attention.sliding_window", 0):
+            return False
+        pat = self.get("attention.sliding_window_pattern", default_pattern)
+        if isinstance(pat, (list, tuple)):
+            return bool(pat[il])
+        return pat == 0 or il % pat < pat - 1
+
+    def is_recurrent(self, il: int) -> bool:
+        arr = self.md.get(f"{self.arch}.attention.recurrent_layers")
+        if isinstance(arr, (list, tuple)):
+            return bool(arr[il])
+        interval = int(self.get("full_attention_interval", 4))
+        return il < self.n_layer and (il + 1) % interval != 0
+
+
+_SWA_DEFAULT = {"gemma3": 6, "gpt-oss": 2}  # load_swa_pattern(ml, n) in the arch's loader
+
+
+def _get(md: Mapping[str, Any], arch: str, key: str, default: Any = _REQUIRED) -> Any:
+    """`{arch}.key` from the metadata, else `default`; a missing required key is an error."""
+    full = f"{arch}.{key}"
+    if full in md:
+        return md[full]
+    if default is _REQUIRED:
+        raise ModelError(f"{arch} metadata lacks {full!r}, which llama.cpp requires")
+    return default
+
+
+def _first(v: Any) -> int:
+    """Layer 0 of a key that may be a per-layer list."""
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def _hparams(md: Mapping[str, Any]) -> _Hp:
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ModelError("metadata lacks 'general.architecture'")
+    n_vocab = md.get(f"{arch}.vocab_size")
+    if n_vocab is None and isinstance(md.get("tokenizer.ggml.tokens"), (list, tuple)):
+        n_vocab = len(md["tokenizer.ggml.tokens"])
+    if n_vocab is None:
+        raise ModelError(f"metadata lacks {arch + '.vocab_size'!r}; add the tokenizer's size")
+    n_layer_all = int(_get(md, arch, "block_count"))
+    n_embd = int(_get(md, arch, "embedding_length"))
+    n_head = _first(_get(md, arch, "attention.head_count", 0))
+    head = n_embd // n_head if n_head else 0
+    hk = int(_get(md, arch, "attention.key_length", head))
+    hv = int(_get(md, arch, "attention.value_length", head))
+    hp = _Hp(md, arch, n_embd, n_layer_all,
+             n_layer=n_layer_all - int(_get(md, arch, "nextn_predict_layers", 0)),
+             n_vocab=int(n_vocab), n_head=n_head,
+             n_head_kv=_first(_get(md, arch, "attention.head_count_kv", n_head)),
+             head_k=hk, head_v=hv, n_rot=int(_get(md, arch, "rope.dimension_count", hk)),
+             n_expert=int(_get(md, arch, "expert_count", 0)),
+             n_expert_used=_first(_get(md, arch, "expert_used_count", 0)))
+    if hp.is_swa(0, _SWA_DEFAULT.get(arch, 0)):  # LLAMA_LOAD_LOCALS sizes are layer 0's: SWA ones
+        hp = replace(hp, head_k=int(_get(md, arch, "attention.key_length_swa", hk)),
+                     head_v=int(_get(md, arch, "attention.value_length_swa", hv)),
+                     n_rot=int(_get(md, arch, "rope.dimension_count_swa", hp.n_rot)))
+    return hp
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor lists per architecture (mirror load_arch_tensors; optional tensors a real file has)
+# ---------------------------------------------------------------------------------------------
+
+def _io(h: _Hp, tied: bool) -> Iterator[Tensor]:
+    yield "token_embd.weight", (h.n_embd, h.n_vocab)
+    yield "output_norm.weight", (h.n_embd,)
+    if not tied:
+        yield "output.weight", (h.n_embd, h.n_vocab)
+
+
+def _attn(h: _Hp, i: int, q_mult: int = 1, qk_norm: bool = False) -> Iterator[Tensor]:
+    b, q = f"blk.{i}", h.head_k * h.n_head
+    yield f"{b}.attn_q.weight", (h.n_embd, q * q_mult)
+    yield f"{b}.attn_k.weight", (h.n_embd, h.head_k * h.n_head_kv)
+    yield f"{b}.attn_v.weight", (h.n_embd, h.head_v * h.n_head_kv)
+    yield f"{b}.attn_output.weight", (q, h.n_embd)
+    if qk_norm:
+        yield f"{b}.attn_q_norm.weight", (h.head_k,)
+        yield f"{b}.attn_k_norm.weight", (h.head_k,)
+
+
+def _ffn(h: _Hp, i: int, n_ff: int) -> Iterator[Tensor]:
+    b = f"blk.{i}"
+    yield f"{b}.ffn_gate.weight", (h.n_embd, n_ff)
+    yield f"{b}.ffn_up.weight", (h.n_embd, n_ff)
+    yield f"{b}.ffn_down.weight", (n_ff, h.n_embd)
+
+
+def _experts(h: _Hp, i: int, n_ff_exp: int) -> Iterator[Tensor]:
+    b = f"blk.{i}"
+    yield f"{b}.ffn_gate_inp.weight", (h.n_embd, h.n_expert)
+    yield f"{b}.ffn_gate_exps.weight", (h.n_embd, n_ff_exp, h.n_expert)
+    yield f"{b}.ffn_up_exps.weight", (h.n_embd, n_ff_exp, h.n_expert)
+    yield f"{b}.ffn_down_exps.weight", (n_ff_exp, h.n_embd, h.n_expert)
+
+
+def _shared_expert(h: _Hp, i: int, n_ff: int, gated: bool) -> Iterator[Tensor]:
+    b = f"blk.{i}"
+    if gated:
+        yield f"{b}.ffn_gate_inp_shexp.weight", (h.n_embd,)
+    yield f"{b}.ffn_gate_shexp.weight", (h.n_embd, n_ff)
+    yield f"{b}.ffn_up_shexp.weight", (h.n_embd, n_ff)
+    yield f"{b}.ffn_down_shexp.weight", (n_ff, h.n_embd)
+
+
+def _nextn(h: _Hp, i: int) -> Iterator[Tensor]:
+    b = f"blk.{i}.nextn"
+    yield f"{b}.eh_proj.weight", (2 * h.n_embd, h.n_embd)
+    yield f"{b}.enorm.weight", (h.n_embd,)
+    yield f"{b}.hnorm.weight", (h.n_embd,)
+    yield f"{b}.shared_head_norm.weight", (h.n_embd,)
+
+
+def _norms(h: _Hp, i: int, *names: str) -> Iterator[Tensor]:
+    for n in names:
+        yield f"blk.{i}.{n}.weight", (h.n_embd,)
+
+
+def _llama(h: _Hp) -> Iterator[Tensor]:
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield from _attn(h, i)
+        yield from (_experts(h, i, h.n_ff(i)) if h.n_expert else _ffn(h, i, h.n_ff(i)))
+
+
+def _qwen3(h: _Hp) -> Iterator[Tensor]:
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield from _attn(h, i, qk_norm=True)
+        yield from (_experts(h, i, h.n_ff_exp(i)) if h.n_expert else _ffn(h, i, h.n_ff(i)))
+
+
+def _gemma3(h: _Hp) -> Iterator[Tensor]:
+    yield from _io(h, tied=True)
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+        yield from _attn(h, i, qk_norm=True)
+        yield from _ffn(h, i, h.n_ff(i))
+
+
+def _gpt_oss(h: _Hp) -> Iterator[Tensor]:
+    yield from _io(h, tied=False)
+    nx = h.n_expert
+    for i in range(h.n_layer):
+        b, f = f"blk.{i}", h.n_ff_exp(i)
+        yield from _norms(h, i, "attn_norm", "post_attention_norm")
+        q = h.n_head * h.n_rot
+        yield f"{b}.attn_q.weight", (h.n_embd, q)
+        yield f"{b}.attn_k.weight", (h.n_embd, h.n_head_kv * h.n_rot)
+        yield f"{b}.attn_v.weight", (h.n_embd, h.n_head_kv * h.n_rot)
+        yield f"{b}.attn_output.weight", (q, h.n_embd)
+        yield f"{b}.attn_q.bias", (q,)
+        yield f"{b}.attn_k.bias", (h.n_head_kv * h.n_rot,)
+        yield f"{b}.attn_v.bias", (h.n_head_kv * h.n_rot,)
+        yield f"{b}.attn_output.bias", (h.n_embd,)
+        yield f"{b}.attn_sinks.weight", (h.n_head,)
+        yield from _experts(h, i, f)
+        yield f"{b}.ffn_gate_inp.bias", (nx,)
+        yield f"{b}.ffn_gate_exps.bias", (f, nx)
+        yield f"{b}.ffn_up_exps.bias", (f, nx)
+        yield f"{b}.ffn_down_exps.bias", (h.n_embd, nx)
+
+
+def _delta_net(h: _Hp, i: int, fused_ba: bool) -> Iterator[Tensor]:
+    """Gated delta net block of Qwen3-Next / Qwen3.5 (their linear-attention layers)."""
+    b = f"blk.{i}"
+    d_state, n_group = int(h.get("ssm.state_size")), int(h.get("ssm.group_count"))
+    n_v = int(h.get("ssm.time_step_rank"))  # value heads
+    key_dim, value_dim = d_state * n_group, d_state * n_v
+    yield f"{b}.attn_qkv.weight", (h.n_embd, key_dim * 2 + value_dim)
+    yield f"{b}.attn_gate.weight", (h.n_embd, value_dim)
+    yield f"{b}.ssm_conv1d.weight", (int(h.get("ssm.conv_kernel")), key_dim * 2 + value_dim)
+    yield f"{b}.ssm_dt.bias", (n_v,)
+    yield f"{b}.ssm_a", (n_v,)
+    if fused_ba:
+        yield f"{b}.ssm_ba.weight", (h.n_embd, 2 * n_v)
+    else:
+        yield f"{b}.ssm_beta.weight", (h.n_embd, n_v)
+        yield f"{b}.ssm_alpha.weight", (h.n_embd, n_v)
+    yield f"{b}.ssm_norm.weight", (d_state,)
+    yield f"{b}.ssm_out.weight", (value_dim, h.n_embd)
+
+
+def _qwen_hybrid(h: _Hp) -> Iterator[Tensor]:
+    """qwen3next, qwen35 and qwen35moe: delta-net layers, every n-th layer gated attention."""
+    yield from _io(h, tied=False)
+    moe = h.n_expert > 0
+    for i in range(h.n_layer_all):
+        trunk = i < h.n_layer
+        yield from _norms(h, i, "attn_norm", "post_attention_norm")
+        if trunk and h.is_recurrent(i):
+            yield from _delta_net(h, i, fused_ba=h.arch == "qwen3next")
+        else:
+            yield from _attn(h, i, q_mult=2, qk_norm=True)
+        if moe:
+            yield from _experts(h, i, h.n_ff_exp(i))
+            n_sh = int(h.get("expert_shared_feed_forward_length", 0)) or h.n_ff(i)
+            yield from _shared_expert(h, i, n_sh, gated=True)
+        else:
+            yield from _ffn(h, i, h.n_ff(i))
+        if not trunk:
+            yield from _nextn(h, i)
+
+
+def _deepseek2(h: _Hp) -> Iterator[Tensor]:
+    yield from _io(h, tied=False)
+    q_lora, kv_lora = int(h.get("attention.q_lora_rank", 0)), int(h.get("attention.kv_lora_rank"))
+    mla = f"{h.arch}.attention.key_length_mla" in h.md
+    hk = int(h.get("attention.key_length_mla")) if mla else h.head_k
+    hv = int(h.get("attention.value_length_mla")) if mla else h.head_v
+    nope, n_dense = hk - h.n_rot, int(h.get("leading_dense_block_count", 0))
+    n_shared = int(h.get("expert_shared_count"))
+    sigmoid = int(h.get("expert_gating_func", 1)) == 2
+    for i in range(h.n_layer_all):
+        b = f"blk.{i}"
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield f"{b}.attn_kv_a_norm.weight", (kv_lora,)
+        if q_lora:
+            yield f"{b}.attn_q_a_norm.weight", (q_lora,)
+            yield f"{b}.attn_q_a.weight", (h.n_embd, q_lora)
+            yield f"{b}.attn_q_b.weight", (q_lora, h.n_head * hk)
+        else:
+            yield f"{b}.attn_q.weight", (h.n_embd, h.n_head * hk)
+        yield f"{b}.attn_kv_a_mqa.weight", (h.n_embd, kv_lora + h.n_rot)
+        if mla:
+            yield f"{b}.attn_k_b.weight", (nope, kv_lora, h.n_head)
+            yield f"{b}.attn_v_b.weight", (kv_lora, hv, h.n_head)
+        else:
+            yield f"{b}.attn_kv_b.weight", (kv_lora, h.n_head * (nope + hv))
+        yield f"{b}.attn_output.weight", (h.n_head * hv, h.n_embd)
+        if i < n_dense:
+            yield from _ffn(h, i, h.n_ff(i))
+        else:
+            f = h.n_ff_exp(i)
+            yield from _experts(h, i, f)
+            if sigmoid:
+                yield f"{b}.exp_probs_b.bias", (h.n_expert,)
+            yield from _shared_expert(h, i, f * n_shared, gated=False)
+        if i >= h.n_layer:
+            yield from _nextn(h, i)
+
+
+_BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
+    "llama": _llama,
+    "qwen3": _qwen3,
+    "qwen3moe": _qwen3,
+    "qwen3next": _qwen_hybrid,
+    "qwen35": _qwen_hybrid,
+    "qwen35moe": _qwen_hybrid,
+    "deepseek2": _deepseek2,
+    "gpt-oss": _gpt_oss,
+    "gemma3": _gemma3,
+}
+
+SUPPORTED_ARCHS: tuple[str, ...] = tuple(sorted(_BUILDERS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_tensors(metadata: Mapping[str, Any]) -> list[Tensor]:
+    """The tensors (name, ggml shape) llama.cpp's loader creates for this metadata."""
+    h = _hparams(metadata)
+    build = _BUILDERS.get(h.arch)
+    if build is None:
+        raise ModelError(f"no synthetic GGUF for architecture {h.arch!r}; "
+                         f"supported: {', '.join(SUPPORTED_ARCHS)}")
+    return list(build(h))
+
+
+def _tensor_type(name: str, ne: tuple[int, ...], weight_type: GGMLQuantizationType) -> GGMLQuantizationType:
+    """F32 for norms, biases and small vectors; else the weight type when rows fit its blocks."""
+    if len(ne) == 1 or name.endswith((".bias", "ssm_conv1d.weight", "ffn_gate_inp.weight")):
+        return GGMLQuantizationType.F32
+    for t in (weight_type, GGMLQuantizationType.Q8_0):
+        if ne[0] % GGML_QUANT_SIZES[t][0] == 0:
+            return t
+    return GGMLQuantizationType.F16
+
+
+def _nbytes(ne: tuple[int, ...], t: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[t]
+    return int(np.prod(ne, dtype=np.int64)) // block * size
+
+
+def _typed(key: str, value: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
+    """GGUF value type as llama.cpp's converters write it (ints u32, floats f32, arrays i32)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value), GGUFValueType.BOOL, None
+    if isinstance(value, str):
+        return value, GGUFValueType.STRING, None
+    if isinstance(value, numbers.Integral) and not key.endswith(_FLOAT_SUFFIXES):
+        v = int(value)
+        if v < 0:
+            return v, GGUFValueType.INT32, None
+        return v, GGUFValueType.UINT32 if v < 2**32 else GGUFValueType.UINT64, None
+    if isinstance(value, numbers.Real):
+        return float(value), GGUFValueType.FLOAT32, None
+    if isinstance(value, (list, tuple)) and value:
+        items = [_typed(key, x) for x in value]
+        sub = items[0][1]
+        if sub == GGUFValueType.UINT32:
+            sub = GGUFValueType.INT32
+        if any(t not in (sub, GGUFValueType.UINT32) for _, t, _ in items):
+            raise ModelError(f"metadata {key!r} mixes value types: {value!r}")
+        return [v for v, _, _ in items], GGUFValueType.ARRAY, sub
+    raise ModelError(f"metadata {key!r} has a value GGUF cannot hold: {value!r}")
+
+
+def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
+                         weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K) -> Path:
+    """Write `metadata` plus the architecture's tensors as a sparse GGUF at `path`.
+
+    Tokenizer keys are replaced by `tokenizer.ggml.model = "none"` (llama.cpp then makes
+    `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit.
+    """
+    tensors = synthetic_tensors(metadata)
+    h = _hparams(metadata)
+    path = Path(path)
+    writer = GGUFWriter(path, h.arch)
+    for key, value in metadata.items():
+        if key in ("general.architecture", f"{h.arch}.vocab_size") or key.startswith("tokenizer."):
+            continue
+        writer.add_key_value(key, *_typed(key, value))
+    writer.add_uint32(f"{h.arch}.vocab_size", h.n_vocab)
+    writer.add_string("tokenizer.ggml.model", "none")
+    data_size = 0
+    for name, ne in tensors:
+        t = _tensor_type(name, ne, weight_type)
+        nbytes = _nbytes(ne, t)
+        writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
+        data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        fout.truncate(fout.tell() + data_size)  # the tensor data: a hole, never written
+    finally:
+        writer.close()
+    return path
