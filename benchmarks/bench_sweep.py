@@ -56,7 +56,7 @@ def time_oracle(model: str, runs: int) -> float | None:
         times = []
         for i in range(runs):
             t0 = time.perf_counter()
-            run_fit_params(path, ["-c", str(4096 * (i + 1))])
+            run_fit_params(path, 4096 * (i + 1))
             times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
