@@ -101,7 +101,9 @@ def export_html(executed: Path, html: Path) -> Path:
     cfg.HTMLExporter.exclude_output_prompt = True
     exporter = HTMLExporter(config=cfg)
     exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(str(executed), as_version=4))
+    nb = nbformat.read(str(executed), as_version=4)
+    nb.metadata.pop("widgets", None)  # saved widget state is dead without a kernel and ~10 MB with FigureWidgets
+    body, _ = exporter.from_notebook_node(nb)
     tmp = html.with_suffix(".html.tmp")
     tmp.write_text(body)
     tmp.replace(html)

@@ -1,0 +1,309 @@
+"""The sizing notebook: headless runs of its params files, its report, its bad inputs, and its widgets.
+
+Notebook runs go through kvbook.runner.run_notebook (papermill) into tmp folders and assert on the
+named values of summary.json. Widget callbacks are tested in-process: set `.value`, read the figures.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import statistics
+
+import nbformat
+import pytest
+import yaml
+
+from kvbook import figures, sizing
+from kvbook.errors import BadInput
+from kvbook.flags import replace
+from kvbook.interface import GiB, MiB
+from kvbook.memory import plan_memory
+from kvbook.runner import load_params, repo_root, run_notebook
+
+ROOT = repo_root()
+NOTEBOOK = ROOT / "notebooks" / "01-sizing.ipynb"
+RUNS = sorted(p for p in (ROOT / "params" / "runs").glob("*.yaml")
+              if (yaml.safe_load(p.read_text()) or {}).get("notebook") in ("01-sizing", "01-sizing.ipynb"))
+BLOG = dict(load_params(ROOT / "params" / "runs" / "blog-post-m1max.yaml"))
+QWEN_KV_PER_TOKEN = 20480  # 10 attention layers x 2 KV heads x 256 x (K+V) x 2 bytes, model-facts.md 1.3
+QWEN_RECURRENT_PER_SEQ = 65_863_680  # model-facts.md 1.3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_can_import_kvbook():
+    """The notebook's kernel is a child process: give it kvbook's lib/ on PYTHONPATH."""
+    with pytest.MonkeyPatch.context() as mp:
+        lib = str(ROOT / "lib")
+        old = os.environ.get("PYTHONPATH", "")
+        mp.setenv("PYTHONPATH", lib + (os.pathsep + old if old else ""))
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, kernel_can_import_kvbook):
+    """Every params/runs file aimed at this notebook, run once."""
+    out = {}
+    for path in RUNS:
+        out[path.stem] = run_notebook(NOTEBOOK, load_params(path), tmp_path_factory.mktemp(path.stem), progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- the committed notebook
+
+
+def test_notebook_shape():
+    nb = nbformat.read(str(NOTEBOOK), as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged parameters"
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    defaults = {}
+    for node in ast.parse(tagged[0].source).body:
+        assert isinstance(node, ast.AnnAssign), f"parameters cell holds annotated literals only: {ast.unparse(node)}"
+        defaults[node.target.id] = ast.literal_eval(node.value)
+    assert defaults == dataclasses.asdict(sizing.SizingParams()), "notebook defaults and SizingParams must agree"
+    assert any("interactive" in c.metadata.get("tags", []) and "build_sizing_ui" in c.source for c in nb.cells)
+    assert "sizing.finish" in nb.cells[-1].source, "the last cell writes summary.json"
+
+
+def test_runs_found():
+    assert {"sizing-default", "blog-post-m1max"} <= {p.stem for p in RUNS}
+
+
+# ---------------------------------------------------------------- headless runs
+
+
+@pytest.mark.parametrize("name", [p.stem for p in RUNS])
+def test_params_file_runs(runs, name):
+    result = runs[name]
+    assert result.ok, result.error
+    s = result.summary
+    assert s["kind"] == "sizing" and s["verdict"] in ("fits", "tight", "does not fit")
+    assert s["max_ctx"] > 0 and s["n_ctx"] > 0
+    parts = ("weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_bytes")
+    assert s["start_bytes"] == sum(s[k] for k in parts)
+    assert json.loads((result.output_dir / "summary.json").read_text())["verdict"] == s["verdict"]
+    html = result.html.read_text()
+    assert 'class="plotly-graph-div' in html and "Plotly.newPlot" in html, "the report has a plotly chart"
+    assert '<script type="application/vnd.jupyter.widget-view+json">' not in html, "widget cells must be dropped"
+    assert "Try other settings" not in html
+
+
+def test_report_carries_no_widget_state(runs):
+    """The FigureWidgets' saved state (plotly.js as ESM, ~10 MB) must not be embedded in the report."""
+    html = runs["blog-post-m1max"].html.read_text()
+    assert "application/vnd.jupyter.widget-state+json" not in html, (
+        "runner.export_html keeps nb.metadata['widgets']; drop it (or run papermill with store_widget_state=False)")
+
+
+def test_default_run_smollm2_on_this_machine(runs):
+    s = runs["sizing-default"].summary
+    assert s["device"] == "this-machine" and s["params"]["model"] == "smollm2-135m"
+    assert s["n_ctx"] == 8192 and s["n_seq"] == 4 and s["kv_unified"] is True
+    # 30 layers x 3 KV heads x 64 x (K+V) x 2 bytes per token
+    assert s["kv_bytes"] == 30 * 3 * 64 * 2 * 2 * 8192
+    assert s["verdict"] == "fits" and s["max_ctx"] == 8192
+    assert s["blog_post"] is None
+
+
+def test_blog_scenario_values(runs):
+    s = runs["blog-post-m1max"].summary
+    assert s["n_ctx"] == 262144 and s["n_seq"] == 4 and s["kv_unified"] is True and s["n_ubatch"] == 2048
+    assert s["kv_bytes"] == 5 * GiB == QWEN_KV_PER_TOKEN * 262144
+    assert s["recurrent_bytes"] == 4 * QWEN_RECURRENT_PER_SEQ
+    assert s["budget_bytes"] == 49152 * MiB
+    assert s["verdict"] == "fits" and s["max_ctx"] == 262144
+    blog = s["blog_post"]
+    assert blog["scenarios"]["262144"]["kv_bytes"] == 5 * GiB
+    assert blog["scenarios"]["65536"]["kv_bytes"] == 5 * GiB // 4  # 1.25 GiB
+    assert blog["scenarios"]["65536"]["n_seq"] == 4
+    assert blog["kv_bytes_per_token"] == QWEN_KV_PER_TOKEN
+    assert blog["implied_kv_bytes_per_token"] == 196_608 == 48 * 8 * 128 * 2 * 2
+    items = {r["item"]: r for r in blog["rows"]}
+    assert items["KV cache at -c 262144, bf16"]["kvbook_computes"].startswith("5.00 GiB")
+    assert items["KV cache at -c 65536, bf16"]["kvbook_computes"].startswith("1.25 GiB")
+    assert "196,608" in items["What the post's KV arithmetic implies"]["kvbook_computes"]
+    assert "Qwen2.5-14B" in items["What the post's KV arithmetic implies"]["explanation"]
+    assert items["GPU working set on a 64 GB M1 Max"]["kvbook_computes"].startswith("49,152 MiB")
+    assert all(r["post_says"] and r["kvbook_computes"] and r["explanation"] for r in blog["rows"])
+    html = runs["blog-post-m1max"].html.read_text()
+    assert "the post against kvbook" in html
+
+
+# ---------------------------------------------------------------- bad parameters
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"modell": "qwen3.6-35b-a3b"}, "modell"),
+    ({"context": "big"}, "context"),
+    ({"compare_blog_post": "yes"}, "compare_blog_post"),
+])
+def test_bad_params_fail_before_running(tmp_path, params, name):
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match=f"'{name}'"):
+        run_notebook(NOTEBOOK, params, out, progress=False)
+    assert not out.exists(), "nothing runs when the parameters are wrong"
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"model": "no-such-model"}, "model"),
+    ({"device": "no-such-device"}, "device"),
+    ({"model": "smollm2-135m", "context": 16384}, "context"),
+])
+def test_bad_values_fail_the_run_naming_the_parameter(tmp_path, params, name):
+    result = run_notebook(NOTEBOOK, params, tmp_path, progress=False)
+    assert not result.ok
+    assert "\n" not in result.error and "BadInput" in result.error, result.error
+    assert f"parameter '{name}'" in result.error, result.error
+    assert result.summary["ok"] is False and result.summary["error"] == result.error
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"model": "no-such-model"}, "model"),
+    ({"device": "no-such-device"}, "device"),
+    ({"model": "smollm2-135m", "context": 16384}, "context"),
+    ({"device": "custom"}, "budget_gib"),
+    ({"slots": 0}, "slots"),
+    ({"cache_type_k": "q3"}, "cache_type_k"),
+    ({"flash_attn": "off", "cache_type_v": "q8_0"}, "cache_type_v"),
+    ({"flash_attn": "yes"}, "flash_attn"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_resolve_names_the_bad_parameter(params, name):
+    with pytest.raises(BadInput, match=f"'{name}'"):
+        sizing.resolve(params)
+
+
+def test_over_max_allowed_when_asked():
+    run = sizing.resolve({"model": "smollm2-135m", "device": "this-machine", "context": 16384, "allow_over_max": True})
+    assert run.plan.memory.shape.n_ctx == 16384 and run.sweep.ctx[-1] == 16384
+    assert any("exceeds the training context" in n for n in run.plan.notes)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_figures_match_the_plan():
+    run = sizing.resolve(BLOG)
+    bar = figures.breakdown_figure(run.plan)
+    heights = {t.meta: t.y[0] * GiB for t in bar.data}
+    assert heights["kv"] == run.plan.memory.kv_bytes and heights["host_extras"] == run.plan.memory.host_extras.bytes
+    assert sum(heights.values()) == pytest.approx(run.plan.memory.total_bytes)
+    assert bar.layout.shapes[0].y0 * GiB == pytest.approx(49152 * MiB)
+    curve = figures.context_figure(run.sweep, run.budget_bytes, current=(262144, run.plan.memory.start_bytes))
+    assert [t.meta for t in curve.data[: len(run.sweep.cache_types)]] == list(run.sweep.cache_types)
+    fits = dict(zip((t.split(":")[0] for t in curve.data[-2].text), curve.data[-2].x))
+    assert fits["bf16"] == run.plan.max_ctx == 262144
+    f16 = curve.data[run.sweep.cache_types.index("f16")]
+    i = len(f16.x) // 2
+    exact = plan_memory(run.arch, replace(run.flags, ctx=int(f16.x[i]), type_k="f16", type_v="f16")).start_bytes
+    assert f16.y[i] * GiB == pytest.approx(exact)
+    table = figures.fit_table_html(run.fit_rows())
+    assert "auto (4 slots, unified)" in table and "262,144" in table
+    assert figures.fit_table_figure(run.fit_rows()).data[0].type == "table"
+
+
+def test_fit_table_agrees_with_planner_on_a_tight_device():
+    from kvbook.plan import max_context
+
+    run = sizing.resolve({**BLOG, "model": "qwen3.5-27b", "device": "rtx-4090", "context": 65536})
+    auto = sizing.slots_label(-1, False)
+    for row in run.fit_rows():
+        t = row["cache type"]
+        flags = replace(run.flags, type_k=t, type_v=t)
+        assert row[auto] == max_context(run.arch, flags, run.device), t
+
+
+# ---------------------------------------------------------------- widgets, in-process
+
+
+@pytest.fixture(scope="module")
+def ui():
+    from kvbook.widgets import build_sizing_ui
+
+    return build_sizing_ui(sizing.SizingParams(**{k: v for k, v in BLOG.items() if k != "compare_blog_post"}))
+
+
+def _trace(fig, meta):
+    return next(t for t in fig.data if t.meta == meta)
+
+
+def test_widget_has_every_parameter(ui):
+    p = ui.params
+    assert (p.model, p.device, p.context, p.slots, p.cache_type_k, p.ubatch, p.batch, p.flash_attn) == (
+        "qwen3.6-35b-a3b", "m1-max-64", 262144, -1, "bf16", 2048, 4096, "on")
+    for name in ("model", "model_path", "device", "budget_gib", "context", "slots", "kv_unified", "cache_type_k",
+                 "cache_type_v", "ubatch", "batch", "flash_attn", "swa_full", "breakdown", "curve", "table", "layout"):
+        assert getattr(ui, name) is not None, name
+    assert ui.context.base == 2 and ui.context.min == 10 and 2 ** ui.context.max == 262144
+
+
+def test_context_slider_updates_figures(ui):
+    before = _trace(ui.breakdown, "kv").y
+    ui.context.value = 65536
+    assert ui.error is None
+    exact = plan_memory(ui.arch, replace(ui.flags, ctx=65536))
+    assert _trace(ui.breakdown, "kv").y != before
+    assert _trace(ui.breakdown, "kv").y[0] * GiB == exact.kv_bytes == 5 * GiB // 4
+    assert _trace(ui.breakdown, "compute").y[0] * GiB == exact.compute.bytes
+    current = _trace(ui.curve, "current")
+    assert current.x == (65536,) and current.y[0] * GiB == exact.start_bytes
+    assert ui.curve.layout.shapes[1].x0 == 65536
+    ui.context.value = 2 ** 14.3  # off-grid: planned as the nearest multiple of 256
+    assert ui.params.context == 20224 and _trace(ui.breakdown, "kv").y[0] * GiB == QWEN_KV_PER_TOKEN * 20224
+
+
+def test_cache_type_and_slots_update_figures(ui):
+    ui.context.value = 131072
+    ui.cache_type_k.value = "q8_0"
+    ui.cache_type_v.value = "q8_0"
+    exact = plan_memory(ui.arch, ui.flags)
+    assert _trace(ui.breakdown, "kv").y[0] * GiB == exact.kv_bytes
+    curves_before = _trace(ui.curve, "f16").y
+    ui.slots.value = 8
+    assert _trace(ui.breakdown, "recurrent").y[0] * GiB == 8 * QWEN_RECURRENT_PER_SEQ
+    assert _trace(ui.curve, "f16").y != curves_before, "a new sweep for 8 slots"
+    assert "8 slots" in ui.table.value
+    ui.slots.value = -1
+    ui.cache_type_k.value = ui.cache_type_v.value = "bf16"
+
+
+def test_device_and_errors(ui):
+    ui.device.value = "rtx-4090"
+    assert ui.curve.layout.shapes[0].y0 == pytest.approx(ui.budget_bytes / GiB)
+    assert ui.budget_gib.disabled
+    ui.device.value = "custom"
+    ui.budget_gib.value = 30.0
+    assert ui.budget_bytes == 30 * GiB and not ui.budget_gib.disabled
+    assert ui.breakdown.layout.shapes[0].y0 == pytest.approx(30.0)
+    kv = _trace(ui.breakdown, "kv").y
+    ui.flash_attn.value = "off"
+    ui.cache_type_v.value = "q8_0"
+    assert ui.error and "'cache_type_v'" in ui.error and "Cannot plan" in ui.status.value
+    assert _trace(ui.breakdown, "kv").y == kv, "figures keep the last valid plan"
+    ui.cache_type_v.value = "bf16"
+    ui.flash_attn.value = "on"
+    assert ui.error is None
+    ui.device.value = "m1-max-64"
+
+
+def test_model_change_moves_slider_range(ui):
+    ui.model.value = "smollm2-135m"
+    assert ui.arch.n_ctx_train == 8192 and 2 ** ui.context.max == 8192 and ui.context.value <= 8192
+    assert _trace(ui.breakdown, "weights").y[0] * GiB == ui.arch.weights_bytes
+    ui.model_path.value = "no/such/file.gguf"
+    assert ui.error and "parameter 'model'" in ui.error
+    ui.model_path.value = ""
+    ui.model.value = "qwen3.6-35b-a3b"
+    assert ui.error is None and 2 ** ui.context.max == 262144
+
+
+def test_handlers_are_fast(ui):
+    ui.timings.clear()
+    for i in range(30):
+        ui.context.value = 2 ** (10 + (i % 16) / 2)
+    times = [ms for level, ms in ui.timings if level == "point"]
+    assert len(times) == 30 and statistics.median(times) < 100, times
