@@ -80,10 +80,63 @@ session = ns.run_smoke_session(ctx, model_path, server_args, routes=routes, repe
 ])
 
 
+CLAUDE_CODE = notebook([
+    md("""
+# Claude Code routing: which model ID does the installed client send?
+
+The installed `claude` is run in `-p` mode against kvbook's local recording endpoint, once per `--model` alias,
+once per agent file (`--agent NAME`) and once per agent started as a subagent, and the model ID that arrives is
+recorded. LiteLLM routes are generated from that table, so they cover exactly what this client sends. With
+`run_e2e` the real `claude -p` then goes through LiteLLM to llama-server with the bundled SmolLM2, and what the
+backend dropped or rejected from the real request, and the prompt-cache reuse, are recorded."""),
+    code("""
+agents_dir: str = ""  # folder of agent .md files to probe, empty for none
+timeout_s: float = 90.0  # seconds each claude run may take
+route_alias: str = "opus"  # the alias whose IDs are routed to the local model
+run_e2e: bool = True  # also run claude -p through LiteLLM to llama-server
+results_path: str = "auto"  # results file, auto means outputs/results.jsonl
+output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
+""", tags=("parameters",)),
+    code("""
+from pathlib import Path
+from kvbook import notebook_support as ns
+from kvbook.probe import format_table, plan_routes, probe_claude_code
+from kvbook.runner import write_summary
+
+ctx = ns.start_run("claude-code", output_dir, results_path)
+report = probe_claude_code(Path(agents_dir) if agents_dir else None, timeout_s=timeout_s)
+print(format_table(report))
+"""),
+    md("## How the model was chosen -> model ID sent"),
+    code("ns.show_table([{'how': r.how, 'model ID sent': r.model_id, 'side calls': ', '.join(r.other_ids), 'note': r.note} for r in report.rows], f'Claude Code {report.client_version}')"),
+    md("## LiteLLM routes generated from the probe"),
+    code("""
+plan = plan_routes({route_alias: "smollm2-135m"}, report, "http://llama-server", configured=("claude-opus-4-7",))
+ns.show_table([{"client sends": r.model_name, "routed to": f"{r.backend}/{r.upstream_model}"} for r in plan.routes], "model_list")
+"""),
+    code("print('\\n'.join(plan.warnings) or 'no warnings')"),
+    md("## End to end: claude -p through LiteLLM to llama-server"),
+    code("""
+e2e = None
+if run_e2e:
+    from kvbook.claude_e2e import run_e2e as run_claude_e2e
+    e2e = run_claude_e2e(run_dir=ctx.output_dir, results_path=ctx.results_path, run_id=ctx.run_id, probe=report)
+    ns.show_table([f.__dict__ for f in e2e.fields], "what each hop did with the real request")
+"""),
+    code("ns.show_table([t.__dict__ for t in e2e.turns], 'turns and prompt-cache reuse') if e2e else None"),
+    code("""
+write_summary(ctx.output_dir, {"kind": "claude-code", "run_id": ctx.run_id, "probe": report.to_dict(),
+                               "routes": [r.model_name for r in plan.routes], "warnings": list(plan.warnings),
+                               "e2e": e2e.to_dict() if e2e else None, "e2e_ok": e2e.ok if e2e else None})
+"""),
+])
+
+
 def main() -> int:
-    out = ROOT / "notebooks" / "02-serve-and-smoke.ipynb"
-    nbf.write(SMOKE, str(out))
-    print(f"wrote {out}")
+    for name, nb in (("02-serve-and-smoke.ipynb", SMOKE), ("05-claude-code.ipynb", CLAUDE_CODE)):
+        out = ROOT / "notebooks" / name
+        nbf.write(nb, str(out))
+        print(f"wrote {out}")
     return 0
 
 

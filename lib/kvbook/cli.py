@@ -189,6 +189,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(quiet=args.quiet)
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvbook.probe import format_table, probe_claude_code
+
+    report = probe_claude_code(Path(args.agents) if args.agents else None, timeout_s=args.timeout)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -224,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="build outputs/index.html listing every run")
     rp.set_defaults(func=_cmd_report)
+
+    pr = sub.add_parser("probe", help="ask an installed client which model IDs it really sends")
+    prsub = pr.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
+    pc = prsub.add_parser("claude-code", help="run claude -p against a local recording endpoint, once per alias and agent")
+    pc.add_argument("--agents", help="folder of agent .md files to probe with --agent and as subagents")
+    pc.add_argument("--json", action="store_true", help="print the probe report as JSON")
+    pc.add_argument("--timeout", type=float, default=90.0, help="seconds each claude run may take (default 90)")
+    pc.set_defaults(func=_cmd_probe)
 
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
     d.add_argument("--json", action="store_true")

@@ -102,7 +102,7 @@ class ManagedProcess:
             try:
                 self.proc = subprocess.Popen(
                     list(spec.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env=env, start_new_session=True, preexec_fn=die_with_parent,
                 )
             except OSError as exc:
                 raise ServerError(f"{spec.name}: cannot run {spec.argv[0]} ({exc.strerror})") from None
@@ -165,7 +165,7 @@ class ManagedProcess:
             self.proc.wait(5)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM if the parent dies (a killed Jupyter kernel leaves no server behind)."""
     try:
         import ctypes
