@@ -47,6 +47,7 @@ server_args: list = ["-c", "65536", "-ngl", "999", "--flash-attn", "on", "-b", "
 routes: list = ["direct", "litellm-anthropic", "litellm-openai"]  # which routes to test
 repeats: int = 1  # how many times to run the whole suite per route
 max_tokens: int = 96  # per check request
+tool_prefill: str = ""  # assistant prefill for forced tool calls, for example a tool_call tag and a newline
 force: bool = False  # launch even when the plan says it will not fit
 label: str = "smoke"  # a name for this run in the records
 results_path: str = "auto"  # results file, auto means outputs/results.jsonl
@@ -63,7 +64,7 @@ print(f"run {ctx.run_id}: model {model_path.name}")
     md("## Launch, check, record, stop"),
     code("""
 session = ns.run_smoke_session(ctx, model_path, server_args, routes=routes, repeats=repeats,
-                               max_tokens=max_tokens, force=force, label=label)
+                               max_tokens=max_tokens, force=force, label=label, tool_prefill=tool_prefill)
 """),
     md("## Plan against what the server allocated\nCaches must match to the log's two decimals; compute is a calibrated estimate."),
     code("ns.show_table(session.comparison, 'planned vs measured (MiB)')"),

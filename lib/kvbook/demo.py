@@ -10,7 +10,9 @@ from kvbook.runner import load_params, new_run_id, outputs_dir, repo_root, resol
 
 STEPS = (
     ("01-sizing", "blog-post-m1max.yaml", "plan the blog post's flag set against a 64 GB M1 Max"),
-    ("02-serve-and-smoke", "smoke-default.yaml", "launch llama-server + LiteLLM with SmolLM2, smoke-test three routes"),
+    ("02-serve-and-smoke", "smoke-default.yaml",
+     "launch llama-server + LiteLLM with SmolLM2 (tool template + prefill), smoke-test three routes"),
+    ("02-serve-and-smoke", "smoke-contrast.yaml", "the contrast: SmolLM2's own template, no prefill"),
 )
 
 

@@ -51,11 +51,22 @@ def resolve_model(name_or_path: str) -> Path:
     return path
 
 
+def repo_paths(args: list[str]) -> list[str]:
+    """Server arguments with repository-relative files (e.g. params/templates/x.jinja) made absolute."""
+    from kvbook.runner import repo_root
+
+    out = []
+    for arg in map(str, args):
+        candidate = repo_root() / arg
+        out.append(str(candidate) if not arg.startswith("-") and "/" in arg and candidate.exists() else arg)
+    return out
+
+
 def run_smoke_session(ctx: RunContext, model: Path, server_args: list[str], *, routes: list[str], repeats: int,
-                      max_tokens: int, force: bool, label: str) -> SessionResult:
-    return run_session(model, [str(a) for a in server_args], run_dir=ctx.output_dir, results_path=ctx.results_path,
+                      max_tokens: int, force: bool, label: str, tool_prefill: str = "") -> SessionResult:
+    return run_session(model, repo_paths(server_args), run_dir=ctx.output_dir, results_path=ctx.results_path,
                        run_id=ctx.run_id, routes=tuple(routes), repeats=repeats, force=force, label=label,
-                       smoke=SmokeConfig(max_tokens=max_tokens))
+                       smoke=SmokeConfig(max_tokens=max_tokens, tool_prefill=tool_prefill))
 
 
 def show_table(rows: list[dict[str, Any]], caption: str = "") -> HTML:
@@ -71,6 +82,7 @@ def finish_smoke(ctx: RunContext, session: SessionResult) -> dict[str, Any]:
     required = [r for r in session.results if r.required]
     summary = {
         "kind": "smoke",
+        "label": session.label,
         "run_id": ctx.run_id,
         "model": session.plan.get("model"),
         "verdict": session.plan.get("verdict"),

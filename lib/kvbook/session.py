@@ -74,6 +74,8 @@ class SessionResult:
     results: list[CheckResult] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     routing: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+    tool_prefill: str = ""
 
     def required_failures(self) -> list[CheckResult]:
         return [r for r in self.results if r.required and not r.passed]
@@ -131,6 +133,7 @@ def run_session(
         base_record = {
             "run_id": run_id,
             "label": label,
+            "tool_prefill": smoke.tool_prefill,
             "model_file": str(model),
             "model_sha256": sha,
             "model_name": summary.get("model"),
@@ -169,7 +172,8 @@ def run_session(
         run_id=run_id, plan=summary,
         measured={"caches": [to_dict(c) for c in logged.caches], "compute_mib": logged.compute_mib,
                   "model_mib": logged.model_mib, "output_mib": logged.output_mib, "n_ctx_seq": logged.n_ctx_seq},
-        comparison=comparison, results=results, versions=vers, routing=routing,
+        comparison=comparison, results=results, versions=vers, routing=routing, label=label,
+        tool_prefill=smoke.tool_prefill,
     )
 
 

@@ -83,6 +83,9 @@ class SmokeConfig:
     timeout_s: float = 120.0
     text_tokens: int = 64
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # An assistant prefill (e.g. "<tool_call>\n") added to forced tool-call requests only. With it,
+    # llama-server's tool-call grammar starts inside the call instead of allowing prose first.
+    tool_prefill: str = ""
 
 
 class _Fail(Exception):
@@ -164,8 +167,15 @@ def validate_tool_use(message: dict, tools: list[dict]) -> str | None:
     return None
 
 
+def _forced_messages(cfg: SmokeConfig) -> list[dict]:
+    messages: list[dict] = [{"role": "user", "content": TOOL_PROMPT}]
+    if cfg.tool_prefill:
+        messages.append({"role": "assistant", "content": cfg.tool_prefill})
+    return messages
+
+
 def check_forced_tool(target: Target, cfg: SmokeConfig) -> CheckResult:
-    body = _body(target, cfg, [{"role": "user", "content": TOOL_PROMPT}], tools=TOOLS, tool_choice={"type": "any"})
+    body = _body(target, cfg, _forced_messages(cfg), tools=TOOLS, tool_choice={"type": "any"})
     try:
         data, timings = _post(target, "/v1/messages", body, cfg)
     except _Fail as exc:
@@ -323,7 +333,7 @@ def _stream(target: Target, body: dict, cfg: SmokeConfig) -> tuple[list[dict], T
 
 
 def check_stream_tool(target: Target, cfg: SmokeConfig, expected_input: dict | None) -> CheckResult:
-    body = _body(target, cfg, [{"role": "user", "content": TOOL_PROMPT}], tools=TOOLS, tool_choice={"type": "any"})
+    body = _body(target, cfg, _forced_messages(cfg), tools=TOOLS, tool_choice={"type": "any"})
     try:
         events, timings = _stream(target, body, cfg)
     except _Fail as exc:
