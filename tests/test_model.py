@@ -175,3 +175,17 @@ def test_sweep_and_plan_max_ctx_agree():
     res = sweep(arch, np.arange(256, 131073, 256), ("f16",), (1,), cache_ram_mib=0)
     assert largest_fitting_ctx(res, budget)[0, 0] == plan.max_ctx
     assert CacheKind.KV.value == "kv"
+
+
+def test_shared_kv_layers_own_no_cache():
+    """Gemma 4: layers past block_count - shared_kv_layers reuse earlier caches (has_kv false)."""
+    pattern = [True, True, True, True, True, False] * 2
+    m = meta("gemma4", block_count=12, **{"attention.sliding_window": 512, "attention.sliding_window_pattern": pattern,
+                                          "attention.shared_kv_layers": 4, "attention.key_length_swa": 64,
+                                          "attention.value_length_swa": 64})
+    a = arch_of(m)
+    assert a.n_layer_kv_from_start == 8
+    full, swa = mem(m, "-c", "4096", "-np", "1").caches
+    assert full.layers == 1 and swa.layers == 7  # layers 0-7 own caches: 5 SWA + 1 full + 2 SWA
+    g3n = arch_of(meta("gemma3n", block_count=30, **{"attention.sliding_window": 512}))
+    assert g3n.n_layer_kv_from_start == 20

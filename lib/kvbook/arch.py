@@ -23,6 +23,8 @@ class ArchRule:
     swa_needs_window: bool = False  # SWA only when attention.sliding_window > 0
     recurrent: str | None = None  # "interval": every full_attention_interval-th layer is attention
     required: tuple[str, ...] = ()
+    kv_from_start: int | None = None  # layers from this index reuse earlier layers' KV (Gemma 3n)
+    kv_shared_key: str | None = None  # ...or n_layer_all minus this key's value (Gemma 4)
 
 
 # Architectures whose memory layout kvbook models and has checked against llama.cpp's source.
@@ -41,6 +43,9 @@ RULES: dict[str, ArchRule] = {
     "deepseek2": ArchRule(),
     "gemma2": ArchRule(swa_pattern=2, required=("attention.sliding_window",)),
     "gemma3": ArchRule(swa_pattern=6, swa_needs_window=True),
+    "gemma3n": ArchRule(swa_pattern=5, required=("attention.sliding_window",), kv_from_start=20),
+    "gemma4": ArchRule(swa_pattern=0, required=("attention.sliding_window", "attention.sliding_window_pattern"),
+                       kv_shared_key="attention.shared_kv_layers"),
     "cohere2": ArchRule(swa_pattern=4, required=("attention.sliding_window",)),
     "gpt-oss": ArchRule(swa_pattern=2, required=("attention.sliding_window",)),
     "qwen3next": ArchRule(recurrent="interval"),
@@ -119,7 +124,8 @@ def arch_from_metadata(
         )
     m = _Meta(meta, arch, source)
     for key in rule.required:
-        m.int(key)
+        if m.raw(key) is None:
+            raise ModelError(f"{source}: missing metadata key {arch}.{key}")
 
     n_layer_all = m.int("block_count")
     if not 0 < n_layer_all <= MAX_LAYERS:
@@ -175,6 +181,13 @@ def arch_from_metadata(
             n_group=m.int("ssm.group_count"),
         )
 
+    # Shared-KV layers (Gemma 3n / Gemma 4): layers past n_layer_kv_from_start own no cache
+    kv_from_start = n_layer
+    if rule.kv_from_start is not None:
+        kv_from_start = min(n_layer, rule.kv_from_start)
+    elif rule.kv_shared_key is not None:
+        kv_from_start = min(n_layer, n_layer_all - m.int(rule.kv_shared_key, 0))
+
     vocab = n_vocab if n_vocab is not None else m.int("vocab_size", 0)
     if vocab <= 0:
         raise ModelError(f"{source}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
@@ -201,7 +214,7 @@ def arch_from_metadata(
         is_recurrent=is_rec[:n_layer],
         recurrent=recurrent,
         is_mla=is_mla,
-        n_layer_kv_from_start=n_layer,
+        n_layer_kv_from_start=kv_from_start,
         n_ff=n_ff,
         n_expert=m.int("expert_count", 0),
         n_expert_used=m.int("expert_used_count", 0),
