@@ -211,5 +211,12 @@ def test_smoke_notebook_headless(tmp_path):
     assert "plotly" in html and "Plotly.newPlot" in html
     records, bad = read_records(tmp_path / "results.jsonl")
     assert not bad and len(records) == 21
+    # the per-run proxy key (sk-kvbook-<32 chars>) appears nowhere in what the run left behind
+    import re
+
+    key = re.compile(r"sk-kvbook-(?!local-backend)[A-Za-z0-9_-]{20,}")
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert not key.search(path.read_text(errors="replace")), f"proxy key leaked into {path}"
     assert {"run_id", "model_sha256", "llama_server_argv", "versions", "check", "route", "passed", "reason",
             "timings", "plan", "measured"} <= set(records[0])
