@@ -39,7 +39,7 @@ class Route:
             "litellm_params": {
                 "model": f"{self.backend}/{self.upstream_model}",
                 "api_base": base if self.backend == ANTHROPIC else base + "/v1",
-                "api_key": "sk-kvbook-local-backend",
+                "api_key": "local-backend-not-a-secret",
             },
         }
 
