@@ -44,7 +44,7 @@ def check_host(host: str, allow_remote: bool) -> None:
     if host in LOOPBACK:
         return
     if not allow_remote:
-        raise BadInput(f"host {host} is not loopback; pass allow_remote=True (--allow-remote) to expose a server")
+        raise BadInput(f"host {host} is not loopback; pass allow_remote=True to expose a server on purpose")
 
 
 def tail(path: Path, lines: int = 25) -> str:
