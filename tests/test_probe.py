@@ -252,3 +252,18 @@ def test_run_claude_timeout_reports_one_line(tmp_path: Path) -> None:
         run_claude(fake, [], env=dict(os.environ), cwd=tmp_path, timeout_s=1)
     _one_line(info.value)
     assert not _pids_running(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_claude_code_notebook_headless(tmp_path: Path, no_claude_left: None) -> None:
+    """Notebook 05 runs with papermill: probe table, generated routes and the stale-slot warning."""
+    from kvbook.runner import resolve_notebook, run_notebook
+
+    result = run_notebook(resolve_notebook("05-claude-code"),
+                          {"run_e2e": False, "results_path": str(tmp_path / "results.jsonl")},
+                          tmp_path / "run", progress=False)
+    assert result.ok, result.error
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "claude-opus-4-7" in " ".join(summary["warnings"])
+    assert summary["routes"] and all(r.startswith("claude-") for r in summary["routes"])
+    assert result.html and "model ID sent" in result.html.read_text()
