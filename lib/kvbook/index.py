@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvbook.records import read_records
 from kvbook.report import html_table
 
 STYLE = """
@@ -46,19 +47,22 @@ def collect_runs(outputs: Path) -> list[dict[str, Any]]:
 
 def build_index(outputs: Path) -> Path:
     rows = collect_runs(outputs)
-    links = []
-    for r in rows:
-        cells = dict(r)
-        links.append(cells)
     table = html_table(rows, caption="kvbook runs")
     # turn the report column into links (paths are our own folder names, escaped by html_table)
     for r in rows:
         if r["report"]:
             esc = html.escape(r["report"])
             table = table.replace(f"<td>{esc}</td>", f'<td><a href="{esc}">open report</a></td>', 1)
+    records, bad = read_records(outputs / "results.jsonl")
+    checks = [r for r in records if "passed" in r]
+    passed = sum(bool(r.get("passed")) for r in checks)
+    notes = f"<p>results.jsonl: {len(records)} records, {passed}/{len(checks)} checks passed.</p>"
+    if bad:
+        items = "".join(f"<li>line {b.line_no}: {html.escape(b.reason)}</li>" for b in bad)
+        notes += f"<p class='bad'>{len(bad)} unreadable line(s) in results.jsonl were skipped:</p><ul>{items}</ul>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kvbook runs</title><style>{STYLE}</style></head>"
             f"<body><h1>kvbook runs</h1><p>{len(rows)} runs under {html.escape(str(outputs))}. "
-            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>{table}</body></html>")
+            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>{notes}{table}</body></html>")
     out = outputs / "index.html"
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page)

@@ -1,0 +1,75 @@
+"""outputs/index.html and a report render offline in headless Chromium with charts; a corrupt
+results line is reported by number and the rest is still used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvbook.index import build_index
+from kvbook.records import append_records
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def outputs(tmp_path: Path) -> Path:
+    """A fixture outputs/ folder: two runs (one failed), a real plotly report, a results file with a bad line."""
+    import plotly.graph_objects as go
+
+    out = tmp_path / "outputs"
+    ok = out / "20261125-010000-smoke-aaaa"
+    bad = out / "20261125-020000-sizing-bbbb"
+    ok.mkdir(parents=True)
+    bad.mkdir()
+    go.Figure(go.Bar(x=["direct", "litellm"], y=[1, 2])).write_html(ok / "report.html", include_plotlyjs=True)
+    (ok / "summary.json").write_text(json.dumps({"notebook": "02-serve-and-smoke.ipynb", "model": "SmolLM2",
+                                                 "verdict": "fits", "required_passed": 18, "required_total": 18,
+                                                 "ok": True, "report": "report.html"}))
+    (bad / "summary.json").write_text(json.dumps({"notebook": "01-sizing.ipynb", "ok": False,
+                                                  "error": "01-sizing.ipynb failed in cell 3: BadInput: x"}))
+    append_records(out / "results.jsonl", [{"check": "a", "passed": True}])
+    with (out / "results.jsonl").open("a") as fh:
+        fh.write("{broken\n")
+    append_records(out / "results.jsonl", [{"check": "b", "passed": False}])
+    return out
+
+
+def test_index_lists_runs_and_reports_corrupt_lines(outputs):
+    page = build_index(outputs).read_text()
+    assert "20261125-010000-smoke-aaaa" in page and "20261125-020000-sizing-bbbb" in page
+    assert 'href="20261125-010000-smoke-aaaa/report.html"' in page
+    assert "18/18" in page and "failed: 01-sizing.ipynb failed in cell 3" in page
+    assert "line 2: not JSON" in page and "2 records, 1/2 checks passed" in page
+
+
+@pytest.mark.slow
+def test_index_and_report_render_offline_in_chromium(outputs):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's Chromium (`apt-get install -y chromium`, done by make test)")
+    from playwright.sync_api import sync_playwright
+
+    index = build_index(outputs)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.route("http*://**", lambda route: route.abort())  # offline: nothing may be fetched
+            page.goto(index.as_uri())
+            assert page.locator("table.kvbook tr").count() == 3
+            page.click("text=open report")
+            page.wait_for_selector(".main-svg", timeout=20000)  # plotly drew its SVG from the embedded plotly.js
+            bars = page.locator(".main-svg .bars path").count()
+            shot = page.screenshot()
+            blank = browser.new_page()
+            blank.set_content("<html><body></body></html>")
+            blank_shot = blank.screenshot()
+        finally:
+            browser.close()
+    assert bars == 2
+    # a PNG of a blank page compresses to almost nothing; the chart's does not
+    assert len(shot) > len(blank_shot) + 1000, (len(shot), len(blank_shot))
