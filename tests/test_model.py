@@ -189,3 +189,15 @@ def test_shared_kv_layers_own_no_cache():
     assert full.layers == 1 and swa.layers == 7  # layers 0-7 own caches: 5 SWA + 1 full + 2 SWA
     g3n = arch_of(meta("gemma3n", block_count=30, **{"attention.sliding_window": 512}))
     assert g3n.n_layer_kv_from_start == 20
+
+
+def test_decode_bound_falls_with_context_and_moe_reads_less():
+    from kvbook.roofline import active_weight_bytes, decode_bound
+
+    llama = load_model("llama-3.1-8b")
+    short, long = decode_bound(llama, 1024, 400), decode_bound(llama, 131072, 400)
+    assert short.tokens_per_s > long.tokens_per_s
+    assert long.kv_read_bytes == 16 * GiB  # 128 KiB per token x 131072
+    moe = load_model("qwen3.6-35b-a3b")
+    assert active_weight_bytes(moe) < moe.weights_bytes / 4
+    assert active_weight_bytes(llama) == llama.weights_bytes
