@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -226,14 +225,6 @@ def _package_dir(module: str, distribution: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _memo_file() -> Path:
     return cache_dir() / "models" / "verified.json"
 
@@ -250,7 +241,9 @@ def _verified_sha256(path: Path) -> str:
     entry = memo.get(key)
     if isinstance(entry, list) and entry[:2] == stamp and len(entry) == 3:
         return str(entry[2])
-    digest = _sha256(path)
+    from kvbook.ggufio import sha256_file
+
+    digest = sha256_file(path)
     memo[key] = [*stamp, digest]
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
