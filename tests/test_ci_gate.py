@@ -1,9 +1,12 @@
-"""`kvbook run` as a CI gate, exactly as docs/ci-example.yml calls it: exit 0 when the required
-smoke checks pass, 1 when one fails (unless --no-fail-on-check)."""
+"""`kvbook run` as a CI gate: the very command of docs/ci-example.yml, exit 0 when the required
+smoke checks pass, 1 when one fails (unless --no-fail-on-check), and several runs in one call where
+a failing notebook is reported with its cell while the others still run."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +29,47 @@ def _params(tmp_path: Path, name: str, extra_args: list[str]) -> Path:
     return path
 
 
-def _kvbook(*args: str) -> subprocess.CompletedProcess:
+def _kvbook(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kvbook.cli", *args], capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env, cwd=repo_root())
 
 
-def test_gate_passes_with_structured_tool_calls(tmp_path):
-    params = _params(tmp_path, "smoke-default.yaml",
-                     ["--chat-template-file", "params/templates/smollm2-chatml-tools.jinja"])
-    run = _kvbook("run", "02-serve-and-smoke", "-f", str(params), "--output-dir", str(tmp_path / "ok"), "--quiet")
+def _ci_example_run_line() -> list[str]:
+    """The `kvbook run` line of docs/ci-example.yml, as argv."""
+    doc = yaml.safe_load((repo_root() / "docs" / "ci-example.yml").read_text())
+    lines = [step["run"] for job in doc["jobs"].values() for step in job["steps"]
+             if "kvbook run" in str(step.get("run", ""))]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    assert argv[0] == ".venv/bin/kvbook" and argv[1] == "run"
+    return argv[1:]
+
+
+def test_the_ci_example_command_passes(tmp_path):
+    """Exactly the documented line, outputs redirected to a temporary folder."""
+    env = {**os.environ, "KVBOOK_OUTPUTS": str(tmp_path / "outputs")}
+    run = _kvbook(*_ci_example_run_line(), "--quiet", env=env)
     assert run.returncode == 0, run.stderr[-800:]
-    assert json.loads((tmp_path / "ok" / "summary.json").read_text())["required_failures"] == []
+    assert "2/2 ok" in run.stdout and (tmp_path / "outputs" / "index.html").exists()
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "outputs").glob("*/summary.json")]
+    assert sorted(s["kind"] for s in summaries) == ["sizing", "smoke"]
+    assert all(s["ok"] for s in summaries) and all((p.parent / s["report"]).exists()
+                                                   for p, s in zip((tmp_path / "outputs").glob("*/summary.json"), summaries))
+
+
+def test_a_failed_notebook_is_reported_and_the_others_still_run(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"notebook: 02-serve-and-smoke\nmodel: {tmp_path / 'not-a-model.gguf'}\n")
+    env = {**os.environ, "KVBOOK_OUTPUTS": str(tmp_path / "outputs")}
+    sizing = repo_root() / "params" / "runs" / "sizing-default.yaml"
+    run = _kvbook("run", "-f", str(broken), "-f", str(sizing), "--quiet", env=env)
+    assert run.returncode == 1
+    assert "1/2 ok" in run.stdout
+    errors = [line for line in run.stderr.splitlines() if line.startswith("kvbook: error:")]
+    assert len(errors) == 1 and "02-serve-and-smoke with broken.yaml" in errors[0] and "failed in cell" in errors[0]
+    assert "neither a bundled model" in errors[0]
+    kinds = {json.loads(p.read_text()).get("kind", "failed") for p in (tmp_path / "outputs").glob("*/summary.json")}
+    assert kinds == {"sizing", "failed"}  # the sizing run completed after the failure; both left their folder
 
 
 def test_gate_fails_on_a_required_check_and_can_be_switched_off(tmp_path):

@@ -49,3 +49,21 @@ def test_bundled_presets_match_real_files(smollm2, gemma3):
         for field in ("n_layer", "n_embd", "n_vocab", "n_head_kv", "head_k", "head_v", "is_swa", "n_swa", "n_ctx_train"):
             assert getattr(preset, field) == getattr(real, field), (name, field)
         assert preset.weights_bytes == path.stat().st_size
+
+
+def test_committed_notebooks_are_what_the_builder_writes():
+    """notebooks/*.ipynb come from tools/build_notebooks.py; an edit made only in Jupyter is caught here."""
+    import runpy
+
+    import nbformat
+
+    from kvbook.runner import repo_root
+
+    builder = runpy.run_path(str(repo_root() / "tools" / "build_notebooks.py"))
+    built = {"01-sizing": builder["SIZING"], "02-serve-and-smoke": builder["SMOKE"], "03-compare": builder["COMPARE"],
+             "05-claude-code": builder["CLAUDE_CODE"]}
+    on_disk = sorted(p.stem for p in (repo_root() / "notebooks").glob("*.ipynb"))
+    assert on_disk == sorted(built)
+    for name, nb in built.items():
+        committed = nbformat.read(str(repo_root() / "notebooks" / f"{name}.ipynb"), as_version=4)
+        assert nbformat.writes(nb) == nbformat.writes(committed), f"{name}: run tools/build_notebooks.py"

@@ -73,3 +73,54 @@ def test_index_and_report_render_offline_in_chromium(outputs):
     assert bars == 2
     # a PNG of a blank page compresses to almost nothing; the chart's does not
     assert len(shot) > len(blank_shot) + 1000, (len(shot), len(blank_shot))
+
+
+def _compare_fixture(path: Path) -> None:
+    """Two contenders, 5 repetitions each, and one corrupt line in the middle."""
+    recs = []
+    for label, ok, ms in (("base", True, 40.0), ("other", False, 90.0)):
+        for rep in range(5):
+            common = {"run_id": "fixture", "label": label, "model_name": label, "repeat": rep, "route": "direct",
+                      "required": True, "plan": {"total_bytes": 3 * 2**30, "kv_bytes": 2**28},
+                      "measured": {"caches_mib": [256.0]}, "plan_matches": True}
+            recs.append({**common, "check": "forced_tool_call", "passed": ok or rep == 0, "timings": {}})
+            recs.append({**common, "check": "stream_text", "passed": True,
+                         "timings": {"first_text_s": (ms + rep) / 1000, "tokens_per_s": 150.0 - rep}})
+    append_records(path, recs[:7])
+    with path.open("a") as fh:
+        fh.write('{"torn": \n')
+    append_records(path, recs[7:])
+
+
+def test_compare_notebook_from_a_fixture_results_file_renders_offline(tmp_path):
+    """The comparison over recorded results (launch off): spreads, verdict, the corrupt line named by number."""
+    from kvbook.runner import resolve_notebook, run_notebook
+
+    results = tmp_path / "results.jsonl"
+    _compare_fixture(results)
+    run = run_notebook(resolve_notebook("03-compare"), {"launch": False, "labels": ["base", "other"],
+                                                        "results_path": str(results)}, tmp_path / "run", progress=False)
+    assert run.ok, run.error
+    s = run.summary
+    assert s["kind"] == "compare" and s["contenders"] == ["base", "other"]
+    by = {d["metric"]: d for d in s["differences"]}
+    assert by["tool-call pass rate"]["beyond_noise"] and by["time to first text (median)"]["beyond_noise"]
+    assert s["verdict"] == "Verdict: base is better on 3 metric(s) beyond the noise and worse on none."
+    page = run.html.read_text()
+    assert "skipped results.jsonl line 8: not JSON" in page and "95% interval" in page
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's Chromium (`apt-get install -y chromium`, done by make test)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.route("http*://**", lambda route: route.abort())
+            page.goto(run.html.as_uri())
+            page.wait_for_selector(".main-svg", timeout=20000)
+            boxes = page.locator(".main-svg .boxlayer path.box").count()
+            bars = page.locator(".main-svg .bars path").count()
+        finally:
+            browser.close()
+    assert boxes == 4 and bars >= 4, (boxes, bars)  # 2 contenders x 2 distributions; 2 x 2 pass-rate bars

@@ -1,4 +1,4 @@
-"""Write the ops notebooks from this script so their cells stay thin and reviewed in one place.
+"""Write every notebook from this script so their cells stay thin and reviewed in one place.
 
     .venv/bin/python tools/build_notebooks.py
 """
@@ -14,14 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def notebook(cells: list) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
+    for i, cell in enumerate(cells):
+        cell.id = f"cell-{i:02d}"  # stable ids: rebuilding changes nothing that did not change
     nb.cells = cells
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
 
 
-def md(text: str) -> nbf.NotebookNode:
-    return nbf.v4.new_markdown_cell(text.strip())
+def md(text: str, tags: tuple[str, ...] = ()) -> nbf.NotebookNode:
+    cell = nbf.v4.new_markdown_cell(text.strip())
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
 
 
 def code(text: str, tags: tuple[str, ...] = ()) -> nbf.NotebookNode:
@@ -30,6 +35,117 @@ def code(text: str, tags: tuple[str, ...] = ()) -> nbf.NotebookNode:
         cell.metadata["tags"] = list(tags)
     return cell
 
+
+SIZING = notebook([
+    md("""
+# Sizing: will this llama-server command line fit?
+
+This notebook plans the memory of one `llama-server` command line for one model on one machine, with
+kvbook's model of the pinned llama.cpp build. It counts what the server allocates when it starts
+(weights, KV cache, the recurrent state of hybrid models such as Qwen3.5/3.6, the compute buffer and
+the logits) and the host memory that grows while it runs (the prompt cache and context checkpoints).
+
+Cache sizes follow llama.cpp's own rules to the byte. The compute buffer is a calibrated estimate, and a
+preset's weights are the size of its GGUF file. A server *starts* when the start allocation fits the
+budget; it is *tight* when the growth at run time would bring it within 1 GiB of the budget.
+
+Run it headless with a params file, e.g. `kvbook run 01-sizing -f params/runs/blog-post-m1max.yaml`.
+"""),
+    code("""
+model: str = "qwen3.6-35b-a3b"  # preset id (params/models), GGUF path or URL, or a config.json
+device: str = "m1-max-64"  # preset id (params/devices), this-machine, or custom (then set budget_gib)
+budget_gib: float = 0.0  # > 0: plan against one unified pool of this many GiB instead of the device
+context: int = 65536  # -c: context in tokens (shared by all slots when the KV is unified)
+slots: int = -1  # -np: parallel slots; -1 is llama-server's auto (4 slots, one unified KV)
+kv_unified: bool = False  # -kvu: one KV buffer shared by all slots (always on when slots is -1)
+cache_type_k: str = "f16"  # -ctk: f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1
+cache_type_v: str = "f16"  # -ctv: a quantized V cache needs flash attention
+ubatch: int = 512  # -ub: physical batch; sizes the compute buffer
+batch: int = 2048  # -b: logical batch
+flash_attn: str = "auto"  # -fa: on, off or auto (planned as on)
+swa_full: bool = False  # --swa-full: full-size cache for sliding-window layers
+allow_over_max: bool = False  # allow a context above the model's trained maximum
+compare_blog_post: bool = False  # check the blog post's memory figures against kvbook's
+output_dir: str = ""  # set by kvbook run; empty writes to a new folder under outputs/
+""", tags=('parameters',)),
+    code("""
+from kvbook import figures, sizing
+from kvbook.cli import format_plan
+from kvbook.report import HTML, html_table
+
+figures.setup_renderer()
+run = sizing.resolve(sizing.SizingParams(
+    model=model, device=device, budget_gib=budget_gib, context=context, slots=slots, kv_unified=kv_unified,
+    cache_type_k=cache_type_k, cache_type_v=cache_type_v, ubatch=ubatch, batch=batch, flash_attn=flash_attn,
+    swa_full=swa_full, allow_over_max=allow_over_max, compare_blog_post=compare_blog_post, output_dir=output_dir))
+print(format_plan(run.plan))
+"""),
+    md("""
+## Where the memory goes
+
+One bar per part, stacked, against the budget of the pool that holds the weights and the KV cache. The grey
+top is memory the server takes later, as it caches prompts and keeps context checkpoints.
+"""),
+    code('figures.breakdown_figure(run.plan)'),
+    md("""
+## Memory against context
+
+Start allocation for every context from 1K to the model's maximum, one curve per cache type (K and V of the
+same type) with this configuration's slots. The diamonds mark the largest context of each type that fits;
+the circle is the configuration planned above.
+"""),
+    code("""
+figures.context_figure(run.sweep, run.budget_bytes, usable=[sizing.type_usable(run.arch, t, run.flash) for t in run.sweep.cache_types],
+                       current=(run.params.context, run.plan.memory.start_bytes),
+                       title=f"{run.arch.name} on {run.device.name}")
+"""),
+    md("""
+## Largest context that fits, per cache type and slot count
+
+The largest `-c` (in steps of 256 up to the model's maximum) whose start allocation fits. Explicit slot
+counts use this configuration's `kv_unified` setting; "n/a" marks a type llama-server refuses here.
+"""),
+    code("""HTML(figures.fit_table_html(run.fit_rows(), caption=f"largest -c that fits {run.budget_bytes / 2**30:.2f} GiB"))"""),
+    md("""
+## If it does not fit
+
+Changed command lines that do fit, when this one does not (nothing is listed when it fits).
+"""),
+    code("""
+HTML(html_table([{"change": a.change, "verdict": a.verdict.value, "n_ctx": a.n_ctx,
+                          "total GiB": round(a.total_bytes / 2**30, 2), "llama-server args": " ".join(a.flags)}
+                         for a in run.plan.alternatives], caption="alternatives"))
+"""),
+    md("""
+## Try other settings
+
+Every control re-plans at once: context, cache types and slots, ubatch, flash attention and the device.
+This part needs a live kernel and is left out of the HTML report.
+""", tags=('interactive',)),
+    code("""
+from kvbook.widgets import build_sizing_ui
+
+ui = build_sizing_ui(run.params)
+ui.layout
+""", tags=('interactive',)),
+    md("""
+## The blog post's figures, checked
+
+With `compare_blog_post: True`, the memory figures of the seed blog post (Qwen3.6-35B-A3B UD-Q4_K_M at
+`-c 262144` and `-c 65536` on a 64 GB M1 Max) are set against kvbook's numbers, computed now from the
+`qwen3.6-35b-a3b` and `m1-max-64` presets with the post's own command line.
+"""),
+    code("""
+blog = sizing.blog_post_comparison() if compare_blog_post else None
+HTML(html_table(blog.table(), caption="the post against kvbook") if blog else
+     "<p><em>Not requested: set compare_blog_post to True.</em></p>")
+"""),
+    code('figures.blog_figure(blog) if blog else None'),
+    code("""
+summary = sizing.finish(run, output_dir, blog)
+print(f"verdict {summary['verdict']}; largest -c that fits {summary['max_ctx']:,}; summary.json in {summary['output_dir']}")
+"""),
+])
 
 SMOKE = notebook([
     md("""
@@ -133,8 +249,71 @@ write_summary(ctx.output_dir, {"kind": "claude-code", "run_id": ctx.run_id, "pro
 ])
 
 
+
+COMPARE = notebook([
+    md("""
+# A fair model comparison: same suite, same flags, repeated
+
+Each model is launched in turn with the same llama-server flags, behind the same LiteLLM routes, and the same smoke
+suite runs `repeats` times on every route. Every check lands in `results.jsonl`; this notebook then compares what
+was recorded: pass rates with 95% Wilson intervals, time to first text and tokens/s as distributions (median with a
+95% bootstrap interval), and planned against measured memory. A difference counts only when its 95% interval excludes
+zero; everything else is called noise. With `launch` off, it compares records already in the results file instead."""),
+    code("""
+models: list = ["smollm2-135m", "gemma3-270m"]  # bundled model names or GGUF paths, the first is the baseline
+server_args: list = ["-c", "8192", "-np", "1", "--jinja", "-n", "512", "--chat-template-file", "params/templates/smollm2-chatml-tools.jinja"]  # the same flags for every model
+routes: list = ["direct", "litellm-anthropic"]  # routes each repetition runs on
+repeats: int = 5  # repetitions of the whole suite per model and route
+max_tokens: int = 96  # per check request
+tool_prefill: str = "<tool_call>\\n"  # assistant prefill for forced tool calls, the same for every model
+label: str = "compare"  # records are labelled label/model
+launch: bool = True  # false means compare records already in results_path
+labels: list = []  # with launch false, the recorded labels to compare, the first is the baseline
+results_path: str = "auto"  # results file, auto means outputs/results.jsonl
+output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
+""", tags=("parameters",)),
+    code("""
+from kvbook import compare as cmp
+from kvbook import notebook_support as ns
+from kvbook.records import read_records
+from kvbook.report import distribution_figure, rate_figure
+
+ctx = ns.start_run("compare", output_dir, results_path)
+if launch:
+    chosen = ns.compare_runs(ctx, models, server_args, routes=routes, repeats=repeats, max_tokens=max_tokens,
+                             tool_prefill=tool_prefill, label=label)
+    run_ids = [ctx.run_id]
+else:
+    chosen, run_ids = list(labels), []
+records, bad_lines = read_records(ctx.results_path)
+for bad in bad_lines:
+    print(f"skipped {ctx.results_path.name} line {bad.line_no}: {bad.reason}")
+selected = cmp.select(records, run_ids=run_ids, labels=chosen)
+contenders = [cmp.summarize(selected, name) for name in chosen]
+"""),
+    md("## Pass rates, speed and noise per model"),
+    code("ns.show_table(cmp.contender_rows(contenders), 'per model: pass rates with 95% intervals, speed distributions')"),
+    code("ns.show_figure(rate_figure([(c.label, m, r) for c in contenders for m, r in (('required checks', c.required), ('tool calls', c.tool_calls))]))"),
+    code("ns.show_figure(distribution_figure(selected, chosen, cmp.SPEED_CHECK, 'first_text_s', 1000.0, 'Time to first text (stream_text), every sample', 'ms'))"),
+    code("ns.show_figure(distribution_figure(selected, chosen, cmp.SPEED_CHECK, 'tokens_per_s', 1.0, 'Tokens/s after the first token (stream_text), every sample', 'tok/s'))"),
+    md("## Every check, per model"),
+    code("ns.show_table([{'check': check, **{c.label: f'{c.per_check[check].passed}/{c.per_check[check].total}' if check in c.per_check else '-' for c in contenders}} for check in dict.fromkeys(k for c in contenders for k in c.per_check)], 'passed/total per check')"),
+    md("## Memory: plan against what llama-server allocated"),
+    code("ns.show_table(cmp.memory_rows(contenders), 'planned vs measured')"),
+    md("## Differences against the baseline, and the verdict"),
+    code("""
+diffs = [d for other in chosen[1:] for d in cmp.differences(selected, chosen[0], other)]
+verdict = [line for other in chosen[1:] for line in cmp.verdict(cmp.differences(selected, chosen[0], other),
+                                                              samples={c.label: c.repeats for c in contenders})]
+ns.show_table(cmp.difference_rows(diffs), 'b minus the baseline, with 95% intervals')
+"""),
+    code("ns.show_verdict(verdict)"),
+    code("summary = ns.finish_compare(ctx, chosen, contenders, diffs, verdict)"),
+])
+
 def main() -> int:
-    for name, nb in (("02-serve-and-smoke.ipynb", SMOKE), ("05-claude-code.ipynb", CLAUDE_CODE)):
+    for name, nb in (("01-sizing.ipynb", SIZING), ("02-serve-and-smoke.ipynb", SMOKE), ("03-compare.ipynb", COMPARE),
+                     ("05-claude-code.ipynb", CLAUDE_CODE)):
         out = ROOT / "notebooks" / name
         nbf.write(nb, str(out))
         print(f"wrote {out}")

@@ -151,28 +151,40 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import time
     from pathlib import Path
 
-    from kvbook.runner import load_params, resolve_notebook, run_notebook
+    from kvbook.index import build_index
+    from kvbook.runner import gate_failure, new_run_id, outputs_dir, plan_jobs, run_notebook
 
-    params = load_params(Path(args.params_file)) if args.params_file else {}
-    notebook = resolve_notebook(args.notebook)
-    out = Path(args.output_dir) if args.output_dir else None
-    result = run_notebook(notebook, params, out, progress=not args.quiet)
-    summary = result.summary
-    print(f"report: {result.html or '(none)'}")
-    print(f"summary: {result.output_dir / 'summary.json'}")
-    if not result.ok:
-        print(f"kvbook: error: {result.error}", file=sys.stderr)
-        return 1
-    failures = summary.get("required_failures") or []
-    if failures and args.fail_on_check:
-        print(f"kvbook: error: {len(failures)} required smoke check(s) failed, first: {failures[0]}", file=sys.stderr)
-        return 1
-    if summary.get("verdict") == "does not fit" and args.fail_on_no_fit:
-        print("kvbook: error: the plan does not fit its device", file=sys.stderr)
-        return 1
-    return 0
+    jobs = plan_jobs(list(args.notebooks), list(args.params_files or []))
+    if args.output_dir and len(jobs) > 1:
+        raise BadInput(f"--output-dir names one run's folder, but this is {len(jobs)} runs; leave it out "
+                       "(each run gets outputs/<run id>/)")
+    failed: list[str] = []
+    started = time.monotonic()
+    for i, job in enumerate(jobs, start=1):
+        if len(jobs) > 1:
+            print(f"[{i}/{len(jobs)}] {job.name} ... ({time.monotonic() - started:.0f} s elapsed)", flush=True)
+        out = Path(args.output_dir) if args.output_dir else outputs_dir() / new_run_id(job.label)
+        t0 = time.monotonic()
+        result = run_notebook(job.notebook, job.params, out, progress=not args.quiet)
+        problem = gate_failure(result, fail_on_check=args.fail_on_check, fail_on_no_fit=args.fail_on_no_fit)
+        print(f"report: {result.html or '(none)'}")
+        print(f"summary: {result.output_dir / 'summary.json'}")
+        if problem:
+            failed.append(f"{job.name}: {problem}")
+            print(f"kvbook: error: {problem}" if len(jobs) == 1 else f"  FAILED after {time.monotonic() - t0:.0f} s: {problem}",
+                  file=sys.stderr, flush=True)
+        elif len(jobs) > 1:
+            print(f"  ok in {time.monotonic() - t0:.0f} s", flush=True)
+    if len(jobs) > 1:
+        if not args.output_dir:
+            print(f"index: {build_index(outputs_dir())}")
+        print(f"kvbook run: {len(jobs) - len(failed)}/{len(jobs)} ok in {time.monotonic() - started:.0f} s")
+        for line in failed:
+            print(f"kvbook: error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -217,9 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("name", help="smollm2-135m or gemma3-270m")
     mp.set_defaults(func=_cmd_models)
 
-    r = sub.add_parser("run", help="execute a notebook headless with a params file; write HTML and summary.json")
-    r.add_argument("notebook", help="notebook path or name in notebooks/ (e.g. 01-sizing)")
-    r.add_argument("-f", "--params-file", help="YAML file of notebook parameters")
+    r = sub.add_parser("run", help="execute notebooks headless with params files; write HTML and summary.json per run")
+    r.add_argument("notebooks", nargs="*", help="notebook paths or names in notebooks/ (e.g. 01-sizing); "
+                   "optional when every params file names its notebook")
+    r.add_argument("-f", "--params-file", dest="params_files", action="append", metavar="PARAMS.yaml",
+                   help="YAML file of notebook parameters; repeat for several (notebooks x files)")
     r.add_argument("--output-dir", help="where to write (default: outputs/<run id>/)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--no-fail-on-check", dest="fail_on_check", action="store_false",

@@ -13,6 +13,8 @@ STEPS = (
     ("02-serve-and-smoke", "smoke-default.yaml",
      "launch llama-server + LiteLLM with SmolLM2 (tool template + prefill), smoke-test three routes"),
     ("02-serve-and-smoke", "smoke-contrast.yaml", "the contrast: SmolLM2's own template, no prefill"),
+    ("03-compare", "compare-bundled.yaml",
+     "compare the two bundled models: same flags and suite, 5 repetitions on two routes (~3 min)"),
 )
 
 
@@ -29,7 +31,8 @@ def run_demo(quiet: bool = False) -> int:
         if result.ok:
             s = result.summary
             extra = f", checks {s['required_passed']}/{s['required_total']} passed" if "required_total" in s else ""
-            print(f"  done: verdict {s.get('verdict', '-')}{extra}; report {result.html}")
+            print(f"  done: {'' if s.get('kind') == 'compare' else 'verdict '}{s.get('verdict', '-')}{extra}; "
+                  f"report {result.html}")
             for failure in s.get("required_failures", [])[:3]:
                 print(f"  failed check: {failure}")
         else:

@@ -13,7 +13,7 @@ from kvbook.runner import new_run_id, outputs_dir, write_summary
 from kvbook.session import SessionResult, proxy_overhead, results_table, run_session
 from kvbook.smoke import SmokeConfig
 
-__all__ = ["RunContext", "finish_smoke", "latency_figure", "pass_fail_figure", "proxy_overhead", "resolve_model",
+__all__ = ["RunContext", "compare_runs", "finish_compare", "finish_smoke", "latency_figure", "pass_fail_figure", "proxy_overhead", "resolve_model", "show_verdict",
            "results_table", "run_smoke_session", "show_figure", "show_table", "start_run"]
 
 
@@ -77,6 +77,15 @@ def show_figure(fig: Any) -> Any:
     return fig
 
 
+def show_verdict(lines: list[str]) -> HTML:
+    """The comparison's plain-language verdict as a list, the Verdict line in bold."""
+    import html
+
+    items = "".join(f"<li>{'<b>' if line.startswith('Verdict') else ''}{html.escape(line)}"
+                    f"{'</b>' if line.startswith('Verdict') else ''}</li>" for line in lines)
+    return HTML(f"<ul class='kvbook-verdict'>{items}</ul>")
+
+
 def finish_smoke(ctx: RunContext, session: SessionResult) -> dict[str, Any]:
     """Write summary.json: named values tests and CI gates read (never the proxy key)."""
     required = [r for r in session.results if r.required]
@@ -100,3 +109,65 @@ def finish_smoke(ctx: RunContext, session: SessionResult) -> dict[str, Any]:
     }
     write_summary(ctx.output_dir, summary)
     return summary
+
+
+def contender_label(label: str, model: str) -> str:
+    """The records' label for one model in a comparison: '<label>/<model name or file stem>'."""
+    return f"{label}/{Path(model).stem if model.endswith('.gguf') else model}"
+
+
+def compare_runs(ctx: RunContext, models: list[str], server_args: list[str], *, routes: list[str], repeats: int,
+                 max_tokens: int, tool_prefill: str, label: str, force: bool = False) -> list[str]:
+    """Launch each model in turn with the same flags and suite; return the contender labels recorded."""
+    import time
+
+    if len(models) < 2:
+        from kvbook.errors import BadInput
+
+        raise BadInput("parameter 'models': a comparison needs at least two models")
+    paths = [resolve_model(m) for m in models]  # every model checked before the first launch
+    labels = []
+    for i, (model, path) in enumerate(zip(models, paths), start=1):
+        started = time.monotonic()
+        name = contender_label(label, model)
+        print(f"[{i}/{len(models)}] {name}: {repeats} repetition(s) x {len(routes)} route(s) ...", flush=True)
+        session = run_smoke_session(ctx, path, server_args, routes=routes, repeats=repeats, max_tokens=max_tokens,
+                                    force=force, label=name, tool_prefill=tool_prefill)
+        required = [r for r in session.results if r.required]
+        print(f"      {sum(r.passed for r in required)}/{len(required)} required checks passed "
+              f"in {time.monotonic() - started:.0f} s", flush=True)
+        labels.append(name)
+    return labels
+
+
+def finish_compare(ctx: RunContext, labels: list[str], contenders: list[Any], diffs: list[Any],
+                   verdict: list[str]) -> dict[str, Any]:
+    """summary.json of a comparison: contenders, differences and the plain verdict."""
+    from kvbook.interface import to_dict
+
+    summary = {
+        "kind": "compare",
+        "run_id": ctx.run_id,
+        "model": " vs ".join(c.model or c.label for c in contenders),
+        "contenders": labels,
+        "stats": [to_dict(c) for c in contenders],
+        "differences": [{**to_dict(d), "beyond_noise": d.beyond_noise} for d in diffs],
+        "verdict_text": verdict,
+        "verdict": next((line for line in verdict if line.startswith("Verdict")), ""),
+        "results_path": str(ctx.results_path),
+    }
+    write_summary(ctx.output_dir, _no_nan(summary))
+    return summary
+
+
+def _no_nan(value: Any) -> Any:
+    """JSON has no NaN: an undefined statistic is written as null."""
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value

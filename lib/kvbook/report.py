@@ -69,3 +69,34 @@ def pass_fail_figure(results: Sequence[Any]):
                                zmin=0, zmax=1, colorscale=[[0, "#d9534f"], [0.5, "#bbbbbb"], [1, "#5cb85c"]]))
     fig.update_layout(title="Checks passed per route", height=60 + 40 * len(checks))
     return fig
+
+
+def distribution_figure(records: Sequence[dict[str, Any]], labels: Sequence[str], check: str, key: str,
+                        scale: float, title: str, unit: str):
+    """One box per contender (every sample drawn) for a timing of one check."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label in labels:
+        ys = [scale * r["timings"][key] for r in records
+              if (r.get("label") or r.get("model_name")) == label and r.get("check") == check and r.get("passed")
+              and isinstance((r.get("timings") or {}).get(key), (int, float))]
+        fig.add_box(y=ys, name=label, boxpoints="all", jitter=0.4, pointpos=0)
+    fig.update_layout(title=title, yaxis_title=unit, height=420, showlegend=False)
+    return fig
+
+
+def rate_figure(rows: Sequence[tuple[str, str, Any]]):
+    """Pass rates with their 95% intervals as error bars: rows of (contender, metric, Rate)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for metric in dict.fromkeys(m for _, m, _ in rows):
+        mine = [(label, rate) for label, m, rate in rows if m == metric and rate.total]
+        fig.add_bar(name=metric, x=[label for label, _ in mine], y=[100 * r.value for _, r in mine],
+                    error_y={"type": "data", "symmetric": False,
+                             "array": [100 * (r.high - r.value) for _, r in mine],
+                             "arrayminus": [100 * (r.value - r.low) for _, r in mine]})
+    fig.update_layout(barmode="group", yaxis_title="% passed (95% Wilson interval)", yaxis_range=[0, 105],
+                      title="Pass rates", height=420)
+    return fig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ def repo_root() -> Path:
 
 
 def outputs_dir() -> Path:
-    return repo_root() / "outputs"
+    """outputs/ of the checkout, or KVBOOK_OUTPUTS (e.g. a CI workspace or a test's folder)."""
+    override = os.environ.get("KVBOOK_OUTPUTS")
+    return Path(override).expanduser() if override else repo_root() / "outputs"
 
 
 def new_run_id(label: str) -> str:
@@ -45,9 +48,8 @@ class RunResult:
     gates: dict[str, bool] = field(default_factory=dict)
 
 
-def load_params(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
+def read_params_file(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """(the notebook the file names with `notebook:`, or None; the parameters)."""
     try:
         doc = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -55,11 +57,67 @@ def load_params(path: Path | None) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if doc is None:
-        return {}
+        return None, {}
     if not isinstance(doc, dict):
         raise BadInput(f"{path}: parameters must be a YAML mapping of name: value")
-    doc.pop("notebook", None)  # a params file may say which notebook it is for
-    return doc
+    notebook = doc.pop("notebook", None)
+    if notebook is not None and not isinstance(notebook, str):
+        raise BadInput(f"{path}: 'notebook' must be a notebook name such as 02-serve-and-smoke")
+    return notebook, doc
+
+
+def load_params(path: Path | None) -> dict[str, Any]:
+    return read_params_file(path)[1] if path is not None else {}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One notebook with one parameters file (or its defaults)."""
+
+    notebook: Path
+    params_file: Path | None
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.notebook.stem} with {self.params_file.name}" if self.params_file else f"{self.notebook.stem} (defaults)"
+
+    @property
+    def label(self) -> str:
+        return f"{self.notebook.stem}-{self.params_file.stem}" if self.params_file else self.notebook.stem
+
+
+def plan_jobs(notebooks: list[str], params_files: list[str]) -> list[Job]:
+    """Notebooks x params files, every parameter checked before anything runs.
+
+    A params file that names its notebook (`notebook:`) runs only with that one; with no notebook
+    given, each file runs with the notebook it names."""
+    files = [(Path(f), *read_params_file(Path(f))) for f in params_files]
+    nbs = [resolve_notebook(n) for n in notebooks]
+    if not nbs:
+        for path, named, _ in files:
+            if named is None:
+                raise BadInput(f"{path}: names no notebook (add 'notebook: NAME' or give the notebook before -f)")
+        nbs = list(dict.fromkeys(resolve_notebook(named) for _, named, _ in files))
+    if not nbs:
+        raise BadInput("nothing to run: give a notebook, or -f PARAMS.yaml naming one")
+    jobs: list[Job] = []
+    for nb in nbs:
+        if not files:
+            jobs.append(Job(nb, None, {}))
+        for path, named, params in files:
+            if named is None or resolve_notebook(named) == nb:
+                jobs.append(Job(nb, path, params))
+    for path, named, _ in files:
+        if not any(j.params_file == path for j in jobs):
+            raise BadInput(f"{path}: is for notebook '{named}', which is not among the notebooks given")
+    for job in jobs:
+        try:
+            check_params(job.notebook, job.params)
+        except BadInput as exc:
+            where = f"{job.params_file}: " if job.params_file else ""
+            raise BadInput(f"{where}{exc}") from None
+    return jobs
 
 
 def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
@@ -152,6 +210,18 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
     summary["report"] = html_path.name if html_path else None
     summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return RunResult(notebook, out, executed, html_path, summary, error is None, error)
+
+
+def gate_failure(result: RunResult, *, fail_on_check: bool = True, fail_on_no_fit: bool = True) -> str | None:
+    """Why this run should fail a CI job, or None: notebook failed, a required check failed, no fit."""
+    if not result.ok:
+        return result.error
+    failures = result.summary.get("required_failures") or []
+    if failures and fail_on_check:
+        return f"{len(failures)} required smoke check(s) failed, first: {failures[0]}"
+    if result.summary.get("verdict") == "does not fit" and fail_on_no_fit:
+        return "the plan does not fit its device"
+    return None
 
 
 def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> Path:

@@ -1,0 +1,89 @@
+"""Concurrency and load with the real parts: two `kvbook run`s at once get their own ports and
+folders; 4 smoke clients for 60 s through LiteLLM lose no record and leave results.jsonl valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from kvbook.load import run_load
+from kvbook.proxy import ROUTE_ANTHROPIC, default_routes, start_proxy
+from kvbook.records import read_records
+from kvbook.runner import repo_root
+from kvbook.serve import start_llama_server
+from kvbook.smoke import Target
+
+pytestmark = pytest.mark.slow
+TEMPLATE = str(repo_root() / "params" / "templates" / "smollm2-chatml-tools.jinja")
+
+
+def test_four_clients_for_sixty_seconds_through_litellm(smollm2, tmp_path):
+    results = tmp_path / "results.jsonl"
+    # 4 slots so the clients really run side by side; each slot 2048 tokens
+    args = ["-m", str(smollm2), "-c", "8192", "-np", "4", "--jinja", "--chat-template-file", TEMPLATE, "-n", "256"]
+    with start_llama_server(args, run_dir=tmp_path) as server:
+        with start_proxy(default_routes(server.base_url), run_dir=tmp_path) as proxy:
+            assert urlparse(proxy.base_url).hostname == "127.0.0.1" == urlparse(server.base_url).hostname
+            target = Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, {"x-api-key": proxy.master_key})
+            load = run_load(target, results, clients=4, duration_s=60, base_record={"run_id": "load-test"})
+    records, bad = read_records(results)
+    assert bad == [], bad
+    assert load.written == load.requests == len(records), load
+    assert load.duration_s < 60 + 60 + 5, load  # bounded: the deadline plus at most one request timeout
+    for client, n in enumerate(load.per_client):
+        seqs = sorted(r["seq"] for r in records if r["client"] == client)
+        assert n >= 3 and seqs == list(range(1, n + 1)), (client, n, seqs)  # every client progressed, none lost
+    transport = [r for r in records if r["check"] in ("stream_text", "count_tokens") and not r["passed"]]
+    assert transport == [], transport[:3]  # under load the proxy and the server still answer every request
+    assert all(proxy.master_key not in line for line in results.read_text().splitlines())
+
+
+def _small(tmp_path: Path, source: str, **changes) -> Path:
+    doc = yaml.safe_load((repo_root() / "params" / "runs" / source).read_text())
+    doc.update(changes)
+    path = tmp_path / source
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
+    """A smoke run and a (small) real comparison of both bundled models, started together."""
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, "KVBOOK_OUTPUTS": str(outputs)}
+    smoke = _small(tmp_path, "smoke-default.yaml", label="smoke-beside-compare", max_tokens=48,
+                   server_args=["-c", "2048", "-np", "1", "--jinja", "--chat-template-file", TEMPLATE],
+                   routes=["direct", "litellm-anthropic"])
+    compare = _small(tmp_path, "compare-bundled.yaml", repeats=2, routes=["direct", "litellm-anthropic"],
+                     max_tokens=48)
+    procs = [subprocess.Popen([sys.executable, "-m", "kvbook.cli", "run", "-f", str(path), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              stdin=subprocess.DEVNULL) for path in (smoke, compare)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-600:] for _, err in outs]
+    summaries = {json.loads(p.read_text())["kind"]: (p.parent, json.loads(p.read_text()))
+                 for p in outputs.glob("*/summary.json")}
+    assert sorted(summaries) == ["compare", "smoke"]
+    (smoke_dir, smoke_sum), (compare_dir, compare_sum) = summaries["smoke"], summaries["compare"]
+    assert smoke_dir != compare_dir and smoke_sum["run_id"] != compare_sum["run_id"]
+    # three llama-servers and three LiteLLMs in all, each on its own port
+    ports = [int(p.stem.rsplit("-", 1)[1]) for p in outputs.glob("*/llama-server-*.log")]
+    ports += [int(p.stem.rsplit("-", 1)[1]) for p in outputs.glob("*/litellm-*.log")]
+    assert len(ports) == 6 and len(set(ports)) == 6, ports
+    records, bad = read_records(outputs / "results.jsonl")
+    assert bad == []
+    assert {r["label"] for r in records} == {"smoke-beside-compare", "compare-bundled/smollm2-135m",
+                                             "compare-bundled/gemma3-270m"}
+    # the comparison itself: both models, spreads, differences with intervals, a plain verdict
+    assert compare_sum["contenders"] == ["compare-bundled/smollm2-135m", "compare-bundled/gemma3-270m"]
+    for stats in compare_sum["stats"]:
+        assert stats["repeats"] == 2 and stats["first_text_ms"]["n"] >= 3 and stats["required"]["total"] == 24
+    assert {d["metric"] for d in compare_sum["differences"]} >= {"tool-call pass rate", "tokens/s (median)"}
+    assert compare_sum["verdict"].startswith("Verdict: ")
+    assert (compare_dir / "03-compare.html").exists()
