@@ -190,7 +190,7 @@ def test_python_deps_installs_the_lock_with_require_hashes(tmp_path, monkeypatch
     monkeypatch.setattr(boot, "run", lambda cmd, log, **kw: commands.append([str(c) for c in cmd]))
     assert "installed" in boot.step_python_deps()
     lock_cmd, self_cmd = commands
-    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--no-deps", "-r", str(boot.LOCK_FILE)]
+    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--only-binary", ":all:", "--no-deps", "-r", str(boot.LOCK_FILE)]
     assert self_cmd[-2:] == ["-e", str(boot.REPO)] and "--require-hashes" not in self_cmd
     assert boot.step_python_deps().startswith("ok:") and len(commands) == 2  # the stamp now matches
 

@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFEndian, GGUFReader, GGUFValueType
 
 from kvbook.errors import ModelError
 
-MAX_KV = 65_536  # metadata entries
-MAX_TENSORS = 1_000_000
-MAX_ARRAY = 16_000_000  # entries of one metadata array (vocabularies are ~10^5-10^6)
+# GGUFReader keeps Python objects per entry and per tensor (~3 KB, ~5 KB): these caps bound a hostile
+# header to ~50 + ~150 MB. Real models: ~30-60 entries, at most a few thousand tensors.
+MAX_KV = 16_384  # metadata entries
+MAX_TENSORS = 32_768
+MAX_ARRAY = 16_000_000  # entries of one metadata array (vocabularies are ~10^5-10^6; read as one view)
 MAX_HEADER = 256 * 1024 * 1024  # bytes of header we are willing to fetch
 GGUF_MAGIC = b"GGUF"
 
 
 class _BoundedReader(GGUFReader):
-    """GGUFReader with every count checked against a cap before the loop that uses it."""
+    """GGUFReader that checks every count against a cap and every read against the end of the file
+    before it allocates or loops; metadata arrays are one view (numbers) or skipped (strings)."""
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise ModelError(f"truncated GGUF: a field at byte {int(offset)} runs past the end of the file")
+        return super()._get(offset, dtype, count, override_order)
 
     def _build_fields(self, offs: int, count: int) -> int:
         if int(count) > MAX_KV:
@@ -39,13 +49,35 @@ class _BoundedReader(GGUFReader):
         return super()._build_tensor_info(offs, count)
 
     def _get_field_parts(self, orig_offs: int, raw_type: int):
-        if raw_type == GGUFValueType.ARRAY:
-            alen = self._get(orig_offs + 4, np.uint64)
-            if alen.size != 1:
-                raise ModelError("header ends inside a metadata array")
-            if int(alen[0]) > MAX_ARRAY:
-                raise ModelError(f"metadata array claims {int(alen[0])} entries (cap {MAX_ARRAY})")
-        return super()._get_field_parts(orig_offs, raw_type)
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        item_type, count = int(raw_itype[0]), int(alen[0])
+        if count > MAX_ARRAY:
+            raise ModelError(f"metadata array claims {count} entries (cap {MAX_ARRAY})")
+        if item_type == GGUFValueType.STRING:  # data -> the count; the strings are skipped, never decoded
+            end = self._skip_strings(orig_offs + 12, count)
+            return end - orig_offs, [raw_itype, alen], [1], [GGUFValueType.ARRAY, GGUFValueType.STRING]
+        if item_type == GGUFValueType.ARRAY:
+            raise ModelError("nested metadata arrays are not supported (llama.cpp rejects them too)")
+        if item_type not in self.gguf_scalar_to_np:
+            raise ModelError(f"metadata array of unknown type {item_type}")
+        values = self._get(orig_offs + 12, self.gguf_scalar_to_np[GGUFValueType(item_type)], count)
+        return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, GGUFValueType(item_type)]
+
+    def _skip_strings(self, offs: int, count: int) -> int:
+        """Offset just past `count` GGUF strings starting at `offs`; only their lengths are read."""
+        length = struct.Struct("<Q" if self.endianess == GGUFEndian.LITTLE else ">Q")
+        end = len(self.data)
+        if count * length.size > end - offs:
+            raise ModelError(f"truncated GGUF: metadata array of {count} strings runs past the end of the file")
+        for _ in range(count):
+            if offs + length.size > end:
+                raise ModelError("truncated GGUF: a string array runs past the end of the file")
+            offs += length.size + length.unpack_from(self.data, offs)[0]
+        if offs > end:
+            raise ModelError("truncated GGUF: a string array runs past the end of the file")
+        return offs
 
 
 @dataclass(frozen=True)
@@ -63,10 +95,10 @@ class GGUFHeader:
 def _value(field: Any) -> Any:
     """A metadata field as a Python scalar, string or list (token lists are counted, not decoded)."""
     main = field.types[0]
-    if main == GGUFValueType.ARRAY:
-        if len(field.types) > 1 and field.types[1] == GGUFValueType.STRING:
-            return _StringArray(len(field.data))
-        return [v.item() if hasattr(v, "item") else v for v in (field.parts[i][0] for i in field.data)]
+    if main == GGUFValueType.ARRAY:  # as _BoundedReader reads them: data -> the count, or the values
+        if field.types[1] == GGUFValueType.STRING:
+            return _StringArray(int(field.parts[field.data[0]][0]))
+        return field.parts[field.data[0]].tolist()
     if main == GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
     value = field.parts[field.data[0]][0]
@@ -104,6 +136,8 @@ def _parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
             continue
         value = _value(field)
         if name == "tokenizer.ggml.tokens":
+            if not isinstance(value, _StringArray):
+                raise ModelError(f"{source}: tokenizer.ggml.tokens is not an array of strings")
             n_vocab = int(value)
             continue
         if isinstance(value, _StringArray):
