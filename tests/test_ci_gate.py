@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +25,7 @@ def _params(tmp_path: Path, name: str, extra_args: list[str]) -> Path:
     doc = yaml.safe_load((repo_root() / "params" / "runs" / name).read_text())
     doc["server_args"] = SMALL + extra_args  # same flags as the demo, at a small context
     doc["results_path"] = str(tmp_path / "results.jsonl")
+    doc.update(routes=["direct"], max_tokens=32)  # the gate, not the routes, is under test: keep it short
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -55,6 +57,15 @@ def test_the_ci_example_command_passes(tmp_path):
     assert sorted(s["kind"] for s in summaries) == ["sizing", "smoke"]
     assert all(s["ok"] for s in summaries) and all((p.parent / s["report"]).exists()
                                                    for p, s in zip((tmp_path / "outputs").glob("*/summary.json"), summaries))
+    # secrets: no per-run LiteLLM master key and no x-api-key value in anything the runs left behind
+    # (executed notebooks, HTML, logs, LiteLLM config, results.jsonl); the backend's fixed dummy key is not a secret
+    key = re.compile(r"sk-kvbook-(?!local-backend)[A-Za-z0-9_-]{20,}")
+    header = re.compile(r"x-api-key[\"']?\s*[:=]\s*[\"']?(?!local-backend)[A-Za-z0-9_-]{8,}", re.I)
+    files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ipynb" for p in files) and any(p.name.startswith("litellm") for p in files)
+    for path in files:
+        text = path.read_text(errors="replace")
+        assert not key.search(text) and not header.search(text), f"a key leaked into {path}"
 
 
 def test_a_failed_notebook_is_reported_and_the_others_still_run(tmp_path):
