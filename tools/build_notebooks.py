@@ -232,7 +232,14 @@ plan = plan_routes({route_alias: "smollm2-135m"}, report, "http://llama-server",
 ns.show_table([{"client sends": r.model_name, "routed to": f"{r.backend}/{r.upstream_model}"} for r in plan.routes], "model_list")
 """),
     code("print('\\n'.join(plan.warnings) or 'no warnings')"),
-    md("## End to end: claude -p through LiteLLM to llama-server"),
+    md("""
+## End to end: claude -p through LiteLLM to llama-server
+
+The field checks use Claude Code's full-default request. The turns add `--tools ""`: by default 2.1.197 ends the
+request with a `system` message listing agent types and skills after the prompt, and the 135M model continues that
+message until `max_tokens` instead of answering. llama-server runs at `--temp 0` (Claude Code sends no temperature),
+so the one-word answers end the turn the same way every run. Each header setting runs a first turn, a `--continue`
+turn and a new session with another first prompt."""),
     code("""
 e2e = None
 if run_e2e:
@@ -241,6 +248,14 @@ if run_e2e:
     ns.show_table([f.__dict__ for f in e2e.fields], "what each hop did with the real request")
 """),
     code("ns.show_table([t.__dict__ for t in e2e.turns], 'turns and prompt-cache reuse') if e2e else None"),
+    md("## Prompt-cache reuse before and after CLAUDE_CODE_ATTRIBUTION_HEADER=0"),
+    code("""
+if e2e:
+    from kvbook.claude_e2e import cache_figures
+    figures = cache_figures(list(e2e.turns))
+    ns.show_table([{"scope": scope, "setting": key, **fig} for scope, row in figures.items() for key, fig in row.items()],
+                  "cached of prompt tokens (llama-server log) and cache_read_input_tokens (Claude Code)")
+"""),
     code("""
 write_summary(ctx.output_dir, {"kind": "claude-code", "run_id": ctx.run_id, "probe": report.to_dict(),
                                "routes": [r.model_name for r in plan.routes], "warnings": list(plan.warnings),
@@ -302,10 +317,10 @@ contenders = [cmp.summarize(selected, name) for name in chosen]
     code("ns.show_table(cmp.memory_rows(contenders), 'planned vs measured')"),
     md("## Differences against the baseline, and the verdict"),
     code("""
-diffs = [d for other in chosen[1:] for d in cmp.differences(selected, chosen[0], other)]
-verdict = [line for other in chosen[1:] for line in cmp.verdict(cmp.differences(selected, chosen[0], other),
-                                                              samples={c.label: c.repeats for c in contenders})]
-ns.show_table(cmp.difference_rows(diffs), 'b minus the baseline, with 95% intervals')
+pairs = [cmp.differences(selected, chosen[0], other) for other in chosen[1:]]
+diffs = [d for pair in pairs for d in pair]
+verdict = [line for pair in pairs for line in cmp.verdict(pair, samples={c.label: c.repeats for c in contenders})]
+ns.show_table(cmp.difference_rows(diffs), f'each model minus the baseline {chosen[0]}, with 95% intervals')
 """),
     code("ns.show_verdict(verdict)"),
     code("summary = ns.finish_compare(ctx, chosen, contenders, diffs, verdict)"),

@@ -290,6 +290,6 @@ def memory_rows(contenders: Sequence[Contender]) -> list[dict[str, Any]]:
 
 
 def difference_rows(diffs: Sequence[Difference]) -> list[dict[str, Any]]:
-    return [{"metric": d.metric, d.a: round(d.value_a, 1), d.b: round(d.value_b, 1),
+    return [{"model": d.b, "metric": d.metric, "baseline": round(d.value_a, 1), "this model": round(d.value_b, 1),
              "difference": _fmt(d.delta, d.unit), "95% interval": f"{_fmt(d.low, d.unit)} to {_fmt(d.high, d.unit)}",
              "beyond noise": d.beyond_noise} for d in diffs]

@@ -20,9 +20,9 @@ from gguf import GGUFEndian, GGUFReader, GGUFValueType
 from kvbook.errors import ModelError
 
 # GGUFReader keeps Python objects per entry and per tensor (~3 KB, ~5 KB): these caps bound a hostile
-# header to ~50 + ~150 MB. Real models: ~30-60 entries, at most a few thousand tensors.
+# header to ~50 + ~80 MB. Real models: ~30-60 entries, ~1,100 tensors for the largest (405B, 671B).
 MAX_KV = 16_384  # metadata entries
-MAX_TENSORS = 32_768
+MAX_TENSORS = 16_384
 MAX_ARRAY = 16_000_000  # entries of one metadata array (vocabularies are ~10^5-10^6; read as one view)
 MAX_HEADER = 256 * 1024 * 1024  # bytes of header we are willing to fetch
 GGUF_MAGIC = b"GGUF"
