@@ -275,6 +275,14 @@ def test_claude_p_completes_and_records_cache_figures(report: ProbeReport, claud
     assert effect[0]["passed"] and effect[0]["claude_flags"] == ["--tools", ""]
 
 
+def test_e2e_bad_prompts_one_line(tmp_path: Path) -> None:
+    from kvbook.claude_e2e import run_e2e
+
+    with pytest.raises(BadInput) as info:
+        run_e2e(run_dir=tmp_path, prompts=("What is 2+2?", ""))  # type: ignore[arg-type]
+    assert "three non-empty texts" in _one_line(info.value)
+
+
 def test_run_claude_timeout_reports_one_line(tmp_path: Path) -> None:
     fake = _script(tmp_path, "slow", "sleep 300\n")
     with pytest.raises(KvbookError) as info:

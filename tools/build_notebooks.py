@@ -250,11 +250,11 @@ if run_e2e:
     code("ns.show_table([t.__dict__ for t in e2e.turns], 'turns and prompt-cache reuse') if e2e else None"),
     md("## Prompt-cache reuse before and after CLAUDE_CODE_ATTRIBUTION_HEADER=0"),
     code("""
-if e2e:
-    from kvbook.claude_e2e import cache_figures
-    figures = cache_figures(list(e2e.turns))
-    ns.show_table([{"scope": scope, "setting": key, **fig} for scope, row in figures.items() for key, fig in row.items()],
-                  "cached of prompt tokens (llama-server log) and cache_read_input_tokens (Claude Code)")
+from kvbook.claude_e2e import cache_figures
+
+figures = cache_figures(list(e2e.turns)) if e2e else {}
+ns.show_table([{"scope": scope, "setting": key, **fig} for scope, row in figures.items() for key, fig in row.items()],
+              "cached of prompt tokens (llama-server log) and cache_read_input_tokens (Claude Code)") if e2e else None
 """),
     code("""
 write_summary(ctx.output_dir, {"kind": "claude-code", "run_id": ctx.run_id, "probe": report.to_dict(),

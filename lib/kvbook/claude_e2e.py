@@ -45,8 +45,9 @@ DEFAULT_SERVER_ARGS = ("-c", "32768", "-np", "1", "--jinja", "-n", "256", "--tem
 # Claude Code flags for the turns. The full-default request is still what the field checks use.
 TURN_FLAGS = ("--tools", "")
 # First turn, follow-up (--continue), new session. The first prompts differ early on purpose: the
-# billing block's cc_version suffix is derived from the first prompt (Say hello. -> c27, Say goodbye.
-# -> 46e with 2.1.197), so a new session with another prompt changes system[0].
+# billing block's cc_version suffix is derived from the first prompt (2.1.197: 2.1.197.73f for the first,
+# 2.1.197.f03 for the third), so a new session with another prompt changes system[0]. A 135M model's
+# answer may be wrong (it says Neptune); the test is that it ends the turn itself.
 PROMPTS = ("What is the capital of France? Answer in one word.", "And the capital of Italy?",
            "Which planet is the largest? Answer in one word.")
 # Claude Code asks for max_tokens 64000; llama-server's -n does not lower a request's max_tokens, so an
