@@ -57,16 +57,19 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
     """A smoke run and a (small) real comparison of both bundled models, started together."""
     outputs = tmp_path / "outputs"
     env = {**os.environ, "KVBOOK_OUTPUTS": str(outputs)}
+    # one thread each: two servers with default threads on 2 cores spin and crawl (0.4 tokens/s measured)
     smoke = _small(tmp_path, "smoke-default.yaml", label="smoke-beside-compare", max_tokens=48,
-                   server_args=["-c", "2048", "-np", "1", "--jinja", "--chat-template-file", TEMPLATE],
+                   server_args=["-c", "2048", "-np", "1", "-t", "1", "--jinja", "--chat-template-file", TEMPLATE],
                    routes=["direct", "litellm-anthropic"])
+    compare_args = yaml.safe_load((repo_root() / "params" / "runs" / "compare-bundled.yaml").read_text())["server_args"]
     compare = _small(tmp_path, "compare-bundled.yaml", repeats=2, routes=["direct", "litellm-anthropic"],
-                     max_tokens=48)
+                     max_tokens=48, server_args=[*compare_args, "-t", "1"])
     procs = [subprocess.Popen([sys.executable, "-m", "kvbook.cli", "run", "-f", str(path), "--quiet"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               stdin=subprocess.DEVNULL) for path in (smoke, compare)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-600:] for _, err in outs]
+    assert not any("oversubscribed" in err for _, err in outs)
     summaries = {json.loads(p.read_text())["kind"]: (p.parent, json.loads(p.read_text()))
                  for p in outputs.glob("*/summary.json")}
     assert sorted(summaries) == ["compare", "smoke"]
@@ -87,3 +90,13 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
     assert {d["metric"] for d in compare_sum["differences"]} >= {"tool-call pass rate", "tokens/s (median)"}
     assert compare_sum["verdict"].startswith("Verdict: ")
     assert (compare_dir / "03-compare.html").exists()
+
+
+def test_a_second_server_with_default_threads_is_warned_about(smollm2, tmp_path):
+    from kvbook.serve import thread_oversubscription
+
+    with start_llama_server(["-m", str(smollm2), "-c", "1024", "-t", "1"], run_dir=tmp_path) as server:
+        pid = server.process.proc.pid
+        warning = thread_oversubscription(["llama-server", "-m", "x"], cores=2)
+        assert warning and f"pid {pid}" in warning and "want 3 CPU threads on 2 cores" in warning, warning
+        assert thread_oversubscription(["llama-server", "-m", "x", "--threads", "1"], cores=2) is None
