@@ -12,13 +12,11 @@ the client sends, with warnings for configured slots it never sends.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -33,7 +31,7 @@ import yaml
 
 from kvbook.errors import BadInput, ServerError
 from kvbook.proxy import ANTHROPIC, Route
-from kvbook.procs import die_with_parent
+from kvbook.procs import die_with_parent, kill_group
 
 __all__ = [
     "ALIASES",
@@ -309,22 +307,15 @@ def run_claude(claude: Path, args: Sequence[str], *, env: Mapping[str, str], cwd
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise ServerError(f"`claude {' '.join(args[:3])} ...` did not finish within {timeout_s:.0f} s and was killed "
                           f"(pass a larger timeout if the machine is slow)") from None
     except BaseException:
-        _kill_group(proc)
+        kill_group(proc)
         raise
-    _kill_group(proc)  # anything it left in its group
+    kill_group(proc)  # anything it left in its group
     return ClaudeRun(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
                      time.monotonic() - start)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=5)
 
 
 def claude_version(claude: Path, timeout_s: float = 30.0) -> str:

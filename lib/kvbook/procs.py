@@ -161,8 +161,7 @@ class ManagedProcess:
     def kill(self) -> None:
         """Kill abruptly (fault injection)."""
         if self.proc is not None and self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGKILL)
-            self.proc.wait(5)
+            kill_group(self.proc)
 
 
 def die_with_parent() -> None:
@@ -178,6 +177,30 @@ def die_with_parent() -> None:
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def kill_group(proc: subprocess.Popen[bytes], wait_s: float = 5.0) -> None:
+    """SIGKILL a child's whole process group, reap the child, and wait (bounded) until no live member is left.
+
+    killpg returns before delivery: without the wait a grandchild can still be alive a moment later."""
+    _signal_group(proc, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=wait_s)
+    deadline = time.monotonic() + wait_s
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is in process group pgid (Linux /proc; False elsewhere)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def _register(mp: ManagedProcess) -> None:
