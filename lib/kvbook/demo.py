@@ -14,7 +14,7 @@ STEPS = (
      "launch llama-server + LiteLLM with SmolLM2 (tool template + prefill), smoke-test three routes"),
     ("02-serve-and-smoke", "smoke-contrast.yaml", "the contrast: SmolLM2's own template, no prefill"),
     ("03-compare", "compare-bundled.yaml",
-     "compare the two bundled models: same flags and suite, 5 repetitions on two routes (~3 min)"),
+     "compare the two bundled models: same flags and suite, 5 repetitions on two routes (~1.5 min)"),
 )
 
 
