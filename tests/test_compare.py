@@ -115,3 +115,12 @@ def test_bad_job_lists_fail_before_anything_runs(tmp_path: Path, notebooks, text
     path.write_text(text)
     with pytest.raises(BadInput, match=message):
         plan_jobs(notebooks, [str(path)])
+
+
+def test_unreadable_params_files_are_one_line(tmp_path: Path):
+    with pytest.raises(BadInput, match=r"missing.yaml: cannot read parameters \(No such file or directory\)"):
+        plan_jobs([], [str(tmp_path / "missing.yaml")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [a, b\n")
+    with pytest.raises(BadInput, match=r"broken.yaml: not valid YAML \("):
+        plan_jobs([], [str(broken)])

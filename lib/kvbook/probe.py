@@ -32,6 +32,7 @@ import yaml
 from kvbook.errors import BadInput, ServerError
 from kvbook.proxy import ANTHROPIC, Route
 from kvbook.procs import die_with_parent, kill_group
+from kvbook.yamlio import read_yaml
 
 __all__ = [
     "ALIASES",
@@ -568,12 +569,7 @@ def plan_routes(intent: Mapping[str, str], report: ProbeReport, api_base: str, *
 
 def configured_slots(config: Path) -> tuple[str, ...]:
     """The model_name entries of an existing LiteLLM config, to check against the probe."""
-    try:
-        doc = yaml.safe_load(config.read_text())
-    except OSError as exc:
-        raise BadInput(f"{config}: cannot read it ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = read_yaml(config)
     entries = doc.get("model_list") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise BadInput(f"{config}: no model_list found; is it a LiteLLM config?")

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kvbook.errors import BadInput
+from kvbook.yamlio import read_yaml
 
 INTERACTIVE_TAG = "interactive"  # cells dropped from HTML reports (widgets need a live kernel)
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
@@ -50,12 +49,7 @@ class RunResult:
 
 def read_params_file(path: Path) -> tuple[str | None, dict[str, Any]]:
     """(the notebook the file names with `notebook:`, or None; the parameters)."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read parameters ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = read_yaml(path, "parameters")
     if doc is None:
         return None, {}
     if not isinstance(doc, dict):
