@@ -124,3 +124,16 @@ def test_unreadable_params_files_are_one_line(tmp_path: Path):
     broken.write_text("models: [a, b\n")
     with pytest.raises(BadInput, match=r"broken.yaml: not valid YAML \("):
         plan_jobs([], [str(broken)])
+
+
+def test_a_comparison_with_a_failed_required_check_fails_the_gate(tmp_path: Path):
+    from kvbook.runner import RunResult, gate_failure
+
+    def result(failures: list[str]) -> RunResult:
+        summary = {"kind": "compare", "verdict": "Verdict: no difference", "required_failures": failures}
+        return RunResult(Path("03-compare.ipynb"), tmp_path, tmp_path / "x.ipynb", None, summary, True)
+
+    assert gate_failure(result([])) is None
+    problem = gate_failure(result(["compare/gemma3-270m direct/forced_tool_call: answered in plain text"]))
+    assert problem and problem.startswith("1 required smoke check(s) failed, first: compare/gemma3-270m")
+    assert gate_failure(result(["x"]), fail_on_check=False) is None

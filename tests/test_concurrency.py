@@ -36,6 +36,7 @@ def test_four_clients_for_sixty_seconds_through_litellm(smollm2, tmp_path):
     records, bad = read_records(results)
     assert bad == [], bad
     assert load.written == load.requests == len(records), load
+    assert load.client_errors == 0, load.failures
     assert load.duration_s < 60 + 60 + 5, load  # bounded: the deadline plus at most one request timeout
     for client, n in enumerate(load.per_client):
         seqs = sorted(r["seq"] for r in records if r["client"] == client)
@@ -89,6 +90,7 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
         assert stats["repeats"] == 2 and stats["first_text_ms"]["n"] >= 3 and stats["required"]["total"] == 24
     assert {d["metric"] for d in compare_sum["differences"]} >= {"tool-call pass rate", "tokens/s (median)"}
     assert compare_sum["verdict"].startswith("Verdict: ")
+    assert isinstance(compare_sum["required_failures"], list)  # what `kvbook run` gates on
     assert (compare_dir / "03-compare.html").exists()
 
 
@@ -100,3 +102,19 @@ def test_a_second_server_with_default_threads_is_warned_about(smollm2, tmp_path)
         warning = thread_oversubscription(["llama-server", "-m", "x"], cores=2)
         assert warning and f"pid {pid}" in warning and "want 3 CPU threads on 2 cores" in warning, warning
         assert thread_oversubscription(["llama-server", "-m", "x", "--threads", "1"], cores=2) is None
+
+
+def test_a_client_whose_check_raises_keeps_going_and_records_it(tmp_path, monkeypatch):
+    """Stand-in check (says so): a real server cannot be made to raise an arbitrary exception inside a
+    check on demand; the point is that run_load records it as a failure instead of losing the thread."""
+    import kvbook.load as load
+
+    def raises(target, cfg):
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(load, "ROTATION", (("forced_tool_call", raises),))
+    result = load.run_load(Target("x", "http://127.0.0.1:9", "m"), tmp_path / "r.jsonl", clients=2, duration_s=0.3)
+    records, bad = read_records(tmp_path / "r.jsonl")
+    assert bad == [] and result.client_errors == result.requests == len(records) > 0
+    assert all(r["reason"] == "client error: RuntimeError: surprise" and not r["passed"] for r in records)
+    assert {r["client"] for r in records} == {0, 1}

@@ -124,3 +124,13 @@ def test_compare_notebook_from_a_fixture_results_file_renders_offline(tmp_path):
         finally:
             browser.close()
     assert boxes == 4 and bars >= 4, (boxes, bars)  # 2 contenders x 2 distributions; 2 x 2 pass-rate bars
+
+
+def test_compare_notebook_needs_two_labels_when_not_launching(tmp_path):
+    from kvbook.runner import resolve_notebook, run_notebook
+
+    results = tmp_path / "results.jsonl"
+    _compare_fixture(results)
+    run = run_notebook(resolve_notebook("03-compare"), {"launch": False, "labels": ["base"],
+                                                        "results_path": str(results)}, tmp_path / "run", progress=False)
+    assert not run.ok and "BadInput: parameter 'labels': with launch off, name at least two" in run.error, run.error

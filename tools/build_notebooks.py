@@ -283,7 +283,7 @@ max_tokens: int = 96  # per check request
 tool_prefill: str = "<tool_call>\\n"  # assistant prefill for forced tool calls, the same for every model
 label: str = "compare"  # records are labelled label/model
 launch: bool = True  # false means compare records already in results_path
-labels: list = []  # with launch false, the recorded labels to compare, the first is the baseline
+labels: list = []  # with launch false, two or more recorded labels to compare, the first is the baseline
 results_path: str = "auto"  # results file, auto means outputs/results.jsonl
 output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
 """, tags=("parameters",)),
@@ -295,11 +295,11 @@ from kvbook.report import distribution_figure, rate_figure
 
 ctx = ns.start_run("compare", output_dir, results_path)
 if launch:
-    chosen = ns.compare_runs(ctx, models, server_args, routes=routes, repeats=repeats, max_tokens=max_tokens,
+    chosen, failed = ns.compare_runs(ctx, models, server_args, routes=routes, repeats=repeats, max_tokens=max_tokens,
                              tool_prefill=tool_prefill, label=label)
     run_ids = [ctx.run_id]
 else:
-    chosen, run_ids = list(labels), []
+    chosen, failed, run_ids = ns.recorded_labels(labels), [], []
 records, bad_lines = read_records(ctx.results_path)
 for bad in bad_lines:
     print(f"skipped {ctx.results_path.name} line {bad.line_no}: {bad.reason}")
@@ -323,7 +323,7 @@ verdict = [line for pair in pairs for line in cmp.verdict(pair, samples={c.label
 ns.show_table(cmp.difference_rows(diffs), f'each model minus the baseline {chosen[0]}, with 95% intervals')
 """),
     code("ns.show_verdict(verdict)"),
-    code("summary = ns.finish_compare(ctx, chosen, contenders, diffs, verdict)"),
+    code("summary = ns.finish_compare(ctx, chosen, contenders, diffs, verdict, failed)"),
 ])
 
 def main() -> int:

@@ -18,8 +18,8 @@ from kvbook.smoke import (CheckResult, SmokeConfig, Target, check_count_tokens, 
 
 MAX_CLIENTS = 16
 # A short rotation of the suite's checks: a forced tool call, a streamed answer, a token count.
-ROTATION: tuple[Callable[[Target, SmokeConfig], CheckResult], ...] = (check_forced_tool, check_stream_text,
-                                                                       check_count_tokens)
+ROTATION: tuple[tuple[str, Callable[[Target, SmokeConfig], CheckResult]], ...] = (
+    ("forced_tool_call", check_forced_tool), ("stream_text", check_stream_text), ("count_tokens", check_count_tokens))
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class LoadResult:
     written: int
     per_client: tuple[int, ...]
     failures: tuple[str, ...]  # distinct failure reasons, first few
+    client_errors: int  # checks that raised instead of returning a result (recorded as failures)
     p50_ms: float | None
     p95_ms: float | None
 
@@ -59,12 +60,19 @@ def run_load(target: Target, results_path: Path, *, clients: int = 4, duration_s
     passed = [0] * clients
     latencies: list[float] = []
     failures: dict[str, int] = {}
+    crashes = [0]
 
     def client(i: int) -> None:
         n = 0
         while time.monotonic() < deadline:
-            check = ROTATION[(i + n) % len(ROTATION)]
-            result = check(target, cfg)
+            name, check = ROTATION[(i + n) % len(ROTATION)]
+            try:
+                result = check(target, cfg)
+            except Exception as exc:  # noqa: BLE001 - a client must keep going and say what happened
+                result = CheckResult(name, target.route, False, True,
+                                     f"client error: {type(exc).__name__}: {str(exc)[:160]}")
+                with lock:
+                    crashes[0] += 1
             n += 1
             written[i] += append_records(results_path, [{
                 **(base_record or {}),
@@ -91,5 +99,5 @@ def run_load(target: Target, results_path: Path, *, clients: int = 4, duration_s
     top = sorted(failures.items(), key=lambda kv: -kv[1])[:5]
     return LoadResult(clients=clients, duration_s=round(time.monotonic() - started, 2), requests=sum(counts),
                       passed=sum(passed), written=sum(written), per_client=tuple(counts),
-                      failures=tuple(f"{n}x {reason}" for reason, n in top),
+                      failures=tuple(f"{n}x {reason}" for reason, n in top), client_errors=crashes[0],
                       p50_ms=_percentile(latencies, 0.5), p95_ms=_percentile(latencies, 0.95))

@@ -117,8 +117,8 @@ def contender_label(label: str, model: str) -> str:
 
 
 def compare_runs(ctx: RunContext, models: list[str], server_args: list[str], *, routes: list[str], repeats: int,
-                 max_tokens: int, tool_prefill: str, label: str, force: bool = False) -> list[str]:
-    """Launch each model in turn with the same flags and suite; return the contender labels recorded."""
+                 max_tokens: int, tool_prefill: str, label: str, force: bool = False) -> tuple[list[str], list[str]]:
+    """Launch each model in turn with the same flags and suite: (contender labels, required checks that failed)."""
     import time
 
     if len(models) < 2:
@@ -126,7 +126,8 @@ def compare_runs(ctx: RunContext, models: list[str], server_args: list[str], *, 
 
         raise BadInput("parameter 'models': a comparison needs at least two models")
     paths = [resolve_model(m) for m in models]  # every model checked before the first launch
-    labels = []
+    labels: list[str] = []
+    failures: list[str] = []
     for i, (model, path) in enumerate(zip(models, paths), start=1):
         started = time.monotonic()
         name = contender_label(label, model)
@@ -137,11 +138,22 @@ def compare_runs(ctx: RunContext, models: list[str], server_args: list[str], *, 
         print(f"      {sum(r.passed for r in required)}/{len(required)} required checks passed "
               f"in {time.monotonic() - started:.0f} s", flush=True)
         labels.append(name)
-    return labels
+        failures += [f"{name} {r.route}/{r.check}: {r.reason}" for r in session.required_failures()]
+    return labels, failures
+
+
+def recorded_labels(labels: list[str]) -> list[str]:
+    """The labels to compare when nothing is launched: at least two, all distinct."""
+    from kvbook.errors import BadInput
+
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise BadInput("parameter 'labels': with launch off, name at least two different recorded labels "
+                       f"(got {labels!r})")
+    return list(labels)
 
 
 def finish_compare(ctx: RunContext, labels: list[str], contenders: list[Any], diffs: list[Any],
-                   verdict: list[str]) -> dict[str, Any]:
+                   verdict: list[str], required_failures: list[str]) -> dict[str, Any]:
     """summary.json of a comparison: contenders, differences and the plain verdict."""
     from kvbook.interface import to_dict
 
@@ -153,7 +165,9 @@ def finish_compare(ctx: RunContext, labels: list[str], contenders: list[Any], di
         "stats": [to_dict(c) for c in contenders],
         "differences": [{**to_dict(d), "beyond_noise": d.beyond_noise} for d in diffs],
         "verdict_text": verdict,
-        "verdict": next((line for line in verdict if line.startswith("Verdict")), ""),
+        "verdict": " / ".join(line for line in verdict if line.startswith("Verdict")),
+        # required checks that failed in this run's launches: `kvbook run` gates on them like a smoke run
+        "required_failures": required_failures,
         "results_path": str(ctx.results_path),
     }
     write_summary(ctx.output_dir, _no_nan(summary))

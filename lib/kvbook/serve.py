@@ -127,7 +127,8 @@ def _threads(argv: list[str] | tuple[str, ...]) -> int | None:
         name, _, inline = token.partition("=")
         if name in ("-t", "--threads"):
             value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
-            return int(value) if value.lstrip("-").isdigit() else None
+            n = int(value) if value.lstrip("-").isdigit() else 0
+            return n if n > 0 else None  # -t -1 / 0: llama.cpp's default, one per core
     return None
 
 

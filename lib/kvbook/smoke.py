@@ -104,6 +104,8 @@ def _post(target: Target, path: str, body: dict, cfg: SmokeConfig) -> tuple[dict
         raise _Fail(f"backend down: cannot connect to {target.base_url} ({type(exc).__name__})") from None
     except requests.Timeout:
         raise _Fail(f"no answer within {cfg.timeout_s:.0f} s") from None
+    except requests.RequestException as exc:
+        raise _Fail(f"request failed: {type(exc).__name__}: {str(exc)[:120]}") from None
     total = time.perf_counter() - t0
     try:
         data = resp.json()
@@ -310,6 +312,8 @@ def _stream(target: Target, body: dict, cfg: SmokeConfig) -> tuple[list[dict], T
                     payload = json.loads(data)
                 except json.JSONDecodeError:
                     raise _Fail(f"non-JSON stream event {event}: {data[:80]!r}") from None
+                if not isinstance(payload, dict):
+                    raise _Fail(f"stream event {event} is JSON but not an object: {data[:80]!r}")
                 if event == "error" or payload.get("type") == "error":
                     events.append({"type": "error", "error": payload.get("error", payload)})
                     continue
@@ -321,6 +325,8 @@ def _stream(target: Target, body: dict, cfg: SmokeConfig) -> tuple[list[dict], T
         raise _Fail(f"backend down: cannot connect to {target.base_url} ({type(exc).__name__})") from None
     except requests.Timeout:
         raise _Fail(f"no answer within {cfg.timeout_s:.0f} s") from None
+    except requests.RequestException as exc:  # e.g. the backend died mid-stream
+        raise _Fail(f"stream broke: {type(exc).__name__}: {str(exc)[:120]}") from None
     total = time.perf_counter() - t0
     out = None
     for ev in events:

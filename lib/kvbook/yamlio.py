@@ -16,5 +16,7 @@ def read_yaml(path: Path, what: str = "it") -> Any:
         return yaml.safe_load(path.read_text())
     except OSError as exc:
         raise BadInput(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise BadInput(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
