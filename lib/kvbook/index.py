@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvbook.errors import BadInput
 from kvbook.records import read_records
 from kvbook.report import html_table
 
@@ -46,6 +47,11 @@ def collect_runs(outputs: Path) -> list[dict[str, Any]]:
 
 
 def build_index(outputs: Path) -> Path:
+    """Write outputs/index.html over every run folder in `outputs` (which must exist)."""
+    if not outputs.is_dir():
+        what = "is a file, not a folder" if outputs.exists() else "does not exist"
+        raise BadInput(f"outputs folder {outputs} {what}; run a notebook first (`kvbook run ...`) "
+                       f"or point KVBOOK_OUTPUTS at the folder that holds the runs")
     rows = collect_runs(outputs)
     table = html_table(rows, caption="kvbook runs")
     # turn the report column into links (paths are our own folder names, escaped by html_table)

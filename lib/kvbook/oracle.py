@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import selectors
 import subprocess
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
+from kvbook.procs import describe_exit
 
 ENV_BINARY = "KVBOOK_LLAMA_FIT_PARAMS"
 _TAIL_LINES = 20
@@ -196,9 +196,8 @@ def run_fit_params(model: str | os.PathLike[str], ctx: int, flags: Sequence[str]
             *map(str, flags), "--fit-print", "on", "-v"]
     code, out, log = _run_holding_exit(argv, timeout_s)
     if code != 0:
-        why = f" ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() else ""
         first_error = next((m[1] for m in map(_ERROR.search, log.splitlines()) if m), "")
-        raise ServerError(f"llama-fit-params exited with code {code}{why} on {model}"
+        raise ServerError(f"llama-fit-params exited with {describe_exit(code)} on {model}"
                           + (f": {first_error}" if first_error else "") + _tail(out + "\n" + log))
     return parse_fit_output(out, log, argv)
 

@@ -47,6 +47,27 @@ def check_host(host: str, allow_remote: bool) -> None:
         raise BadInput(f"host {host} is not loopback; pass allow_remote=True to expose a server on purpose")
 
 
+_SIGNAL_MEANING = {
+    signal.SIGILL: "SIGILL: the program used an instruction this CPU cannot run",
+    signal.SIGSEGV: "SIGSEGV: the program crashed (invalid memory access)",
+    signal.SIGABRT: "SIGABRT: the program aborted (a failed assertion; see the log)",
+    signal.SIGBUS: "SIGBUS: the program crashed (bus error: a truncated or unreadable mapped file?)",
+    signal.SIGKILL: "SIGKILL: the process was killed (out of memory, or by another process)",
+}
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit status in words: -4 (Popen) and 132 (a shell's 128+4) both read as SIGILL."""
+    if code is None:
+        return "still running"
+    signum = -code if code < 0 else code - 128 if 128 < code < 160 else 0
+    if signum:
+        with contextlib.suppress(ValueError):
+            meaning = _SIGNAL_MEANING.get(signal.Signals(signum))
+            return f"code {code} ({meaning or signal.Signals(signum).name})"
+    return f"code {code}"
+
+
 def tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -115,7 +136,7 @@ class ManagedProcess:
                 code = self.proc.poll()
                 if code is not None:
                     raise ServerError(
-                        f"{spec.name} exited with code {code} before it was ready; log {spec.log_path}:\n"
+                        f"{spec.name} exited with {describe_exit(code)} before it was ready; log {spec.log_path}:\n"
                         f"{tail(spec.log_path)}"
                     )
                 if time.monotonic() > deadline:

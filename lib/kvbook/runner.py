@@ -26,7 +26,11 @@ def repo_root() -> Path:
 def outputs_dir() -> Path:
     """outputs/ of the checkout, or KVBOOK_OUTPUTS (e.g. a CI workspace or a test's folder)."""
     override = os.environ.get("KVBOOK_OUTPUTS")
-    return Path(override).expanduser() if override else repo_root() / "outputs"
+    path = Path(override).expanduser() if override else repo_root() / "outputs"
+    if path.exists() and not path.is_dir():
+        where = "KVBOOK_OUTPUTS" if override else "the checkout's outputs"
+        raise BadInput(f"{where} ({path}) is a file, not a folder; point KVBOOK_OUTPUTS at a folder")
+    return path
 
 
 def new_run_id(label: str) -> str:
@@ -232,11 +236,11 @@ def resolve_notebook(name: str) -> Path:
     """A notebook path, or a bare name/number looked up in notebooks/."""
     path = Path(name)
     if path.is_file():
-        return path
+        return path.resolve()
     folder = repo_root() / "notebooks"
     matches = sorted(p for p in folder.glob("*.ipynb") if p.stem == name or p.name.startswith(f"{name}-") or p.name == name)
     if len(matches) == 1:
-        return matches[0]
+        return matches[0].resolve()
     choices = ", ".join(p.name for p in sorted(folder.glob("*.ipynb")))
     raise BadInput(f"notebook '{name}' not found; notebooks: {choices}")
 
