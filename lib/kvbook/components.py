@@ -425,7 +425,8 @@ def _doctor_llama() -> list[Component]:
         return [*out, Component("decode-check", False, None, None, f"could not run: {e}")]
     for check in checks:
         what = f"1 token in {check.seconds:.1f} s" + (f"; uses {check.cpu_features}" if check.cpu_features else "")
-        out.append(Component("decode-check", check.ok, what if check.ok else None, check.server, check.cause))
+        out.append(Component("decode-check", check.ok, what if check.ok else None, check.server,
+                             f"{check.cause}; {check.fix}" if not check.ok else ""))
     return out
 
 
@@ -525,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f" (CPU: {check.cpu_features})" if check.cpu_features else ""))
                 else:
                     failed += 1
-                    print(f"kvbook.components check-llama: {check.cause}", file=sys.stderr)
+                    print(f"kvbook.components check-llama: {check.cause}. Fix: {check.fix}", file=sys.stderr)
             return 1 if failed else 0
     except KvbookError as e:
         print(f"kvbook.components {command}: {e}", file=sys.stderr)

@@ -26,23 +26,25 @@ class DecodeCheck:
     server: Path
     ok: bool
     seconds: float
-    cause: str  # one line; "" when ok
+    cause: str  # one line naming the problem; "" when ok
+    fix: str  # what to do about it; "" when ok
     cpu_features: str  # what the build reports it uses ("CPU : SSE3 = 1 | AVX2 = 1 | ..."), "" if unknown
 
 
-def _cause(server: Path, pinned: bool, error: str, log: Path) -> str:
-    """One line naming why the decode failed, with the fix for this kind of build."""
+def _cause(server: Path, pinned: bool, error: str, log: Path) -> tuple[str, str]:
+    """(why the decode failed, the fix for this kind of build), one line each."""
     match = _EXIT.search(error)
     code = int(match.group(1)) if match else None
     fix = ("delete the cached build (`rm -rf ~/.cache/kvbook/wheels`, or $KVBOOK_CACHE/wheels) and rerun "
-           "`make setup` to rebuild it for this host" if pinned else
+           "`make setup` to rebuild it for this host; if the rebuilt one fails too, KVBOOK_LLAMA_PROFILE=x86-64-v3 "
+           "(or x86-64-v2) builds for an older instruction set" if pinned else
            f"rebuild that llama-server for this host, or unset KVBOOK_LLAMA_SERVER / take {server} off PATH "
            f"to use the pinned build")
     if code in (-4, 132):
-        return f"SIGILL: the build uses instructions this CPU cannot run ({server}); {fix}"
+        return f"SIGILL: the build uses instructions this CPU cannot run ({server})", fix
     last = next((line.strip() for line in reversed(tail(log, 12).splitlines()) if line.strip()), "")
     first = error.splitlines()[0] if error else "no error text"
-    return f"{server} failed a one-token decode: {first}" + (f" (log: {last[:160]})" if last else "") + f"; {fix}"
+    return f"{server} failed a one-token decode: {first}" + (f" (log: {last[:160]})" if last else ""), fix
 
 
 def smoke_decode(server: Path, model: Path, *, pinned: bool, timeout_s: float = 90.0) -> DecodeCheck:
@@ -69,10 +71,11 @@ def smoke_decode(server: Path, model: Path, *, pinned: bool, timeout_s: float = 
                 code = proc.proc.poll() if proc.proc is not None else None
                 raise ServerError(f"exited with code {code} while decoding ({e})" if code is not None else str(e)) from None
         except ServerError as e:
-            return DecodeCheck(server, False, time.monotonic() - t0, _cause(server, pinned, str(e), log), _features(log))
+            cause, fix = _cause(server, pinned, str(e), log)
+            return DecodeCheck(server, False, time.monotonic() - t0, cause, fix, _features(log))
         finally:
             proc.stop()
-        return DecodeCheck(server, True, time.monotonic() - t0, "", _features(log))
+        return DecodeCheck(server, True, time.monotonic() - t0, "", "", _features(log))
 
 
 def _decode_one(base_url: str, timeout_s: float) -> None:

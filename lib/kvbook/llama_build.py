@@ -21,9 +21,10 @@ from pathlib import Path
 
 COMMON_ARGS = ("-DGGML_RPC=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF")
 NO_AMX = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
-_X86_SETS = ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2")
-_X86_OFF = ("-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
-            "-DGGML_AVX512_BF16=OFF", *NO_AMX)
+_X86_SETS = ("SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI")
+_X86_OFF = ("-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512_BF16=OFF", *NO_AMX)
+_V3 = {"SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2"}
+_V3_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"})
 # -march=native turns AMX on where the CPU claims it; an explicit -mno-* wins over -march in GCC and clang.
 _NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # Machine-code mnemonics of AMX (objdump -d spelling); none may appear in a kvbook build.
@@ -47,9 +48,11 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile("x86-64-v3", "AVX2 FMA F16C BMI2 (Haswell and newer); no AVX-512, no AMX",
-            _x86({"SSE42", "AVX", "AVX2", "FMA", "F16C", "BMI2"}),
-            frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"})),
+    # llama.cpp's own "icelake" CPU variant: what Ice Lake, Sapphire Rapids and Zen 4/5 all run
+    Profile("x86-64-v4", "AVX-512 F/BW/DQ/VL + VBMI + VNNI (Ice Lake, Sapphire Rapids, Zen 4 and newer); no AMX",
+            _x86(_V3 | {"AVX512", "AVX512_VBMI", "AVX512_VNNI"}),
+            _V3_FLAGS | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512vbmi", "avx512_vnni"}),
+    Profile("x86-64-v3", "AVX2 FMA F16C BMI2 (Haswell and newer); no AVX-512, no AMX", _x86(_V3), _V3_FLAGS),
     Profile("x86-64-v2", "SSE4.2 only (CPUs without AVX2)", _x86({"SSE42"}), frozenset({"sse4_2"})),
     Profile("x86-64", "baseline x86-64 (SSE2)", _x86(set())),
     Profile("arm64-apple", "Apple silicon: NEON + dot product, Metal", ("-DGGML_NATIVE=OFF", "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod")),
@@ -132,7 +135,7 @@ def choose_profile(flags: frozenset[str], system: str, machine: str, requested: 
                                f"{', '.join(sorted(missing))}; pick another profile or unset it")
         return profile
     if machine == "x86_64":
-        for name in ("x86-64-v3", "x86-64-v2", "x86-64"):
+        for name in ("x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64"):
             if PROFILES[name].requires <= flags:
                 return PROFILES[name]
     if machine == "arm64":
