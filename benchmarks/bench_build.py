@@ -23,7 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kvbook import components, llama_build
+from kvbook.ops import build as llama_build
+from kvbook.ops import components
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "build.json"

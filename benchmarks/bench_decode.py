@@ -21,10 +21,10 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.components import model_path  # noqa: E402
-from kvbook.loaders import load_gguf  # noqa: E402
-from kvbook.roofline import decode_bound  # noqa: E402
-from kvbook.serve import start_llama_server  # noqa: E402
+from kvbook.memory.roofline import decode_bound  # noqa: E402
+from kvbook.model.sources import load_gguf  # noqa: E402
+from kvbook.ops.components import model_path  # noqa: E402
+from kvbook.ops.llama_server import start_llama_server  # noqa: E402
 
 CONTEXTS = (256, 1024, 2048, 4096, 7000)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.components import model_path  # noqa: E402
-from kvbook.proxy import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy  # noqa: E402
-from kvbook.serve import start_llama_server  # noqa: E402
-from kvbook.smoke import SmokeConfig, Target, check_stream_text  # noqa: E402
+from kvbook.ops.components import model_path  # noqa: E402
+from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy  # noqa: E402
+from kvbook.ops.llama_server import start_llama_server  # noqa: E402
+from kvbook.smoke.checks import SmokeConfig, Target, check_stream_text  # noqa: E402
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -19,8 +19,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.loaders import load_model  # noqa: E402
-from kvbook.sweep import sweep  # noqa: E402
+from kvbook.memory.sweep import sweep  # noqa: E402
+from kvbook.model.sources import load_model  # noqa: E402
 
 
 def time_sweep(arch, n_ctx: int, repeats: int) -> tuple[int, float]:
@@ -45,8 +45,8 @@ def time_oracle(model: str, runs: int) -> float | None:
 
         import yaml
 
-        from kvbook.oracle import run_fit_params
-        from kvbook.synthetic import write_synthetic_gguf
+        from kvbook.ops.fit_params import run_fit_params
+        from kvbook.testing.synthetic import write_synthetic_gguf
     except ImportError as exc:
         print(f"oracle timing skipped: {exc}", file=sys.stderr)
         return None

@@ -27,8 +27,8 @@ def measure(changes: int) -> dict:
     sys.path.insert(0, str(ROOT / "lib"))
     import numpy as np
 
-    from kvbook import sizing
-    from kvbook.widgets import build_sizing_ui
+    from kvbook.notebook import sizing
+    from kvbook.notebook.widgets import build_sizing_ui
 
     t0 = time.perf_counter()
     ui = build_sizing_ui(sizing.SizingParams(context=262144, cache_type_k="bf16", cache_type_v="bf16", ubatch=2048,

@@ -1,4 +1,4 @@
-"""Fuzz the llama-server command-line parser (kvbook.flags.parse_server_args) for 10 minutes:
+"""Fuzz the llama-server command-line parser (kvbook.plan.flags.parse_server_args) for 10 minutes:
 plausible command lines built from every spelling the pinned build knows (values apart, inline
 --flag=value, odd numbers, 5000-digit integers), token soups and random text. Each example must end
 in success or a KvbookError, within 10 s, with peak RSS at most 256 MiB over the start.
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.fuzzing import bench_main, flags_target  # noqa: E402
+from kvbook.testing.fuzzing import bench_main, flags_target  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(bench_main(lambda tmp: flags_target(), ROOT / "benchmarks" / "results" / "fuzz_flags.json"))

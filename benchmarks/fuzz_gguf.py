@@ -1,4 +1,4 @@
-"""Fuzz the GGUF header reader (kvbook.ggufio.read_local) for 10 minutes: mutated, truncated and
+"""Fuzz the GGUF header reader (kvbook.model.ggufio.read_local) for 10 minutes: mutated, truncated and
 random headers seeded from the bundled SmolLM2 GGUF, headers built field by field with lying counts,
 lengths and types (2^63-byte strings, 2^60-entry arrays, huge n_kv / n_tensors), nested-array bombs
 and large but consistent headers at the caps. Each example must end in success or a KvbookError,
@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.components import model_path  # noqa: E402
-from kvbook.fuzzing import bench_main, gguf_target  # noqa: E402
+from kvbook.ops.components import model_path  # noqa: E402
+from kvbook.testing.fuzzing import bench_main, gguf_target  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(bench_main(lambda tmp: gguf_target(model_path("smollm2-135m"), tmp),

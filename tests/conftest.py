@@ -1,4 +1,4 @@
-"""Shared fixtures: real components found through kvbook.components, and no process left behind."""
+"""Shared fixtures: real components found through kvbook.ops.components, and no process left behind."""
 
 from __future__ import annotations
 
@@ -6,27 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from kvbook import procs
+from kvbook.ops import procs
 
 
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
     """The llama-server under test (KVBOOK_LLAMA_SERVER, PATH, or the pinned build); fails, never skips."""
-    from kvbook.components import find_llama_server
+    from kvbook.ops.components import find_llama_server
 
     return find_llama_server()
 
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from kvbook.components import model_path
+    from kvbook.ops.components import model_path
 
     return model_path("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
-    from kvbook.components import model_path
+    from kvbook.ops.components import model_path
 
     return model_path("gemma3-270m")
 

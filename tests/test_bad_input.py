@@ -179,7 +179,7 @@ def http_gguf(smollm2_module):
 
 @pytest.fixture(scope="module")
 def smollm2_module() -> Path:
-    from kvbook.components import model_path
+    from kvbook.ops.components import model_path
 
     return model_path("smollm2-135m")
 
@@ -214,7 +214,8 @@ def test_nothing_written(capsys, tmp_path, monkeypatch, smollm2):
 
 
 def test_a_notebook_path_and_its_name_are_the_same_notebook(monkeypatch) -> None:
-    from kvbook.runner import plan_jobs, repo_root
+    from kvbook.notebook.runner import plan_jobs
+    from kvbook.paths import repo_root
 
     monkeypatch.chdir(repo_root())
     params = "params/runs/blog-post-m1max.yaml"

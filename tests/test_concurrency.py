@@ -13,12 +13,12 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from kvbook.load import run_load
-from kvbook.proxy import ROUTE_ANTHROPIC, default_routes, start_proxy
-from kvbook.records import read_records
-from kvbook.runner import repo_root
-from kvbook.serve import start_llama_server
-from kvbook.smoke import Target
+from kvbook.ops.litellm import ROUTE_ANTHROPIC, default_routes, start_proxy
+from kvbook.ops.llama_server import start_llama_server
+from kvbook.paths import repo_root
+from kvbook.records.store import read_records
+from kvbook.smoke.checks import Target
+from kvbook.smoke.loadgen import run_load
 
 pytestmark = pytest.mark.slow
 TEMPLATE = str(repo_root() / "params" / "templates" / "smollm2-chatml-tools.jinja")
@@ -95,7 +95,7 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
 
 
 def test_a_second_server_with_default_threads_is_warned_about(smollm2, tmp_path):
-    from kvbook.serve import thread_oversubscription
+    from kvbook.ops.llama_server import thread_oversubscription
 
     with start_llama_server(["-m", str(smollm2), "-c", "1024", "-t", "1"], run_dir=tmp_path) as server:
         pid = server.process.proc.pid
@@ -107,7 +107,7 @@ def test_a_second_server_with_default_threads_is_warned_about(smollm2, tmp_path)
 def test_a_client_whose_check_raises_keeps_going_and_records_it(tmp_path, monkeypatch):
     """Stand-in check (says so): a real server cannot be made to raise an arbitrary exception inside a
     check on demand; the point is that run_load records it as a failure instead of losing the thread."""
-    import kvbook.load as load
+    import kvbook.smoke.loadgen as load
 
     def raises(target, cfg):
         raise RuntimeError("surprise")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvbook import components
+from kvbook.ops import components
 
 REPO = Path(__file__).resolve().parent.parent
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)$")

@@ -1,6 +1,6 @@
 """Short fuzz runs in `make test` (the 10-minute ones: benchmarks/fuzz_gguf.py, fuzz_flags.py): the
 GGUF header reader and the llama-server command-line parser raise only kvbook's own errors, within a
-deadline, with bounded memory, on arbitrary input. Strategies and checks live in kvbook.fuzzing."""
+deadline, with bounded memory, on arbitrary input. Strategies and checks live in kvbook.testing.fuzzing."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbook import fuzzing
 from kvbook.errors import ModelError
-from kvbook.fuzzing import ARRAY, STRING, gguf_array, gguf_file, gguf_kv, gguf_string
-from kvbook.ggufio import MAX_ARRAY, MAX_KV, MAX_TENSORS, read_local
+from kvbook.model.gguf_header import MAX_ARRAY, MAX_KV, MAX_TENSORS
+from kvbook.model.ggufio import read_local
+from kvbook.testing import fuzzing
+from kvbook.testing.fuzzing import ARRAY, STRING, gguf_array, gguf_file, gguf_kv, gguf_string
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 

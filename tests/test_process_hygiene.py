@@ -39,7 +39,7 @@ def test_killed_jupyter_kernel_leaves_no_server(smollm2, tmp_path):
     try:
         code = textwrap.dedent(f"""
             from pathlib import Path
-            from kvbook.serve import start_llama_server
+            from kvbook.ops.llama_server import start_llama_server
             server = start_llama_server(["-m", {str(smollm2)!r}, "-c", "2048", "-np", "1"], run_dir=Path({str(tmp_path)!r}))
             print("PID", server.process.proc.pid)
         """)
@@ -63,7 +63,7 @@ def test_interrupted_script_stops_its_servers(smollm2, tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from kvbook.serve import start_llama_server
+        from kvbook.ops.llama_server import start_llama_server
         s = start_llama_server(["-m", {str(smollm2)!r}, "-c", "2048", "-np", "1"], run_dir=Path({str(tmp_path)!r}))
         print(s.process.proc.pid, flush=True)
         time.sleep(600)

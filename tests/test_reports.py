@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvbook.index import build_index
-from kvbook.records import append_records
+from kvbook.notebook.index import build_index
+from kvbook.records.store import append_records
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -94,7 +94,7 @@ def _compare_fixture(path: Path) -> None:
 
 def test_compare_notebook_from_a_fixture_results_file_renders_offline(tmp_path):
     """The comparison over recorded results (launch off): spreads, verdict, the corrupt line named by number."""
-    from kvbook.runner import resolve_notebook, run_notebook
+    from kvbook.notebook.runner import resolve_notebook, run_notebook
 
     results = tmp_path / "results.jsonl"
     _compare_fixture(results)
@@ -127,7 +127,7 @@ def test_compare_notebook_from_a_fixture_results_file_renders_offline(tmp_path):
 
 
 def test_compare_notebook_needs_two_labels_when_not_launching(tmp_path):
-    from kvbook.runner import resolve_notebook, run_notebook
+    from kvbook.notebook.runner import resolve_notebook, run_notebook
 
     results = tmp_path / "results.jsonl"
     _compare_fixture(results)

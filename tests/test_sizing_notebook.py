@@ -1,6 +1,6 @@
 """The sizing notebook: headless runs of its params files, its report, its bad inputs, and its widgets.
 
-Notebook runs go through kvbook.runner.run_notebook (papermill) into tmp folders and assert on the
+Notebook runs go through kvbook.notebook.runner.run_notebook (papermill) into tmp folders and assert on the
 named values of summary.json. Widget callbacks are tested in-process: set `.value`, read the figures.
 """
 
@@ -16,12 +16,13 @@ import nbformat
 import pytest
 import yaml
 
-from kvbook import figures, sizing
 from kvbook.errors import BadInput
-from kvbook.flags import replace
 from kvbook.interface import GiB, MiB
-from kvbook.memory import plan_memory
-from kvbook.runner import load_params, repo_root, run_notebook
+from kvbook.memory.rules import plan_memory
+from kvbook.notebook import figures, sizing
+from kvbook.notebook.runner import load_params, run_notebook
+from kvbook.paths import repo_root
+from kvbook.plan.flags import replace
 
 ROOT = repo_root()
 NOTEBOOK = ROOT / "notebooks" / "01-sizing.ipynb"
@@ -207,7 +208,7 @@ def test_figures_match_the_plan():
 
 
 def test_fit_table_agrees_with_planner_on_a_tight_device():
-    from kvbook.plan import max_context
+    from kvbook.plan.planner import max_context
 
     run = sizing.resolve({**BLOG, "model": "qwen3.5-27b", "device": "rtx-4090", "context": 65536})
     auto = sizing.slots_label(-1, False)
@@ -222,7 +223,7 @@ def test_fit_table_agrees_with_planner_on_a_tight_device():
 
 @pytest.fixture(scope="module")
 def ui():
-    from kvbook.widgets import build_sizing_ui
+    from kvbook.notebook.widgets import build_sizing_ui
 
     return build_sizing_ui(sizing.SizingParams(**{k: v for k, v in BLOG.items() if k != "compare_blog_post"}))
 

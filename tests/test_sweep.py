@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from kvbook.flags import parse_server_args
-from kvbook.loaders import load_model
-from kvbook.memory import plan_memory
-from kvbook.sweep import largest_fitting_ctx, sweep
+from kvbook.memory.rules import plan_memory
+from kvbook.memory.sweep import largest_fitting_ctx, sweep
+from kvbook.model.sources import load_model
+from kvbook.plan.flags import parse_server_args
 
 PRESETS = ["llama-3.1-8b", "qwen3.6-35b-a3b", "gemma-3-27b", "gpt-oss-20b", "deepseek-v3", "qwen3-next-80b-a3b"]
 

@@ -14,8 +14,8 @@ import yaml
 from gguf import GGUFReader
 
 from kvbook.errors import BadInput, KvbookError, ModelError, ServerError
-from kvbook.oracle import FitReport, find_fit_params, parse_fit_output, run_fit_params
-from kvbook.synthetic import SUPPORTED_ARCHS, synthetic_tensors, write_synthetic_gguf
+from kvbook.ops.fit_params import FitReport, find_fit_params, parse_fit_output, run_fit_params
+from kvbook.testing.synthetic import SUPPORTED_ARCHS, synthetic_tensors, write_synthetic_gguf
 
 MODELS = Path(__file__).resolve().parents[1] / "params" / "models"
 MIB = 1024 * 1024

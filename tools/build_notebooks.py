@@ -69,9 +69,10 @@ compare_blog_post: bool = False  # check the blog post's memory figures against 
 output_dir: str = ""  # set by kvbook run; empty writes to a new folder under outputs/
 """, tags=('parameters',)),
     code("""
-from kvbook import figures, sizing
-from kvbook.cli import format_plan
-from kvbook.report import HTML, html_table
+from kvbook.notebook import figures
+from kvbook.notebook import sizing
+from kvbook.plan.summary import format_plan
+from kvbook.notebook.html import HTML, html_table
 
 figures.setup_renderer()
 run = sizing.resolve(sizing.SizingParams(
@@ -123,7 +124,7 @@ Every control re-plans at once: context, cache types and slots, ubatch, flash at
 This part needs a live kernel and is left out of the HTML report.
 """, tags=('interactive',)),
     code("""
-from kvbook.widgets import build_sizing_ui
+from kvbook.notebook.widgets import build_sizing_ui
 
 ui = build_sizing_ui(run.params)
 ui.layout
@@ -171,8 +172,7 @@ output_dir: str = "auto"  # set by kvbook run, auto means a new folder under out
 """, tags=("parameters",)),
     code("""
 from pathlib import Path
-from kvbook import notebook_support as ns
-
+from kvbook.notebook import ops_support as ns
 ctx = ns.start_run("smoke", output_dir, results_path)
 model_path = ns.resolve_model(model)
 print(f"run {ctx.run_id}: model {model_path.name}")
@@ -216,9 +216,9 @@ output_dir: str = "auto"  # set by kvbook run, auto means a new folder under out
 """, tags=("parameters",)),
     code("""
 from pathlib import Path
-from kvbook import notebook_support as ns
-from kvbook.probe import format_table, plan_routes, probe_claude_code
-from kvbook.runner import write_summary
+from kvbook.notebook import ops_support as ns
+from kvbook.claude.probe import format_table, plan_routes, probe_claude_code
+from kvbook.notebook.runner import write_summary
 
 ctx = ns.start_run("claude-code", output_dir, results_path)
 report = probe_claude_code(Path(agents_dir) if agents_dir else None, timeout_s=timeout_s)
@@ -243,14 +243,14 @@ turn and a new session with another first prompt."""),
     code("""
 e2e = None
 if run_e2e:
-    from kvbook.claude_e2e import run_e2e as run_claude_e2e
+    from kvbook.claude.e2e import run_e2e as run_claude_e2e
     e2e = run_claude_e2e(run_dir=ctx.output_dir, results_path=ctx.results_path, run_id=ctx.run_id, probe=report)
     ns.show_table([f.__dict__ for f in e2e.fields], "what each hop did with the real request")
 """),
     code("ns.show_table([t.__dict__ for t in e2e.turns], 'turns and prompt-cache reuse') if e2e else None"),
     md("## Prompt-cache reuse before and after CLAUDE_CODE_ATTRIBUTION_HEADER=0"),
     code("""
-from kvbook.claude_e2e import cache_figures
+from kvbook.claude.e2e import cache_figures
 
 figures = cache_figures(list(e2e.turns)) if e2e else {}
 ns.show_table([{"scope": scope, "setting": key, **fig} for scope, row in figures.items() for key, fig in row.items()],
@@ -288,10 +288,10 @@ results_path: str = "auto"  # results file, auto means outputs/results.jsonl
 output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
 """, tags=("parameters",)),
     code("""
-from kvbook import compare as cmp
-from kvbook import notebook_support as ns
-from kvbook.records import read_records
-from kvbook.report import distribution_figure, rate_figure
+from kvbook.records import comparison as cmp
+from kvbook.notebook import ops_support as ns
+from kvbook.records.store import read_records
+from kvbook.notebook.html import distribution_figure, rate_figure
 
 ctx = ns.start_run("compare", output_dir, results_path)
 if launch:
@@ -328,7 +328,7 @@ ns.show_table(cmp.difference_rows(diffs), f'each model minus the baseline {chose
 
 def main() -> int:
     for name, nb in (("01-sizing.ipynb", SIZING), ("02-serve-and-smoke.ipynb", SMOKE), ("03-compare.ipynb", COMPARE),
-                     ("05-claude-code.ipynb", CLAUDE_CODE)):
+                     ("04-claude-code.ipynb", CLAUDE_CODE)):
         out = ROOT / "notebooks" / name
         nbf.write(nb, str(out))
         print(f"wrote {out}")

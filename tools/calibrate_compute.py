@@ -19,12 +19,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
-from kvbook.compute import activation_width, attention_bytes  # noqa: E402
-from kvbook.flags import parse_server_args  # noqa: E402
 from kvbook.interface import MiB  # noqa: E402
-from kvbook.components import model_path  # noqa: E402
-from kvbook.loaders import load_gguf  # noqa: E402
-from kvbook.memory import caches, context_shape  # noqa: E402
+from kvbook.memory.compute import activation_width, attention_bytes  # noqa: E402
+from kvbook.memory.rules import caches, context_shape  # noqa: E402
+from kvbook.model.sources import load_gguf  # noqa: E402
+from kvbook.ops.components import model_path  # noqa: E402
+from kvbook.plan.flags import parse_server_args  # noqa: E402
 
 DATA = ROOT / "lib" / "kvbook" / "data"
 

@@ -2,7 +2,7 @@
 
 Run when the pinned llama.cpp build changes:
     .venv/bin/python tools/gen_server_flags.py "$(.venv/bin/kvbook doctor --path llama-server)"
-The table lists every flag spelling and whether it takes a value; kvbook.flags uses it to
+The table lists every flag spelling and whether it takes a value; kvbook.plan.flags uses it to
 accept flags that do not change memory and to reject spellings llama-server does not know.
 """
 

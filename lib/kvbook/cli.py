@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 
 from kvbook.errors import BadInput, KvbookError
-from kvbook.interface import GiB, MiB, Plan, to_dict
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,93 +18,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _gib(n: int) -> str:
-    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
-
-
-def plan_summary(plan: Plan) -> dict:
-    """The plan as the flat JSON contract other tools and notebooks read."""
-    mem = plan.memory
-    main = max(plan.pools, key=lambda u: u.need_bytes)
-    return {
-        "model": plan.model.name,
-        "arch": plan.model.arch,
-        "source": plan.model.source,
-        "device": plan.device.id,
-        "n_ctx": mem.shape.n_ctx,
-        "n_ctx_seq": mem.shape.n_ctx_seq,
-        "n_seq": mem.shape.n_seq,
-        "kv_unified": mem.shape.kv_unified,
-        "n_batch": mem.shape.n_batch,
-        "n_ubatch": mem.shape.n_ubatch,
-        "flash_attn": mem.shape.flash_attn,
-        "caches": [
-            {"kind": c.kind.value, "cells": c.cells, "layers": c.layers, "k_type": c.k_type, "v_type": c.v_type,
-             "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "bytes": c.bytes}
-            for c in mem.caches
-        ],
-        "kv_bytes": mem.kv_bytes,
-        "recurrent_bytes": mem.recurrent_bytes,
-        "weights_bytes": mem.weights_bytes,
-        "weights_exact": mem.weights_exact,
-        "weights_note": plan.model.weights_note,
-        "compute_bytes": mem.compute.bytes,
-        "compute_error_pct": mem.compute.error_pct,
-        "output_bytes": mem.output_bytes,
-        "host_extras_bytes": mem.host_extras.bytes,
-        "start_bytes": mem.start_bytes,
-        "total_bytes": mem.total_bytes,
-        "budget_bytes": main.budget_bytes,
-        "pools": to_dict(plan.pools),
-        "verdict": plan.verdict.value,
-        "max_ctx": plan.max_ctx,
-        "alternatives": to_dict(plan.alternatives),
-        "llama_server_args": list(plan.flags.argv),
-        "litellm_max_input_tokens": plan.litellm_max_input_tokens,
-        "notes": list(plan.notes),
-    }
-
-
-def format_plan(plan: Plan) -> str:
-    m, mem = plan.model, plan.memory
-    s = mem.shape
-    lines = [
-        f"model    {m.name} ({m.arch}, {m.n_layer} layers) from {m.source}",
-        f"device   {plan.device.name}",
-        f"context  n_ctx={s.n_ctx} n_ctx_seq={s.n_ctx_seq} slots={s.n_seq} unified={str(s.kv_unified).lower()} "
-        f"ubatch={s.n_ubatch} flash_attn={'on' if s.flash_attn else 'off'}",
-        "",
-        f"  weights      {_gib(mem.weights_bytes)}  {m.weights_note}",
-    ]
-    for c in mem.caches:
-        types = f"{c.k_type}/{c.v_type}" if c.v_type else f"{c.k_type} (K only, MLA)"
-        label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
-        lines.append(f"  {label:<12} {_gib(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
-    lines += [
-        f"  compute      {_gib(mem.compute.bytes)}  approximate, worst error seen {mem.compute.error_pct}%",
-        f"  output       {_gib(mem.output_bytes)}  logits",
-        f"  at start     {_gib(mem.start_bytes)}",
-        f"  host growth  {_gib(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
-        f"  total        {_gib(mem.total_bytes)}",
-        "",
-    ]
-    for u in plan.pools:
-        lines.append(f"  {u.pool}: needs {_gib(u.need_bytes).strip()} of {_gib(u.budget_bytes).strip()} "
-                     f"-> {u.verdict.value} (headroom {_gib(u.headroom_bytes).strip()})")
-    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {plan.max_ctx}"]
-    for alt in plan.alternatives:
-        lines.append(f"  alternative: {alt.change} -> {_gib(alt.total_bytes).strip()} ({alt.verdict.value})")
-    lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
-    for note in plan.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from kvbook.devices import custom_budget, load_device, this_machine
-    from kvbook.flags import parse_server_args
-    from kvbook.loaders import load_model
-    from kvbook.plan import make_plan
+    from kvbook.model.sources import load_model
+    from kvbook.plan.devices import custom_budget, load_device, this_machine
+    from kvbook.plan.flags import parse_server_args
+    from kvbook.plan.planner import make_plan
+    from kvbook.plan.summary import format_plan, plan_summary
 
     server_argv = list(args.server_args)
     if server_argv and server_argv[0] == "--":
@@ -129,24 +47,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from kvbook.components import model_path
+    from kvbook.ops.components import model_path
 
     print(model_path(args.name))
     return 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from kvbook.components import doctor
+    from kvbook.interface import to_dict
+    from kvbook.ops.components import doctor, doctor_lines
 
     rows = doctor()
     if args.json:
         print(json.dumps([{**to_dict(r), "path": str(r.path) if r.path else None} for r in rows], indent=1))
     else:
-        for r in rows:
-            mark = "ok " if r.ok else "MISSING"
-            print(f"{mark:<8}{r.name:<22}{(r.version or '-'):<28}{r.path or '-'}")
-            if r.hint:
-                print(f"{'':<8}{r.hint}")
+        print("\n".join(doctor_lines(rows)))
     return 0 if all(r.ok for r in rows) else 1
 
 
@@ -154,8 +69,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from kvbook.index import build_index
-    from kvbook.runner import gate_failure, new_run_id, outputs_dir, plan_jobs, run_notebook
+    from kvbook.notebook.index import build_index
+    from kvbook.notebook.runner import gate_failure, new_run_id, plan_jobs, run_notebook
+    from kvbook.paths import outputs_dir
 
     jobs = plan_jobs(list(args.notebooks), list(args.params_files or []))
     if args.output_dir and len(jobs) > 1:
@@ -188,15 +104,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kvbook.index import build_index
-    from kvbook.runner import outputs_dir
+    from kvbook.notebook.index import build_index
+    from kvbook.paths import outputs_dir
 
     print(build_index(outputs_dir()))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kvbook.demo import run_demo
+    from kvbook.notebook.demo import run_demo
 
     return run_demo(quiet=args.quiet)
 
@@ -204,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvbook.probe import format_table, probe_claude_code
+    from kvbook.claude.probe import format_table, probe_claude_code
 
     report = probe_claude_code(Path(args.agents) if args.agents else None, timeout_s=args.timeout)
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_table(report))

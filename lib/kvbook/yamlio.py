@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kvbook.errors import BadInput
 
 
 def read_yaml(path: Path, what: str = "it") -> Any:
     """The parsed document (None for an empty file); BadInput naming the file and the problem."""
+    import yaml  # ~20 ms: only when a YAML file is read
+
     try:
         return yaml.safe_load(path.read_text())
     except OSError as exc:

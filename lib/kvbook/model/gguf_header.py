@@ -1,0 +1,42 @@
+"""What kvbook keeps of a GGUF header, and the caps that bound a hostile one (no numpy, no gguf import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvbook.errors import ModelError
+
+# GGUFReader keeps Python objects per entry and per tensor (~3 KB, ~5 KB): these caps bound a hostile
+# header to ~50 + ~80 MB. Real models: ~30-60 entries, ~1,100 tensors for the largest (405B, 671B).
+MAX_KV = 16_384  # metadata entries
+MAX_TENSORS = 16_384
+MAX_ARRAY = 16_000_000  # entries of one metadata array (vocabularies are ~10^5-10^6; read as one view)
+MAX_HEADER = 256 * 1024 * 1024  # bytes of header we are willing to fetch
+GGUF_MAGIC = b"GGUF"
+
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What kvbook needs from a GGUF header."""
+
+    metadata: dict[str, Any]
+    n_vocab: int | None
+    tensor_bytes: int
+    n_tensors: int
+    data_offset: int
+    file_bytes: int
+
+
+def _check_prefix(head: bytes, source: str) -> None:
+    if len(head) < 24:
+        raise ModelError(f"{source}: too short to be a GGUF file ({len(head)} bytes)")
+    if head[:4] != GGUF_MAGIC:
+        raise ModelError(f"{source}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    n_tensors = int.from_bytes(head[8:16], "little")
+    n_kv = int.from_bytes(head[16:24], "little")
+    if n_kv > MAX_KV:
+        raise ModelError(f"{source}: header claims {n_kv} metadata entries (cap {MAX_KV}); corrupt or hostile file")
+    if n_tensors > MAX_TENSORS:
+        raise ModelError(f"{source}: header claims {n_tensors} tensors (cap {MAX_TENSORS}); corrupt or hostile file")

@@ -1,0 +1,232 @@
+"""Turn what the user passes as `-m` (GGUF path, GGUF URL, preset name, config.json) into a ModelArch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kvbook.errors import BadInput, ModelError
+from kvbook.interface import ModelArch
+from kvbook.model.arch import arch_from_metadata
+from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shards
+from kvbook.paths import params_dir
+from kvbook.yamlio import read_yaml
+
+DEFAULT_BPW = 4.85  # Q4_K_M average bits per weight, used only for config.json estimates
+
+
+def preset_ids() -> list[str]:
+    folder = params_dir() / "models"
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def load_model(spec: str) -> ModelArch:
+    """Resolve `-m`: an http(s) URL, a local GGUF, a config.json, a preset YAML, or a preset id."""
+    if not spec or not spec.strip():
+        raise BadInput("model is empty: pass a GGUF path, a GGUF URL, a preset name or a config.json")
+    if spec.startswith(("http://", "https://")):
+        return _from_header(read_remote(spec), spec, sha256=None)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.is_file():
+        if path.suffix in (".yaml", ".yml"):
+            return load_preset_file(path)
+        if path.name.endswith(".json"):
+            return load_hf_config(path)
+        if is_gguf_file(path) or path.suffix == ".gguf":
+            return load_gguf(path)
+        raise ModelError(f"{spec}: not a GGUF file, config.json or preset YAML")
+    preset = params_dir() / "models" / f"{spec}.yaml"
+    if preset.is_file():
+        return load_preset_file(preset)
+    if path.suffix in (".gguf", ".json", ".yaml", ".yml") or os.sep in spec:
+        raise BadInput(f"model file not found: {spec}")
+    raise BadInput(f"unknown model '{spec}': not a file and not a preset. Presets: {', '.join(preset_ids())}")
+
+
+def load_gguf(path: Path) -> ModelArch:
+    header = read_local(path)
+    tensor_bytes = header.tensor_bytes
+    shards = split_shards(path, header.metadata)
+    for shard in shards[1:]:
+        tensor_bytes += read_local(shard).tensor_bytes
+    note = "exact: sum of tensor sizes in the GGUF" + (f" ({len(shards)} shards)" if len(shards) > 1 else "")
+    return arch_from_metadata(
+        header.metadata,
+        name=str(header.metadata.get("general.name") or path.stem),
+        source=str(path),
+        weights_bytes=tensor_bytes,
+        weights_exact=True,
+        weights_note=note,
+        n_vocab=_vocab(header.metadata, header.n_vocab),
+    )
+
+
+def _from_header(header: Any, source: str, sha256: str | None) -> ModelArch:
+    return arch_from_metadata(
+        header.metadata,
+        name=str(header.metadata.get("general.name") or source.rsplit("/", 1)[-1]),
+        source=source,
+        weights_bytes=header.tensor_bytes,
+        weights_exact=True,
+        weights_note="exact: sum of tensor sizes in the remote GGUF header",
+        n_vocab=_vocab(header.metadata, header.n_vocab),
+        sha256=sha256,
+    )
+
+
+def _vocab(meta: dict[str, Any], n_tokens: int | None) -> int | None:
+    arch = meta.get("general.architecture")
+    explicit = meta.get(f"{arch}.vocab_size")
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    return n_tokens
+
+
+def load_preset_file(path: Path) -> ModelArch:
+    doc = read_yaml(path, "the model preset")
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        raise ModelError(f"{path}: a preset needs a 'metadata' mapping of GGUF keys")
+    weights = doc.get("weights") or {}
+    if "file_bytes" in weights:
+        wbytes = int(weights["file_bytes"])
+        note = f"approximate: GGUF file size ({weights.get('source', 'cited in the preset')})"
+    elif "params" in weights and "bits_per_weight" in weights:
+        wbytes = int(float(weights["params"]) * float(weights["bits_per_weight"]) / 8)
+        note = f"approximate: {float(weights['params']):.3g} params x {weights['bits_per_weight']} bits per weight"
+    else:
+        raise ModelError(f"{path}: preset weights need file_bytes, or params and bits_per_weight")
+    return arch_from_metadata(
+        doc["metadata"],
+        name=str(doc.get("name") or path.stem),
+        source=f"preset:{path.stem}",
+        weights_bytes=wbytes,
+        weights_exact=False,
+        weights_note=note,
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face config.json
+
+_HF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen2_moe": "qwen2moe",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "gpt_oss": "gpt-oss",
+    "qwen3_next": "qwen3next",
+    "qwen3_5": "qwen35",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe": "qwen35moe",
+    "qwen3_5_moe_text": "qwen35moe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+}
+
+
+def hf_to_metadata(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Map a transformers config.json to the GGUF keys llama.cpp's converter would write."""
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    model_type = cfg.get("model_type")
+    arch = _HF_ARCH.get(str(model_type))
+    if arch is None:
+        raise ModelError(f"{source}: model_type '{model_type}' has no mapping; supported: {', '.join(sorted(_HF_ARCH))}")
+
+    def need(key: str) -> Any:
+        if key not in cfg:
+            raise ModelError(f"{source}: config.json lacks '{key}' needed for model_type {model_type}")
+        return cfg[key]
+
+    n_head = int(need("num_attention_heads"))
+    n_embd = int(need("hidden_size"))
+    n_layer = int(need("num_hidden_layers"))
+    head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+    meta: dict[str, Any] = {
+        "general.architecture": arch,
+        f"{arch}.block_count": n_layer,
+        f"{arch}.context_length": int(need("max_position_embeddings")),
+        f"{arch}.embedding_length": n_embd,
+        f"{arch}.feed_forward_length": int(cfg.get("intermediate_size") or 0),
+        f"{arch}.attention.head_count": n_head,
+        f"{arch}.attention.head_count_kv": int(cfg.get("num_key_value_heads") or n_head),
+        f"{arch}.attention.key_length": head_dim,
+        f"{arch}.attention.value_length": head_dim,
+        f"{arch}.vocab_size": int(need("vocab_size")),
+    }
+    n_expert = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    if n_expert:
+        meta[f"{arch}.expert_count"] = int(n_expert)
+        meta[f"{arch}.expert_used_count"] = int(cfg.get("num_experts_per_tok") or 0)
+        meta[f"{arch}.expert_feed_forward_length"] = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size"))
+    if cfg.get("sliding_window") and arch in ("gemma2", "gemma3", "gpt-oss"):
+        meta[f"{arch}.attention.sliding_window"] = int(cfg["sliding_window"])
+        layer_types = cfg.get("layer_types")
+        if isinstance(layer_types, list) and len(layer_types) == n_layer:
+            meta[f"{arch}.attention.sliding_window_pattern"] = [t == "sliding_attention" for t in layer_types]
+        elif cfg.get("sliding_window_pattern"):
+            meta[f"{arch}.attention.sliding_window_pattern"] = int(cfg["sliding_window_pattern"])
+    if arch in ("qwen3next", "qwen35", "qwen35moe"):
+        n_mtp = int(cfg.get("mtp_num_hidden_layers") or 0)
+        meta[f"{arch}.block_count"] = n_layer + n_mtp
+        meta[f"{arch}.nextn_predict_layers"] = n_mtp
+        meta[f"{arch}.full_attention_interval"] = int(cfg.get("full_attention_interval") or 4)
+        meta[f"{arch}.ssm.conv_kernel"] = int(need("linear_conv_kernel_dim"))
+        meta[f"{arch}.ssm.state_size"] = int(need("linear_key_head_dim"))
+        meta[f"{arch}.ssm.group_count"] = int(need("linear_num_key_heads"))
+        meta[f"{arch}.ssm.time_step_rank"] = int(need("linear_num_value_heads"))
+        meta[f"{arch}.ssm.inner_size"] = int(need("linear_value_head_dim")) * int(need("linear_num_value_heads"))
+    if arch == "deepseek2":
+        rope = int(need("qk_rope_head_dim"))
+        kv_lora = int(need("kv_lora_rank"))
+        meta[f"{arch}.attention.head_count_kv"] = 1
+        meta[f"{arch}.attention.key_length"] = kv_lora + rope
+        meta[f"{arch}.attention.value_length"] = kv_lora
+        meta[f"{arch}.attention.key_length_mla"] = int(need("qk_nope_head_dim")) + rope
+        meta[f"{arch}.attention.value_length_mla"] = int(need("v_head_dim"))
+        meta[f"{arch}.attention.kv_lora_rank"] = kv_lora
+        meta[f"{arch}.leading_dense_block_count"] = int(cfg.get("first_k_dense_replace") or 0)
+    return meta
+
+
+def estimate_params(meta: dict[str, Any]) -> int:
+    """A rough parameter count from shapes (attention, FFN or experts, embeddings); for labelled estimates only."""
+    arch = meta["general.architecture"]
+    g = lambda k, d=0: meta.get(f"{arch}.{k}", d)  # noqa: E731
+    n_embd, n_layer, vocab = g("embedding_length"), g("block_count"), g("vocab_size")
+    n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    hk = g("attention.key_length", n_embd // max(n_head, 1))
+    attn = n_embd * hk * (2 * n_head + 2 * (n_kv if isinstance(n_kv, int) else n_head))
+    if g("expert_count"):
+        ffn = 3 * n_embd * g("expert_feed_forward_length") * g("expert_count") + n_embd * g("expert_count")
+    else:
+        ff = g("feed_forward_length")
+        ffn = 3 * n_embd * (max(ff) if isinstance(ff, list) else ff)
+    return int(n_layer * (attn + ffn) + 2 * vocab * n_embd)
+
+
+def load_hf_config(path: Path, bits_per_weight: float = DEFAULT_BPW) -> ModelArch:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a readable config.json ({type(exc).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path}: config.json must hold a JSON object")
+    meta = hf_to_metadata(cfg, str(path))
+    params = estimate_params(meta)
+    return arch_from_metadata(
+        meta,
+        name=str(cfg.get("_name_or_path") or path.parent.name),
+        source=str(path),
+        weights_bytes=int(params * bits_per_weight / 8),
+        weights_exact=False,
+        weights_note=f"approximate: ~{params / 1e9:.2f}B params estimated from config.json x {bits_per_weight} bits per weight",
+    )

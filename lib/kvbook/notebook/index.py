@@ -1,0 +1,76 @@
+"""outputs/index.html: one self-contained page listing every run with verdict, pass rate, date and link."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from kvbook.errors import BadInput
+from kvbook.notebook.html import html_table
+from kvbook.records.store import read_records
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table.kvbook{border-collapse:collapse;margin:1em 0}
+table.kvbook td,table.kvbook th{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}
+table.kvbook th{background:#f3f3f3}
+.ok{color:#1a7f37}.bad{color:#c62828}
+"""
+
+
+def collect_runs(outputs: Path) -> list[dict[str, Any]]:
+    """One row per outputs/<run>/summary.json, newest first."""
+    rows = []
+    for summary_path in sorted(outputs.glob("*/summary.json")):
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {"error": "summary.json unreadable"}
+        run_dir = summary_path.parent
+        report = summary.get("report")
+        total = summary.get("required_total")
+        rows.append({
+            "run": run_dir.name,
+            "date": dt.datetime.fromtimestamp(summary_path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "notebook": summary.get("notebook", ""),
+            "model": summary.get("model", ""),
+            "verdict": summary.get("verdict", ""),
+            "checks passed": f"{summary.get('required_passed')}/{total}" if total else "",
+            "status": "ok" if summary.get("ok", True) and not summary.get("error") else f"failed: {summary.get('error')}",
+            "report": f"{run_dir.name}/{report}" if report and (run_dir / report).exists() else "",
+        })
+    rows.sort(key=lambda r: r["run"], reverse=True)
+    return rows
+
+
+def build_index(outputs: Path) -> Path:
+    """Write outputs/index.html over every run folder in `outputs` (which must exist)."""
+    if not outputs.is_dir():
+        what = "is a file, not a folder" if outputs.exists() else "does not exist"
+        raise BadInput(f"outputs folder {outputs} {what}; run a notebook first (`kvbook run ...`) "
+                       f"or point KVBOOK_OUTPUTS at the folder that holds the runs")
+    rows = collect_runs(outputs)
+    table = html_table(rows, caption="kvbook runs")
+    # turn the report column into links (paths are our own folder names, escaped by html_table)
+    for r in rows:
+        if r["report"]:
+            esc = html.escape(r["report"])
+            table = table.replace(f"<td>{esc}</td>", f'<td><a href="{esc}">open report</a></td>', 1)
+    records, bad = read_records(outputs / "results.jsonl")
+    checks = [r for r in records if "passed" in r]
+    passed = sum(bool(r.get("passed")) for r in checks)
+    notes = f"<p>results.jsonl: {len(records)} records, {passed}/{len(checks)} checks passed.</p>"
+    if bad:
+        items = "".join(f"<li>line {b.line_no}: {html.escape(b.reason)}</li>" for b in bad)
+        notes += f"<p class='bad'>{len(bad)} unreadable line(s) in results.jsonl were skipped:</p><ul>{items}</ul>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kvbook runs</title><style>{STYLE}</style></head>"
+            f"<body><h1>kvbook runs</h1><p>{len(rows)} runs under {html.escape(str(outputs))}. "
+            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>{notes}{table}</body></html>")
+    out = outputs / "index.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out

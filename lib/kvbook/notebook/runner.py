@@ -1,0 +1,232 @@
+"""Run kvbook notebooks headless: check parameters against the notebook's `parameters` cell,
+execute with papermill, export a reader-facing HTML report, and leave summary.json beside it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbook.errors import BadInput
+from kvbook.paths import outputs_dir, repo_root
+from kvbook.yamlio import read_yaml
+
+INTERACTIVE_TAG = "interactive"  # cells dropped from HTML reports (widgets need a live kernel)
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
+
+
+def new_run_id(label: str) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "run"
+    return f"{stamp}-{slug}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    notebook: Path
+    output_dir: Path
+    executed: Path
+    html: Path | None
+    summary: dict[str, Any]
+    ok: bool
+    error: str | None = None
+    gates: dict[str, bool] = field(default_factory=dict)
+
+
+def read_params_file(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """(the notebook the file names with `notebook:`, or None; the parameters)."""
+    doc = read_yaml(path, "parameters")
+    if doc is None:
+        return None, {}
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: parameters must be a YAML mapping of name: value")
+    notebook = doc.pop("notebook", None)
+    if notebook is not None and not isinstance(notebook, str):
+        raise BadInput(f"{path}: 'notebook' must be a notebook name such as 02-serve-and-smoke")
+    return notebook, doc
+
+
+def load_params(path: Path | None) -> dict[str, Any]:
+    return read_params_file(path)[1] if path is not None else {}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One notebook with one parameters file (or its defaults)."""
+
+    notebook: Path
+    params_file: Path | None
+    params: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.notebook.stem} with {self.params_file.name}" if self.params_file else f"{self.notebook.stem} (defaults)"
+
+    @property
+    def label(self) -> str:
+        return f"{self.notebook.stem}-{self.params_file.stem}" if self.params_file else self.notebook.stem
+
+
+def plan_jobs(notebooks: list[str], params_files: list[str]) -> list[Job]:
+    """Notebooks x params files, every parameter checked before anything runs.
+
+    A params file that names its notebook (`notebook:`) runs only with that one; with no notebook
+    given, each file runs with the notebook it names."""
+    files = [(Path(f), *read_params_file(Path(f))) for f in params_files]
+    nbs = [resolve_notebook(n) for n in notebooks]
+    if not nbs:
+        for path, named, _ in files:
+            if named is None:
+                raise BadInput(f"{path}: names no notebook (add 'notebook: NAME' or give the notebook before -f)")
+        nbs = list(dict.fromkeys(resolve_notebook(named) for _, named, _ in files))
+    if not nbs:
+        raise BadInput("nothing to run: give a notebook, or -f PARAMS.yaml naming one")
+    jobs: list[Job] = []
+    for nb in nbs:
+        if not files:
+            jobs.append(Job(nb, None, {}))
+        for path, named, params in files:
+            if named is None or resolve_notebook(named) == nb:
+                jobs.append(Job(nb, path, params))
+    for path, named, _ in files:
+        if not any(j.params_file == path for j in jobs):
+            raise BadInput(f"{path}: is for notebook '{named}', which is not among the notebooks given")
+    for job in jobs:
+        try:
+            check_params(job.notebook, job.params)
+        except BadInput as exc:
+            where = f"{job.params_file}: " if job.params_file else ""
+            raise BadInput(f"{where}{exc}") from None
+    return jobs
+
+
+def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
+    import papermill
+
+    if not notebook.is_file():
+        raise BadInput(f"notebook not found: {notebook}")
+    return dict(papermill.inspect_notebook(str(notebook)))
+
+
+def check_params(notebook: Path, params: dict[str, Any]) -> None:
+    """Unknown names and wrong types fail here, before any cell runs (papermill would only warn)."""
+    declared = notebook_parameters(notebook)
+    for name, value in params.items():
+        if name not in declared:
+            raise BadInput(f"unknown parameter '{name}' for {notebook.name}; it takes: {', '.join(sorted(declared))}")
+        type_name = str(declared[name].get("inferred_type_name", "None")).split("[")[0].replace("Optional", "").strip()
+        want = _TYPES.get(type_name)
+        if want is None or value is None:
+            continue
+        if isinstance(value, bool) and type_name != "bool":
+            raise BadInput(f"parameter '{name}' must be {type_name}, got a bool ({value})")
+        if not isinstance(value, want):
+            raise BadInput(f"parameter '{name}' must be {type_name}, got {type(value).__name__} ({value!r})")
+
+
+def export_html(executed: Path, html: Path) -> Path:
+    """Reader-facing HTML: code hidden, interactive cells dropped, plotly.js embedded by the notebook."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.TagRemovePreprocessor.remove_cell_tags = {INTERACTIVE_TAG}
+    cfg.TagRemovePreprocessor.enabled = True
+    cfg.HTMLExporter.exclude_input = True
+    cfg.HTMLExporter.exclude_input_prompt = True
+    cfg.HTMLExporter.exclude_output_prompt = True
+    exporter = HTMLExporter(config=cfg)
+    exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
+    nb = nbformat.read(str(executed), as_version=4)
+    nb.metadata.pop("widgets", None)  # saved widget state is dead without a kernel and ~10 MB with FigureWidgets
+    body, _ = exporter.from_notebook_node(nb)
+    tmp = html.with_suffix(".html.tmp")
+    tmp.write_text(body)
+    tmp.replace(html)
+    return html
+
+
+def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None = None,
+                 *, progress: bool = True, timeout_s: int = 1800) -> RunResult:
+    """Execute one notebook into output_dir (default outputs/<run id>/), keep it even on failure."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    check_params(notebook, params)
+    out = output_dir or outputs_dir() / new_run_id(notebook.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / notebook.name
+    html = out / (notebook.stem + ".html")
+    injected = {**params, "output_dir": str(out)} if "output_dir" in notebook_parameters(notebook) else params
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(executed), parameters=injected, kernel_name="python3", progress_bar=progress,
+            cwd=str(notebook.parent), execution_timeout=timeout_s,
+        )
+    except PapermillExecutionError as exc:
+        evalue = str(exc.evalue).splitlines()[0] if exc.evalue else ""
+        error = f"{notebook.name} failed in cell {exc.exec_count or exc.cell_index}: {exc.ename}: {evalue}"
+    except Exception as exc:  # kernel died, timeout: still a reported failure, not a traceback
+        error = f"{notebook.name} did not finish: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    html_path = None
+    if executed.exists():
+        try:
+            html_path = export_html(executed, html)
+        except Exception as exc:  # noqa: BLE001 - report, keep going
+            error = error or f"HTML export failed: {type(exc).__name__}: {exc}"
+    summary_path = out / "summary.json"
+    summary: dict[str, Any] = {}
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            error = error or f"{summary_path} is not valid JSON"
+    summary.setdefault("notebook", notebook.name)
+    summary["ok"] = error is None
+    summary["error"] = error
+    summary["report"] = html_path.name if html_path else None
+    summary_path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return RunResult(notebook, out, executed, html_path, summary, error is None, error)
+
+
+def gate_failure(result: RunResult, *, fail_on_check: bool = True, fail_on_no_fit: bool = True) -> str | None:
+    """Why this run should fail a CI job, or None: notebook failed, a required check failed, no fit."""
+    if not result.ok:
+        return result.error
+    failures = result.summary.get("required_failures") or []
+    if failures and fail_on_check:
+        return f"{len(failures)} required smoke check(s) failed, first: {failures[0]}"
+    if result.summary.get("verdict") == "does not fit" and fail_on_no_fit:
+        return "the plan does not fit its device"
+    return None
+
+
+def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Called by a notebook's last cell: the named results a test or CI gate reads."""
+    path = Path(output_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def resolve_notebook(name: str) -> Path:
+    """A notebook path, or a bare name/number looked up in notebooks/."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    folder = repo_root() / "notebooks"
+    matches = sorted(p for p in folder.glob("*.ipynb") if p.stem == name or p.name.startswith(f"{name}-") or p.name == name)
+    if len(matches) == 1:
+        return matches[0].resolve()
+    choices = ", ".join(p.name for p in sorted(folder.glob("*.ipynb")))
+    raise BadInput(f"notebook '{name}' not found; notebooks: {choices}")
+

@@ -1,0 +1,151 @@
+"""LiteLLM proxy: a config written from a routing table, a per-run master key kept out of every
+report, offline start (local cost map), readiness on /health/liveliness and /health/readiness."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from kvbook.errors import BadInput
+from kvbook.ops.procs import ManagedProcess, ProcessSpec, check_host, free_port
+
+ANTHROPIC = "anthropic"
+OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One LiteLLM model_list entry: the ID the client sends -> a local backend."""
+
+    model_name: str
+    backend: str  # "anthropic" (llama-server's /v1/messages) or "openai" (/v1/chat/completions)
+    upstream_model: str
+    api_base: str  # llama-server base URL, without /v1
+
+    def litellm_entry(self) -> dict:
+        if self.backend not in (ANTHROPIC, OPENAI):
+            raise BadInput(f"route {self.model_name}: backend must be anthropic or openai, got {self.backend}")
+        base = self.api_base.rstrip("/")
+        if base.endswith("/v1"):
+            raise BadInput(f"route {self.model_name}: api_base must not end in /v1 ({base}); kvbook adds it for openai/")
+        return {
+            "model_name": self.model_name,
+            "litellm_params": {
+                "model": f"{self.backend}/{self.upstream_model}",
+                "api_base": base if self.backend == ANTHROPIC else base + "/v1",
+                "api_key": "local-backend-not-a-secret",
+            },
+        }
+
+
+ROUTE_ANTHROPIC = "kvbook-anthropic"
+ROUTE_OPENAI = "kvbook-openai"
+
+
+def default_routes(llama_url: str, upstream_model: str = "local", client_ids: tuple[str, ...] = (),
+                   catch_all: bool = True) -> tuple[Route, ...]:
+    """The routes kvbook's smoke suite uses, plus the Claude model IDs a client really sends."""
+    routes = [
+        Route(ROUTE_ANTHROPIC, ANTHROPIC, upstream_model, llama_url),
+        Route(ROUTE_OPENAI, OPENAI, upstream_model, llama_url),
+    ]
+    routes += [Route(cid, ANTHROPIC, upstream_model, llama_url) for cid in client_ids]
+    if catch_all:
+        routes.append(Route("claude-*", ANTHROPIC, upstream_model, llama_url))
+    return tuple(routes)
+
+
+def new_master_key() -> str:
+    """A fresh proxy key for one run (LiteLLM requires the sk- prefix)."""
+    return "sk-kvbook-" + secrets.token_urlsafe(24)
+
+
+def write_config(routes: tuple[Route, ...], path: Path) -> Path:
+    """The LiteLLM config (mode 0600); the master key is read from the environment, not stored."""
+    names = [r.model_name for r in routes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BadInput(f"routing table names a model twice: {', '.join(dupes)}")
+    doc = {
+        "model_list": [r.litellm_entry() for r in routes],
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+        "litellm_settings": {"drop_params": True, "telemetry": False},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+    os.chmod(path, 0o600)
+    return path
+
+
+def find_litellm() -> Path:
+    """The litellm CLI next to this interpreter, else on PATH."""
+    here = Path(sys.executable).parent / "litellm"
+    if here.exists():
+        return here
+    found = shutil.which("litellm")
+    if found:
+        return Path(found)
+    from kvbook.ops.components import ComponentMissing
+
+    raise ComponentMissing("litellm is not installed here; run `make setup` (it installs litellm[proxy] at the pinned version)")
+
+
+@dataclass
+class LiteLLMProxy:
+    """A running proxy; `master_key` is for requests only and must never be written to a report."""
+
+    process: ManagedProcess
+    master_key: str
+    routes: tuple[Route, ...]
+    config_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+    def __enter__(self) -> LiteLLMProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_proxy(routes: tuple[Route, ...], *, run_dir: Path, host: str = "127.0.0.1", port: int | None = None,
+                master_key: str | None = None, allow_remote: bool = False, ready_timeout_s: float = 120.0) -> LiteLLMProxy:
+    """Write the config, start `litellm --config`, wait for liveliness and readiness."""
+    check_host(host, allow_remote)
+    key = master_key or os.environ.get("LITELLM_MASTER_KEY") or new_master_key()
+    if not key.startswith("sk-"):
+        raise BadInput("a LiteLLM master key must start with 'sk-'")
+    port = port or free_port(host)
+    config = write_config(routes, run_dir / "litellm-config.yaml")
+    spec = ProcessSpec(
+        name="litellm",
+        argv=(str(find_litellm()), "--config", str(config), "--host", host, "--port", str(port)),
+        host=host,
+        port=port,
+        log_path=run_dir / f"litellm-{port}.log",
+        ready_paths=("/health/liveliness", "/health/readiness"),
+        env={
+            "LITELLM_MASTER_KEY": key,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_TELEMETRY": "False",
+            "LITELLM_LOG": "INFO",
+            "NO_PROXY": "127.0.0.1,localhost",
+        },
+        ready_timeout_s=ready_timeout_s,
+    )
+    process = ManagedProcess(spec)
+    process.start()
+    return LiteLLMProxy(process=process, master_key=key, routes=routes, config_path=config)

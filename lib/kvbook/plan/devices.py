@@ -1,0 +1,92 @@
+"""Device budgets: presets from params/devices/*.yaml, custom GiB budgets, and this machine's RAM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvbook.errors import BadInput
+from kvbook.interface import Device, GiB, MiB, Pool
+from kvbook.paths import params_dir
+from kvbook.yamlio import read_yaml
+
+THIS_MACHINE = "this-machine"
+
+
+def device_ids() -> list[str]:
+    folder = params_dir() / "devices"
+    ids = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return ids + [THIS_MACHINE]
+
+
+def host_ram_bytes() -> int:
+    """Physical RAM of the machine kvbook runs on (MemTotal, else sysconf)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def this_machine() -> Device:
+    """The current machine as a host-only device whose budget is its RAM."""
+    ram = host_ram_bytes()
+    return Device(
+        id=THIS_MACHINE,
+        name=f"this machine ({ram / GiB:.1f} GiB RAM, CPU only)",
+        unified=True,
+        pools=(Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram),),
+        notes="Budget is all physical RAM; the OS and other programs need some of it.",
+    )
+
+
+def custom_budget(gib: float) -> Device:
+    """One unified pool with the given budget in GiB."""
+    if not gib > 0 or gib > 1 << 20:
+        raise BadInput(f"--budget-gib must be a positive number of GiB, got {gib}")
+    size = int(gib * GiB)
+    return Device(
+        id=f"budget-{gib:g}gib",
+        name=f"custom budget {gib:g} GiB",
+        unified=True,
+        pools=(Pool(name="Budget", kind="gpu", budget_bytes=size, total_bytes=size),),
+    )
+
+
+def load_device(device_id: str) -> Device:
+    """A preset by id (see `device_ids()`), or this machine."""
+    if device_id == THIS_MACHINE:
+        return this_machine()
+    path = params_dir() / "devices" / f"{device_id}.yaml"
+    if not path.is_file():
+        raise BadInput(f"unknown device '{device_id}'. Try one of: {', '.join(device_ids())}")
+    doc = read_yaml(path, "the device preset")
+    try:
+        pools = tuple(
+            Pool(
+                name=str(p["name"]),
+                kind=str(p.get("kind", "gpu")),
+                budget_bytes=int(float(p["budget_mib"]) * MiB),
+                total_bytes=int(float(p.get("total_mib", p["budget_mib"])) * MiB),
+                bandwidth_gbps=float(p["bandwidth_gbps"]) if p.get("bandwidth_gbps") is not None else None,
+            )
+            for p in doc["pools"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInput(f"{path}: not a valid device preset ({type(exc).__name__}: {exc})") from None
+    unified = bool(doc.get("unified", False))
+    if not unified and not any(p.kind == "host" for p in pools):
+        host = this_machine().pools[0]
+        pools = pools + (Pool(name="Host (this machine)", kind="host", budget_bytes=host.budget_bytes,
+                              total_bytes=host.total_bytes),)
+    sources = tuple((str(k), str(v)) for k, v in (doc.get("sources") or {}).items())
+    return Device(
+        id=device_id,
+        name=str(doc.get("name", device_id)),
+        unified=unified,
+        pools=pools,
+        notes=str(doc.get("notes", "")),
+        sources=sources,
+    )

@@ -1,0 +1,89 @@
+"""The one serialiser of a Plan: the flat JSON contract (`kvbook plan --json`, summaries) and its text form."""
+
+from __future__ import annotations
+
+from kvbook.interface import GiB, MiB, Plan, to_dict
+
+
+def _size(n: int) -> str:
+    """Bytes as a right-aligned GiB or MiB figure for the text plan."""
+    return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
+
+
+def plan_summary(plan: Plan) -> dict:
+    """The plan as the flat JSON contract other tools and notebooks read."""
+    mem = plan.memory
+    main = max(plan.pools, key=lambda u: u.need_bytes)
+    return {
+        "model": plan.model.name,
+        "arch": plan.model.arch,
+        "source": plan.model.source,
+        "device": plan.device.id,
+        "n_ctx": mem.shape.n_ctx,
+        "n_ctx_seq": mem.shape.n_ctx_seq,
+        "n_seq": mem.shape.n_seq,
+        "kv_unified": mem.shape.kv_unified,
+        "n_batch": mem.shape.n_batch,
+        "n_ubatch": mem.shape.n_ubatch,
+        "flash_attn": mem.shape.flash_attn,
+        "caches": [
+            {"kind": c.kind.value, "cells": c.cells, "layers": c.layers, "k_type": c.k_type, "v_type": c.v_type,
+             "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "bytes": c.bytes}
+            for c in mem.caches
+        ],
+        "kv_bytes": mem.kv_bytes,
+        "recurrent_bytes": mem.recurrent_bytes,
+        "weights_bytes": mem.weights_bytes,
+        "weights_exact": mem.weights_exact,
+        "weights_note": plan.model.weights_note,
+        "compute_bytes": mem.compute.bytes,
+        "compute_error_pct": mem.compute.error_pct,
+        "output_bytes": mem.output_bytes,
+        "host_extras_bytes": mem.host_extras.bytes,
+        "start_bytes": mem.start_bytes,
+        "total_bytes": mem.total_bytes,
+        "budget_bytes": main.budget_bytes,
+        "pools": to_dict(plan.pools),
+        "verdict": plan.verdict.value,
+        "max_ctx": plan.max_ctx,
+        "alternatives": to_dict(plan.alternatives),
+        "llama_server_args": list(plan.flags.argv),
+        "litellm_max_input_tokens": plan.litellm_max_input_tokens,
+        "notes": list(plan.notes),
+    }
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the text `kvbook plan` prints."""
+    m, mem = plan.model, plan.memory
+    s = mem.shape
+    lines = [
+        f"model    {m.name} ({m.arch}, {m.n_layer} layers) from {m.source}",
+        f"device   {plan.device.name}",
+        f"context  n_ctx={s.n_ctx} n_ctx_seq={s.n_ctx_seq} slots={s.n_seq} unified={str(s.kv_unified).lower()} "
+        f"ubatch={s.n_ubatch} flash_attn={'on' if s.flash_attn else 'off'}",
+        "",
+        f"  weights      {_size(mem.weights_bytes)}  {m.weights_note}",
+    ]
+    for c in mem.caches:
+        types = f"{c.k_type}/{c.v_type}" if c.v_type else f"{c.k_type} (K only, MLA)"
+        label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
+        lines.append(f"  {label:<12} {_size(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
+    lines += [
+        f"  compute      {_size(mem.compute.bytes)}  approximate, worst error seen {mem.compute.error_pct}%",
+        f"  output       {_size(mem.output_bytes)}  logits",
+        f"  at start     {_size(mem.start_bytes)}",
+        f"  host growth  {_size(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
+        f"  total        {_size(mem.total_bytes)}",
+        "",
+    ]
+    for u in plan.pools:
+        lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
+                     f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
+    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {plan.max_ctx}"]
+    for alt in plan.alternatives:
+        lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
+    lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""What a run leaves behind: results.jsonl (one writer, one reader) and the statistics over it."""

@@ -1,0 +1,1 @@
+"""Checks against a running route: the smoke suite, recorded sessions and load generation."""

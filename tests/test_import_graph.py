@@ -1,0 +1,138 @@
+"""lib/kvbook's layers hold: every import (module level or inside a function) is read from the source,
+and the data flow model -> memory -> plan -> ops/smoke/records -> claude/notebook -> cli runs one way."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+LIB = Path(__file__).resolve().parent.parent / "lib"
+PKG = LIB / "kvbook"
+STAGES = ("model", "memory", "plan", "ops", "smoke", "records", "claude", "notebook", "testing")
+LOWER = ("model", "memory", "plan")
+UPPER = ("ops", "smoke", "notebook", "claude")
+# package -> the packages it may import (besides the shared top-level errors, interface, yamlio)
+ALLOWED = {
+    "model": set(),
+    "memory": {"model"},
+    "plan": {"model", "memory"},
+    "records": set(),
+    "ops": {"model", "memory", "plan"},
+    "smoke": {"model", "memory", "plan", "ops", "records"},
+    "claude": {"ops", "smoke", "records"},
+    "notebook": {"model", "memory", "plan", "ops", "smoke", "records", "claude"},
+    "testing": {"model", "memory", "plan", "ops"},
+}
+SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(LIB).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every kvbook module `path` imports, wherever the import statement stands."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("kvbook"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("kvbook"):
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if (LIB / (sub.replace(".", "/") + ".py")).exists() else node.module)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) - {module_name(p)} for p in sorted(PKG.rglob("*.py"))}
+
+
+def stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else module
+
+
+def test_the_library_is_split_into_stage_packages_with_a_docstring_each() -> None:
+    flat = sorted(p.name for p in PKG.glob("*.py"))
+    assert flat == ["__init__.py", "cli.py", "errors.py", "interface.py", "paths.py", "yamlio.py"], flat
+    for name in STAGES:
+        init = PKG / name / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and "\n" not in doc.strip(), f"{name}/__init__.py needs a one-line docstring"
+        assert len(ast.parse(init.read_text()).body) == 1, f"{name}/__init__.py does work beyond its docstring"
+
+
+def test_no_import_circles(graph) -> None:
+    seen: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        seen[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if seen.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if nxt not in seen:
+                visit(nxt)
+        stack.pop()
+        seen[node] = 2
+
+    for node in sorted(graph):
+        if node not in seen:
+            visit(node)
+
+
+def test_nothing_in_the_library_imports_the_cli(graph) -> None:
+    offenders = sorted(m for m, deps in graph.items() if "kvbook.cli" in deps and m != "kvbook.cli")
+    assert not offenders, offenders
+
+
+def test_each_stage_imports_only_the_stages_below_it(graph) -> None:
+    wrong = defaultdict(set)
+    for module, deps in graph.items():
+        here = stage(module)
+        if here not in ALLOWED:
+            continue
+        for dep in deps:
+            there = stage(dep)
+            if dep in SHARED or there == here or dep == "kvbook":
+                continue
+            if there not in ALLOWED[here]:
+                wrong[module].add(dep)
+    assert not wrong, {k: sorted(v) for k, v in wrong.items()}
+    for module, deps in graph.items():
+        if stage(module) in LOWER:
+            assert not {stage(d) for d in deps} & {*UPPER, "cli"}, module
+
+
+def test_testing_is_used_by_tests_benchmarks_and_tools_only(graph) -> None:
+    users = sorted(m for m, deps in graph.items() if stage(m) != "testing" and any(stage(d) == "testing" for d in deps))
+    assert not users, users
+
+
+def test_shared_modules_import_no_stage(graph) -> None:
+    for module in SHARED:
+        assert not {d for d in graph[module] if d not in SHARED}, module
+
+
+def test_importing_kvbook_and_its_planner_does_no_heavy_work() -> None:
+    """`import kvbook` (and the planner's modules) pull neither numpy, plotly, hypothesis nor requests,
+    and install no signal handler."""
+    code = ("import signal, sys\nbefore = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}\n"
+            "import kvbook, kvbook.cli, kvbook.ops.procs, kvbook.plan.planner, kvbook.model.sources\n"
+            "heavy = sorted(m for m in ('numpy', 'plotly', 'hypothesis', 'requests', 'gguf') if m in sys.modules)\n"
+            "moved = [s for s, h in before.items() if signal.getsignal(s) is not h]\n"
+            "print(heavy, moved)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] []", out
