@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from kvbook.claude.probe import (
-    ProbeReport,
-    ProbeRow,
-    RecordingEndpoint,
-    claude_env,
-    configured_slots,
-    load_agents,
-    plan_routes,
-    probe_claude_code,
-    run_claude,
-)
+from kvbook.claude.agents import load_agents
+from kvbook.claude.client import claude_env, run_claude
+from kvbook.claude.endpoint import RecordingEndpoint
+from kvbook.claude.probe import ProbeReport, ProbeRow, probe_claude_code
+from kvbook.claude.routes import configured_slots, plan_routes
 from kvbook.errors import BadInput, KvbookError, ServerError
 
 OPUS_AGENT = """---

@@ -90,31 +90,31 @@ SMALL: dict[str, dict[str, Any]] = {
                        "attention.sliding_window": 512}),
 }
 
-# arch -> (flags, [(role, cells, layers, K MiB, V MiB)], recurrent MiB) at -c 4096
+# arch -> (flags, [(kind, cells, layers, K MiB, V MiB)], recurrent MiB) at -c 4096
 EXPECTED: dict[str, tuple[list[str], list[tuple[str, int, int, float, float]], float]] = {
     # 4 layers x 2 heads x 64 x f16 x 4096 cells
-    "llama": (["-np", "1"], [("", 4096, 4, 4.0, 4.0)], 0.0),
-    "qwen3": (["-np", "1"], [("", 4096, 4, 8.0, 8.0)], 0.0),
-    "qwen3moe": (["-np", "1"], [("", 4096, 4, 8.0, 8.0)], 0.0),
+    "llama": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    "qwen3": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
+    "qwen3moe": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
     # 2 attention layers; 6 delta-net layers x 4 B x (3*(512+2*2*128) + 128*512) = 1.57 MiB
-    "qwen35moe": (["-np", "1"], [("", 4096, 2, 4.0, 4.0)], 1.57),
-    "qwen35": (["-np", "1"], [("", 4096, 2, 4.0, 4.0)], 1.57),
-    "qwen3next": (["-np", "1"], [("", 4096, 2, 4.0, 4.0)], 1.57),
+    "qwen35moe": (["-np", "1"], [("kv", 4096, 2, 4.0, 4.0)], 1.57),
+    "qwen35": (["-np", "1"], [("kv", 4096, 2, 4.0, 4.0)], 1.57),
+    "qwen3next": (["-np", "1"], [("kv", 4096, 2, 4.0, 4.0)], 1.57),
     # 4 layers x 160 x f16 x 4096, no V
-    "deepseek2": (["-np", "1"], [("", 4096, 4, 5.0, 0.0)], 0.0),
+    "deepseek2": (["-np", "1"], [("kv", 4096, 4, 5.0, 0.0)], 0.0),
     # odd layers full: 2 x 2 heads x 64 x f16 x 4096; SWA cells = pad256(128 + 512) = 768
-    "gpt-oss": (["-np", "1"], [("non-swa", 4096, 2, 2.0, 2.0), ("swa", 768, 2, 0.375, 0.375)], 0.0),
+    "gpt-oss": (["-np", "1"], [("kv", 4096, 2, 2.0, 2.0), ("swa", 768, 2, 0.375, 0.375)], 0.0),
     # SWA cells = pad256(512 + 512) = 1024
-    "gemma3": (["-np", "1"], [("non-swa", 4096, 1, 1.0, 1.0), ("swa", 1024, 5, 1.25, 1.25)], 0.0),
+    "gemma3": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0), ("swa", 1024, 5, 1.25, 1.25)], 0.0),
 }
 
 
-Row = tuple[str, int, int, float, float]  # role, cells, layers, K MiB, V MiB
+Row = tuple[str, int, int, float, float]  # kind (kv / swa), cells, layers, K MiB, V MiB
 
 
 def _assert_kv(r: FitReport, expected: list[Row]) -> None:
     """The log prints MiB with 2 decimals, so 0.375 shows as 0.38."""
-    got = [(c.role, c.cells, c.layers, c.k_mib, c.v_mib) for c in r.kv_caches]
+    got = [(c.kind, c.cells, c.layers, c.k_mib, c.v_mib) for c in r.kv_caches]
     assert [g[:3] for g in got] == [e[:3] for e in expected], got
     assert [g[3:] for g in got] == [pytest.approx(e[3:], abs=0.006) for e in expected], got
 
@@ -140,11 +140,11 @@ def test_streams_and_quantized_cache(tmp_path: Path, fit_params: Path) -> None:
     # -c 20000 -np 3: n_ctx_seq = pad256(20000 // 3) = 6912, three streams
     r = run_fit_params(path, 20000, ["-np", "3"], binary=fit_params)
     assert (r.n_ctx_seq, r.n_ctx, r.n_seq_max) == (6912, 20736, 3)
-    _assert_kv(r, [("", 6912, 4, 20.25, 20.25)])
+    _assert_kv(r, [("kv", 6912, 4, 20.25, 20.25)])
     # q8_0 rows: 128 values -> 4 blocks x 34 B = 136 B per cell and layer
     r = run_fit_params(path, 4096, ["-np", "1", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"],
                        binary=fit_params)
-    _assert_kv(r, [("", 4096, 4, 2.125, 2.125)])
+    _assert_kv(r, [("kv", 4096, 4, 2.125, 2.125)])
     assert (r.kv_caches[0].k_type, r.kv_caches[0].v_type) == ("q8_0", "q8_0")
 
 
@@ -161,8 +161,8 @@ def test_qwen36_35b_full_size(tmp_path: Path, fit_params: Path) -> None:
     assert path.stat().st_blocks * 512 < 1 * MIB < path.stat().st_size
     r = run_fit_params(path, 65536, ["-np", "1"], binary=fit_params)
     # 10 attention layers x 2 heads x 256 x f16 x 65536; 30 delta-net layers
-    _assert_kv(r, [("", 65536, 10, 640.0, 640.0)])
-    assert [(x.layers, x.r_mib, x.s_mib) for x in r.recurrent] == [(40, 2.81, 60.0)]
+    _assert_kv(r, [("kv", 65536, 10, 640.0, 640.0)])
+    assert [(x.layers, x.k_mib, x.v_mib) for x in r.recurrent] == [(40, 2.81, 60.0)]
     assert r.recurrent_mib == 62.81
     # 4 streams of 65536 (the server's 4 unified slots hold the same): 5120.00 + 251.25
     r = run_fit_params(path, 262144, ["-np", "4", "-ctk", "bf16", "-ctv", "bf16", "-fa", "on"],
@@ -175,7 +175,7 @@ def test_deepseek_v3_full_size_mla(tmp_path: Path, fit_params: Path) -> None:
     path = write_synthetic_gguf(_preset("deepseek-v3"), tmp_path / "ds.gguf")
     assert path.stat().st_size > 300 * 1024 * MIB and path.stat().st_blocks * 512 < 1 * MIB
     r = run_fit_params(path, 65536, ["-np", "1"], binary=fit_params)
-    _assert_kv(r, [("", 65536, 61, 4392.0, 0.0)])
+    _assert_kv(r, [("kv", 65536, 61, 4392.0, 0.0)])
     r = run_fit_params(path, 163840, ["-np", "1"], binary=fit_params)
     assert r.kv_mib == 10980.0
 
@@ -233,13 +233,13 @@ LOG = """\
 
 def test_parse_fit_output_without_binary() -> None:
     r = parse_fit_output("Host 235 207 583 \n", LOG, ["llama-fit-params"])
-    assert [(c.role, c.cells, c.layers, c.size_mib) for c in r.kv_caches] == [
-        ("non-swa", 65536, 3, 192.0), ("swa", 1024, 15, 15.0)]
-    assert r.recurrent[0].s_mib == 60.0 and r.recurrent_mib == 62.81
+    assert [(c.kind, c.cells, c.layers, c.total_mib) for c in r.kv_caches] == [
+        ("kv", 65536, 3, 192.0), ("swa", 1024, 15, 15.0)]
+    assert r.recurrent[0].v_mib == 60.0 and r.recurrent_mib == 62.81
     assert (r.n_ctx, r.n_ctx_seq, r.n_seq_max, r.kv_mib) == (65536, 65536, 1, 207.0)
     assert r.compute_mib == (("CPU", 583.28),)
     assert [(b.name, b.model_mib) for b in r.breakdown] == [("Host", 235), ("CPU_REPACK", 18)]
     assert r.host.compute_mib == 583 and r.log_complete
     assert not parse_fit_output("Host 1 2 3\n", LOG.split("0.00.003.765")[0]).log_complete
     with pytest.raises(ServerError, match="no 'Host' memory row"):
-        parse_fit_output("", LOG)
+        parse_fit_output("kv", LOG)

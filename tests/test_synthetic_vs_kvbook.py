@@ -54,4 +54,4 @@ def test_caches_match_fit_params(preset, flags, synthetic):
     rec = [c for c in predicted.caches if c.kind.value == "recurrent"]
     assert len(report.recurrent) == len(rec)
     for seen, want in zip(report.recurrent, rec):
-        assert (seen.r_mib, seen.s_mib) == (mib2(want.k_bytes), mib2(want.v_bytes))
+        assert (seen.k_mib, seen.v_mib) == (mib2(want.k_bytes), mib2(want.v_bytes))

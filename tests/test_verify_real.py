@@ -35,8 +35,8 @@ def test_compare_catches_a_wrong_prediction(smollm2):
     fake = LoggedMemory(n_ctx=4096, n_ctx_seq=4096, n_ubatch=512, output_mib=0.19, model_mib={"CPU_Mapped": 92.1},
                         compute_mib={"CPU": 10.0},
                         caches=(LoggedCache("kv", 4096, 30, "f16", 45.0, "f16", 46.0, 91.0),))
-    from kvbook.testing.verify import compare
+    from kvbook.testing.verify import check_case
 
-    result = compare("smollm2-135m", smollm2, ["-c", "4096", "-np", "1"], fake)
+    result = check_case("smollm2-135m", smollm2, ["-c", "4096", "-np", "1"], fake)
     assert any("V MiB" in m for m in result.mismatches)
     assert any("kv cache MiB" in m for m in result.mismatches)

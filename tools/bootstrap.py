@@ -41,10 +41,10 @@ if sys.version_info < MIN_PYTHON:
 
 import argparse
 import contextlib
-import importlib.util
 import fcntl
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import re

@@ -71,6 +71,7 @@ output_dir: str = ""  # set by kvbook run; empty writes to a new folder under ou
     code("""
 from kvbook.notebook import figures
 from kvbook.notebook import sizing
+from kvbook.notebook.blog_post import blog_post_comparison
 from kvbook.plan.summary import format_plan
 from kvbook.notebook.html import HTML, html_table
 
@@ -137,7 +138,7 @@ With `compare_blog_post: True`, the memory figures of the seed blog post (Qwen3.
 `qwen3.6-35b-a3b` and `m1-max-64` presets with the post's own command line.
 """),
     code("""
-blog = sizing.blog_post_comparison() if compare_blog_post else None
+blog = blog_post_comparison() if compare_blog_post else None
 HTML(html_table(blog.table(), caption="the post against kvbook") if blog else
      "<p><em>Not requested: set compare_blog_post to True.</em></p>")
 """),
@@ -217,7 +218,8 @@ output_dir: str = "auto"  # set by kvbook run, auto means a new folder under out
     code("""
 from pathlib import Path
 from kvbook.notebook import ops_support as ns
-from kvbook.claude.probe import format_table, plan_routes, probe_claude_code
+from kvbook.claude.probe import format_table, probe_claude_code
+from kvbook.claude.routes import plan_routes
 from kvbook.notebook.runner import write_summary
 
 ctx = ns.start_run("claude-code", output_dir, results_path)

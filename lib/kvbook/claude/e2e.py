@@ -33,15 +33,10 @@ from typing import Any
 
 import requests
 
-from kvbook.claude.probe import (
-    ProbeReport,
-    RecordingEndpoint,
-    claude_env,
-    claude_version,
-    plan_routes,
-    probe_claude_code,
-    run_claude,
-)
+from kvbook.claude.client import claude_env, claude_version, run_claude
+from kvbook.claude.endpoint import RecordingEndpoint
+from kvbook.claude.probe import ProbeReport, probe_claude_code
+from kvbook.claude.routes import plan_routes
 from kvbook.errors import BadInput, ServerError
 from kvbook.ops.litellm import ANTHROPIC, Route, start_proxy
 

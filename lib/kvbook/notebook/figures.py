@@ -50,7 +50,7 @@ def ctx_label(n: int) -> str:
     return f"{n:,}"
 
 
-def _gib(n: float) -> float:
+def _in_gib(n: float) -> float:
     return float(n) / GiB
 
 
@@ -77,8 +77,8 @@ def plan_budget(plan: Plan) -> int:
 
 def plan_title(plan: Plan) -> str:
     mem = plan.memory
-    return (f"-c {mem.shape.n_ctx:,}: {_gib(mem.start_bytes):.2f} GiB at start, {_gib(mem.total_bytes):.2f} GiB with "
-            f"run-time growth, budget {_gib(plan_budget(plan)):.2f} GiB: {plan.verdict.value}")
+    return (f"-c {mem.shape.n_ctx:,}: {_in_gib(mem.start_bytes):.2f} GiB at start, {_in_gib(mem.total_bytes):.2f} GiB with "
+            f"run-time growth, budget {_in_gib(plan_budget(plan)):.2f} GiB: {plan.verdict.value}")
 
 
 def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None, *, title: str | None = None,
@@ -111,12 +111,12 @@ def apply_breakdown(fig: Any, bars: Sequence[Bar], budget_bytes: int, *, title: 
     labels = [label for label, _ in bars]
     for trace, (key, _, _) in zip(fig.data, COMPONENTS):
         trace.x = labels
-        trace.y = [_gib(parts.get(key, 0)) for _, parts in bars]
-    lines = [(f"budget {_gib(budget_bytes):.2f} GiB", budget_bytes, "#222222", "solid")]
+        trace.y = [_in_gib(parts.get(key, 0)) for _, parts in bars]
+    lines = [(f"budget {_in_gib(budget_bytes):.2f} GiB", budget_bytes, "#222222", "solid")]
     lines += [(label, value, "#888888", "dash") for label, value in extra_lines]
-    fig.layout.shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_gib(v), y1=_gib(v),
+    fig.layout.shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_in_gib(v), y1=_in_gib(v),
                               line=dict(color=c, width=2, dash=d)) for _, v, c, d in lines]
-    fig.layout.annotations = [dict(xref="paper", x=1, xanchor="right", yref="y", y=_gib(v), yanchor="bottom",
+    fig.layout.annotations = [dict(xref="paper", x=1, xanchor="right", yref="y", y=_in_gib(v), yanchor="bottom",
                                    text=label, showarrow=False, font=dict(size=11, color=c)) for label, v, c, _ in lines]
     if title is not None:
         fig.layout.title = title
@@ -186,16 +186,16 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
     shown = [ti for ti in range(len(types)) if ok[ti] and fits[ti] > 0]
     marker = fig.data[len(types)]
     marker.x = [int(fits[ti]) for ti in shown]
-    marker.y = [_gib(at[ti]) for ti in shown]
+    marker.y = [_in_gib(at[ti]) for ti in shown]
     marker.text = [f"{types[ti]}: {ctx_label(int(fits[ti]))}" for ti in shown]
     marker.textfont = dict(color=[TYPE_COLORS.get(types[ti], "#222222") for ti in shown], size=10)
-    shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_gib(budget_bytes), y1=_gib(budget_bytes),
+    shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_in_gib(budget_bytes), y1=_in_gib(budget_bytes),
                    line=dict(color="#222222", width=2)),
               # shapes on a log axis take data values (annotations would take log10)
               dict(type="line", xref="x", x0=int(x[0]), x1=int(x[0]), yref="paper", y0=0, y1=1, visible=False,
                    line=dict(color="#e41a1c", width=1, dash="dot"))]
-    notes = [dict(xref="paper", x=0, xanchor="left", yref="y", y=_gib(budget_bytes), yanchor="bottom", showarrow=False,
-                  text=f"budget {_gib(budget_bytes):.2f} GiB", font=dict(size=11))]
+    notes = [dict(xref="paper", x=0, xanchor="left", yref="y", y=_in_gib(budget_bytes), yanchor="bottom", showarrow=False,
+                  text=f"budget {_in_gib(budget_bytes):.2f} GiB", font=dict(size=11))]
     fig.layout.shapes = shapes
     fig.layout.annotations = notes
     apply_current(fig, current, len(types))
@@ -203,7 +203,7 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
     ticks = [1 << k for k in range(int(np.ceil(np.log2(lo))), int(np.floor(np.log2(hi))) + 1)]
     fig.layout.xaxis.update(type="log", tickvals=ticks, ticktext=[ctx_label(t) for t in ticks],
                             range=[float(np.log10(lo)), float(np.log10(hi))])
-    top = max([_gib(budget_bytes) * 1.1] + [float(np.nanmax(need[:, ti])) / GiB for ti in range(len(types)) if ok[ti]])
+    top = max([_in_gib(budget_bytes) * 1.1] + [float(np.nanmax(need[:, ti])) / GiB for ti in range(len(types)) if ok[ti]])
     fig.layout.yaxis.range = [0, top * 1.05]
     if title is not None:
         fig.layout.title = title
@@ -212,7 +212,7 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
 def apply_current(fig: Any, current: tuple[int, int] | None, n_types: int) -> None:
     """Move only the 'this configuration' marker and its dotted line (what a context change alters)."""
     cur = fig.data[n_types + 1]
-    cur.x, cur.y = ([current[0]], [_gib(current[1])]) if current else ([], [])
+    cur.x, cur.y = ([current[0]], [_in_gib(current[1])]) if current else ([], [])
     line = fig.layout.shapes[1]
     if current:
         line.update(x0=current[0], x1=current[0], visible=True)
@@ -256,14 +256,14 @@ def fit_table_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> Any:
 
 def blog_figure(comparison: Any) -> Any:
     """The post's weights + KV next to kvbook's breakdown at both contexts, against both budgets."""
-    from kvbook.notebook import sizing
+    from kvbook.notebook import blog_post
     bars: list[Bar] = []
     for plan in comparison.plans:
         ctx = plan.memory.shape.n_ctx
-        bars.append((f"post, {ctx_label(ctx)}", {"weights": sizing.POST_WEIGHTS_GB * 1e9,
-                                                  "kv": sizing.POST_KV_GB[ctx] * 1e9}))
+        bars.append((f"post, {ctx_label(ctx)}", {"weights": blog_post.POST_WEIGHTS_GB * 1e9,
+                                                  "kv": blog_post.POST_KV_GB[ctx] * 1e9}))
         bars.append((f"kvbook, {ctx_label(ctx)}", memory_parts(plan.memory)))
     budget = plan_budget(comparison.plans[0])
     return breakdown_figure(bars, budget, title="The post's arithmetic (GB as written) against kvbook's plan",
-                            extra_lines=[(f"the post's working set, {sizing.POST_WORKING_SET_GB} GB",
-                                          sizing.POST_WORKING_SET_GB * 1e9)])
+                            extra_lines=[(f"the post's working set, {blog_post.POST_WORKING_SET_GB} GB",
+                                          blog_post.POST_WORKING_SET_GB * 1e9)])

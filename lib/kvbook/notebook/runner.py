@@ -97,7 +97,7 @@ def plan_jobs(notebooks: list[str], params_files: list[str]) -> list[Job]:
             raise BadInput(f"{path}: is for notebook '{named}', which is not among the notebooks given")
     for job in jobs:
         try:
-            check_params(job.notebook, job.params)
+            check_notebook_params(job.notebook, job.params)
         except BadInput as exc:
             where = f"{job.params_file}: " if job.params_file else ""
             raise BadInput(f"{where}{exc}") from None
@@ -112,7 +112,7 @@ def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
     return dict(papermill.inspect_notebook(str(notebook)))
 
 
-def check_params(notebook: Path, params: dict[str, Any]) -> None:
+def check_notebook_params(notebook: Path, params: dict[str, Any]) -> None:
     """Unknown names and wrong types fail here, before any cell runs (papermill would only warn)."""
     declared = notebook_parameters(notebook)
     for name, value in params.items():
@@ -158,7 +158,7 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    check_params(notebook, params)
+    check_notebook_params(notebook, params)
     out = output_dir or outputs_dir() / new_run_id(notebook.stem)
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name

@@ -212,7 +212,7 @@ class SizingUI:
                 self.device_record = sizing.resolve_device(
                     "" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value, self._budget())
             p = self.params
-            sizing.check_params(p, self.arch)
+            sizing.check_sizing_params(p, self.arch)
             if level in ("model", "sweep", "all"):
                 self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
                 self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top())
@@ -271,5 +271,5 @@ def build_sizing_ui(params: sizing.SizingParams | Mapping[str, Any] | None = Non
     else:
         names = {f.name for f in dataclasses.fields(sizing.SizingParams)}
         p = sizing.SizingParams.from_mapping({k: v for k, v in params.items() if k in names})
-    sizing.check_params(p, sizing.load_arch(p.model))
+    sizing.check_sizing_params(p, sizing.load_arch(p.model))
     return SizingUI(p)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
+from kvbook.ops.logparse import LoggedCache, LoggedMemory, parse_log
 from kvbook.ops.procs import describe_exit
 
 ENV_BINARY = "KVBOOK_LLAMA_FIT_PARAMS"
@@ -34,38 +35,6 @@ class DeviceMemory:
 
 
 @dataclass(frozen=True)
-class KvCache:
-    """One `llama_kv_cache: size = ...` line; `role` is "swa"/"non-swa" inside an iSWA pair, else ""."""
-
-    role: str
-    size_mib: float
-    cells: int
-    layers: int
-    seqs: int
-    streams: int
-    k_type: str
-    k_mib: float
-    v_type: str
-    v_mib: float
-
-
-@dataclass(frozen=True)
-class RecurrentState:
-    """One `llama_memory_recurrent: size = ...` line (R = conv state, S = ssm state, P = snapshots)."""
-
-    size_mib: float
-    cells: int
-    layers: int
-    seqs: int
-    rs_seq: int
-    r_type: str
-    r_mib: float
-    s_type: str
-    s_mib: float
-    p_mib: float
-
-
-@dataclass(frozen=True)
 class BufferMemory:
     """One `common_memory_breakdown_print` row (integer MiB), e.g. Host or CPU_REPACK."""
 
@@ -77,17 +46,13 @@ class BufferMemory:
 
 @dataclass(frozen=True)
 class FitReport:
-    """What llama-fit-params reported for one model and flag set."""
+    """What llama-fit-params reported for one model and flag set: its device table, and its log read by
+    the same parser as llama-server's (kvbook.ops.logparse)."""
 
     argv: tuple[str, ...]
     devices: tuple[DeviceMemory, ...]
-    kv_caches: tuple[KvCache, ...]
-    recurrent: tuple[RecurrentState, ...]
-    compute_mib: tuple[tuple[str, float], ...]  # (buffer type, MiB) from sched_reserve
+    memory: LoggedMemory
     breakdown: tuple[BufferMemory, ...]
-    n_ctx: int
-    n_ctx_seq: int
-    n_seq_max: int
     log_complete: bool  # the log reached its last table; else the lists above may be cut short
 
     @property
@@ -95,13 +60,38 @@ class FitReport:
         return next(d for d in self.devices if d.name == "Host")
 
     @property
+    def kv_caches(self) -> tuple[LoggedCache, ...]:
+        return tuple(c for c in self.memory.caches if c.kind != "recurrent")
+
+    @property
+    def recurrent(self) -> tuple[LoggedCache, ...]:
+        return tuple(c for c in self.memory.caches if c.kind == "recurrent")
+
+    @property
+    def n_ctx(self) -> int:
+        return self.memory.n_ctx or 0
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self.memory.n_ctx_seq or 0
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.memory.n_seq_max or 0
+
+    @property
+    def compute_mib(self) -> tuple[tuple[str, float], ...]:
+        """(buffer type, MiB) from sched_reserve; a later reserve replaces an earlier one."""
+        return tuple(self.memory.compute_mib.items())
+
+    @property
     def kv_mib(self) -> float:
         """Attention KV cache, all caches together."""
-        return round(sum(c.size_mib for c in self.kv_caches), 2)
+        return round(sum(c.total_mib for c in self.kv_caches), 2)
 
     @property
     def recurrent_mib(self) -> float:
-        return round(sum(r.size_mib for r in self.recurrent), 2)
+        return round(sum(r.total_mib for r in self.recurrent), 2)
 
     @property
     def compute_total_mib(self) -> float:
@@ -112,51 +102,19 @@ class FitReport:
 # Parsing
 # ---------------------------------------------------------------------------------------------
 
-_NUM = r"([\d.]+)"
 _DEVICE = re.compile(r"^(\S+) (\d+) (\d+) (\d+)\s*$")
-_ISWA = re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache")
-_KV = re.compile(
-    rf"llama_kv_cache: size =\s*{_NUM} MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\), "
-    rf"K \((\w+)\):\s*{_NUM} MiB, V \((\w+)\):\s*{_NUM} MiB")
-_RECR = re.compile(
-    rf"llama_memory_recurrent: size =\s*{_NUM} MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+) seqs\s+(\d+) rs_seq\), "
-    rf"R \((\w+)\):\s*{_NUM} MiB, S \((\w+)\):\s*{_NUM} MiB(?:, P \(\w+\):\s*{_NUM} MiB)?")
-_COMPUTE = re.compile(rf"sched_reserve:\s+(\S+) compute buffer size =\s*{_NUM} MiB")
 _BREAKDOWN = re.compile(r"common_memory_breakdown_print: \|\s+- (\S+).*?(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)")
-_CTX = re.compile(r"llama_context: (n_ctx|n_ctx_seq|n_seq_max)\s+= (\d+)")
 
 
 def parse_fit_output(stdout: str, log: str, argv: Sequence[str] = ()) -> FitReport:
     """Parse llama-fit-params' stdout (the device table) and its `-v` log (stderr)."""
     devices = tuple(DeviceMemory(m[1], int(m[2]), int(m[3]), int(m[4]))
                     for m in map(_DEVICE.match, stdout.splitlines()) if m)
-    kv: list[KvCache] = []
-    recr: list[RecurrentState] = []
-    compute: dict[str, float] = {}
-    breakdown: dict[str, BufferMemory] = {}
-    ctx: dict[str, int] = {}
-    role = ""
-    for line in log.splitlines():
-        if m := _ISWA.search(line):
-            role = m[1].lower()
-        elif m := _KV.search(line):
-            kv.append(KvCache(role, float(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]),
-                              m[6], float(m[7]), m[8], float(m[9])))
-            role = ""
-        elif m := _RECR.search(line):
-            recr.append(RecurrentState(float(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]),
-                                       m[6], float(m[7]), m[8], float(m[9]), float(m[10] or 0)))
-        elif m := _COMPUTE.search(line):
-            compute[m[1]] = float(m[2])  # a later reserve replaces an earlier one
-        elif m := _BREAKDOWN.search(line):
-            breakdown[m[1]] = BufferMemory(m[1], int(m[3]), int(m[4]), int(m[5]))
-        elif m := _CTX.search(line):
-            ctx[m[1]] = int(m[2])
+    breakdown = {m[1]: BufferMemory(m[1], int(m[3]), int(m[4]), int(m[5]))
+                 for m in map(_BREAKDOWN.search, log.splitlines()) if m}
     if not any(d.name == "Host" for d in devices):
         raise ServerError("llama-fit-params printed no 'Host' memory row" + _tail(stdout + "\n" + log))
-    return FitReport(tuple(argv), devices, tuple(kv), tuple(recr), tuple(compute.items()),
-                     tuple(breakdown.values()), ctx.get("n_ctx", 0), ctx.get("n_ctx_seq", 0),
-                     ctx.get("n_seq_max", 0), "Host" in breakdown)
+    return FitReport(tuple(argv), devices, parse_log(log), tuple(breakdown.values()), "Host" in breakdown)
 
 
 def _tail(text: str) -> str:

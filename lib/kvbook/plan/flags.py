@@ -17,8 +17,9 @@ from typing import Any
 
 from kvbook.errors import BadInput
 from kvbook.interface import FlashAttn, ServerFlags
+from kvbook.memory.rules import CACHE_TYPE_LAYOUT
 
-CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned server accepts
 
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {

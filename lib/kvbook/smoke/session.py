@@ -16,7 +16,7 @@ import kvbook
 from kvbook.interface import MiB, to_dict
 from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy
 from kvbook.ops.llama_server import start_llama_server
-from kvbook.ops.logparse import LoggedMemory, mib2
+from kvbook.ops.measured import compare_memory
 from kvbook.plan.summary import plan_summary
 from kvbook.records.store import append_records
 from kvbook.smoke.checks import CheckResult, SmokeConfig, Target, run_suite
@@ -41,24 +41,6 @@ def versions(llama_server: Path | None = None) -> dict[str, str]:
         "kvbook": kvbook.__version__,
         "python": platform.python_version(),
     }
-
-
-def plan_vs_actual(summary: dict[str, Any], logged: LoggedMemory) -> list[dict[str, Any]]:
-    """Rows of predicted and logged MiB (two decimals, as the server prints them)."""
-    rows = [
-        {"item": "n_ctx_seq", "planned": summary["n_ctx_seq"], "measured": logged.n_ctx_seq},
-        {"item": "weights MiB", "planned": mib2(summary["weights_bytes"]), "measured": logged.model_mib.get("CPU_Mapped")},
-        {"item": "output MiB", "planned": mib2(summary["output_bytes"]), "measured": logged.output_mib},
-        {"item": "compute MiB", "planned": mib2(summary["compute_bytes"]), "measured": round(logged.compute_bytes / MiB, 2)},
-    ]
-    for planned, seen in zip(summary["caches"], logged.caches):
-        rows.append({"item": f"{planned['kind']} cache MiB ({planned['cells']} cells)", "planned": mib2(planned["bytes"]),
-                     "measured": seen.total_mib})
-    for row in rows:
-        p, m = row["planned"], row["measured"]
-        row["match"] = (p == m) if row["item"] != "compute MiB" else None
-        row["error_pct"] = round(100 * (p - m) / m, 1) if isinstance(m, (int, float)) and m else None
-    return rows
 
 
 @dataclass
@@ -110,7 +92,7 @@ def run_session(
         server = stack.enter_context(start_llama_server(argv, binary=binary, run_dir=run_dir, force=force))
         summary = plan_summary(server.plan) if server.plan else {}
         logged = server.measured()
-        comparison = plan_vs_actual(summary, logged) if summary else []
+        comparison = [r.as_record() for r in compare_memory(server.plan.memory, logged)] if server.plan else []
         targets = []
         routing: list[dict[str, Any]] = []
         if "direct" in routes:

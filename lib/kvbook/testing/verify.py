@@ -10,7 +10,8 @@ from kvbook.interface import MiB
 from kvbook.memory.rules import plan_memory
 from kvbook.model.sources import load_gguf
 from kvbook.ops.llama_server import start_llama_server
-from kvbook.ops.logparse import LoggedMemory, mib2
+from kvbook.ops.logparse import LoggedMemory
+from kvbook.ops.measured import compare_memory, measured_start_mib, mismatches
 from kvbook.plan.flags import parse_server_args
 
 # Flag sets checked against the real server for each bundled model: slots, -kvu, --swa-full, every
@@ -71,42 +72,22 @@ class CaseResult:
         return 100 * (self.total_mib_predicted - self.total_mib_measured) / self.total_mib_measured
 
 
-def compare(model_name: str, model: Path, args: list[str], logged: LoggedMemory) -> CaseResult:
+def check_case(model_name: str, model: Path, args: list[str], logged: LoggedMemory) -> CaseResult:
     """Exact checks (cells, n_ctx, every cache to the printed precision) and the compute error."""
     flags = parse_server_args(["llama-server", "-m", str(model), *args])
     predicted = plan_memory(load_gguf(model), flags)
-    bad: list[str] = []
-
-    def same(what: str, got: object, want: object) -> None:
-        if got != want:
-            bad.append(f"{what}: logged {got}, predicted {want}")
-
-    same("n_ctx", logged.n_ctx, predicted.shape.n_ctx)
-    same("n_ctx_seq", logged.n_ctx_seq, predicted.shape.n_ctx_seq)
-    same("n_ubatch", logged.n_ubatch, predicted.shape.n_ubatch)
-    same("caches", [c.kind for c in logged.caches], [c.kind.value for c in predicted.caches])
-    for seen, want in zip(logged.caches, predicted.caches):
-        tag = f"{want.kind.value} cache"
-        same(f"{tag} cells/layers", (seen.cells, seen.layers), (want.cells, want.layers))
-        same(f"{tag} types", (seen.k_type, seen.v_type), (want.k_type, want.v_type))
-        same(f"{tag} K MiB", seen.k_mib, mib2(want.k_bytes))
-        same(f"{tag} V MiB", seen.v_mib, mib2(want.v_bytes))
-        same(f"{tag} MiB", seen.total_mib, mib2(want.bytes))
-    same("output MiB", logged.output_mib, mib2(predicted.output_bytes))
-    same("weights MiB", logged.model_mib.get("CPU_Mapped"), mib2(predicted.weights_bytes))
+    rows = compare_memory(predicted, logged)
     kv_measured = sum(c.total_mib for c in logged.caches)
-    measured_total = (logged.model_mib.get("CPU_Mapped", 0) + kv_measured + (logged.output_mib or 0)
-                      + logged.compute_bytes / MiB)
     return CaseResult(
         model=model_name,
         args=tuple(args),
-        mismatches=tuple(bad),
+        mismatches=mismatches(rows),
         kv_mib_predicted=round((predicted.kv_bytes + predicted.recurrent_bytes) / MiB, 2),
         kv_mib_measured=round(kv_measured, 2),
         compute_mib_predicted=round(predicted.compute.bytes / MiB, 2),
         compute_mib_measured=round(logged.compute_bytes / MiB, 2),
         total_mib_predicted=round(predicted.start_bytes / MiB, 2),
-        total_mib_measured=round(measured_total, 2),
+        total_mib_measured=round(measured_start_mib(logged), 2),
         compute_error_limit_pct=predicted.compute.error_pct,
     )
 
@@ -116,4 +97,4 @@ def run_case(model_name: str, model: Path, args: list[str], run_dir: Path) -> Ca
     with start_llama_server(["llama-server", "-m", str(model), *args, "--no-warmup"], run_dir=run_dir,
                             plan_first=False) as server:
         logged = server.measured()
-    return compare(model_name, model, args, logged)
+    return check_case(model_name, model, args, logged)

@@ -1,0 +1,72 @@
+"""Planned vs measured memory: every figure llama-server logs at -lv 4 beside kvbook's prediction.
+
+The one comparison behind the serve notebook's table, the session records and the accuracy checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbook.interface import MemoryPlan, MiB
+from kvbook.ops.logparse import LoggedMemory, mib2
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One compared figure; `exact` is None for the compute buffer, which kvbook only approximates."""
+
+    item: str
+    planned: object
+    measured: object
+    exact: bool | None
+
+    @property
+    def matches(self) -> bool | None:
+        return None if self.exact is None else self.planned == self.measured
+
+    @property
+    def error_pct(self) -> float | None:
+        p, m = self.planned, self.measured
+        if isinstance(p, (int, float)) and isinstance(m, (int, float)) and not isinstance(m, bool) and m:
+            return round(100 * (p - m) / m, 1)
+        return None
+
+    def as_record(self) -> dict[str, object]:
+        return {"item": self.item, "planned": self.planned, "measured": self.measured, "match": self.matches,
+                "error_pct": self.error_pct}
+
+
+def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryRow, ...]:
+    """Context shape, every cache (cells, layers, types, K, V and total MiB to the log's two decimals),
+    logits, weights, and the compute buffer (approximate)."""
+    rows = [
+        MemoryRow("n_ctx", predicted.shape.n_ctx, logged.n_ctx, True),
+        MemoryRow("n_ctx_seq", predicted.shape.n_ctx_seq, logged.n_ctx_seq, True),
+        MemoryRow("n_ubatch", predicted.shape.n_ubatch, logged.n_ubatch, True),
+        MemoryRow("caches", [c.kind.value for c in predicted.caches], [c.kind for c in logged.caches], True),
+    ]
+    for want, seen in zip(predicted.caches, logged.caches):
+        tag = f"{want.kind.value} cache"
+        rows += [
+            MemoryRow(f"{tag} cells/layers", (want.cells, want.layers), (seen.cells, seen.layers), True),
+            MemoryRow(f"{tag} types", (want.k_type, want.v_type), (seen.k_type, seen.v_type), True),
+            MemoryRow(f"{tag} K MiB", mib2(want.k_bytes), seen.k_mib, True),
+            MemoryRow(f"{tag} V MiB", mib2(want.v_bytes), seen.v_mib, True),
+            MemoryRow(f"{tag} MiB ({want.cells} cells)", mib2(want.bytes), seen.total_mib, True),
+        ]
+    rows += [
+        MemoryRow("output MiB", mib2(predicted.output_bytes), logged.output_mib, True),
+        MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True),
+        MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
+    ]
+    return tuple(rows)
+
+
+def mismatches(rows: tuple[MemoryRow, ...]) -> tuple[str, ...]:
+    """Each exact figure that differs, as 'item: logged X, predicted Y'."""
+    return tuple(f"{r.item}: logged {r.measured}, predicted {r.planned}" for r in rows if r.matches is False)
+
+
+def measured_start_mib(logged: LoggedMemory) -> float:
+    """What the server allocated at start: mapped weights, caches, logits and compute."""
+    kv = sum(c.total_mib for c in logged.caches)
+    return logged.model_mib.get("CPU_Mapped", 0) + kv + (logged.output_mib or 0) + logged.compute_bytes / MiB
