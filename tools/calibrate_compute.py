@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from kvbook.interface import MiB  # noqa: E402
-from kvbook.memory.compute import activation_width, attention_bytes  # noqa: E402
+from kvbook.memory.compute import activation_width, compute_bytes  # noqa: E402
 from kvbook.memory.rules import caches, context_shape  # noqa: E402
+from kvbook.memory.xp import PY  # noqa: E402
 from kvbook.model.sources import load_gguf  # noqa: E402
 from kvbook.ops.components import model_path  # noqa: E402
 from kvbook.plan.flags import parse_server_args  # noqa: E402
@@ -40,7 +41,7 @@ def rows() -> list[dict]:
         flags = parse_server_args(["-m", rec["model"], *rec["args"]])
         shape = context_shape(arch, flags)
         cells = [c.cells for c in caches(arch, shape) if c.kind.value != "recurrent"]
-        fixed = attention_bytes(arch, shape, cells) + 4 * arch.n_vocab
+        fixed = compute_bytes(PY, arch, shape.flash_attn, shape.n_ubatch, sum(cells), max(cells, default=0), coef=0.0)
         width = 4 * shape.n_ubatch * activation_width(arch)
         out.append({"mode": "fa_on" if shape.flash_attn else "fa_off", "y": rec["compute_mib"] * MiB,
                     "fixed": fixed, "width": width})

@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 
 from kvbook.interface import ComputeEstimate, ContextShape, ModelArch
+from kvbook.memory.xp import PY
 
 
 @cache
@@ -33,22 +34,24 @@ def activation_width(arch: ModelArch) -> int:
     return arch.n_embd + ffn + q_width + extra
 
 
-def attention_bytes(arch: ModelArch, shape: ContextShape, cache_cells: list[int]) -> int:
-    """Mask and (without flash attention) score buffers for one ubatch."""
-    if not cache_cells:
-        return 0
-    if shape.flash_attn:
-        return 2 * shape.n_ubatch * sum(cache_cells)
-    n_head = max(arch.n_head, default=0)
-    return shape.n_ubatch * (4 * n_head * max(cache_cells) + 4 * sum(cache_cells))
+def compute_bytes(xp, arch: ModelArch, flash_attn: bool, n_ubatch, cells_sum, cells_max, coef: float | None = None):
+    """The estimate for one ubatch over attention caches of `cells_sum` cells in all (the largest
+    `cells_max`): masks (and scores without flash attention), one row of logits, and `coef` (the
+    calibrated coefficient unless given) x the activations. Scalars or arrays (see kvbook.memory.xp)."""
+    if coef is None:
+        coef = coefficients()["fa_on" if flash_attn else "fa_off"]["coef"]
+    if flash_attn:
+        attention = 2 * n_ubatch * cells_sum
+    else:
+        attention = n_ubatch * (4 * max(arch.n_head, default=0) * cells_max + 4 * cells_sum)
+    return attention + 4 * arch.n_vocab + xp.to_int(4 * n_ubatch * activation_width(arch) * coef)
 
 
 def estimate_compute(arch: ModelArch, shape: ContextShape, cells: list[int]) -> ComputeEstimate:
     """The compute buffer for a context whose attention caches have `cells` cells each."""
     coef = coefficients()
     mode = "fa_on" if shape.flash_attn else "fa_off"
-    act = 4 * shape.n_ubatch * activation_width(arch) * coef[mode]["coef"]
-    total = attention_bytes(arch, shape, cells) + 4 * arch.n_vocab + act
+    total = compute_bytes(PY, arch, shape.flash_attn, shape.n_ubatch, sum(cells), max(cells, default=0))
     return ComputeEstimate(
         bytes=int(total),
         error_pct=float(coef[mode]["max_error_pct"]),

@@ -20,6 +20,7 @@ from kvbook.interface import (
     ServerFlags,
 )
 from kvbook.memory.compute import estimate_compute
+from kvbook.memory.xp import PY
 
 # ggml block size and bytes per block for the cache types llama-server accepts
 CACHE_TYPE_LAYOUT: dict[str, tuple[int, int]] = {
@@ -37,14 +38,14 @@ SERVER_AUTO_SLOTS = 4
 CTX_PAD = 256
 
 
-def pad(n: int, to: int = CTX_PAD) -> int:
+def pad(n, to: int = CTX_PAD):
     return (n + to - 1) // to * to
 
 
-def row_bytes(cache_type: str, n: int) -> int:
-    """ggml_row_size: bytes of n elements of a cache type (n must fill whole blocks)."""
+def row_bytes(cache_type: str, n: int, *, strict: bool = True) -> int:
+    """ggml_row_size: bytes of n elements of a cache type (n must fill whole blocks unless not strict)."""
     block, size = CACHE_TYPE_LAYOUT[cache_type]
-    if n % block:
+    if n % block and strict:
         raise BadInput(f"cache type {cache_type} needs row widths divisible by {block}; this model has {n}")
     return n // block * size
 
@@ -53,33 +54,87 @@ def is_quantized(cache_type: str) -> bool:
     return CACHE_TYPE_LAYOUT[cache_type][0] > 1
 
 
+# ---------------------------------------------------------------- the formulas (scalars or arrays)
+
+def slots(xp, parallel, kv_unified):
+    """(n_seq, unified): -np -1 means SERVER_AUTO_SLOTS slots sharing one unified stream."""
+    auto = parallel < 0
+    return xp.where(auto, SERVER_AUTO_SLOTS, parallel), xp.logical_or(auto, kv_unified)
+
+
+def context_sizes(xp, n_ctx_train: int, ctx, n_seq, unified, fit, batch, ubatch):
+    """(n_ctx, n_ctx_seq, n_stream, n_batch, n_ubatch) as llama-server and llama_context settle them.
+
+    -c 0 is the training context per stream when --fit is on (common/fit.cpp), else in total."""
+    per_stream = xp.logical_and(fit, xp.logical_not(unified))
+    n_ctx = pad(xp.where(ctx > 0, ctx, n_ctx_train * xp.where(per_stream, n_seq, 1)))
+    n_ctx_seq = xp.where(unified, n_ctx, pad(n_ctx // n_seq))
+    n_ctx = xp.where(unified, n_ctx, n_ctx_seq * n_seq)
+    n_batch = xp.minimum(n_ctx, batch)
+    return n_ctx, n_ctx_seq, xp.where(unified, 1, n_seq), n_batch, xp.minimum(n_batch, ubatch)
+
+
+def swa_cell_count(xp, n_swa: int, n_ctx_seq, n_seq, unified, n_ubatch, swa_full):
+    """Cells of the sliding-window cache (llama_kv_cache_iswa)."""
+    window = n_swa * xp.where(unified, n_seq, 1) + n_ubatch
+    return xp.where(swa_full, n_ctx_seq, pad(xp.minimum(n_ctx_seq, window)))
+
+
+def attention_layers(arch: ModelArch) -> tuple[list[int], list[int]]:
+    """(full-attention layers, sliding-window layers) that own a KV cache."""
+    full = [il for il in range(arch.n_layer) if arch.has_kv(il) and not arch.is_swa[il]]
+    swa = [il for il in range(arch.n_layer) if arch.has_kv(il) and arch.is_swa[il]]
+    return full, swa
+
+
+def cell_bytes(arch: ModelArch, layers: list[int], type_k: str, type_v: str, flash: bool, *,
+               strict: bool = True) -> tuple[int, int]:
+    """K and V bytes of one cell of one stream over `layers` (V rows padded to the widest layer without FA)."""
+    v_max = max((arch.head_v_at(il) * arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)), default=0)
+    k = sum(row_bytes(type_k, arch.head_k_at(il) * arch.n_head_kv[il], strict=strict) for il in layers)
+    if arch.is_mla:
+        return k, 0
+    v = sum(row_bytes(type_v, arch.head_v_at(il) * arch.n_head_kv[il] if flash else v_max, strict=strict)
+            for il in layers)
+    return k, v
+
+
+def recurrent_seq_bytes(arch: ModelArch) -> tuple[int, int]:
+    """(R, S) bytes of one sequence's recurrent state over every recurrent layer (f32)."""
+    n_rec = sum(arch.is_recurrent)
+    if not n_rec or arch.recurrent is None:
+        return 0, 0
+    return 4 * arch.recurrent.n_embd_r * n_rec, 4 * arch.recurrent.n_embd_s * n_rec
+
+
+def logits_bytes(n_vocab: int, n_outputs):
+    """Logits buffer: n_vocab floats for each output row."""
+    return n_vocab * 4 * n_outputs
+
+
+def checkpoints_bytes(arch: ModelArch, per_seq_bytes, ctx_checkpoints: int, n_seq):
+    """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
+    if ctx_checkpoints == 0 or not (arch.has_swa or arch.is_hybrid):
+        return 0 * per_seq_bytes
+    return per_seq_bytes * ctx_checkpoints * n_seq
+
+
+# ---------------------------------------------------------------- the scalar planner's records
+
 def context_shape(arch: ModelArch, flags: ServerFlags) -> ContextShape:
     """n_ctx, n_ctx_seq, slots and streams exactly as llama-server and llama_context settle them."""
     if flags.parallel == 0:
         raise BadInput("-np 0 gives no slots; use -np 1 or more (or -1 for auto)")
-    if flags.parallel < 0:
-        n_seq, unified = SERVER_AUTO_SLOTS, True
-    else:
-        n_seq, unified = flags.parallel, bool(flags.kv_unified)
-    if flags.ctx > 0:
-        n_ctx = pad(flags.ctx)
-    else:
-        # -c 0: the training context per stream when --fit is on (common/fit.cpp), else in total
-        n_ctx = pad(arch.n_ctx_train * (n_seq if flags.fit and not unified else 1))
-    if unified:
-        n_ctx_seq, n_stream = n_ctx, 1
-    else:
-        n_ctx_seq = pad(n_ctx // n_seq)
-        if n_ctx_seq == 0:
-            raise BadInput(f"-c {flags.ctx} split over -np {n_seq} slots leaves no context per slot")
-        n_ctx, n_stream = n_ctx_seq * n_seq, n_seq
+    n_seq, unified = slots(PY, flags.parallel, bool(flags.kv_unified))
+    n_ctx, n_ctx_seq, n_stream, n_batch, n_ubatch = context_sizes(
+        PY, arch.n_ctx_train, flags.ctx, n_seq, unified, flags.fit, flags.batch, flags.ubatch)
+    if n_ctx_seq == 0:
+        raise BadInput(f"-c {flags.ctx} split over -np {n_seq} slots leaves no context per slot")
     flash = flags.flash_attn is not FlashAttn.OFF
     if not flash and is_quantized(flags.type_v):
         raise BadInput(f"a quantized V cache (-ctv {flags.type_v}) needs flash attention; llama-server refuses -fa off")
     if arch.is_mla and flags.type_k != flags.type_v:
         raise BadInput(f"{arch.name} uses MLA: llama-server needs -ctk and -ctv to match ({flags.type_k} vs {flags.type_v})")
-    n_batch = min(n_ctx, flags.batch)
-    n_ubatch = min(n_batch, flags.ubatch)
     return ContextShape(
         n_ctx=n_ctx,
         n_ctx_seq=n_ctx_seq,
@@ -97,76 +152,49 @@ def context_shape(arch: ModelArch, flags: ServerFlags) -> ContextShape:
 
 
 def _attention_cache(arch: ModelArch, shape: ContextShape, layers: list[int], cells: int, kind: CacheKind) -> CacheSpec:
-    """One llama_kv_cache over the given layers (V rows padded to the widest layer when FA is off)."""
-    v_max = max((arch.head_v_at(il) * arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)), default=0)
-    k_bytes = v_bytes = 0
-    for il in layers:
-        k_bytes += row_bytes(shape.type_k, arch.head_k_at(il) * arch.n_head_kv[il]) * cells * shape.n_stream
-        if not arch.is_mla:
-            v_width = arch.head_v_at(il) * arch.n_head_kv[il] if shape.flash_attn else v_max
-            v_bytes += row_bytes(shape.type_v, v_width) * cells * shape.n_stream
-    return CacheSpec(
-        kind=kind,
-        cells=cells,
-        layers=len(layers),
-        k_type=shape.type_k,
-        v_type=None if arch.is_mla else shape.type_v,
-        k_bytes=k_bytes,
-        v_bytes=v_bytes,
-    )
+    """One llama_kv_cache over the given layers."""
+    k, v = cell_bytes(arch, layers, shape.type_k, shape.type_v, shape.flash_attn)
+    return CacheSpec(kind=kind, cells=cells, layers=len(layers), k_type=shape.type_k,
+                     v_type=None if arch.is_mla else shape.type_v,
+                     k_bytes=k * cells * shape.n_stream, v_bytes=v * cells * shape.n_stream)
 
 
 def swa_cells(arch: ModelArch, shape: ContextShape) -> int:
     """Cells of the sliding-window cache (llama_kv_cache_iswa)."""
-    if shape.swa_full:
-        return shape.n_ctx_seq
-    window = arch.n_swa * (shape.n_seq if shape.kv_unified else 1) + shape.n_ubatch
-    return pad(min(shape.n_ctx_seq, window))
+    return swa_cell_count(PY, arch.n_swa, shape.n_ctx_seq, shape.n_seq, shape.kv_unified, shape.n_ubatch,
+                          shape.swa_full)
 
 
 def caches(arch: ModelArch, shape: ContextShape, n_rs_seq: int = 0) -> tuple[CacheSpec, ...]:
     """Every cache the main context creates, in the order llama.cpp logs them."""
     out: list[CacheSpec] = []
-    full = [il for il in range(arch.n_layer) if arch.has_kv(il) and not arch.is_swa[il]]
-    swa = [il for il in range(arch.n_layer) if arch.has_kv(il) and arch.is_swa[il]]
-    if full or not swa:
-        if full:
-            out.append(_attention_cache(arch, shape, full, shape.n_ctx_seq, CacheKind.KV))
+    full, swa = attention_layers(arch)
+    if full:
+        out.append(_attention_cache(arch, shape, full, shape.n_ctx_seq, CacheKind.KV))
     if swa:
         out.append(_attention_cache(arch, shape, swa, swa_cells(arch, shape), CacheKind.SWA))
-    rec = [il for il in range(arch.n_layer) if arch.is_recurrent[il]]
-    if rec and arch.recurrent is not None:
+    r_bytes, s_bytes = recurrent_seq_bytes(arch)
+    if r_bytes or s_bytes:
         rows = max(1, shape.n_seq) * (1 + n_rs_seq)
-        out.append(
-            CacheSpec(
-                kind=CacheKind.RECURRENT,
-                cells=max(1, shape.n_seq),
-                layers=len(rec),
-                k_type="f32",
-                v_type="f32",
-                k_bytes=4 * arch.recurrent.n_embd_r * rows * len(rec),
-                v_bytes=4 * arch.recurrent.n_embd_s * rows * len(rec),
-            )
-        )
+        out.append(CacheSpec(kind=CacheKind.RECURRENT, cells=max(1, shape.n_seq), layers=sum(arch.is_recurrent),
+                             k_type="f32", v_type="f32", k_bytes=r_bytes * rows, v_bytes=s_bytes * rows))
     return tuple(out)
 
 
 def output_bytes(arch: ModelArch, shape: ContextShape) -> int:
     """Logits buffer: n_vocab floats for each of n_outputs_max rows."""
-    return arch.n_vocab * 4 * max(shape.n_outputs_max, shape.n_seq)
+    return logits_bytes(arch.n_vocab, max(shape.n_outputs_max, shape.n_seq))
 
 
 def checkpoint_bytes(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> int:
     """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
-    if flags.ctx_checkpoints == 0 or not (arch.has_swa or arch.is_hybrid):
-        return 0
     per_seq = 0
     for cache in caches(arch, shape):
         if cache.kind is CacheKind.SWA:
             per_seq += cache.bytes // shape.n_stream
         elif cache.kind is CacheKind.RECURRENT:
             per_seq += cache.bytes // max(1, shape.n_seq)
-    return per_seq * flags.ctx_checkpoints * shape.n_seq
+    return checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq)
 
 
 def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:

@@ -1,5 +1,5 @@
-"""Vectorised memory model for the notebooks: numpy arrays of contexts x cache types x slot counts
-for one model, the same numbers as kvbook.memory.rules.plan_memory (a test checks they agree)."""
+"""Vectorised memory model for the notebooks: numpy arrays of contexts x cache types x slot counts for
+one model, from the same formulas as kvbook.memory.rules.plan_memory (and a test checks they agree)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbook.interface import MiB, ModelArch
-from kvbook.memory.compute import activation_width, coefficients
-from kvbook.memory.rules import CACHE_TYPE_LAYOUT, CTX_PAD, SERVER_AUTO_SLOTS
+from kvbook.memory import rules
+from kvbook.memory.compute import compute_bytes
+from kvbook.memory.xp import NUMPY
 
 
 @dataclass(frozen=True)
@@ -37,26 +38,6 @@ class SweepResult:
         return self.start_bytes + self.host_extras_bytes
 
 
-def _pad(a: np.ndarray) -> np.ndarray:
-    return (a + CTX_PAD - 1) // CTX_PAD * CTX_PAD
-
-
-def _per_cell_bytes(arch: ModelArch, cache_type: str, layers: list[int], k: bool, flash: bool) -> int:
-    """Bytes per cell per stream of one cache for one side (K or V)."""
-    block, size = CACHE_TYPE_LAYOUT[cache_type]
-    if not k and arch.is_mla:
-        return 0
-    v_max = max((arch.head_v_at(il) * arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)), default=0)
-    total = 0
-    for il in layers:
-        if k:
-            width = arch.head_k_at(il) * arch.n_head_kv[il]
-        else:
-            width = arch.head_v_at(il) * arch.n_head_kv[il] if flash else v_max
-        total += width // block * size
-    return total
-
-
 def sweep(
     arch: ModelArch,
     ctx: np.ndarray | list[int],
@@ -72,55 +53,34 @@ def sweep(
     ctx_checkpoints: int = 32,
     fit: bool = True,
 ) -> SweepResult:
-    """Memory for every combination; K and V use the same cache type, as in the notebooks' sweeps."""
+    """Memory for every combination; K and V use the same cache type, as in the notebooks' sweeps.
+
+    The formulas are kvbook.memory.rules' own, evaluated over arrays."""
+    xp = NUMPY
     c = np.asarray(ctx, dtype=np.int64).reshape(-1, 1, 1)
     s = np.asarray(slots, dtype=np.int64).reshape(1, 1, -1)
     types = tuple(cache_types)
-    auto = s < 0
-    n_seq = np.where(auto, SERVER_AUTO_SLOTS, s)
-    uni = auto | unified
-    streams = np.where(uni, 1, n_seq)
-    base = np.where(c > 0, c, arch.n_ctx_train * np.where(fit & ~uni, n_seq, 1))
-    n_ctx = _pad(base)
-    n_ctx_seq = np.where(uni, n_ctx, _pad(n_ctx // n_seq))
-    n_ctx = np.where(uni, n_ctx, n_ctx_seq * n_seq)
-    n_batch = np.minimum(n_ctx, batch)
-    n_ub = np.minimum(n_batch, ubatch)
+    n_seq, uni = rules.slots(xp, s, unified)
+    n_ctx, n_ctx_seq, streams, _, n_ub = rules.context_sizes(xp, arch.n_ctx_train, c, n_seq, uni, fit, batch, ubatch)
 
-    full = [il for il in range(arch.n_layer) if arch.has_kv(il) and not arch.is_swa[il]]
-    swa = [il for il in range(arch.n_layer) if arch.has_kv(il) and arch.is_swa[il]]
-    per_cell_full = np.array([_per_cell_bytes(arch, t, full, True, flash_attn) + _per_cell_bytes(arch, t, full, False, flash_attn)
-                              for t in types], dtype=np.int64).reshape(1, -1, 1)
-    per_cell_swa = np.array([_per_cell_bytes(arch, t, swa, True, flash_attn) + _per_cell_bytes(arch, t, swa, False, flash_attn)
-                             for t in types], dtype=np.int64).reshape(1, -1, 1)
-    if swa:
-        window = arch.n_swa * np.where(uni, n_seq, 1) + n_ub
-        swa_cells = np.where(swa_full, n_ctx_seq, _pad(np.minimum(n_ctx_seq, window)))
-    else:
-        swa_cells = np.zeros_like(n_ctx_seq)
+    full, swa = rules.attention_layers(arch)
+    per_type = [[sum(rules.cell_bytes(arch, layers, t, t, flash_attn, strict=False)) for t in types]
+                for layers in (full, swa)]
+    per_cell_full, per_cell_swa = (np.array(row, dtype=np.int64).reshape(1, -1, 1) for row in per_type)
+    zero = np.zeros_like(n_ctx_seq)
+    swa_cells = rules.swa_cell_count(xp, arch.n_swa, n_ctx_seq, n_seq, uni, n_ub, swa_full) if swa else zero
     kv = (per_cell_full * n_ctx_seq + per_cell_swa * swa_cells) * streams
+    like = 0 * kv  # broadcasts every result to (context, cache type, slots)
 
-    n_rec = sum(arch.is_recurrent)
-    rec_per_seq = 4 * (arch.recurrent.n_embd_r + arch.recurrent.n_embd_s) * n_rec if arch.recurrent and n_rec else 0
-    recurrent = rec_per_seq * np.maximum(1, n_seq) + 0 * kv
-
-    coef = coefficients()["fa_on" if flash_attn else "fa_off"]["coef"]
-    cells_sum = (n_ctx_seq if full else 0) + (swa_cells if swa else 0)
-    cells_max = np.maximum(n_ctx_seq if full else 0, swa_cells if swa else 0)
-    if flash_attn:
-        attention = 2 * n_ub * cells_sum
-    else:
-        attention = n_ub * (4 * max(arch.n_head, default=0) * cells_max + 4 * cells_sum)
-    compute = (attention + 4 * arch.n_vocab + (4 * n_ub * activation_width(arch) * coef).astype(np.int64)) + 0 * kv
-    output = arch.n_vocab * 4 * n_seq + 0 * kv
-
-    checkpoints = 0
-    if ctx_checkpoints and (swa or n_rec):
-        per_seq = per_cell_swa * swa_cells + rec_per_seq
-        checkpoints = per_seq * ctx_checkpoints * n_seq
-    extras = (max(cache_ram_mib, 0) * MiB + checkpoints) + 0 * kv
+    rec_per_seq = sum(rules.recurrent_seq_bytes(arch))
+    recurrent = rec_per_seq * np.maximum(1, n_seq) + like
+    full_cells = n_ctx_seq if full else zero
+    compute = compute_bytes(xp, arch, flash_attn, n_ub, full_cells + swa_cells, np.maximum(full_cells, swa_cells)) + like
+    output = rules.logits_bytes(arch.n_vocab, n_seq) + like
+    checkpoints = rules.checkpoints_bytes(arch, per_cell_swa * swa_cells + rec_per_seq, ctx_checkpoints, n_seq)
+    extras = max(cache_ram_mib, 0) * MiB + checkpoints + like
     return SweepResult(
-        ctx=c.reshape(-1), cache_types=types, slots=s.reshape(-1), n_ctx=n_ctx + 0 * kv, n_ctx_seq=n_ctx_seq + 0 * kv,
+        ctx=c.reshape(-1), cache_types=types, slots=s.reshape(-1), n_ctx=n_ctx + like, n_ctx_seq=n_ctx_seq + like,
         kv_bytes=kv, recurrent_bytes=recurrent, compute_bytes=compute, output_bytes=output,
         weights_bytes=arch.weights_bytes, host_extras_bytes=extras,
     )
