@@ -12,6 +12,7 @@ from kvbook.errors import BadInput
 from kvbook.notebook.runner import plan_jobs
 from kvbook.paths import repo_root
 from kvbook.records import comparison as cmp
+from kvbook.records.store import CheckRecord
 
 
 def test_wilson_matches_published_intervals():
@@ -39,7 +40,7 @@ def test_bootstrap_median_difference_is_deterministic_and_separates():
     assert d == 0 and low <= 0 <= high
 
 
-def _records(label: str, passes: list[bool], first_text_ms: list[float], run_id: str = "r1") -> list[dict]:
+def _records(label: str, passes: list[bool], first_text_ms: list[float], run_id: str = "r1") -> list[CheckRecord]:
     out = []
     for i, (ok, ms) in enumerate(zip(passes, first_text_ms)):
         base = {"run_id": run_id, "label": label, "model_name": label.upper(), "repeat": i, "route": "direct",
@@ -48,7 +49,7 @@ def _records(label: str, passes: list[bool], first_text_ms: list[float], run_id:
         out.append({**base, "check": "forced_tool_call", "passed": ok, "timings": {}})
         out.append({**base, "check": "stream_text", "passed": True,
                     "timings": {"first_text_s": ms / 1000, "tokens_per_s": 100.0 + i % 3}})
-    return out
+    return [CheckRecord.from_json(r) for r in out]
 
 
 def test_verdict_names_what_beats_the_noise():
@@ -81,8 +82,8 @@ def test_summarize_reports_plan_and_noise():
 
 
 def test_no_speed_samples_is_not_comparable_not_a_crash():
-    a = [r for r in _records("a", [True], [50]) if r["check"] != "stream_text"]
-    b = [r for r in _records("b", [True], [50]) if r["check"] != "stream_text"]
+    a = [r for r in _records("a", [True], [50]) if r.check != "stream_text"]
+    b = [r for r in _records("b", [True], [50]) if r.check != "stream_text"]
     text = cmp.verdict(cmp.differences(a + b, "a", "b"))
     assert any(line.startswith("Not comparable") and "tokens/s" in line for line in text)
 

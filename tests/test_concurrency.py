@@ -32,7 +32,7 @@ def test_four_clients_for_sixty_seconds_through_litellm(smollm2, tmp_path):
         with start_proxy(default_routes(server.base_url), run_dir=tmp_path) as proxy:
             assert urlparse(proxy.base_url).hostname == "127.0.0.1" == urlparse(server.base_url).hostname
             target = Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, {"x-api-key": proxy.master_key})
-            load = run_load(target, results, clients=4, duration_s=60, base_record={"run_id": "load-test"})
+            load = run_load(target, results, clients=4, duration_s=60, run_id="load-test")
     records, bad = read_records(results)
     assert bad == [], bad
     assert load.written == load.requests == len(records), load

@@ -292,7 +292,7 @@ output_dir: str = "auto"  # set by kvbook run, auto means a new folder under out
     code("""
 from kvbook.records import comparison as cmp
 from kvbook.notebook import ops_support as ns
-from kvbook.records.store import read_records
+from kvbook.records.store import read_checks
 from kvbook.notebook.html import distribution_figure, rate_figure
 
 ctx = ns.start_run("compare", output_dir, results_path)
@@ -302,7 +302,7 @@ if launch:
     run_ids = [ctx.run_id]
 else:
     chosen, failed, run_ids = ns.recorded_labels(labels), [], []
-records, bad_lines = read_records(ctx.results_path)
+records, bad_lines = read_checks(ctx.results_path)
 for bad in bad_lines:
     print(f"skipped {ctx.results_path.name} line {bad.line_no}: {bad.reason}")
 selected = cmp.select(records, run_ids=run_ids, labels=chosen)

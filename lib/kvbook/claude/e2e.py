@@ -7,7 +7,7 @@
    follow-up with `--continue` and a new session in the same folder with another first prompt, once
    with the attribution header and once with CLAUDE_CODE_ATTRIBUTION_HEADER=0. The prompt-cache
    reuse is read from llama-server's log and from the usage Claude Code reports.
-Every step is a record appended with kvbook.records.store.append_records.
+Every step is a CheckRecord appended with kvbook.records.store.append_checks.
 
 What makes a turn complete with the bundled 135M SmolLM2 (measured with 2.1.197, see TURN_FLAGS):
 by default the request ends with a `system`-role message after the user's prompt (the Agent tool's
@@ -384,7 +384,7 @@ def run_e2e(*, run_dir: Path, results_path: Path | None = None, run_id: str = ""
     """Capture, check each field, then three turns with the attribution header and three without."""
     from kvbook.ops.components import find_claude, model_path
     from kvbook.ops.llama_server import start_llama_server
-    from kvbook.records.store import append_records
+    from kvbook.records.store import CheckRecord, append_checks
 
     if len(prompts) != 3 or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise BadInput("prompts must be three non-empty texts: first turn, --continue follow-up, new session")
@@ -395,14 +395,15 @@ def run_e2e(*, run_dir: Path, results_path: Path | None = None, run_id: str = ""
     body, headers, second, off = _captures(claude, prompts)
     billing = _billing(body, second, off)
     model = model_path("smollm2-135m")
-    records: list[dict[str, Any]] = []
-    base = {"run_id": run_id, "claude_code_version": version, "model_file": str(model),
-            "llama_server_args": list(server_args), "claude_flags": list(TURN_FLAGS)}
+    records: list[CheckRecord] = []
+    context = {"claude_code_version": version, "model_file": str(model), "llama_server_args": list(server_args),
+               "claude_flags": list(TURN_FLAGS)}
 
     def record(check: str, passed: bool, reason: str, **details: Any) -> None:
-        records.append({**base, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "check": check, "route": "claude-code", "passed": passed,
-                        "required": check == "claude_code_turn", "reason": reason, "details": details})
+        records.append(CheckRecord(
+            run_id=run_id, check=check, route="claude-code", passed=passed, required=check == "claude_code_turn",
+            reason=reason, time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            model_name="smollm2-135m", extra={**context, "details": details}))
 
     with RecordingEndpoint(main_marker="\0") as upstream, \
             start_llama_server(["llama-server", "-m", str(model), *server_args], run_dir=run_dir, force=True) as server:
@@ -443,5 +444,5 @@ def run_e2e(*, run_dir: Path, results_path: Path | None = None, run_id: str = ""
         across_sessions_header_off=_reuse(turns, False, "new session"),
     )
     if results_path is not None:
-        append_records(results_path, records)
+        append_checks(results_path, records)
     return report

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvbook.records.store import CheckRecord
+
 import html
 from collections.abc import Sequence
 from typing import Any
@@ -71,16 +76,15 @@ def pass_fail_figure(results: Sequence[Any]):
     return fig
 
 
-def distribution_figure(records: Sequence[dict[str, Any]], labels: Sequence[str], check: str, key: str,
+def distribution_figure(records: Sequence[CheckRecord], labels: Sequence[str], check: str, key: str,
                         scale: float, title: str, unit: str):
     """One box per contender (every sample drawn) for a timing of one check."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for label in labels:
-        ys = [scale * r["timings"][key] for r in records
-              if (r.get("label") or r.get("model_name")) == label and r.get("check") == check and r.get("passed")
-              and isinstance((r.get("timings") or {}).get(key), (int, float))]
+        ys = [scale * r.timing(key) for r in records
+              if r.label == label and r.check == check and r.passed and r.timing(key) is not None]
         fig.add_box(y=ys, name=label, boxpoints="all", jitter=0.4, pointpos=0)
     fig.update_layout(title=title, yaxis_title=unit, height=420, showlegend=False)
     return fig

@@ -10,7 +10,7 @@ from typing import Any
 
 from kvbook.errors import BadInput
 from kvbook.notebook.html import html_table
-from kvbook.records.store import read_records
+from kvbook.records.store import CheckRecord, read_records
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -60,8 +60,8 @@ def build_index(outputs: Path) -> Path:
             esc = html.escape(r["report"])
             table = table.replace(f"<td>{esc}</td>", f'<td><a href="{esc}">open report</a></td>', 1)
     records, bad = read_records(outputs / "results.jsonl")
-    checks = [r for r in records if "passed" in r]
-    passed = sum(bool(r.get("passed")) for r in checks)
+    checks = [c for c in map(CheckRecord.from_json, records) if c is not None]
+    passed = sum(c.passed for c in checks)
     notes = f"<p>results.jsonl: {len(records)} records, {passed}/{len(checks)} checks passed.</p>"
     if bad:
         items = "".join(f"<li>line {b.line_no}: {html.escape(b.reason)}</li>" for b in bad)

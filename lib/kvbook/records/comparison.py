@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from kvbook.errors import BadInput
+from kvbook.records.store import CheckRecord
 
 TOOL_CHECKS = ("forced_tool_call", "auto_tool_call", "stream_tool_call")
 # The like-for-like latency reference: a plain streamed paragraph, same prompt on every route.
@@ -131,64 +132,51 @@ def median_difference(a: Sequence[float], b: Sequence[float], seed: int = 0) -> 
     return (float(np.median(xb) - np.median(xa)), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5)))
 
 
-def check_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The smoke-check records (those with a check name and a pass flag)."""
-    return [r for r in records if isinstance(r.get("check"), str) and isinstance(r.get("passed"), bool)]
-
-
-def contender_key(record: dict[str, Any]) -> str:
-    return str(record.get("label") or record.get("model_name") or "unlabelled")
-
-
-def select(records: Iterable[dict[str, Any]], *, run_ids: Sequence[str] = (), labels: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Check records of the given runs and/or labels (all check records when both are empty)."""
-    out = check_records(records)
+def select(records: Iterable[CheckRecord], *, run_ids: Sequence[str] = (), labels: Sequence[str] = ()) -> list[CheckRecord]:
+    """Check records of the given runs and/or labels (all of them when both are empty)."""
+    out = list(records)
     if run_ids:
-        out = [r for r in out if r.get("run_id") in set(run_ids)]
+        out = [r for r in out if r.run_id in set(run_ids)]
     if labels:
-        out = [r for r in out if contender_key(r) in set(labels)]
+        out = [r for r in out if r.label in set(labels)]
     return out
 
 
-def _timing(records: Iterable[dict[str, Any]], key: str, scale: float = 1.0) -> list[float]:
-    values = []
-    for r in records:
-        v = (r.get("timings") or {}).get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            values.append(float(v) * scale)
-    return values
+def _timing(records: Iterable[CheckRecord], key: str, scale: float = 1.0) -> list[float]:
+    values = [r.timing(key) for r in records]
+    return [v * scale for v in values if v is not None and math.isfinite(v)]
 
 
 def _mib(n: Any) -> float | None:
     return round(n / 2**20, 2) if isinstance(n, (int, float)) else None
 
 
-def summarize(records: Sequence[dict[str, Any]], label: str) -> Contender:
-    mine = [r for r in check_records(records) if contender_key(r) == label]
+def summarize(records: Sequence[CheckRecord], label: str) -> Contender:
+    mine = [r for r in records if r.label == label]
     if not mine:
         raise BadInput(f"no smoke records for '{label}' in the results")
-    required = [r for r in mine if r.get("required")]
-    tools = [r for r in mine if r["check"] in TOOL_CHECKS]
-    per_check = {c: wilson(sum(r["passed"] for r in mine if r["check"] == c), sum(1 for r in mine if r["check"] == c))
-                 for c in dict.fromkeys(r["check"] for r in mine)}
-    speed = [r for r in mine if r["check"] == SPEED_CHECK and r["passed"]]
+    required = [r for r in mine if r.required]
+    tools = [r for r in mine if r.check in TOOL_CHECKS]
+    per_check = {c: wilson(sum(r.passed for r in mine if r.check == c), sum(1 for r in mine if r.check == c))
+                 for c in dict.fromkeys(r.check for r in mine)}
+    speed = [r for r in mine if r.check == SPEED_CHECK and r.passed]
     by_repeat: dict[tuple[str, int], list[float]] = {}
     for r in speed:
-        v = (r.get("timings") or {}).get("first_text_s")
-        if isinstance(v, (int, float)):
-            by_repeat.setdefault((str(r.get("run_id")), int(r.get("repeat") or 0)), []).append(v)
+        v = r.timing("first_text_s")
+        if v is not None:
+            by_repeat.setdefault((r.run_id, r.repeat), []).append(v)
     medians = [float(np.median(v)) for v in by_repeat.values()]
     cv = (100 * float(np.std(medians, ddof=1)) / float(np.mean(medians))) if len(medians) >= 2 and np.mean(medians) else None
     first = mine[0]
-    plan, measured = first.get("plan") or {}, first.get("measured") or {}
+    plan, measured = first.extra.get("plan") or {}, first.extra.get("measured") or {}
     caches = measured.get("caches_mib") or []
     return Contender(
         label=label,
-        model=str(first.get("model_name") or ""),
-        runs=len({r.get("run_id") for r in mine}),
-        repeats=len({(r.get("run_id"), r.get("repeat")) for r in mine}),
-        required=wilson(sum(r["passed"] for r in required), len(required)),
-        tool_calls=wilson(sum(r["passed"] for r in tools), len(tools)),
+        model=first.model_name,
+        runs=len({r.run_id for r in mine}),
+        repeats=len({(r.run_id, r.repeat) for r in mine}),
+        required=wilson(sum(r.passed for r in required), len(required)),
+        tool_calls=wilson(sum(r.passed for r in tools), len(tools)),
         per_check=per_check,
         first_text_ms=spread(_timing(speed, "first_text_s", 1000.0)),
         tokens_per_s=spread(_timing(speed, "tokens_per_s")),
@@ -196,11 +184,11 @@ def summarize(records: Sequence[dict[str, Any]], label: str) -> Contender:
         plan_total_mib=_mib(plan.get("total_bytes")),
         plan_kv_mib=_mib(plan.get("kv_bytes")),
         measured_kv_mib=round(sum(caches), 2) if caches else None,
-        plan_matches=first.get("plan_matches") if isinstance(first.get("plan_matches"), bool) else None,
+        plan_matches=first.extra.get("plan_matches") if isinstance(first.extra.get("plan_matches"), bool) else None,
     )
 
 
-def differences(records: Sequence[dict[str, Any]], a: str, b: str) -> list[Difference]:
+def differences(records: Sequence[CheckRecord], a: str, b: str) -> list[Difference]:
     """Every headline metric of b against a (the baseline)."""
     ca, cb = summarize(records, a), summarize(records, b)
     out = []
@@ -208,8 +196,7 @@ def differences(records: Sequence[dict[str, Any]], a: str, b: str) -> list[Diffe
                            ("tool-call pass rate", ca.tool_calls, cb.tool_calls)):
         d, lo, hi = rate_difference(ra, rb)
         out.append(Difference(metric, a, b, 100 * ra.value, 100 * rb.value, 100 * d, 100 * lo, 100 * hi, "points"))
-    pick = lambda label: [r for r in check_records(records)  # noqa: E731
-                          if contender_key(r) == label and r["check"] == SPEED_CHECK and r["passed"]]
+    pick = lambda label: [r for r in records if r.label == label and r.check == SPEED_CHECK and r.passed]  # noqa: E731
     for metric, key, scale, unit in (("time to first text (median)", "first_text_s", 1000.0, "ms"),
                                      ("tokens/s (median)", "tokens_per_s", 1.0, "tok/s")):
         xa, xb = _timing(pick(a), key, scale), _timing(pick(b), key, scale)

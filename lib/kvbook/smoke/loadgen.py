@@ -6,14 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvbook.errors import BadInput, ServerError
 from kvbook.interface import to_dict
-from kvbook.records.store import append_records
+from kvbook.records.store import CheckRecord, append_checks
 from kvbook.smoke.checks import CheckResult, SmokeConfig, Target, check_count_tokens, check_forced_tool, check_stream_text
 
 MAX_CLIENTS = 16
@@ -47,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def run_load(target: Target, results_path: Path, *, clients: int = 4, duration_s: float = 60.0,
              cfg: SmokeConfig = SmokeConfig(max_tokens=32, text_tokens=32, timeout_s=60.0),
-             base_record: Mapping[str, Any] | None = None) -> LoadResult:
+             run_id: str = "load", label: str = "") -> LoadResult:
     """Run `clients` threads for `duration_s`; each appends one record per check (own fd, flock)."""
     if not 1 <= clients <= MAX_CLIENTS:
         raise BadInput(f"clients must be 1..{MAX_CLIENTS}, got {clients}")
@@ -74,12 +73,10 @@ def run_load(target: Target, results_path: Path, *, clients: int = 4, duration_s
                 with lock:
                     crashes[0] += 1
             n += 1
-            written[i] += append_records(results_path, [{
-                **(base_record or {}),
-                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-                "client": i, "seq": n, "check": result.check, "route": result.route, "passed": result.passed,
-                "required": result.required, "reason": result.reason, "timings": to_dict(result.timings),
-            }])
+            written[i] += append_checks(results_path, [CheckRecord(
+                run_id=run_id, check=result.check, route=result.route, passed=result.passed, required=result.required,
+                reason=result.reason, time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                label=label, timings=to_dict(result.timings), extra={"client": i, "seq": n})])
             counts[i] = n
             passed[i] += result.passed
             with lock:

@@ -18,7 +18,7 @@ from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, st
 from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.measured import compare_memory
 from kvbook.plan.summary import plan_summary
-from kvbook.records.store import append_records
+from kvbook.records.store import CheckRecord, append_checks
 from kvbook.smoke.checks import CheckResult, SmokeConfig, Target, run_suite
 
 ROUTES = ("direct", "litellm-anthropic", "litellm-openai")
@@ -108,13 +108,10 @@ def run_session(
             if "litellm-openai" in routes:
                 targets.append(Target("litellm-openai", proxy.base_url, ROUTE_OPENAI, auth))
 
-        base_record = {
-            "run_id": run_id,
-            "label": label,
+        context = {
             "tool_prefill": smoke.tool_prefill,
             "model_file": str(model),
             "model_sha256": sha,
-            "model_name": summary.get("model"),
             "llama_server_argv": [str(binary), *argv[1:]],
             "versions": vers,
             "plan": {k: summary.get(k) for k in ("n_ctx", "n_ctx_seq", "kv_bytes", "recurrent_bytes", "weights_bytes",
@@ -127,17 +124,11 @@ def run_session(
 
         def record(result: CheckResult, repeat: int) -> None:
             results.append(result)
-            append_records(results_path, [{
-                **base_record,
-                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "repeat": repeat,
-                "check": result.check,
-                "route": result.route,
-                "passed": result.passed,
-                "required": result.required,
-                "reason": result.reason,
-                "timings": to_dict(result.timings),
-            }])
+            append_checks(results_path, [CheckRecord(
+                run_id=run_id, check=result.check, route=result.route, passed=result.passed, required=result.required,
+                reason=result.reason, time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                label=label, model_name=str(summary.get("model") or ""), repeat=repeat,
+                timings=to_dict(result.timings), extra=context)])
             if on_result:
                 on_result(result)
 
