@@ -102,6 +102,59 @@ def supported_archs() -> list[str]:
     return sorted(RULES)
 
 
+def _layer_counts(m: _Meta, source: str, arch: str) -> tuple[int, int, int]:
+    """(all layers, main layers, NextN/MTP layers) from block_count and nextn_predict_layers."""
+    n_layer_all = m.int("block_count")
+    if not 0 < n_layer_all <= MAX_LAYERS:
+        raise ModelError(f"{source}: {arch}.block_count={n_layer_all} is outside 1..{MAX_LAYERS}")
+    n_nextn = m.int("nextn_predict_layers", 0)
+    if n_nextn >= n_layer_all:
+        raise ModelError(f"{source}: {arch}.nextn_predict_layers={n_nextn} leaves no main layers")
+    return n_layer_all, n_layer_all - n_nextn, n_nextn
+
+
+def _swa_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int) -> tuple[tuple[bool, ...], int]:
+    """(which layers use the sliding window, the window) as llama_model_base::load_swa_pattern sets them."""
+    n_swa = m.int("attention.sliding_window", 0)
+    if rule.swa_pattern is None or (n_swa <= 0 and rule.swa_needs_window):
+        return (False,) * n_layer_all, 0
+    explicit = m.bools("attention.sliding_window_pattern", n_layer_all)
+    if explicit is not None:
+        return explicit, n_swa
+    pattern = m.int("attention.sliding_window_pattern", rule.swa_pattern)
+    return tuple(
+        il < n_layer and (pattern == 0 or (il % pattern != 0 if rule.swa_dense_first else il % pattern < pattern - 1))
+        for il in range(n_layer_all)
+    ), n_swa
+
+
+def _recurrent_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int, source: str,
+                      arch: str) -> tuple[tuple[bool, ...], RecurrentShape | None]:
+    """(which layers are recurrent, their state shape) for hybrid models; none elsewhere."""
+    if rule.recurrent != "interval":
+        return (False,) * n_layer_all, None
+    explicit = m.bools("attention.recurrent_layers", n_layer_all)
+    if explicit is not None:
+        is_rec = explicit
+    else:
+        interval = m.int("full_attention_interval", 4)
+        if interval == 0:
+            raise ModelError(f"{source}: {arch}.full_attention_interval must be > 0")
+        is_rec = tuple(il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all))
+    shape = RecurrentShape(d_conv=m.int("ssm.conv_kernel"), d_inner=m.int("ssm.inner_size"),
+                           d_state=m.int("ssm.state_size"), n_group=m.int("ssm.group_count"))
+    return is_rec, shape
+
+
+def _kv_from_start(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int) -> int:
+    """Layers that own a KV cache (Gemma 3n / Gemma 4 share it past n_layer_kv_from_start)."""
+    if rule.kv_from_start is not None:
+        return min(n_layer, rule.kv_from_start)
+    if rule.kv_shared_key is not None:
+        return min(n_layer, n_layer_all - m.int(rule.kv_shared_key, 0))
+    return n_layer
+
+
 def arch_from_metadata(
     meta: Mapping[str, Any],
     *,
@@ -127,72 +180,19 @@ def arch_from_metadata(
         if m.raw(key) is None:
             raise ModelError(f"{source}: missing metadata key {arch}.{key}")
 
-    n_layer_all = m.int("block_count")
-    if not 0 < n_layer_all <= MAX_LAYERS:
-        raise ModelError(f"{source}: {arch}.block_count={n_layer_all} is outside 1..{MAX_LAYERS}")
-    n_nextn = m.int("nextn_predict_layers", 0)
-    if n_nextn >= n_layer_all:
-        raise ModelError(f"{source}: {arch}.nextn_predict_layers={n_nextn} leaves no main layers")
-    n_layer = n_layer_all - n_nextn
+    n_layer_all, n_layer, n_nextn = _layer_counts(m, source, arch)
     n_embd = m.int("embedding_length")
-
     n_head_all = m.per_layer("attention.head_count", n_layer_all, 0)
     n_head_kv_all = m.per_layer("attention.head_count_kv", n_layer_all, list(n_head_all))
     n_head0 = n_head_all[0]
     head_k = m.int("attention.key_length", n_embd // n_head0 if n_head0 else 0)
     head_v = m.int("attention.value_length", n_embd // n_head0 if n_head0 else 0)
-    head_k_swa = m.int("attention.key_length_swa", head_k)
-    head_v_swa = m.int("attention.value_length_swa", head_v)
     is_mla = m.raw("attention.key_length_mla") is not None and m.raw("attention.value_length_mla") is not None
-
-    # Sliding-window layers (llama_model_base::load_swa_pattern)
-    n_swa = m.int("attention.sliding_window", 0)
-    is_swa: tuple[bool, ...] = (False,) * n_layer_all
-    if rule.swa_pattern is not None and (n_swa > 0 or not rule.swa_needs_window):
-        explicit = m.bools("attention.sliding_window_pattern", n_layer_all)
-        if explicit is not None:
-            is_swa = explicit
-        else:
-            pattern = m.int("attention.sliding_window_pattern", rule.swa_pattern)
-            is_swa = tuple(
-                il < n_layer
-                and (pattern == 0 or (il % pattern != 0 if rule.swa_dense_first else il % pattern < pattern - 1))
-                for il in range(n_layer_all)
-            )
-    else:
-        n_swa = 0
-
-    # Recurrent layers of hybrid models
-    is_rec: tuple[bool, ...] = (False,) * n_layer_all
-    recurrent: RecurrentShape | None = None
-    if rule.recurrent == "interval":
-        explicit = m.bools("attention.recurrent_layers", n_layer_all)
-        if explicit is not None:
-            is_rec = explicit
-        else:
-            interval = m.int("full_attention_interval", 4)
-            if interval == 0:
-                raise ModelError(f"{source}: {arch}.full_attention_interval must be > 0")
-            is_rec = tuple(il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all))
-        recurrent = RecurrentShape(
-            d_conv=m.int("ssm.conv_kernel"),
-            d_inner=m.int("ssm.inner_size"),
-            d_state=m.int("ssm.state_size"),
-            n_group=m.int("ssm.group_count"),
-        )
-
-    # Shared-KV layers (Gemma 3n / Gemma 4): layers past n_layer_kv_from_start own no cache
-    kv_from_start = n_layer
-    if rule.kv_from_start is not None:
-        kv_from_start = min(n_layer, rule.kv_from_start)
-    elif rule.kv_shared_key is not None:
-        kv_from_start = min(n_layer, n_layer_all - m.int(rule.kv_shared_key, 0))
-
+    is_swa, n_swa = _swa_layers(m, rule, n_layer_all, n_layer)
+    is_rec, recurrent = _recurrent_layers(m, rule, n_layer_all, n_layer, source, arch)
     vocab = n_vocab if n_vocab is not None else m.int("vocab_size", 0)
     if vocab <= 0:
         raise ModelError(f"{source}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
-    n_ff = max(m.per_layer("feed_forward_length", n_layer_all, 0))
-    n_ff_exp = max(m.per_layer("expert_feed_forward_length", n_layer_all, 0))
 
     return ModelArch(
         name=name,
@@ -207,18 +207,18 @@ def arch_from_metadata(
         n_head_kv=n_head_kv_all[:n_layer],
         head_k=head_k,
         head_v=head_v,
-        head_k_swa=head_k_swa,
-        head_v_swa=head_v_swa,
+        head_k_swa=m.int("attention.key_length_swa", head_k),
+        head_v_swa=m.int("attention.value_length_swa", head_v),
         is_swa=is_swa[:n_layer],
         n_swa=n_swa,
         is_recurrent=is_rec[:n_layer],
         recurrent=recurrent,
         is_mla=is_mla,
-        n_layer_kv_from_start=kv_from_start,
-        n_ff=n_ff,
+        n_layer_kv_from_start=_kv_from_start(m, rule, n_layer_all, n_layer),
+        n_ff=max(m.per_layer("feed_forward_length", n_layer_all, 0)),
         n_expert=m.int("expert_count", 0),
         n_expert_used=m.int("expert_used_count", 0),
-        n_ff_exp=n_ff_exp,
+        n_ff_exp=max(m.per_layer("expert_feed_forward_length", n_layer_all, 0)),
         weights_bytes=weights_bytes,
         weights_exact=weights_exact,
         weights_note=weights_note,

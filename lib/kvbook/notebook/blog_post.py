@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvbook.interface import Device, GiB, MiB, ModelArch, Plan, to_dict
+from kvbook.interface import Device, GiB, MemoryPlan, MiB, ModelArch, Plan, to_dict
 from kvbook.memory.rules import row_bytes
 from kvbook.notebook.sizing import budget_of
 from kvbook.plan.flags import parse_server_args
@@ -87,124 +87,185 @@ def post_plans() -> tuple[ModelArch, Device, tuple[Plan, ...]]:
     return arch, device, plans
 
 
-def blog_post_comparison() -> BlogComparison:
-    """Rows of (item, post says, kvbook computes, why), all kvbook numbers computed now from the presets."""
+@dataclass(frozen=True)
+class _PostFacts:
+    """Every number the comparison rows quote, computed once from the presets."""
+
+    arch: ModelArch
+    device: Device
+    plans: tuple[Plan, ...]
+    budget: int
+    n_attn: int
+    n_rec: int
+    per_tok: int
+    kv_heads: int
+    all_attn_kv: int
+    implied: int
+    implied_small: int
+    shape: dict
+    shape_bytes: int
+    rec_seq: int
+    ckpt: int
+    cram: int
+    bw: float
+    kv_ms: dict
+    ws_sources: dict
+    ratio: float
+
+    @property
+    def big(self) -> Plan:
+        return self.plans[0]
+
+    @property
+    def small(self) -> Plan:
+        return self.plans[1]
+
+    @property
+    def mb(self) -> MemoryPlan:
+        return self.plans[0].memory
+
+    @property
+    def ms(self) -> MemoryPlan:
+        return self.plans[1].memory
+
+
+def _post_facts() -> _PostFacts:
     arch, device, plans = post_plans()
-    big, small = plans
-    mb, ms = big.memory, small.memory
-    budget = budget_of(device)
+    mb = plans[0].memory
     n_attn = sum(arch.has_kv(il) for il in range(arch.n_layer))
-    n_rec = sum(arch.is_recurrent)
     per_tok = kv_bytes_per_token(arch)
-    kv_heads = next(arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il))
-    attn_layer = per_tok // max(1, n_attn)
-    all_attn_kv = attn_layer * arch.n_layer * POST_CONTEXTS[0]
-    implied = POST_KV_GB[262144] * GiB // 262144
-    implied_small = POST_KV_GB[65536] * GiB // 65536
     shape = IMPLIED_SHAPE
-    shape_bytes = shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * 2
-    rec_seq = mb.recurrent_bytes // max(1, mb.shape.n_seq)
-    ckpt = mb.host_extras.checkpoint_bytes
-    cram = mb.host_extras.cache_ram_bytes
     bw = device.pools[0].bandwidth_gbps or 0.0
-    kv_ms = {c: (p.memory.kv_bytes / (bw * 1e9) * 1e3 if bw else float("nan")) for c, p in zip(POST_CONTEXTS, plans)}
-    ws_sources = dict(device.sources)
-    ratio = POST_KV_GB[262144] * GiB / mb.kv_bytes  # the post's GB are GiB (see the implied-shape row)
+    return _PostFacts(
+        arch=arch, device=device, plans=plans, budget=budget_of(device), n_attn=n_attn, n_rec=sum(arch.is_recurrent),
+        per_tok=per_tok, kv_heads=next(arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)),
+        all_attn_kv=per_tok // max(1, n_attn) * arch.n_layer * POST_CONTEXTS[0],
+        implied=POST_KV_GB[262144] * GiB // 262144, implied_small=POST_KV_GB[65536] * GiB // 65536, shape=shape,
+        shape_bytes=shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * 2,
+        rec_seq=mb.recurrent_bytes // max(1, mb.shape.n_seq), ckpt=mb.host_extras.checkpoint_bytes,
+        cram=mb.host_extras.cache_ram_bytes, bw=bw,
+        kv_ms={c: (p.memory.kv_bytes / (bw * 1e9) * 1e3 if bw else float("nan")) for c, p in zip(POST_CONTEXTS, plans)},
+        ws_sources=dict(device.sources),
+        ratio=POST_KV_GB[262144] * GiB / mb.kv_bytes,  # the post's GB are GiB (see the implied-shape row)
+    )
 
-    def verdict_text(p: Plan) -> str:
-        use = p.pools[0]
-        return (f"{p.verdict.value}: {fmt_bytes(p.memory.start_bytes)} at start, {fmt_bytes(use.need_bytes)} with the "
-                f"prompt cache and checkpoints full, of {use.budget_bytes / GiB:.2f} GiB "
-                f"(headroom {use.headroom_bytes / GiB:.2f} GiB)")
 
-    rows = [
+def _verdict_text(p: Plan) -> str:
+    use = p.pools[0]
+    return (f"{p.verdict.value}: {fmt_bytes(p.memory.start_bytes)} at start, {fmt_bytes(use.need_bytes)} with the "
+            f"prompt cache and checkpoints full, of {use.budget_bytes / GiB:.2f} GiB "
+            f"(headroom {use.headroom_bytes / GiB:.2f} GiB)")
+
+
+def _memory_rows(f: _PostFacts) -> list[ComparisonRow]:
+    """Weights, KV cache and totals: what the post says against the model's real architecture."""
+    return [
         ComparisonRow(
-            "Weights, UD-Q4_K_M", f"~{POST_WEIGHTS_GB} GB", fmt_bytes(mb.weights_bytes),
-            f"Roughly right. The file is {mb.weights_bytes:,} bytes; the post's 21 matches it in GiB "
-            f"({mb.weights_bytes / GiB:.1f}).",
+            "Weights, UD-Q4_K_M", f"~{POST_WEIGHTS_GB} GB", fmt_bytes(f.mb.weights_bytes),
+            f"Roughly right. The file is {f.mb.weights_bytes:,} bytes; the post's 21 matches it in GiB "
+            f"({f.mb.weights_bytes / GiB:.1f}).",
         ),
         ComparisonRow(
-            "KV cache at -c 262144, bf16", f"~{POST_KV_GB[262144]} GB", fmt_bytes(mb.kv_bytes),
-            f"The post is about {ratio:.1f}x too high. Only {n_attn} of the {arch.n_layer} layers are attention "
-            f"layers with a KV cache ({kv_heads} KV heads of {arch.head_k} dims): {per_tok:,} bytes per token. The other {n_rec} are Gated DeltaNet layers whose "
+            "KV cache at -c 262144, bf16", f"~{POST_KV_GB[262144]} GB", fmt_bytes(f.mb.kv_bytes),
+            f"The post is about {f.ratio:.1f}x too high. Only {f.n_attn} of the {f.arch.n_layer} layers are attention "
+            f"layers with a KV cache ({f.kv_heads} KV heads of {f.arch.head_k} dims): {f.per_tok:,} bytes per token. The other {f.n_rec} are Gated DeltaNet layers whose "
             "state has a fixed size whatever the context.",
         ),
         ComparisonRow(
-            "KV cache at -c 65536, bf16", f"~{POST_KV_GB[65536]} GB", fmt_bytes(ms.kv_bytes),
-            f"Same error at a quarter of the context: {per_tok:,} bytes x 65,536 tokens.",
+            "KV cache at -c 65536, bf16", f"~{POST_KV_GB[65536]} GB", fmt_bytes(f.ms.kv_bytes),
+            f"Same error at a quarter of the context: {f.per_tok:,} bytes x 65,536 tokens.",
         ),
         ComparisonRow(
             "What the post's KV arithmetic implies",
             f"{POST_KV_GB[262144]} GB / 262,144 = {POST_KV_GB[65536]} GB / 65,536 tokens",
-            f"{implied:,} B/token = {shape['layers']} x {shape['kv_heads']} x {shape['head_dim']} x 2 x 2"
-            + ("" if implied == implied_small == shape_bytes else " (does not factor exactly)"),
-            f"Read as GiB, both figures are {implied // 1024} KiB per token: at 2 bytes for K and V that is "
-            f"layers x KV heads x head dim = {implied // 4:,}, e.g. a dense {shape['layers']}-layer model with "
-            f"{shape['kv_heads']} KV heads of {shape['head_dim']} like {shape['example']}. That is a different model. "
-            f"Even if all {arch.n_layer} layers of this model kept a KV cache, it would be {fmt_bytes(all_attn_kv)} "
+            f"{f.implied:,} B/token = {f.shape['layers']} x {f.shape['kv_heads']} x {f.shape['head_dim']} x 2 x 2"
+            + ("" if f.implied == f.implied_small == f.shape_bytes else " (does not factor exactly)"),
+            f"Read as GiB, both figures are {f.implied // 1024} KiB per token: at 2 bytes for K and V that is "
+            f"layers x KV heads x head dim = {f.implied // 4:,}, e.g. a dense {f.shape['layers']}-layer model with "
+            f"{f.shape['kv_heads']} KV heads of {f.shape['head_dim']} like {f.shape['example']}. That is a different model. "
+            f"Even if all {f.arch.n_layer} layers of this model kept a KV cache, it would be {fmt_bytes(f.all_attn_kv)} "
             "at 262,144 tokens.",
         ),
         ComparisonRow(
-            "Total at -c 262144", f"~{POST_TOTAL_GB[262144]} GB", f"{fmt_bytes(mb.start_bytes)} at start; "
-            f"{fmt_bytes(mb.total_bytes)} with run-time growth",
-            f"Weights {mb.weights_bytes / GiB:.2f} + KV {mb.kv_bytes / GiB:.2f} + "
-            f"recurrent {mb.recurrent_bytes / GiB:.2f} + compute {mb.compute.bytes / GiB:.2f} + "
-            f"logits {mb.output_bytes / GiB:.3f} GiB; then up to "
-            f"{mb.host_extras.bytes / GiB:.2f} GiB of prompt cache and context checkpoints as the server runs.",
+            "Total at -c 262144", f"~{POST_TOTAL_GB[262144]} GB", f"{fmt_bytes(f.mb.start_bytes)} at start; "
+            f"{fmt_bytes(f.mb.total_bytes)} with run-time growth",
+            f"Weights {f.mb.weights_bytes / GiB:.2f} + KV {f.mb.kv_bytes / GiB:.2f} + "
+            f"recurrent {f.mb.recurrent_bytes / GiB:.2f} + compute {f.mb.compute.bytes / GiB:.2f} + "
+            f"logits {f.mb.output_bytes / GiB:.3f} GiB; then up to "
+            f"{f.mb.host_extras.bytes / GiB:.2f} GiB of prompt cache and context checkpoints as the server runs.",
         ),
         ComparisonRow(
-            "Total at -c 65536", f"~{POST_TOTAL_GB[65536]} GB", f"{fmt_bytes(ms.start_bytes)} at start; "
-            f"{fmt_bytes(ms.total_bytes)} with run-time growth",
+            "Total at -c 65536", f"~{POST_TOTAL_GB[65536]} GB", f"{fmt_bytes(f.ms.start_bytes)} at start; "
+            f"{fmt_bytes(f.ms.total_bytes)} with run-time growth",
             "The post's total is its weights plus its KV figure; kvbook adds compute, recurrent state and run-time growth.",
         ),
+    ]
+
+
+def _fit_rows(f: _PostFacts) -> list[ComparisonRow]:
+    """The working set and whether each context fits."""
+    return [
         ComparisonRow(
             "GPU working set on a 64 GB M1 Max", f"{POST_WORKING_SET_GB} GB",
-            f"{budget / MiB:,.0f} MiB ({budget / GiB:.0f} GiB)",
+            f"{f.budget / MiB:,.0f} MiB ({f.budget / GiB:.0f} GiB)",
             "kvbook plans against the measured Metal recommendedMaxWorkingSetSize of a 64 GB M1 Max "
-            f"({ws_sources.get('budget_mib', 'device preset')}). 54 GB needs a raised limit "
+            f"({f.ws_sources.get('budget_mib', 'device preset')}). 54 GB needs a raised limit "
             "(sudo sysctl iogpu.wired_limit_mb=<MiB>).",
         ),
         ComparisonRow(
-            "Does -c 262144 fit?", "No: 15 GB over the working set", verdict_text(big),
+            "Does -c 262144 fit?", "No: 15 GB over the working set", _verdict_text(f.big),
             "It fits even in the lower, measured limit. The start allocation is what must fit for the server to start; "
             "the rest grows as prompts are cached.",
         ),
         ComparisonRow(
-            "Does -c 65536 fit?", "Yes, well within", verdict_text(small),
-            f"Dropping to 65,536 saves {(mb.start_bytes - ms.start_bytes) / GiB:.2f} GiB at start: "
-            f"{(mb.kv_bytes - ms.kv_bytes) / GiB:.2f} GiB of KV and "
-            f"{(mb.compute.bytes - ms.compute.bytes) / GiB:.2f} GiB of compute buffer.",
+            "Does -c 65536 fit?", "Yes, well within", _verdict_text(f.small),
+            f"Dropping to 65,536 saves {(f.mb.start_bytes - f.ms.start_bytes) / GiB:.2f} GiB at start: "
+            f"{(f.mb.kv_bytes - f.ms.kv_bytes) / GiB:.2f} GiB of KV and "
+            f"{(f.mb.compute.bytes - f.ms.compute.bytes) / GiB:.2f} GiB of compute buffer.",
         ),
+    ]
+
+
+def _slowdown_rows(f: _PostFacts) -> list[ComparisonRow]:
+    """What does grow at 262K, and so what slows generation."""
+    return [
         ComparisonRow(
-            "Slowdown at 262K: KV cache", "the cause: it pushes the total past the working set", fmt_bytes(mb.kv_bytes),
+            "Slowdown at 262K: KV cache", "the cause: it pushes the total past the working set", fmt_bytes(f.mb.kv_bytes),
             "Not the cause: a 5 GiB cache sits comfortably inside the working set.",
         ),
         ComparisonRow(
             "Slowdown at 262K: compute buffer at -ub 2048", "not mentioned",
-            f"{fmt_bytes(mb.compute.bytes)} at 262K vs {fmt_bytes(ms.compute.bytes)} at 65K",
+            f"{fmt_bytes(f.mb.compute.bytes)} at 262K vs {fmt_bytes(f.ms.compute.bytes)} at 65K",
             f"Grows with context: the flash-attention mask is context x ubatch (2048). An estimate, "
-            f"worst error seen {mb.compute.error_pct:.0f}%.",
+            f"worst error seen {f.mb.compute.error_pct:.0f}%.",
         ),
         ComparisonRow(
             "Slowdown at 262K: recurrent state of 4 auto slots", "not mentioned",
-            f"{fmt_bytes(mb.recurrent_bytes)} = {mb.shape.n_seq} x {fmt_bytes(rec_seq)}",
-            f"Without -np, llama-server opens {mb.shape.n_seq} slots sharing one KV; each slot keeps its own "
+            f"{fmt_bytes(f.mb.recurrent_bytes)} = {f.mb.shape.n_seq} x {fmt_bytes(f.rec_seq)}",
+            f"Without -np, llama-server opens {f.mb.shape.n_seq} slots sharing one KV; each slot keeps its own "
             "DeltaNet state. Small, and the same at every context.",
         ),
         ComparisonRow(
             "Slowdown at 262K: prompt cache and context checkpoints", "not mentioned",
-            f"up to {fmt_bytes(cram)} prompt cache + {fmt_bytes(ckpt)} checkpoints",
+            f"up to {fmt_bytes(f.cram)} prompt cache + {fmt_bytes(f.ckpt)} checkpoints",
             f"--cache-ram defaults to 8192 MiB, and each slot may keep up to 32 checkpoints of its state. They live in host "
-            f"RAM, which on Apple silicon is the same memory: together up to {fmt_bytes(mb.total_bytes)} of the 64 GB, "
+            f"RAM, which on Apple silicon is the same memory: together up to {fmt_bytes(f.mb.total_bytes)} of the 64 GB, "
             "leaving less for macOS and other apps as they fill.",
         ),
         ComparisonRow(
             "Slowdown at 262K: attention cost", "not mentioned",
-            f"{fmt_bytes(mb.kv_bytes)} of KV read per generated token when full "
-            f"(~{kv_ms[262144]:.0f} ms at {bw:.0f} GB/s) vs {kv_ms[65536]:.1f} ms at 65K",
+            f"{fmt_bytes(f.mb.kv_bytes)} of KV read per generated token when full "
+            f"(~{f.kv_ms[262144]:.0f} ms at {f.bw:.0f} GB/s) vs {f.kv_ms[65536]:.1f} ms at 65K",
             "The likely cause. -c only caps the context; what slows generation is a long conversation filling it. "
             "Every new token reads the whole filled KV cache, and prompt processing grows with the square of the "
             "prompt length. A 65K cap stops conversations from growing that long.",
         ),
     ]
-    return BlogComparison(rows=tuple(rows), plans=plans, kv_bytes_per_token=per_tok, implied_kv_bytes_per_token=implied)
+
+
+def blog_post_comparison() -> BlogComparison:
+    """Rows of (item, post says, kvbook computes, why), all kvbook numbers computed now from the presets."""
+    f = _post_facts()
+    rows = [*_memory_rows(f), *_fit_rows(f), *_slowdown_rows(f)]
+    return BlogComparison(rows=tuple(rows), plans=f.plans, kv_bytes_per_token=f.per_tok,
+                          implied_kv_bytes_per_token=f.implied)

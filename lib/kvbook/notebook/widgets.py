@@ -46,18 +46,42 @@ class SizingUI:
     def __init__(self, params: sizing.SizingParams):
         import ipywidgets as w
 
-        from kvbook.model.sources import preset_ids
-        from kvbook.plan.devices import device_ids
-
         self._arch_cache: dict[str, ModelArch] = {}
         self._busy = False
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self.error: str | None = None
-        p = params
+        self._make_controls(w, params)
+        self._fixed = {"allow_over_max": params.allow_over_max, "compare_blog_post": params.compare_blog_post,
+                       "output_dir": params.output_dir}
+        self._first_view()
+        self.layout = w.VBox([
+            w.HBox([self.model, self.model_path]),
+            w.HBox([self.device, self.budget_gib]),
+            self.context,
+            w.HBox([self.slots, self.kv_unified, self.swa_full]),
+            w.HBox([self.cache_type_k, self.cache_type_v]),
+            self.flash_attn,
+            w.HBox([self.ubatch, self.batch]),
+            self.status,
+            self.breakdown,
+            self.curve,
+            self.table,
+        ])
+        for widget, level in ((self.model, "model"), (self.model_path, "model"), (self.device, "budget"),
+                              (self.budget_gib, "budget"), (self.context, "point"), (self.cache_type_k, "point"),
+                              (self.cache_type_v, "point"), (self.slots, "sweep"), (self.kv_unified, "sweep"),
+                              (self.ubatch, "sweep"), (self.batch, "sweep"), (self.flash_attn, "sweep"),
+                              (self.swa_full, "sweep")):
+            widget.observe(self._handler(level), names="value")
+
+    def _make_controls(self, w: Any, p: sizing.SizingParams) -> None:
+        """One widget per sizing parameter, set to `p` (the model is loaded to bound the context slider)."""
+        from kvbook.model.sources import preset_ids
+        from kvbook.plan.devices import device_ids
+
         presets = preset_ids()
         preset = p.model if p.model in presets else (presets[0] if presets else "")
         wide = {"description_width": "initial"}
-
         self.model = w.Dropdown(options=presets, value=preset or None, description="model", style=wide)
         self.model_path = w.Text(value="" if p.model in presets else p.model,
                                  placeholder="or a GGUF path / URL / config.json", continuous_update=False,
@@ -89,10 +113,9 @@ class SizingUI:
         self.swa_full = w.Checkbox(value=p.swa_full, description="--swa-full", indent=False)
         self.status = w.HTML()
         self.table = w.HTML()
-        self._fixed = {"allow_over_max": p.allow_over_max, "compare_blog_post": p.compare_blog_post,
-                       "output_dir": p.output_dir}
 
-        # first computation, then figures built from it
+    def _first_view(self) -> None:
+        """The first computation, then the figures built from it."""
         self.device_record = sizing.resolve_device(self.device.value if self.device.value != sizing.CUSTOM_DEVICE
                                                    else "", self._budget())
         self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top())
@@ -103,26 +126,6 @@ class SizingUI:
         self.curve = figures.context_figure(self.sweep, self.budget_bytes, usable=self._usable(), widget=True,
                                             title="Memory at start against context (K = V cache type)")
         self._refresh("all")
-
-        self.layout = w.VBox([
-            w.HBox([self.model, self.model_path]),
-            w.HBox([self.device, self.budget_gib]),
-            self.context,
-            w.HBox([self.slots, self.kv_unified, self.swa_full]),
-            w.HBox([self.cache_type_k, self.cache_type_v]),
-            self.flash_attn,
-            w.HBox([self.ubatch, self.batch]),
-            self.status,
-            self.breakdown,
-            self.curve,
-            self.table,
-        ])
-        for widget, level in ((self.model, "model"), (self.model_path, "model"), (self.device, "budget"),
-                              (self.budget_gib, "budget"), (self.context, "point"), (self.cache_type_k, "point"),
-                              (self.cache_type_v, "point"), (self.slots, "sweep"), (self.kv_unified, "sweep"),
-                              (self.ubatch, "sweep"), (self.batch, "sweep"), (self.flash_attn, "sweep"),
-                              (self.swa_full, "sweep")):
-            widget.observe(self._handler(level), names="value")
 
     # ------------------------------------------------------------ current values
 

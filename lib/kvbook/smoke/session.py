@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import kvbook
+from kvbook.errors import BadInput
 from kvbook.interface import MiB, to_dict
 from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy
 from kvbook.ops.llama_server import start_llama_server
+from kvbook.ops.logparse import LoggedMemory
 from kvbook.ops.measured import compare_memory
 from kvbook.plan.summary import plan_summary
 from kvbook.records.store import CheckRecord, append_checks
@@ -59,6 +61,42 @@ class SessionResult:
         return [r for r in self.results if r.required and not r.passed]
 
 
+def _targets(stack: ExitStack, server_url: str, routes: tuple[str, ...], client_ids: tuple[str, ...],
+             run_dir: Path) -> tuple[list[Target], list[dict[str, Any]]]:
+    """The smoke targets for the asked routes (LiteLLM started on `stack` when a proxy route is asked),
+    and the routing table as rows for display."""
+    targets = [Target("direct", server_url, "local")] if "direct" in routes else []
+    if not any(r.startswith("litellm") for r in routes):
+        return targets, []
+    table = default_routes(server_url, client_ids=client_ids)
+    proxy = stack.enter_context(start_proxy(table, run_dir=run_dir))
+    auth = {"x-api-key": proxy.master_key}
+    if "litellm-anthropic" in routes:
+        targets.append(Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, auth))
+    if "litellm-openai" in routes:
+        targets.append(Target("litellm-openai", proxy.base_url, ROUTE_OPENAI, auth))
+    routing = [{"client model": r.model_name, "backend": f"{r.backend}/{r.upstream_model}",
+                "api_base": r.litellm_entry()["litellm_params"]["api_base"]} for r in table]
+    return targets, routing
+
+
+def _record_context(smoke: SmokeConfig, model: Path, sha: str, argv: list[str], vers: dict[str, str],
+                    summary: dict[str, Any], logged: LoggedMemory, comparison: list[dict[str, Any]]) -> dict[str, Any]:
+    """What every check record of the session carries besides its own result."""
+    return {
+        "tool_prefill": smoke.tool_prefill,
+        "model_file": str(model),
+        "model_sha256": sha,
+        "llama_server_argv": argv,
+        "versions": vers,
+        "plan": {k: summary.get(k) for k in ("n_ctx", "n_ctx_seq", "kv_bytes", "recurrent_bytes", "weights_bytes",
+                                              "compute_bytes", "total_bytes", "verdict")},
+        "measured": {"n_ctx_seq": logged.n_ctx_seq, "compute_mib": round(logged.compute_bytes / MiB, 2),
+                     "caches_mib": [c.total_mib for c in logged.caches], "weights_mib": logged.model_mib.get("CPU_Mapped")},
+        "plan_matches": all(r["match"] for r in comparison if r["match"] is not None),
+    }
+
+
 def run_session(
     model: Path,
     server_args: list[str],
@@ -81,8 +119,6 @@ def run_session(
 
     unknown = [r for r in routes if r not in ROUTES]
     if unknown:
-        from kvbook.errors import BadInput
-
         raise BadInput(f"unknown route {unknown[0]!r}; routes: {', '.join(ROUTES)}")
     binary = find_llama_server()
     vers = versions(binary)
@@ -93,33 +129,8 @@ def run_session(
         summary = plan_summary(server.plan) if server.plan else {}
         logged = server.measured()
         comparison = [r.as_record() for r in compare_memory(server.plan.memory, logged)] if server.plan else []
-        targets = []
-        routing: list[dict[str, Any]] = []
-        if "direct" in routes:
-            targets.append(Target("direct", server.base_url, "local"))
-        if any(r.startswith("litellm") for r in routes):
-            table = default_routes(server.base_url, client_ids=client_ids)
-            proxy = stack.enter_context(start_proxy(table, run_dir=run_dir))
-            auth = {"x-api-key": proxy.master_key}
-            routing = [{"client model": r.model_name, "backend": f"{r.backend}/{r.upstream_model}",
-                        "api_base": r.litellm_entry()["litellm_params"]["api_base"]} for r in table]
-            if "litellm-anthropic" in routes:
-                targets.append(Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, auth))
-            if "litellm-openai" in routes:
-                targets.append(Target("litellm-openai", proxy.base_url, ROUTE_OPENAI, auth))
-
-        context = {
-            "tool_prefill": smoke.tool_prefill,
-            "model_file": str(model),
-            "model_sha256": sha,
-            "llama_server_argv": [str(binary), *argv[1:]],
-            "versions": vers,
-            "plan": {k: summary.get(k) for k in ("n_ctx", "n_ctx_seq", "kv_bytes", "recurrent_bytes", "weights_bytes",
-                                                  "compute_bytes", "total_bytes", "verdict")},
-            "measured": {"n_ctx_seq": logged.n_ctx_seq, "compute_mib": round(logged.compute_bytes / MiB, 2),
-                         "caches_mib": [c.total_mib for c in logged.caches], "weights_mib": logged.model_mib.get("CPU_Mapped")},
-            "plan_matches": all(r["match"] for r in comparison if r["match"] is not None),
-        }
+        targets, routing = _targets(stack, server.base_url, routes, client_ids, run_dir)
+        context = _record_context(smoke, model, sha, [str(binary), *argv[1:]], vers, summary, logged, comparison)
         results: list[CheckResult] = []
 
         def record(result: CheckResult, repeat: int) -> None:
