@@ -58,10 +58,11 @@ class _BoundedReader(GGUFReader):
         end = len(self.data)
         if count * length.size > end - offs:
             raise ModelError(f"truncated GGUF: metadata array of {count} strings runs past the end of the file")
-        for _ in range(count):
-            if offs + length.size > end:
+        buf, unpack, last = memoryview(self.data), length.unpack_from, end - length.size
+        for _ in range(count):  # a vocabulary is ~10^5 strings: keep this loop bare
+            if offs > last:
                 raise ModelError("truncated GGUF: a string array runs past the end of the file")
-            offs += length.size + length.unpack_from(self.data, offs)[0]
+            offs += 8 + unpack(buf, offs)[0]
         if offs > end:
             raise ModelError("truncated GGUF: a string array runs past the end of the file")
         return offs
