@@ -43,6 +43,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan_summary(plan), indent=1))
     else:
         print(format_plan(plan))
+    if args.check and plan.verdict.value != "fits":
+        print(f"kvbook plan --check: the plan is '{plan.verdict.value}' on {plan.device.name}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--device", help="device preset id (params/devices) or 'this-machine' (default)")
     where.add_argument("--budget-gib", type=float, help="a custom memory budget in GiB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 unless the plan fits (for scripts: 'tight' and 'does not fit' both fail)")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="-- llama-server -m MODEL [flags]")
     p.set_defaults(func=_cmd_plan)
 

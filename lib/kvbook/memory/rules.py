@@ -112,9 +112,16 @@ def logits_bytes(n_vocab: int, n_outputs):
     return n_vocab * 4 * n_outputs
 
 
-def checkpoints_bytes(arch: ModelArch, per_seq_bytes, ctx_checkpoints: int, n_seq):
+def makes_checkpoints(arch: ModelArch, swa_full: bool) -> bool:
+    """Whether the server checkpoints a slot's state: for state it cannot roll back, i.e. recurrent
+    layers, or a sliding window unless --swa-full keeps the whole context (server-context.cpp,
+    `do_checkpoint`: seq_rm type RS/FULL or n_swa > 0, and n_swa is 0 with swa_full)."""
+    return arch.is_hybrid or (arch.has_swa and not swa_full)
+
+
+def checkpoints_bytes(arch: ModelArch, per_seq_bytes, ctx_checkpoints: int, n_seq, swa_full: bool):
     """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
-    if ctx_checkpoints == 0 or not (arch.has_swa or arch.is_hybrid):
+    if ctx_checkpoints == 0 or not makes_checkpoints(arch, swa_full):
         return 0 * per_seq_bytes
     return per_seq_bytes * ctx_checkpoints * n_seq
 
@@ -194,7 +201,7 @@ def checkpoint_bytes(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -
             per_seq += cache.bytes // shape.n_stream
         elif cache.kind is CacheKind.RECURRENT:
             per_seq += cache.bytes // max(1, shape.n_seq)
-    return checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq)
+    return checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq, flags.swa_full)
 
 
 def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:

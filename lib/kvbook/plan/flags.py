@@ -173,33 +173,68 @@ def parse_server_args(argv: Sequence[str]) -> ServerFlags:
     return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), **values)
 
 
-def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
-    """ServerFlags with some settings changed and argv re-rendered to match."""
-    updated = dataclasses.replace(flags, **changes)
-    return dataclasses.replace(updated, argv=tuple(render_args(updated)))
+_RENDERED = (("-c", "ctx"), ("-np", "parallel"), ("-ctk", "type_k"), ("-ctv", "type_v"), ("-b", "batch"),
+             ("-ub", "ubatch"), ("-cram", "cache_ram_mib"), ("-ctxcp", "ctx_checkpoints"), ("-ngl", "gpu_layers"))
+
+
+def _render_field(flags: ServerFlags, field: str) -> list[str]:
+    """The argv tokens that set one field to its value in `flags` ([] for the server's default)."""
+    default = ServerFlags(model=flags.model)
+    value = getattr(flags, field)
+    if field == "model":
+        return ["-m", flags.model]
+    if value == getattr(default, field):
+        return []
+    for flag, name in _RENDERED:
+        if name == field:
+            return [flag, str(value)]
+    if field == "flash_attn":
+        return ["-fa", value.value]
+    if field == "kv_unified":
+        return ["-kvu" if value else "-no-kvu"]
+    if field == "swa_full":
+        return ["--swa-full"]
+    if field == "no_kv_offload":
+        return ["-nkvo"]
+    if field == "fit":
+        return ["--fit", "off"]
+    return []
 
 
 def render_args(flags: ServerFlags) -> list[str]:
-    """ServerFlags as a llama-server argv (memory flags that differ from defaults, plus host/port)."""
-    default = ServerFlags(model=flags.model)
-    out = ["-m", flags.model]
-    pairs = [
-        ("-c", "ctx"), ("-np", "parallel"), ("-ctk", "type_k"), ("-ctv", "type_v"), ("-b", "batch"),
-        ("-ub", "ubatch"), ("-cram", "cache_ram_mib"), ("-ctxcp", "ctx_checkpoints"), ("-ngl", "gpu_layers"),
-    ]
-    for flag, field in pairs:
-        if getattr(flags, field) != getattr(default, field):
-            out += [flag, str(getattr(flags, field))]
-    if flags.flash_attn is not default.flash_attn:
-        out += ["-fa", flags.flash_attn.value]
-    if flags.kv_unified is True:
-        out.append("-kvu")
-    elif flags.kv_unified is False:
-        out.append("-no-kvu")
-    if flags.swa_full:
-        out.append("--swa-full")
-    if flags.no_kv_offload:
-        out.append("-nkvo")
-    if not flags.fit:
-        out += ["--fit", "off"]
+    """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
+    fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit"]
+    return [token for field in fields for token in _render_field(flags, field)]
+
+
+def _canonical_of_field() -> dict[str, str]:
+    out = {field: canonical for canonical, (field, _) in _VALUED.items()}
+    out.update({field: canonical for canonical, spellings in _SWITCHES.items() for field, _ in spellings.values()})
     return out
+
+
+def edit_argv(argv: Sequence[str], flags: ServerFlags, fields: Sequence[str]) -> tuple[str, ...]:
+    """The user's own command line with only `fields` changed to their values in `flags`: every other
+    flag, memory-relevant or not (--port, --jinja, sampling...), is kept as typed."""
+    args = list(argv)
+    head = [args.pop(0)] if args and not args[0].startswith("-") else []
+    table, owner = _spellings(), _canonical_of_field()
+    drop = {owner[f] for f in fields if f in owner}
+    kept: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        flag = token.split("=", 1)[0] if token.startswith("--") and "=" in token else token
+        canonical, takes_value = table.get(flag, (flag, False))
+        width = 2 if takes_value and "=" not in token else 1
+        if canonical not in drop:
+            kept += args[i:i + width]
+        i += width
+    return tuple(head + kept + [t for f in fields for t in _render_field(flags, f)])
+
+
+def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
+    """ServerFlags with some settings changed; argv is the user's with just those flags edited."""
+    updated = dataclasses.replace(flags, **changes)
+    source = flags.argv or render_args(flags)
+    return dataclasses.replace(updated, argv=edit_argv(source, updated, list(changes)))

@@ -3,6 +3,8 @@ context, and alternatives that fit. Pure functions over typed inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvbook.errors import BadInput
 from kvbook.interface import (
     Alternative,
@@ -17,7 +19,7 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.flags import render_args, replace
+from kvbook.plan.flags import replace
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
 
@@ -78,55 +80,73 @@ def starts(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     return worst(place(arch, flags, plan_memory(arch, flags), device)) is not Verdict.DOES_NOT_FIT
 
 
-def max_context(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
-    """Largest -c (a multiple of 256, at most the training context) whose start allocation fits; 0 if none."""
+def verdict_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Verdict:
+    return worst(place(arch, flags, plan_memory(arch, flags), device))
+
+
+def largest_context(arch: ModelArch, flags: ServerFlags, device: Device, accept: Callable[[Verdict], bool],
+                    below: int | None = None) -> int:
+    """Largest -c (a multiple of 256 per slot, at most the training context, under `below` when given) whose
+    verdict `accept` takes; 0 if none. The verdict only worsens as the context grows, so this bisects."""
     slots = flags.parallel if flags.parallel > 0 else 1
     step = CTX_PAD * (slots if flags.parallel > 0 and not flags.kv_unified else 1)
-    hi = max(step, (arch.n_ctx_train // step) * step)
-    if starts(arch, replace(flags, ctx=hi), device):
-        return hi
-    lo = step
-    if not starts(arch, replace(flags, ctx=lo), device):
+    hi_n = max(1, arch.n_ctx_train // step) if below is None else min(arch.n_ctx_train, below - 1) // step
+    if hi_n < 1:
         return 0
-    lo_n, hi_n = 1, hi // step
+    ok = lambda n: accept(verdict_of(arch, replace(flags, ctx=n * step), device))  # noqa: E731
+    if ok(hi_n):
+        return hi_n * step
+    if not ok(1):
+        return 0
+    lo_n = 1
     while hi_n - lo_n > 1:
         mid = (lo_n + hi_n) // 2
-        if starts(arch, replace(flags, ctx=mid * step), device):
-            lo_n = mid
-        else:
-            hi_n = mid
+        lo_n, hi_n = (mid, hi_n) if ok(mid) else (lo_n, mid)
     return lo_n * step
 
 
+def max_context(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
+    """Largest -c (a multiple of 256, at most the training context) whose start allocation fits; 0 if none."""
+    return largest_context(arch, flags, device, lambda v: v is not Verdict.DOES_NOT_FIT)
+
+
+def _better(v: Verdict, than: Verdict) -> bool:
+    return _ORDER[v] < _ORDER[than]
+
+
 def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[Alternative, ...]:
-    """Changed command lines that fit: a shorter context, a quantized KV cache, fewer slots."""
+    """Command lines that each change one thing (context, cache type, slots) and get a better verdict;
+    every other flag of the user's line is kept."""
+    memory = plan_memory(arch, flags)
+    now = worst(place(arch, flags, memory, device))
     options: list[tuple[str, ServerFlags]] = []
-    fits_ctx = max_context(arch, flags, device)
-    if fits_ctx and fits_ctx != flags.ctx:
-        options.append((f"shorter context: -c {fits_ctx}", replace(flags, ctx=fits_ctx)))
+    asked = memory.shape.n_ctx
+    shorter = largest_context(arch, flags, device, lambda v: v is Verdict.FITS, below=asked)
+    if not shorter and now is Verdict.DOES_NOT_FIT:
+        shorter = largest_context(arch, flags, device, lambda v: v is not Verdict.DOES_NOT_FIT, below=asked)
+    if shorter:
+        options.append((f"shorter context: -c {shorter}", replace(flags, ctx=shorter)))
     for qtype in ("q8_0", "q4_0"):
         if (flags.type_k, flags.type_v) == (qtype, qtype):
             continue
-        quant = replace(flags, type_k=qtype, type_v=qtype,
-                        flash_attn=FlashAttn.ON if flags.flash_attn is FlashAttn.OFF else flags.flash_attn)
-        try:
-            ctx = flags.ctx if starts(arch, quant, device) else max_context(arch, quant, device)
-        except BadInput:
-            continue
-        if ctx:
-            options.append((f"{qtype} KV cache" + ("" if ctx == flags.ctx else f" and -c {ctx}"), replace(quant, ctx=ctx)))
+        if flags.flash_attn is FlashAttn.OFF:
+            quant, note = replace(flags, type_k=qtype, type_v=qtype, flash_attn=FlashAttn.ON), " (needs -fa on)"
+        else:
+            quant, note = replace(flags, type_k=qtype, type_v=qtype), ""
+        options.append((f"{qtype} KV cache{note}", quant))
     if flags.parallel != 1:
-        single = replace(flags, parallel=1, kv_unified=None)
-        ctx = flags.ctx if flags.ctx and starts(arch, single, device) else max_context(arch, single, device)
-        if ctx:
-            options.append(("one slot: -np 1" + ("" if ctx == flags.ctx else f" and -c {ctx}"), replace(single, ctx=ctx)))
+        options.append(("one slot: -np 1", replace(flags, parallel=1, kv_unified=None)))
     out = []
     for change, alt in options:
-        memory = plan_memory(arch, alt)
-        verdict = worst(place(arch, alt, memory, device))
-        if verdict is not Verdict.DOES_NOT_FIT:
-            out.append(Alternative(change=change, flags=tuple(render_args(alt)), n_ctx=memory.shape.n_ctx,
-                                   total_bytes=memory.total_bytes, verdict=verdict))
+        try:
+            alt_memory = plan_memory(arch, alt)
+        except BadInput:
+            continue  # e.g. a quantized cache this model's row widths do not allow
+        verdict = worst(place(arch, alt, alt_memory, device))
+        if _better(verdict, now):
+            argv = alt.argv[1:] if alt.argv and not alt.argv[0].startswith("-") else alt.argv
+            out.append(Alternative(change=change, flags=tuple(argv), n_ctx=alt_memory.shape.n_ctx,
+                                   total_bytes=alt_memory.total_bytes, verdict=verdict))
     return tuple(out)
 
 

@@ -10,11 +10,15 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
+SCHEMA_VERSION = 1  # bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+
+
 def plan_summary(plan: Plan) -> dict:
     """The plan as the flat JSON contract other tools and notebooks read."""
     mem = plan.memory
     main = max(plan.pools, key=lambda u: u.need_bytes)
     return {
+        "schema_version": SCHEMA_VERSION,
         "model": plan.model.name,
         "arch": plan.model.arch,
         "source": plan.model.source,

@@ -1,0 +1,91 @@
+"""`kvbook plan` for scripts: every --json output validates against the shipped JSON Schema, --check gates on
+the verdict, and the alternatives are real improvements that change one thing and keep the user's flags."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import jsonschema
+import pytest
+
+from kvbook import cli
+from kvbook.memory.rules import plan_memory
+from kvbook.memory.sweep import sweep
+from kvbook.model.sources import load_model, preset_ids
+from kvbook.plan.devices import custom_budget
+from kvbook.plan.flags import parse_server_args
+from kvbook.plan.planner import make_plan
+from kvbook.plan.summary import SCHEMA_VERSION
+
+SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
+
+
+def plan_json(capsys, *args: str) -> tuple[int, dict, str]:
+    code = cli.main(["plan", "--json", *args])
+    out, err = capsys.readouterr()
+    return code, json.loads(out), err
+
+
+@pytest.mark.parametrize("preset", preset_ids())
+@pytest.mark.parametrize("extra", [[], ["-c", "0", "-np", "2", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"],
+                                   ["-c", "8192", "-np", "1", "--swa-full", "--jinja", "--port", "9000"]])
+def test_every_json_plan_validates_against_the_schema(capsys, preset, extra) -> None:
+    for where in (["--budget-gib", "24"], ["--device", "rtx-4090"], ["--budget-gib", "4000"]):
+        code, doc, _ = plan_json(capsys, *where, "--", "llama-server", "-m", preset, *extra)
+        assert code == 0
+        jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+        assert doc["schema_version"] == SCHEMA_VERSION == SCHEMA["properties"]["schema_version"]["const"]
+
+
+def test_the_bundled_ggufs_validate_too(capsys, smollm2, gemma3) -> None:
+    for model in (smollm2, gemma3):
+        _, doc, _ = plan_json(capsys, "--", "llama-server", "-m", str(model), "-c", "20000", "-np", "3")
+        jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+
+
+def test_the_schema_rejects_what_it_should(capsys) -> None:
+    _, doc, _ = plan_json(capsys, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "4096")
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    for broken in ({**doc, "verdict": "maybe"}, {**doc, "kv_bytes": -1}, {**doc, "surprise": 1},
+                   {k: v for k, v in doc.items() if k != "caches"}, {**doc, "schema_version": 2}):
+        assert list(validator.iter_errors(broken)), broken
+
+
+@pytest.mark.parametrize("budget, verdict, code", [("40", "fits", 0), ("27", "tight", 1), ("10", "does not fit", 1)])
+def test_check_gates_on_the_verdict(capsys, budget, verdict, code) -> None:
+    args = ["plan", "--check", "--budget-gib", budget, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "131072", "-np", "1"]
+    assert cli.main(args) == code
+    out, err = capsys.readouterr()
+    assert f"verdict  {verdict.upper()}" in out
+    assert (err.strip() == f"kvbook plan --check: the plan is '{verdict}' on custom budget {budget} GiB"
+            if code else err == ""), err
+
+
+def test_alternatives_improve_change_one_thing_and_keep_the_users_flags() -> None:
+    arch = load_model("llama-3.1-8b")
+    flags = parse_server_args(["llama-server", "-m", "llama-3.1-8b", "-c", "131072", "-np", "1", "--jinja",
+                               "--port", "9000", "-n", "512"])
+    for budget in (27, 17):  # tight, does not fit
+        plan = make_plan(arch, flags, custom_budget(budget))
+        assert plan.alternatives, budget
+        for alt in plan.alternatives:
+            assert {"--jinja", "--port", "9000", "-n", "512"} <= set(alt.flags), alt
+            assert ["fits", "tight", "does not fit"].index(alt.verdict.value) < \
+                   ["fits", "tight", "does not fit"].index(plan.verdict.value), alt
+            if alt.change.startswith("shorter context"):
+                assert alt.n_ctx < plan.memory.shape.n_ctx, alt
+            else:
+                assert alt.n_ctx == plan.memory.shape.n_ctx, alt  # a cache type or slot change keeps -c
+
+
+def test_swa_full_makes_no_checkpoints_on_a_sliding_window_model() -> None:
+    """server-context.cpp: checkpoints need seq_rm RS/FULL or n_swa > 0, and --swa-full sets n_swa to 0."""
+    gemma = load_model("gemma-3-27b")
+    with_window = plan_memory(gemma, parse_server_args(["-m", "x", "-c", "32768", "-np", "1"]))
+    full = plan_memory(gemma, parse_server_args(["-m", "x", "-c", "32768", "-np", "1", "--swa-full"]))
+    assert with_window.host_extras.checkpoint_bytes > 0 and full.host_extras.checkpoint_bytes == 0
+    hybrid = load_model("qwen3.6-35b-a3b")  # recurrent state cannot be rolled back: checkpoints stay
+    assert plan_memory(hybrid, parse_server_args(["-m", "x", "-c", "32768", "--swa-full"])).host_extras.checkpoint_bytes > 0
+    res = sweep(gemma, [32768], ("f16",), (1,), swa_full=True)
+    assert int(res.host_extras_bytes[0, 0, 0]) == full.host_extras.bytes
