@@ -99,8 +99,11 @@ def test_c0_with_fit_off_is_training_context_in_total():
     assert (shape.n_ctx, shape.n_ctx_seq) == (8192, 4096)
 
 
-def test_flag_parsing_accepts_harmless_and_equals_forms():
-    flags = parse_server_args(["/opt/bin/llama-server", "-m", "m.gguf", "--ctx-size=4096", "--jinja", "--port", "8081",
+def test_flag_parsing_accepts_harmless_flags_and_refuses_equals_forms():
+    """llama-server has no `--flag=value` form (tests/test_flag_parity.py checks it against the binary)."""
+    with pytest.raises(BadInput, match="no '=' form"):
+        parse_server_args(["-m", "m.gguf", "--ctx-size=4096"])
+    flags = parse_server_args(["/opt/bin/llama-server", "-m", "m.gguf", "--ctx-size", "4096", "--jinja", "--port", "8081",
                                "-n", "32768", "--flash-attn", "on", "--cache-type-k", "bf16", "-kvu"])
     assert flags.ctx == 4096 and flags.port == 8081 and flags.flash_attn is FlashAttn.ON
     assert flags.type_k == "bf16" and flags.kv_unified is True

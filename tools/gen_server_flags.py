@@ -17,10 +17,17 @@ from pathlib import Path
 FLAG_COLUMN = 40
 
 
+ENV = re.compile(r"\(env: (LLAMA_ARG_\w+|\w+)\)")
+
+
 def parse_help(text: str) -> list[dict]:
-    """Return one entry per option line: its spellings and whether it takes a value."""
+    """Return one entry per option line: its spellings, whether it takes a value, and the environment
+    variable that sets it (llama-server reads LLAMA_ARG_* before the command line, which wins)."""
     entries = []
     for line in text.splitlines():
+        env = ENV.search(line)
+        if env and entries and not line.startswith("-"):
+            entries[-1]["env"] = env.group(1)
         if not line.startswith("-") or line.startswith("-----"):
             continue
         head = line[:FLAG_COLUMN].rstrip()
@@ -42,6 +49,8 @@ def parse_help(text: str) -> list[dict]:
                 takes_value = True
         if names:
             entries.append({"names": names, "takes_value": takes_value})
+            if env:
+                entries[-1]["env"] = env.group(1)
     return entries
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         server_argv = server_argv[1:]
     if not server_argv:
         raise BadInput("give the llama-server command line after --, e.g. kvbook plan -- llama-server -m MODEL -c 8192")
-    flags = parse_server_args(server_argv)
+    flags = parse_server_args(server_argv, os.environ)
     if args.budget_gib is not None:
         device = custom_budget(args.budget_gib)
     elif args.device:

@@ -143,6 +143,7 @@ class ServerFlags:
     port: int = 8080
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
+    from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ folder, and read back what it really allocated."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def start_llama_server(
     from kvbook.plan.devices import this_machine
     from kvbook.plan.planner import make_plan
 
-    flags = server_args if isinstance(server_args, ServerFlags) else parse_server_args(server_args)
+    flags = server_args if isinstance(server_args, ServerFlags) else parse_server_args(server_args, os.environ)
     check_host(host, allow_remote)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise BadInput(f"llama-server on {host} would be reachable from the network: give it an API key")

@@ -1,15 +1,19 @@
 """Parse a real llama-server command line into ServerFlags, and render ServerFlags back to argv.
 
-Every spelling llama-server knows is in data/llama_server_flags.json (generated from the pinned
-build's --help by tools/gen_server_flags.py). A flag that changes memory and is not modelled is
-an error naming it; flags that do not change memory are accepted and listed in `ignored`.
+Every spelling llama-server knows, and the LLAMA_ARG_* variable that sets it, is in
+data/llama_server_flags.json (generated from the pinned build's --help by tools/gen_server_flags.py).
+The parser reads a command line as the pinned server's does (common/arg.cpp): variables first, the
+command line wins; `--a_b` means `--a-b`; no `--flag=value` form; numbers read like std::stoi, within
+int32. A flag that changes memory and is not modelled is an error naming it; flags that do not change
+memory are accepted and listed in `ignored`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import PurePath
@@ -50,29 +54,58 @@ UNMODELLED = {
     "--pooling": "pooled outputs",
     "--models-dir": "router mode (several models)",
     "--models-preset": "router mode (several models)",
+    "--no-host": "weights without host (pinned) buffers",
+    "-dev": "device selection (placement across devices)",
+    "--rpc": "RPC devices (placement across hosts)",
 }
+# Spellings refused although their option's other spellings are fine.
+UNMODELLED_SPELLINGS = {
+    "-nr": "no weight repacking (the CPU_REPACK buffer)",
+    "--no-repack": "no weight repacking (the CPU_REPACK buffer)",
+}
+# Built-in presets (`--gpt-oss-20b-default`, `--fim-qwen-7b-spec`, ...) set a model and several flags.
+PRESET_SUFFIXES = ("-default", "-spec")
+INT32 = (-(2**31), 2**31 - 1)
+
+
+@cache
+def _options() -> list[dict[str, Any]]:
+    return json.loads(resources.files("kvbook").joinpath("data/llama_server_flags.json").read_text())["options"]
 
 
 @cache
 def _spellings() -> dict[str, tuple[str, bool]]:
     """Every llama-server spelling -> (canonical first spelling, takes a value)."""
-    raw = resources.files("kvbook").joinpath("data/llama_server_flags.json").read_text()
-    table: dict[str, tuple[str, bool]] = {}
-    for entry in json.loads(raw)["options"]:
-        names = entry["names"]
-        for name in names:
-            table[name] = (names[0], bool(entry["takes_value"]))
-    return table
+    return {name: (entry["names"][0], bool(entry["takes_value"])) for entry in _options() for name in entry["names"]}
+
+
+@cache
+def _env_names() -> dict[str, str]:
+    """LLAMA_ARG_* variable -> the canonical spelling of the option it sets."""
+    return {entry["env"]: entry["names"][0] for entry in _options() if entry.get("env")}
+
+
+_STOI = re.compile(r"\s*([+-]?\d+)")
 
 
 def _int(flag: str, value: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise BadInput(f"{flag} expects a whole number, got '{value}'") from None
+    """A number as llama-server reads it (std::stoi: leading digits, int32), then kvbook's lower bound."""
+    match = _STOI.match(value)
+    if not match:
+        raise BadInput(f"{flag} expects a whole number, got '{value}'")
+    number = int(match.group(1))
+    if not INT32[0] <= number <= INT32[1]:
+        raise BadInput(f"{flag} {value}: out of range for llama-server (a 32-bit integer)")
     if number < minimum:
         raise BadInput(f"{flag} must be >= {minimum}, got {number}")
     return number
+
+
+def _slots(flag: str, value: str) -> int:
+    number = _int(flag, value, INT32[0])
+    if number == 0:
+        raise BadInput(f"{flag} 0: llama-server refuses it (invalid value for n_parallel); use 1 or more, or -1 for auto")
+    return -1 if number < 0 else number  # server.cpp: any negative -np means auto
 
 
 def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
@@ -100,7 +133,7 @@ def _ngl(flag: str, value: str) -> str:
 _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-m": ("model", lambda f, v: v),
     "-c": ("ctx", lambda f, v: _int(f, v, 0)),
-    "-np": ("parallel", lambda f, v: _int(f, v, -1)),
+    "-np": ("parallel", _slots),
     "-ctk": ("type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
     "-ctv": ("type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
     "-fa": ("flash_attn", _fa),
@@ -124,53 +157,97 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
 }
 
 
-def parse_server_args(argv: Sequence[str]) -> ServerFlags:
-    """A llama-server command line (with or without the program name) as ServerFlags."""
+def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
+    """Why kvbook refuses this flag (it changes memory in a way not modelled yet), or None."""
+    if flag in UNMODELLED_SPELLINGS:
+        return UNMODELLED_SPELLINGS[flag]
+    if canonical in UNMODELLED and not (canonical == "--spec-type" and value == "none"):
+        return UNMODELLED[canonical]
+    if canonical.startswith("--") and canonical.endswith(PRESET_SUFFIXES):
+        return "a built-in preset that sets the model and several flags (write them out instead)"
+    return None
+
+
+def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str, value: str | None,
+           shown: str) -> None:
+    """Record what one option sets; `shown` names it in errors (the flag as typed, or its variable)."""
+    why = _refusal(flag, canonical, value)
+    if why:
+        raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
+    if canonical == "--kv-unified-per-slot":
+        values["kv_unified_per_slot"] = _int(shown, value or "", 1)
+    elif canonical in _VALUED:
+        field, convert = _VALUED[canonical]
+        values[field] = convert(shown, value or "")
+    elif canonical in _SWITCHES:
+        field, setting = _SWITCHES[canonical][flag]
+        values[field] = setting
+    else:
+        ignored.append(shown)
+
+
+# switch options set by a variable: canonical -> (the spelling a true value means, the one a false value means)
+_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr")}
+_TRUTHY = ("1", "true", "on", "yes", "enabled")
+
+
+def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str]) -> list[str]:
+    """The LLAMA_ARG_* variables llama-server would read (before the command line, which wins)."""
+    read = []
+    for name, canonical in _env_names().items():
+        if name not in environ:
+            continue
+        raw, shown = environ[name], f"{name}={environ[name]}"
+        read.append(shown)
+        if _spellings()[canonical][1]:
+            _apply(values, ignored, canonical, canonical, raw, shown)
+        elif canonical in _ENV_SWITCHES:
+            yes, no = _ENV_SWITCHES[canonical]
+            _apply(values, ignored, yes if raw.strip().lower() in _TRUTHY else no, canonical, None, shown)
+        elif raw.strip().lower() in _TRUTHY:
+            _apply(values, ignored, canonical, canonical, None, shown)
+    return read
+
+
+def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerFlags:
+    """A llama-server command line (with or without the program name) as ServerFlags; `environ` is the
+    environment the server would see (its LLAMA_ARG_* variables apply unless the line sets the same option)."""
     args = list(argv)
     if args and not args[0].startswith("-") and PurePath(args[0]).name.startswith("llama-server"):
         args = args[1:]
     table = _spellings()
     values: dict[str, Any] = {}
     ignored: list[str] = []
+    from_env = _from_environment(environ, values, ignored) if environ else []
     i = 0
     while i < len(args):
         token = args[i]
         if not token.startswith("-") or token == "-":
             raise BadInput(f"unexpected argument '{token}': llama-server takes no positional arguments")
-        flag, inline = (token.split("=", 1) + [None])[:2] if token.startswith("--") and "=" in token else (token, None)
+        flag = token.replace("_", "-") if token.startswith("--") else token
         if flag not in table:
-            raise BadInput(f"unknown llama-server flag '{flag}' (not in the pinned build's --help)")
+            name, eq, rest = flag.partition("=")
+            if eq and name in table:
+                raise BadInput(f"'{token}': llama-server takes no '=' form (it answers 'invalid argument'); "
+                               f"write '{name} {rest}'")
+            hint = (" (this build spells loading modes '-lm mlock', '-lm mmap+mlock', '-lm mmap' or '-lm none' "
+                    "for no mmap)") if flag in ("--mlock", "--no-mmap", "--mmap") else ""
+            raise BadInput(f"unknown llama-server flag '{token}' (not in the pinned build's --help){hint}")
         canonical, takes_value = table[flag]
         value: str | None = None
         if takes_value:
-            if inline is not None:
-                value = inline
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise BadInput(f"{flag} needs a value")
-        elif inline is not None:
-            raise BadInput(f"{flag} takes no value, got '{inline}'")
+            if i + 1 >= len(args):
+                raise BadInput(f"{token} needs a value")
+            i += 1
+            value = args[i]
         i += 1
-        if canonical in UNMODELLED and not (canonical == "--spec-type" and value == "none"):
-            raise BadInput(f"{flag} changes memory ({UNMODELLED[canonical]}) and kvbook does not model it yet")
-        if canonical == "--kv-unified-per-slot":
-            values["kv_unified_per_slot"] = _int(flag, value or "", 1)
-        elif canonical in _VALUED:
-            field, convert = _VALUED[canonical]
-            values[field] = convert(flag, value or "")
-        elif canonical in _SWITCHES:
-            field, setting = _SWITCHES[canonical][flag]
-            values[field] = setting
-        else:
-            ignored.append(flag)
+        _apply(values, ignored, flag, canonical, value, token)
     if "model" not in values:
         raise BadInput("the llama-server command line has no -m MODEL")
     per_slot = values.pop("kv_unified_per_slot", None)
     if per_slot is not None and values.get("ctx", 0) == 0:
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
-    return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), **values)
+    return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), from_env=tuple(from_env), **values)
 
 
 _RENDERED = (("-c", "ctx"), ("-np", "parallel"), ("-ctk", "type_k"), ("-ctv", "type_v"), ("-b", "batch"),

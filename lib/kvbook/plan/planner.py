@@ -162,6 +162,9 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
         notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
     if flags.fit:
         notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit")
+    if flags.from_env:
+        notes.append("read from the environment, as llama-server reads them (the command line wins): "
+                     + " ".join(flags.from_env))
     if flags.cache_ram_mib < 0:
         notes.append("--cache-ram -1: the prompt cache has no limit; host growth is unbounded")
     return Plan(

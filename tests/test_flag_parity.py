@@ -1,0 +1,75 @@
+"""kvbook reads a llama-server command line as the pinned server does. Each row is run against the real
+binary (`llama-server ARGS --version`: the server parses every argument, then prints its version and exits,
+in milliseconds, loading nothing) and through kvbook's parser, and both outcomes are asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from kvbook.errors import BadInput
+from kvbook.plan.flags import parse_server_args
+
+# (arguments, LLAMA_ARG_* environment, the server accepts, kvbook: "ok" or the words of its refusal)
+ROWS = [
+    (["-c", "4096"], {}, True, "ok"),
+    (["--ctx-size", "4096"], {}, True, "ok"),
+    (["--ctx_size", "4096"], {}, True, "ok"),  # `--` spellings: underscores read as dashes
+    (["--ctx-size=4096"], {}, False, "no '=' form"),
+    (["-c", "99999999999"], {}, False, "out of range"),
+    (["-c", "2147483647"], {}, True, "ok"),
+    (["-c", "4096abc"], {}, True, "ok"),  # std::stoi reads the leading digits
+    (["-c", "abc"], {}, False, "expects a whole number"),
+    (["-np", "0"], {}, False, "invalid value for n_parallel"),
+    (["-np", "-5"], {}, True, "ok"),  # any negative is auto
+    (["-ctk", "q3_k"], {}, False, "unknown value 'q3_k'"),
+    (["-ctk", "iq4_nl", "-ctv", "q5_1"], {}, True, "ok"),
+    (["-fa", "maybe"], {}, False, "unknown value 'maybe'"),
+    (["-fa", "on", "-kvu", "--swa-full", "-nkvo"], {}, True, "ok"),
+    (["--mlock"], {}, False, "-lm mlock"),
+    (["--no-mmap"], {}, False, "-lm none"),
+    (["-lm", "mlock"], {}, True, "ok"),
+    (["--frobnicate"], {}, False, "unknown llama-server flag"),
+    (["-c"], {}, False, "needs a value"),
+    (["--jinja", "--port", "9000", "-n", "256", "--temp", "0"], {}, True, "ok"),
+    ([], {"LLAMA_ARG_CTX_SIZE": "16384", "LLAMA_ARG_N_PARALLEL": "2"}, True, "ok"),
+    ([], {"LLAMA_ARG_CTX_SIZE": "abc"}, False, "expects a whole number"),
+    ([], {"LLAMA_ARG_N_PARALLEL": "0"}, False, "invalid value for n_parallel"),
+    # memory-changing options kvbook does not model yet: the server takes them, kvbook refuses by name
+    (["--gpt-oss-20b-default"], {}, True, "built-in preset"),
+    (["-nr"], {}, True, "no weight repacking"),
+    ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
+    (["--no-host"], {}, True, "host (pinned) buffers"),
+    (["-ot", "exps=CPU"], {}, True, "tensor placement overrides"),
+    (["--n-cpu-moe", "10"], {}, True, "expert placement"),
+    ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "expert placement"),
+]
+
+
+def server_accepts(server, args: list[str], env: dict[str, str]) -> tuple[bool, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
+    proc = subprocess.run([str(server), *args, "--version"], capture_output=True, text=True, timeout=30,
+                          env={**clean, **env}, stdin=subprocess.DEVNULL)
+    return proc.returncode == 0, (proc.stderr or proc.stdout).strip().splitlines()[:1]
+
+
+@pytest.mark.parametrize("args, env, accepted, kvbook", ROWS, ids=[" ".join(r[0]) or str(r[1]) for r in ROWS])
+def test_kvbook_reads_the_line_as_the_server_does(llama_server, args, env, accepted, kvbook) -> None:
+    ok, first = server_accepts(llama_server, args, env)
+    assert ok is accepted, f"llama-server {'accepted' if ok else 'refused'} {args} {env}: {first}"
+    if kvbook == "ok":
+        parse_server_args(["-m", "x.gguf", *args], env)
+    else:
+        with pytest.raises(BadInput, match=None) as e:
+            parse_server_args(["-m", "x.gguf", *args], env)
+        assert kvbook in str(e.value), str(e.value)
+
+
+def test_the_command_line_wins_over_the_environment() -> None:
+    env = {"LLAMA_ARG_CTX_SIZE": "16384", "LLAMA_ARG_N_PARALLEL": "2", "LLAMA_ARG_KV_UNIFIED": "true"}
+    flags = parse_server_args(["-m", "x.gguf", "-c", "8192"], env)
+    assert (flags.ctx, flags.parallel, flags.kv_unified) == (8192, 2, True)
+    assert parse_server_args(["-m", "x.gguf"], {"LLAMA_ARG_KV_UNIFIED": "0"}).kv_unified is False
+    assert parse_server_args(["-m", "x.gguf"]).ctx == 0  # no environment unless one is given
