@@ -89,3 +89,17 @@ def test_swa_full_makes_no_checkpoints_on_a_sliding_window_model() -> None:
     assert plan_memory(hybrid, parse_server_args(["-m", "x", "-c", "32768", "--swa-full"])).host_extras.checkpoint_bytes > 0
     res = sweep(gemma, [32768], ("f16",), (1,), swa_full=True)
     assert int(res.host_extras_bytes[0, 0, 0]) == full.host_extras.bytes
+
+
+def test_compute_error_is_stated_only_where_it_was_measured(capsys) -> None:
+    """The compute coefficient is fitted on CPU runs: a CUDA or Metal plan says 'not calibrated'."""
+    rows = {}
+    for device in ("this-machine", "rtx-4090", "m1-max-64"):
+        _, doc, _ = plan_json(capsys, "--device", device, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "8192")
+        rows[device] = (doc["compute_backend"], doc["compute_calibrated"], doc["compute_error_pct"])
+    assert rows["this-machine"][:2] == ("CPU", True) and rows["this-machine"][2] > 0
+    assert rows["rtx-4090"] == ("CUDA", False, None) and rows["m1-max-64"] == ("Metal", False, None)
+    _, doc, _ = plan_json(capsys, "--device", "rtx-4090", "--", "llama-server", "-m", "llama-3.1-8b", "-ngl", "0")
+    assert doc["compute_backend"] == "CPU"  # nothing offloaded: the CPU backend computes
+    cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "llama-3.1-8b", "-c", "8192"])
+    assert "not calibrated for CUDA" in capsys.readouterr().out

@@ -333,3 +333,9 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()
     litellm_max_input_tokens: int = 0
     notes: tuple[str, ...] = field(default=())
+    compute_backend: str = "CPU"  # the backend whose compute buffer the estimate stands for
+
+    @property
+    def compute_calibrated(self) -> bool:
+        """kvbook's compute coefficient was fitted on CPU runs only; other backends' buffers differ."""
+        return self.compute_backend == "CPU"

@@ -236,8 +236,8 @@ def _slowdown_rows(f: _PostFacts) -> list[ComparisonRow]:
         ComparisonRow(
             "Slowdown at 262K: compute buffer at -ub 2048", "not mentioned",
             f"{fmt_bytes(f.mb.compute.bytes)} at 262K vs {fmt_bytes(f.ms.compute.bytes)} at 65K",
-            f"Grows with context: the flash-attention mask is context x ubatch (2048). An estimate, "
-            f"worst error seen {f.mb.compute.error_pct:.0f}%.",
+            f"Grows with context: the flash-attention mask is context x ubatch (2048). An estimate calibrated on "
+            f"the CPU backend (worst error there {f.mb.compute.error_pct:.0f}%); Metal's buffers are not calibrated yet.",
         ),
         ComparisonRow(
             "Slowdown at 262K: recurrent state of 4 auto slots", "not mentioned",

@@ -150,6 +150,15 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
     return tuple(out)
 
 
+def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
+    """The backend that holds the main compute buffer: the GPU pool's backend (CUDA0 -> CUDA, Metal) when
+    the model runs there, else CPU."""
+    gpu = next((p for p in device.pools if p.kind == "gpu"), None)
+    if gpu is None or not (device.unified or _offloaded(arch, flags, device)):
+        return "CPU"
+    return gpu.name.rstrip("0123456789") or "GPU"
+
+
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
     """Plan one command line on one device."""
     memory = plan_memory(arch, flags)
@@ -178,4 +187,5 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
         alternatives=alternatives(arch, flags, device) if verdict is not Verdict.FITS else (),
         litellm_max_input_tokens=memory.shape.n_ctx_seq,
         notes=tuple(notes),
+        compute_backend=compute_backend(arch, flags, device),
     )

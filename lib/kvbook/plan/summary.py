@@ -41,7 +41,9 @@ def plan_summary(plan: Plan) -> dict:
         "weights_exact": mem.weights_exact,
         "weights_note": plan.model.weights_note,
         "compute_bytes": mem.compute.bytes,
-        "compute_error_pct": mem.compute.error_pct,
+        "compute_error_pct": mem.compute.error_pct if plan.compute_calibrated else None,
+        "compute_backend": plan.compute_backend,
+        "compute_calibrated": plan.compute_calibrated,
         "output_bytes": mem.output_bytes,
         "host_extras_bytes": mem.host_extras.bytes,
         "start_bytes": mem.start_bytes,
@@ -74,7 +76,9 @@ def format_plan(plan: Plan) -> str:
         label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
         lines.append(f"  {label:<12} {_size(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
     lines += [
-        f"  compute      {_size(mem.compute.bytes)}  approximate, worst error seen {mem.compute.error_pct}%",
+        f"  compute      {_size(mem.compute.bytes)}  " + (
+            f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)" if plan.compute_calibrated else
+            f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"),
         f"  output       {_size(mem.output_bytes)}  logits",
         f"  at start     {_size(mem.start_bytes)}",
         f"  host growth  {_size(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
