@@ -68,13 +68,28 @@ def test_interrupted_script_stops_its_servers(smollm2, tmp_path):
         print(s.process.proc.pid, flush=True)
         time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pid = int(proc.stdout.readline())
-    proc.send_signal(signal.SIGINT)  # KeyboardInterrupt in the sleep
-    proc.wait(30)
-    assert _gone(pid)
-    proc2 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pid2 = int(proc2.stdout.readline())
-    proc2.terminate()  # SIGTERM to the owner
-    proc2.wait(30)
-    assert _gone(pid2)
+    # A background job of a non-interactive shell (or nohup) inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: give the owner the default disposition, as a terminal would.
+    owners = []
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        owners.append(proc)
+        pid = int(proc.stdout.readline())
+        owners.append(pid)
+        proc.send_signal(signal.SIGINT)  # KeyboardInterrupt in the sleep
+        proc.wait(30)
+        assert _gone(pid)
+        proc2 = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        owners.append(proc2)
+        pid2 = int(proc2.stdout.readline())
+        owners.append(pid2)
+        proc2.terminate()  # SIGTERM to the owner
+        proc2.wait(30)
+        assert _gone(pid2)
+    finally:  # a failure above must not leave an owner or its server running
+        for owner in owners:
+            try:
+                owner.kill() if isinstance(owner, subprocess.Popen) else os.kill(owner, signal.SIGKILL)
+            except (ProcessLookupError, OSError):
+                pass
