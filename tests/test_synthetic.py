@@ -83,6 +83,9 @@ SMALL: dict[str, dict[str, Any]] = {
                      **{"attention.head_count": 8, "attention.head_count_kv": 2,
                         "attention.key_length": 64, "attention.value_length": 64,
                         "attention.sliding_window": 128}),
+    # no kvbook rule: planned with llama.cpp's own accounting (tests/test_fit_fallback.py)
+    "phi3": _meta("phi3", **{**_COMMON, "embedding_length": 512, "block_count": 4, "feed_forward_length": 1024,
+                             "attention.head_count": 8, "attention.head_count_kv": 2, "rope.dimension_count": 64}),
     # layers 0-4 SWA, layer 5 full (pattern 6), window 512
     "gemma3": _meta("gemma3", **_COMMON, block_count=6, feed_forward_length=512,
                     **{"attention.head_count": 4, "attention.head_count_kv": 1,
@@ -104,6 +107,8 @@ EXPECTED: dict[str, tuple[list[str], list[tuple[str, int, int, float, float]], f
     "deepseek2": (["-np", "1"], [("kv", 4096, 4, 5.0, 0.0)], 0.0),
     # odd layers full: 2 x 2 heads x 64 x f16 x 4096; SWA cells = pad256(128 + 512) = 768
     "gpt-oss": (["-np", "1"], [("kv", 4096, 2, 2.0, 2.0), ("swa", 768, 2, 0.375, 0.375)], 0.0),
+    # 4 layers x 2 heads x 64 x f16 x 4096 cells
+    "phi3": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
     # SWA cells = pad256(512 + 512) = 1024
     "gemma3": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0), ("swa", 1024, 5, 1.25, 1.25)], 0.0),
 }

@@ -20,10 +20,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from kvbook.model.sources import load_model
+    from kvbook.ops.planning import plan_any
     from kvbook.plan.devices import custom_budget, load_device, this_machine
     from kvbook.plan.flags import parse_server_args
-    from kvbook.plan.planner import make_plan
     from kvbook.plan.summary import format_plan, plan_summary
 
     server_argv = list(args.server_args)
@@ -38,8 +37,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device = load_device(args.device)
     else:
         device = this_machine()
-    arch = load_model(flags.model)
-    plan = make_plan(arch, flags, device)
+    plan = plan_any(flags, device)
     if args.json:
         print(json.dumps(plan_summary(plan), indent=1))
     else:

@@ -334,6 +334,7 @@ class Plan:
     litellm_max_input_tokens: int = 0
     notes: tuple[str, ...] = field(default=())
     compute_backend: str = "CPU"  # the backend whose compute buffer the estimate stands for
+    accounting: str = "kvbook"  # whose rules sized the caches: "kvbook", or "llama-fit-params" (no kvbook rule)
 
     @property
     def compute_calibrated(self) -> bool:

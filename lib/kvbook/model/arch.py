@@ -102,6 +102,44 @@ def supported_archs() -> list[str]:
     return sorted(RULES)
 
 
+class UnknownArchitecture(ModelError):
+    """A GGUF whose architecture has no kvbook rule; `generic` is what the common keys say about it."""
+
+    def __init__(self, message: str, generic: ModelArch | None):
+        super().__init__(message)
+        self.generic = generic
+
+
+def generic_arch(meta: Mapping[str, Any], *, name: str, source: str, weights_bytes: int, weights_note: str,
+                 n_vocab: int | None) -> ModelArch | None:
+    """The keys every llama.cpp architecture shares (layers, width, heads, context, vocabulary), with no
+    sliding window, recurrent or MLA knowledge: enough for the context shape and the logits, never for caches.
+    None when even those keys are missing."""
+    arch = str(meta.get("general.architecture"))
+    m = _Meta(meta, arch, source)
+    try:
+        n_layer = m.int("block_count")
+        n_embd = m.int("embedding_length")
+        n_head = m.per_layer("attention.head_count", n_layer, 0)
+        n_head_kv = m.per_layer("attention.head_count_kv", n_layer, list(n_head))
+        n_ctx_train = m.int("context_length")
+    except ModelError:
+        return None
+    head = m.int("attention.key_length", n_embd // n_head[0] if n_head and n_head[0] else 0)
+    vocab = n_vocab if n_vocab is not None else m.int("vocab_size", 0)
+    if not 0 < n_layer <= MAX_LAYERS or vocab <= 0:
+        return None
+    return ModelArch(
+        name=name, arch=arch, source=source, n_layer=n_layer, n_layer_nextn=0, n_embd=n_embd, n_vocab=vocab,
+        n_ctx_train=n_ctx_train, n_head=n_head, n_head_kv=n_head_kv, head_k=head,
+        head_v=m.int("attention.value_length", head), head_k_swa=head, head_v_swa=head,
+        is_swa=(False,) * n_layer, n_swa=0, is_recurrent=(False,) * n_layer, recurrent=None, is_mla=False,
+        n_layer_kv_from_start=n_layer, n_ff=max(m.per_layer("feed_forward_length", n_layer, 0)),
+        n_expert=m.int("expert_count", 0), n_expert_used=m.int("expert_used_count", 0), n_ff_exp=0,
+        weights_bytes=weights_bytes, weights_exact=True, weights_note=weights_note, metadata_keys=len(meta),
+    )
+
+
 def _layer_counts(m: _Meta, source: str, arch: str) -> tuple[int, int, int]:
     """(all layers, main layers, NextN/MTP layers) from block_count and nextn_predict_layers."""
     n_layer_all = m.int("block_count")
@@ -172,9 +210,10 @@ def arch_from_metadata(
         raise ModelError(f"{source}: no general.architecture in the metadata; is this a model GGUF?")
     rule = RULES.get(arch)
     if rule is None:
-        raise ModelError(
-            f"{source}: architecture '{arch}' is not modelled by kvbook; supported: {', '.join(supported_archs())}"
-        )
+        raise UnknownArchitecture(
+            f"{source}: architecture '{arch}' is not modelled by kvbook; supported: {', '.join(supported_archs())}",
+            generic_arch(meta, name=name, source=source, weights_bytes=weights_bytes, weights_note=weights_note,
+                         n_vocab=n_vocab) if weights_exact else None)
     m = _Meta(meta, arch, source)
     for key in rule.required:
         if m.raw(key) is None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
+from kvbook.interface import CacheKind, CacheSpec, ComputeEstimate, HostExtras, MemoryPlan, MiB, ModelArch, ServerFlags
+from kvbook.memory.rules import context_shape, output_bytes
 from kvbook.ops.logparse import LoggedCache, LoggedMemory, parse_log
 from kvbook.ops.procs import describe_exit
 
@@ -220,3 +222,51 @@ def _run_holding_exit(argv: Sequence[str], timeout_s: float) -> tuple[int, str, 
     code = proc.wait()
     return (code, bytes(bufs[r_out][junk:]).decode(errors="replace"),
             bytes(bufs[err_fd]).decode(errors="replace"))
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's accounting for architectures kvbook has no rule for
+# ---------------------------------------------------------------------------------------------
+
+def _exact_bytes(mib: float, units: int) -> int:
+    """Bytes behind a MiB figure printed to two decimals, when they are a whole number of bytes per
+    (cell x layer x stream) and that number is the only one within the rounding; else the rounded value."""
+    per_unit = round(mib * MiB / units) if units else 0
+    if units and abs(per_unit * units - mib * MiB) <= 0.005 * MiB and 0.005 * MiB < units / 2:
+        return per_unit * units
+    return round(mib * MiB)
+
+
+def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary: str | None = None) -> MemoryPlan:
+    """What llama-fit-params reports for this file and command line, as llama-server would allocate it.
+
+    Known differences are corrected: llama-fit-params refuses -kvu and defaults to one slot, so unified
+    slots run as one stream of n_ctx cells (the same KV; the recurrent state is scaled to every slot) and
+    separate slots as -np N; weights are the GGUF's tensor sizes (fit-params leaves repacked weights out of
+    its model column); logits are the server's own buffer. The MiB it prints are rounded to two decimals."""
+    shape = context_shape(arch, flags)
+    args = ["-np", "1" if shape.kv_unified else str(shape.n_seq), "-ctk", flags.type_k, "-ctv", flags.type_v,
+            "-fa", flags.flash_attn.value, "-b", str(flags.batch), "-ub", str(flags.ubatch)]
+    if flags.swa_full:
+        args.append("--swa-full")
+    report = run_fit_params(model, shape.n_ctx, args, binary=binary)
+    fit_seqs = 1 if shape.kv_unified else shape.n_seq
+    caches = []
+    for c in report.memory.caches:
+        recurrent = c.kind == "recurrent"
+        scale = max(1, shape.n_seq) // fit_seqs if recurrent else 1
+        units = c.cells * c.layers * (1 if recurrent else fit_seqs)
+        caches.append(CacheSpec(kind=CacheKind(c.kind), cells=c.cells * scale, layers=c.layers, k_type=c.k_type,
+                                v_type=c.v_type, k_bytes=_exact_bytes(c.k_mib, units) * scale,
+                                v_bytes=_exact_bytes(c.v_mib, units) * scale))
+    per_seq = sum(c.bytes // max(1, shape.n_stream) for c in caches if c.kind is CacheKind.SWA)
+    per_seq += sum(c.bytes // max(1, shape.n_seq) for c in caches if c.kind is CacheKind.RECURRENT)
+    checkpoints = per_seq * flags.ctx_checkpoints * shape.n_seq if any(
+        c.kind is CacheKind.RECURRENT or (c.kind is CacheKind.SWA and not flags.swa_full) for c in caches) else 0
+    return MemoryPlan(
+        shape=shape, caches=tuple(caches), weights_bytes=arch.weights_bytes, weights_exact=arch.weights_exact,
+        output_bytes=output_bytes(arch, shape),
+        compute=ComputeEstimate(bytes=round(report.compute_total_mib * MiB), error_pct=0.0,
+                                method="llama-fit-params' own compute reservation (CPU backend), MiB to two decimals"),
+        host_extras=HostExtras(cache_ram_bytes=max(flags.cache_ram_mib, 0) * MiB, checkpoint_bytes=checkpoints),
+    )

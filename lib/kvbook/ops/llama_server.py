@@ -85,10 +85,9 @@ def start_llama_server(
     plan_first: bool = True,
 ) -> LlamaServer:
     """Plan, refuse when it will not fit (unless force), start, wait for /health."""
-    from kvbook.model.sources import load_model
     from kvbook.ops.components import find_llama_server
+    from kvbook.ops.planning import plan_any
     from kvbook.plan.devices import this_machine
-    from kvbook.plan.planner import make_plan
 
     flags = server_args if isinstance(server_args, ServerFlags) else parse_server_args(server_args, os.environ)
     check_host(host, allow_remote)
@@ -96,7 +95,7 @@ def start_llama_server(
         raise BadInput(f"llama-server on {host} would be reachable from the network: give it an API key")
     plan = None
     if plan_first:
-        plan = make_plan(load_model(flags.model), flags, device or this_machine())
+        plan = plan_any(flags, device or this_machine())
         if plan.verdict is Verdict.DOES_NOT_FIT and not force:
             need = max(u.need_bytes for u in plan.pools) / 2**30
             raise BadInput(

@@ -159,9 +159,12 @@ def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
     return gpu.name.rstrip("0123456789") or "GPU"
 
 
-def make_plan(arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
-    """Plan one command line on one device."""
-    memory = plan_memory(arch, flags)
+def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
+              accounting: str = "kvbook") -> Plan:
+    """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
+    architecture kvbook has no rule for; then no context is searched and no alternative is offered."""
+    searched = memory is None
+    memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     verdict = worst(usages)
     notes = []
@@ -183,9 +186,10 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
         memory=memory,
         pools=usages,
         verdict=verdict,
-        max_ctx=max_context(arch, flags, device),
-        alternatives=alternatives(arch, flags, device) if verdict is not Verdict.FITS else (),
+        max_ctx=max_context(arch, flags, device) if searched else 0,
+        alternatives=alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else (),
         litellm_max_input_tokens=memory.shape.n_ctx_seq,
         notes=tuple(notes),
         compute_backend=compute_backend(arch, flags, device),
+        accounting=accounting,
     )

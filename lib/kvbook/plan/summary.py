@@ -43,6 +43,7 @@ def plan_summary(plan: Plan) -> dict:
         "compute_bytes": mem.compute.bytes,
         "compute_error_pct": mem.compute.error_pct if plan.compute_calibrated else None,
         "compute_backend": plan.compute_backend,
+        "accounting": plan.accounting,
         "compute_calibrated": plan.compute_calibrated,
         "output_bytes": mem.output_bytes,
         "host_extras_bytes": mem.host_extras.bytes,
@@ -77,6 +78,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {label:<12} {_size(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
     lines += [
         f"  compute      {_size(mem.compute.bytes)}  " + (
+            "llama.cpp's own reservation (llama-fit-params, CPU backend)" if plan.accounting != "kvbook" else
             f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)" if plan.compute_calibrated else
             f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"),
         f"  output       {_size(mem.output_bytes)}  logits",
@@ -88,7 +90,8 @@ def format_plan(plan: Plan) -> str:
     for u in plan.pools:
         lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
                      f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
-    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {plan.max_ctx}"]
+    largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
+    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:
         lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")

@@ -312,6 +312,20 @@ def _deepseek2(h: _Hp) -> Iterator[Tensor]:
             yield from _nextn(h, i)
 
 
+def _phi3(h: _Hp) -> Iterator[Tensor]:
+    """phi3 (src/models/phi3.cpp): fused QKV and a fused gate+up FFN; no kvbook memory rule (llama.cpp's
+    accounting plans it)."""
+    yield from _io(h, tied=False)
+    gqa = h.head_k * h.n_head_kv
+    for i in range(h.n_layer):
+        b = f"blk.{i}"
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield f"{b}.attn_qkv.weight", (h.n_embd, h.n_embd + 2 * gqa)
+        yield f"{b}.attn_output.weight", (h.n_embd, h.n_embd)
+        yield f"{b}.ffn_down.weight", (h.n_ff(i), h.n_embd)
+        yield f"{b}.ffn_up.weight", (h.n_embd, 2 * h.n_ff(i))
+
+
 _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "llama": _llama,
     "qwen3": _qwen3,
@@ -322,6 +336,7 @@ _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "deepseek2": _deepseek2,
     "gpt-oss": _gpt_oss,
     "gemma3": _gemma3,
+    "phi3": _phi3,
 }
 
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(sorted(_BUILDERS))
