@@ -75,15 +75,34 @@ def read_local(path: Path) -> GGUFHeader:
     return header
 
 
+_SHARD = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _shard_names(name: str, count: int, source: str) -> list[str]:
+    """PREFIX-00001-of-0000N.gguf ... as llama.cpp's gguf-split names them, from any one shard's name."""
+    match = _SHARD.match(name)
+    if not match:
+        raise ModelError(f"{source}: split.count={count} but the name is not PREFIX-NNNNN-of-MMMMM.gguf")
+    return [f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def split_shard_urls(url: str, meta: dict[str, Any]) -> list[str]:
+    """The URL of every shard of a remote split GGUF (just `url` when it is not split)."""
+    count = int(meta.get("split.count", 1) or 1)
+    if count <= 1:
+        return [url]
+    base, _, rest = url.partition("?")
+    folder, _, name = base.rpartition("/")
+    query = f"?{rest}" if rest else ""
+    return [f"{folder}/{shard}{query}" for shard in _shard_names(name, count, url)]
+
+
 def split_shards(path: Path, meta: dict[str, Any]) -> list[Path]:
     """All shards of a split GGUF (`split.count` > 1), named like llama.cpp's gguf-split writes them."""
     count = int(meta.get("split.count", 1) or 1)
     if count <= 1:
         return [path]
-    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", path.name)
-    if not match:
-        raise ModelError(f"{path}: split.count={count} but the name is not PREFIX-NNNNN-of-MMMMM.gguf")
-    shards = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    shards = [path.with_name(n) for n in _shard_names(path.name, count, str(path))]
     missing = [s.name for s in shards if not s.exists()]
     if missing:
         raise ModelError(f"{path}: split GGUF is missing shards: {', '.join(missing)}")

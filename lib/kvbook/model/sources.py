@@ -10,7 +10,7 @@ from typing import Any
 from kvbook.errors import BadInput, ModelError
 from kvbook.interface import ModelArch
 from kvbook.model.arch import arch_from_metadata
-from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shards
+from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shard_urls, split_shards
 from kvbook.paths import params_dir
 from kvbook.yamlio import read_yaml
 
@@ -27,7 +27,7 @@ def load_model(spec: str) -> ModelArch:
     if not spec or not spec.strip():
         raise BadInput("model is empty: pass a GGUF path, a GGUF URL, a preset name or a config.json")
     if spec.startswith(("http://", "https://")):
-        return _from_header(read_remote(spec), spec, sha256=None)
+        return _from_remote(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
@@ -65,16 +65,20 @@ def load_gguf(path: Path) -> ModelArch:
     )
 
 
-def _from_header(header: Any, source: str, sha256: str | None) -> ModelArch:
+def _from_remote(url: str) -> ModelArch:
+    """A remote GGUF from its header alone; a split model's every shard header is read and summed."""
+    header = read_remote(url)
+    shards = split_shard_urls(url, header.metadata)
+    tensor_bytes = header.tensor_bytes + sum(read_remote(u).tensor_bytes for u in shards[1:])
+    where = f"{len(shards)} remote shards' headers" if len(shards) > 1 else "the remote GGUF header"
     return arch_from_metadata(
         header.metadata,
-        name=str(header.metadata.get("general.name") or source.rsplit("/", 1)[-1]),
-        source=source,
-        weights_bytes=header.tensor_bytes,
+        name=str(header.metadata.get("general.name") or url.rsplit("/", 1)[-1]),
+        source=url,
+        weights_bytes=tensor_bytes,
         weights_exact=True,
-        weights_note="exact: sum of tensor sizes in the remote GGUF header",
+        weights_note=f"exact: sum of tensor sizes in {where}",
         n_vocab=_vocab(header.metadata, header.n_vocab),
-        sha256=sha256,
     )
 
 
