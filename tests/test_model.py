@@ -204,3 +204,33 @@ def test_decode_bound_falls_with_context_and_moe_reads_less():
     moe = load_model("qwen3.6-35b-a3b")
     assert active_weight_bytes(moe) < moe.weights_bytes / 4
     assert active_weight_bytes(llama) == llama.weights_bytes
+
+
+def test_real_hf_configs_with_nested_text_config_and_defaults(tmp_path):
+    """google/gemma-3-27b-it's config.json keeps the text model under text_config and leaves out what
+    transformers fills in (vocab_size, max_position_embeddings, the 5:1 window pattern); DeepSeek-V3's
+    parameter count needs MLA, dense first layers and the shared expert (671B, not 755B)."""
+    import json
+
+    gemma = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+             "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504,
+                             "model_type": "gemma3_text", "num_attention_heads": 32, "num_hidden_layers": 62,
+                             "num_key_value_heads": 16, "query_pre_attn_scalar": 168,
+                             "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+             "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}
+    path = tmp_path / "gemma" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(gemma))
+    args = ["-m", "x", "-c", "32768", "-np", "1"]
+    from_config = plan_memory(load_model(str(path)), parse_server_args(args))
+    from_preset = plan_memory(load_model("gemma-3-27b"), parse_server_args(args))
+    assert from_config.caches == from_preset.caches and from_config.output_bytes == from_preset.output_bytes
+    deepseek = {"model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432,
+                "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+                "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+                "first_k_dense_replace": 3, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128, "max_position_embeddings": 163840, "vocab_size": 129280}
+    path = tmp_path / "deepseek.json"
+    path.write_text(json.dumps(deepseek))
+    arch = load_model(str(path))
+    assert "~671.25B params" in arch.weights_note

@@ -136,10 +136,23 @@ _HF_ARCH = {
 }
 
 
+# What transformers fills in when a config.json leaves a field out (each model type's config class
+# defaults): the real Gemma 3 configs carry no vocab_size, max_position_embeddings or window pattern.
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072, "sliding_window": 4096,
+                    "sliding_window_pattern": 6, "head_dim": 256, "num_key_value_heads": 4,
+                    "rms_norm_eps": 1e-6},
+    "gemma3": {"vocab_size": 262208, "max_position_embeddings": 131072, "sliding_window": 4096,
+               "sliding_window_pattern": 6, "head_dim": 256, "num_key_value_heads": 4, "rms_norm_eps": 1e-6},
+}
+
+
 def hf_to_metadata(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    """Map a transformers config.json to the GGUF keys llama.cpp's converter would write."""
+    """Map a transformers config.json to the GGUF keys llama.cpp's converter would write; a multimodal
+    config's text model (`text_config`) is the one planned, with its class defaults filled in."""
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "model_type": cfg["text_config"].get("model_type", cfg.get("model_type"))}
+    cfg = {**_HF_DEFAULTS.get(str(cfg.get("model_type")), {}), **cfg}
     model_type = cfg.get("model_type")
     arch = _HF_ARCH.get(str(model_type))
     if arch is None:
@@ -198,23 +211,40 @@ def hf_to_metadata(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         meta[f"{arch}.attention.value_length_mla"] = int(need("v_head_dim"))
         meta[f"{arch}.attention.kv_lora_rank"] = kv_lora
         meta[f"{arch}.leading_dense_block_count"] = int(cfg.get("first_k_dense_replace") or 0)
+        meta[f"{arch}.expert_shared_count"] = int(cfg.get("n_shared_experts") or 0)
+        if cfg.get("q_lora_rank"):
+            meta[f"{arch}.attention.q_lora_rank"] = int(cfg["q_lora_rank"])
     return meta
 
 
+def _mla_attention_params(g: Any, n_embd: int, n_head: int) -> int:
+    """Multi-head latent attention (DeepSeek): low-rank Q, the shared KV latent, its up-projection, output."""
+    q_lora, kv_lora = g("attention.q_lora_rank"), g("attention.kv_lora_rank")
+    rope = g("rope.dimension_count")
+    qk, v = g("attention.key_length_mla"), g("attention.value_length_mla")
+    q = n_embd * q_lora + q_lora * n_head * qk if q_lora else n_embd * n_head * qk
+    kv = n_embd * (kv_lora + rope) + kv_lora * n_head * (qk - rope + v)
+    return q + kv + n_head * v * n_embd
+
+
 def estimate_params(meta: dict[str, Any]) -> int:
-    """A rough parameter count from shapes (attention, FFN or experts, embeddings); for labelled estimates only."""
+    """A rough parameter count from shapes (attention, dense FFN or routed + shared experts, embeddings);
+    for labelled estimates only."""
     arch = meta["general.architecture"]
     g = lambda k, d=0: meta.get(f"{arch}.{k}", d)  # noqa: E731
     n_embd, n_layer, vocab = g("embedding_length"), g("block_count"), g("vocab_size")
     n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
-    hk = g("attention.key_length", n_embd // max(n_head, 1))
-    attn = n_embd * hk * (2 * n_head + 2 * (n_kv if isinstance(n_kv, int) else n_head))
-    if g("expert_count"):
-        ffn = 3 * n_embd * g("expert_feed_forward_length") * g("expert_count") + n_embd * g("expert_count")
+    if g("attention.kv_lora_rank"):
+        attn = _mla_attention_params(g, n_embd, n_head)
     else:
-        ff = g("feed_forward_length")
-        ffn = 3 * n_embd * (max(ff) if isinstance(ff, list) else ff)
-    return int(n_layer * (attn + ffn) + 2 * vocab * n_embd)
+        hk = g("attention.key_length", n_embd // max(n_head, 1))
+        attn = n_embd * hk * (2 * n_head + 2 * (n_kv if isinstance(n_kv, int) else n_head))
+    ff = g("feed_forward_length")
+    dense = 3 * n_embd * (max(ff) if isinstance(ff, list) else ff)
+    n_dense = g("leading_dense_block_count") if g("expert_count") else n_layer
+    moe = 3 * n_embd * g("expert_feed_forward_length") * (g("expert_count") + g("expert_shared_count")) \
+        + n_embd * g("expert_count")
+    return int(n_layer * attn + n_dense * dense + (n_layer - n_dense) * moe + 2 * vocab * n_embd)
 
 
 def load_hf_config(path: Path, bits_per_weight: float = DEFAULT_BPW) -> ModelArch:
