@@ -103,3 +103,23 @@ def test_compute_error_is_stated_only_where_it_was_measured(capsys) -> None:
     assert doc["compute_backend"] == "CPU"  # nothing offloaded: the CPU backend computes
     cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "llama-3.1-8b", "-c", "8192"])
     assert "not calibrated for CUDA" in capsys.readouterr().out
+
+
+def test_the_plan_lists_every_flag_it_read_and_what_it_changes(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMA_ARG_N_PARALLEL", "2")
+    _, doc, _ = plan_json(capsys, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "8192", "--jinja", "-ctk", "q8_0",
+                          "-fa", "on", "--port", "9000")
+    read = [(r["flag"], r["source"], r["changes"]) for r in doc["flags_read"]]
+    assert read[0] == ("LLAMA_ARG_N_PARALLEL=2", "environment", "slots: context per slot, caches, logits")
+    assert ("-c 8192", "command line", "context size: every cache") in read
+    assert ("--jinja", "command line", "nothing: does not change memory") in read
+    assert ("-ctk q8_0", "command line", "K cache bytes") in read
+    assert len(read) == 7 and doc["n_seq"] == 2
+
+
+def test_a_discrete_custom_gpu_has_its_own_pools(capsys) -> None:
+    _, doc, _ = plan_json(capsys, "--gpu-gib", "24", "--host-gib", "64", "--", "llama-server", "-m", "llama-3.1-8b",
+                          "-c", "32768")
+    assert [p["pool"] for p in doc["pools"]] == ["GPU0", "Host"] and doc["compute_calibrated"] is False
+    assert cli.main(["plan", "--host-gib", "64", "--", "llama-server", "-m", "llama-3.1-8b"]) == 2
+    assert "--host-gib goes with --gpu-gib" in capsys.readouterr().err

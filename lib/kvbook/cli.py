@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from kvbook.ops.planning import plan_any
-    from kvbook.plan.devices import custom_budget, load_device, this_machine
+    from kvbook.plan.devices import custom_budget, custom_discrete, load_device, this_machine
     from kvbook.plan.flags import parse_server_args
     from kvbook.plan.summary import format_plan, plan_summary
 
@@ -31,8 +31,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not server_argv:
         raise BadInput("give the llama-server command line after --, e.g. kvbook plan -- llama-server -m MODEL -c 8192")
     flags = parse_server_args(server_argv, os.environ)
+    if args.host_gib is not None and args.gpu_gib is None:
+        raise BadInput("--host-gib goes with --gpu-gib (a discrete GPU); for one unified pool use --budget-gib")
     if args.budget_gib is not None:
         device = custom_budget(args.budget_gib)
+    elif args.gpu_gib is not None:
+        device = custom_discrete(args.gpu_gib, args.host_gib)
     elif args.device:
         device = load_device(args.device)
     else:
@@ -136,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict what a llama-server command line allocates and whether it fits")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device", help="device preset id (params/devices) or 'this-machine' (default)")
-    where.add_argument("--budget-gib", type=float, help="a custom memory budget in GiB")
+    where.add_argument("--budget-gib", type=float,
+                       help="a custom unified budget in GiB: one pool holds everything (Apple silicon, CPU only)")
+    where.add_argument("--gpu-gib", type=float, help="a custom discrete GPU of this many GiB (with --host-gib)")
+    p.add_argument("--host-gib", type=float, help="with --gpu-gib: host RAM in GiB (default: this machine's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the plan fits (for scripts: 'tight' and 'does not fit' both fail)")

@@ -144,6 +144,7 @@ class ServerFlags:
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value
+    read: tuple[tuple[str, str, str], ...] = ()  # (flag as given, "command line" or "environment", what it changes)
 
 
 @dataclass(frozen=True)

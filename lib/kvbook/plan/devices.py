@@ -42,16 +42,34 @@ def this_machine() -> Device:
     )
 
 
-def custom_budget(gib: float) -> Device:
-    """One unified pool with the given budget in GiB."""
+def _gib(option: str, gib: float) -> int:
     if not gib > 0 or gib > 1 << 20:
-        raise BadInput(f"--budget-gib must be a positive number of GiB, got {gib}")
-    size = int(gib * GiB)
+        raise BadInput(f"{option} must be a positive number of GiB, got {gib}")
+    return int(gib * GiB)
+
+
+def custom_budget(gib: float) -> Device:
+    """One unified pool with the given budget in GiB (everything, host growth included, counts against it,
+    as on Apple silicon or a CPU-only machine)."""
+    size = _gib("--budget-gib", gib)
     return Device(
         id=f"budget-{gib:g}gib",
         name=f"custom budget {gib:g} GiB",
         unified=True,
-        pools=(Pool(name="Budget", kind="gpu", budget_bytes=size, total_bytes=size),),
+        pools=(Pool(name="Budget", kind="host", budget_bytes=size, total_bytes=size),),
+    )
+
+
+def custom_discrete(gpu_gib: float, host_gib: float | None = None) -> Device:
+    """A discrete GPU with `gpu_gib` GiB and a host with `host_gib` GiB (this machine's RAM when not given)."""
+    gpu = _gib("--gpu-gib", gpu_gib)
+    host = _gib("--host-gib", host_gib) if host_gib is not None else host_ram_bytes()
+    return Device(
+        id=f"gpu-{gpu_gib:g}gib",
+        name=f"custom GPU {gpu_gib:g} GiB + host {host / GiB:.1f} GiB",
+        unified=False,
+        pools=(Pool(name="GPU0", kind="gpu", budget_bytes=gpu, total_bytes=gpu),
+               Pool(name="Host", kind="host", budget_bytes=host, total_bytes=host)),
     )
 
 

@@ -168,9 +168,29 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
     return None
 
 
+# what each field changes in the plan, for the "flags read" list
+_EFFECT = {
+    "model": "the model", "ctx": "context size: every cache", "parallel": "slots: context per slot, caches, logits",
+    "kv_unified": "slots share one KV stream", "fit": "-c 0 sizing and start-up fitting",
+    "type_k": "K cache bytes", "type_v": "V cache bytes", "flash_attn": "V row padding and the compute buffer",
+    "batch": "logical batch (caps the ubatch)", "ubatch": "compute buffer and sliding-window cells",
+    "swa_full": "sliding-window cache size and checkpoints", "cache_ram_mib": "host growth: prompt cache",
+    "ctx_checkpoints": "host growth: context checkpoints", "gpu_layers": "placement of weights, KV and compute",
+    "no_kv_offload": "placement of the KV cache", "host": "nothing (where it listens)",
+    "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
+}
+
+
 def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str, value: str | None,
-           shown: str) -> None:
+           shown: str, read: list[tuple[str, str, str]] | None = None, source: str = "command line") -> None:
     """Record what one option sets; `shown` names it in errors (the flag as typed, or its variable)."""
+    field = _VALUED.get(canonical, (None,))[0] or (
+        _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
+    if canonical == "--kv-unified-per-slot":
+        field = "kv_unified_per_slot"
+    if read is not None:
+        label = shown if value is None or source == "environment" else f"{shown} {value}"
+        read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
     why = _refusal(flag, canonical, value)
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
@@ -191,7 +211,8 @@ _ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repa
 _TRUTHY = ("1", "true", "on", "yes", "enabled")
 
 
-def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str]) -> list[str]:
+def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
+                      log: list[tuple[str, str, str]]) -> list[str]:
     """The LLAMA_ARG_* variables llama-server would read (before the command line, which wins)."""
     read = []
     for name, canonical in _env_names().items():
@@ -199,13 +220,14 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
             continue
         raw, shown = environ[name], f"{name}={environ[name]}"
         read.append(shown)
+        env = {"read": log, "source": "environment"}
         if _spellings()[canonical][1]:
-            _apply(values, ignored, canonical, canonical, raw, shown)
+            _apply(values, ignored, canonical, canonical, raw, shown, **env)
         elif canonical in _ENV_SWITCHES:
             yes, no = _ENV_SWITCHES[canonical]
-            _apply(values, ignored, yes if raw.strip().lower() in _TRUTHY else no, canonical, None, shown)
+            _apply(values, ignored, yes if raw.strip().lower() in _TRUTHY else no, canonical, None, shown, **env)
         elif raw.strip().lower() in _TRUTHY:
-            _apply(values, ignored, canonical, canonical, None, shown)
+            _apply(values, ignored, canonical, canonical, None, shown, **env)
     return read
 
 
@@ -218,7 +240,8 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
     table = _spellings()
     values: dict[str, Any] = {}
     ignored: list[str] = []
-    from_env = _from_environment(environ, values, ignored) if environ else []
+    log: list[tuple[str, str, str]] = []
+    from_env = _from_environment(environ, values, ignored, log) if environ else []
     i = 0
     while i < len(args):
         token = args[i]
@@ -241,13 +264,13 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
             i += 1
             value = args[i]
         i += 1
-        _apply(values, ignored, flag, canonical, value, token)
+        _apply(values, ignored, flag, canonical, value, token, log)
     if "model" not in values:
         raise BadInput("the llama-server command line has no -m MODEL")
     per_slot = values.pop("kv_unified_per_slot", None)
     if per_slot is not None and values.get("ctx", 0) == 0:
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
-    return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), from_env=tuple(from_env), **values)
+    return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), from_env=tuple(from_env), read=tuple(log), **values)
 
 
 _RENDERED = (("-c", "ctx"), ("-np", "parallel"), ("-ctk", "type_k"), ("-ctv", "type_v"), ("-b", "batch"),

@@ -57,6 +57,7 @@ def plan_summary(plan: Plan) -> dict:
         "llama_server_args": list(plan.flags.argv),
         "litellm_max_input_tokens": plan.litellm_max_input_tokens,
         "notes": list(plan.notes),
+        "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
     }
 
 
@@ -97,4 +98,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
     for note in plan.notes:
         lines.append(f"note: {note}")
+    if plan.flags.read:
+        lines.append("flags read:")
+        lines += [f"  {f:<28} {what}" + ("  (from the environment)" if src == "environment" else "")
+                  for f, src, what in plan.flags.read]
     return "\n".join(lines)
