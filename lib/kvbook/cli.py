@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from kvbook.ops.planning import plan_any
-    from kvbook.plan.devices import custom_budget, custom_discrete, load_device, this_machine
+    from kvbook.plan.devices import custom_budget, custom_discrete, load_device, this_machine, with_rpc
     from kvbook.plan.flags import parse_server_args
     from kvbook.plan.summary import format_plan, plan_summary
 
@@ -41,6 +41,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device = load_device(args.device)
     else:
         device = this_machine()
+    if args.rpc_gib is not None:
+        if not flags.rpc:
+            raise BadInput("--rpc-gib goes with llama-server --rpc host:port,...")
+        try:
+            budgets = tuple(float(x) for x in args.rpc_gib.split(","))
+        except ValueError:
+            raise BadInput(f"--rpc-gib: '{args.rpc_gib}' is not a comma-separated list of GiB") from None
+        device = with_rpc(device, flags.rpc, budgets)
     plan = plan_any(flags, device)
     if args.json:
         print(json.dumps(plan_summary(plan), indent=1))
@@ -144,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a custom unified budget in GiB: one pool holds everything (Apple silicon, CPU only)")
     where.add_argument("--gpu-gib", type=float, help="a custom discrete GPU of this many GiB (with --host-gib)")
     p.add_argument("--host-gib", type=float, help="with --gpu-gib: host RAM in GiB (default: this machine's)")
+    p.add_argument("--rpc-gib", help="with llama-server --rpc: each RPC server's budget in GiB, comma-separated "
+                                     "(default: this machine's RAM, what a loopback rpc-server reports)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the plan fits (for scripts: 'tight' and 'does not fit' both fail)")

@@ -91,6 +91,9 @@ class ModelArch:
     weights_note: str
     metadata_keys: int = 0
     sha256: str | None = None
+    tensor_groups: tuple[tuple[str, int], ...] = ()  # GGUF tensor bytes by placement group (see ggufio)
+    # per file of the model: ((group, first byte, end byte), ...) within that file's tensor data
+    tensor_ranges: tuple[tuple[tuple[str, int, int], ...], ...] = ()
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -139,6 +142,8 @@ class ServerFlags:
     gpu_layers: str = "auto"
     fit: bool = True
     no_kv_offload: bool = False
+    rpc: tuple[str, ...] = ()  # --rpc host:port,... (each one a device, in order)
+    tensor_split: tuple[float, ...] = ()  # -ts
     host: str = "127.0.0.1"
     port: int = 8080
     argv: tuple[str, ...] = ()
@@ -300,6 +305,12 @@ class PoolUsage:
     need_bytes: int
     budget_bytes: int
     verdict: Verdict
+    weights_bytes: int = 0
+    kv_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0
+    output_bytes: int = 0
+    host_extras_bytes: int = 0
 
     @property
     def headroom_bytes(self) -> int:
@@ -336,6 +347,8 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     compute_backend: str = "CPU"  # the backend whose compute buffer the estimate stands for
     accounting: str = "kvbook"  # whose rules sized the caches: "kvbook", or "llama-fit-params" (no kvbook rule)
+    layers_on: tuple[str, ...] = ()  # the device (pool name) of each repeating layer, NextN ones included
+    output_on: str = ""  # the device of the output layer
 
     @property
     def compute_calibrated(self) -> bool:

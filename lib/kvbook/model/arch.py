@@ -203,6 +203,8 @@ def arch_from_metadata(
     weights_note: str,
     n_vocab: int | None = None,
     sha256: str | None = None,
+    tensor_groups: Mapping[str, int] | None = None,
+    tensor_ranges: tuple[tuple[tuple[str, int, int], ...], ...] = (),
 ) -> ModelArch:
     """Interpret GGUF metadata the way llama.cpp's loader does, for the memory model."""
     arch = meta.get("general.architecture")
@@ -263,4 +265,6 @@ def arch_from_metadata(
         weights_note=weights_note,
         metadata_keys=len(meta),
         sha256=sha256,
+        tensor_groups=tuple(sorted((tensor_groups or {}).items())),
+        tensor_ranges=tensor_ranges,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvbook.errors import ModelError
@@ -27,6 +27,24 @@ class GGUFHeader:
     n_tensors: int
     data_offset: int
     file_bytes: int
+    # tensor bytes by where llama.cpp places them: "token_embd", "output" (output.*, output_norm.*),
+    # "L<i>" (blk.<i>.* but the experts), "L<i>.exps" (blk.<i>.*_exps*), "other"
+    tensor_groups: dict[str, int] = field(default_factory=dict)
+    # [first byte, end byte] of each group within the tensor data: llama.cpp maps one range per file for the
+    # tensors that stay on the CPU (its CPU_Mapped buffer), from the first such tensor to the end of the last
+    tensor_ranges: dict[str, list[int]] = field(default_factory=dict)
+
+
+def tensor_group(name: str) -> str:
+    """The placement group of a tensor name (see GGUFHeader.tensor_groups)."""
+    if name.startswith("blk."):
+        layer, _, rest = name[4:].partition(".")
+        return f"L{layer}.exps" if "_exps" in rest else f"L{layer}"
+    if name.startswith("token_embd."):
+        return "token_embd"
+    if name.startswith(("output.", "output_norm.")):
+        return "output"
+    return "other"
 
 
 def _check_prefix(head: bytes, source: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGUFEndian, GGUFReader, GGUFValueType
 
 from kvbook.errors import ModelError
-from kvbook.model.gguf_header import MAX_ARRAY, MAX_KV, MAX_TENSORS, GGUFHeader
+from kvbook.model.gguf_header import MAX_ARRAY, MAX_KV, MAX_TENSORS, GGUFHeader, tensor_group
 
 
 class _BoundedReader(GGUFReader):
@@ -108,4 +108,12 @@ def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
             continue  # token lists, scores and types: the memory model needs only their count
         meta[name] = value
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    return GGUFHeader(meta, n_vocab, tensor_bytes, len(reader.tensors), int(reader.data_offset), file_bytes)
+    groups: dict[str, int] = {}
+    ranges: dict[str, list[int]] = {}
+    base = int(reader.data_offset)
+    for t in reader.tensors:
+        key, start = tensor_group(str(t.name)), int(t.data_offset) - base
+        groups[key] = groups.get(key, 0) + int(t.n_bytes)
+        first, end = ranges.get(key, [start, start])
+        ranges[key] = [min(first, start), max(end, start + int(t.n_bytes))]
+    return GGUFHeader(meta, n_vocab, tensor_bytes, len(reader.tensors), base, file_bytes, groups, ranges)

@@ -47,12 +47,23 @@ def load_model(spec: str) -> ModelArch:
     raise BadInput(f"unknown model '{spec}': not a file and not a preset. Presets: {', '.join(preset_ids())}")
 
 
+def _ranges(headers: list[Any]) -> tuple[tuple[tuple[str, int, int], ...], ...]:
+    return tuple(tuple((g, a, b) for g, (a, b) in sorted(h.tensor_ranges.items())) for h in headers)
+
+
+def _merged(groups: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for g in groups:
+        for k, v in g.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def load_gguf(path: Path) -> ModelArch:
     header = read_local(path)
-    tensor_bytes = header.tensor_bytes
     shards = split_shards(path, header.metadata)
-    for shard in shards[1:]:
-        tensor_bytes += read_local(shard).tensor_bytes
+    others = [read_local(shard) for shard in shards[1:]]
+    tensor_bytes = header.tensor_bytes + sum(h.tensor_bytes for h in others)
     note = "exact: sum of tensor sizes in the GGUF" + (f" ({len(shards)} shards)" if len(shards) > 1 else "")
     return arch_from_metadata(
         header.metadata,
@@ -62,6 +73,8 @@ def load_gguf(path: Path) -> ModelArch:
         weights_exact=True,
         weights_note=note,
         n_vocab=_vocab(header.metadata, header.n_vocab),
+        tensor_groups=_merged([header.tensor_groups, *(h.tensor_groups for h in others)]),
+        tensor_ranges=_ranges([header, *others]),
     )
 
 
@@ -69,7 +82,8 @@ def _from_remote(url: str) -> ModelArch:
     """A remote GGUF from its header alone; a split model's every shard header is read and summed."""
     header = read_remote(url)
     shards = split_shard_urls(url, header.metadata)
-    tensor_bytes = header.tensor_bytes + sum(read_remote(u).tensor_bytes for u in shards[1:])
+    others = [read_remote(u) for u in shards[1:]]
+    tensor_bytes = header.tensor_bytes + sum(h.tensor_bytes for h in others)
     where = f"{len(shards)} remote shards' headers" if len(shards) > 1 else "the remote GGUF header"
     return arch_from_metadata(
         header.metadata,
@@ -79,6 +93,8 @@ def _from_remote(url: str) -> ModelArch:
         weights_exact=True,
         weights_note=f"exact: sum of tensor sizes in {where}",
         n_vocab=_vocab(header.metadata, header.n_vocab),
+        tensor_groups=_merged([header.tensor_groups, *(h.tensor_groups for h in others)]),
+        tensor_ranges=_ranges([header, *others]),
     )
 
 

@@ -23,6 +23,8 @@ _RE = {
     "model_buf": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*" + _NUM + " MiB"),
     "output_buf": re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s*" + _NUM + " MiB"),
     "compute_buf": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "kv_buf": re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s*" + _NUM + " MiB"),
+    "rs_buf": re.compile(r"llama_memory_recurrent:\s+(\S+) RS buffer size =\s*" + _NUM + " MiB"),
     "iswa": re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells"),
     "kv": re.compile(
         r"llama_kv_cache: size = \s*" + _NUM + r" MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+)/(\d+) seqs\), "
@@ -64,6 +66,7 @@ class LoggedMemory:
     output_mib: float | None = None
     compute_mib: dict[str, float] = field(default_factory=dict)
     caches: tuple[LoggedCache, ...] = ()
+    kv_buffer_mib: dict[str, float] = field(default_factory=dict)  # per buffer type, every cache summed
 
     @property
     def compute_bytes(self) -> int:
@@ -81,10 +84,11 @@ def parse_log(text: str) -> LoggedMemory:
     model_mib: dict[str, float] = {}
     compute_mib: dict[str, float] = {}
     caches: list[LoggedCache] = []
+    kv_buffers: dict[str, float] = {}
     pending_kind = "kv"
     for line in text.splitlines():
         if "llama_context: constructing llama_context" in line:
-            caches, compute_mib, pending_kind = [], {}, "kv"
+            caches, compute_mib, kv_buffers, pending_kind = [], {}, {}, "kv"
             values.pop("output_mib", None)
         for key in ("n_ctx", "n_ctx_seq", "n_seq_max", "n_batch", "n_ubatch"):
             m = _RE[key].search(line)
@@ -100,6 +104,9 @@ def parse_log(text: str) -> LoggedMemory:
             values["output_mib"] = float(m.group(2))
         if m := _RE["compute_buf"].search(line):
             compute_mib[m.group(1)] = float(m.group(2))
+        for key in ("kv_buf", "rs_buf"):
+            if m := _RE[key].search(line):
+                kv_buffers[m.group(1)] = round(kv_buffers.get(m.group(1), 0.0) + float(m.group(2)), 2)
         if m := _RE["iswa"].search(line):
             pending_kind = "swa" if m.group(1) == "SWA" else "kv"
         if m := _RE["kv"].search(line):
@@ -128,7 +135,8 @@ def parse_log(text: str) -> LoggedMemory:
                     total_mib=float(m.group(1)),
                 )
             )
-    return LoggedMemory(model_mib=model_mib, compute_mib=compute_mib, caches=tuple(caches), **values)  # type: ignore[arg-type]
+    return LoggedMemory(model_mib=model_mib, compute_mib=compute_mib, caches=tuple(caches), kv_buffer_mib=kv_buffers,
+                        **values)  # type: ignore[arg-type]
 
 
 def mib2(n_bytes: int) -> float:

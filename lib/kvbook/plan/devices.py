@@ -108,3 +108,24 @@ def load_device(device_id: str) -> Device:
         notes=str(doc.get("notes", "")),
         sources=sources,
     )
+
+
+def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[float, ...] = ()) -> Device:
+    """`device` plus one RPC device per --rpc endpoint, in order. An RPC server reports its host's free
+    memory (this build's ggml-rpc-server has no memory flag), so a budget defaults to this machine's RAM,
+    right for loopback; give each remote host's budget (--rpc-gib) for real ones."""
+    if any(p.kind == "gpu" for p in device.pools):
+        raise BadInput(f"--rpc with {device.name}: the order of RPC and local GPU devices is not modelled yet; "
+                       "plan RPC devices on this machine or a --budget-gib host")
+    if budgets_gib and len(budgets_gib) != len(endpoints):
+        raise BadInput(f"--rpc-gib has {len(budgets_gib)} budgets for {len(endpoints)} --rpc servers")
+    host = device.pools[0]
+    host = Pool(name=host.name if host.kind == "host" else "Host", kind="host", budget_bytes=host.budget_bytes,
+                total_bytes=host.total_bytes, bandwidth_gbps=host.bandwidth_gbps)
+    ram = host_ram_bytes()
+    rpc = tuple(Pool(name=f"RPC{i}[{ep}]", kind="rpc",
+                     budget_bytes=_gib("--rpc-gib", budgets_gib[i]) if budgets_gib else ram,
+                     total_bytes=_gib("--rpc-gib", budgets_gib[i]) if budgets_gib else ram)
+                for i, ep in enumerate(endpoints))
+    return Device(id=f"{device.id}+rpc", name=f"{device.name} + {len(rpc)} RPC server(s)", unified=False,
+                  pools=(host, *rpc), notes=device.notes)

@@ -31,7 +31,6 @@ UNMODELLED = {
     "-cmoe": "expert placement on the CPU",
     "-ncmoe": "expert placement on the CPU",
     "-ncffn": "FFN placement on the CPU",
-    "-ts": "multi-GPU tensor split",
     "-sm": "multi-GPU split mode",
     "-mg": "multi-GPU main device",
     "--lora": "LoRA adapters",
@@ -56,7 +55,6 @@ UNMODELLED = {
     "--models-preset": "router mode (several models)",
     "--no-host": "weights without host (pinned) buffers",
     "-dev": "device selection (placement across devices)",
-    "--rpc": "RPC devices (placement across hosts)",
 }
 # Spellings refused although their option's other spellings are fine.
 UNMODELLED_SPELLINGS = {
@@ -123,6 +121,28 @@ def _bool_value(flag: str, value: str) -> bool:
     return _choice(flag, value.lower(), ["on", "off", "1", "0", "true", "false"]) in ("on", "1", "true")
 
 
+def _rpc(flag: str, value: str) -> tuple[str, ...]:
+    """--rpc host:port[,host:port...], each one checked."""
+    out = []
+    for entry in value.split(","):
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadInput(f"{flag}: '{entry}' is not host:port (e.g. 127.0.0.1:50052)")
+        out.append(f"{host}:{int(port)}")
+    return tuple(out)
+
+
+def _split(flag: str, value: str) -> tuple[float, ...]:
+    """-ts 3,1 (or 3/1): one non-negative share per device."""
+    try:
+        shares = tuple(float(x) for x in value.replace("/", ",").split(","))
+    except ValueError:
+        raise BadInput(f"{flag}: '{value}' is not a list of numbers such as 3,1") from None
+    if any(x < 0 for x in shares) or not sum(shares) > 0:
+        raise BadInput(f"{flag}: '{value}' needs non-negative shares, not all zero")
+    return shares
+
+
 def _ngl(flag: str, value: str) -> str:
     if value in ("auto", "all"):
         return value
@@ -143,6 +163,8 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ctxcp": ("ctx_checkpoints", lambda f, v: _int(f, v, 0)),
     "-ngl": ("gpu_layers", _ngl),
     "-fit": ("fit", _bool_value),
+    "--rpc": ("rpc", _rpc),
+    "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
 }
@@ -177,6 +199,7 @@ _EFFECT = {
     "swa_full": "sliding-window cache size and checkpoints", "cache_ram_mib": "host growth: prompt cache",
     "ctx_checkpoints": "host growth: context checkpoints", "gpu_layers": "placement of weights, KV and compute",
     "no_kv_offload": "placement of the KV cache", "host": "nothing (where it listens)",
+    "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
 }
 
@@ -298,12 +321,17 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["-nkvo"]
     if field == "fit":
         return ["--fit", "off"]
+    if field == "rpc":
+        return ["--rpc", ",".join(value)]
+    if field == "tensor_split":
+        return ["-ts", ",".join(f"{x:g}" for x in value)]
     return []
 
 
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
-    fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit"]
+    fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
+              "rpc", "tensor_split"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 

@@ -19,7 +19,9 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
+from kvbook.plan.devices import with_rpc
 from kvbook.plan.flags import replace
+from kvbook.plan.placement import CPU, assign, caches_by_device, weights_by_device
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
 
@@ -44,30 +46,87 @@ def _offloaded(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     raise BadInput(f"-ngl {n} offloads part of the model's {arch.n_layer + 1} layers; kvbook models all or none yet")
 
 
-def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
-    """Bytes each pool must hold. Unified memory: one pool holds everything, host extras included."""
-    need: dict[str, int] = {p.name: 0 for p in device.pools}
-    start_need: dict[str, int] = dict(need)
+def _rpc_layers(arch: ModelArch, flags: ServerFlags) -> int:
+    """-ngl as a layer count for a multi-device plan (auto is the server's --fit choice, not a placement)."""
+    if flags.gpu_layers in ("all", "-1"):
+        return arch.n_layer + arch.n_layer_nextn + 1
+    if flags.gpu_layers == "auto":
+        raise BadInput("--rpc needs -ngl N (or -ngl all): with -ngl auto llama-server's --fit picks the layers, and "
+                       "kvbook plans a given placement")
+    return int(flags.gpu_layers)
+
+
+def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
+    """Bytes per pool when layers spread over several devices (--rpc): llama.cpp's assignment (placement.py)."""
+    if not arch.tensor_groups:
+        raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
+                       "no per-layer sizes); pass the GGUF path or URL")
+    devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
+    split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
+    if flags.tensor_split and len(flags.tensor_split) != len(devices):
+        raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
+                       f"({', '.join(devices)})")
+    offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags), devices, split)
+    weights = weights_by_device(dict(arch.tensor_groups), offload, arch.tensor_ranges)
+    caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
+    out = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0) for p in device.pools}
+    for name in (CPU, *devices):
+        pool = host if name == CPU else name
+        out[pool]["weights"] += weights.get(name, 0)
+        out[pool]["kv"] += caches[name][0]
+        out[pool]["recurrent"] += caches[name][1]
+    out[host]["compute"] += memory.compute.bytes  # each offload device reserves its own too: not modelled yet
+    return out
+
+
+def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[tuple[str, ...], str]:
+    """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
-    main = device.main_pool.name if _offloaded(arch, flags, device) else host
-    if device.unified:
-        main = host = device.pools[0].name
-    kv_pool = host if flags.no_kv_offload else main
-    start_need[main] += memory.weights_bytes + memory.compute.bytes
-    start_need[kv_pool] += memory.kv_bytes + memory.recurrent_bytes
-    start_need[host] += memory.output_bytes
-    for name in need:
-        need[name] = start_need[name]
-    need[host] += memory.host_extras.bytes
+    n_all = arch.n_layer + arch.n_layer_nextn
+    if any(p.kind == "rpc" for p in device.pools):
+        devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
+        split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
+        off = assign(n_all, _rpc_layers(arch, flags), devices, split)
+        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
+    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
+    return (main,) * n_all, main
+
+
+def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
+    """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if any(p.kind == "rpc" for p in device.pools):
+        parts = _by_device(arch, flags, memory, device, host)
+    elif flags.tensor_split:
+        raise BadInput("-ts on local GPUs changes placement and kvbook models it with --rpc devices only yet")
+    else:
+        parts = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0)
+                 for p in device.pools}
+        main = device.main_pool.name if _offloaded(arch, flags, device) else host
+        if device.unified:
+            main = host = device.pools[0].name
+        kv_pool = host if flags.no_kv_offload else main
+        parts[main]["weights"] += memory.weights_bytes
+        parts[main]["compute"] += memory.compute.bytes
+        parts[kv_pool]["kv"] += memory.kv_bytes
+        parts[kv_pool]["recurrent"] += memory.recurrent_bytes
+    parts[host]["output"] += memory.output_bytes
+    parts[host]["extras"] += memory.host_extras.bytes
     usages = []
     for pool in device.pools:
-        if start_need[pool.name] > pool.budget_bytes:
+        part = parts[pool.name]
+        start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"]
+        need = start + part["extras"]
+        if start > pool.budget_bytes:
             verdict = Verdict.DOES_NOT_FIT
-        elif need[pool.name] > pool.budget_bytes - margin_bytes(pool.budget_bytes):
+        elif need > pool.budget_bytes - margin_bytes(pool.budget_bytes):
             verdict = Verdict.TIGHT
         else:
             verdict = Verdict.FITS
-        usages.append(PoolUsage(pool=pool.name, need_bytes=need[pool.name], budget_bytes=pool.budget_bytes, verdict=verdict))
+        usages.append(PoolUsage(pool=pool.name, need_bytes=need, budget_bytes=pool.budget_bytes, verdict=verdict,
+                                weights_bytes=part["weights"], kv_bytes=part["kv"], recurrent_bytes=part["recurrent"],
+                                compute_bytes=part["compute"], output_bytes=part["output"],
+                                host_extras_bytes=part["extras"]))
     return tuple(usages)
 
 
@@ -164,10 +223,18 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
     architecture kvbook has no rule for; then no context is searched and no alternative is offered."""
     searched = memory is None
+    if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
+        device = with_rpc(device, flags.rpc)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
+    layers_on, output_on = layer_devices(arch, flags, device)
+    if any(p.kind == "rpc" for p in device.pools):
+        notes_extra = ["each RPC device also reserves a compute buffer of its own (not modelled yet: the estimate "
+                       "is on the CPU), and repacked CPU weights (CPU_REPACK) are not counted"]
+    else:
+        notes_extra = []
     verdict = worst(usages)
-    notes = []
+    notes = list(notes_extra)
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
@@ -192,4 +259,6 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         notes=tuple(notes),
         compute_backend=compute_backend(arch, flags, device),
         accounting=accounting,
+        layers_on=layers_on,
+        output_on=output_on,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvbook.interface import GiB, MiB, Plan, to_dict
+from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
 
 
 def _size(n: int) -> str:
@@ -50,7 +50,10 @@ def plan_summary(plan: Plan) -> dict:
         "start_bytes": mem.start_bytes,
         "total_bytes": mem.total_bytes,
         "budget_bytes": main.budget_bytes,
-        "pools": to_dict(plan.pools),
+        "pools": [{"pool": u.pool, "need_bytes": u.need_bytes, "budget_bytes": u.budget_bytes,
+                   "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes} for u in plan.pools],
+        "devices": [device_entry(plan, u) for u in plan.pools],
+        "placement": placement_entry(plan),
         "verdict": plan.verdict.value,
         "max_ctx": plan.max_ctx,
         "alternatives": to_dict(plan.alternatives),
@@ -59,6 +62,32 @@ def plan_summary(plan: Plan) -> dict:
         "notes": list(plan.notes),
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
     }
+
+
+def device_entry(plan: Plan, use: PoolUsage) -> dict:
+    """One device as llama.cpp names it (the host pool is its CPU device) with what it must hold."""
+    kind = next((p.kind for p in plan.device.pools if p.name == use.pool), "host")
+    return {"name": _device_name(plan, use.pool), "kind": kind, "budget_bytes": use.budget_bytes,
+            "weights_bytes": use.weights_bytes, "kv_bytes": use.kv_bytes, "recurrent_bytes": use.recurrent_bytes,
+            "compute_bytes": use.compute_bytes, "output_bytes": use.output_bytes,
+            "host_extras_bytes": use.host_extras_bytes, "need_bytes": use.need_bytes, "verdict": use.verdict.value}
+
+
+def _device_name(plan: Plan, pool: str) -> str:
+    kind = next((p.kind for p in plan.device.pools if p.name == pool), "host")
+    return "CPU" if kind == "host" else pool
+
+
+def placement_entry(plan: Plan) -> dict:
+    """Which device holds which layers and tensor groups (input = token embeddings, always on the CPU)."""
+    runs: list[dict] = []
+    for il, pool in enumerate(plan.layers_on):
+        name = _device_name(plan, pool)
+        if runs and runs[-1]["device"] == name and runs[-1]["last"] == il - 1:
+            runs[-1]["last"] = il
+        else:
+            runs.append({"device": name, "first": il, "last": il})
+    return {"input": "CPU", "layers": runs, "output": _device_name(plan, plan.output_on) if plan.output_on else "CPU"}
 
 
 def format_plan(plan: Plan) -> str:
@@ -91,6 +120,13 @@ def format_plan(plan: Plan) -> str:
     for u in plan.pools:
         lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
                      f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
+        if len(plan.pools) > 1:
+            lines.append(f"      weights {_size(u.weights_bytes).strip()}, KV {_size(u.kv_bytes).strip()}, "
+                         f"recurrent {_size(u.recurrent_bytes).strip()}, compute {_size(u.compute_bytes).strip()}")
+    if len({*plan.layers_on, plan.output_on}) > 1:
+        lines.append("  layers: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}"
+                                              for r in placement_entry(plan)["layers"])
+                     + f"; output on {placement_entry(plan)['output']}")
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
     lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:

@@ -1,0 +1,109 @@
+"""Which device holds what: llama.cpp's layer assignment (`-ngl`, `-ts`, several devices) and the bytes of
+weights, KV and recurrent state it puts on each device.
+
+The rules are the pinned build's `llama_model::load_tensors` (src/llama-model.cpp): the input layer
+(token embeddings) always stays on the CPU; the last `-ngl` of the n_layer + 1 layers (the output layer
+counts as the last) are offloaded; offloaded layer i goes to the first device whose cumulative split
+exceeds (i - first offloaded) / offloaded count, the split being `-ts` or else each device's free memory.
+A tied output (no output.weight) holds a copy of the token embeddings on its device. Each cache puts a
+layer's K/V (or recurrent state) on that layer's device, all on the CPU with --no-kv-offload.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from kvbook.errors import BadInput
+from kvbook.interface import CacheKind, MemoryPlan, ModelArch
+from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
+
+CPU = "CPU"
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where every layer of the model sits: a device name per layer (main and NextN), and the output's."""
+
+    layers: tuple[str, ...]
+    output: str
+    devices: tuple[str, ...]  # the offload devices, in llama.cpp's order
+
+
+def assign(n_layer_all: int, n_gpu_layers: int, devices: Sequence[str], split: Sequence[float]) -> Offload:
+    """llama.cpp's assignment of n_layer_all repeating layers and the output layer to CPU and devices."""
+    if not devices:
+        return Offload((CPU,) * n_layer_all, CPU, ())
+    if len(split) != len(devices) or any(x < 0 for x in split) or not sum(split) > 0:
+        raise BadInput(f"the split needs one non-negative share per device ({len(devices)}), not all zero")
+    points, total = [], 0.0
+    for share in split:
+        total += share
+        points.append(total)
+    points = [p / total for p in points]
+    first = max(n_layer_all + 1 - n_gpu_layers, 0)
+    active = min(n_gpu_layers, n_layer_all + 1)
+
+    def device_of(il: int) -> str:
+        if il < first or il - first >= active:
+            return CPU
+        return devices[min(bisect.bisect_right(points, (il - first) / active), len(devices) - 1)]
+
+    return Offload(tuple(device_of(il) for il in range(n_layer_all)), device_of(n_layer_all), tuple(devices))
+
+
+def _device_of(key: str, offload: Offload) -> str:
+    if key.startswith("L"):
+        layer = int(key[1:].split(".")[0])
+        return offload.layers[layer] if layer < len(offload.layers) else CPU
+    return offload.output if key == "output" else CPU
+
+
+def weights_by_device(groups: Mapping[str, int], offload: Offload,
+                      ranges: Sequence[Sequence[tuple[str, int, int]]] = ()) -> dict[str, int]:
+    """Tensor bytes per device. Token embeddings and ungrouped tensors stay on the CPU; a tied output layer
+    on another device holds a copy of the token embeddings there. With the file ranges, the CPU's figure
+    is what llama.cpp maps (CPU_Mapped): per file, from the first CPU tensor to the end of the last."""
+    out = {CPU: 0, **{d: 0 for d in offload.devices}}
+    for key, size in groups.items():
+        out[_device_of(key, offload)] += size
+    if offload.output != CPU and _tied(groups):
+        out[offload.output] += groups.get("token_embd", 0)
+    if ranges:
+        mapped = 0
+        for file_ranges in ranges:
+            cpu = [(a, b) for key, a, b in file_ranges if _device_of(key, offload) == CPU]
+            mapped += max(b for _, b in cpu) - min(a for a, _ in cpu) if cpu else 0
+        out[CPU] = mapped
+    return out
+
+
+def _tied(groups: Mapping[str, int]) -> bool:
+    """No output.weight of its own (output_norm alone is tiny): llama.cpp reuses the token embeddings."""
+    return groups.get("output", 0) < groups.get("token_embd", 0) // 100
+
+
+def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
+                     no_kv_offload: bool = False) -> dict[str, tuple[int, int]]:
+    """(attention KV bytes, recurrent bytes) per device, each layer's share on its layer's device."""
+    out = {CPU: (0, 0), **{d: (0, 0) for d in offload.devices}}
+    shape = memory.shape
+    full, swa = attention_layers(arch)
+    cells = {c.kind: c.cells for c in memory.caches}
+    for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
+        for il in layers:
+            k, v = cell_bytes(arch, [il], shape.type_k, shape.type_v, shape.flash_attn)
+            dev = CPU if no_kv_offload else offload.layers[il]
+            kv, rec = out[dev]
+            out[dev] = (kv + (k + v) * cells.get(kind, 0) * shape.n_stream, rec)
+    r, s = recurrent_seq_bytes(arch)
+    n_rec = sum(arch.is_recurrent)
+    if n_rec:
+        rows = max(1, shape.n_seq)
+        for il in range(arch.n_layer):
+            if arch.is_recurrent[il]:
+                dev = CPU if no_kv_offload else offload.layers[il]
+                kv, rec = out[dev]
+                out[dev] = (kv, rec + (r + s) // n_rec * rows)
+    return out
