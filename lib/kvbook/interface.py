@@ -144,6 +144,8 @@ class ServerFlags:
     no_kv_offload: bool = False
     rpc: tuple[str, ...] = ()  # --rpc host:port,... (each one a device, in order)
     tensor_split: tuple[float, ...] = ()  # -ts
+    cpu_moe_layers: int = 0  # --n-cpu-moe N: experts of layers 0..N-1 stay on the CPU; -1 = --cpu-moe (all)
+    slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     host: str = "127.0.0.1"
     port: int = 8080
     argv: tuple[str, ...] = ()

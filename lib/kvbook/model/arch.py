@@ -112,9 +112,9 @@ class UnknownArchitecture(ModelError):
 
 def generic_arch(meta: Mapping[str, Any], *, name: str, source: str, weights_bytes: int, weights_note: str,
                  n_vocab: int | None) -> ModelArch | None:
-    """The keys every llama.cpp architecture shares (layers, width, heads, context, vocabulary), with no
-    sliding window, recurrent or MLA knowledge: enough for the context shape and the logits, never for caches.
-    None when even those keys are missing."""
+    """The keys every llama.cpp architecture shares (layers, width, heads, context, vocabulary, the window
+    size), with no knowledge of which layers slide, recur or use MLA: enough for the context shape, the
+    logits and the window's cells, never for the caches themselves. None when even those keys are missing."""
     arch = str(meta.get("general.architecture"))
     m = _Meta(meta, arch, source)
     try:
@@ -133,7 +133,8 @@ def generic_arch(meta: Mapping[str, Any], *, name: str, source: str, weights_byt
         name=name, arch=arch, source=source, n_layer=n_layer, n_layer_nextn=0, n_embd=n_embd, n_vocab=vocab,
         n_ctx_train=n_ctx_train, n_head=n_head, n_head_kv=n_head_kv, head_k=head,
         head_v=m.int("attention.value_length", head), head_k_swa=head, head_v_swa=head,
-        is_swa=(False,) * n_layer, n_swa=0, is_recurrent=(False,) * n_layer, recurrent=None, is_mla=False,
+        is_swa=(False,) * n_layer, n_swa=m.int("attention.sliding_window", 0), is_recurrent=(False,) * n_layer,
+        recurrent=None, is_mla=False,
         n_layer_kv_from_start=n_layer, n_ff=max(m.per_layer("feed_forward_length", n_layer, 0)),
         n_expert=m.int("expert_count", 0), n_expert_used=m.int("expert_used_count", 0), n_ff_exp=0,
         weights_bytes=weights_bytes, weights_exact=True, weights_note=weights_note, metadata_keys=len(meta),

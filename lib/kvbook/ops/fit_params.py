@@ -18,7 +18,8 @@ from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
 from kvbook.interface import CacheKind, CacheSpec, ComputeEstimate, HostExtras, MemoryPlan, MiB, ModelArch, ServerFlags
-from kvbook.memory.rules import context_shape, output_bytes
+from kvbook.memory.rules import context_shape, output_bytes, swa_cell_count
+from kvbook.memory.xp import PY
 from kvbook.ops.logparse import LoggedCache, LoggedMemory, parse_log
 from kvbook.ops.procs import describe_exit
 
@@ -232,7 +233,7 @@ def _exact_bytes(mib: float, units: int) -> int:
     """Bytes behind a MiB figure printed to two decimals, when they are a whole number of bytes per
     (cell x layer x stream) and that number is the only one within the rounding; else the rounded value."""
     per_unit = round(mib * MiB / units) if units else 0
-    if units and abs(per_unit * units - mib * MiB) <= 0.005 * MiB and 0.005 * MiB < units / 2:
+    if units and abs(per_unit * units - mib * MiB) <= 0.005 * MiB + 1 and 0.005 * MiB < units / 2:
         return per_unit * units
     return round(mib * MiB)
 
@@ -254,11 +255,18 @@ def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary:
     caches = []
     for c in report.memory.caches:
         recurrent = c.kind == "recurrent"
-        scale = max(1, shape.n_seq) // fit_seqs if recurrent else 1
         units = c.cells * c.layers * (1 if recurrent else fit_seqs)
-        caches.append(CacheSpec(kind=CacheKind(c.kind), cells=c.cells * scale, layers=c.layers, k_type=c.k_type,
-                                v_type=c.v_type, k_bytes=_exact_bytes(c.k_mib, units) * scale,
-                                v_bytes=_exact_bytes(c.v_mib, units) * scale))
+        k, v = _exact_bytes(c.k_mib, units), _exact_bytes(c.v_mib, units)
+        cells = c.cells
+        if recurrent:  # one sequence's state in the fit run; the server keeps one per slot
+            scale = max(1, shape.n_seq) // fit_seqs
+            cells, k, v = c.cells * scale, k * scale, v * scale
+        elif c.kind == "swa" and shape.kv_unified and shape.n_seq > 1 and arch.n_swa:
+            # unified slots share one window of n_swa per slot (llama-kv-cache-iswa.cpp); the fit run had one
+            cells = swa_cell_count(PY, arch.n_swa, shape.n_ctx_seq, shape.n_seq, True, shape.n_ubatch, flags.swa_full)
+            k, v = k // c.cells * cells, v // c.cells * cells
+        caches.append(CacheSpec(kind=CacheKind(c.kind), cells=cells, layers=c.layers, k_type=c.k_type,
+                                v_type=c.v_type, k_bytes=k, v_bytes=v))
     per_seq = sum(c.bytes // max(1, shape.n_stream) for c in caches if c.kind is CacheKind.SWA)
     per_seq += sum(c.bytes // max(1, shape.n_seq) for c in caches if c.kind is CacheKind.RECURRENT)
     checkpoints = per_seq * flags.ctx_checkpoints * shape.n_seq if any(

@@ -89,6 +89,7 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 5.0
+    inherit_env: bool = True  # False: `env` is the whole environment
 
 
 class ManagedProcess:
@@ -118,7 +119,7 @@ class ManagedProcess:
         if port_in_use(spec.host, spec.port):
             raise ServerError(f"{spec.name}: port {spec.port} on {spec.host} is already in use; nothing was started")
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **spec.env} if spec.inherit_env else dict(spec.env)
         with spec.log_path.open("ab") as log:
             try:
                 self.proc = subprocess.Popen(

@@ -28,8 +28,6 @@ CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned serve
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {
     "-ot": "tensor placement overrides",
-    "-cmoe": "expert placement on the CPU",
-    "-ncmoe": "expert placement on the CPU",
     "-ncffn": "FFN placement on the CPU",
     "-sm": "multi-GPU split mode",
     "-mg": "multi-GPU main device",
@@ -112,13 +110,26 @@ def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     return value
 
 
+# common/arg.cpp's value sets, exact and case-sensitive
+TRUTHY = ("on", "enabled", "true", "1")
+FALSEY = ("off", "disabled", "false", "0")
+AUTOY = ("auto", "-1")
+
+
 def _fa(flag: str, value: str) -> FlashAttn:
-    aliases = {"on": "on", "off": "off", "auto": "auto", "enabled": "on", "disabled": "off", "1": "on", "0": "off"}
-    return FlashAttn(_choice(flag, value.lower(), list(aliases)) and aliases[value.lower()])
+    if value in TRUTHY:
+        return FlashAttn.ON
+    if value in FALSEY:
+        return FlashAttn.OFF
+    if value in AUTOY:
+        return FlashAttn.AUTO
+    raise BadInput(f"{flag}: unknown value '{value}'; choose one of {', '.join((*TRUTHY, *FALSEY, *AUTOY))}")
 
 
 def _bool_value(flag: str, value: str) -> bool:
-    return _choice(flag, value.lower(), ["on", "off", "1", "0", "true", "false"]) in ("on", "1", "true")
+    if value in TRUTHY or value in FALSEY:
+        return value in TRUTHY
+    raise BadInput(f"{flag}: unknown value '{value}'; choose one of {', '.join((*TRUTHY, *FALSEY))}")
 
 
 def _rpc(flag: str, value: str) -> tuple[str, ...]:
@@ -144,9 +155,11 @@ def _split(flag: str, value: str) -> tuple[float, ...]:
 
 
 def _ngl(flag: str, value: str) -> str:
+    """-ngl N | auto | all, as arg.cpp reads it (any number; -2 means all, -1 auto, other negatives none)."""
     if value in ("auto", "all"):
         return value
-    return str(_int(flag, value, -1))
+    number = _int(flag, value, INT32[0])
+    return "all" if number == -2 else "auto" if number == -1 else str(max(number, 0))
 
 
 # canonical spelling -> (field, converter); converters get (flag as typed, value)
@@ -164,6 +177,7 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ngl": ("gpu_layers", _ngl),
     "-fit": ("fit", _bool_value),
     "--rpc": ("rpc", _rpc),
+    "-ncmoe": ("cpu_moe_layers", lambda f, v: _int(f, v, 0)),
     "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
@@ -174,6 +188,7 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-kvu": {"-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
              "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False)},
     "--swa-full": {"--swa-full": ("swa_full", True)},
+    "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
 }
@@ -200,6 +215,7 @@ _EFFECT = {
     "ctx_checkpoints": "host growth: context checkpoints", "gpu_layers": "placement of weights, KV and compute",
     "no_kv_offload": "placement of the KV cache", "host": "nothing (where it listens)",
     "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
+    "cpu_moe_layers": "expert weights kept in host RAM",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
 }
 
@@ -218,7 +234,7 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
     if canonical == "--kv-unified-per-slot":
-        values["kv_unified_per_slot"] = _int(shown, value or "", 1)
+        values["kv_unified_per_slot"] = _int(shown, value or "", 0)
     elif canonical in _VALUED:
         field, convert = _VALUED[canonical]
         values[field] = convert(shown, value or "")
@@ -229,9 +245,9 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         ignored.append(shown)
 
 
-# switch options set by a variable: canonical -> (the spelling a true value means, the one a false value means)
+# options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
+# true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false
 _ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr")}
-_TRUTHY = ("1", "true", "on", "yes", "enabled")
 
 
 def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
@@ -239,17 +255,21 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
     """The LLAMA_ARG_* variables llama-server would read (before the command line, which wins)."""
     read = []
     for name, canonical in _env_names().items():
-        if name not in environ:
+        negative = name.replace("LLAMA_ARG_", "LLAMA_ARG_NO_", 1) if canonical in _ENV_SWITCHES else None
+        if negative and negative in environ:
+            raw, shown = "0", f"{negative}={environ[negative]}"
+        elif name in environ:
+            raw, shown = environ[name], f"{name}={environ[name]}"
+        else:
             continue
-        raw, shown = environ[name], f"{name}={environ[name]}"
         read.append(shown)
         env = {"read": log, "source": "environment"}
         if _spellings()[canonical][1]:
             _apply(values, ignored, canonical, canonical, raw, shown, **env)
         elif canonical in _ENV_SWITCHES:
             yes, no = _ENV_SWITCHES[canonical]
-            _apply(values, ignored, yes if raw.strip().lower() in _TRUTHY else no, canonical, None, shown, **env)
-        elif raw.strip().lower() in _TRUTHY:
+            _apply(values, ignored, yes if _bool_value(shown, raw) else no, canonical, None, shown, **env)
+        elif raw in TRUTHY:
             _apply(values, ignored, canonical, canonical, None, shown, **env)
     return read
 
@@ -291,8 +311,10 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
     if "model" not in values:
         raise BadInput("the llama-server command line has no -m MODEL")
     per_slot = values.pop("kv_unified_per_slot", None)
-    if per_slot is not None and values.get("ctx", 0) == 0:
+    if per_slot and "ctx" not in values:  # server.cpp: only without -c (an explicit -c 0 wins); 0 means unset
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
+    if per_slot:
+        values["slot_ctx_cap"] = per_slot
     return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), from_env=tuple(from_env), read=tuple(log), **values)
 
 
@@ -323,6 +345,8 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["--fit", "off"]
     if field == "rpc":
         return ["--rpc", ",".join(value)]
+    if field == "cpu_moe_layers":
+        return ["--cpu-moe"] if value < 0 else ["--n-cpu-moe", str(value)]
     if field == "tensor_split":
         return ["-ts", ",".join(f"{x:g}" for x in value)]
     return []
@@ -331,7 +355,7 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split"]
+              "rpc", "tensor_split", "cpu_moe_layers"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 
@@ -347,12 +371,18 @@ def edit_argv(argv: Sequence[str], flags: ServerFlags, fields: Sequence[str]) ->
     args = list(argv)
     head = [args.pop(0)] if args and not args[0].startswith("-") else []
     table, owner = _spellings(), _canonical_of_field()
+    fields = list(fields)
+    if "--kv-unified-per-slot" in {table.get(a.replace("_", "-") if a.startswith("--") else a, ("",))[0]
+                                    for a in args} and {"ctx", "parallel"} & set(fields):
+        fields = ["ctx", *(f for f in fields if f != "ctx")]  # the per-slot size became -c: write it out
     drop = {owner[f] for f in fields if f in owner}
+    if "ctx" in fields:
+        drop.add("--kv-unified-per-slot")
     kept: list[str] = []
     i = 0
     while i < len(args):
         token = args[i]
-        flag = token.split("=", 1)[0] if token.startswith("--") and "=" in token else token
+        flag = token.replace("_", "-") if token.startswith("--") else token
         canonical, takes_value = table.get(flag, (flag, False))
         width = 2 if takes_value and "=" not in token else 1
         if canonical not in drop:
@@ -365,4 +395,7 @@ def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
     """ServerFlags with some settings changed; argv is the user's with just those flags edited."""
     updated = dataclasses.replace(flags, **changes)
     source = flags.argv or render_args(flags)
-    return dataclasses.replace(updated, argv=edit_argv(source, updated, list(changes)))
+    argv = edit_argv(source, updated, list(changes))
+    if flags.slot_ctx_cap and not any(a.replace("_", "-") == "--kv-unified-per-slot" for a in argv):
+        updated = dataclasses.replace(updated, slot_ctx_cap=0)  # the per-slot size was written out as -c
+    return dataclasses.replace(updated, argv=argv)

@@ -53,29 +53,50 @@ def assign(n_layer_all: int, n_gpu_layers: int, devices: Sequence[str], split: S
     return Offload(tuple(device_of(il) for il in range(n_layer_all)), device_of(n_layer_all), tuple(devices))
 
 
-def _device_of(key: str, offload: Offload) -> str:
+def _device_of(key: str, offload: Offload, cpu_moe_layers: int = 0) -> str:
+    """The device of a tensor group; --cpu-moe (-1) / --n-cpu-moe N keep experts of layers < N on the CPU
+    (common/arg.cpp: a CPU buffer override for blk.<i>.ffn_(up|down|gate|gate_up)_exps)."""
     if key.startswith("L"):
         layer = int(key[1:].split(".")[0])
+        if key.endswith(".exps") and (cpu_moe_layers < 0 or layer < cpu_moe_layers):
+            return CPU
         return offload.layers[layer] if layer < len(offload.layers) else CPU
     return offload.output if key == "output" else CPU
 
 
 def weights_by_device(groups: Mapping[str, int], offload: Offload,
-                      ranges: Sequence[Sequence[tuple[str, int, int]]] = ()) -> dict[str, int]:
+                      ranges: Sequence[Sequence[tuple[str, int, int]]] = (), cpu_moe_layers: int = 0) -> dict[str, int]:
     """Tensor bytes per device. Token embeddings and ungrouped tensors stay on the CPU; a tied output layer
     on another device holds a copy of the token embeddings there. With the file ranges, the CPU's figure
     is what llama.cpp maps (CPU_Mapped): per file, from the first CPU tensor to the end of the last."""
     out = {CPU: 0, **{d: 0 for d in offload.devices}}
     for key, size in groups.items():
-        out[_device_of(key, offload)] += size
+        out[_device_of(key, offload, cpu_moe_layers)] += size
     if offload.output != CPU and _tied(groups):
         out[offload.output] += groups.get("token_embd", 0)
     if ranges:
         mapped = 0
         for file_ranges in ranges:
-            cpu = [(a, b) for key, a, b in file_ranges if _device_of(key, offload) == CPU]
+            cpu = [(a, b) for key, a, b in file_ranges if _device_of(key, offload, cpu_moe_layers) == CPU]
             mapped += max(b for _, b in cpu) - min(a for a, _ in cpu) if cpu else 0
         out[CPU] = mapped
+    return out
+
+
+def estimated_groups(arch: ModelArch) -> dict[str, int]:
+    """Tensor bytes by group for a model known only by its shapes (a preset, a config.json): the weights
+    spread over embeddings, output and layers by parameter count, experts apart. An estimate, like its weights."""
+    embd = arch.n_vocab * arch.n_embd
+    attn = sum(arch.n_embd * arch.head_k * (2 * h + 2 * kv) for h, kv in zip(arch.n_head, arch.n_head_kv))
+    exps = 3 * arch.n_embd * arch.n_ff_exp * arch.n_expert if arch.n_expert and arch.n_ff_exp else 0
+    dense = 3 * arch.n_embd * arch.n_ff if not exps else 0
+    params = 2 * embd + attn + arch.n_layer * (dense + exps)
+    per_param = arch.weights_bytes / params if params else 0.0
+    out = {"token_embd": int(embd * per_param), "output": int(embd * per_param)}
+    for il in range(arch.n_layer):
+        out[f"L{il}"] = int((attn / arch.n_layer + dense) * per_param)
+        if exps:
+            out[f"L{il}.exps"] = int(exps * per_param)
     return out
 
 

@@ -21,7 +21,7 @@ from kvbook.interface import (
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import with_rpc
 from kvbook.plan.flags import replace
-from kvbook.plan.placement import CPU, assign, caches_by_device, weights_by_device
+from kvbook.plan.placement import CPU, assign, caches_by_device, estimated_groups, weights_by_device
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
 
@@ -38,17 +38,25 @@ def _offloaded(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     ngl = flags.gpu_layers
     if ngl in ("auto", "all", "-1"):
         return True
-    n = int(ngl)
-    if n == 0:
-        return False
-    if n >= arch.n_layer + 1:
+    return int(ngl) >= arch.n_layer + arch.n_layer_nextn + 1
+
+
+def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
+    """Whether the plan needs llama.cpp's per-layer assignment: RPC devices, a partial -ngl on a discrete
+    GPU, or experts kept on the CPU."""
+    if any(p.kind == "rpc" for p in device.pools):
         return True
-    raise BadInput(f"-ngl {n} offloads part of the model's {arch.n_layer + 1} layers; kvbook models all or none yet")
+    if device.unified or not any(p.kind == "gpu" for p in device.pools):
+        return False
+    partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
+    return partial or flags.cpu_moe_layers != 0
 
 
-def _rpc_layers(arch: ModelArch, flags: ServerFlags) -> int:
-    """-ngl as a layer count for a multi-device plan (auto is the server's --fit choice, not a placement)."""
-    if flags.gpu_layers in ("all", "-1"):
+def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
+    """-ngl as a layer count for a spread plan. With RPC devices auto is refused (it is the server's --fit
+    choice, not a placement); on a local GPU auto means all, which --fit may lower at start."""
+    rpc = any(p.kind == "rpc" for p in device.pools)
+    if flags.gpu_layers in ("all", "-1") or (flags.gpu_layers == "auto" and not rpc):
         return arch.n_layer + arch.n_layer_nextn + 1
     if flags.gpu_layers == "auto":
         raise BadInput("--rpc needs -ngl N (or -ngl all): with -ngl auto llama-server's --fit picks the layers, and "
@@ -57,17 +65,18 @@ def _rpc_layers(arch: ModelArch, flags: ServerFlags) -> int:
 
 
 def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
-    """Bytes per pool when layers spread over several devices (--rpc): llama.cpp's assignment (placement.py)."""
-    if not arch.tensor_groups:
+    """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
+    if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
+    groups = dict(arch.tensor_groups) or estimated_groups(arch)
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
     split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
     if flags.tensor_split and len(flags.tensor_split) != len(devices):
         raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
                        f"({', '.join(devices)})")
-    offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags), devices, split)
-    weights = weights_by_device(dict(arch.tensor_groups), offload, arch.tensor_ranges)
+    offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
+    weights = weights_by_device(groups, offload, arch.tensor_ranges, flags.cpu_moe_layers)
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
     out = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0) for p in device.pools}
     for name in (CPU, *devices):
@@ -75,7 +84,11 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
         out[pool]["weights"] += weights.get(name, 0)
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
-    out[host]["compute"] += memory.compute.bytes  # each offload device reserves its own too: not modelled yet
+    # the main compute buffer: on a local GPU that runs the output layer, else on the host (RPC devices and
+    # the CPU each reserve their own too: not modelled yet)
+    compute_on = offload.output if offload.output != CPU and next(
+        p.kind for p in device.pools if p.name == offload.output) == "gpu" else host
+    out[compute_on]["compute"] += memory.compute.bytes
     return out
 
 
@@ -83,10 +96,10 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
     """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
     n_all = arch.n_layer + arch.n_layer_nextn
-    if any(p.kind == "rpc" for p in device.pools):
+    if _spread(arch, flags, device):
         devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
         split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
-        off = assign(n_all, _rpc_layers(arch, flags), devices, split)
+        off = assign(n_all, _rpc_layers(arch, flags, device), devices, split)
         return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
     main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
     return (main,) * n_all, main
@@ -95,7 +108,9 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
-    if any(p.kind == "rpc" for p in device.pools):
+    if flags.cpu_moe_layers and not arch.n_expert:
+        raise BadInput(f"--cpu-moe / --n-cpu-moe: {arch.name} has no experts")
+    if _spread(arch, flags, device):
         parts = _by_device(arch, flags, memory, device, host)
     elif flags.tensor_split:
         raise BadInput("-ts on local GPUs changes placement and kvbook models it with --rpc devices only yet")
@@ -195,6 +210,14 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
         options.append((f"{qtype} KV cache{note}", quant))
     if flags.parallel != 1:
         options.append(("one slot: -np 1", replace(flags, parallel=1, kv_unified=None)))
+    if now is Verdict.TIGHT and flags.cache_ram_mib != 0:
+        for mib in (4096, 2048, 1024, 0):  # a smaller prompt cache: the largest that fits, or none
+            if 0 <= flags.cache_ram_mib <= mib:
+                continue
+            smaller = replace(flags, cache_ram_mib=mib)
+            if verdict_of(arch, smaller, device) is Verdict.FITS:
+                options.append((f"smaller prompt cache: --cache-ram {mib}", smaller))
+                break
     out = []
     for change, alt in options:
         try:
@@ -228,11 +251,13 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
-    if any(p.kind == "rpc" for p in device.pools):
-        notes_extra = ["each RPC device also reserves a compute buffer of its own (not modelled yet: the estimate "
-                       "is on the CPU), and repacked CPU weights (CPU_REPACK) are not counted"]
-    else:
-        notes_extra = []
+    notes_extra = []
+    if _spread(arch, flags, device):
+        notes_extra.append("layers spread over devices: each offload device also reserves a compute buffer of its "
+                           "own (not modelled yet: the estimate is on the CPU), and repacked CPU weights "
+                           "(CPU_REPACK) are not counted")
+        if not arch.tensor_groups:
+            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     verdict = worst(usages)
     notes = list(notes_extra)
     if not arch.weights_exact:
@@ -255,7 +280,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         verdict=verdict,
         max_ctx=max_context(arch, flags, device) if searched else 0,
         alternatives=alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else (),
-        litellm_max_input_tokens=memory.shape.n_ctx_seq,
+        litellm_max_input_tokens=min(memory.shape.n_ctx_seq, flags.slot_ctx_cap or memory.shape.n_ctx_seq),
         notes=tuple(notes),
         compute_backend=compute_backend(arch, flags, device),
         accounting=accounting,
