@@ -13,19 +13,20 @@ import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 PKG = LIB / "kvbook"
-STAGES = ("model", "memory", "plan", "ops", "smoke", "records", "claude", "notebook", "testing")
-LOWER = ("model", "memory", "plan")
+STAGES = ("model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "notebook", "testing")
+LOWER = ("model", "memory", "plan", "capacity")
 UPPER = ("ops", "smoke", "notebook", "claude")
 # package -> the packages it may import (besides the shared top-level errors, interface, yamlio)
 ALLOWED = {
     "model": set(),
     "memory": {"model"},
     "plan": {"model", "memory"},
+    "capacity": {"model", "memory", "plan"},
     "records": set(),
-    "ops": {"model", "memory", "plan"},
+    "ops": {"model", "memory", "plan", "capacity"},
     "smoke": {"model", "memory", "plan", "ops", "records"},
     "claude": {"ops", "smoke", "records"},
-    "notebook": {"model", "memory", "plan", "ops", "smoke", "records", "claude"},
+    "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude"},
     "testing": {"model", "memory", "plan", "ops"},
 }
 SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}
