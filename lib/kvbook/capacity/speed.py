@@ -48,7 +48,7 @@ def fit_affine(depths: Sequence[float], tps: Sequence[float]) -> Affine:
     if any(t <= 0 for t in tps):
         raise BadInput("every measured tokens/s must be positive")
     ys = [1.0 / t for t in tps]
-    n, mx, my = len(depths), sum(depths) / len(depths), sum(ys) / len(ys)
+    mx, my = sum(depths) / len(depths), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in depths)
     slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(depths, ys)) / sxx)
     base = my - slope * mx
