@@ -36,7 +36,7 @@ Bar = tuple[str, Mapping[str, float]]
 
 def setup_renderer() -> None:
     """Once per kernel: plotly_mimetype+notebook, so JupyterLab renders and exported HTML embeds plotly.js."""
-    from kvbook.notebook.plotly_setup import setup_plotly
+    from kvbook.notebook.html import setup_plotly
 
     setup_plotly()
 

@@ -1,15 +1,27 @@
-"""Small display helpers shared by notebooks and reports: escaped HTML tables, no pandas needed."""
+"""Display helpers shared by notebooks and reports: escaped HTML tables (no pandas needed), plotly output
+that survives export, and the run-result figures."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import html
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kvbook.records.store import CheckRecord
 
-import html
-from collections.abc import Sequence
-from typing import Any
+_DONE = False
+
+
+def setup_plotly() -> None:
+    """Set plotly's default renderer once (plotly >= 6.1 otherwise emits only a mimetype nbconvert drops)."""
+    global _DONE
+    if _DONE:
+        return
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype+notebook"
+    _DONE = True
 
 
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, caption: str = "") -> str:

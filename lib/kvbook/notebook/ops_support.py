@@ -27,7 +27,7 @@ class RunContext:
 
 def start_run(label: str, output_dir: str = "auto", results_path: str = "auto") -> RunContext:
     """The run's folder (given by `kvbook run`, else a new one under outputs/) and results file."""
-    from kvbook.notebook import plotly_setup as report_style
+    from kvbook.notebook import html as report_style
     report_style.setup_plotly()
     output_dir = "" if output_dir in ("", "auto") else output_dir
     results_path = "" if results_path in ("", "auto") else results_path
