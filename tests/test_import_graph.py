@@ -73,7 +73,8 @@ def stage(module: str) -> str:
 
 def test_the_library_is_split_into_stage_packages_with_a_docstring_each() -> None:
     flat = sorted(p.name for p in PKG.glob("*.py"))
-    assert flat == ["__init__.py", "cli.py", "errors.py", "interface.py", "paths.py", "yamlio.py"], flat
+    # components.py: only `python -m kvbook.components` for older scripts, forwarding to kvbook.ops.components
+    assert flat == ["__init__.py", "cli.py", "components.py", "errors.py", "interface.py", "paths.py", "yamlio.py"], flat
     for name in STAGES:
         init = PKG / name / "__init__.py"
         doc = ast.get_docstring(ast.parse(init.read_text()))
