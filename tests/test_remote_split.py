@@ -30,7 +30,15 @@ class _Files(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         size = path.stat().st_size
-        start, end = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+        rng = self.headers.get("Range")
+        if rng is None:  # a plain GET (config.json): the whole file
+            body = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        start, end = (int(x) for x in rng.split("=")[1].split("-"))
         end = min(end, size - 1)
         with path.open("rb") as fh:
             fh.seek(start)
@@ -87,3 +95,21 @@ def test_a_missing_remote_shard_is_one_line(capsys, hub, shards, tmp_path) -> No
         assert "smol-00003-of-00003.gguf: HTTP 404" in err
     finally:
         (tmp_path / "away.gguf").rename(shards / "smol-00003-of-00003.gguf")
+
+
+def test_a_remote_config_json_plans_like_the_local_file(capsys, hub, shards, tmp_path) -> None:
+    config = {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+              "max_position_embeddings": 40960, "vocab_size": 151936}
+    (shards / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    try:
+        docs = []
+        for model in (f"{hub}/config.json", str(tmp_path / "config.json")):
+            assert cli.main(["plan", "--json", "--", "llama-server", "-m", model, "-c", "8192", "-np", "1"]) == 0
+            docs.append(json.loads(capsys.readouterr().out))
+        assert docs[0]["caches"] == docs[1]["caches"] and docs[0]["weights_bytes"] == docs[1]["weights_bytes"]
+        assert cli.main(["plan", "--", "llama-server", "-m", f"{hub}/missing.json"]) == 2
+        assert "HTTP 404" in capsys.readouterr().err
+    finally:
+        (shards / "config.json").unlink()

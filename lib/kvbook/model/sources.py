@@ -27,7 +27,7 @@ def load_model(spec: str) -> ModelArch:
     if not spec or not spec.strip():
         raise BadInput("model is empty: pass a GGUF path, a GGUF URL, a preset name or a config.json")
     if spec.startswith(("http://", "https://")):
-        return _from_remote(spec)
+        return fetch_hf_config(spec) if spec.split("?")[0].endswith(".json") else _from_remote(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
@@ -263,19 +263,46 @@ def estimate_params(meta: dict[str, Any]) -> int:
     return int(n_layer * attn + n_dense * dense + (n_layer - n_dense) * moe + 2 * vocab * n_embd)
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config.json is a few KB
+
+
+def fetch_hf_config(url: str, *, timeout: float = 30.0) -> ModelArch:
+    """A config.json by URL (a hub's `resolve/main/config.json` or any server), at most 4 MiB read."""
+    import requests
+
+    try:
+        with requests.get(url, timeout=timeout, stream=True) as resp:
+            if resp.status_code != 200:
+                raise ModelError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+            body = resp.raw.read(MAX_CONFIG_BYTES + 1, decode_content=True)
+    except requests.RequestException as exc:
+        raise ModelError(f"{url}: cannot fetch ({type(exc).__name__}: {exc})") from None
+    if len(body) > MAX_CONFIG_BYTES:
+        raise ModelError(f"{url}: larger than {MAX_CONFIG_BYTES} bytes; that is not a config.json")
+    return _from_config_text(body.decode("utf-8", errors="replace"), url, url.rstrip("/").rsplit("/", 2)[-2])
+
+
 def load_hf_config(path: Path, bits_per_weight: float = DEFAULT_BPW) -> ModelArch:
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise ModelError(f"{path}: not a readable config.json ({type(exc).__name__})") from None
+    return _from_config_text(text, str(path), path.parent.name, bits_per_weight)
+
+
+def _from_config_text(text: str, source: str, folder: str, bits_per_weight: float = DEFAULT_BPW) -> ModelArch:
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{source}: not a readable config.json ({type(exc).__name__})") from None
     if not isinstance(cfg, dict):
-        raise ModelError(f"{path}: config.json must hold a JSON object")
-    meta = hf_to_metadata(cfg, str(path))
+        raise ModelError(f"{source}: config.json must hold a JSON object")
+    meta = hf_to_metadata(cfg, source)
     params = estimate_params(meta)
     return arch_from_metadata(
         meta,
-        name=str(cfg.get("_name_or_path") or path.parent.name),
-        source=str(path),
+        name=str(cfg.get("_name_or_path") or folder),
+        source=source,
         weights_bytes=int(params * bits_per_weight / 8),
         weights_exact=False,
         weights_note=f"approximate: ~{params / 1e9:.2f}B params estimated from config.json x {bits_per_weight} bits per weight",
