@@ -328,9 +328,98 @@ ns.show_table(cmp.difference_rows(diffs), f'each model minus the baseline {chose
     code("summary = ns.finish_compare(ctx, chosen, contenders, diffs, verdict, failed)"),
 ])
 
+CAPACITY = notebook([
+    md("""
+# Capacity: how fast is a Claude Code turn, and how many agents does one llama-server hold?
+
+Memory is half of capacity planning; this notebook measures the other half on this machine, with the real parts:
+
+1. **Speed model**: `llama-bench -d` at a few context depths, an affine fit of time per token in depth, checked at
+   depths it was not fitted on; it predicts a Claude-Code-sized turn cold and with the system prompt cached.
+2. **Agent-shaped load**: sessions replaying what the installed Claude Code really sends (captured from `claude -p`
+   by a recording endpoint: system blocks, tools, fields, the first `<system-reminder>`), a history that grows by
+   the server's own replies, a reminder per turn, unique content per run. `prompt_scale` shrinks the system text and
+   the tool list for small machines (1.0 is the recorded size).
+3. **Sweep and SLO**: closed-loop concurrency levels; TTFT, inter-token and end-to-end percentiles with 95%
+   order-statistic intervals; goodput under the SLO; the largest passing concurrency by doubling, then bisection.
+4. **Prefix-cache accounting**: per turn `cache_n / prompt_n`, each miss with its cause (from the request and the
+   server log at `-lv 4`) and the setting that fixes it; with and without Claude Code's attribution header.
+5. **Memory**: slot counts the planner fits at the per-slot context these sessions need, against measured goodput,
+   and the Claude Code / LiteLLM settings that go with the recommendation.
+6. **Scale-out**: the same levels against one and two llama-servers (`-t 1` each) behind one LiteLLM model group.
+
+Headless: `kvbook run -f params/runs/capacity-default.yaml`."""),
+    code("""
+model: str = "smollm2-135m"  # bundled model name or GGUF path
+server_args: list = ["-c", "16384", "-np", "2", "-t", "2", "--jinja", "--chat-template-file", "params/templates/smollm2-chatml-tools.jinja", "-lv", "4"]  # llama-server flags (-lv 4: the log explains cache misses)
+speed_depths: list = [0, 512, 1024, 2048, 4096]  # llama-bench -d depths measured
+speed_fit_depths: list = [0, 4096]  # depths the speed model is fitted on; the others are held out
+prompt_scale: float = 0.05  # share of Claude Code's system text and tools replayed (1.0: as recorded)
+turns: int = 3  # turns per session
+turn_words: int = 60  # new user/tool-output words per turn
+max_tokens: int = 24  # reply length per turn
+reminder: str = "append"  # append (Claude Code's position) | system (before the history) | none
+subagent_every: int = 0  # every k-th turn runs a subagent branch first (0: never)
+slo_ttft_ms: float = 8000.0  # time to first token target (0: none)
+slo_itl_ms: float = 250.0  # mean inter-token latency target per request (0: none)
+slo_e2e_ms: float = 0.0  # end-to-end target (0: none)
+slo_attainment: float = 0.9  # share of requests that must meet every target
+max_concurrency: int = 8  # the search stops here
+sessions_min: int = 4  # sessions per level: max(concurrency, sessions_min)
+level_budget_s: float = 90.0  # no new session starts after this many seconds in a level
+cache_sessions: int = 2  # sessions per header variant in the cache accounting
+slot_counts: list = [1, 2, 4, 8]  # -np options checked against memory
+per_slot_ctx: int = 0  # context per slot for those options (0: what the sweep's sessions needed)
+scale_out: bool = True  # also run 1 and 2 servers behind one LiteLLM model group
+scale_out_levels: list = [1, 2, 4]  # concurrencies for the scale-out comparison
+label: str = "capacity"  # run label (the index charts trends per label)
+output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
+""", tags=("parameters",)),
+    code("""
+from kvbook.notebook import capacity as cap
+from kvbook.notebook import capacity_figures as cf
+from kvbook.notebook import ops_support as ns
+from kvbook.notebook.runner import write_summary
+from kvbook.smoke.session import versions
+
+ctx = ns.start_run(label, output_dir)
+params = cap.capacity_params(
+    model=model, server_args=server_args, speed_depths=speed_depths, speed_fit_depths=speed_fit_depths,
+    prompt_scale=prompt_scale, turns=turns, turn_words=turn_words, max_tokens=max_tokens, reminder=reminder,
+    subagent_every=subagent_every, slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms, slo_e2e_ms=slo_e2e_ms,
+    slo_attainment=slo_attainment, max_concurrency=max_concurrency, sessions_min=sessions_min,
+    level_budget_s=level_budget_s, cache_sessions=cache_sessions, slot_counts=slot_counts, per_slot_ctx=per_slot_ctx,
+    scale_out=scale_out, scale_out_levels=scale_out_levels)
+result = cap.measure_capacity(params, ctx.output_dir)
+summary = cap.capacity_summary(params, result, label=label, build=versions()["llama_server"])
+"""),
+    md("## Speed model: predicted against measured"),
+    code("ns.show_figure(cf.speed_figure(result.speed_rows))"),
+    code("ns.show_table(result.speed_rows, 'held-out median error: prefill {prefill_pct}%, decode {decode_pct}%'.format(**result.speed_error))"),
+    code("ns.show_table(result.turn_rows, f'a Claude-Code-sized turn ({result.client}: {result.full_prefix_tokens} tokens of system prompt and tools), predicted')"),
+    md("## Latency and goodput against concurrency"),
+    code("ns.show_figure(cf.latency_figure(result.levels, summary['goodput']['slo']))"),
+    code("ns.show_figure(cf.goodput_figure(result.levels, result.max_ok))"),
+    code("ns.show_table(result.levels, summary['verdict'] + (' (the search reached max_concurrency)' if result.capped else ''))"),
+    md("## Prefix cache: every turn, every miss explained"),
+    code("ns.show_figure(cf.cache_figure(result.cache_rows))"),
+    code("ns.show_table([{'variant': v, **{k: s[k] for k in ('turns', 'hit_ratio_median', 'misses', 'misses_by_cause')}} for v, s in result.cache['by_variant'].items()], 'header: Claude Code as installed; noheader: CLAUDE_CODE_ATTRIBUTION_HEADER=0; crowded: more sessions than slots')"),
+    code("ns.show_table([{'cause': c, 'fix': f} for c, f in result.cache['fixes'].items()], 'the causes seen and what fixes them')"),
+    code("ns.show_table(result.cache_rows, 'per turn')"),
+    md("## Memory: slot options against goodput, and the settings that go with them"),
+    code("ns.show_table(result.slots, 'slot counts at the per-slot context these sessions need (planner) and the goodput measured at that concurrency')"),
+    code("ns.show_table([result.recommendation], 'recommendation')"),
+    md("## Scale-out behind one LiteLLM model group"),
+    code("ns.show_figure(cf.scale_out_figure(result.scale_out)) if result.scale_out else print('scale_out is off')"),
+    code("ns.show_table(result.scale_out, 'goodput per level with 1 and with 2 servers') if result.scale_out else None"),
+    code("write_summary(ctx.output_dir, {'run_id': ctx.run_id, **summary}); print(summary['verdict'])"),
+])
+
+
 def main() -> int:
     for name, nb in (("01-sizing.ipynb", SIZING), ("02-serve-and-smoke.ipynb", SMOKE), ("03-compare.ipynb", COMPARE),
-                     ("04-claude-code.ipynb", CLAUDE_CODE)):
+                     ("04-claude-code.ipynb", CLAUDE_CODE),
+                     ("05-capacity.ipynb", CAPACITY)):
         out = ROOT / "notebooks" / name
         nbf.write(nb, str(out))
         print(f"wrote {out}")

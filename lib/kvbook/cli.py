@@ -84,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kvbook.notebook.index import build_index
-    from kvbook.notebook.runner import gate_failure, new_run_id, plan_jobs, run_notebook
+    from kvbook.notebook.runner import gate_failure, new_run_id, plan_jobs, regression_failure, run_notebook
     from kvbook.paths import outputs_dir
 
     jobs = plan_jobs(list(args.notebooks), list(args.params_files or []))
@@ -100,6 +100,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         result = run_notebook(job.notebook, job.params, out, progress=not args.quiet)
         problem = gate_failure(result, fail_on_check=args.fail_on_check, fail_on_no_fit=args.fail_on_no_fit)
+        if args.gate_regression and not problem:
+            problem, basis = regression_failure(result, outputs_dir())
+            print(f"regression gate: {basis}" if not problem else "regression gate: failed")
         print(f"report: {result.html or '(none)'}")
         print(f"summary: {result.output_dir / 'summary.json'}")
         if problem:
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 even when a required smoke check fails")
     r.add_argument("--no-fail-on-no-fit", dest="fail_on_no_fit", action="store_false",
                    help="exit 0 even when a plan does not fit")
+    r.add_argument("--gate-regression", action="store_true",
+                   help="fail when tokens/s, TTFT, pass rate or goodput is worse than the median of the last 5 runs "
+                        "of the same label and model by more than their noise (at least 10%%)")
     r.set_defaults(func=_cmd_run)
 
     dm = sub.add_parser("demo", help="plan the post's flag set, launch both servers, smoke-test, write reports")

@@ -21,6 +21,26 @@ table.kvbook th{background:#f3f3f3}
 """
 
 
+def _date(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def collect_trends(outputs: Path) -> list[dict[str, Any]]:
+    """One trend point per run that measured speed, pass rates or goodput (kvbook.notebook.trends)."""
+    from kvbook.notebook.trends import trend_point
+
+    points = []
+    for summary_path in sorted(outputs.glob("*/summary.json")):
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        point = trend_point(summary, summary_path.parent.name, _date(summary_path))
+        if point:
+            points.append(point)
+    return points
+
+
 def collect_runs(outputs: Path) -> list[dict[str, Any]]:
     """One row per outputs/<run>/summary.json, newest first."""
     rows = []
@@ -34,7 +54,7 @@ def collect_runs(outputs: Path) -> list[dict[str, Any]]:
         total = summary.get("required_total")
         rows.append({
             "run": run_dir.name,
-            "date": dt.datetime.fromtimestamp(summary_path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "date": _date(summary_path),
             "notebook": summary.get("notebook", ""),
             "model": summary.get("model", ""),
             "verdict": summary.get("verdict", ""),
@@ -66,6 +86,11 @@ def build_index(outputs: Path) -> Path:
     if bad:
         items = "".join(f"<li>line {b.line_no}: {html.escape(b.reason)}</li>" for b in bad)
         notes += f"<p class='bad'>{len(bad)} unreadable line(s) in results.jsonl were skipped:</p><ul>{items}</ul>"
+    points = collect_trends(outputs)
+    if points:
+        from kvbook.notebook.trends import trends_figure
+
+        notes += trends_figure(points).to_html(full_html=False, include_plotlyjs=True)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>kvbook runs</title><style>{STYLE}</style></head>"
             f"<body><h1>kvbook runs</h1><p>{len(rows)} runs under {html.escape(str(outputs))}. "
             f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.</p>{notes}{table}</body></html>")

@@ -208,6 +208,25 @@ def gate_failure(result: RunResult, *, fail_on_check: bool = True, fail_on_no_fi
     return None
 
 
+def regression_failure(result: RunResult, outputs: Path) -> tuple[str | None, str]:
+    """(why this run regressed against earlier runs of its label and model, or None; what it was compared with)."""
+    import datetime as _dt
+
+    from kvbook.notebook.index import collect_trends
+    from kvbook.notebook.trends import METRICS, regressions, trend_point
+
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    current = trend_point(result.summary, result.output_dir.name, now)
+    if current is None:
+        return None, "no regression gate: this run measured no speed, pass rate or goodput"
+    found, basis = regressions(collect_trends(outputs) if outputs.is_dir() else [], current)
+    if not found:
+        return None, basis
+    worst = min(found, key=lambda r: r.change)
+    return (f"regression: {METRICS[worst.metric][0]} {worst.current:.4g} is {-100 * worst.change:.0f}% worse than the "
+            f"median {worst.baseline:.4g} of earlier runs (noise band {100 * worst.allowed:.0f}%; {basis})"), basis
+
+
 def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> Path:
     """Called by a notebook's last cell: the named results a test or CI gate reads."""
     path = Path(output_dir) / "summary.json"

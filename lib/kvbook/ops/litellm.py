@@ -66,17 +66,25 @@ def new_master_key() -> str:
     return "sk-kvbook-" + secrets.token_urlsafe(24)
 
 
-def write_config(routes: tuple[Route, ...], path: Path) -> Path:
-    """The LiteLLM config (mode 0600); the master key is read from the environment, not stored."""
-    names = [r.model_name for r in routes]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+ROUTING_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing", "usage-based-routing")
+
+
+def write_config(routes: tuple[Route, ...], path: Path, routing_strategy: str | None = None) -> Path:
+    """The LiteLLM config (mode 0600); the master key is read from the environment, not stored. Entries that
+    share a model name with different backends form one load-balanced model group (LiteLLM's router)."""
+    seen = [(r.model_name, r.backend, r.api_base.rstrip("/")) for r in routes]
+    dupes = sorted({entry[0] for entry in seen if seen.count(entry) > 1})
     if dupes:
-        raise BadInput(f"routing table names a model twice: {', '.join(dupes)}")
+        raise BadInput(f"routing table names a model twice for the same backend: {', '.join(dupes)}")
+    if routing_strategy is not None and routing_strategy not in ROUTING_STRATEGIES:
+        raise BadInput(f"LiteLLM routing strategy must be one of {', '.join(ROUTING_STRATEGIES)}, got {routing_strategy!r}")
     doc = {
         "model_list": [r.litellm_entry() for r in routes],
         "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
         "litellm_settings": {"drop_params": True, "telemetry": False},
     }
+    if routing_strategy:
+        doc["router_settings"] = {"routing_strategy": routing_strategy}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -122,14 +130,15 @@ class LiteLLMProxy:
 
 
 def start_proxy(routes: tuple[Route, ...], *, run_dir: Path, host: str = "127.0.0.1", port: int | None = None,
-                master_key: str | None = None, allow_remote: bool = False, ready_timeout_s: float = 120.0) -> LiteLLMProxy:
+                master_key: str | None = None, allow_remote: bool = False, ready_timeout_s: float = 120.0,
+                routing_strategy: str | None = None) -> LiteLLMProxy:
     """Write the config, start `litellm --config`, wait for liveliness and readiness."""
     check_host(host, allow_remote)
     key = master_key or os.environ.get("LITELLM_MASTER_KEY") or new_master_key()
     if not key.startswith("sk-"):
         raise BadInput("a LiteLLM master key must start with 'sk-'")
     port = port or free_port(host)
-    config = write_config(routes, run_dir / "litellm-config.yaml")
+    config = write_config(routes, run_dir / "litellm-config.yaml", routing_strategy)
     spec = ProcessSpec(
         name="litellm",
         argv=(str(find_litellm()), "--config", str(config), "--host", host, "--port", str(port)),

@@ -1,0 +1,1 @@
+"""Load against a running server: Claude-Code-shaped sessions, concurrency sweeps, cache accounting."""
