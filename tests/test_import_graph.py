@@ -15,7 +15,7 @@ LIB = Path(__file__).resolve().parent.parent / "lib"
 PKG = LIB / "kvbook"
 STAGES = ("model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "notebook", "testing")
 LOWER = ("model", "memory", "plan", "capacity")
-UPPER = ("ops", "smoke", "notebook", "claude")
+UPPER = ("ops", "smoke", "notebook", "claude", "load")
 # package -> the packages it may import (besides the shared top-level errors, interface, yamlio)
 ALLOWED = {
     "model": set(),
@@ -26,7 +26,8 @@ ALLOWED = {
     "ops": {"model", "memory", "plan", "capacity"},
     "smoke": {"model", "memory", "plan", "ops", "records"},
     "claude": {"ops", "smoke", "records"},
-    "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude"},
+    "load": {"model", "memory", "plan", "capacity", "ops", "smoke", "records"},
+    "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "load"},
     "testing": {"model", "memory", "plan", "ops"},
 }
 SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}

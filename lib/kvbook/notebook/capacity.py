@@ -23,7 +23,6 @@ from kvbook.load.serverlog import with_log_causes
 from kvbook.load.sweep import Sweep, SweepConfig, sweep
 from kvbook.smoke.checks import Target
 
-
 # ------------------------------------------------------------------ speed
 
 def speed_points(model: Path, depths: Sequence[int], fit_depths: Sequence[int], *, threads: int | None = None,

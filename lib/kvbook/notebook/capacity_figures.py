@@ -64,8 +64,8 @@ def cache_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def speed_figure(points: Sequence[Mapping[str, Any]]) -> Any:
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("prefill tokens/s", "decode tokens/s"))
     depths = [p["depth"] for p in points]

@@ -16,6 +16,8 @@ STEPS = (
     ("02-serve-and-smoke", "smoke-contrast.yaml", "the contrast: SmolLM2's own template, no prefill"),
     ("03-compare", "compare-bundled.yaml",
      "compare the two bundled models: same flags and suite, 5 repetitions on two routes (~1.5 min)"),
+    ("05-capacity", "capacity-demo.yaml",
+     "capacity: speed model, Claude-Code-shaped sweep under an SLO, cache misses explained, LiteLLM scale-out (~1.5 min)"),
 )
 
 
