@@ -17,7 +17,9 @@ from kvbook.memory.rules import plan_memory
 from kvbook.model.arch import RULES
 from kvbook.model.sources import load_gguf
 from kvbook.ops.fit_params import run_fit_params
+from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.logparse import mib2
+from kvbook.ops.measured import compare_memory
 from kvbook.plan.flags import parse_server_args
 from kvbook.testing.synthetic import write_synthetic_gguf
 
@@ -194,3 +196,35 @@ def test_weights_match_fit_params(row, synthetic):
     report = run_fit_params(path, 4096, ["-np", "1", "-nr"])
     assert [b.name for b in report.breakdown] == ["Host"]
     assert arch.weights_bytes // MiB - report.breakdown[0].model_mib in (0, 1), (row, arch.weights_bytes / MiB)
+
+
+# Small models of the hybrid and chunked layouts, for the real llama-server (it reads the hole as zero weights)
+_SMALL = {"context_length": 32768, "embedding_length": 256, "vocab_size": 1000, "feed_forward_length": 512,
+          "attention.layer_norm_rms_epsilon": 1e-6, "attention.head_count": 4}
+_SSM = {"ssm.conv_kernel": 4, "ssm.inner_size": 512, "ssm.state_size": 64, "ssm.group_count": 1, "ssm.time_step_rank": 8}
+SERVER_ROWS = {
+    "llama4": _meta("llama4", **_SMALL, block_count=4, expert_count=4, expert_used_count=1,
+                    expert_feed_forward_length=128, interleave_moe_layer_step=2,
+                    **{"attention.head_count_kv": 2, "rope.dimension_count": 64}),
+    "nemotron_h": _meta("nemotron_h", **{**_SMALL, "feed_forward_length": [0, 0, 512, 0]}, block_count=4, **_SSM,
+                        **{"attention.head_count_kv": [0, 2, 0, 0], "attention.layer_norm_epsilon": 1e-5}),
+    "lfm2-swa": _meta("lfm2", **_SMALL, block_count=4, **{"attention.head_count_kv": [0, 2, 0, 2],
+                                                         "shortconv.l_cache": 3, "attention.sliding_window": 256}),
+    "falcon-h1": _meta("falcon-h1", **_SMALL, block_count=2, **_SSM, **{"attention.head_count_kv": 2}),
+}
+
+
+@pytest.mark.parametrize("args", [["-c", "8192"], ["-c", "8192", "-np", "2", "-fa", "off"]], ids=" ".join)
+@pytest.mark.parametrize("row", sorted(SERVER_ROWS))
+def test_the_real_server_allocates_what_kvbook_plans(row, args, tmp_path):
+    """The server's default (4 unified slots, which llama-fit-params cannot run: the window is shared per slot,
+    the recurrent state is one per slot) and separate slots without flash attention: every logged cache, the
+    context shape and the logits equal kvbook's plan."""
+    path = write_synthetic_gguf(SERVER_ROWS[row], tmp_path / f"{row}.gguf")
+    with start_llama_server(["-m", str(path), *args, "--no-warmup"], run_dir=tmp_path) as server:
+        logged = server.measured()
+        plan = server.plan
+    assert plan is not None and plan.accounting == "kvbook"
+    rows = [r for r in compare_memory(plan.memory, logged) if r.item not in ("weights MiB", "compute MiB")]
+    assert [r for r in rows if not r.matches] == []
+    assert any(r.item.startswith(("swa cache", "recurrent cache")) for r in rows)
