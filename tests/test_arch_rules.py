@@ -2,8 +2,10 @@
 llama.cpp build) on a full-size synthetic GGUF: the same caches (kind, cells, layers, K and V MiB), the same
 recurrent state, the same n_ctx_seq, and weights that match llama.cpp's model buffers.
 
-Geometries are the named models' published hyper-parameters (source per row). Keys marked "assumed" were not
-verified here; they change only the weights (vocabulary, FFN width), never which caches exist or their size.
+Geometries follow the named models (source per row). "Not re-checked" marks values written from the model's
+published config.json without a copy read for this test; "assumed" marks keys no source gave. Either way the
+test stays valid (kvbook and llama.cpp read the same synthetic file); such values only make a row less faithful
+to the real model's size.
 """
 
 from __future__ import annotations
@@ -38,15 +40,17 @@ _RMS = {"attention.layer_norm_rms_epsilon": 1e-5}
 # Nemotron-H-4B hybrid_override_pattern: M = Mamba2, * = attention, - = MLP
 # (NVIDIA Megatron-Bridge docs/models/llm/nemotronh.md, "Nemotron H 4B Specifications")
 _NEMOTRON_4B = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
-# LFM2-1.2B: 16 layers, attention at 2, 5, 8, 10, 12, 14, short convolutions elsewhere (HF config full_attn_idxs;
+# LFM2-1.2B: 16 layers, attention at 2, 5, 8, 10, 12, 14, short convolutions elsewhere (HF config full_attn_idxs,
+# not re-checked;
 # the LFM2.5-1.2B card: "10 double-gated LIV convolution blocks + 6 GQA blocks")
 _LFM2_ATTN = (2, 5, 8, 10, 12, 14)
 # Granite-4.0-H-350M: 32 layers, attention at 10, 13, 17, 27 (hashneo/nano-vllm-go GRANITE_STATUS.md)
 _GRANITE_ATTN = (10, 13, 17, 27)
 
 FULL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    # Llama-4-Scout-17B-16E (HF config: 48 layers, 5120, 40/8 x 128, 16 experts top-1, expert 8192, dense MLP 16384,
-    # interleave_moe_layer_step 1, vocab 202048, attention_chunk_size 8192). Chunked: 36 layers x 8192 window.
+    # Llama-4-Scout-17B-16E (Shameerisb/llama-4-scout_Implementation_Pytorch configs/text_config.py: 48 layers, 5120,
+    # 40/8 x 128, 16 experts top-1, expert 8192, dense MLP 16384, vocab 202048, attention_chunk_size 8192;
+    # interleave_moe_layer_step 1 and the 10M context from the model card, not re-checked). Chunked: 36 of 48 layers.
     "llama4": (_meta("llama4", block_count=48, embedding_length=5120, context_length=10485760,
                      feed_forward_length=16384, expert_feed_forward_length=8192, expert_count=16, expert_used_count=1,
                      interleave_moe_layer_step=1, vocab_size=202048, **_heads(40, 8, 128), **_RMS,
@@ -56,23 +60,25 @@ FULL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                              feed_forward_length=16384, expert_feed_forward_length=8192, expert_count=16,
                              expert_used_count=1, interleave_moe_layer_step=1, vocab_size=202048, **_heads(40, 8, 128),
                              **_RMS, **{"rope.dimension_count": 128, "attention.sliding_window": 0}), ("kv",)),
-    # Phi-3-mini-4k-instruct (HF config: 32 layers, 3072, 32/32 heads, intermediate 8192, vocab 32064, ctx 4096);
+    # Phi-3-mini-4k-instruct (HF config, not re-checked: 32 layers, 3072, 32/32 heads, intermediate 8192, vocab 32064,
+    # ctx 4096);
     # its GGUF carries sliding_window 2047, which phi3.cpp ignores (SWA disabled)
     "phi3": (_meta("phi3", block_count=32, embedding_length=3072, context_length=4096, feed_forward_length=8192,
                    vocab_size=32064, **_RMS, **{"attention.head_count": 32, "attention.head_count_kv": 32,
                                                 "rope.dimension_count": 96, "attention.sliding_window": 2047}),
              ("kv",)),
-    # GLM-4-9B-0414 (HF config: 40 layers, 4096, 32/2 x 128, intermediate 13696, vocab 151552, ctx 32768,
-    # partial_rotary_factor 0.5)
+    # GLM-4-9B-0414 (HF config, not re-checked: 40 layers, 4096, 32/2 x 128, intermediate 13696, vocab 151552,
+    # partial_rotary_factor 0.5; ctx 32768 per xorbitsai/inference's glm4-0414 page)
     "glm4": (_meta("glm4", block_count=40, embedding_length=4096, context_length=32768, feed_forward_length=13696,
                    vocab_size=151552, **_heads(32, 2, 128), **_RMS, **{"rope.dimension_count": 64}), ("kv",)),
-    # c4ai-command-r-v01 (HF config: 40 layers, 8192, 64/64 heads, intermediate 22528, vocab 256000,
+    # c4ai-command-r-v01 (HF config, not re-checked: 40 layers, 8192, 64/64 heads, intermediate 22528, vocab 256000,
     # logit_scale 0.0625, layer_norm_eps 1e-5; context 131072 per the model card)
     "command-r": (_meta("command-r", block_count=40, embedding_length=8192, context_length=131072,
                         feed_forward_length=22528, vocab_size=256000, logit_scale=0.0625,
                         **{"attention.head_count": 64, "attention.head_count_kv": 64,
                            "attention.layer_norm_epsilon": 1e-5}), ("kv",)),
-    # OLMo-2-1124-7B (HF config: 32 layers, 4096, 32/32 heads, intermediate 11008, vocab 100352, ctx 4096)
+    # OLMo-2-1124-7B (HF config, not re-checked: 32 layers, 4096, 32/32 heads, intermediate 11008, vocab 100352,
+    # ctx 4096)
     "olmo2": (_meta("olmo2", block_count=32, embedding_length=4096, context_length=4096, feed_forward_length=11008,
                     vocab_size=100352, **{"attention.head_count": 32, "attention.head_count_kv": 32,
                                           "attention.layer_norm_rms_epsilon": 1e-6}), ("kv",)),
@@ -82,16 +88,17 @@ FULL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                         **{"attention.head_count": 32, "attention.head_count_kv": 32,
                            "attention.layer_norm_rms_epsilon": 1e-6, "attention.sliding_window": 4096}),
                   ("kv", "swa")),
-    # Seed-OSS-36B (HF config: 64 layers, 5120, 80/8 x 128, intermediate 27648, vocab 155136, ctx 524288)
+    # Seed-OSS-36B (HF config, not re-checked: 64 layers, 5120, 80/8 x 128, intermediate 27648, vocab 155136;
+    # ctx 524288 per vllm-project/recipes Seed/Seed-OSS-36B.md, "up to 512K")
     "seed_oss": (_meta("seed_oss", block_count=64, embedding_length=5120, context_length=524288,
                        feed_forward_length=27648, vocab_size=155136, **_heads(80, 8, 128), **_RMS), ("kv",)),
-    # Qwen3-VL-8B text model (HF config: 36 layers, 4096, 32/8 x 128, intermediate 12288, vocab 151936,
-    # ctx 262144, mrope_section [24, 20, 20], 3 deepstack layers)
+    # Qwen3-VL-8B text model (HF config, not re-checked: 36 layers, 4096, 32/8 x 128, intermediate 12288,
+    # vocab 151936, mrope_section [24, 20, 20], 3 deepstack layers; 256K context per the model cards)
     "qwen3vl": (_meta("qwen3vl", block_count=36, embedding_length=4096, context_length=262144,
                       feed_forward_length=12288, vocab_size=151936, n_deepstack_layers=3, **_heads(32, 8, 128),
                       **_RMS, **{"rope.dimension_sections": [24, 20, 20, 0]}), ("kv",)),
-    # Qwen3-VL-30B-A3B text model (HF config: 48 layers, 2048, 32/4 x 128, 128 experts top-8 of 768,
-    # vocab 151936, ctx 262144, mrope_section [24, 20, 20], 3 deepstack layers)
+    # Qwen3-VL-30B-A3B text model (HF config, not re-checked: 48 layers, 2048, 32/4 x 128, 128 experts top-8 of 768,
+    # vocab 151936, mrope_section [24, 20, 20], 3 deepstack layers; the Qwen3-30B-A3B trunk of model-facts.md 2)
     "qwen3vlmoe": (_meta("qwen3vlmoe", block_count=48, embedding_length=2048, context_length=262144,
                          feed_forward_length=6144, expert_feed_forward_length=768, expert_count=128,
                          expert_used_count=8, vocab_size=151936, n_deepstack_layers=3, **_heads(32, 4, 128), **_RMS,
@@ -114,8 +121,8 @@ FULL: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                             "attention.layer_norm_epsilon": 1e-5, "attention.layer_norm_rms_epsilon": 1e-5,
                             "ssm.conv_kernel": 4, "ssm.inner_size": 7168, "ssm.state_size": 128,
                             "ssm.time_step_rank": 112, "ssm.group_count": 8}), ("kv", "recurrent")),
-    # LFM2-1.2B (HF config: 16 layers, 2048, 32/8 heads, block_ff_dim 12288 auto-adjusted to 8192, conv_L_cache 3,
-    # vocab 65536, ctx 128000)
+    # LFM2-1.2B (HF config, not re-checked: 2048 wide, 32/8 heads, block_ff_dim 12288 (conversion/lfm2.py adjusts it
+    # to 8192), conv_L_cache 3, ctx 128000; 16 layers and vocab 65536 per the LFM2.5-1.2B card)
     "lfm2": (_meta("lfm2", block_count=16, embedding_length=2048, context_length=128000, feed_forward_length=8192,
                    vocab_size=65536, **_RMS, **{"attention.head_count": 32, "shortconv.l_cache": 3,
                                                 "attention.head_count_kv": [8 if i in _LFM2_ATTN else 0
