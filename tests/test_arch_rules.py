@@ -221,12 +221,12 @@ SERVER_ROWS = {
 }
 
 
-@pytest.mark.parametrize("args", [["-c", "8192"], ["-c", "8192", "-np", "2", "-fa", "off"]], ids=" ".join)
+@pytest.mark.parametrize("args", [["-c", "8192"], ["-c", "65536"], ["-c", "8192", "-np", "2", "-fa", "off"]], ids=" ".join)
 @pytest.mark.parametrize("row", sorted(SERVER_ROWS))
 def test_the_real_server_allocates_what_kvbook_plans(row, args, tmp_path):
-    """The server's default (4 unified slots, which llama-fit-params cannot run: the window is shared per slot,
-    the recurrent state is one per slot) and separate slots without flash attention: every logged cache, the
-    context shape and the logits equal kvbook's plan."""
+    """The server's default (4 unified slots, which llama-fit-params cannot run: one window per slot, so Llama 4's
+    chunk cache at -c 65536 is pad256(4 x 8192 + 512) cells; one recurrent state per slot) and separate slots
+    without flash attention: every logged cache, the context shape and the logits equal kvbook's plan."""
     path = write_synthetic_gguf(SERVER_ROWS[row], tmp_path / f"{row}.gguf")
     with start_llama_server(["-m", str(path), *args, "--no-warmup"], run_dir=tmp_path) as server:
         logged = server.measured()
