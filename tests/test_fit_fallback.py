@@ -17,29 +17,30 @@ from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.measured import compare_memory
 from kvbook.testing.synthetic import write_synthetic_gguf
 
-PHI3 = {"general.architecture": "phi3", **{f"phi3.{k}": v for k, v in {
+UNKNOWN = "internlm2"  # an architecture llama.cpp loads and kvbook has no rule for
+MODEL = {"general.architecture": UNKNOWN, **{f"{UNKNOWN}.{k}": v for k, v in {
     "context_length": 32768, "embedding_length": 512, "block_count": 4, "feed_forward_length": 1024,
     "attention.head_count": 8, "attention.head_count_kv": 2, "rope.dimension_count": 64,
     "attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0, "vocab_size": 1000}.items()}}
 
 
 @pytest.fixture(scope="module")
-def phi3(tmp_path_factory) -> Path:
-    assert "phi3" not in RULES, "phi3 gained a kvbook rule: pick another architecture for this test"
-    return write_synthetic_gguf(PHI3, tmp_path_factory.mktemp("phi3") / "phi3.gguf")
+def unknown(tmp_path_factory) -> Path:
+    assert UNKNOWN not in RULES, f"{UNKNOWN} gained a kvbook rule: pick another architecture for this test"
+    return write_synthetic_gguf(MODEL, tmp_path_factory.mktemp(UNKNOWN) / f"{UNKNOWN}.gguf")
 
 
-def test_kvbook_alone_refuses_it_by_name(phi3) -> None:
-    with pytest.raises(UnknownArchitecture, match="architecture 'phi3' is not modelled by kvbook"):
-        load_model(str(phi3))
+def test_kvbook_alone_refuses_it_by_name(unknown) -> None:
+    with pytest.raises(UnknownArchitecture, match=f"architecture '{UNKNOWN}' is not modelled by kvbook"):
+        load_model(str(unknown))
 
 
-def test_plan_uses_llama_cpps_accounting_and_says_so(capsys, phi3) -> None:
-    assert cli.main(["plan", "--json", "--", "llama-server", "-m", str(phi3), "-c", "8192", "-np", "2"]) == 0
+def test_plan_uses_llama_cpps_accounting_and_says_so(capsys, unknown) -> None:
+    assert cli.main(["plan", "--json", "--", "llama-server", "-m", str(unknown), "-c", "8192", "-np", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
     jsonschema.Draft202012Validator(json.loads(resources.files("kvbook").joinpath("data/plan.schema.json")
                                                .read_text())).validate(doc)
-    assert doc["accounting"] == "llama-fit-params" and doc["arch"] == "phi3"
+    assert doc["accounting"] == "llama-fit-params" and doc["arch"] == UNKNOWN
     assert [(c["kind"], c["cells"], c["layers"]) for c in doc["caches"]] == [("kv", 4096, 4)]
     assert doc["max_ctx"] == 0 and doc["alternatives"] == []
     assert any("has no kvbook rule" in n and "llama-fit-params" in n for n in doc["notes"])
@@ -47,10 +48,10 @@ def test_plan_uses_llama_cpps_accounting_and_says_so(capsys, phi3) -> None:
 
 @pytest.mark.parametrize("args", [["-c", "8192", "-np", "2"], ["-c", "8192"], ["-c", "4096", "-np", "1", "-ctk", "q8_0",
                                                                              "-ctv", "q8_0", "-fa", "on"]])
-def test_what_it_predicts_is_what_the_server_allocates(phi3, tmp_path, args) -> None:
+def test_what_it_predicts_is_what_the_server_allocates(unknown, tmp_path, args) -> None:
     """Separate slots, the server's default (4 unified slots, which llama-fit-params cannot run) and a
     quantized cache: every logged cache and the compute buffer equal the plan's, to the printed MiB."""
-    with start_llama_server(["-m", str(phi3), *args, "--no-warmup"], run_dir=tmp_path) as server:
+    with start_llama_server(["-m", str(unknown), *args, "--no-warmup"], run_dir=tmp_path) as server:
         logged = server.measured()
         plan = server.plan
     assert plan is not None and plan.accounting == "llama-fit-params"

@@ -59,6 +59,47 @@ def test_hybrid_interval_and_nextn():
     assert rec.k_bytes == 4 * (3 * (256 + 2 * 2 * 16)) * 2 * 6 and rec.v_bytes == 4 * 16 * 256 * 2 * 6
 
 
+def test_llama4_chunked_window_is_fixed_unless_the_gguf_says_zero():
+    a = arch_of(meta("llama4"))
+    assert a.n_swa == 8192 and a.is_swa == (True, True, True, False) * 2
+    assert arch_of(meta("llama4", **{"attention.sliding_window": 1024})).n_swa == 8192  # the value is not read
+    off = arch_of(meta("llama4", **{"attention.sliding_window": 0}))
+    assert off.n_swa == 0 and not any(off.is_swa)
+
+
+def test_phi3_ignores_its_window_and_olmo2_slides_only_with_one():
+    assert not any(arch_of(meta("phi3", **{"attention.sliding_window": 2047})).is_swa)
+    assert not any(arch_of(meta("olmo2")).is_swa)
+    assert arch_of(meta("olmo2", **{"attention.sliding_window": 4096})).is_swa == (True, True, True, False) * 2
+
+
+_MAMBA = {"ssm.conv_kernel": 4, "ssm.inner_size": 1024, "ssm.state_size": 128, "ssm.group_count": 1}
+
+
+def test_hybrid_layer_kinds_from_kv_heads_and_ffn():
+    g = arch_of(meta("granitehybrid", block_count=4, **_MAMBA, **{"attention.head_count_kv": [0, 2, 0, 0]}))
+    assert g.is_recurrent == (True, False, True, True) and [g.has_kv(i) for i in range(4)] == [False, True, False, False]
+    # Nemotron-H: Mamba2, attention, MLP (owns nothing), Mamba2
+    n = arch_of(meta("nemotron_h", block_count=4, feed_forward_length=[0, 0, 2048, 0], **_MAMBA,
+                     **{"attention.head_count_kv": [0, 2, 0, 0]}))
+    assert n.is_recurrent == (True, False, False, True) and [n.has_kv(i) for i in range(4)] == [False, True, False, False]
+    kv, rec = mem(meta("nemotron_h", block_count=4, feed_forward_length=[0, 0, 2048, 0], **_MAMBA,
+                       **{"attention.head_count_kv": [0, 2, 0, 0]}), "-c", "1024", "-np", "1").caches
+    assert kv.layers == 1 and rec.layers == 2
+    # Falcon-H1: every layer owns KV and Mamba2 state
+    f = arch_of(meta("falcon-h1", block_count=4, **_MAMBA))
+    assert all(f.is_recurrent) and all(f.has_kv(i) for i in range(4))
+
+
+def test_lfm2_short_conv_state_and_window_on_attention_layers():
+    m = meta("lfm2", block_count=4, **{"shortconv.l_cache": 3, "attention.head_count_kv": [0, 2, 0, 2]})
+    a = arch_of(m)
+    assert a.recurrent is not None and (a.recurrent.n_embd_r, a.recurrent.n_embd_s) == (512 * 2, 0)
+    assert not any(a.is_swa)
+    w = arch_of({**m, "lfm2.attention.sliding_window": 512})
+    assert w.is_swa == (False, True, False, True) and w.n_swa == 512
+
+
 def test_mla_has_no_v_and_needs_equal_types():
     m = meta("deepseek2", **{"attention.head_count_kv": 1, "attention.key_length": 576, "attention.value_length": 512,
                              "attention.key_length_mla": 192, "attention.value_length_mla": 128})

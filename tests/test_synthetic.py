@@ -83,9 +83,51 @@ SMALL: dict[str, dict[str, Any]] = {
                      **{"attention.head_count": 8, "attention.head_count_kv": 2,
                         "attention.key_length": 64, "attention.value_length": 64,
                         "attention.sliding_window": 128}),
-    # no kvbook rule: planned with llama.cpp's own accounting (tests/test_fit_fallback.py)
     "phi3": _meta("phi3", **{**_COMMON, "embedding_length": 512, "block_count": 4, "feed_forward_length": 1024,
                              "attention.head_count": 8, "attention.head_count_kv": 2, "rope.dimension_count": 64}),
+    # no kvbook rule: planned with llama.cpp's own accounting (tests/test_fit_fallback.py)
+    "internlm2": _meta("internlm2", **{**_COMMON, "embedding_length": 512, "block_count": 4,
+                                       "feed_forward_length": 1024, "attention.head_count": 8,
+                                       "attention.head_count_kv": 2}),
+    # chunked attention: layers 0-2 chunked (window 8192 > context, so 4096 cells), layer 3 full; MoE on odd layers
+    "llama4": _meta("llama4", **_COMMON, block_count=4, feed_forward_length=512, expert_count=4, expert_used_count=1,
+                    expert_feed_forward_length=128, interleave_moe_layer_step=2,
+                    **{"attention.head_count": 4, "attention.head_count_kv": 2, "rope.dimension_count": 64}),
+    "glm4": _meta("glm4", **_COMMON, block_count=4, feed_forward_length=512,
+                  **{"attention.head_count": 4, "attention.head_count_kv": 2, "rope.dimension_count": 32}),
+    "command-r": _meta("command-r", **_COMMON, block_count=4, feed_forward_length=512,
+                       **{"attention.head_count": 4, "attention.head_count_kv": 2,
+                          "attention.layer_norm_epsilon": 1e-5}),
+    "olmo2": _meta("olmo2", **_COMMON, block_count=4, feed_forward_length=512,
+                   **{"attention.head_count": 4, "attention.head_count_kv": 2}),
+    "seed_oss": _meta("seed_oss", **_COMMON, block_count=4, feed_forward_length=512,
+                      **{"attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 128,
+                         "attention.value_length": 128}),
+    "qwen3vl": _meta("qwen3vl", **_COMMON, block_count=4, feed_forward_length=512,
+                     **{"attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 128,
+                        "attention.value_length": 128, "rope.dimension_sections": [24, 20, 20, 0]}),
+    "qwen3vlmoe": _meta("qwen3vlmoe", **_COMMON, block_count=4, feed_forward_length=512, expert_count=8,
+                        expert_used_count=2, expert_feed_forward_length=128,
+                        **{"attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 128,
+                           "attention.value_length": 128, "rope.dimension_sections": [24, 20, 20, 0]}),
+    # Mamba2 on layers 0-2 (head_count_kv 0), attention on layer 3
+    "granitehybrid": _meta("granitehybrid", **_COMMON, block_count=4, feed_forward_length=512,
+                           **{"attention.head_count": 4, "attention.head_count_kv": [0, 0, 0, 2],
+                              "ssm.conv_kernel": 4, "ssm.inner_size": 512, "ssm.state_size": 64,
+                              "ssm.group_count": 1, "ssm.time_step_rank": 8}),
+    # Mamba2, attention, MLP, Mamba2: the MLP layer owns no cache
+    "nemotron_h": _meta("nemotron_h", **_COMMON, block_count=4, feed_forward_length=[0, 0, 512, 0],
+                        **{"attention.head_count": 4, "attention.head_count_kv": [0, 2, 0, 0],
+                           "attention.layer_norm_epsilon": 1e-5, "ssm.conv_kernel": 4, "ssm.inner_size": 512,
+                           "ssm.state_size": 64, "ssm.group_count": 2, "ssm.time_step_rank": 8}),
+    # short convolutions on layers 0 and 2, attention on 1 and 3
+    "lfm2": _meta("lfm2", **{**_COMMON, "embedding_length": 512}, block_count=4, feed_forward_length=512,
+                  **{"attention.head_count": 8, "attention.head_count_kv": [0, 2, 0, 2], "shortconv.l_cache": 3}),
+    # every layer: attention and Mamba2 side by side
+    "falcon-h1": _meta("falcon-h1", **_COMMON, block_count=2, feed_forward_length=512,
+                       **{"attention.head_count": 4, "attention.head_count_kv": 2, "ssm.conv_kernel": 4,
+                          "ssm.inner_size": 512, "ssm.state_size": 64, "ssm.group_count": 1,
+                          "ssm.time_step_rank": 8}),
     # layers 0-4 SWA, layer 5 full (pattern 6), window 512
     "gemma3": _meta("gemma3", **_COMMON, block_count=6, feed_forward_length=512,
                     **{"attention.head_count": 4, "attention.head_count_kv": 1,
@@ -109,6 +151,24 @@ EXPECTED: dict[str, tuple[list[str], list[tuple[str, int, int, float, float]], f
     "gpt-oss": (["-np", "1"], [("kv", 4096, 2, 2.0, 2.0), ("swa", 768, 2, 0.375, 0.375)], 0.0),
     # 4 layers x 2 heads x 64 x f16 x 4096 cells
     "phi3": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    "internlm2": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    # 1 full + 3 chunked layers x 2 heads x 64; chunk cells = pad256(min(4096, 8192 + 512)) = 4096
+    "llama4": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0), ("swa", 4096, 3, 3.0, 3.0)], 0.0),
+    "glm4": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    "command-r": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    "olmo2": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    # 4 layers x 2 heads x 128
+    "seed_oss": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
+    "qwen3vl": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
+    "qwen3vlmoe": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
+    # 3 Mamba2 layers x 4 B x (3*(512+2*1*64) + 64*512) = 0.40 MiB
+    "granitehybrid": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0)], 0.40),
+    # 2 Mamba2 layers x 4 B x (3*(512+2*2*64) + 64*512) = 0.27 MiB
+    "nemotron_h": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0)], 0.27),
+    # 2 short-conv layers x 4 B x 512 x (3-1) = 8 KiB
+    "lfm2": (["-np", "1"], [("kv", 4096, 2, 2.0, 2.0)], 0.01),
+    # 2 layers, each with KV and Mamba2: 2 x 4 B x (3*(512+2*64) + 64*512) = 0.26 MiB
+    "falcon-h1": (["-np", "1"], [("kv", 4096, 2, 2.0, 2.0)], 0.26),
     # SWA cells = pad256(512 + 512) = 1024
     "gemma3": (["-np", "1"], [("kv", 4096, 1, 1.0, 1.0), ("swa", 1024, 5, 1.25, 1.25)], 0.0),
 }

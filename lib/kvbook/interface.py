@@ -94,10 +94,15 @@ class ModelArch:
     tensor_groups: tuple[tuple[str, int], ...] = ()  # GGUF tensor bytes by placement group (see ggufio)
     # per file of the model: ((group, first byte, end byte), ...) within that file's tensor data
     tensor_ranges: tuple[tuple[tuple[str, int, int], ...], ...] = ()
+    # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
+    # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
+    kv_layers: tuple[bool, ...] = ()
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
-        return il < self.n_layer_kv_from_start and not self.is_recurrent[il]
+        if il >= self.n_layer_kv_from_start:
+            return False
+        return self.kv_layers[il] if self.kv_layers else not self.is_recurrent[il]
 
     def head_k_at(self, il: int) -> int:
         return self.head_k_swa if self.is_swa[il] else self.head_k

@@ -21,13 +21,22 @@ class ArchRule:
     swa_pattern: int | None = None  # default sliding_window_pattern; None = no SWA
     swa_dense_first: bool = False
     swa_needs_window: bool = False  # SWA only when attention.sliding_window > 0
-    recurrent: str | None = None  # "interval": every full_attention_interval-th layer is attention
+    swa_chunked: int | None = None  # chunked attention with this fixed window, off when sliding_window = 0 (Llama 4)
+    swa_on_attention: bool = False  # with a window, every attention (non-recurrent) layer slides (LFM2)
+    # which layers are recurrent: "interval" (every full_attention_interval-th layer is attention), "kv_zero"
+    # (head_count_kv == 0), "kv_ff_zero" (head_count_kv == 0 and feed_forward_length == 0; attention only
+    # where feed_forward_length == 0 too), "all" (every layer holds attention and recurrent state)
+    recurrent: str | None = None
+    shortconv: bool = False  # recurrent state is LFM2's short convolution, not an SSM
     required: tuple[str, ...] = ()
     kv_from_start: int | None = None  # layers from this index reuse earlier layers' KV (Gemma 3n)
     kv_shared_key: str | None = None  # ...or n_layer_all minus this key's value (Gemma 4)
 
 
 # Architectures whose memory layout kvbook models and has checked against llama.cpp's source.
+# Rules added for issue #15 cite the pinned source's src/models/<arch>.cpp :: load_arch_hparams and, for the
+# hybrids, src/llama-model.cpp :: llama_model::create_memory (layer filters) and src/llama-hparams.cpp ::
+# n_embd_r / n_embd_s (state widths).
 RULES: dict[str, ArchRule] = {
     "llama": ArchRule(),
     "qwen2": ArchRule(),
@@ -51,6 +60,26 @@ RULES: dict[str, ArchRule] = {
     "qwen3next": ArchRule(recurrent="interval"),
     "qwen35": ArchRule(recurrent="interval"),
     "qwen35moe": ArchRule(recurrent="interval"),
+    # llama4.cpp: chunked attention, n_swa forced to 8192 and pattern 4 (3 chunked : 1 full) unless the GGUF
+    # says sliding_window = 0; attention.chunk_size is not read by this build
+    "llama4": ArchRule(swa_pattern=4, swa_chunked=8192),
+    # phi3.cpp: a sliding_window key is read but SWA is switched off (n_swa = 0, no SWA layers)
+    "phi3": ArchRule(),
+    "glm4": ArchRule(),  # glm4.cpp: dense full attention; NextN layers own no cache
+    "command-r": ArchRule(),  # command-r.cpp: dense full attention
+    "olmo2": ArchRule(swa_pattern=4, swa_needs_window=True),  # olmo2.cpp: standard SWA only with a window
+    "seed_oss": ArchRule(),  # seed-oss.cpp: dense full attention, explicit head size
+    "qwen3vl": ArchRule(),  # qwen3vl.cpp: dense full attention (deepstack widens only the input embedding)
+    "qwen3vlmoe": ArchRule(),  # qwen3vlmoe.cpp: as qwen3vl, MoE FFN
+    # granite-hybrid.cpp: Mamba2 where head_count_kv(il) == 0
+    "granitehybrid": ArchRule(recurrent="kv_zero"),
+    # nemotron-h.cpp + create_memory: Mamba2 where head_count_kv and feed_forward_length are 0; attention
+    # where only feed_forward_length is 0; MLP layers own no cache
+    "nemotron_h": ArchRule(recurrent="kv_ff_zero"),
+    # lfm2.cpp: short convolution where head_count_kv(il) == 0; n_embd_r = n_embd * (l_cache - 1), n_embd_s = 0
+    "lfm2": ArchRule(recurrent="kv_zero", shortconv=True, swa_on_attention=True, swa_needs_window=True),
+    # falcon-h1.cpp + create_memory: every layer runs attention and Mamba2 in parallel (both filters true)
+    "falcon-h1": ArchRule(recurrent="all"),
 }
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -152,9 +181,18 @@ def _layer_counts(m: _Meta, source: str, arch: str) -> tuple[int, int, int]:
     return n_layer_all, n_layer_all - n_nextn, n_nextn
 
 
-def _swa_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int) -> tuple[tuple[bool, ...], int]:
+def _swa_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int,
+                is_rec: tuple[bool, ...]) -> tuple[tuple[bool, ...], int]:
     """(which layers use the sliding window, the window) as llama_model_base::load_swa_pattern sets them."""
     n_swa = m.int("attention.sliding_window", 0)
+    if rule.swa_chunked is not None:  # llama4.cpp: only an explicit window of 0 turns chunking off
+        if m.raw("attention.sliding_window") is not None and n_swa == 0:
+            return (False,) * n_layer_all, 0
+        n_swa = rule.swa_chunked
+    if rule.swa_on_attention:
+        if n_swa <= 0:
+            return (False,) * n_layer_all, 0
+        return tuple(il < n_layer and not is_rec[il] for il in range(n_layer_all)), n_swa
     if rule.swa_pattern is None or (n_swa <= 0 and rule.swa_needs_window):
         return (False,) * n_layer_all, 0
     explicit = m.bools("attention.sliding_window_pattern", n_layer_all)
@@ -167,22 +205,41 @@ def _swa_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int) -> tup
     ), n_swa
 
 
-def _recurrent_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int, source: str,
-                      arch: str) -> tuple[tuple[bool, ...], RecurrentShape | None]:
-    """(which layers are recurrent, their state shape) for hybrid models; none elsewhere."""
-    if rule.recurrent != "interval":
-        return (False,) * n_layer_all, None
-    explicit = m.bools("attention.recurrent_layers", n_layer_all)
-    if explicit is not None:
-        is_rec = explicit
+def _recurrent_layers(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int, source: str, arch: str,
+                      n_head_kv: tuple[int, ...], n_embd: int
+                      ) -> tuple[tuple[bool, ...], RecurrentShape | None, tuple[bool, ...]]:
+    """(which layers are recurrent, their state shape, which layers own KV when that is not "not recurrent")
+    for hybrid models; none elsewhere."""
+    none = (False,) * n_layer_all
+    if rule.recurrent is None:
+        return none, None, ()
+    kv_layers: tuple[bool, ...] = ()
+    if rule.recurrent == "interval":
+        explicit = m.bools("attention.recurrent_layers", n_layer_all)
+        if explicit is not None:
+            is_rec = explicit
+        else:
+            interval = m.int("full_attention_interval", 4)
+            if interval == 0:
+                raise ModelError(f"{source}: {arch}.full_attention_interval must be > 0")
+            is_rec = tuple(il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all))
+    elif rule.recurrent == "kv_zero":
+        is_rec = tuple(il < n_layer and n_head_kv[il] == 0 for il in range(n_layer_all))
+    elif rule.recurrent == "kv_ff_zero":
+        n_ff = m.per_layer("feed_forward_length", n_layer_all, 0)
+        is_rec = tuple(il < n_layer and n_head_kv[il] == 0 and n_ff[il] == 0 for il in range(n_layer_all))
+        kv_layers = tuple(not is_rec[il] and n_ff[il] == 0 for il in range(n_layer_all))
+    elif rule.recurrent == "all":
+        is_rec = (True,) * n_layer_all
+        kv_layers = (True,) * n_layer_all
     else:
-        interval = m.int("full_attention_interval", 4)
-        if interval == 0:
-            raise ModelError(f"{source}: {arch}.full_attention_interval must be > 0")
-        is_rec = tuple(il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all))
-    shape = RecurrentShape(d_conv=m.int("ssm.conv_kernel"), d_inner=m.int("ssm.inner_size"),
-                           d_state=m.int("ssm.state_size"), n_group=m.int("ssm.group_count"))
-    return is_rec, shape
+        raise AssertionError(rule.recurrent)
+    if rule.shortconv:  # llama_hparams::n_embd_r: n_embd * (l_cache - 1); no SSM state
+        shape = RecurrentShape(d_conv=m.int("shortconv.l_cache"), d_inner=n_embd, d_state=0, n_group=0)
+    else:
+        shape = RecurrentShape(d_conv=m.int("ssm.conv_kernel"), d_inner=m.int("ssm.inner_size"),
+                               d_state=m.int("ssm.state_size"), n_group=m.int("ssm.group_count"))
+    return is_rec, shape, kv_layers
 
 
 def _kv_from_start(m: _Meta, rule: ArchRule, n_layer_all: int, n_layer: int) -> int:
@@ -230,8 +287,8 @@ def arch_from_metadata(
     head_k = m.int("attention.key_length", n_embd // n_head0 if n_head0 else 0)
     head_v = m.int("attention.value_length", n_embd // n_head0 if n_head0 else 0)
     is_mla = m.raw("attention.key_length_mla") is not None and m.raw("attention.value_length_mla") is not None
-    is_swa, n_swa = _swa_layers(m, rule, n_layer_all, n_layer)
-    is_rec, recurrent = _recurrent_layers(m, rule, n_layer_all, n_layer, source, arch)
+    is_rec, recurrent, kv_layers = _recurrent_layers(m, rule, n_layer_all, n_layer, source, arch, n_head_kv_all, n_embd)
+    is_swa, n_swa = _swa_layers(m, rule, n_layer_all, n_layer, is_rec)
     vocab = n_vocab if n_vocab is not None else m.int("vocab_size", 0)
     if vocab <= 0:
         raise ModelError(f"{source}: vocabulary size unknown (no {arch}.vocab_size and no tokenizer.ggml.tokens)")
@@ -268,4 +325,5 @@ def arch_from_metadata(
         sha256=sha256,
         tensor_groups=tuple(sorted((tensor_groups or {}).items())),
         tensor_ranges=tensor_ranges,
+        kv_layers=kv_layers[:n_layer],
     )

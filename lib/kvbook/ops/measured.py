@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbook.interface import MemoryPlan, MiB
+from kvbook.interface import CacheKind, MemoryPlan, MiB
 from kvbook.ops.logparse import LoggedMemory, mib2
 
 
@@ -38,16 +38,21 @@ class MemoryRow:
 def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryRow, ...]:
     """Context shape, every cache (cells, layers, types, K, V and total MiB to the log's two decimals),
     logits, weights, and the compute buffer (approximate)."""
+    # a hybrid with a sliding window logs an empty non-SWA cache (0 layers, 0 MiB) when every attention layer
+    # slides (LFM2); it holds nothing and kvbook does not list it
+    seen_caches = [c for c in logged.caches if c.layers or c.kind == "recurrent"]
     rows = [
         MemoryRow("n_ctx", predicted.shape.n_ctx, logged.n_ctx, True),
         MemoryRow("n_ctx_seq", predicted.shape.n_ctx_seq, logged.n_ctx_seq, True),
         MemoryRow("n_ubatch", predicted.shape.n_ubatch, logged.n_ubatch, True),
-        MemoryRow("caches", [c.kind.value for c in predicted.caches], [c.kind for c in logged.caches], True),
+        MemoryRow("caches", [c.kind.value for c in predicted.caches], [c.kind for c in seen_caches], True),
     ]
-    for want, seen in zip(predicted.caches, logged.caches):
+    for want, seen in zip(predicted.caches, seen_caches):
         tag = f"{want.kind.value} cache"
+        # llama_memory_recurrent counts every layer of the model in its log line, not the recurrent ones
+        rows.append(MemoryRow(f"{tag} cells", want.cells, seen.cells, True) if want.kind is CacheKind.RECURRENT
+                    else MemoryRow(f"{tag} cells/layers", (want.cells, want.layers), (seen.cells, seen.layers), True))
         rows += [
-            MemoryRow(f"{tag} cells/layers", (want.cells, want.layers), (seen.cells, seen.layers), True),
             MemoryRow(f"{tag} types", (want.k_type, want.v_type), (seen.k_type, seen.v_type), True),
             MemoryRow(f"{tag} K MiB", mib2(want.k_bytes), seen.k_mib, True),
             MemoryRow(f"{tag} V MiB", mib2(want.v_bytes), seen.v_mib, True),

@@ -313,8 +313,7 @@ def _deepseek2(h: _Hp) -> Iterator[Tensor]:
 
 
 def _phi3(h: _Hp) -> Iterator[Tensor]:
-    """phi3 (src/models/phi3.cpp): fused QKV and a fused gate+up FFN; no kvbook memory rule (llama.cpp's
-    accounting plans it)."""
+    """phi3 (src/models/phi3.cpp): fused QKV and a fused gate+up FFN."""
     yield from _io(h, tied=False)
     gqa = h.head_k * h.n_head_kv
     for i in range(h.n_layer):
@@ -324,6 +323,158 @@ def _phi3(h: _Hp) -> Iterator[Tensor]:
         yield f"{b}.attn_output.weight", (h.n_embd, h.n_embd)
         yield f"{b}.ffn_down.weight", (h.n_ff(i), h.n_embd)
         yield f"{b}.ffn_up.weight", (h.n_embd, 2 * h.n_ff(i))
+
+
+def _q_k_v_o(h: _Hp, i: int, q: int, o_in: int | None = None) -> Iterator[Tensor]:
+    """Separate Q/K/V of width q and layer i's KV heads, and the output projection (create_tensor_qkv)."""
+    b, kv = f"blk.{i}", h.at("attention.head_count_kv", i, h.n_head_kv)
+    yield f"{b}.attn_q.weight", (h.n_embd, q)
+    yield f"{b}.attn_k.weight", (h.n_embd, h.head_k * kv)
+    yield f"{b}.attn_v.weight", (h.n_embd, h.head_v * kv)
+    yield f"{b}.attn_output.weight", (q if o_in is None else o_in, h.n_embd)
+
+
+def _llama4(h: _Hp) -> Iterator[Tensor]:
+    """llama4.cpp: MoE every interleave_moe_layer_step-th layer (routed experts plus one shared expert)."""
+    yield from _io(h, tied=False)
+    step = int(h.get("interleave_moe_layer_step"))
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield from _q_k_v_o(h, i, h.head_k * h.n_head)
+        if step > 0 and (i + 1) % step == 0:
+            yield from _experts(h, i, h.n_ff_exp(i))
+            yield from _shared_expert(h, i, h.n_ff_exp(i), gated=False)
+        else:
+            yield from _ffn(h, i, h.n_ff(i))
+
+
+def _glm4(h: _Hp) -> Iterator[Tensor]:
+    """glm4.cpp: post-attention and post-FFN norms, fused gate+up FFN."""
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        b = f"blk.{i}"
+        yield from _norms(h, i, "attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")
+        yield from _q_k_v_o(h, i, h.head_k * h.n_head)
+        yield f"{b}.ffn_down.weight", (h.n_ff(i), h.n_embd)
+        yield f"{b}.ffn_up.weight", (h.n_embd, 2 * h.n_ff(i))
+
+
+def _command_r(h: _Hp) -> Iterator[Tensor]:
+    """command-r.cpp: parallel attention+FFN block (one norm), output tied to the embeddings."""
+    yield from _io(h, tied=True)
+    for i in range(h.n_layer):
+        b = f"blk.{i}"
+        yield from _norms(h, i, "attn_norm")
+        if h.n_layer >= 64:
+            yield f"{b}.attn_q_norm.weight", (h.head_k, h.n_head)
+            yield f"{b}.attn_k_norm.weight", (h.head_k, h.n_head_kv)
+        yield from _q_k_v_o(h, i, h.n_embd)
+        yield from _ffn(h, i, h.n_ff(i))
+
+
+def _olmo2(h: _Hp) -> Iterator[Tensor]:
+    """olmo2.cpp: norms after attention and FFN only, Q/K norms over the whole projection."""
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        b = f"blk.{i}"
+        yield from _q_k_v_o(h, i, h.n_embd)
+        yield f"{b}.attn_q_norm.weight", (h.n_embd,)
+        yield f"{b}.attn_k_norm.weight", (h.n_head_kv * (h.n_embd // h.n_head),)
+        yield from _norms(h, i, "post_attention_norm", "post_ffw_norm")
+        yield from _ffn(h, i, h.n_ff(i))
+
+
+def _seed_oss(h: _Hp) -> Iterator[Tensor]:
+    """seed-oss.cpp: explicit head size, attn_norm and post-attention norm (the FFN's pre-norm)."""
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _q_k_v_o(h, i, h.head_k * h.n_head)
+        yield from _norms(h, i, "attn_norm", "post_attention_norm")
+        yield from _ffn(h, i, h.n_ff(i))
+
+
+def _mamba2(h: _Hp, i: int, falcon: bool = False) -> Iterator[Tensor]:
+    """A Mamba2 mixer (granite-hybrid.cpp, nemotron-h.cpp, falcon-h1.cpp)."""
+    b = f"blk.{i}"
+    d_conv, d_inner = int(h.get("ssm.conv_kernel")), int(h.get("ssm.inner_size"))
+    d_state, n_group, n_head = int(h.get("ssm.state_size")), int(h.get("ssm.group_count")), int(h.get("ssm.time_step_rank"))
+    conv = d_inner + 2 * n_group * d_state
+    yield f"{b}.ssm_in.weight", (h.n_embd, d_inner + conv + n_head)
+    yield f"{b}.ssm_conv1d.weight", (d_conv, conv)
+    yield f"{b}.ssm_conv1d.bias", (conv,)
+    yield f"{b}.ssm_dt.bias", (n_head,)
+    yield f"{b}.ssm_a", (1, n_head)
+    yield f"{b}.ssm_d", (1, n_head)
+    yield f"{b}.ssm_norm.weight", (d_inner // n_group, n_group)
+    yield f"{b}.ssm_out.weight", (d_inner, h.n_embd)
+
+
+def _granite_hybrid(h: _Hp) -> Iterator[Tensor]:
+    """granite-hybrid.cpp: Mamba2 where head_count_kv is 0, else attention; dense or MoE (+ shared) FFN."""
+    if 2 * h.n_embd != int(h.get("ssm.inner_size")):
+        raise ModelError("granitehybrid needs ssm.inner_size == 2 * embedding_length (llama.cpp asserts it)")
+    yield from _io(h, tied=True)
+    n_sh = int(h.get("expert_shared_feed_forward_length", 0))
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        if h.at("attention.head_count_kv", i) == 0:
+            yield from _mamba2(h, i)
+        else:
+            yield from _q_k_v_o(h, i, h.head_k * h.at("attention.head_count", i))
+        if h.n_expert:
+            yield from _experts(h, i, h.n_ff(i))
+            if n_sh:
+                yield from _shared_expert(h, i, n_sh, gated=False)
+        else:
+            yield from _ffn(h, i, h.n_ff(i))
+
+
+def _nemotron_h(h: _Hp) -> Iterator[Tensor]:
+    """nemotron-h.cpp: each layer is one of Mamba2 (no KV heads, no FFN), attention (no FFN) or a
+    squared-ReLU MLP (up/down only)."""
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        b, n_ff = f"blk.{i}", h.n_ff(i)
+        yield from _norms(h, i, "attn_norm")
+        if h.at("attention.head_count_kv", i) == 0 and n_ff == 0:
+            yield from _mamba2(h, i)
+        elif n_ff == 0:
+            yield from _q_k_v_o(h, i, h.head_k * h.at("attention.head_count", i))
+        else:
+            yield f"{b}.ffn_down.weight", (n_ff, h.n_embd)
+            yield f"{b}.ffn_up.weight", (h.n_embd, n_ff)
+
+
+def _lfm2(h: _Hp) -> Iterator[Tensor]:
+    """lfm2.cpp: short-convolution layers where head_count_kv is 0, else attention with Q/K norms; the
+    final norm is stored as token_embd_norm; output tied to the embeddings."""
+    yield "token_embd.weight", (h.n_embd, h.n_vocab)
+    yield "token_embd_norm.weight", (h.n_embd,)
+    l_cache = int(h.get("shortconv.l_cache"))
+    for i in range(h.n_layer):
+        b = f"blk.{i}"
+        yield from _norms(h, i, "ffn_norm", "attn_norm")
+        yield from _ffn(h, i, h.n_ff(i))
+        if h.at("attention.head_count_kv", i) == 0:
+            yield f"{b}.shortconv.conv.weight", (l_cache, h.n_embd)
+            yield f"{b}.shortconv.in_proj.weight", (h.n_embd, 3 * h.n_embd)
+            yield f"{b}.shortconv.out_proj.weight", (h.n_embd, h.n_embd)
+        else:
+            yield f"{b}.attn_q_norm.weight", (h.head_k,)
+            yield f"{b}.attn_k_norm.weight", (h.head_k,)
+            yield from _q_k_v_o(h, i, h.n_embd)
+
+
+def _falcon_h1(h: _Hp) -> Iterator[Tensor]:
+    """falcon-h1.cpp: every layer has a Mamba2 mixer and attention side by side, then a SwiGLU FFN
+    (its pre-norm is named blk.N.ffn_norm, without .weight)."""
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _mamba2(h, i)
+        yield from _q_k_v_o(h, i, h.head_k * h.n_head)
+        yield from _norms(h, i, "attn_norm")
+        yield f"blk.{i}.ffn_norm", (h.n_embd,)
+        yield from _ffn(h, i, h.n_ff(i))
 
 
 _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
@@ -337,6 +488,18 @@ _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "gpt-oss": _gpt_oss,
     "gemma3": _gemma3,
     "phi3": _phi3,
+    "internlm2": _llama,  # internlm2.cpp creates llama's tensors; no kvbook rule (the fallback test's model)
+    "llama4": _llama4,
+    "glm4": _glm4,
+    "command-r": _command_r,
+    "olmo2": _olmo2,
+    "seed_oss": _seed_oss,
+    "qwen3vl": _qwen3,
+    "qwen3vlmoe": _qwen3,
+    "granitehybrid": _granite_hybrid,
+    "nemotron_h": _nemotron_h,
+    "lfm2": _lfm2,
+    "falcon-h1": _falcon_h1,
 }
 
 SUPPORTED_ARCHS: tuple[str, ...] = tuple(sorted(_BUILDERS))
@@ -358,7 +521,8 @@ def synthetic_tensors(metadata: Mapping[str, Any]) -> list[Tensor]:
 
 def _tensor_type(name: str, ne: tuple[int, ...], weight_type: GGMLQuantizationType) -> GGMLQuantizationType:
     """F32 for norms, biases and small vectors; else the weight type when rows fit its blocks."""
-    if len(ne) == 1 or name.endswith((".bias", "ssm_conv1d.weight", "ffn_gate_inp.weight")):
+    if len(ne) == 1 or name.endswith((".bias", "ssm_conv1d.weight", "ffn_gate_inp.weight", ".ssm_a", ".ssm_d",
+                                      "ssm_norm.weight", "shortconv.conv.weight")):
         return GGMLQuantizationType.F32
     for t in (weight_type, GGMLQuantizationType.Q8_0):
         if ne[0] % GGML_QUANT_SIZES[t][0] == 0:
