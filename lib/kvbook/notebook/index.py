@@ -25,30 +25,30 @@ def _date(path: Path) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
-def collect_trends(outputs: Path) -> list[dict[str, Any]]:
-    """One trend point per run that measured speed, pass rates or goodput (kvbook.notebook.trends)."""
-    from kvbook.notebook.trends import trend_point
-
-    points = []
-    for summary_path in sorted(outputs.glob("*/summary.json")):
-        try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        point = trend_point(summary, summary_path.parent.name, _date(summary_path))
-        if point:
-            points.append(point)
-    return points
-
-
-def collect_runs(outputs: Path) -> list[dict[str, Any]]:
-    """One row per outputs/<run>/summary.json, newest first."""
-    rows = []
+def _summaries(outputs: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, content) of every outputs/<run>/summary.json; an unreadable one reads as an error."""
+    out = []
     for summary_path in sorted(outputs.glob("*/summary.json")):
         try:
             summary = json.loads(summary_path.read_text())
         except (OSError, json.JSONDecodeError):
             summary = {"error": "summary.json unreadable"}
+        out.append((summary_path, summary))
+    return out
+
+
+def collect_trends(outputs: Path) -> list[dict[str, Any]]:
+    """One trend point per run that measured speed, pass rates or goodput (kvbook.notebook.trends)."""
+    from kvbook.notebook.trends import trend_point
+
+    points = (trend_point(summary, path.parent.name, _date(path)) for path, summary in _summaries(outputs))
+    return [p for p in points if p]
+
+
+def collect_runs(outputs: Path) -> list[dict[str, Any]]:
+    """One row per outputs/<run>/summary.json, newest first."""
+    rows = []
+    for summary_path, summary in _summaries(outputs):
         run_dir = summary_path.parent
         report = summary.get("report")
         total = summary.get("required_total")
