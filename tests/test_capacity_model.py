@@ -218,3 +218,21 @@ def test_capacity_notebook_has_one_parameters_cell() -> None:
     nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "05-capacity.ipynb").read_text())
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_gate_reads_the_outputs_folder_and_index_charts_trends(tmp_path: Path) -> None:
+    """Earlier runs' summaries in an outputs folder are the history; the index draws them."""
+    from kvbook.notebook.index import build_index
+    from kvbook.notebook.runner import RunResult, regression_failure
+
+    for i, tps in enumerate([50, 52, 49]):
+        run = tmp_path / f"2026110{i}-cap"
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(_summary("cap", tps)))
+    slow = RunResult(Path("nb"), tmp_path / "now", Path("x"), None, _summary("cap", 20), True)
+    problem, basis = regression_failure(slow, tmp_path)
+    assert problem and problem.startswith("regression: output tokens/s 20 is 60% worse") and "3 earlier run(s)" in basis
+    fine = RunResult(Path("nb"), tmp_path / "now", Path("x"), None, _summary("cap", 51), True)
+    assert regression_failure(fine, tmp_path)[0] is None
+    page = build_index(tmp_path).read_text()
+    assert "Trends per label and model" in page and "plotly" in page
