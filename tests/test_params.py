@@ -62,7 +62,7 @@ def test_committed_notebooks_are_what_the_builder_writes():
 
     builder = runpy.run_path(str(repo_root() / "tools" / "build_notebooks.py"))
     built = {"01-sizing": builder["SIZING"], "02-serve-and-smoke": builder["SMOKE"], "03-compare": builder["COMPARE"],
-             "04-claude-code": builder["CLAUDE_CODE"]}
+             "04-claude-code": builder["CLAUDE_CODE"], "05-capacity": builder["CAPACITY"]}
     on_disk = sorted(p.stem for p in (repo_root() / "notebooks").glob("*.ipynb"))
     assert on_disk == sorted(built)
     for name, nb in built.items():
