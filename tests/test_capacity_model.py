@@ -236,3 +236,23 @@ def test_gate_reads_the_outputs_folder_and_index_charts_trends(tmp_path: Path) -
     assert regression_failure(fine, tmp_path)[0] is None
     page = build_index(tmp_path).read_text()
     assert "Trends per label and model" in page and "plotly" in page
+
+
+def test_capacity_params_files_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    from kvbook.notebook.runner import plan_jobs
+
+    runs = Path(__file__).resolve().parents[1] / "params" / "runs"
+    jobs = plan_jobs([], [str(runs / "capacity-default.yaml"), str(runs / "capacity-demo.yaml")])
+    assert [j.notebook.stem for j in jobs] == ["05-capacity", "05-capacity"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("notebook: 05-capacity\nmax_concurrency: many\n")
+    with pytest.raises(BadInput, match="parameter 'max_concurrency' must be int"):
+        plan_jobs([], [str(bad)])
+    from kvbook.notebook.capacity import capacity_params
+
+    with pytest.raises(BadInput, match="max_concurrency must be 1..64"):
+        capacity_params(model="m", server_args=[], speed_depths=[0, 1], speed_fit_depths=[0, 1], prompt_scale=0.1,
+                        turns=2, turn_words=10, max_tokens=8, reminder="append", subagent_every=0, slo_ttft_ms=1000,
+                        slo_itl_ms=0, slo_e2e_ms=0, slo_attainment=0.9, max_concurrency=0, sessions_min=1,
+                        level_budget_s=10, cache_sessions=1, slot_counts=[1], per_slot_ctx=0, scale_out=False,
+                        scale_out_levels=[1])
