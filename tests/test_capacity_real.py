@@ -43,6 +43,15 @@ def test_generator_runs_every_turn_and_is_cheap(shapes) -> None:
     assert sorted({t.turn for t in run.turns}) == [1, 2, 3]
 
 
+def test_subagent_branches_run_before_their_parent_turn(shapes) -> None:
+    full = shapes[0]
+    with StandIn(tokens=4) as s:
+        run = run_level(Target("standin", s.base_url, "x"), full, Workload(turns=3, subagent_every=2, subagent_turns=2),
+                        1, sessions=1, facts=ServerFacts(1, 10**6), prefix_tokens=0, nonce=run_nonce())
+    kinds = [(t.kind, t.turn) for t in run.turns]
+    assert kinds == [("main", 1), ("main", 2), ("subagent", 1), ("subagent", 2), ("main", 3)]
+
+
 def test_load_is_loopback_only_and_bounded(shapes) -> None:
     with pytest.raises(BadInput, match="loopback-only"):
         run_level(Target("x", "http://192.0.2.1:8080", "m"), shapes[0], Workload(), 1, sessions=1,
