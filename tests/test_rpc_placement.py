@@ -5,6 +5,7 @@ llama-server logs at -lv 4 equal kvbook's plan to the printed MiB."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,36 @@ def test_an_unreachable_rpc_host_still_plans_from_declared_budgets(capsys, gemma
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["verdict"] == "does not fit"
     assert [d["verdict"] for d in doc["devices"]] == ["fits", "does not fit", "fits"]
+
+
+def test_a_params_file_starts_rpc_servers_and_stops_them(tmp_path, gemma3) -> None:
+    """`rpc_servers` in a params file: kvbook starts the ggml-rpc-servers, llama-server uses them as devices,
+    the per-device plan matches what was logged, and nothing is left running (the conftest fixture checks)."""
+    import yaml
+
+    from kvbook.ops import procs
+    from kvbook.ops.rpc import parse_rpc_hosts
+    from kvbook.smoke.session import run_session
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "params/runs/smoke-rpc.yaml").read_text())
+    session = run_session(gemma3, doc["server_args"], run_dir=tmp_path, results_path=tmp_path / "r.jsonl", run_id="rpc",
+                          routes=("direct",), rpc=parse_rpc_hosts(doc["rpc_servers"]))
+    names = [d["name"] for d in session.plan["devices"]]
+    assert sum(n.startswith("RPC") for n in names) == 2, names
+    assert session.comparison and all(r["match"] for r in session.comparison if r["match"] is not None), session.comparison
+    assert not [p for p in procs.live_processes() if "rpc" in p.spec.name]
+
+
+def test_rpc_servers_refuse_bad_entries_and_double_naming(tmp_path, gemma3) -> None:
+    from kvbook.errors import BadInput
+    from kvbook.ops.rpc import parse_rpc_hosts, rpc_servers
+    from kvbook.smoke.session import run_session
+
+    with pytest.raises(BadInput, match=r"rpc_servers\[1\]: port and threads must be whole numbers"):
+        parse_rpc_hosts(["127.0.0.1:0", "127.0.0.1:x"])
+    with pytest.raises(BadInput, match="not loopback"):
+        with rpc_servers(parse_rpc_hosts(["192.0.2.1:0"]), tmp_path):
+            pass
+    with pytest.raises(BadInput, match="RPC devices twice"):
+        run_session(gemma3, ["--rpc", "127.0.0.1:1", "-ngl", "1"], run_dir=tmp_path, results_path=tmp_path / "r",
+                    run_id="x", rpc=parse_rpc_hosts(["127.0.0.1:0"]))

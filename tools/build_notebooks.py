@@ -167,6 +167,8 @@ repeats: int = 1  # how many times to run the whole suite per route
 max_tokens: int = 96  # per check request
 tool_prefill: str = ""  # assistant prefill for forced tool calls, for example a tool_call tag and a newline
 force: bool = False  # launch even when the plan says it will not fit
+rpc_servers: list = []  # ggml-rpc-servers kvbook starts here first and adds as --rpc devices, e.g. ["127.0.0.1:0"]
+allow_remote_rpc: bool = False  # allow a non-loopback bind address for them (they have no authentication)
 label: str = "smoke"  # a name for this run in the records
 results_path: str = "auto"  # results file, auto means outputs/results.jsonl
 output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
@@ -181,7 +183,8 @@ print(f"run {ctx.run_id}: model {model_path.name}")
     md("## Launch, check, record, stop"),
     code("""
 session = ns.run_smoke_session(ctx, model_path, server_args, routes=routes, repeats=repeats,
-                               max_tokens=max_tokens, force=force, label=label, tool_prefill=tool_prefill)
+                               max_tokens=max_tokens, force=force, label=label, tool_prefill=tool_prefill,
+                               rpc_servers=rpc_servers, allow_remote_rpc=allow_remote_rpc)
 """),
     md("## Plan against what the server allocated\nCaches must match to the log's two decimals; compute is a calibrated estimate."),
     code("ns.show_table(session.comparison, 'planned vs measured (MiB)')"),

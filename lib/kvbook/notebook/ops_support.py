@@ -63,8 +63,12 @@ def repo_paths(args: list[str]) -> list[str]:
 
 
 def run_smoke_session(ctx: RunContext, model: Path, server_args: list[str], *, routes: list[str], repeats: int,
-                      max_tokens: int, force: bool, label: str, tool_prefill: str = "") -> SessionResult:
+                      max_tokens: int, force: bool, label: str, tool_prefill: str = "",
+                      rpc_servers: list | None = None, allow_remote_rpc: bool = False) -> SessionResult:
+    from kvbook.ops.rpc import parse_rpc_hosts
+
     return run_session(model, repo_paths(server_args), run_dir=ctx.output_dir, results_path=ctx.results_path,
+                       rpc=parse_rpc_hosts(rpc_servers or []), allow_remote_rpc=allow_remote_rpc,
                        run_id=ctx.run_id, routes=tuple(routes), repeats=repeats, force=force, label=label,
                        smoke=SmokeConfig(max_tokens=max_tokens, tool_prefill=tool_prefill))
 

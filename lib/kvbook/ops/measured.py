@@ -4,6 +4,7 @@ The one comparison behind the serve notebook's table, the session records and th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvbook.interface import CacheKind, MemoryPlan, MiB
@@ -35,9 +36,21 @@ class MemoryRow:
                 "error_pct": self.error_pct}
 
 
-def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryRow, ...]:
+def _log_key(device: str, logged: LoggedMemory) -> str:
+    """llama.cpp's model-buffer name for a planned device: CPU_Mapped for the host, RPC by endpoint."""
+    if device == "CPU":
+        return "CPU_Mapped"
+    if "[" in device:
+        endpoint = device[device.index("["):]
+        return next((k for k in logged.model_mib if k.endswith(endpoint)), device)
+    return device
+
+
+def compare_memory(predicted: MemoryPlan, logged: LoggedMemory,
+                   device_weights: Mapping[str, int] | None = None) -> tuple[MemoryRow, ...]:
     """Context shape, every cache (cells, layers, types, K, V and total MiB to the log's two decimals),
-    logits, weights, and the compute buffer (approximate)."""
+    logits, weights (per device when the plan has several: `device_weights`, bytes by llama.cpp device
+    name), and the compute buffer (approximate)."""
     # a hybrid with a sliding window logs an empty non-SWA cache (0 layers, 0 MiB) when every attention layer
     # slides (LFM2); it holds nothing and kvbook does not list it
     seen_caches = [c for c in logged.caches if c.layers or c.kind == "recurrent"]
@@ -60,7 +73,13 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryR
         ]
     rows += [
         MemoryRow("output MiB", mib2(predicted.output_bytes), logged.output_mib, True),
-        MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True),
+    ]
+    if device_weights and len(device_weights) > 1:
+        rows += [MemoryRow(f"weights MiB on {name}", mib2(b), logged.model_mib.get(_log_key(name, logged), 0.0), True)
+                 for name, b in device_weights.items()]
+    else:
+        rows.append(MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True))
+    rows += [
         MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
     ]
     return tuple(rows)

@@ -3,10 +3,15 @@ caller allows another address on purpose."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kvbook.errors import ServerError
+from kvbook.errors import BadInput, ServerError
 from kvbook.ops.procs import ManagedProcess, ProcessSpec, check_host, free_port, port_in_use, tail
 
 
@@ -31,3 +36,52 @@ def start_rpc_server(run_dir: Path, *, host: str = "127.0.0.1", port: int | None
                               f"{tail(spec.log_path)}")
         time.sleep(0.05)
     return proc
+
+
+@dataclass(frozen=True)
+class RpcHost:
+    """One ggml-rpc-server kvbook starts on this machine: its bind address, port (0: a free one), threads."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    threads: int = 1
+
+
+def parse_rpc_hosts(entries: Sequence[Any]) -> tuple[RpcHost, ...]:
+    """Params-file entries ("host:port", "host", or {host, port, threads}) -> RpcHost, one clear line on bad input."""
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"rpc_servers[{i}]"
+        if isinstance(entry, str):
+            host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "0")
+            entry = {"host": host, "port": port}
+        if not isinstance(entry, dict) or set(entry) - {"host", "port", "threads"}:
+            raise BadInput(f"{where}: give 'host:port' or a mapping of host, port, threads")
+        try:
+            port, threads = int(entry.get("port", 0)), int(entry.get("threads", 1))
+        except (TypeError, ValueError):
+            raise BadInput(f"{where}: port and threads must be whole numbers") from None
+        host = str(entry.get("host", "127.0.0.1")).strip("[]")
+        if not host or not 0 <= port <= 65535 or not 1 <= threads <= 256:
+            raise BadInput(f"{where}: needs a host, a port 0..65535 (0: any free one) and 1..256 threads")
+        out.append(RpcHost(host, port, threads))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def rpc_servers(hosts: Sequence[RpcHost], run_dir: Path, *, allow_remote: bool = False) -> Iterator[list[str]]:
+    """Start every RPC server (this machine only), yield their host:port endpoints, stop them all on exit."""
+    for h in hosts:
+        check_host(h.host, allow_remote)
+        if h.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"kvbook: warning: ggml-rpc-server on {h.host} has no authentication; anyone who can reach "
+                  f"{h.host}:{h.port or '<port>'} can use this machine's memory and CPU", file=sys.stderr, flush=True)
+    started: list[ManagedProcess] = []
+    try:
+        for h in hosts:
+            started.append(start_rpc_server(run_dir, host=h.host, port=h.port or None, threads=h.threads,
+                                            allow_remote=allow_remote))
+        yield [f"{p.spec.host}:{p.spec.port}" for p in started]
+    finally:
+        for p in reversed(started):
+            p.stop()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, st
 from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.logparse import LoggedMemory
 from kvbook.ops.measured import compare_memory
+from kvbook.ops.rpc import RpcHost, rpc_servers
 from kvbook.plan.summary import plan_summary
 from kvbook.records.store import CheckRecord, append_checks
 from kvbook.smoke.checks import CheckResult, SmokeConfig, Target, run_suite
@@ -112,8 +113,11 @@ def run_session(
     on_result: Callable[[CheckResult], None] | None = None,
     label: str = "",
     between_repeats: Callable[[int], None] | None = None,
+    rpc: Sequence[RpcHost] = (),
+    allow_remote_rpc: bool = False,
 ) -> SessionResult:
-    """Launch, check, record, stop. Every check result is appended to results_path as it lands."""
+    """Launch (RPC servers first, when given), check, record, stop. Every check result is appended to
+    results_path as it lands."""
     from kvbook.model.ggufio import sha256_file
     from kvbook.ops.components import find_llama_server
 
@@ -124,11 +128,18 @@ def run_session(
     vers = versions(binary)
     sha = sha256_file(model)
     argv = ["llama-server", "-m", str(model), *server_args]
+    if rpc and any(a == "--rpc" or a.startswith("--rpc=") for a in server_args):
+        raise BadInput("RPC devices twice: name running servers with --rpc in server_args, or let kvbook start "
+                       "them with rpc_servers, not both")
     with ExitStack() as stack:
+        if rpc:
+            argv += ["--rpc", ",".join(stack.enter_context(rpc_servers(rpc, run_dir, allow_remote=allow_remote_rpc)))]
         server = stack.enter_context(start_llama_server(argv, binary=binary, run_dir=run_dir, force=force))
         summary = plan_summary(server.plan) if server.plan else {}
         logged = server.measured()
-        comparison = [r.as_record() for r in compare_memory(server.plan.memory, logged)] if server.plan else []
+        per_device = {d["name"]: d["weights_bytes"] for d in summary.get("devices") or []}
+        comparison = ([r.as_record() for r in compare_memory(server.plan.memory, logged, per_device)]
+                      if server.plan else [])
         targets, routing = _targets(stack, server.base_url, routes, client_ids, run_dir)
         context = _record_context(smoke, model, sha, [str(binary), *argv[1:]], vers, summary, logged, comparison)
         results: list[CheckResult] = []
