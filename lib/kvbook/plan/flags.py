@@ -399,3 +399,15 @@ def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
     if flags.slot_ctx_cap and not any(a.replace("_", "-") == "--kv-unified-per-slot" for a in argv):
         updated = dataclasses.replace(updated, slot_ctx_cap=0)  # the per-slot size was written out as -c
     return dataclasses.replace(updated, argv=argv)
+
+
+def fields_set(flags: ServerFlags) -> frozenset[str]:
+    """The ServerFlags fields the user's command line (or environment) sets: the ones a solver must keep."""
+    table, env = _spellings(), _env_names()
+    owner = {canonical: field for canonical, (field, _) in _VALUED.items()}
+    owner.update({canonical: field for canonical, spellings in _SWITCHES.items() for field, _ in spellings.values()})
+    owner["--kv-unified-per-slot"] = "ctx"
+    canon = [table.get(a.replace("_", "-") if a.startswith("--") else a, ("",))[0] for a in flags.argv if a.startswith("-")]
+    canon += [env.get(item.partition("=")[0].replace("LLAMA_ARG_NO_", "LLAMA_ARG_", 1), "") for item in flags.from_env]
+    canon += [env.get(item.partition("=")[0], "") for item in flags.from_env]
+    return frozenset(owner[c] for c in canon if c in owner)

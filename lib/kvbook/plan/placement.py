@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from kvbook.errors import BadInput
 from kvbook.interface import CacheKind, MemoryPlan, ModelArch
+from kvbook.memory.compute import compute_bytes
 from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
+from kvbook.memory.xp import PY
 
 CPU = "CPU"
 
@@ -105,26 +107,42 @@ def _tied(groups: Mapping[str, int]) -> bool:
     return groups.get("output", 0) < groups.get("token_embd", 0) // 100
 
 
-def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
-                     no_kv_offload: bool = False) -> dict[str, tuple[int, int]]:
-    """(attention KV bytes, recurrent bytes) per device, each layer's share on its layer's device."""
-    out = {CPU: (0, 0), **{d: (0, 0) for d in offload.devices}}
+def layer_cache_bytes(arch: ModelArch, memory: MemoryPlan) -> tuple[tuple[int, int], ...]:
+    """(attention KV bytes, recurrent bytes) of each layer (main and NextN) for this memory plan: a cache
+    puts each layer's K/V, or its recurrent state, with that layer."""
     shape = memory.shape
+    out = [[0, 0] for _ in range(arch.n_layer + arch.n_layer_nextn)]
     full, swa = attention_layers(arch)
     cells = {c.kind: c.cells for c in memory.caches}
     for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
         for il in layers:
             k, v = cell_bytes(arch, [il], shape.type_k, shape.type_v, shape.flash_attn)
-            dev = CPU if no_kv_offload else offload.layers[il]
-            kv, rec = out[dev]
-            out[dev] = (kv + (k + v) * cells.get(kind, 0) * shape.n_stream, rec)
+            out[il][0] += (k + v) * cells.get(kind, 0) * shape.n_stream
     r, s = recurrent_seq_bytes(arch)
     n_rec = sum(arch.is_recurrent)
     if n_rec:
         rows = max(1, shape.n_seq)
         for il in range(arch.n_layer):
             if arch.is_recurrent[il]:
-                dev = CPU if no_kv_offload else offload.layers[il]
-                kv, rec = out[dev]
-                out[dev] = (kv, rec + (r + s) // n_rec * rows)
+                out[il][1] += (r + s) // n_rec * rows
+    return tuple((kv, rec) for kv, rec in out)
+
+
+def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
+                     no_kv_offload: bool = False) -> dict[str, tuple[int, int]]:
+    """(attention KV bytes, recurrent bytes) per device, each layer's share on its layer's device."""
+    out = {CPU: (0, 0), **{d: (0, 0) for d in offload.devices}}
+    for il, (kv_l, rec_l) in enumerate(layer_cache_bytes(arch, memory)):
+        dev = CPU if no_kv_offload else offload.layers[il]
+        kv, rec = out[dev]
+        out[dev] = (kv + kv_l, rec + rec_l)
     return out
+
+
+def device_compute_bound(arch: ModelArch, memory: MemoryPlan) -> int:
+    """A compute buffer each device that runs layers reserves for itself (an RPC device, and the CPU beside
+    it), as an upper bound: the compute formula with flash attention off (f32 scores for the largest cache).
+    Measured on loopback RPC (Gemma 3 270M / SmolLM2, -c 8192): 43-69 MiB per device vs this bound's 87 / 160
+    MiB; the CPU-calibrated single-device estimate (27 / 21 MiB) is far below them. Not calibrated."""
+    cells = [c.cells for c in memory.caches if c.kind is not CacheKind.RECURRENT]
+    return int(compute_bytes(PY, arch, False, memory.shape.n_ubatch, sum(cells), max(cells, default=0)))
