@@ -95,6 +95,11 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
             assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
+        # each device's compute buffer is planned as an upper bound (plan/placement.py device_compute_bound)
+        compute_key = "CPU" if endpoint is None else next((k for k in logged.compute_mib if k.endswith(f"[{endpoint}]")), None)
+        measured_compute = logged.compute_mib.get(compute_key, 0.0) if compute_key else 0.0
+        assert measured_compute <= planned["compute_bytes"] / 2**20, (name, logged.compute_mib, planned["compute_bytes"])
+        assert (measured_compute > 0) == (planned["compute_bytes"] > 0), (name, logged.compute_mib)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from kvbook.errors import BadInput
 from kvbook.interface import CacheKind, MemoryPlan, ModelArch
-from kvbook.memory.compute import compute_bytes
+from kvbook.memory.compute import activation_width
 from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
-from kvbook.memory.xp import PY
 
 CPU = "CPU"
 
@@ -139,10 +138,21 @@ def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
     return out
 
 
+# A compute buffer per device, measured over loopback RPC (Gemma 3 270M, SmolLM2 135M, a synthetic Qwen3-MoE;
+# -c 4096/16384, -ub 256/512, -np 1/2, -fa on/off, -ngl 4/all: 21 llama-server runs): every busy device and the
+# CPU reserve about n_ubatch x (8 bytes per KV cell + 19-21 bytes per unit of activation width), plus f32
+# attention scores without flash attention. The bound takes 24 bytes and two score copies: at most 17% high
+# on the first device, more on the others. Upper bound, not a calibration.
+_MASK_BYTES_PER_CELL = 8
+_ACTIVATION_BYTES = 24
+
+
 def device_compute_bound(arch: ModelArch, memory: MemoryPlan) -> int:
-    """A compute buffer each device that runs layers reserves for itself (an RPC device, and the CPU beside
-    it), as an upper bound: the compute formula with flash attention off (f32 scores for the largest cache).
-    Measured on loopback RPC (Gemma 3 270M / SmolLM2, -c 8192): 43-69 MiB per device vs this bound's 87 / 160
-    MiB; the CPU-calibrated single-device estimate (27 / 21 MiB) is far below them. Not calibrated."""
-    cells = [c.cells for c in memory.caches if c.kind is not CacheKind.RECURRENT]
-    return int(compute_bytes(PY, arch, False, memory.shape.n_ubatch, sum(cells), max(cells, default=0)))
+    """An upper bound of the compute buffer each RPC device that runs layers, and the CPU beside them, reserves
+    (see the measurements above); the single-device CPU estimate (memory.compute) is far below them."""
+    shape = memory.shape
+    n_kv = max((c.cells for c in memory.caches if c.kind is not CacheKind.RECURRENT), default=0)
+    per_token = _MASK_BYTES_PER_CELL * n_kv + _ACTIVATION_BYTES * activation_width(arch)
+    if not shape.flash_attn:
+        per_token += 2 * 4 * max(arch.n_head, default=0) * n_kv
+    return shape.n_ubatch * per_token
