@@ -75,8 +75,8 @@ def fit_choice(case: Case, endpoints: Sequence[str]) -> tuple[tuple[str, ...], s
     argv = [str(find_fit_params()), "-m", str(case.model), "--rpc", ",".join(endpoints), *case.args, "--fit-target", margins]
     code, out, log = _run_holding_exit(argv, 120.0)
     if code != 0:
-        why = next((ln.split(" W ", 1)[-1] for ln in log.splitlines() if "failed to fit params" in ln), "exit status")
-        return (), f"gives up: {why.strip()}"
+        why = next((ln.split("memory: ", 1)[-1] for ln in log.splitlines() if "failed to fit params" in ln), "")
+        return (), f"gives up (exit {code}{': ' + why.strip() if why else ''})"
     line = next((ln for ln in out.splitlines() if ln.startswith("-c ")), "")
     return tuple(shlex.split(line)), f"--fit-target {margins}"
 
@@ -174,7 +174,8 @@ def format_table(results: Sequence[Result]) -> str:
         def cell(s: Side) -> tuple[str, str, str]:
             if not s.argv:
                 return (s.note, "-", "-")
-            return (" ".join(s.argv), "/".join(f"{u:.0f}" for u in s.used_mib), "yes" if s.fits else "**no**")
+            return (" ".join(s.argv).replace("|", "\\|"), "/".join(f"{u:.0f}" for u in s.used_mib),
+                    "yes" if s.fits else "**no**")
 
         def reads(s: Side) -> str:
             return "-" if s.host_read_bytes is None or not s.argv else f"{s.host_read_bytes / MiB:.1f} MiB"

@@ -19,7 +19,7 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import with_rpc
+from kvbook.plan.devices import effective_device, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -261,6 +261,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     searched = memory is None
     if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
         device = with_rpc(device, flags.rpc)
+    device = effective_device(device, flags)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)

@@ -22,7 +22,7 @@ from kvbook.errors import BadInput
 from kvbook.interface import Device, FlashAttn, MemoryPlan, MiB, ModelArch, PoolUsage, ServerFlags, Verdict
 from kvbook.memory.roofline import expert_read_fraction
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import with_rpc
+from kvbook.plan.devices import effective_device, with_rpc
 from kvbook.plan.flags import fields_set, replace
 from kvbook.plan.placement import (
     CPU,
@@ -269,6 +269,7 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
         raise BadInput(f"--objective: unknown '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
         device = with_rpc(device, flags.rpc)
+    device = effective_device(device, flags)
     if "rpc" in {p.kind for p in device.pools} and not arch.tensor_groups:
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
@@ -375,6 +376,7 @@ def host_read_bytes(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     to score a placement chosen elsewhere (llama.cpp --fit's) on the solver's scale."""
     if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
         device = with_rpc(device, flags.rpc)
+    device = effective_device(device, flags)
     model = _model(arch, device)
     full = model.n_all + 1
     ngl = 0 if not model.devices else full if flags.gpu_layers in ("all", "-1", "auto") else min(int(flags.gpu_layers), full)
