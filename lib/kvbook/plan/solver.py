@@ -15,6 +15,7 @@ every placement it returns is then planned by `planner.place` itself, so a ranke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -294,14 +295,17 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
             found.append((opt, ctx))
     ranked = _rank(search, found, objective)
     out: list[Placement] = []
-    for opt, ctx in ranked:
-        if len(out) >= top:
+    for opt, ctx in ranked:  # planned by the planner; a few more than shown, so 'fits' can go before 'tight'
+        if len(out) >= 2 * top:
             break
-        placed = _verify(search, opt, ctx, len(out) + 1)
+        placed = _verify(search, opt, ctx, 0)
         if isinstance(placed, Rejected):
             rejected.append(placed)
         else:
             out.append(placed)
+    goal = (lambda p: -p.n_ctx) if objective == "max-context" else (lambda p: p.host_read_bytes)  # noqa: E731
+    out = sorted(out, key=lambda p: (goal(p), p.verdict is not Verdict.FITS))[:top]  # stable: keeps the rest of the order
+    out = [dataclasses.replace(p, rank=i) for i, p in enumerate(out, start=1)]
     return Solution(objective=objective, fixed=tuple(sorted(fixed - {"model"})), searched=len(options),
                     fitting=len(found), placements=tuple(out), rejected=tuple(rejected))
 
