@@ -148,3 +148,23 @@ def test_bad_solver_options_are_one_line(capsys, gemma3, args, needle) -> None:
     code = cli.main(["plan", "--solve", *args, "--", "llama-server", "-m", str(gemma3)])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("model, device, args", [
+    ("qwen3.6-35b-a3b", "rtx-4090-host-64", ["-np", "1", "-fa", "on"]),
+    ("llama-3.1-8b", "rtx-4090", ["-np", "2", "-c", "65536"]),
+    ("gpt-oss-20b", "m1-max-32", ["-np", "1"]),
+])
+@pytest.mark.parametrize("objective", ["max-context", "fastest-decode"])
+def test_presets_placements_are_the_planners_too(model, device, args, objective) -> None:
+    """Local GPU + host and unified presets (per-layer sizes estimated from the shapes)."""
+    arch, dev = load_model(model), load_device(device)
+    flags = parse_server_args(["llama-server", "-m", model, *args])
+    solution = solve(arch, flags, dev, objective, top=6)
+    assert solution.placements and solution.fitting >= len(solution.placements)
+    for p in solution.placements:
+        again = parse_server_args(["llama-server", *p.argv])
+        assert place(arch, again, plan_memory(arch, again), dev) == p.pools
+        assert all(u.verdict is not Verdict.DOES_NOT_FIT for u in p.pools)
+    keys = [(-p.n_ctx if objective == "max-context" else p.host_read_bytes) for p in solution.placements]
+    assert keys == sorted(keys)

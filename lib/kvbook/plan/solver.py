@@ -175,6 +175,12 @@ class _Search:
         """Start bytes per pool (host included) for this option at -c ctx, and the split used."""
         m = self.m
         mem, caches, compute = self.memory(ctx, opt.cache)
+        if not self.rpc and m.devices and opt.ngl >= m.n_all + 1 and not opt.ncmoe:
+            # everything offloaded to a local GPU: the planner puts all weights, KV and compute on the first one
+            kv = mem.kv_bytes + mem.recurrent_bytes
+            need = {m.host: mem.output_bytes + (kv if self.flags.no_kv_offload else 0), **dict.fromkeys(m.devices, 0)}
+            need[m.devices[0]] += mem.weights_bytes + compute + (0 if self.flags.no_kv_offload else kv)
+            return need, ()
         split = self.split_for(opt, ctx)
         shares = [float(x) for x in split] if split and sum(split) else [float(b) for b in m.budgets]
         off = assign(m.n_all, opt.ngl, m.devices, shares)
@@ -298,7 +304,7 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
     for opt, ctx in ranked:  # planned by the planner; a few more than shown, so 'fits' can go before 'tight'
         if len(out) >= 2 * top:
             break
-        placed = _verify(search, opt, ctx, 0)
+        placed = _verify(search, opt, ctx, 0, 0 if ctx_fixed else step)
         if isinstance(placed, Rejected):
             rejected.append(placed)
         else:
@@ -348,8 +354,21 @@ def _rank(s: _Search, found: list[tuple[_Option, int]], objective: str) -> list[
     return sorted(found, key=key)
 
 
-def _verify(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejected:
-    """The placement planned by the planner itself: its rows, and a rejection if it disagrees."""
+def _verify(s: _Search, opt: _Option, ctx: int, rank: int, step: int = 0) -> Placement | Rejected:
+    """The placement planned by the planner itself: its rows. Where the planner needs more than the fast model
+    (the CPU's mapped range, say), the largest context it accepts below `ctx` (multiples of `step`; none
+    with a fixed -c), else a rejection with the planner's reason."""
+    placed = _planned(s, opt, ctx, rank)
+    if not isinstance(placed, Rejected) or not step or ctx <= step:
+        return placed
+    lo, hi = 0, ctx // step
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if not isinstance(_planned(s, opt, mid * step, rank), Rejected) else (lo, mid)
+    return _planned(s, opt, lo * step, rank) if lo else placed
+
+
+def _planned(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejected:
     m = s.m
     split = s.split_for(opt, ctx)
     changes: dict = {"gpu_layers": "all" if opt.ngl >= m.n_all + 1 else str(opt.ngl), "fit": False}
