@@ -48,6 +48,8 @@ ROWS = [
     (["-ot", "exps=GPU9"], {}, False, "unknown buffer type 'GPU9'"),
     (["-ot", "ex(ps=CPU"], {}, True, "does not compile"),  # the server fails later, loading the model
     (["-ot", "attn=CPU"], {}, True, "other than experts"),
+    (["-ot", "(?i)EXPS=CPU"], {}, True, "ECMAScript"),  # std::regex has no inline flags: the load fails
+    (["-ot", "(?<=x)exps=CPU"], {}, False, "unknown buffer type 'x)exps=CPU'"),  # split at the first '=', as arg.cpp
     (["-dev", "none"], {}, True, "ok"),
     (["-dev", "CPU"], {}, False, "invalid device: CPU"),
     (["-sm", "none", "-mg", "0"], {}, True, "ok"),

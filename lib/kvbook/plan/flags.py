@@ -174,6 +174,7 @@ _OTHER_NAMES = ("token_embd.weight", "output.weight", "output_norm.weight", "blk
                 "blk.{il}.ffn_gate_inp.weight", "blk.{il}.ffn_up_shexp.weight", "blk.{il}.ffn_down_shexp.weight",
                 "blk.{il}.ffn_gate_shexp.weight", "blk.{il}.ffn_exp_probs_b.bias", "blk.{il}.ssm_in.weight",
                 "blk.{il}.ssm_out.weight", "blk.{il}.post_attention_norm.weight")
+_NOT_ECMASCRIPT = re.compile(r"\(\?(P|<|#|[aiLmsux-]+[:)])")  # Python-only regex syntax llama.cpp's std::regex refuses
 _OT_LAYERS = 256  # layers an -ot pattern is tried on (more than any model has)
 _RPC_BUFT = re.compile(r"^RPC\d+\[(.+)\]$")
 
@@ -195,9 +196,12 @@ def _overrides(flag: str, value: str, rpc: Sequence[str]) -> int:
             hint = (f"; --rpc {rpc_match[1]} must come before {flag} on the line" if rpc_match else "")
             raise BadInput(f"{flag} {entry}: unknown buffer type '{buft}' (llama-server refuses it; available: "
                            f"{', '.join(known)}{hint})")
+        if _NOT_ECMASCRIPT.search(pattern):
+            raise BadInput(f"{flag} {entry}: the pattern uses syntax std::regex (ECMAScript) does not have (named groups, "
+                           "lookbehind, inline flags or comments); llama-server fails to load the model with it")
         try:
             regex = re.compile(pattern)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise BadInput(f"{flag} {entry}: the pattern does not compile as a regular expression ({exc}); "
                            "llama-server fails to load the model with it") from None
         if buft != "CPU":
