@@ -43,6 +43,7 @@ def cases(tmp: Path) -> list[Case]:
         Case("gemma3 user -ngl 12, -c open", gemma, (200, 400), ("-np", "1", "-ngl", "12"), "max-context"),
         Case("MoE 2 RPC, small", moe, (40, 40), ("-c", "4096", "-np", "1", "-ctk", "f16", "-ctv", "f16"), "fastest-decode"),
         Case("MoE user --cpu-moe", moe, (40, 40), ("-c", "4096", "-np", "1", "--cpu-moe"), "fastest-decode"),
+        Case("MoE user --cpu-moe, smaller", moe, (16, 16), ("-c", "4096", "-np", "1", "--cpu-moe"), "fastest-decode"),
     ]
 
 

@@ -75,7 +75,12 @@ def fit_choice(case: Case, endpoints: Sequence[str]) -> tuple[tuple[str, ...], s
     argv = [str(find_fit_params()), "-m", str(case.model), "--rpc", ",".join(endpoints), *case.args, "--fit-target", margins]
     code, out, log = _run_holding_exit(argv, 120.0)
     if code != 0:
-        why = next((ln.split("memory: ", 1)[-1] for ln in log.splitlines() if "failed to fit params" in ln), "")
+        why = ""
+        for _ in range(3):  # its reason is logged by a thread that exit(1) may cut short: ask again for it
+            why = next((ln.split("memory: ", 1)[-1] for ln in log.splitlines() if "failed to fit params" in ln), "")
+            if why:
+                break
+            code, out, log = _run_holding_exit(argv, 120.0)
         return (), f"gives up (exit {code}{': ' + why.strip() if why else ''})"
     line = next((ln for ln in out.splitlines() if ln.startswith("-c ")), "")
     return tuple(shlex.split(line)), f"--fit-target {margins}"
