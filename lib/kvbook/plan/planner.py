@@ -269,7 +269,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     if _spread(arch, flags, device):
         notes_extra.append("layers spread over devices: " + (
             "each RPC device that runs layers and the CPU reserve a compute buffer of their own, counted as an upper "
-            "bound fitted to loopback RPC runs (not a calibration: up to ~3x high for partial offload)"
+            "bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)"
             if any(p.kind == "rpc" for p in device.pools)
             else "each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
             "on the GPU holding the output, else the CPU)") + "; repacked CPU weights (CPU_REPACK) are not counted")
