@@ -4,8 +4,9 @@
 
 For each flag set of tests/test_rpc_placement.py (bundled models and small synthetic MoE/hybrid GGUFs),
 starts the RPC servers and llama-server at -lv 4, and prints every device's planned and logged model
-buffer and KV (+recurrent) buffers in MiB, and their compute buffers (kvbook puts its one estimate on the
-host; each offload device's own is not modelled yet). Writes benchmarks/results/placement.json.
+buffer and KV (+recurrent) buffers in MiB, and their compute buffers (with RPC devices in use, kvbook plans
+an upper bound on each busy device and the CPU: plan/placement.py device_compute_bound; with none, its one CPU
+estimate). Writes benchmarks/results/placement.json.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> int:
                 key = (lambda table: "CPU_Mapped" if ep is None else next((k for k in table if k.endswith(f"[{ep}]")), ""))
                 kv_key = "CPU" if ep is None else key(logged.kv_buffer_mib)
                 rows.append({"model": model, "flags": " ".join(flags), "device": d["name"].split("[")[0],
+                             "bound": len(plan["devices"]) > 1,
                              "model_mib": [mib2(d["weights_bytes"]), logged.model_mib.get(key(logged.model_mib), 0.0)],
                              "kv_mib": [mib2(d["kv_bytes"] + d["recurrent_bytes"]), logged.kv_buffer_mib.get(kv_key, 0.0)],
                              "compute_mib": [mib2(d["compute_bytes"]),
@@ -74,8 +76,14 @@ def main() -> int:
               f"{r['kv_mib'][0]} / {r['kv_mib'][1]} | {r['compute_mib'][0]} / {r['compute_mib'][1]} |")
     exact_model = sum(r["model_mib"][0] == r["model_mib"][1] for r in rows)
     exact_kv = sum(r["kv_mib"][0] == r["kv_mib"][1] for r in rows)
+    bounded = [r for r in rows if r["bound"] and r["compute_mib"][1] >= 1.0]  # (a device with only the output: ~0)
+    within = sum(r["compute_mib"][0] >= r["compute_mib"][1] for r in rows if r["bound"])
+    ratios = sorted(r["compute_mib"][0] / r["compute_mib"][1] for r in bounded)
+    median = ratios[len(ratios) // 2] if ratios else 0.0
     print(f"\n{len(CASES)} runs, {len(rows)} devices: model buffers equal on {exact_model}/{len(rows)}, "
-          f"KV buffers equal on {exact_kv}/{len(rows)}")
+          f"KV buffers equal on {exact_kv}/{len(rows)}; compute (a bound where RPC devices are used) planned >= logged on "
+          f"{within}/{sum(r['bound'] for r in rows)}, planned/logged median {median:.2f}x, max {max(ratios, default=0):.2f}x "
+          "(devices logging >= 1 MiB)")
     out = REPO / "benchmarks" / "results" / "placement.json"
     out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -42,7 +42,19 @@ ROWS = [
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),
-    (["-ot", "exps=CPU"], {}, True, "tensor placement overrides"),
+    (["-ot", "exps=CPU"], {}, True, "ok"),  # whole layers' experts to CPU: modelled (as --cpu-moe)
+    (["-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU,blk\.2\.ffn_.*_exps=CPU"], {}, True, "ok"),
+    (["-ot", "exps"], {}, False, "invalid value"),
+    (["-ot", "exps=GPU9"], {}, False, "unknown buffer type 'GPU9'"),
+    (["-ot", "ex(ps=CPU"], {}, True, "does not compile"),  # the server fails later, loading the model
+    (["-ot", "attn=CPU"], {}, True, "other than experts"),
+    (["-ot", "(?i)EXPS=CPU"], {}, True, "ECMAScript"),  # std::regex has no inline flags: the load fails
+    (["-ot", "(?<=x)exps=CPU"], {}, False, "unknown buffer type 'x)exps=CPU'"),  # split at the first '=', as arg.cpp
+    (["-dev", "none"], {}, True, "ok"),
+    (["-dev", "CPU"], {}, False, "invalid device: CPU"),
+    (["-sm", "none", "-mg", "0"], {}, True, "ok"),
+    (["-sm", "rows"], {}, False, "unknown value 'rows'"),
+    ([], {"LLAMA_ARG_SPLIT_MODE": "layer", "LLAMA_ARG_MAIN_GPU": "1"}, True, "ok"),
     (["--n-cpu-moe", "10"], {}, True, "ok"),
     ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "ok"),
     (["--n-cpu-moe", "-1"], {}, False, "must be >= 0"),

@@ -29,6 +29,10 @@ CASES = [  # (model fixture, servers, flags)
     ("moe", 2, ["-ngl", "all", "--n-cpu-moe", "2", "-c", "4096", "-np", "1"]),
     ("moe", 2, ["-ngl", "3", "--cpu-moe", "-c", "4096", "-np", "1"]),
     ("hybrid", 2, ["-ngl", "6", "-c", "4096", "-np", "2"]),
+    ("gemma3", 3, ["-ngl", "12", "-dev", "RPC2,RPC0", "-ts", "1,3", "-c", "4096", "-np", "1"]),
+    ("smollm2", 2, ["-ngl", "all", "-sm", "none", "-mg", "1", "-c", "4096", "-np", "1"]),
+    ("moe", 2, ["-ngl", "all", "-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU", "-c", "4096", "-np", "1"]),
+    ("gemma3", 2, ["-ngl", "all", "-dev", "none", "-c", "4096", "-np", "1"]),
 ]
 # Where repacking moves the first or last CPU tensor into CPU_REPACK, the mapped range shrinks by it: kvbook
 # does not model repacking yet, so the CPU's model buffer is not compared there (every other figure is).
@@ -84,10 +88,12 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
     endpoints = rpc_servers[:n]
     argv = ["-m", str(path), "--rpc", ",".join(endpoints), *flags, "--fit", "off"]
     assert cli.main(["plan", "--json", "--", "llama-server", *argv]) == 0
-    devices = {d["name"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
+    doc = json.loads(capsys.readouterr().out)
+    devices = {d["name"]: d for d in doc["devices"]}
     with start_llama_server([*argv, "--no-warmup"], run_dir=tmp_path) as server:
         logged = server.measured()
-    assert set(devices) == {"CPU", *(f"RPC{i}[{ep}]" for i, ep in enumerate(endpoints))}
+    used = {k[k.index("[") + 1:-1] for k in logged.model_mib if "[" in k}  # llama.cpp logs every device it uses
+    assert set(devices) == {"CPU", *(f"RPC{i}[{ep}]" for i, ep in enumerate(endpoints) if ep in used)}
     for name, planned in devices.items():
         endpoint = name[name.index("[") + 1:-1] if "[" in name else None
         model_key = "CPU_Mapped" if endpoint is None else next(k for k in logged.model_mib if k.endswith(f"[{endpoint}]"))
@@ -96,6 +102,15 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
             assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
+        # each device's compute buffer is planned as an upper bound (plan/placement.py device_compute_bound)
+        compute_key = "CPU" if endpoint is None else next((k for k in logged.compute_mib if k.endswith(f"[{endpoint}]")), None)
+        measured_compute = logged.compute_mib.get(compute_key, 0.0) if compute_key else 0.0
+        if len(devices) > 1:
+            assert measured_compute <= planned["compute_bytes"] / 2**20, (name, logged.compute_mib, planned["compute_bytes"])
+        else:  # nothing offloaded (-dev none): the one CPU estimate, within its stated error
+            error = abs(planned["compute_bytes"] / 2**20 - measured_compute) / measured_compute * 100
+            assert error <= doc["compute_error_pct"], (error, logged.compute_mib)
+        assert (measured_compute > 0) == (planned["compute_bytes"] > 0), (name, logged.compute_mib)
 
 
 @pytest.mark.parametrize("args, needle", [

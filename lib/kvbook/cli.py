@@ -49,6 +49,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         except ValueError:
             raise BadInput(f"--rpc-gib: '{args.rpc_gib}' is not a comma-separated list of GiB") from None
         device = with_rpc(device, flags.rpc, budgets)
+    if args.solve:
+        return _solve_and_print(args, flags, device)
     plan = plan_any(flags, device)
     if args.json:
         print(json.dumps(plan_summary(plan), indent=1))
@@ -56,6 +58,34 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(format_plan(plan))
     if args.check and plan.verdict.value != "fits":
         print(f"kvbook plan --check: the plan is '{plan.verdict.value}' on {plan.device.name}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _solve_and_print(args: argparse.Namespace, flags, device) -> int:
+    """`kvbook plan --solve`: the solver's ranked placements; the plan printed is the best one's (exit 1 when
+    no placement starts)."""
+    from kvbook.model.sources import load_model
+    from kvbook.ops.planning import plan_any
+    from kvbook.plan.flags import parse_server_args, replace
+    from kvbook.plan.solver import solve
+    from kvbook.plan.summary import format_plan, format_solution, plan_summary, solution_entry
+
+    if args.top < 1:
+        raise BadInput(f"--top must be at least 1, got {args.top}")
+    solution = solve(load_model(flags.model), flags, device, args.objective, args.top)
+    if solution.placements:
+        plan = plan_any(parse_server_args(["llama-server", *solution.placements[0].argv], os.environ), device)
+    else:
+        auto_rpc = flags.rpc and flags.gpu_layers == "auto"
+        plan = plan_any(replace(flags, gpu_layers="0") if auto_rpc else flags, device)
+    if args.json:
+        print(json.dumps({**plan_summary(plan), "solver": solution_entry(solution, plan)}, indent=1))
+    else:
+        print(format_solution(solution, plan) + "\n\nbest placement's plan:\n" + format_plan(plan)
+              if solution.placements else format_solution(solution, plan))
+    if not solution.placements:
+        print(f"kvbook plan --solve: no placement starts on {plan.device.name}", file=sys.stderr)
         return 1
     return 0
 
@@ -160,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 unless the plan fits (for scripts: 'tight' and 'does not fit' both fail)")
+    p.add_argument("--solve", action="store_true",
+                   help="search placements (-ngl, --n-cpu-moe, -ts, -c, the KV cache type) the given flags leave open "
+                        "and print the ranked ones that start, with every rejected option and why")
+    p.add_argument("--objective", choices=("max-context", "fastest-decode"), default="max-context",
+                   help="with --solve: the largest context at the chosen slots (default), or the fewest bytes read "
+                        "from host RAM per generated token")
+    p.add_argument("--top", type=int, default=5, help="with --solve: how many placements to print (default 5)")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="-- llama-server -m MODEL [flags]")
     p.set_defaults(func=_cmd_plan)
 

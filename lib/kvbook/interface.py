@@ -151,6 +151,9 @@ class ServerFlags:
     tensor_split: tuple[float, ...] = ()  # -ts
     cpu_moe_layers: int = 0  # --n-cpu-moe N: experts of layers 0..N-1 stay on the CPU; -1 = --cpu-moe (all)
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
+    devices: tuple[str, ...] = ()  # -dev: the offload devices by llama.cpp name, in order; ("none",) = none
+    split_mode: str = "layer"  # -sm none|layer|row|tensor
+    main_gpu: int = 0  # -mg: with -sm none, the one device used (an index into the device list)
     host: str = "127.0.0.1"
     port: int = 8080
     argv: tuple[str, ...] = ()

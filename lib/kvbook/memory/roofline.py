@@ -37,6 +37,11 @@ def active_weight_bytes(arch: ModelArch) -> int:
     return int(arch.weights_bytes - expert_bytes + expert_bytes * arch.n_expert_used / arch.n_expert)
 
 
+def expert_read_fraction(arch: ModelArch) -> float:
+    """The share of a layer's expert weights one token reads: n_expert_used of n_expert (1 for dense)."""
+    return arch.n_expert_used / arch.n_expert if arch.n_expert and arch.n_expert_used else 1.0
+
+
 def decode_bound(arch: ModelArch, context: int, bandwidth_gbps: float, cache_type: str = "f16") -> DecodeBound:
     """The bound at a filled context of `context` tokens on one slot."""
     mem = plan_memory(arch, ServerFlags(model="x", ctx=max(context, 1), parallel=1, type_k=cache_type, type_v=cache_type))

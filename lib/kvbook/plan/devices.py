@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, GiB, MiB, Pool
+from kvbook.interface import Device, GiB, MiB, Pool, ServerFlags
 from kvbook.paths import params_dir
 from kvbook.yamlio import read_yaml
 
@@ -129,3 +129,43 @@ def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[floa
                 for i, ep in enumerate(endpoints))
     return Device(id=f"{device.id}+rpc", name=f"{device.name} + {len(rpc)} RPC server(s)", unified=False,
                   pools=(host, *rpc), notes=device.notes)
+
+
+def llama_name(pool: Pool) -> str:
+    """The name llama.cpp gives the device of an offload pool (what -dev takes): RPC0[host:port] -> RPC0."""
+    return pool.name.split("[", 1)[0]
+
+
+def effective_device(device: Device, flags: ServerFlags) -> Device:
+    """The devices llama.cpp uses for this command line (src/llama.cpp llama_prepare_model_devices): -dev picks
+    and orders the offload devices (none: no offload), -sm none keeps only device -mg (none when -mg < 0);
+    -sm row refuses RPC devices (no split buffers) and -sm tensor is not modelled."""
+    offload = [] if device.unified else [p for p in device.pools if p.kind in ("gpu", "rpc")]
+    if flags.split_mode == "row":
+        if any(p.kind == "rpc" for p in offload):
+            rpc = next(p for p in offload if p.kind == "rpc")
+            raise BadInput(f"-sm row: device {llama_name(rpc)} does not support split buffers (llama-server refuses it "
+                           "when it loads the model)")
+        raise BadInput("-sm row changes memory (weights split by rows across GPUs) and kvbook does not model it yet")
+    if flags.split_mode == "tensor":
+        raise BadInput("-sm tensor changes memory (weights and KV split across GPUs, experimental) and kvbook does not "
+                       "model it yet")
+    chosen = offload
+    if flags.devices:
+        by_name = {llama_name(p): p for p in offload}
+        unknown = [n for n in flags.devices if n != "none" and n not in by_name]
+        if unknown:
+            have = ", ".join(by_name) or "none (CPU only)"
+            raise BadInput(f"-dev: invalid device: {unknown[0]} (llama-server refuses it); this plan's devices: {have}")
+        chosen = [] if flags.devices == ("none",) else [by_name[n] for n in flags.devices]
+    if flags.split_mode == "none" and chosen:
+        if flags.main_gpu >= len(chosen):
+            raise BadInput(f"-mg {flags.main_gpu}: invalid value for main_gpu: {flags.main_gpu} (available devices: "
+                           f"{len(chosen)}); llama-server refuses it with -sm none")
+        chosen = [] if flags.main_gpu < 0 else [chosen[flags.main_gpu]]
+    if chosen == offload:
+        return device
+    hosts = [p for p in device.pools if p.kind == "host"]
+    pools = (*hosts, *chosen) if device.pools[0].kind == "host" else (*chosen, *hosts)
+    return Device(id=device.id, name=device.name, unified=device.unified, pools=tuple(pools), notes=device.notes,
+                  sources=device.sources)

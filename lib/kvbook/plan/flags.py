@@ -27,10 +27,7 @@ CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned serve
 
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {
-    "-ot": "tensor placement overrides",
     "-ncffn": "FFN placement on the CPU",
-    "-sm": "multi-GPU split mode",
-    "-mg": "multi-GPU main device",
     "--lora": "LoRA adapters",
     "--lora-scaled": "LoRA adapters",
     "--control-vector": "control vectors",
@@ -52,7 +49,6 @@ UNMODELLED = {
     "--models-dir": "router mode (several models)",
     "--models-preset": "router mode (several models)",
     "--no-host": "weights without host (pinned) buffers",
-    "-dev": "device selection (placement across devices)",
 }
 # Spellings refused although their option's other spellings are fine.
 UNMODELLED_SPELLINGS = {
@@ -154,6 +150,89 @@ def _split(flag: str, value: str) -> tuple[float, ...]:
     return shares
 
 
+def _device_list(flag: str, value: str) -> tuple[str, ...]:
+    """-dev A,B (or none): device names as llama.cpp's parse_device_list reads them; each is checked against
+    the plan's devices (plan/devices.py effective_device), since which devices exist depends on the machine."""
+    names = tuple(value.split(","))
+    if not value or any(not n for n in names):
+        raise BadInput(f"{flag}: '{value}' is not a comma-separated list of devices (or none)")
+    if "none" in names and names != ("none",):
+        raise BadInput(f"{flag} {value}: invalid device: none (none stands alone: no offload devices)")
+    if "CPU" in names:
+        raise BadInput(f"{flag} {value}: invalid device: CPU (llama-server refuses the CPU here: it is always used)")
+    return names
+
+
+# what --cpu-moe adds to the tensor overrides (common/arg.cpp llm_ffn_exps_cpu_override), and the tensor names a
+# layer's experts have (the .exps placement group: every blk tensor with "_exps" in its name, model/gguf_header.py)
+_EXPERT_NAMES = tuple(f"blk.{{il}}.ffn_{part}_exps.{suffix}" for part in ("up", "down", "gate", "gate_up")
+                      for suffix in ("weight", "bias"))
+_OTHER_NAMES = ("token_embd.weight", "output.weight", "output_norm.weight", "blk.{il}.attn_norm.weight",
+                "blk.{il}.attn_q.weight", "blk.{il}.attn_k.weight", "blk.{il}.attn_v.weight", "blk.{il}.attn_qkv.weight",
+                "blk.{il}.attn_output.weight", "blk.{il}.attn_sinks.weight", "blk.{il}.ffn_norm.weight",
+                "blk.{il}.ffn_up.weight", "blk.{il}.ffn_down.weight", "blk.{il}.ffn_gate.weight",
+                "blk.{il}.ffn_gate_inp.weight", "blk.{il}.ffn_up_shexp.weight", "blk.{il}.ffn_down_shexp.weight",
+                "blk.{il}.ffn_gate_shexp.weight", "blk.{il}.ffn_exp_probs_b.bias", "blk.{il}.ssm_in.weight",
+                "blk.{il}.ssm_out.weight", "blk.{il}.post_attention_norm.weight")
+_NOT_ECMASCRIPT = re.compile(r"\(\?(P|<|#|[aiLmsux-]+[:)])")  # Python-only regex syntax llama.cpp's std::regex refuses
+_OT_LAYERS = 256  # layers an -ot pattern is tried on (more than any model has)
+_RPC_BUFT = re.compile(r"^RPC\d+\[(.+)\]$")
+
+
+def _overrides(flag: str, value: str, rpc: Sequence[str]) -> int:
+    """-ot PATTERN=BUFT,...: llama.cpp's checks (common/arg.cpp: each entry PATTERN=BUFT, BUFT a device buffer type
+    registered so far: CPU, RPC0[host:port] for an --rpc given earlier on the line), then the part kvbook models:
+    patterns that send whole layers' experts to CPU (a tensor goes to the first pattern that std::regex_search
+    finds in its name). Returns the experts kept on the CPU as --n-cpu-moe does (N first layers, -1 all)."""
+    known = ["CPU", *(f"RPC0[{ep}]" for ep in rpc)]
+    layers: set[int] = set()
+    regexes: list[re.Pattern[str]] = []
+    for entry in value.split(","):
+        pattern, eq, buft = entry.partition("=")
+        if not eq:
+            raise BadInput(f"{flag} '{entry}': invalid value (llama-server expects PATTERN=BUFFER_TYPE, e.g. exps=CPU)")
+        if buft not in known and not (buft.startswith(("CUDA", "Metal", "Vulkan", "ROCm", "SYCL")) and buft[-1:].isdigit()):
+            rpc_match = _RPC_BUFT.match(buft)
+            hint = (f"; --rpc {rpc_match[1]} must come before {flag} on the line" if rpc_match else "")
+            raise BadInput(f"{flag} {entry}: unknown buffer type '{buft}' (llama-server refuses it; available: "
+                           f"{', '.join(known)}{hint})")
+        if _NOT_ECMASCRIPT.search(pattern):
+            raise BadInput(f"{flag} {entry}: the pattern uses syntax std::regex (ECMAScript) does not have (named groups, "
+                           "lookbehind, inline flags or comments); llama-server fails to load the model with it")
+        try:
+            regex = re.compile(pattern)
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise BadInput(f"{flag} {entry}: the pattern does not compile as a regular expression ({exc}); "
+                           "llama-server fails to load the model with it") from None
+        if buft != "CPU":
+            raise BadInput(f"{flag} {entry} changes memory (tensors on the {buft} buffer type) and kvbook does not model it "
+                           "yet: only whole layers' experts to CPU are modelled")
+        if any(regex.search(n.format(il=il)) for il in range(_OT_LAYERS) for n in _OTHER_NAMES):
+            raise BadInput(f"{flag} {entry} changes memory (it selects tensors other than experts) and kvbook does not "
+                           "model it yet: it sizes tensors by layer and experts")
+        regexes.append(regex)
+    for il in range(_OT_LAYERS):  # every pattern sends to CPU: a tensor is there if any of them finds its name
+        hits = [any(r.search(n.format(il=il)) for r in regexes) for n in _EXPERT_NAMES]
+        if any(hits) and not all(hits):
+            raise BadInput(f"{flag} {value} changes memory (it keeps part of layer {il}'s experts on the CPU) and kvbook "
+                           "does not model it yet: it sizes each layer's experts as one group")
+        if all(hits):
+            layers.add(il)
+    if not layers:
+        return 0
+    if layers == set(range(_OT_LAYERS)):
+        return -1
+    if layers != set(range(max(layers) + 1)):
+        raise BadInput(f"{flag} {value} keeps the experts of layers {sorted(layers)[:8]} on the CPU; kvbook models all "
+                       "layers or the first N (as --cpu-moe / --n-cpu-moe), not this set")
+    return max(layers) + 1
+
+
+def _cpu_moe_union(a: int, b: int) -> int:
+    """Overrides add up (--cpu-moe, --n-cpu-moe, -ot all push tensor overrides): all layers if either is all."""
+    return -1 if a < 0 or b < 0 else max(a, b)
+
+
 def _ngl(flag: str, value: str) -> str:
     """-ngl N | auto | all, as arg.cpp reads it (any number; -2 means all, -1 auto, other negatives none)."""
     if value in ("auto", "all"):
@@ -181,6 +260,9 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
+    "-dev": ("devices", _device_list),
+    "-sm": ("split_mode", lambda f, v: _choice(f, v, ("none", "layer", "row", "tensor"))),
+    "-mg": ("main_gpu", lambda f, v: _int(f, v, INT32[0])),
 }
 
 # canonical spelling -> {spelling: (field, value)} for boolean switches
@@ -217,6 +299,8 @@ _EFFECT = {
     "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
     "cpu_moe_layers": "expert weights kept in host RAM",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
+    "devices": "devices: which offload devices are used, in this order", "split_mode": "devices: one (none) or all (layer)",
+    "main_gpu": "devices: the one used with -sm none",
 }
 
 
@@ -227,6 +311,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
     if canonical == "--kv-unified-per-slot":
         field = "kv_unified_per_slot"
+    if canonical == "-ot":
+        field = "cpu_moe_layers"
     if read is not None:
         label = shown if value is None or source == "environment" else f"{shown} {value}"
         read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
@@ -235,6 +321,12 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
     if canonical == "--kv-unified-per-slot":
         values["kv_unified_per_slot"] = _int(shown, value or "", 0)
+    elif canonical == "-ot":
+        values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0),
+                                                  _overrides(shown, value or "", values.get("rpc", ())))
+    elif canonical in ("-ncmoe", "-cmoe"):
+        new = _VALUED[canonical][1](shown, value or "") if canonical == "-ncmoe" else -1
+        values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0), new)
     elif canonical in _VALUED:
         field, convert = _VALUED[canonical]
         values[field] = convert(shown, value or "")
@@ -349,13 +441,19 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["--cpu-moe"] if value < 0 else ["--n-cpu-moe", str(value)]
     if field == "tensor_split":
         return ["-ts", ",".join(f"{x:g}" for x in value)]
+    if field == "devices":
+        return ["-dev", ",".join(value)]
+    if field == "split_mode":
+        return ["-sm", value]
+    if field == "main_gpu":
+        return ["-mg", str(value)]
     return []
 
 
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers"]
+              "rpc", "tensor_split", "cpu_moe_layers", "devices", "split_mode", "main_gpu"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 
@@ -399,3 +497,16 @@ def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
     if flags.slot_ctx_cap and not any(a.replace("_", "-") == "--kv-unified-per-slot" for a in argv):
         updated = dataclasses.replace(updated, slot_ctx_cap=0)  # the per-slot size was written out as -c
     return dataclasses.replace(updated, argv=argv)
+
+
+def fields_set(flags: ServerFlags) -> frozenset[str]:
+    """The ServerFlags fields the user's command line (or environment) sets: the ones a solver must keep."""
+    table, env = _spellings(), _env_names()
+    owner = {canonical: field for canonical, (field, _) in _VALUED.items()}
+    owner.update({canonical: field for canonical, spellings in _SWITCHES.items() for field, _ in spellings.values()})
+    owner["--kv-unified-per-slot"] = "ctx"
+    owner["-ot"] = "cpu_moe_layers"
+    canon = [table.get(a.replace("_", "-") if a.startswith("--") else a, ("",))[0] for a in flags.argv if a.startswith("-")]
+    canon += [env.get(item.partition("=")[0].replace("LLAMA_ARG_NO_", "LLAMA_ARG_", 1), "") for item in flags.from_env]
+    canon += [env.get(item.partition("=")[0], "") for item in flags.from_env]
+    return frozenset(owner[c] for c in canon if c in owner)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvbook.errors import BadInput
 from kvbook.interface import CacheKind, MemoryPlan, ModelArch
+from kvbook.memory.compute import activation_width
 from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
 
 CPU = "CPU"
@@ -105,26 +106,53 @@ def _tied(groups: Mapping[str, int]) -> bool:
     return groups.get("output", 0) < groups.get("token_embd", 0) // 100
 
 
-def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
-                     no_kv_offload: bool = False) -> dict[str, tuple[int, int]]:
-    """(attention KV bytes, recurrent bytes) per device, each layer's share on its layer's device."""
-    out = {CPU: (0, 0), **{d: (0, 0) for d in offload.devices}}
+def layer_cache_bytes(arch: ModelArch, memory: MemoryPlan) -> tuple[tuple[int, int], ...]:
+    """(attention KV bytes, recurrent bytes) of each layer (main and NextN) for this memory plan: a cache
+    puts each layer's K/V, or its recurrent state, with that layer."""
     shape = memory.shape
+    out = [[0, 0] for _ in range(arch.n_layer + arch.n_layer_nextn)]
     full, swa = attention_layers(arch)
     cells = {c.kind: c.cells for c in memory.caches}
     for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
         for il in layers:
             k, v = cell_bytes(arch, [il], shape.type_k, shape.type_v, shape.flash_attn)
-            dev = CPU if no_kv_offload else offload.layers[il]
-            kv, rec = out[dev]
-            out[dev] = (kv + (k + v) * cells.get(kind, 0) * shape.n_stream, rec)
+            out[il][0] += (k + v) * cells.get(kind, 0) * shape.n_stream
     r, s = recurrent_seq_bytes(arch)
     n_rec = sum(arch.is_recurrent)
     if n_rec:
         rows = max(1, shape.n_seq)
         for il in range(arch.n_layer):
             if arch.is_recurrent[il]:
-                dev = CPU if no_kv_offload else offload.layers[il]
-                kv, rec = out[dev]
-                out[dev] = (kv, rec + (r + s) // n_rec * rows)
+                out[il][1] += (r + s) // n_rec * rows
+    return tuple((kv, rec) for kv, rec in out)
+
+
+def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
+                     no_kv_offload: bool = False) -> dict[str, tuple[int, int]]:
+    """(attention KV bytes, recurrent bytes) per device, each layer's share on its layer's device."""
+    out = {CPU: (0, 0), **{d: (0, 0) for d in offload.devices}}
+    for il, (kv_l, rec_l) in enumerate(layer_cache_bytes(arch, memory)):
+        dev = CPU if no_kv_offload else offload.layers[il]
+        kv, rec = out[dev]
+        out[dev] = (kv + kv_l, rec + rec_l)
     return out
+
+
+# A compute buffer per device, measured over loopback RPC (Gemma 3 270M, SmolLM2 135M, a synthetic Qwen3-MoE;
+# -c 4096/16384, -ub 256/512, -np 1/2, -fa on/off, -ngl 4/all: 21 llama-server runs): every busy device and the
+# CPU reserve about n_ubatch x (8 bytes per KV cell + 19-21 bytes per unit of activation width), plus f32
+# attention scores without flash attention. The bound takes 24 bytes and two score copies: at most 17% high
+# on the first device, more on the others. Upper bound, not a calibration.
+_MASK_BYTES_PER_CELL = 8
+_ACTIVATION_BYTES = 24
+
+
+def device_compute_bound(arch: ModelArch, memory: MemoryPlan) -> int:
+    """An upper bound of the compute buffer each RPC device that runs layers, and the CPU beside them, reserves
+    (see the measurements above); the single-device CPU estimate (memory.compute) is far below them."""
+    shape = memory.shape
+    n_kv = max((c.cells for c in memory.caches if c.kind is not CacheKind.RECURRENT), default=0)
+    per_token = _MASK_BYTES_PER_CELL * n_kv + _ACTIVATION_BYTES * activation_width(arch)
+    if not shape.flash_attn:
+        per_token += 2 * 4 * max(arch.n_head, default=0) * n_kv
+    return shape.n_ubatch * per_token

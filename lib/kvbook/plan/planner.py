@@ -19,9 +19,16 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import with_rpc
+from kvbook.plan.devices import effective_device, with_rpc
 from kvbook.plan.flags import replace
-from kvbook.plan.placement import CPU, assign, caches_by_device, estimated_groups, weights_by_device
+from kvbook.plan.placement import (
+    CPU,
+    assign,
+    caches_by_device,
+    device_compute_bound,
+    estimated_groups,
+    weights_by_device,
+)
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
 
@@ -84,8 +91,14 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
         out[pool]["weights"] += weights.get(name, 0)
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
-    # the main compute buffer: on a local GPU that runs the output layer, else on the host (RPC devices and
-    # the CPU each reserve their own too: not modelled yet)
+    busy_rpc = {*offload.layers, offload.output} & {p.name for p in device.pools if p.kind == "rpc"}
+    if busy_rpc:  # every RPC device that runs layers, and the CPU, reserve a compute buffer of their own
+        bound = device_compute_bound(arch, memory)
+        for name in busy_rpc:
+            out[name]["compute"] += bound
+        out[host]["compute"] += bound
+        return out
+    # the main compute buffer: on a local GPU that runs the output layer, else on the host
     compute_on = offload.output if offload.output != CPU and next(
         p.kind for p in device.pools if p.name == offload.output) == "gpu" else host
     out[compute_on]["compute"] += memory.compute.bytes
@@ -248,14 +261,18 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     searched = memory is None
     if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
         device = with_rpc(device, flags.rpc)
+    device = effective_device(device, flags)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
     if _spread(arch, flags, device):
-        notes_extra.append("layers spread over devices: each offload device also reserves a compute buffer of its "
-                           "own (not modelled yet: the estimate is on the CPU), and repacked CPU weights "
-                           "(CPU_REPACK) are not counted")
+        notes_extra.append("layers spread over devices: " + (
+            "each RPC device that runs layers and the CPU reserve a compute buffer of their own, counted as an upper "
+            "bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)"
+            if any(p.kind == "rpc" for p in device.pools)
+            else "each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
+            "on the GPU holding the output, else the CPU)") + "; repacked CPU weights (CPU_REPACK) are not counted")
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     verdict = worst(usages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
+from kvbook.plan.solver import Solution
 
 
 def _size(n: int) -> str:
@@ -138,4 +139,41 @@ def format_plan(plan: Plan) -> str:
         lines.append("flags read:")
         lines += [f"  {f:<28} {what}" + ("  (from the environment)" if src == "environment" else "")
                   for f, src, what in plan.flags.read]
+    return "\n".join(lines)
+
+
+def solution_entry(solution: Solution, plan: Plan) -> dict:
+    """The solver's answer for `kvbook plan --solve --json`: ranked placements with their argv and per-device
+    rows (named as llama.cpp names devices), and every rejected option with its reason."""
+    return {
+        "objective": solution.objective,
+        "fixed": list(solution.fixed),
+        "searched": solution.searched,
+        "fitting": solution.fitting,
+        "placements": [
+            {"rank": p.rank, "llama_server_args": list(p.argv), "n_ctx": p.n_ctx, "n_gpu_layers": p.n_gpu_layers,
+             "n_cpu_moe": p.n_cpu_moe, "tensor_split": list(p.tensor_split), "cache_type": p.cache_type,
+             "host_read_bytes_per_token": p.host_read_bytes, "verdict": p.verdict.value,
+             "devices": [{"name": _device_name(plan, u.pool), "need_bytes": u.need_bytes, "budget_bytes": u.budget_bytes,
+                          "verdict": u.verdict.value} for u in p.pools]}
+            for p in solution.placements
+        ],
+        "rejected": [{"option": r.option, "reason": r.reason} for r in solution.rejected],
+    }
+
+
+def format_solution(solution: Solution, plan: Plan) -> str:
+    """The solver's ranked table as text."""
+    lines = [f"solver   objective {solution.objective}: {solution.fitting} of {solution.searched} placements start"
+             + (f"; kept as given: {', '.join(solution.fixed)}" if solution.fixed else "")]
+    for p in solution.placements:
+        rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.need_bytes).strip()}/{_size(u.budget_bytes).strip()}"
+                         for u in p.pools)
+        lines.append(f"  #{p.rank} -c {p.n_ctx}, host reads {_size(p.host_read_bytes).strip()}/token ({p.verdict.value}): {rows}")
+        lines.append("      llama-server " + " ".join(p.argv))
+    if not solution.placements:
+        lines.append("  no placement starts on these devices")
+    if solution.rejected:
+        lines.append(f"  rejected: {len(solution.rejected)}")
+        lines += [f"    {r.option}: {r.reason}" for r in solution.rejected]
     return "\n".join(lines)
