@@ -83,7 +83,7 @@ def test_params_file_runs(runs, name):
     assert result.ok, result.error
     s = result.summary
     assert s["kind"] == "sizing" and s["verdict"] in ("fits", "tight", "does not fit")
-    assert s["max_ctx"] > 0 and s["n_ctx"] > 0
+    assert s["n_ctx"] > 0 and (s["max_ctx"] > 0 or s["solver"]["placements"])  # as typed, or as the solver places it
     parts = ("weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_bytes")
     assert s["start_bytes"] == sum(s[k] for k in parts)
     assert json.loads((result.output_dir / "summary.json").read_text())["verdict"] == s["verdict"]
@@ -308,3 +308,28 @@ def test_handlers_are_fast(ui):
         ui.context.value = 2 ** (10 + (i % 16) / 2)
     times = [ms for level, ms in ui.timings if level == "point"]
     assert len(times) == 30 and statistics.median(times) < 100, times
+
+
+def test_placement_run_has_devices_and_solver(runs):
+    s = runs["sizing-placement"].summary
+    assert [d["name"] for d in s["devices"]] == ["CUDA0", "CPU"]
+    assert s["verdict"] == "does not fit" and s["solver"]["placements"][0]["verdict"] in ("fits", "tight")
+    assert s["solver"]["rejected"] and all(r["reason"] for r in s["solver"]["rejected"])
+    assert "--n-cpu-moe" in s["solver"]["placements"][0]["llama-server args"]  # experts moved to the host
+    html = runs["sizing-placement"].html.read_text()
+    assert "The solver's placements" in html and "Move layers by hand" not in html
+
+
+def test_placement_sliders_replan_every_device():
+    from kvbook.notebook import placement_view as pv
+
+    run = sizing.resolve(dict(model="gpt-oss-120b", device="rtx-4090-host-64", context=65536, slots=1,
+                              n_gpu_layers="99", n_cpu_moe=30))
+    ui = pv.PlacementUI(run.arch, run.flags, run.device)
+    gpu_weights = ui.figure.data[0].y[0]
+    ui.n_cpu_moe.value = 36  # every expert on the host: the GPU holds less, the host more
+    assert ui.figure.data[0].y[0] < gpu_weights and ui.figure.data[0].y[1] > 0
+    ui.ngl.value = 0
+    assert ui.figure.data[0].y[0] == 0 and ui.error is None
+    ui.ts.value = "a,b"
+    assert ui.error == "-ts: 'a,b' is not a comma-separated list of numbers" and "not a comma" in ui.status.value

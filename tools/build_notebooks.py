@@ -66,6 +66,11 @@ flash_attn: str = "auto"  # -fa: on, off or auto (planned as on)
 swa_full: bool = False  # --swa-full: full-size cache for sliding-window layers
 allow_over_max: bool = False  # allow a context above the model's trained maximum
 compare_blog_post: bool = False  # check the blog post's memory figures against kvbook's
+n_gpu_layers: str = ""  # -ngl: empty leaves llama-server's auto; a count, auto or all
+n_cpu_moe: int = 0  # --n-cpu-moe N: experts of the first N layers on the CPU (-1: --cpu-moe, all)
+tensor_split: str = ""  # -ts across the offload devices, e.g. 3,1 (empty: by free memory)
+solve: bool = False  # rank the placements that fit (kvbook plan --solve) and list the rejected ones
+objective: str = "max-context"  # the solver's goal: max-context or fastest-decode
 output_dir: str = ""  # set by kvbook run; empty writes to a new folder under outputs/
 """, tags=('parameters',)),
     code("""
@@ -79,7 +84,8 @@ figures.setup_renderer()
 run = sizing.resolve(sizing.SizingParams(
     model=model, device=device, budget_gib=budget_gib, context=context, slots=slots, kv_unified=kv_unified,
     cache_type_k=cache_type_k, cache_type_v=cache_type_v, ubatch=ubatch, batch=batch, flash_attn=flash_attn,
-    swa_full=swa_full, allow_over_max=allow_over_max, compare_blog_post=compare_blog_post, output_dir=output_dir))
+    swa_full=swa_full, allow_over_max=allow_over_max, compare_blog_post=compare_blog_post, n_gpu_layers=n_gpu_layers,
+    n_cpu_moe=n_cpu_moe, tensor_split=tensor_split, solve=solve, objective=objective, output_dir=output_dir))
 print(format_plan(run.plan))
 """),
     md("""
@@ -118,6 +124,40 @@ HTML(html_table([{"change": a.change, "verdict": a.verdict.value, "n_ctx": a.n_c
                           "total GiB": round(a.total_bytes / 2**30, 2), "llama-server args": " ".join(a.flags)}
                          for a in run.plan.alternatives], caption="alternatives"))
 """),
+    md("""
+## Per device
+
+One bar per device llama.cpp would use (the host is `CPU`), stacked by what it holds, against that device's own
+budget (the black mark). On unified memory there is one device.
+"""),
+    code("""
+from kvbook.notebook import placement_view as pv
+
+pv.device_figure(pv.device_rows(run.plan))
+"""),
+    md("""
+## The solver's placements
+
+With `solve: True`: the placements that start, best first for `objective`, each with its exact flags, and every
+option that was rejected with the reason. Flags you set are kept; the rest is searched.
+"""),
+    code("""
+if run.solution is not None:
+    ranked, rejected = pv.solver_rows(run.solution)
+    display(HTML(html_table(ranked, caption=f"ranked for {objective} ({run.solution.searched} placements searched)")))
+    display(HTML(html_table(rejected[:40], caption=f"rejected ({len(rejected)})")))
+else:
+    display(HTML("<p><em>Not requested: set solve to True.</em></p>"))
+"""),
+    md("""
+## Move layers by hand
+
+Sliders for `-ngl` and `--n-cpu-moe` and a `-ts` box re-plan every device at once (live kernel only).
+""", tags=('interactive',)),
+    code("""
+placement_ui = pv.PlacementUI(run.arch, run.flags, run.device)
+placement_ui.layout
+""", tags=('interactive',)),
     md("""
 ## Try other settings
 

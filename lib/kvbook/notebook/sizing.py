@@ -50,6 +50,11 @@ class SizingParams:
     swa_full: bool = False
     allow_over_max: bool = False
     compare_blog_post: bool = False
+    n_gpu_layers: str = ""  # -ngl: "" leaves it out (llama-server's auto), else a count, auto or all
+    n_cpu_moe: int = 0  # --n-cpu-moe N (0: not given; -1: --cpu-moe)
+    tensor_split: str = ""  # -ts, e.g. "3,1"
+    solve: bool = False  # rank placements that fit (kvbook plan --solve)
+    objective: str = "max-context"  # the solver's objective: max-context or fastest-decode
     output_dir: str = ""
 
     @classmethod
@@ -155,6 +160,12 @@ def server_argv(p: SizingParams) -> list[str]:
         argv.append("-kvu")
     if p.swa_full:
         argv.append("--swa-full")
+    if p.n_gpu_layers:
+        argv += ["-ngl", p.n_gpu_layers]
+    if p.n_cpu_moe:
+        argv += ["--cpu-moe"] if p.n_cpu_moe < 0 else ["--n-cpu-moe", str(p.n_cpu_moe)]
+    if p.tensor_split:
+        argv += ["-ts", p.tensor_split]
     return argv
 
 
@@ -221,6 +232,7 @@ class Sizing:
     flags: ServerFlags
     plan: Plan
     sweep: SweepResult
+    solution: Any = None  # kvbook.plan.solver.Solution when params.solve
 
     @property
     def budget_bytes(self) -> int:
@@ -252,7 +264,15 @@ def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:
         plan = make_plan(arch, flags, device)
     except BadInput as exc:
         raise BadInput(f"these parameters do not describe a server llama-server would start: {exc}") from None
-    return Sizing(params=p, arch=arch, device=device, flags=flags, plan=plan, sweep=sweep_for(arch, p))
+    solution = None
+    if p.solve:
+        from kvbook.plan.solver import solve
+
+        try:
+            solution = solve(arch, flags, device, p.objective)
+        except BadInput as exc:
+            raise BadInput(f"parameter 'objective' / the solver: {exc}") from None
+    return Sizing(params=p, arch=arch, device=device, flags=flags, plan=plan, sweep=sweep_for(arch, p), solution=solution)
 
 
 def summary(s: Sizing, blog: BlogComparison | None = None) -> dict[str, Any]:
@@ -265,6 +285,11 @@ def summary(s: Sizing, blog: BlogComparison | None = None) -> dict[str, Any]:
     out["model_max_ctx"] = s.arch.n_ctx_train
     out["largest_fitting_ctx"] = s.fit_rows()
     out["blog_post"] = blog.to_dict() if blog is not None else None
+    if s.solution is not None:
+        from kvbook.notebook.placement_view import solver_rows
+
+        ranked, rejected = solver_rows(s.solution)
+        out["solver"] = {"objective": s.solution.objective, "placements": ranked, "rejected": rejected}
     return out
 
 
