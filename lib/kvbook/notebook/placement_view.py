@@ -11,6 +11,7 @@ from typing import Any
 from kvbook.errors import BadInput, KvbookError
 from kvbook.interface import Device, GiB, ModelArch, Plan, ServerFlags
 from kvbook.notebook.figures import COMPONENTS
+from kvbook.notebook.sizing import solver_rows  # noqa: F401 - the notebook's one import for placements
 
 _PARTS = (("weights", "weights_bytes"), ("kv", "kv_bytes"), ("recurrent", "recurrent_bytes"),
           ("compute", "compute_bytes"), ("output", "output_bytes"), ("host_extras", "host_extras_bytes"))
@@ -45,17 +46,6 @@ def device_figure(devices: Sequence[Mapping[str, Any]], title: str = "Per device
     fig.update_layout(barmode="stack", yaxis_title="GiB", height=420)
     apply_devices(fig, devices, title)
     return fig
-
-
-def solver_rows(solution: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(ranked placements, rejected options) of kvbook.plan.solver.solve, as table rows."""
-    ranked = [{"rank": p.rank, "verdict": p.verdict.value, "n_ctx": p.n_ctx, "-ngl": p.n_gpu_layers,
-               "--n-cpu-moe": "all" if p.n_cpu_moe < 0 else p.n_cpu_moe,
-               "-ts": ",".join(map(str, p.tensor_split)) or "-", "cache": p.cache_type,
-               "host MiB read / token": round(p.host_read_bytes / 2**20, 1), "llama-server args": " ".join(p.argv)}
-              for p in solution.placements]
-    rejected = [{"option": r.option, "reason": r.reason} for r in solution.rejected]
-    return ranked, rejected
 
 
 class PlacementUI:

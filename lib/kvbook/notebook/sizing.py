@@ -275,6 +275,17 @@ def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:
     return Sizing(params=p, arch=arch, device=device, flags=flags, plan=plan, sweep=sweep_for(arch, p), solution=solution)
 
 
+def solver_rows(solution: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(ranked placements, rejected options) of kvbook.plan.solver.solve, as table rows."""
+    ranked = [{"rank": p.rank, "verdict": p.verdict.value, "n_ctx": p.n_ctx, "-ngl": p.n_gpu_layers,
+               "--n-cpu-moe": "all" if p.n_cpu_moe < 0 else p.n_cpu_moe,
+               "-ts": ",".join(map(str, p.tensor_split)) or "-", "cache": p.cache_type,
+               "host MiB read / token": round(p.host_read_bytes / 2**20, 1), "llama-server args": " ".join(p.argv)}
+              for p in solution.placements]
+    rejected = [{"option": r.option, "reason": r.reason} for r in solution.rejected]
+    return ranked, rejected
+
+
 def summary(s: Sizing, blog: BlogComparison | None = None) -> dict[str, Any]:
     """summary.json: the plan's JSON contract plus the parameters, the fit table and the blog rows."""
     from kvbook.plan.summary import plan_summary
@@ -286,8 +297,6 @@ def summary(s: Sizing, blog: BlogComparison | None = None) -> dict[str, Any]:
     out["largest_fitting_ctx"] = s.fit_rows()
     out["blog_post"] = blog.to_dict() if blog is not None else None
     if s.solution is not None:
-        from kvbook.notebook.placement_view import solver_rows
-
         ranked, rejected = solver_rows(s.solution)
         out["solver"] = {"objective": s.solution.objective, "placements": ranked, "rejected": rejected}
     return out
