@@ -439,6 +439,7 @@ summary = cap.capacity_summary(params, result, label=label, build=versions()["ll
     md("## Speed model: predicted against measured"),
     code("ns.show_figure(cf.speed_figure(result.speed_rows))"),
     code("ns.show_table(result.speed_rows, 'held-out median error: prefill {prefill_pct}%, decode {decode_pct}%'.format(**result.speed_error))"),
+    code("ns.show_table(result.bounds, 'decode upper bounds on the device presets (memory bandwidth / bytes read per token): bounds, not predictions')"),
     code("ns.show_table(result.turn_rows, f'a Claude-Code-sized turn ({result.client}: {result.full_prefix_tokens} tokens of system prompt and tools), predicted')"),
     md("## Latency and goodput against concurrency"),
     code("ns.show_figure(cf.latency_figure(result.levels, summary['goodput']['slo']))"),

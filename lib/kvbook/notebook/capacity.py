@@ -62,6 +62,24 @@ def turn_time_rows(speed: SpeedModel, prompt_tokens: int, cached_tokens: int, ou
     return rows
 
 
+def decode_bound_rows(model: Path, depths: Sequence[int]) -> list[dict[str, Any]]:
+    """Decode tokens/s upper bounds (bandwidth / bytes read per token) on every device preset with a bandwidth
+    figure: bounds, not predictions. Presets carry no FLOPS figure, so prefill has no bound here."""
+    from kvbook.memory.roofline import decode_bound
+    from kvbook.model.sources import load_model
+    from kvbook.plan.devices import device_ids, load_device
+
+    arch = load_model(str(model))
+    rows = []
+    for device_id in device_ids():
+        pool = load_device(device_id).main_pool
+        if pool.bandwidth_gbps:
+            rows.append({"device": device_id, "bandwidth GB/s": pool.bandwidth_gbps,
+                         **{f"decode bound t/s @ {d}": round(decode_bound(arch, d, pool.bandwidth_gbps).tokens_per_s, 1)
+                            for d in depths}})
+    return rows
+
+
 # ------------------------------------------------------------------ the client's shape
 
 def capture_shapes(scale: float, timeout_s: float = 90.0) -> tuple[AgentShape, AgentShape, AgentShape]:
@@ -341,6 +359,7 @@ class CapacityResult:
     recommendation: dict[str, Any]
     scale_out: list[dict[str, Any]]
     facts: ServerFacts
+    bounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _per_slot_ctx(records: Sequence[TurnRecord], max_tokens: int) -> int:
@@ -388,7 +407,8 @@ def measure_capacity(p: CapacityParams, run_dir: Path, progress: bool = True) ->
         turn_rows=turn_time_rows(speed, full_prefix + 200, full_prefix, p.workload.max_tokens), client=full.client,
         full_prefix_tokens=full_prefix, levels=level_rows(levels), max_ok=swept.search.max_concurrency_meeting_slo,
         capped=swept.search.capped, cache_rows=cache_rows(records), cache=cache_block(records), slots=slots,
-        recommendation=rec, scale_out=scaled, facts=facts)
+        recommendation=rec, scale_out=scaled, facts=facts,
+        bounds=decode_bound_rows(model, sorted({min(p.speed_depths), max(p.speed_depths)})))
 
 
 def _one_thread(args: Sequence[str]) -> list[str]:
@@ -424,7 +444,7 @@ def capacity_summary(p: CapacityParams, r: CapacityResult, *, label: str, build:
                                                   "decode_tps_measured", "decode_tps_predicted", "held_out")}
                              for row in r.speed_rows],
                   "held_out_median_error": r.speed_error, "claude_code_turn": r.turn_rows,
-                  "full_prefix_tokens": r.full_prefix_tokens},
+                  "full_prefix_tokens": r.full_prefix_tokens, "decode_bounds": r.bounds},
         "goodput": {"slo": {"ttft_ms": p.slo.ttft_ms, "itl_ms": p.slo.itl_ms, "e2e_ms": p.slo.e2e_ms,
                             "attainment": p.slo.attainment},
                     "levels": goodput_levels, "max_concurrency_meeting_slo": r.max_ok, "capped": r.capped},
