@@ -25,7 +25,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 # Widget plots only (the static report figures above never change): the breakdown's traces as JSON.
 READ_WIDGET_CHART = """() => {
-  const plots = [...document.querySelectorAll('.widget-vbox .js-plotly-plot')];
+  const plots = [...document.querySelectorAll('.widget-vbox .js-plotly-plot')].filter(p => !p.closest('.kvbook-placement'));
   return JSON.stringify(plots.map(p => (p.data || []).map(t => [t.name, Array.from(t.x || []), Array.from(t.y || [])])));
 }"""
 

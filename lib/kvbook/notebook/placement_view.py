@@ -74,6 +74,7 @@ class PlacementUI:
         for control in (self.ngl, self.n_cpu_moe, self.ts):
             control.observe(self._changed, names="value")
         self.layout = w.VBox([w.HBox([self.ngl, self.n_cpu_moe, self.ts]), self.status, self.figure])
+        self.layout.add_class("kvbook-placement")  # lets a browser test tell it from the sizing UI
 
     def flags(self) -> ServerFlags:
         try:
