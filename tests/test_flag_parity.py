@@ -38,7 +38,15 @@ ROWS = [
     ([], {"LLAMA_ARG_CTX_SIZE": "abc"}, False, "expects a whole number"),
     ([], {"LLAMA_ARG_N_PARALLEL": "0"}, False, "invalid value for n_parallel"),
     # memory-changing options kvbook does not model yet: the server takes them, kvbook refuses by name
-    (["--gpt-oss-20b-default"], {}, True, "built-in preset"),
+    # presets are expanded to what they set (tests/test_hub_sources.py checks them against the real server)
+    (["--gpt-oss-20b-default"], {}, True, "ok"),
+    (["--fim-qwen-1.5b-default", "-c", "4096"], {}, True, "ok"),
+    (["--embd-gemma-default"], {}, True, "sets --embedding"),
+    (["--fim-qwen-7b-spec"], {}, True, "draft model"),
+    (["--spec-default"], {}, True, "speculative decoding state"),
+    (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
+    ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
+    (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),

@@ -153,6 +153,9 @@ class ServerFlags:
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     host: str = "127.0.0.1"
     port: int = 8080
+    hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
+    hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
+    no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value

@@ -86,6 +86,7 @@ def parse_log(text: str) -> LoggedMemory:
     caches: list[LoggedCache] = []
     kv_buffers: dict[str, float] = {}
     pending_kind = "kv"
+    in_model_run = False
     for line in text.splitlines():
         if "llama_context: constructing llama_context" in line:
             caches, compute_mib, kv_buffers, pending_kind = [], {}, {}, "kv"
@@ -98,8 +99,15 @@ def parse_log(text: str) -> LoggedMemory:
             values["flash_attn"] = m.group(1)
         if m := _RE["kv_unified"].search(line):
             values["kv_unified"] = m.group(1) == "true"
-        if m := _RE["model_buf"].search(line):
-            model_mib[m.group(1)] = float(m.group(2))
+        model_line = _RE["model_buf"].search(line)
+        if model_line:
+            # a split model logs one line per file and buffer type, in one run: summed; a later run (another
+            # model load) starts again
+            if not in_model_run:
+                model_mib = {}
+            name = model_line.group(1)
+            model_mib[name] = round(model_mib.get(name, 0.0) + float(model_line.group(2)), 2)
+        in_model_run = bool(model_line)
         if m := _RE["output_buf"].search(line):
             values["output_mib"] = float(m.group(2))
         if m := _RE["compute_buf"].search(line):

@@ -1,32 +1,75 @@
 """Plan any model: kvbook's rules where it has them, llama.cpp's own accounting (llama-fit-params on the
-file) for a local GGUF of any other architecture llama.cpp loads, labelled as such."""
+file, or on a sparse local copy of a remote file's header) for any other architecture llama.cpp loads,
+labelled as such. `-hf` is resolved to the file llama-server would fetch first."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
-from kvbook.interface import Device, Plan, ServerFlags
+from kvbook.errors import BadInput
+from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
 from kvbook.plan.planner import make_plan
 
 
-def plan_any(flags: ServerFlags, device: Device) -> Plan:
-    """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
-    try:
-        arch = load_model(flags.model)
-    except UnknownArchitecture as e:
-        path = Path(flags.model).expanduser()
-        if e.generic is None or not path.is_file():
-            raise
-        from kvbook.ops.fit_params import memory_from_fit
+def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+    """What llama-server loads as the model (a path or URL), and notes on how it was found: `-hf` is the
+    file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT), and it wins over -m."""
+    if not flags.hf_repo:
+        return flags.model, ()
+    from kvbook.model.hub import resolve_hf
 
-        memory = memory_from_fit(path, flags, e.generic)
+    hub = resolve_hf(flags.hf_repo, flags.hf_file, environ)
+    if hub.mmproj_path and not flags.no_mmproj:
+        raise BadInput(f"-hf {flags.hf_repo}: llama-server also fetches and loads the projector {hub.mmproj_path} "
+                       "(a multimodal projector, whose memory kvbook does not model yet); add --no-mmproj to plan "
+                       "the text model alone")
+    shards = f" ({len(hub.model_urls)} split files)" if len(hub.model_urls) > 1 else ""
+    how = f"-hff {hub.model_path}" if flags.hf_file else f"quant '{hub.tag}'" if hub.tag else "the default quant"
+    notes = [f"-hf {flags.hf_repo}: {hub.model_path}{shards} from {hub.repo} at {hub.commit[:12]}, as llama-server "
+             f"picks it ({how}); planned from its header over HTTP Range"]
+    if flags.model:
+        notes.append(f"-m {flags.model} is not what loads: with -hf, llama-server loads the file it fetched")
+    if hub.mmproj_path and flags.no_mmproj:
+        notes.append(f"--no-mmproj: the repo's projector {hub.mmproj_path} is not loaded")
+    return hub.model_urls[0], tuple(notes)
+
+
+def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[MemoryPlan, str]:
+    """llama-fit-params' accounting for a local file, or for a sparse copy of a remote file's header."""
+    from kvbook.ops.fit_params import memory_from_fit
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return memory_from_fit(path, flags, generic), "llama-fit-params on this file"
+    if source.startswith(("http://", "https://")):
+        from kvbook.model.ggufio import sparse_remote_copy
+
+        with tempfile.TemporaryDirectory(prefix="kvbook-sparse-") as tmp:
+            first = sparse_remote_copy(source, Path(tmp))
+            return (memory_from_fit(first, flags, generic),
+                    "llama-fit-params on a sparse local copy of the remote header: tensor data not downloaded")
+    raise BadInput(f"{source}: no GGUF to run llama-fit-params on")
+
+
+def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
+    """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
+    source, notes = model_source(flags, os.environ if environ is None else environ)
+    try:
+        arch = load_model(source)
+    except UnknownArchitecture as e:
+        remote = source.startswith(("http://", "https://"))
+        if e.generic is None or not (remote or Path(source).expanduser().is_file()):
+            raise
+        memory, how = _fit_memory(source, flags, e.generic)
         plan = make_plan(e.generic, flags, device, memory=memory, accounting="llama-fit-params")
         note = (f"architecture '{e.generic.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
-                "accounting (llama-fit-params on this file, MiB to two decimals); the largest context and "
-                "alternatives are not searched")
-        from dataclasses import replace
-
-        return replace(plan, notes=(note, *plan.notes))
-    return make_plan(arch, flags, device)
+                f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
+        return replace(plan, notes=(*notes, note, *plan.notes))
+    plan = make_plan(arch, flags, device)
+    return replace(plan, notes=(*notes, *plan.notes)) if notes else plan

@@ -42,8 +42,7 @@ UNMODELLED = {
     "--spec-draft-override-tensor": "a draft model for speculative decoding",
     "-mm": "a multimodal projector",
     "-mmu": "a multimodal projector",
-    "-hf": "a model downloaded at start (pass the GGUF path or URL instead)",
-    "-hff": "a model downloaded at start (pass the GGUF path or URL instead)",
+    "--spec-draft-hf": "a draft model for speculative decoding",
     "-mu": "a model downloaded at start (pass the GGUF URL as -m instead)",
     "-dr": "a model pulled from a registry at start (pass the GGUF path instead)",
     "--embedding": "embedding outputs",
@@ -59,8 +58,43 @@ UNMODELLED_SPELLINGS = {
     "-nr": "no weight repacking (the CPU_REPACK buffer)",
     "--no-repack": "no weight repacking (the CPU_REPACK buffer)",
 }
-# Built-in presets (`--gpt-oss-20b-default`, `--fim-qwen-7b-spec`, ...) set a model and several flags.
-PRESET_SUFFIXES = ("-default", "-spec")
+# The pinned build's presets (common/arg.cpp, "// presets"): each sets these options, in this order, where it
+# stands on the command line (a later flag overrides it, an earlier one is overridden). Where arg.cpp computes
+# n_ctx as a multiple of the n_parallel it has just set, the product is written out. Sampling and template
+# settings are listed too (they change no memory); n_cache_reuse is --cache-reuse.
+_OAI = (("--temp", "1.0"), ("--top-p", "1.0"), ("--top-k", "0"), ("--min-p", "0.01"), ("--jinja", None))
+_FIM = (("--port", "8012"), ("-ub", "1024"), ("-b", "1024"), ("-c", "0"), ("--cache-reuse", "256"))
+_QWEN_DRAFT = (("-hfd", "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF"),)  # plus the draft file qwen2.5-coder-0.5b-q8_0.gguf
+PRESETS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "--embd-gemma-default": (("-hf", "ggml-org/embeddinggemma-300M-qat-q4_0-GGUF"),
+                             ("-hff", "embeddinggemma-300M-qat-Q4_0.gguf"), ("--port", "8011"), ("-ub", "2048"),
+                             ("-b", "2048"), ("-np", "32"), ("-c", "65536"), ("--embedding", None)),
+    "--fim-qwen-1.5b-default": (("-hf", "ggml-org/Qwen2.5-Coder-1.5B-Q8_0-GGUF"),
+                                ("-hff", "qwen2.5-coder-1.5b-q8_0.gguf"), *_FIM),
+    "--fim-qwen-3b-default": (("-hf", "ggml-org/Qwen2.5-Coder-3B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-3b-q8_0.gguf"),
+                              *_FIM),
+    "--fim-qwen-7b-default": (("-hf", "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-7b-q8_0.gguf"),
+                              *_FIM),
+    "--fim-qwen-7b-spec": (("-hf", "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-7b-q8_0.gguf"),
+                           *_QWEN_DRAFT, *_FIM),
+    "--fim-qwen-14b-spec": (("-hf", "ggml-org/Qwen2.5-Coder-14B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-14b-q8_0.gguf"),
+                            *_QWEN_DRAFT, *_FIM),
+    "--fim-qwen-30b-default": (("-hf", "ggml-org/Qwen3-Coder-30B-A3B-Instruct-Q8_0-GGUF"),
+                               ("-hff", "qwen3-coder-30b-a3b-instruct-q8_0.gguf"), *_FIM),
+    "--gpt-oss-20b-default": (("-hf", "ggml-org/gpt-oss-20b-GGUF"), ("-hff", "gpt-oss-20b-mxfp4.gguf"),
+                              ("--port", "8013"), ("-ub", "2048"), ("-b", "32768"), ("-np", "2"), ("-c", "262144"),
+                              *_OAI),
+    "--gpt-oss-120b-default": (("-hf", "ggml-org/gpt-oss-120b-GGUF"), ("--port", "8013"), ("-ub", "2048"),
+                               ("-b", "32768"), ("-np", "2"), ("-c", "262144"), *_OAI),
+    "--vision-gemma-4b-default": (("-hf", "ggml-org/gemma-3-4b-it-qat-GGUF"), ("--port", "8014"), ("-c", "0"),
+                                  ("--jinja", None)),
+    "--vision-gemma-12b-default": (("-hf", "ggml-org/gemma-3-12b-it-qat-GGUF"), ("--port", "8014"), ("-c", "0"),
+                                   ("--jinja", None)),
+    "--spec-default": (("--spec-type", "ngram-mod"), ("--spec-ngram-mod-n-match", "24"),
+                       ("--spec-ngram-mod-n-min", "48"), ("--spec-ngram-mod-n-max", "64")),
+}
+# what a preset sets that llama-server has no flag for (and that changes no memory)
+PRESET_UNFLAGGED = {"--embd-gemma-default": "verbose_prompt"}
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -181,6 +215,8 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
+    "-hf": ("hf_repo", lambda f, v: v),
+    "-hff": ("hf_file", lambda f, v: v),
 }
 
 # canonical spelling -> {spelling: (field, value)} for boolean switches
@@ -191,6 +227,8 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
+    "--mmproj-auto": {"--mmproj-auto": ("no_mmproj", False), "--no-mmproj": ("no_mmproj", True),
+                      "--no-mmproj-auto": ("no_mmproj", True)},
 }
 
 
@@ -200,8 +238,6 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
         return UNMODELLED_SPELLINGS[flag]
     if canonical in UNMODELLED and not (canonical == "--spec-type" and value == "none"):
         return UNMODELLED[canonical]
-    if canonical.startswith("--") and canonical.endswith(PRESET_SUFFIXES):
-        return "a built-in preset that sets the model and several flags (write them out instead)"
     return None
 
 
@@ -217,6 +253,8 @@ _EFFECT = {
     "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
     "cpu_moe_layers": "expert weights kept in host RAM",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
+    "hf_repo": "the model: the file llama-server fetches from the hub", "hf_file": "the model: this file of the -hf repo",
+    "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
 }
 
 
@@ -229,6 +267,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         field = "kv_unified_per_slot"
     if read is not None:
         label = shown if value is None or source == "environment" else f"{shown} {value}"
+        if source.startswith("preset "):
+            label = flag if value is None else f"{flag} {value}"
         read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
     why = _refusal(flag, canonical, value)
     if why:
@@ -247,7 +287,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
 
 # options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
 # true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false
-_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr")}
+_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr"),
+                 "--mmproj-auto": ("--mmproj-auto", "--no-mmproj")}
 
 
 def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
@@ -272,6 +313,20 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
         elif raw in TRUTHY:
             _apply(values, ignored, canonical, canonical, None, shown, **env)
     return read
+
+
+def _expand_preset(values: dict[str, Any], ignored: list[str], token: str, canonical: str,
+                   log: list[tuple[str, str, str]]) -> None:
+    """A preset flag: the options it sets, applied where it stands, each listed as set by the preset."""
+    table = _spellings()
+    settings = PRESETS[canonical]
+    shown = " ".join(f if v is None else f"{f} {v}" for f, v in settings)
+    if canonical in PRESET_UNFLAGGED:
+        shown += f" (and {PRESET_UNFLAGGED[canonical]}, which has no server flag)"
+    log.append((token, "command line", f"preset: sets {shown}"))
+    for flag, value in settings:
+        _apply(values, ignored, flag, table[flag][0], value, f"{token} (sets {flag}{'' if value is None else ' ' + value})",
+               log, source=f"preset {token}")
 
 
 def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerFlags:
@@ -307,9 +362,16 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
             i += 1
             value = args[i]
         i += 1
-        _apply(values, ignored, flag, canonical, value, token, log)
+        if canonical in PRESETS:
+            _expand_preset(values, ignored, token, canonical, log)
+        else:
+            _apply(values, ignored, flag, canonical, value, token, log)
+    if values.get("hf_file") and not values.get("hf_repo"):
+        raise BadInput("-hff FILE needs -hf USER/REPO: llama-server reads the file name only with a repo")
+    if values.get("hf_repo"):
+        values.setdefault("model", "")  # -hf wins over -m: llama-server loads the file it fetched
     if "model" not in values:
-        raise BadInput("the llama-server command line has no -m MODEL")
+        raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
     per_slot = values.pop("kv_unified_per_slot", None)
     if per_slot and "ctx" not in values:  # server.cpp: only without -c (an explicit -c 0 wins); 0 means unset
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
@@ -327,6 +389,8 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
     default = ServerFlags(model=flags.model)
     value = getattr(flags, field)
     if field == "model":
+        if flags.hf_repo:
+            return ["-hf", flags.hf_repo, *(["-hff", flags.hf_file] if flags.hf_file else [])]
         return ["-m", flags.model]
     if value == getattr(default, field):
         return []
