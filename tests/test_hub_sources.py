@@ -116,9 +116,12 @@ def _plan(capsys, *args: str) -> tuple[int, dict, str]:
     return code, (json.loads(out) if out.strip() else {}), err
 
 
-def test_hf_plans_the_chosen_split_file_from_headers_only(capsys, monkeypatch, smollm2, shards) -> None:
+def test_hf_plans_the_chosen_split_file_from_headers_only(capsys, monkeypatch, tmp_path, smollm2, shards) -> None:
+    from kvbook.testing.synthetic import ProjectorShape, write_synthetic_projector
+
+    projector = write_synthetic_projector(ProjectorShape(), tmp_path / "mmproj-smol-F16.gguf")
     repo = {"smol-Q8_0.gguf": smollm2, **{f"q41/{p.name}": p for p in sorted(shards.iterdir())},
-            "mmproj-smol-F16.gguf": smollm2}
+            "mmproj-smol-F16.gguf": projector}
     with LoopbackHub({"kv/smol-GGUF": repo}) as loop:
         monkeypatch.setenv("MODEL_ENDPOINT", loop.endpoint)
         local = _plan(capsys, "-m", str(smollm2), "-c", "4096")[1]
@@ -131,9 +134,10 @@ def test_hf_plans_the_chosen_split_file_from_headers_only(capsys, monkeypatch, s
         assert any("the repo's projector mmproj-smol-F16.gguf is not loaded" in n for n in doc["notes"])
         for name in (p.name for p in shards.iterdir()):
             assert 0 < loop.state.sent[f"q41/{name}"] < (shards / name).stat().st_size / 4  # headers, not weights
-        # the projector the server would load is named, not ignored
-        code, _, err = _plan(capsys, "-hf", "kv/smol-GGUF:q8_0")
-        assert code == 2 and "projector mmproj-smol-F16.gguf" in err and "--no-mmproj" in err
+        # the projector the server would load too is planned (tests/test_projector.py checks its figures)
+        code, doc, err = _plan(capsys, "-hf", "kv/smol-GGUF:q8_0")
+        assert code == 0 and doc["projector"]["source"].endswith("/mmproj-smol-F16.gguf"), err
+        assert doc["projector"]["weights_bytes"] > 0
         code, _, err = _plan(capsys, "-hf", "kv/smol-GGUF", "-hff", "nope.gguf")
         assert code == 2 and "-hff nope.gguf: not in kv/smol-GGUF" in err and len(err.strip().splitlines()) == 1
         code, _, err = _plan(capsys, "-hf", "kv/absent-GGUF")

@@ -48,7 +48,8 @@ def test_the_schema_rejects_what_it_should(capsys) -> None:
     _, doc, _ = plan_json(capsys, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "4096")
     validator = jsonschema.Draft202012Validator(SCHEMA)
     for broken in ({**doc, "verdict": "maybe"}, {**doc, "kv_bytes": -1}, {**doc, "surprise": 1},
-                   {k: v for k, v in doc.items() if k != "caches"}, {**doc, "schema_version": 2}):
+                   {k: v for k, v in doc.items() if k != "caches"}, {**doc, "schema_version": SCHEMA_VERSION + 1},
+                   {**doc, "projector": {"source": "x"}}):
         assert list(validator.iter_errors(broken)), broken
 
 

@@ -55,6 +55,24 @@ class RecurrentShape:
 
 
 @dataclass(frozen=True)
+class ProjectorArch:
+    """A multimodal projector (`--mmproj`, or the one `-hf` fetches): what its GGUF's clip.* keys say, and the
+    bytes of its tensors (llama.cpp's clip loader reads every tensor it uses into its own buffer)."""
+
+    source: str
+    projector_type: str
+    vision: bool
+    audio: bool
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    image_size: int
+    patch_size: int
+    weights_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelArch:
     """What llama.cpp's loader derives from a model's metadata, per layer where it varies.
 
@@ -97,6 +115,7 @@ class ModelArch:
     # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
+    projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -153,6 +172,8 @@ class ServerFlags:
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     host: str = "127.0.0.1"
     port: int = 8080
+    mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
+    mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
     hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
     no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf
@@ -231,6 +252,17 @@ class HostExtras:
 
 
 @dataclass(frozen=True)
+class ProjectorMemory:
+    """What the projector allocates: its weights (exact: the tensor sizes) and its compute buffer for the
+    warm-up image (an estimate), on the GPU when offloaded, else in host RAM."""
+
+    weights_bytes: int
+    compute_bytes: int
+    compute_note: str
+    on_gpu: bool
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """Everything llama-server allocates at start, plus run-time host growth, in bytes."""
 
@@ -241,6 +273,11 @@ class MemoryPlan:
     output_bytes: int
     compute: ComputeEstimate
     host_extras: HostExtras
+    projector: ProjectorMemory | None = None
+
+    @property
+    def projector_bytes(self) -> int:
+        return self.projector.weights_bytes + self.projector.compute_bytes if self.projector else 0
 
     @property
     def kv_bytes(self) -> int:
@@ -253,7 +290,8 @@ class MemoryPlan:
     @property
     def start_bytes(self) -> int:
         """Allocated when the server starts."""
-        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
+        return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
+                + self.projector_bytes)
 
     @property
     def total_bytes(self) -> int:

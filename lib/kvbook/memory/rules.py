@@ -17,9 +17,11 @@ from kvbook.interface import (
     MemoryPlan,
     MiB,
     ModelArch,
+    ProjectorMemory,
     ServerFlags,
 )
 from kvbook.memory.compute import estimate_compute
+from kvbook.memory.projector import projector_memory
 from kvbook.memory.xp import PY
 
 # ggml block size and bytes per block for the cache types llama-server accepts
@@ -217,4 +219,10 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         output_bytes=output_bytes(arch, shape),
         compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
         host_extras=HostExtras(cache_ram_bytes=cache_ram, checkpoint_bytes=checkpoint_bytes(arch, shape, flags)),
+        projector=with_projector(arch, shape, flags),
     )
+
+
+def with_projector(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> ProjectorMemory | None:
+    """The projector's memory when the model has one (`on_gpu` is what the flags ask; the planner places it)."""
+    return projector_memory(arch.projector, shape.flash_attn, flags.mmproj_offload) if arch.projector else None

@@ -23,6 +23,8 @@ _RE = {
     "model_buf": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*" + _NUM + " MiB"),
     "output_buf": re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s*" + _NUM + " MiB"),
     "compute_buf": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "clip_model": re.compile(r"load_hparams: model size:\s+" + _NUM + " MiB"),
+    "clip_compute": re.compile(r"reserve_compute_meta:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
     "kv_buf": re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s*" + _NUM + " MiB"),
     "rs_buf": re.compile(r"llama_memory_recurrent:\s+(\S+) RS buffer size =\s*" + _NUM + " MiB"),
     "iswa": re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells"),
@@ -67,6 +69,9 @@ class LoggedMemory:
     compute_mib: dict[str, float] = field(default_factory=dict)
     caches: tuple[LoggedCache, ...] = ()
     kv_buffer_mib: dict[str, float] = field(default_factory=dict)  # per buffer type, every cache summed
+    # the multimodal projector (tools/mtmd/clip.cpp): its weights, and its compute buffer per buffer type
+    projector_model_mib: float | None = None
+    projector_compute_mib: dict[str, float] = field(default_factory=dict)
 
     @property
     def compute_bytes(self) -> int:
@@ -87,6 +92,7 @@ def parse_log(text: str) -> LoggedMemory:
     kv_buffers: dict[str, float] = {}
     pending_kind = "kv"
     in_model_run = False
+    clip_compute: dict[str, float] = {}
     for line in text.splitlines():
         if "llama_context: constructing llama_context" in line:
             caches, compute_mib, kv_buffers, pending_kind = [], {}, {}, "kv"
@@ -108,6 +114,10 @@ def parse_log(text: str) -> LoggedMemory:
             name = model_line.group(1)
             model_mib[name] = round(model_mib.get(name, 0.0) + float(model_line.group(2)), 2)
         in_model_run = bool(model_line)
+        if m := _RE["clip_model"].search(line):
+            values["projector_model_mib"] = float(m.group(1))
+        if m := _RE["clip_compute"].search(line):
+            clip_compute[m.group(1)] = float(m.group(2))
         if m := _RE["output_buf"].search(line):
             values["output_mib"] = float(m.group(2))
         if m := _RE["compute_buf"].search(line):
@@ -144,7 +154,7 @@ def parse_log(text: str) -> LoggedMemory:
                 )
             )
     return LoggedMemory(model_mib=model_mib, compute_mib=compute_mib, caches=tuple(caches), kv_buffer_mib=kv_buffers,
-                        **values)  # type: ignore[arg-type]
+                        projector_compute_mib=clip_compute, **values)  # type: ignore[arg-type]
 
 
 def mib2(n_bytes: int) -> float:

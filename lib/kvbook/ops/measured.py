@@ -63,6 +63,12 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryR
         MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True),
         MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
     ]
+    if predicted.projector is not None:
+        rows += [
+            MemoryRow("projector weights MiB", mib2(predicted.projector.weights_bytes), logged.projector_model_mib, True),
+            MemoryRow("projector compute MiB", mib2(predicted.projector.compute_bytes),
+                      round(sum(logged.projector_compute_mib.values()), 2), None),
+        ]
     return tuple(rows)
 
 

@@ -12,23 +12,22 @@ from pathlib import Path
 
 from kvbook.errors import BadInput
 from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
+from kvbook.memory.rules import with_projector
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
 from kvbook.plan.planner import make_plan
 
 
-def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
-    """What llama-server loads as the model (a path or URL), and notes on how it was found: `-hf` is the
-    file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT), and it wins over -m."""
+def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, str, tuple[str, ...]]:
+    """What llama-server loads: the model (a path or URL), the projector ('' for none), and notes on how they
+    were found. `-hf` is the file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT),
+    and it wins over -m; its repo's projector comes too unless --no-mmproj or --mmproj/--mmproj-url is given."""
     if not flags.hf_repo:
-        return flags.model, ()
+        return flags.model, flags.mmproj, ()
     from kvbook.model.hub import resolve_hf
 
     hub = resolve_hf(flags.hf_repo, flags.hf_file, environ)
-    if hub.mmproj_path and not flags.no_mmproj:
-        raise BadInput(f"-hf {flags.hf_repo}: llama-server also fetches and loads the projector {hub.mmproj_path} "
-                       "(a multimodal projector, whose memory kvbook does not model yet); add --no-mmproj to plan "
-                       "the text model alone")
+    auto = bool(hub.mmproj_url and not flags.no_mmproj and not flags.mmproj)
     shards = f" ({len(hub.model_urls)} split files)" if len(hub.model_urls) > 1 else ""
     how = f"-hff {hub.model_path}" if flags.hf_file else f"quant '{hub.tag}'" if hub.tag else "the default quant"
     notes = [f"-hf {flags.hf_repo}: {hub.model_path}{shards} from {hub.repo} at {hub.commit[:12]}, as llama-server "
@@ -37,7 +36,9 @@ def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, t
         notes.append(f"-m {flags.model} is not what loads: with -hf, llama-server loads the file it fetched")
     if hub.mmproj_path and flags.no_mmproj:
         notes.append(f"--no-mmproj: the repo's projector {hub.mmproj_path} is not loaded")
-    return hub.model_urls[0], tuple(notes)
+    if auto:
+        notes.append(f"-hf also fetches the repo's projector {hub.mmproj_path} (--no-mmproj to leave it out)")
+    return hub.model_urls[0], (hub.mmproj_url or "") if auto else flags.mmproj, tuple(notes)
 
 
 def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[MemoryPlan, str]:
@@ -59,15 +60,24 @@ def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[Me
 
 def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
     """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
-    source, notes = model_source(flags, os.environ if environ is None else environ)
+    source, mmproj, notes = model_source(flags, os.environ if environ is None else environ)
+    projector = None
+    if mmproj:
+        from kvbook.model.projector import load_projector
+
+        projector = load_projector(mmproj)
+        notes = (*notes, f"projector {projector.projector_type} from {mmproj}: weights exact (its tensors), compute "
+                         "buffer estimated from the vision tower's shapes")
     try:
-        arch = load_model(source)
+        arch = replace(load_model(source), projector=projector)
     except UnknownArchitecture as e:
         remote = source.startswith(("http://", "https://"))
         if e.generic is None or not (remote or Path(source).expanduser().is_file()):
             raise
-        memory, how = _fit_memory(source, flags, e.generic)
-        plan = make_plan(e.generic, flags, device, memory=memory, accounting="llama-fit-params")
+        generic = replace(e.generic, projector=projector)
+        memory, how = _fit_memory(source, flags, generic)
+        memory = replace(memory, projector=with_projector(generic, memory.shape, flags))
+        plan = make_plan(generic, flags, device, memory=memory, accounting="llama-fit-params")
         note = (f"architecture '{e.generic.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
                 f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
         return replace(plan, notes=(*notes, note, *plan.notes))

@@ -40,8 +40,9 @@ UNMODELLED = {
     "--spec-type": "speculative decoding state",
     "--spec-draft-ngl": "a draft model for speculative decoding",
     "--spec-draft-override-tensor": "a draft model for speculative decoding",
-    "-mm": "a multimodal projector",
-    "-mmu": "a multimodal projector",
+    "-mmdev": "the projector's device",
+    "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
+    "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
     "--spec-draft-hf": "a draft model for speculative decoding",
     "-mu": "a model downloaded at start (pass the GGUF URL as -m instead)",
     "-dr": "a model pulled from a registry at start (pass the GGUF path instead)",
@@ -215,6 +216,8 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
+    "-mm": ("mmproj", lambda f, v: v),
+    "-mmu": ("mmproj", lambda f, v: v),
     "-hf": ("hf_repo", lambda f, v: v),
     "-hff": ("hf_file", lambda f, v: v),
 }
@@ -227,6 +230,7 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
+    "--mmproj-offload": {"--mmproj-offload": ("mmproj_offload", True), "--no-mmproj-offload": ("mmproj_offload", False)},
     "--mmproj-auto": {"--mmproj-auto": ("no_mmproj", False), "--no-mmproj": ("no_mmproj", True),
                       "--no-mmproj-auto": ("no_mmproj", True)},
 }
@@ -255,6 +259,7 @@ _EFFECT = {
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "hf_repo": "the model: the file llama-server fetches from the hub", "hf_file": "the model: this file of the -hf repo",
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
+    "mmproj": "the multimodal projector: its weights and compute buffer", "mmproj_offload": "where the projector sits",
 }
 
 
@@ -288,7 +293,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
 # options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
 # true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false
 _ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr"),
-                 "--mmproj-auto": ("--mmproj-auto", "--no-mmproj")}
+                 "--mmproj-auto": ("--mmproj-auto", "--no-mmproj"),
+                 "--mmproj-offload": ("--mmproj-offload", "--no-mmproj-offload")}
 
 
 def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
@@ -407,6 +413,10 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["-nkvo"]
     if field == "fit":
         return ["--fit", "off"]
+    if field == "mmproj":
+        return ["--mmproj", value]
+    if field == "mmproj_offload":
+        return ["--no-mmproj-offload"]
     if field == "rpc":
         return ["--rpc", ",".join(value)]
     if field == "cpu_moe_layers":
@@ -419,7 +429,7 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers"]
+              "rpc", "tensor_split", "cpu_moe_layers", "mmproj", "mmproj_offload"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 

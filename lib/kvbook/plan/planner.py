@@ -108,6 +108,8 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
+        raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     if flags.cpu_moe_layers and not arch.n_expert:
         raise BadInput(f"--cpu-moe / --n-cpu-moe: {arch.name} has no experts")
     if _spread(arch, flags, device):
@@ -127,6 +129,10 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
     parts[host]["extras"] += memory.host_extras.bytes
+    proj = projector_pool(memory, device)
+    if proj is not None and memory.projector is not None:
+        parts[proj]["weights"] += memory.projector.weights_bytes
+        parts[proj]["compute"] += memory.projector.compute_bytes
     usages = []
     for pool in device.pools:
         part = parts[pool.name]
@@ -143,6 +149,18 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                                 compute_bytes=part["compute"], output_bytes=part["output"],
                                 host_extras_bytes=part["extras"]))
     return tuple(usages)
+
+
+def projector_pool(memory: MemoryPlan, device: Device) -> str | None:
+    """Where the projector sits: clip uses the first GPU whenever there is one and offload is on (whatever
+    -ngl says), else the CPU; on unified memory the one pool."""
+    if memory.projector is None:
+        return None
+    if device.unified:
+        return device.pools[0].name
+    gpu = next((p.name for p in device.pools if p.kind == "gpu"), None)
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    return gpu if gpu and memory.projector.on_gpu else host
 
 
 def worst(usages: tuple[PoolUsage, ...]) -> Verdict:

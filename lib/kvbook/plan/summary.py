@@ -10,7 +10,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 1  # bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 2  # 2: "projector"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -46,6 +46,7 @@ def plan_summary(plan: Plan) -> dict:
         "accounting": plan.accounting,
         "compute_calibrated": plan.compute_calibrated,
         "output_bytes": mem.output_bytes,
+        "projector": projector_entry(plan),
         "host_extras_bytes": mem.host_extras.bytes,
         "start_bytes": mem.start_bytes,
         "total_bytes": mem.total_bytes,
@@ -62,6 +63,18 @@ def plan_summary(plan: Plan) -> dict:
         "notes": list(plan.notes),
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
     }
+
+
+def projector_entry(plan: Plan) -> dict | None:
+    """The multimodal projector llama-server loads with the model (None without one)."""
+    proj, mem = plan.model.projector, plan.memory.projector
+    if proj is None or mem is None:
+        return None
+    from kvbook.plan.planner import projector_pool
+
+    return {"source": proj.source, "projector_type": proj.projector_type, "weights_bytes": mem.weights_bytes,
+            "weights_exact": True, "compute_bytes": mem.compute_bytes, "compute_note": mem.compute_note,
+            "device": _device_name(plan, projector_pool(plan.memory, plan.device) or "")}
 
 
 def device_entry(plan: Plan, use: PoolUsage) -> dict:
@@ -112,6 +125,10 @@ def format_plan(plan: Plan) -> str:
             f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)" if plan.compute_calibrated else
             f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"),
         f"  output       {_size(mem.output_bytes)}  logits",
+        *([f"  projector    {_size(mem.projector.weights_bytes)}  weights, exact: {plan.model.projector.projector_type} "
+           f"tensors of {plan.model.projector.source}",
+           f"  proj compute {_size(mem.projector.compute_bytes)}  {mem.projector.compute_note}"]
+          if mem.projector and plan.model.projector else []),
         f"  at start     {_size(mem.start_bytes)}",
         f"  host growth  {_size(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
         f"  total        {_size(mem.total_bytes)}",
