@@ -47,6 +47,12 @@ ROWS = [
     (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
     ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
     (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),
+    # a draft model is planned (tests/test_draft.py); other speculative state is refused by name
+    (["-md", "draft.gguf", "-ctkd", "q8_0", "-ctvd", "q8_0", "-ngld", "99"], {}, True, "ok"),
+    (["-ctkd", "q3_k"], {}, False, "unknown value 'q3_k'"),
+    (["--spec-type", "draft-mtp"], {}, True, "speculative decoding state"),
+    (["--mmproj", "p.gguf", "--no-mmproj-offload"], {}, True, "ok"),
+    (["--image-max-tokens", "256"], {}, True, "warm-up image size"),
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),

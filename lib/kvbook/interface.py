@@ -116,6 +116,7 @@ class ModelArch:
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
     projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
+    draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -172,6 +173,10 @@ class ServerFlags:
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     host: str = "127.0.0.1"
     port: int = 8080
+    draft_model: str = ""  # -md FILE: a draft model (its own weights, KV cache and compute buffer)
+    draft_type_k: str = "f16"  # -ctkd
+    draft_type_v: str = "f16"  # -ctvd
+    draft_gpu_layers: str = "auto"  # -ngld
     mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
     mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
@@ -274,10 +279,15 @@ class MemoryPlan:
     compute: ComputeEstimate
     host_extras: HostExtras
     projector: ProjectorMemory | None = None
+    draft: MemoryPlan | None = None  # the draft model's own context (-md): weights, caches, logits, compute
 
     @property
     def projector_bytes(self) -> int:
         return self.projector.weights_bytes + self.projector.compute_bytes if self.projector else 0
+
+    @property
+    def draft_bytes(self) -> int:
+        return self.draft.start_bytes if self.draft else 0
 
     @property
     def kv_bytes(self) -> int:
@@ -291,12 +301,12 @@ class MemoryPlan:
     def start_bytes(self) -> int:
         """Allocated when the server starts."""
         return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
-                + self.projector_bytes)
+                + self.projector_bytes + self.draft_bytes)
 
     @property
     def total_bytes(self) -> int:
         """Start allocation plus the host RAM that can grow at run time."""
-        return self.start_bytes + self.host_extras.bytes
+        return self.start_bytes + self.host_extras.bytes + (self.draft.host_extras.bytes if self.draft else 0)
 
     def json_extras(self) -> dict[str, Any]:
         return {

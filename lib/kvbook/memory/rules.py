@@ -220,7 +220,26 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
         host_extras=HostExtras(cache_ram_bytes=cache_ram, checkpoint_bytes=checkpoint_bytes(arch, shape, flags)),
         projector=with_projector(arch, shape, flags),
+        draft=draft_memory(arch, shape, flags),
     )
+
+
+def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
+    """The draft context's settings (common/speculative.cpp): the server's own, with the target context's
+    n_ctx, the draft's cache types (-ctkd/-ctvd, f16 by default), and no prompt cache of its own (the one
+    --cache-ram limit covers both)."""
+    import dataclasses
+
+    return dataclasses.replace(flags, model=flags.draft_model, ctx=shape.n_ctx, type_k=flags.draft_type_k,
+                               type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
+                               draft_model="", mmproj="")
+
+
+def draft_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan | None:
+    """The draft model's context, sized as llama.cpp sizes it for speculative decoding (None without -md)."""
+    if arch.draft is None:
+        return None
+    return plan_memory(arch.draft, draft_flags(flags, shape))
 
 
 def with_projector(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> ProjectorMemory | None:

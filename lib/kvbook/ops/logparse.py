@@ -83,8 +83,26 @@ class LoggedMemory:
         return sum(v for k, v in self.model_mib.items() if k != "CPU_REPACK")
 
 
+DRAFT_MARKER = "loading draft model"  # common/speculative.cpp logs it before it loads the -md model
+
+
 def parse_log(text: str) -> LoggedMemory:
-    """The last context creation in a llama-server log (a server logs one; fit probes log none at -lv 4)."""
+    """The target model's context in a llama-server log (the last one created before a draft model is loaded;
+    fit probes log none at -lv 4), and the projector's lines wherever they are."""
+    head, marker, _ = text.partition(DRAFT_MARKER)
+    if not marker:
+        return _parse(text)
+    clip = "\n".join(ln for ln in text.splitlines() if "load_hparams: model size" in ln or "reserve_compute_meta" in ln)
+    return _parse(head + "\n" + clip)
+
+
+def parse_draft_log(text: str) -> LoggedMemory | None:
+    """The draft model's context (-md): everything the log says after the draft starts loading."""
+    _, marker, tail = text.partition(DRAFT_MARKER)
+    return _parse(tail) if marker else None
+
+
+def _parse(text: str) -> LoggedMemory:
     values: dict[str, object] = {}
     model_mib: dict[str, float] = {}
     compute_mib: dict[str, float] = {}

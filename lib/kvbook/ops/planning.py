@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kvbook.errors import BadInput
 from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
-from kvbook.memory.rules import with_projector
+from kvbook.memory.rules import draft_memory, with_projector
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
 from kvbook.plan.planner import make_plan
@@ -58,6 +58,23 @@ def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[Me
     raise BadInput(f"{source}: no GGUF to run llama-fit-params on")
 
 
+def _draft(flags: ServerFlags) -> ModelArch | None:
+    """The -md draft model, which kvbook must have a rule for (its context is planned like the target's)."""
+    if not flags.draft_model:
+        return None
+    try:
+        draft = load_model(flags.draft_model)
+    except UnknownArchitecture as e:
+        raise BadInput(f"-md {flags.draft_model}: {e}; a draft of an architecture without a kvbook rule is not "
+                       "planned yet") from None
+    if draft.n_layer_nextn:
+        raise BadInput(f"-md {flags.draft_model}: the draft has NextN/MTP layers, so llama-server runs it as an MTP "
+                       "draft, which kvbook does not model yet")
+    if not draft.weights_exact:
+        raise BadInput(f"-md {flags.draft_model}: a draft model must be a GGUF (path or URL)")
+    return draft
+
+
 def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
     """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
     source, mmproj, notes = model_source(flags, os.environ if environ is None else environ)
@@ -68,15 +85,20 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
         projector = load_projector(mmproj)
         notes = (*notes, f"projector {projector.projector_type} from {mmproj}: weights exact (its tensors), compute "
                          "buffer estimated from the vision tower's shapes")
+    draft = _draft(flags)
+    if draft is not None:
+        notes = (*notes, f"draft model {draft.name} ({draft.arch}) from {flags.draft_model}: its own context of the "
+                         "target's n_ctx, sized by kvbook's rules")
     try:
-        arch = replace(load_model(source), projector=projector)
+        arch = replace(load_model(source), projector=projector, draft=draft)
     except UnknownArchitecture as e:
         remote = source.startswith(("http://", "https://"))
         if e.generic is None or not (remote or Path(source).expanduser().is_file()):
             raise
-        generic = replace(e.generic, projector=projector)
+        generic = replace(e.generic, projector=projector, draft=draft)
         memory, how = _fit_memory(source, flags, generic)
-        memory = replace(memory, projector=with_projector(generic, memory.shape, flags))
+        memory = replace(memory, projector=with_projector(generic, memory.shape, flags),
+                         draft=draft_memory(generic, memory.shape, flags))
         plan = make_plan(generic, flags, device, memory=memory, accounting="llama-fit-params")
         note = (f"architecture '{e.generic.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
                 f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")

@@ -36,9 +36,10 @@ UNMODELLED = {
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
-    "--spec-draft-model": "a draft model for speculative decoding",
     "--spec-type": "speculative decoding state",
-    "--spec-draft-ngl": "a draft model for speculative decoding",
+    "--spec-draft-device": "the draft model's device",
+    "--spec-draft-cpu-moe": "the draft's experts on the CPU",
+    "--spec-draft-n-cpu-moe": "the draft's experts on the CPU",
     "--spec-draft-override-tensor": "a draft model for speculative decoding",
     "-mmdev": "the projector's device",
     "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
@@ -216,6 +217,10 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ts": ("tensor_split", _split),
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
+    "--spec-draft-model": ("draft_model", lambda f, v: v),
+    "--spec-draft-type-k": ("draft_type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
+    "--spec-draft-type-v": ("draft_type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
+    "--spec-draft-ngl": ("draft_gpu_layers", _ngl),
     "-mm": ("mmproj", lambda f, v: v),
     "-mmu": ("mmproj", lambda f, v: v),
     "-hf": ("hf_repo", lambda f, v: v),
@@ -240,7 +245,7 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
     """Why kvbook refuses this flag (it changes memory in a way not modelled yet), or None."""
     if flag in UNMODELLED_SPELLINGS:
         return UNMODELLED_SPELLINGS[flag]
-    if canonical in UNMODELLED and not (canonical == "--spec-type" and value == "none"):
+    if canonical in UNMODELLED and not (canonical == "--spec-type" and value in ("none", "draft-simple")):
         return UNMODELLED[canonical]
     return None
 
@@ -259,6 +264,9 @@ _EFFECT = {
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "hf_repo": "the model: the file llama-server fetches from the hub", "hf_file": "the model: this file of the -hf repo",
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
+    "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
+    "draft_type_k": "the draft's K cache bytes", "draft_type_v": "the draft's V cache bytes",
+    "draft_gpu_layers": "placement of the draft model",
     "mmproj": "the multimodal projector: its weights and compute buffer", "mmproj_offload": "where the projector sits",
 }
 
