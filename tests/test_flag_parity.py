@@ -53,6 +53,8 @@ ROWS = [
     (["--spec-type", "draft-mtp"], {}, True, "speculative decoding state"),
     (["--mmproj", "p.gguf", "--no-mmproj-offload"], {}, True, "ok"),
     (["--image-max-tokens", "256"], {}, True, "warm-up image size"),
+    (["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5"], {}, True, "ok"),
+    (["--lora-scaled", "c.gguf"], {}, False, "not FILE:SCALE"),
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),

@@ -73,6 +73,17 @@ class ProjectorArch:
 
 
 @dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter (`--lora`, `--lora-scaled`): the bytes of its one buffer (src/llama-adapter.cpp allocates
+    every lora_a/lora_b tensor, each padded to the buffer's 32-byte alignment on the CPU; norm vectors skipped)."""
+
+    source: str
+    arch: str
+    n_tensors: int
+    buffer_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelArch:
     """What llama.cpp's loader derives from a model's metadata, per layer where it varies.
 
@@ -117,6 +128,7 @@ class ModelArch:
     kv_layers: tuple[bool, ...] = ()
     projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
     draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
+    loras: tuple[LoraAdapter, ...] = ()  # --lora / --lora-scaled adapters, loaded next to the weights
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -173,6 +185,7 @@ class ServerFlags:
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     host: str = "127.0.0.1"
     port: int = 8080
+    lora: tuple[str, ...] = ()  # --lora FILE[,FILE] / --lora-scaled FILE:SCALE[,...]: the adapter files
     draft_model: str = ""  # -md FILE: a draft model (its own weights, KV cache and compute buffer)
     draft_type_k: str = "f16"  # -ctkd
     draft_type_v: str = "f16"  # -ctvd
@@ -280,6 +293,7 @@ class MemoryPlan:
     host_extras: HostExtras
     projector: ProjectorMemory | None = None
     draft: MemoryPlan | None = None  # the draft model's own context (-md): weights, caches, logits, compute
+    lora_bytes: int = 0  # the LoRA adapters' buffers, next to the weights they adapt
 
     @property
     def projector_bytes(self) -> int:
@@ -301,7 +315,7 @@ class MemoryPlan:
     def start_bytes(self) -> int:
         """Allocated when the server starts."""
         return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
-                + self.projector_bytes + self.draft_bytes)
+                + self.projector_bytes + self.draft_bytes + self.lora_bytes)
 
     @property
     def total_bytes(self) -> int:

@@ -221,6 +221,7 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         host_extras=HostExtras(cache_ram_bytes=cache_ram, checkpoint_bytes=checkpoint_bytes(arch, shape, flags)),
         projector=with_projector(arch, shape, flags),
         draft=draft_memory(arch, shape, flags),
+        lora_bytes=sum(a.buffer_bytes for a in arch.loras),
     )
 
 
@@ -232,7 +233,7 @@ def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
 
     return dataclasses.replace(flags, model=flags.draft_model, ctx=shape.n_ctx, type_k=flags.draft_type_k,
                                type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
-                               draft_model="", mmproj="")
+                               draft_model="", mmproj="", lora=())
 
 
 def draft_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan | None:

@@ -25,6 +25,7 @@ _RE = {
     "compute_buf": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
     "clip_model": re.compile(r"load_hparams: model size:\s+" + _NUM + " MiB"),
     "clip_compute": re.compile(r"reserve_compute_meta:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "lora_buf": re.compile(r"llama_adapter_lora_init_impl:\s+(\S+) LoRA buffer size =\s*" + _NUM + " MiB"),
     "kv_buf": re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s*" + _NUM + " MiB"),
     "rs_buf": re.compile(r"llama_memory_recurrent:\s+(\S+) RS buffer size =\s*" + _NUM + " MiB"),
     "iswa": re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells"),
@@ -72,6 +73,7 @@ class LoggedMemory:
     # the multimodal projector (tools/mtmd/clip.cpp): its weights, and its compute buffer per buffer type
     projector_model_mib: float | None = None
     projector_compute_mib: dict[str, float] = field(default_factory=dict)
+    lora_mib: float = 0.0  # every LoRA adapter buffer, summed
 
     @property
     def compute_bytes(self) -> int:
@@ -136,6 +138,8 @@ def _parse(text: str) -> LoggedMemory:
             values["projector_model_mib"] = float(m.group(1))
         if m := _RE["clip_compute"].search(line):
             clip_compute[m.group(1)] = float(m.group(2))
+        if m := _RE["lora_buf"].search(line):
+            values["lora_mib"] = round(float(values.get("lora_mib", 0.0)) + float(m.group(2)), 2)  # type: ignore[arg-type]
         if m := _RE["output_buf"].search(line):
             values["output_mib"] = float(m.group(2))
         if m := _RE["compute_buf"].search(line):

@@ -63,6 +63,8 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory) -> tuple[MemoryR
         MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True),
         MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
     ]
+    if predicted.lora_bytes:
+        rows.append(MemoryRow("LoRA MiB", mib2(predicted.lora_bytes), logged.lora_mib, True))
     if predicted.projector is not None:
         rows += [
             MemoryRow("projector weights MiB", mib2(predicted.projector.weights_bytes), logged.projector_model_mib, True),

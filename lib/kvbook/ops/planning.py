@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
+from kvbook.interface import Device, LoraAdapter, MemoryPlan, ModelArch, Plan, ServerFlags
 from kvbook.memory.rules import draft_memory, with_projector
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
@@ -75,6 +75,14 @@ def _draft(flags: ServerFlags) -> ModelArch | None:
     return draft
 
 
+def _loras(flags: ServerFlags) -> tuple[LoraAdapter, ...]:
+    if not flags.lora:
+        return ()
+    from kvbook.model.lora import load_lora
+
+    return tuple(load_lora(f) for f in flags.lora)
+
+
 def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
     """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
     source, mmproj, notes = model_source(flags, os.environ if environ is None else environ)
@@ -89,19 +97,28 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
     if draft is not None:
         notes = (*notes, f"draft model {draft.name} ({draft.arch}) from {flags.draft_model}: its own context of the "
                          "target's n_ctx, sized by kvbook's rules")
+    loras = _loras(flags)
+    if loras:
+        notes = (*notes, f"LoRA adapters: {len(loras)} file(s), {sum(a.buffer_bytes for a in loras)} bytes of buffers "
+                         "(exact on the CPU; a GPU buffer pads each tensor to its own alignment)")
     try:
-        arch = replace(load_model(source), projector=projector, draft=draft)
+        arch = replace(load_model(source), projector=projector, draft=draft, loras=loras)
     except UnknownArchitecture as e:
         remote = source.startswith(("http://", "https://"))
         if e.generic is None or not (remote or Path(source).expanduser().is_file()):
             raise
-        generic = replace(e.generic, projector=projector, draft=draft)
+        generic = replace(e.generic, projector=projector, draft=draft, loras=loras)
         memory, how = _fit_memory(source, flags, generic)
         memory = replace(memory, projector=with_projector(generic, memory.shape, flags),
-                         draft=draft_memory(generic, memory.shape, flags))
+                         draft=draft_memory(generic, memory.shape, flags),
+                         lora_bytes=sum(a.buffer_bytes for a in loras))
         plan = make_plan(generic, flags, device, memory=memory, accounting="llama-fit-params")
         note = (f"architecture '{e.generic.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
                 f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
         return replace(plan, notes=(*notes, note, *plan.notes))
+    for adapter in loras:
+        if adapter.arch != arch.arch:
+            raise BadInput(f"--lora {adapter.source}: an adapter for '{adapter.arch}', the model is '{arch.arch}' "
+                           "(llama-server refuses it)")
     plan = make_plan(arch, flags, device)
     return replace(plan, notes=(*notes, *plan.notes)) if notes else plan

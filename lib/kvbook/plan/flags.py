@@ -31,8 +31,6 @@ UNMODELLED = {
     "-ncffn": "FFN placement on the CPU",
     "-sm": "multi-GPU split mode",
     "-mg": "multi-GPU main device",
-    "--lora": "LoRA adapters",
-    "--lora-scaled": "LoRA adapters",
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
@@ -198,6 +196,24 @@ def _ngl(flag: str, value: str) -> str:
     return "all" if number == -2 else "auto" if number == -1 else str(max(number, 0))
 
 
+def _lora_files(flag: str, value: str, scaled: bool) -> tuple[str, ...]:
+    """--lora A,B or --lora-scaled A:0.5,B:1: the adapter files (the scale changes no memory)."""
+    files = []
+    for item in (x.strip() for x in value.split(",")):
+        name, sep, scale = item.rpartition(":") if scaled else (item, "", "")
+        if scaled and (not sep or not name):
+            raise BadInput(f"{flag}: '{item}' is not FILE:SCALE")
+        if scaled:
+            try:
+                float(scale)
+            except ValueError:
+                raise BadInput(f"{flag}: '{scale}' in '{item}' is not a number") from None
+        if not name:
+            raise BadInput(f"{flag} needs a file name")
+        files.append(name)
+    return tuple(files)
+
+
 # canonical spelling -> (field, converter); converters get (flag as typed, value)
 _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-m": ("model", lambda f, v: v),
@@ -264,6 +280,7 @@ _EFFECT = {
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "hf_repo": "the model: the file llama-server fetches from the hub", "hf_file": "the model: this file of the -hf repo",
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
+    "lora": "LoRA adapter buffers next to the weights",
     "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
     "draft_type_k": "the draft's K cache bytes", "draft_type_v": "the draft's V cache bytes",
     "draft_gpu_layers": "placement of the draft model",
@@ -278,6 +295,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
     if canonical == "--kv-unified-per-slot":
         field = "kv_unified_per_slot"
+    if canonical in ("--lora", "--lora-scaled"):
+        field = "lora"
     if read is not None:
         label = shown if value is None or source == "environment" else f"{shown} {value}"
         if source.startswith("preset "):
@@ -286,7 +305,9 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
     why = _refusal(flag, canonical, value)
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
-    if canonical == "--kv-unified-per-slot":
+    if canonical in ("--lora", "--lora-scaled"):
+        values["lora"] = values.get("lora", ()) + _lora_files(shown, value or "", canonical == "--lora-scaled")
+    elif canonical == "--kv-unified-per-slot":
         values["kv_unified_per_slot"] = _int(shown, value or "", 0)
     elif canonical in _VALUED:
         field, convert = _VALUED[canonical]

@@ -108,6 +108,9 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if memory.lora_bytes and _spread(arch, flags, device):
+        raise BadInput("--lora with layers spread over devices: the adapters follow each base tensor's device, "
+                       "which kvbook does not model yet")
     if memory.draft is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("-md with --rpc devices: how llama.cpp spreads the draft then is not modelled yet")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
@@ -125,7 +128,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         if device.unified:
             main = host = device.pools[0].name
         kv_pool = host if flags.no_kv_offload else main
-        parts[main]["weights"] += memory.weights_bytes
+        parts[main]["weights"] += memory.weights_bytes + memory.lora_bytes
         parts[main]["compute"] += memory.compute.bytes
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes

@@ -662,3 +662,46 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path) -> Path:
     finally:
         writer.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------
+
+def write_synthetic_lora(base: Path, path: Path, targets: tuple[str, ...] = ("attn_q", "attn_v"), rank: int = 8,
+                         weight_type: GGMLQuantizationType = GGMLQuantizationType.F16, norms: bool = True) -> Path:
+    """A LoRA adapter for the GGUF `base`: lora_a (ne: the base's ne0 x rank) and lora_b (rank x the base's ne1)
+    for each `blk.N.<target>.weight`, plus (`norms`) a norm vector llama.cpp skips; the data is a hole of zeros."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(base)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    shapes = {str(t.name): tuple(int(x) for x in t.shape) for t in reader.tensors}  # ne0 first
+    path = Path(path)
+    writer = GGUFWriter(path, arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = []
+    for name, ne in shapes.items():
+        if name.startswith("blk.") and name.rsplit(".", 2)[-2] in targets and name.endswith(".weight"):
+            stem = name
+            tensors += [(f"{stem}.lora_a", (ne[0], rank), weight_type), (f"{stem}.lora_b", (rank, ne[1]), weight_type)]
+    if norms:
+        tensors.append(("blk.0.attn_norm.weight", (shapes["blk.0.attn_norm.weight"][0],), GGMLQuantizationType.F32))
+    data_size = 0
+    for name, ne, t in tensors:
+        nbytes = _nbytes(ne, t)
+        writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
+        data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        fout.truncate(fout.tell() + data_size)
+    finally:
+        writer.close()
+    return path
