@@ -56,3 +56,17 @@ def test_a_partial_draft_offload_and_an_unknown_draft_are_one_line(capsys, smoll
     code = cli.main(["plan", "--", "llama-server", "-m", str(smollm2), "-md", "llama-3.1-8b"])
     _, err = capsys.readouterr()
     assert code == 2 and "must be a GGUF" in err
+
+
+def test_the_draft_sits_where_its_flags_put_it(capsys, smollm2) -> None:
+    """-ngld reads like -ngl (auto/all: the GPU; 0: the host), and the draft inherits -nkvo."""
+    def devices(*extra: str) -> dict[str, dict]:
+        assert cli.main(["plan", "--json", "--device", "rtx-4090-host-64", "--", "llama-server", "-m", str(smollm2),
+                         "-c", "4096", "-np", "1", *extra]) == 0
+        return {d["kind"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
+
+    alone, gpu, host, nkvo = (devices(), devices("-md", str(smollm2)), devices("-md", str(smollm2), "-ngld", "0"),
+                              devices("-md", str(smollm2), "-nkvo"))
+    assert gpu["gpu"]["weights_bytes"] == 2 * alone["gpu"]["weights_bytes"]
+    assert host["gpu"]["weights_bytes"] == alone["gpu"]["weights_bytes"] and host["host"]["weights_bytes"] > 0
+    assert nkvo["gpu"]["kv_bytes"] == 0 and nkvo["host"]["kv_bytes"] == 2 * alone["gpu"]["kv_bytes"]

@@ -140,8 +140,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         pool = draft_pool(arch, flags, device)
         d = memory.draft
         parts[pool]["weights"] += d.weights_bytes
-        parts[pool]["kv"] += d.kv_bytes
-        parts[pool]["recurrent"] += d.recurrent_bytes
+        kv_pool = host if flags.no_kv_offload else pool  # the draft inherits -nkvo
+        parts[kv_pool]["kv"] += d.kv_bytes
+        parts[kv_pool]["recurrent"] += d.recurrent_bytes
         parts[pool]["compute"] += d.compute.bytes
         parts[host]["output"] += d.output_bytes
         parts[host]["extras"] += d.host_extras.bytes
