@@ -42,7 +42,7 @@ ROWS = [
     (["--gpt-oss-20b-default"], {}, True, "ok"),
     (["--fim-qwen-1.5b-default", "-c", "4096"], {}, True, "ok"),
     (["--embd-gemma-default"], {}, True, "sets --embedding"),
-    (["--fim-qwen-7b-spec"], {}, True, "draft model"),
+    (["--fim-qwen-7b-spec"], {}, True, "ok"),  # its draft comes from the hub (-hfd) and is planned
     (["--spec-default"], {}, True, "speculative decoding state"),
     (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
     ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),

@@ -23,7 +23,7 @@ from kvbook.model import hub
 from kvbook.ops.components import find_tool
 from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.measured import compare_memory
-from kvbook.plan.flags import PRESETS, _spellings, parse_server_args
+from kvbook.plan.flags import PRESET_DRAFT_FILE, PRESETS, _spellings, parse_server_args
 from kvbook.testing.hub import LoopbackHub
 
 # ---------------------------------------------------------------- the selection rules (common/download.cpp)
@@ -92,7 +92,6 @@ def test_a_preset_applies_where_it_stands() -> None:
 
 
 @pytest.mark.parametrize("preset, words", [("--embd-gemma-default", "sets --embedding"),
-                                           ("--fim-qwen-14b-spec", "a draft model"),
                                            ("--spec-default", "sets --spec-type ngram-mod")])
 def test_presets_that_set_what_kvbook_does_not_model_are_refused_by_name(preset, words) -> None:
     with pytest.raises(BadInput, match=words) as e:
@@ -167,7 +166,7 @@ def test_every_preset_fetches_the_repo_and_file_kvbook_plans(tmp_path, llama_ser
             continue  # --spec-default sets no model
         repos = {values["-hf"]: listings.get(values["-hf"], [values.get("-hff", "")])}
         if "-hfd" in values:
-            repos[values["-hfd"]] = ["qwen2.5-coder-0.5b-q8_0.gguf"]
+            repos[values["-hfd"]] = [PRESET_DRAFT_FILE[preset]]
         with LoopbackHub({r: {p: stub for p in files} for r, files in repos.items()}) as loop:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "HF_"))}
             env.update(MODEL_ENDPOINT=loop.endpoint, LLAMA_CACHE=str(tmp_path / preset))
@@ -179,19 +178,22 @@ def test_every_preset_fetches_the_repo_and_file_kvbook_plans(tmp_path, llama_ser
         if want.mmproj_path:
             expected.add(f"{want.repo}/{want.mmproj_path}")
         if "-hfd" in values:
-            expected.add(f"{values['-hfd']}/qwen2.5-coder-0.5b-q8_0.gguf")
+            expected.add(f"{values['-hfd']}/{PRESET_DRAFT_FILE[preset]}")
         assert set(fetched) == expected, (preset, fetched)
         checked += 1
     assert checked == 11
 
 
 @pytest.mark.parametrize("args", [["--gpt-oss-20b-default", "-c", "8192"], ["--fim-qwen-1.5b-default", "-np", "1"],
-                                  ["-hf", "kv/smol-GGUF:Q4_1", "--no-mmproj", "-c", "4096", "-np", "2"]])
+                                  ["-hf", "kv/smol-GGUF:Q4_1", "--no-mmproj", "-c", "4096", "-np", "2"],
+                                  ["--fim-qwen-7b-spec", "-np", "2"]])
 def test_what_kvbook_plans_is_what_the_server_fetches_and_allocates(tmp_path, monkeypatch, smollm2, shards,
                                                                     args) -> None:
     """The real server downloads from the loopback hub and loads the model; every exact figure of its log
     (context, slots, ubatch, caches, logits, weights) equals the plan, and it fetched the file kvbook read."""
     repos = {"ggml-org/gpt-oss-20b-GGUF": {"gpt-oss-20b-mxfp4.gguf": smollm2},
+             "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF": {"qwen2.5-coder-7b-q8_0.gguf": smollm2},
+             "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF": {"qwen2.5-coder-0.5b-q8_0.gguf": smollm2},
              "ggml-org/Qwen2.5-Coder-1.5B-Q8_0-GGUF": {"qwen2.5-coder-1.5b-q8_0.gguf": smollm2},
              "kv/smol-GGUF": {"smol-Q8_0.gguf": smollm2, "mmproj-smol-F16.gguf": smollm2,
                               **{p.name: p for p in sorted(shards.iterdir())}}}
@@ -200,6 +202,7 @@ def test_what_kvbook_plans_is_what_the_server_fetches_and_allocates(tmp_path, mo
         monkeypatch.setenv("LLAMA_CACHE", str(tmp_path / "cache"))
         with start_llama_server([*args, "-t", "1", "--no-warmup"], run_dir=tmp_path) as server:
             logged = server.measured()
+            logged_draft = server.measured_draft()
             plan = server.plan
         fetched = _server_fetched(loop)
     assert plan is not None and plan.model.source.startswith(loop.endpoint)
@@ -209,6 +212,11 @@ def test_what_kvbook_plans_is_what_the_server_fetches_and_allocates(tmp_path, mo
     rows = compare_memory(plan.memory, logged)
     bad = [r for r in rows if r.matches is False]
     assert not bad, bad
+    assert (plan.memory.draft is None) == (logged_draft is None) == ("-hfd" not in dict(PRESETS.get(args[0], ())))
+    if plan.memory.draft is not None:  # the preset's draft, fetched from its own repo, has its own context
+        assert "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF/qwen2.5-coder-0.5b-q8_0.gguf" in fetched
+        draft_rows = compare_memory(plan.memory.draft, logged_draft)
+        assert not [r for r in draft_rows if r.matches is False], draft_rows
     assert logged.n_ctx == plan.memory.shape.n_ctx and logged.n_ubatch == plan.memory.shape.n_ubatch
 
 
@@ -240,3 +248,18 @@ def test_a_remote_gguf_of_an_architecture_without_a_rule_is_sized_by_fit_params_
             assert any("sparse local copy of the remote header" in n for n in remote["notes"])
         # headers only: 1 MiB ranges, four reads (two plans, each reading the header, then its sparse copy)
         assert loop.state.sent[model.name] <= 4 << 20 and model.stat().st_size > 10 * (4 << 20)
+
+
+def test_a_draft_repo_with_a_speculative_sidecar_is_refused_by_name(capsys, monkeypatch, smollm2) -> None:
+    """With no --spec-type, llama-server runs an MTP/EAGLE3/DFlash sidecar of the -hfd repo instead of its
+    model (common/arg.cpp); kvbook does not model those, and says so."""
+    with LoopbackHub({"kv/draft-GGUF": {"d-Q8_0.gguf": smollm2, "mtp-d-Q8_0.gguf": smollm2}}) as loop:
+        monkeypatch.setenv("MODEL_ENDPOINT", loop.endpoint)
+        code, _, err = _plan(capsys, "-m", str(smollm2), "-hfd", "kv/draft-GGUF")
+        assert code == 2 and "speculative sidecar mtp-d-Q8_0.gguf" in err
+        code, doc, err = _plan(capsys, "-m", str(smollm2), "-hfd", "kv/draft-GGUF:Q8_0", "-c", "2048")
+        assert code == 2  # still the sidecar: the tag picks the model file, not whether sidecars count
+        with LoopbackHub({"kv/plain-GGUF": {"d-Q8_0.gguf": smollm2}}) as plain:
+            monkeypatch.setenv("MODEL_ENDPOINT", plain.endpoint)
+            code, doc, err = _plan(capsys, "-m", str(smollm2), "-hfd", "kv/plain-GGUF", "-c", "2048")
+            assert code == 0 and doc["draft"]["source"].endswith("/d-Q8_0.gguf"), err

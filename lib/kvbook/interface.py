@@ -186,6 +186,8 @@ class ServerFlags:
     host: str = "127.0.0.1"
     port: int = 8080
     lora: tuple[str, ...] = ()  # --lora FILE[,FILE] / --lora-scaled FILE:SCALE[,...]: the adapter files
+    draft_hf_repo: str = ""  # -hfd user/repo[:quant]: the draft llama-server fetches from the hub
+    draft_hf_file: str = ""  # the draft's file in that repo (only a preset sets it)
     draft_model: str = ""  # -md FILE: a draft model (its own weights, KV cache and compute buffer)
     draft_type_k: str = "f16"  # -ctkd
     draft_type_v: str = "f16"  # -ctvd

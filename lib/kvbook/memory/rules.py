@@ -233,7 +233,8 @@ def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
 
     return dataclasses.replace(flags, model=flags.draft_model, ctx=shape.n_ctx, type_k=flags.draft_type_k,
                                type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
-                               draft_model="", mmproj="", lora=())
+                               draft_model="", draft_hf_repo="", draft_hf_file="", mmproj="",
+                               lora=())
 
 
 def draft_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan | None:

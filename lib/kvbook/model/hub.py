@@ -41,6 +41,7 @@ class HubFiles:
     model_urls: tuple[str, ...]
     mmproj_path: str | None
     mmproj_url: str | None
+    sidecars: tuple[str, ...] = ()  # speculative sidecars the repo ships (mtp-, eagle3-, dflash-, dspark- GGUFs)
 
 
 def endpoint(environ: Mapping[str, str]) -> str:
@@ -223,5 +224,6 @@ def resolve_hf(repo_with_tag: str, hf_file: str, environ: Mapping[str, str], *, 
     shards = split_files(files, primary)
     mmproj = best_mmproj(files, primary)
     url = lambda path: f"{hub}{repo}/resolve/{commit}/{path}"  # noqa: E731
+    sidecars = tuple(f for f in files if f.endswith(".gguf") and any(k in f for k in SIDECARS[2:]))
     return HubFiles(repo=repo, tag=tag, commit=commit, model_path=primary, model_urls=tuple(url(s) for s in shards),
-                    mmproj_path=mmproj, mmproj_url=url(mmproj) if mmproj else None)
+                    mmproj_path=mmproj, mmproj_url=url(mmproj) if mmproj else None, sidecars=sidecars)

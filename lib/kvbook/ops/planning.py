@@ -58,20 +58,36 @@ def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[Me
     raise BadInput(f"{source}: no GGUF to run llama-fit-params on")
 
 
-def _draft(flags: ServerFlags) -> ModelArch | None:
-    """The -md draft model, which kvbook must have a rule for (its context is planned like the target's)."""
-    if not flags.draft_model:
+def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+    """The draft file: -md, or the model file of the -hfd repo as llama-server picks it (common/arg.cpp: with
+    no --spec-type it looks for speculative sidecars in that repo first)."""
+    if not flags.draft_hf_repo:
+        return flags.draft_model, ()
+    if flags.draft_model:
+        raise BadInput("-md with -hfd: which file llama-server then loads is not modelled yet; give one of them")
+    from kvbook.model.hub import resolve_hf
+
+    hub = resolve_hf(flags.draft_hf_repo, flags.draft_hf_file, environ)
+    if hub.sidecars and not flags.draft_hf_file:  # a named draft file turns the sidecar search off
+        raise BadInput(f"-hfd {flags.draft_hf_repo}: the repo ships the speculative sidecar {hub.sidecars[0]}, which "
+                       "llama-server would run instead of a draft model (MTP/EAGLE3/DFlash), not modelled yet")
+    return hub.model_urls[0], (f"-hfd {flags.draft_hf_repo}: the draft is {hub.model_path}, as llama-server picks it",)
+
+
+def _draft(flags: ServerFlags, source: str) -> ModelArch | None:
+    """The -md / -hfd draft model, which kvbook must have a rule for (its context is planned like the target's)."""
+    if not source:
         return None
     try:
-        draft = load_model(flags.draft_model)
+        draft = load_model(source)
     except UnknownArchitecture as e:
-        raise BadInput(f"-md {flags.draft_model}: {e}; a draft of an architecture without a kvbook rule is not "
+        raise BadInput(f"-md {source}: {e}; a draft of an architecture without a kvbook rule is not "
                        "planned yet") from None
     if draft.n_layer_nextn:
-        raise BadInput(f"-md {flags.draft_model}: the draft has NextN/MTP layers, so llama-server runs it as an MTP "
+        raise BadInput(f"-md {source}: the draft has NextN/MTP layers, so llama-server runs it as an MTP "
                        "draft, which kvbook does not model yet")
     if not draft.weights_exact:
-        raise BadInput(f"-md {flags.draft_model}: a draft model must be a GGUF (path or URL)")
+        raise BadInput(f"-md {source}: a draft model must be a GGUF (path or URL)")
     return draft
 
 
@@ -93,10 +109,11 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
         projector = load_projector(mmproj)
         notes = (*notes, f"projector {projector.projector_type} from {mmproj}: weights exact (its tensors), compute "
                          "buffer estimated from the vision tower's shapes")
-    draft = _draft(flags)
+    draft_source, draft_notes = _draft_source(flags, os.environ if environ is None else environ)
+    draft = _draft(flags, draft_source)
     if draft is not None:
-        notes = (*notes, f"draft model {draft.name} ({draft.arch}) from {flags.draft_model}: its own context of the "
-                         "target's n_ctx, sized by kvbook's rules")
+        notes = (*notes, *draft_notes, f"draft model {draft.name} ({draft.arch}) from {draft_source}: its own context "
+                                       "of the target's n_ctx, sized by kvbook's rules")
     loras = _loras(flags)
     if loras:
         notes = (*notes, f"LoRA adapters: {len(loras)} file(s), {sum(a.buffer_bytes for a in loras)} bytes of buffers "

@@ -42,7 +42,6 @@ UNMODELLED = {
     "-mmdev": "the projector's device",
     "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
     "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
-    "--spec-draft-hf": "a draft model for speculative decoding",
     "-mu": "a model downloaded at start (pass the GGUF URL as -m instead)",
     "-dr": "a model pulled from a registry at start (pass the GGUF path instead)",
     "--embedding": "embedding outputs",
@@ -64,7 +63,7 @@ UNMODELLED_SPELLINGS = {
 # settings are listed too (they change no memory); n_cache_reuse is --cache-reuse.
 _OAI = (("--temp", "1.0"), ("--top-p", "1.0"), ("--top-k", "0"), ("--min-p", "0.01"), ("--jinja", None))
 _FIM = (("--port", "8012"), ("-ub", "1024"), ("-b", "1024"), ("-c", "0"), ("--cache-reuse", "256"))
-_QWEN_DRAFT = (("-hfd", "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF"),)  # plus the draft file qwen2.5-coder-0.5b-q8_0.gguf
+_QWEN_DRAFT = (("-hfd", "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF"),)  # plus the draft file (PRESET_DRAFT_FILE)
 PRESETS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "--embd-gemma-default": (("-hf", "ggml-org/embeddinggemma-300M-qat-q4_0-GGUF"),
                              ("-hff", "embeddinggemma-300M-qat-Q4_0.gguf"), ("--port", "8011"), ("-ub", "2048"),
@@ -95,6 +94,9 @@ PRESETS: dict[str, tuple[tuple[str, str | None], ...]] = {
 }
 # what a preset sets that llama-server has no flag for (and that changes no memory)
 PRESET_UNFLAGGED = {"--embd-gemma-default": "verbose_prompt"}
+# the draft's file in its -hfd repo, which a preset sets and no flag does
+PRESET_DRAFT_FILE = {"--fim-qwen-7b-spec": "qwen2.5-coder-0.5b-q8_0.gguf",
+                     "--fim-qwen-14b-spec": "qwen2.5-coder-0.5b-q8_0.gguf"}
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -234,6 +236,7 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "--host": ("host", lambda f, v: v),
     "--port": ("port", lambda f, v: _int(f, v, 0)),
     "--spec-draft-model": ("draft_model", lambda f, v: v),
+    "--spec-draft-hf": ("draft_hf_repo", lambda f, v: v),
     "--spec-draft-type-k": ("draft_type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
     "--spec-draft-type-v": ("draft_type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
     "--spec-draft-ngl": ("draft_gpu_layers", _ngl),
@@ -282,6 +285,7 @@ _EFFECT = {
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
     "lora": "LoRA adapter buffers next to the weights",
     "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
+    "draft_hf_repo": "a draft model: the file llama-server fetches from the hub",
     "draft_type_k": "the draft's K cache bytes", "draft_type_v": "the draft's V cache bytes",
     "draft_gpu_layers": "placement of the draft model",
     "mmproj": "the multimodal projector: its weights and compute buffer", "mmproj_offload": "where the projector sits",
@@ -358,6 +362,9 @@ def _expand_preset(values: dict[str, Any], ignored: list[str], token: str, canon
     shown = " ".join(f if v is None else f"{f} {v}" for f, v in settings)
     if canonical in PRESET_UNFLAGGED:
         shown += f" (and {PRESET_UNFLAGGED[canonical]}, which has no server flag)"
+    if canonical in PRESET_DRAFT_FILE:
+        shown += f" (and the draft file {PRESET_DRAFT_FILE[canonical]}, which has no server flag)"
+        values["draft_hf_file"] = PRESET_DRAFT_FILE[canonical]
     log.append((token, "command line", f"preset: sets {shown}"))
     for flag, value in settings:
         _apply(values, ignored, flag, table[flag][0], value, f"{token} (sets {flag}{'' if value is None else ' ' + value})",
