@@ -601,7 +601,7 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
 
 @dataclass(frozen=True)
 class ProjectorShape:
-    """An idefics3 (SmolVLM) vision tower: `projection_dim` must be the text model's n_embd."""
+    """An idefics3 (SmolVLM) or gemma3 vision tower: `projection_dim` must be the text model's n_embd."""
 
     n_embd: int = 64
     n_ff: int = 128
@@ -611,10 +611,11 @@ class ProjectorShape:
     patch_size: int = 16
     scale_factor: int = 2
     projection_dim: int = 576
+    projector_type: str = "idefics3"
 
 
 def projector_tensors(s: ProjectorShape) -> list[Tensor]:
-    """The tensors tools/mtmd/clip.cpp loads for an idefics3 tower (ggml shapes, ne0 first), all f32."""
+    """The tensors tools/mtmd/clip.cpp loads for an idefics3 or gemma3 tower (ggml shapes, ne0 first), all f32."""
     n_patch = (s.image_size // s.patch_size) ** 2
     out: list[Tensor] = [("v.patch_embd.weight", (s.patch_size, s.patch_size, 3, s.n_embd)),
                          ("v.patch_embd.bias", (s.n_embd,)), ("v.position_embd.weight", (s.n_embd, n_patch))]
@@ -625,9 +626,10 @@ def projector_tensors(s: ProjectorShape) -> list[Tensor]:
             out += [(f"v.blk.{i}.{name}.weight", (s.n_embd,)), (f"v.blk.{i}.{name}.bias", (s.n_embd,))]
         out += [(f"v.blk.{i}.ffn_up.weight", (s.n_embd, s.n_ff)), (f"v.blk.{i}.ffn_up.bias", (s.n_ff,)),
                 (f"v.blk.{i}.ffn_down.weight", (s.n_ff, s.n_embd)), (f"v.blk.{i}.ffn_down.bias", (s.n_embd,))]
-    out += [("v.post_ln.weight", (s.n_embd,)), ("v.post_ln.bias", (s.n_embd,)),
-            ("mm.model.fc.weight", (s.n_embd * s.scale_factor ** 2, s.projection_dim))]
-    return out
+    out += [("v.post_ln.weight", (s.n_embd,)), ("v.post_ln.bias", (s.n_embd,))]
+    if s.projector_type == "gemma3":  # average pooling, then a projection (its transpose is multiplied) and a norm
+        return out + [("mm.input_projection.weight", (s.projection_dim, s.n_embd)), ("mm.soft_emb_norm.weight", (s.n_embd,))]
+    return out + [("mm.model.fc.weight", (s.n_embd * s.scale_factor ** 2, s.projection_dim))]
 
 
 def write_synthetic_projector(shape: ProjectorShape, path: Path) -> Path:
@@ -635,7 +637,7 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path) -> Path:
     zeros: llama-server loads it, runs its warm-up image and reserves its compute buffer."""
     path = Path(path)
     writer = GGUFWriter(path, "clip")
-    writer.add_string("clip.projector_type", "idefics3")
+    writer.add_string("clip.projector_type", shape.projector_type)
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_bool("clip.use_gelu", True)
     for key, value in (("embedding_length", shape.n_embd), ("feed_forward_length", shape.n_ff),
