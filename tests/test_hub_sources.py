@@ -263,3 +263,11 @@ def test_a_draft_repo_with_a_speculative_sidecar_is_refused_by_name(capsys, monk
             monkeypatch.setenv("MODEL_ENDPOINT", plain.endpoint)
             code, doc, err = _plan(capsys, "-m", str(smollm2), "-hfd", "kv/plain-GGUF", "-c", "2048")
             assert code == 0 and doc["draft"]["source"].endswith("/d-Q8_0.gguf"), err
+
+
+def test_a_token_is_never_echoed() -> None:
+    """HF_TOKEN (read for -hf, as -hft) and API keys are listed as read, with their value hidden."""
+    token = "hf_" + "a" * 34
+    flags = parse_server_args(["-m", "x.gguf", "--api-key", "sekrit", "-hft", token], {"HF_TOKEN": token})
+    assert token not in repr(flags.read) + repr(flags.from_env) and "sekrit" not in repr(flags.read)
+    assert "HF_TOKEN=***" in flags.from_env

@@ -52,6 +52,8 @@ UNMODELLED = {
     "--no-host": "weights without host (pinned) buffers",
     "-dev": "device selection (placement across devices)",
 }
+# options whose value is a secret: never echoed in a plan (notes, flags_read)
+SECRET_OPTIONS = {"-hft", "--api-key"}
 # Spellings refused although their option's other spellings are fine.
 UNMODELLED_SPELLINGS = {
     "-nr": "no weight repacking (the CPU_REPACK buffer)",
@@ -305,6 +307,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         label = shown if value is None or source == "environment" else f"{shown} {value}"
         if source.startswith("preset "):
             label = flag if value is None else f"{flag} {value}"
+        if canonical in SECRET_OPTIONS and source == "command line":
+            label = f"{shown} ***"
         read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
     why = _refusal(flag, canonical, value)
     if why:
@@ -339,7 +343,8 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
         if negative and negative in environ:
             raw, shown = "0", f"{negative}={environ[negative]}"
         elif name in environ:
-            raw, shown = environ[name], f"{name}={environ[name]}"
+            raw = environ[name]
+            shown = f"{name}=***" if canonical in SECRET_OPTIONS else f"{name}={raw}"
         else:
             continue
         read.append(shown)
