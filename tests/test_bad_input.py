@@ -120,6 +120,7 @@ def test_bad_hub_sources(capsys, monkeypatch):
     assert_one_line_error(*plan(capsys, "-hf", "a/-b"), "not a valid repository name")
     assert_one_line_error(*plan(capsys, "-hff", "x.gguf"), "-hff FILE needs -hf")
     assert_one_line_error(*plan(capsys, "-hf", "a/b"), "cannot fetch")
+    assert_one_line_error(*plan(capsys, "-mu", "http://127.0.0.1:9/m.gguf"), "starts in router mode")
 
 
 def test_unknown_device(capsys, smollm2):

@@ -55,6 +55,7 @@ ROWS = [
     (["--image-max-tokens", "256"], {}, True, "warm-up image size"),
     (["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5"], {}, True, "ok"),
     (["--lora-scaled", "c.gguf"], {}, False, "not FILE:SCALE"),
+    (["-mu", "http://127.0.0.1:9/m.gguf"], {}, True, "ok"),  # with the table's -m; alone: router mode (refused)
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),

@@ -186,7 +186,9 @@ def test_every_preset_fetches_the_repo_and_file_kvbook_plans(tmp_path, llama_ser
 
 @pytest.mark.parametrize("args", [["--gpt-oss-20b-default", "-c", "8192"], ["--fim-qwen-1.5b-default", "-np", "1"],
                                   ["-hf", "kv/smol-GGUF:Q4_1", "--no-mmproj", "-c", "4096", "-np", "2"],
-                                  ["--fim-qwen-7b-spec", "-np", "2"]])
+                                  ["--fim-qwen-7b-spec", "-np", "2"],
+                                  ["-mu", "{hub}cdn/kv/smol-GGUF/smol-Q4_1-00001-of-00003.gguf", "-m",
+                                   "{tmp}/dl/smol-Q4_1-00001-of-00003.gguf", "-c", "2048"]])
 def test_what_kvbook_plans_is_what_the_server_fetches_and_allocates(tmp_path, monkeypatch, smollm2, shards,
                                                                     args) -> None:
     """The real server downloads from the loopback hub and loads the model; every exact figure of its log
@@ -200,15 +202,19 @@ def test_what_kvbook_plans_is_what_the_server_fetches_and_allocates(tmp_path, mo
     with LoopbackHub(repos) as loop:
         monkeypatch.setenv("MODEL_ENDPOINT", loop.endpoint)
         monkeypatch.setenv("LLAMA_CACHE", str(tmp_path / "cache"))
+        args = [a.replace("{hub}", loop.endpoint).replace("{tmp}", str(tmp_path)) for a in args]
         with start_llama_server([*args, "-t", "1", "--no-warmup"], run_dir=tmp_path) as server:
             logged = server.measured()
             logged_draft = server.measured_draft()
             plan = server.plan
         fetched = _server_fetched(loop)
     assert plan is not None and plan.model.source.startswith(loop.endpoint)
-    repo_path = plan.model.source.split("/resolve/", 1)[0].removeprefix(loop.endpoint)
-    first = plan.model.source.rsplit("/", 1)[-1]
-    assert f"{repo_path}/{first}" in fetched and not any("mmproj" in f for f in fetched), fetched
+    if args[0] == "-mu":
+        assert sorted(fetched) == [f"kv/smol-GGUF/smol-Q4_1-0000{i}-of-00003.gguf" for i in (1, 2, 3)], fetched
+    else:
+        repo_path = plan.model.source.split("/resolve/", 1)[0].removeprefix(loop.endpoint)
+        first = plan.model.source.rsplit("/", 1)[-1]
+        assert f"{repo_path}/{first}" in fetched and not any("mmproj" in f for f in fetched), fetched
     rows = compare_memory(plan.memory, logged)
     bad = [r for r in rows if r.matches is False]
     assert not bad, bad

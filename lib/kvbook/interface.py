@@ -194,6 +194,7 @@ class ServerFlags:
     draft_gpu_layers: str = "auto"  # -ngld
     mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
     mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
+    model_url: str = ""  # -mu URL: the model is the file llama-server downloads from there (wins over -m)
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
     hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
     no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf

@@ -231,7 +231,7 @@ def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
     --cache-ram limit covers both)."""
     import dataclasses
 
-    return dataclasses.replace(flags, model=flags.draft_model, ctx=shape.n_ctx, type_k=flags.draft_type_k,
+    return dataclasses.replace(flags, model=flags.draft_model, model_url="", hf_repo="", hf_file="", ctx=shape.n_ctx, type_k=flags.draft_type_k,
                                type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
                                draft_model="", draft_hf_repo="", draft_hf_file="", mmproj="",
                                lora=())

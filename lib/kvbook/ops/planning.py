@@ -22,6 +22,9 @@ def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, s
     """What llama-server loads: the model (a path or URL), the projector ('' for none), and notes on how they
     were found. `-hf` is the file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT),
     and it wins over -m; its repo's projector comes too unless --no-mmproj or --mmproj/--mmproj-url is given."""
+    if flags.model_url:
+        note = f"-mu: the model is the file llama-server downloads from {flags.model_url}, planned from its header"
+        return flags.model_url, flags.mmproj, (note,)
     if not flags.hf_repo:
         return flags.model, flags.mmproj, ()
     from kvbook.model.hub import resolve_hf

@@ -42,7 +42,6 @@ UNMODELLED = {
     "-mmdev": "the projector's device",
     "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
     "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
-    "-mu": "a model downloaded at start (pass the GGUF URL as -m instead)",
     "-dr": "a model pulled from a registry at start (pass the GGUF path instead)",
     "--embedding": "embedding outputs",
     "--rerank": "reranking outputs",
@@ -245,6 +244,7 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-mm": ("mmproj", lambda f, v: v),
     "-mmu": ("mmproj", lambda f, v: v),
     "-hf": ("hf_repo", lambda f, v: v),
+    "-mu": ("model_url", lambda f, v: v),
     "-hff": ("hf_file", lambda f, v: v),
 }
 
@@ -283,7 +283,8 @@ _EFFECT = {
     "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
     "cpu_moe_layers": "expert weights kept in host RAM",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
-    "hf_repo": "the model: the file llama-server fetches from the hub", "hf_file": "the model: this file of the -hf repo",
+    "hf_repo": "the model: the file llama-server fetches from the hub",
+    "model_url": "the model: the file llama-server downloads (planned from its header)", "hf_file": "the model: this file of the -hf repo",
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
     "lora": "LoRA adapter buffers next to the weights",
     "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
@@ -415,8 +416,13 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
             _apply(values, ignored, flag, canonical, value, token, log)
     if values.get("hf_file") and not values.get("hf_repo"):
         raise BadInput("-hff FILE needs -hf USER/REPO: llama-server reads the file name only with a repo")
-    if values.get("hf_repo"):
-        values.setdefault("model", "")  # -hf wins over -m: llama-server loads the file it fetched
+    if values.get("hf_repo") and values.get("model_url"):
+        raise BadInput("-hf and -mu both give the model: llama-server would fetch both; give one of them")
+    if values.get("model_url") and not values.get("model") and not values.get("hf_repo"):
+        raise BadInput("-mu URL without -m: this llama-server build then starts in router mode and loads no model; "
+                       "add -m PATH (where it saves the download)")
+    if values.get("hf_repo") or values.get("model_url"):
+        values.setdefault("model", "")  # -hf / -mu win over -m: llama-server loads the file it fetched
     if "model" not in values:
         raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
     per_slot = values.pop("kv_unified_per_slot", None)
@@ -436,6 +442,8 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
     default = ServerFlags(model=flags.model)
     value = getattr(flags, field)
     if field == "model":
+        if flags.model_url:
+            return ["-mu", flags.model_url]
         if flags.hf_repo:
             return ["-hf", flags.hf_repo, *(["-hff", flags.hf_file] if flags.hf_file else [])]
         return ["-m", flags.model]
