@@ -277,3 +277,17 @@ def test_a_token_is_never_echoed() -> None:
     flags = parse_server_args(["-m", "x.gguf", "--api-key", "sekrit", "-hft", token], {"HF_TOKEN": token})
     assert token not in repr(flags.read) + repr(flags.from_env) and "sekrit" not in repr(flags.read)
     assert "HF_TOKEN=***" in flags.from_env
+
+
+def test_the_hub_token_is_sent_and_offline_is_refused(capsys, monkeypatch, smollm2) -> None:
+    """-hft (or HF_TOKEN) goes to the hub's API as a bearer token, as llama-server sends it; with --offline the
+    server reads its local cache instead, which kvbook does not."""
+    token = "hf_" + "b" * 34
+    with LoopbackHub({"kv/smol-GGUF": {"smol-Q4_1.gguf": smollm2}}) as loop:
+        monkeypatch.setenv("MODEL_ENDPOINT", loop.endpoint)
+        code, doc, err = _plan(capsys, "-hf", "kv/smol-GGUF", "-hft", token, "-np", "1")
+        assert code == 0, err
+        assert loop.state.authorization and set(loop.state.authorization) == {f"Bearer {token}"}
+        assert token not in json.dumps(doc["flags_read"]) + json.dumps(doc["notes"])
+        code, _, err = _plan(capsys, "-hf", "kv/smol-GGUF", "--offline")
+        assert code == 2 and "--offline" in err and "local cache" in err

@@ -195,6 +195,8 @@ class ServerFlags:
     mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
     mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
     model_url: str = ""  # -mu URL: the model is the file llama-server downloads from there (wins over -m)
+    hf_token: str = field(default="", repr=False)  # -hft / HF_TOKEN: sent to the hub for -hf listings, never shown
+    offline: bool = False  # --offline: -hf picks from the local cache instead of the hub
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
     hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
     no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf

@@ -18,6 +18,11 @@ from kvbook.model.sources import load_model
 from kvbook.plan.planner import make_plan
 
 
+def _with_token(environ: Mapping[str, str], flags: ServerFlags) -> Mapping[str, str]:
+    """-hft wins over HF_TOKEN, as in the server (the flag after the variable)."""
+    return {**environ, "HF_TOKEN": flags.hf_token} if flags.hf_token else environ
+
+
 def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, str, tuple[str, ...]]:
     """What llama-server loads: the model (a path or URL), the projector ('' for none), and notes on how they
     were found. `-hf` is the file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT),
@@ -29,7 +34,10 @@ def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, s
         return flags.model, flags.mmproj, ()
     from kvbook.model.hub import resolve_hf
 
-    hub = resolve_hf(flags.hf_repo, flags.hf_file, environ)
+    if flags.offline:
+        raise BadInput("-hf with --offline: llama-server then picks the file from its local cache, which kvbook does "
+                       "not read; pass that file with -m")
+    hub = resolve_hf(flags.hf_repo, flags.hf_file, _with_token(environ, flags))
     auto = bool(hub.mmproj_url and not flags.no_mmproj and not flags.mmproj)
     shards = f" ({len(hub.model_urls)} split files)" if len(hub.model_urls) > 1 else ""
     how = f"-hff {hub.model_path}" if flags.hf_file else f"quant '{hub.tag}'" if hub.tag else "the default quant"
@@ -70,7 +78,7 @@ def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, 
         raise BadInput("-md with -hfd: which file llama-server then loads is not modelled yet; give one of them")
     from kvbook.model.hub import resolve_hf
 
-    hub = resolve_hf(flags.draft_hf_repo, flags.draft_hf_file, environ)
+    hub = resolve_hf(flags.draft_hf_repo, flags.draft_hf_file, _with_token(environ, flags))
     if hub.sidecars and not flags.draft_hf_file:  # a named draft file turns the sidecar search off
         raise BadInput(f"-hfd {flags.draft_hf_repo}: the repo ships the speculative sidecar {hub.sidecars[0]}, which "
                        "llama-server would run instead of a draft model (MTP/EAGLE3/DFlash), not modelled yet")

@@ -245,6 +245,7 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-mmu": ("mmproj", lambda f, v: v),
     "-hf": ("hf_repo", lambda f, v: v),
     "-mu": ("model_url", lambda f, v: v),
+    "-hft": ("hf_token", lambda f, v: v),
     "-hff": ("hf_file", lambda f, v: v),
 }
 
@@ -256,6 +257,7 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
+    "--offline": {"--offline": ("offline", True)},
     "--mmproj-offload": {"--mmproj-offload": ("mmproj_offload", True), "--no-mmproj-offload": ("mmproj_offload", False)},
     "--mmproj-auto": {"--mmproj-auto": ("no_mmproj", False), "--no-mmproj": ("no_mmproj", True),
                       "--no-mmproj-auto": ("no_mmproj", True)},
@@ -284,7 +286,9 @@ _EFFECT = {
     "cpu_moe_layers": "expert weights kept in host RAM",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "hf_repo": "the model: the file llama-server fetches from the hub",
-    "model_url": "the model: the file llama-server downloads (planned from its header)", "hf_file": "the model: this file of the -hf repo",
+    "model_url": "the model: the file llama-server downloads (planned from its header)",
+    "hf_token": "nothing (the hub's access token, used for -hf listings)",
+    "offline": "where -hf files come from (the local cache: not planned)", "hf_file": "the model: this file of the -hf repo",
     "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
     "lora": "LoRA adapter buffers next to the weights",
     "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",

@@ -27,6 +27,7 @@ class HubState:
     commit: str = hashlib.sha1(b"kvbook-loopback-hub").hexdigest()
     sent: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    authorization: list[str] = field(default_factory=list)  # the Authorization header of each API call
 
 
 def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
@@ -51,6 +52,8 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlsplit(self.path).path)
             state.requests.append(("HEAD" if head else "GET", self.path))
             parts = path.strip("/").split("/")
+            if parts[:2] == ["api", "models"]:
+                state.authorization.append(self.headers.get("Authorization") or "")
             if parts[:2] == ["api", "models"] and len(parts) >= 5:
                 repo = "/".join(parts[2:4])
                 if repo not in state.repos:
