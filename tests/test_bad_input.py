@@ -121,7 +121,16 @@ def test_bad_flags(capsys, smollm2, args, needle):
 
 
 def test_missing_model_flag(capsys):
-    assert_one_line_error(*plan(capsys, "-c", "4096"), "no -m MODEL")
+    assert_one_line_error(*plan(capsys, "-c", "4096"), "no model: give -m MODEL or -hf USER/REPO[:QUANT]")
+
+
+def test_bad_hub_sources(capsys, monkeypatch):
+    monkeypatch.setenv("MODEL_ENDPOINT", "http://127.0.0.1:9/")  # nothing listens: refused before any request
+    assert_one_line_error(*plan(capsys, "-hf", "no-slash"), "invalid Hugging Face repo, expected <user>/<model>")
+    assert_one_line_error(*plan(capsys, "-hf", "a/-b"), "not a valid repository name")
+    assert_one_line_error(*plan(capsys, "-hff", "x.gguf"), "-hff FILE needs -hf")
+    assert_one_line_error(*plan(capsys, "-hf", "a/b"), "cannot fetch")
+    assert_one_line_error(*plan(capsys, "-mu", "http://127.0.0.1:9/m.gguf"), "starts in router mode")
 
 
 def test_unknown_device(capsys, smollm2):

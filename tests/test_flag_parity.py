@@ -38,7 +38,24 @@ ROWS = [
     ([], {"LLAMA_ARG_CTX_SIZE": "abc"}, False, "expects a whole number"),
     ([], {"LLAMA_ARG_N_PARALLEL": "0"}, False, "invalid value for n_parallel"),
     # memory-changing options kvbook does not model yet: the server takes them, kvbook refuses by name
-    (["--gpt-oss-20b-default"], {}, True, "built-in preset"),
+    # presets are expanded to what they set (tests/test_hub_sources.py checks them against the real server)
+    (["--gpt-oss-20b-default"], {}, True, "ok"),
+    (["--fim-qwen-1.5b-default", "-c", "4096"], {}, True, "ok"),
+    (["--embd-gemma-default"], {}, True, "sets --embedding"),
+    (["--fim-qwen-7b-spec"], {}, True, "ok"),  # its draft comes from the hub (-hfd) and is planned
+    (["--spec-default"], {}, True, "speculative decoding state"),
+    (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
+    ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
+    (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),
+    # a draft model is planned (tests/test_draft.py); other speculative state is refused by name
+    (["-md", "draft.gguf", "-ctkd", "q8_0", "-ctvd", "q8_0", "-ngld", "99"], {}, True, "ok"),
+    (["-ctkd", "q3_k"], {}, False, "unknown value 'q3_k'"),
+    (["--spec-type", "draft-mtp"], {}, True, "speculative decoding state"),
+    (["--mmproj", "p.gguf", "--no-mmproj-offload"], {}, True, "ok"),
+    (["--image-max-tokens", "256"], {}, True, "warm-up image size"),
+    (["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5"], {}, True, "ok"),
+    (["--lora-scaled", "c.gguf"], {}, False, "not FILE:SCALE"),
+    (["-mu", "http://127.0.0.1:9/m.gguf"], {}, True, "ok"),  # with the table's -m; alone: router mode (refused)
     (["-nr"], {}, True, "no weight repacking"),
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
     (["--no-host"], {}, True, "host (pinned) buffers"),

@@ -44,11 +44,36 @@ def test_the_bundled_ggufs_validate_too(capsys, smollm2, gemma3) -> None:
         jsonschema.Draft202012Validator(SCHEMA).validate(doc)
 
 
+def test_the_extra_models_and_hub_sources_validate_too(capsys, monkeypatch, tmp_path, smollm2, gemma3) -> None:
+    """A draft, a projector, LoRA adapters, a preset and -hf (a loopback hub stands in for huggingface.co,
+    unreachable here) in one schema-checked JSON each, on a unified and a discrete device."""
+    from kvbook.testing.hub import LoopbackHub
+    from kvbook.testing.synthetic import ProjectorShape, write_synthetic_lora, write_synthetic_projector
+
+    mm = write_synthetic_projector(ProjectorShape(), tmp_path / "mmproj-F32.gguf")
+    lora = write_synthetic_lora(smollm2, tmp_path / "lora.gguf")
+    lines = [["-m", str(smollm2), "-md", str(smollm2), "--mmproj", str(mm), "--lora", str(lora), "-c", "4096"],
+             ["-m", str(gemma3), "-md", str(gemma3), "-c", "8192", "-np", "2", "-ctkd", "q8_0", "-ctvd", "q8_0"],
+             ["--gpt-oss-20b-default", "-c", "8192"], ["-hf", "kv/smol-GGUF", "-np", "1"]]
+    repos = {"ggml-org/gpt-oss-20b-GGUF": {"gpt-oss-20b-mxfp4.gguf": smollm2},
+             "kv/smol-GGUF": {"smol-Q4_1.gguf": smollm2, mm.name: mm}}
+    with LoopbackHub(repos) as loop:
+        monkeypatch.setenv("MODEL_ENDPOINT", loop.endpoint)
+        for where in (["--budget-gib", "24"], ["--device", "rtx-4090-host-64"]):
+            for line in lines:
+                code, doc, err = plan_json(capsys, *where, "--", "llama-server", *line)
+                assert code == 0, err
+                jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+                assert (doc["draft"] is not None) == ("-md" in line)
+                assert (doc["projector"] is not None) == ("--mmproj" in line or "-hf" in line)
+
+
 def test_the_schema_rejects_what_it_should(capsys) -> None:
     _, doc, _ = plan_json(capsys, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "4096")
     validator = jsonschema.Draft202012Validator(SCHEMA)
     for broken in ({**doc, "verdict": "maybe"}, {**doc, "kv_bytes": -1}, {**doc, "surprise": 1},
-                   {k: v for k, v in doc.items() if k != "caches"}, {**doc, "schema_version": 2}):
+                   {k: v for k, v in doc.items() if k != "caches"}, {**doc, "schema_version": SCHEMA_VERSION + 1},
+                   {**doc, "projector": {"source": "x"}}):
         assert list(validator.iter_errors(broken)), broken
 
 

@@ -55,6 +55,35 @@ class RecurrentShape:
 
 
 @dataclass(frozen=True)
+class ProjectorArch:
+    """A multimodal projector (`--mmproj`, or the one `-hf` fetches): what its GGUF's clip.* keys say, and the
+    bytes of its tensors (llama.cpp's clip loader reads every tensor it uses into its own buffer)."""
+
+    source: str
+    projector_type: str
+    vision: bool
+    audio: bool
+    n_embd: int
+    n_ff: int
+    n_layer: int
+    n_head: int
+    image_size: int
+    patch_size: int
+    weights_bytes: int
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter (`--lora`, `--lora-scaled`): the bytes of its one buffer (src/llama-adapter.cpp allocates
+    every lora_a/lora_b tensor, each padded to the buffer's 32-byte alignment on the CPU; norm vectors skipped)."""
+
+    source: str
+    arch: str
+    n_tensors: int
+    buffer_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelArch:
     """What llama.cpp's loader derives from a model's metadata, per layer where it varies.
 
@@ -97,6 +126,9 @@ class ModelArch:
     # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
+    projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
+    draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
+    loras: tuple[LoraAdapter, ...] = ()  # --lora / --lora-scaled adapters, loaded next to the weights
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -156,6 +188,21 @@ class ServerFlags:
     main_gpu: int = 0  # -mg: with -sm none, the one device used (an index into the device list)
     host: str = "127.0.0.1"
     port: int = 8080
+    lora: tuple[str, ...] = ()  # --lora FILE[,FILE] / --lora-scaled FILE:SCALE[,...]: the adapter files
+    draft_hf_repo: str = ""  # -hfd user/repo[:quant]: the draft llama-server fetches from the hub
+    draft_hf_file: str = ""  # the draft's file in that repo (only a preset sets it)
+    draft_model: str = ""  # -md FILE: a draft model (its own weights, KV cache and compute buffer)
+    draft_type_k: str = "f16"  # -ctkd
+    draft_type_v: str = "f16"  # -ctvd
+    draft_gpu_layers: str = "auto"  # -ngld
+    mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
+    mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
+    model_url: str = ""  # -mu URL: the model is the file llama-server downloads from there (wins over -m)
+    hf_token: str = field(default="", repr=False)  # -hft / HF_TOKEN: sent to the hub for -hf listings, never shown
+    offline: bool = False  # --offline: -hf picks from the local cache instead of the hub
+    hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
+    hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
+    no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value
@@ -231,6 +278,17 @@ class HostExtras:
 
 
 @dataclass(frozen=True)
+class ProjectorMemory:
+    """What the projector allocates: its weights (exact: the tensor sizes) and its compute buffer for the
+    warm-up image (an estimate), on the GPU when offloaded, else in host RAM."""
+
+    weights_bytes: int
+    compute_bytes: int
+    compute_note: str
+    on_gpu: bool
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """Everything llama-server allocates at start, plus run-time host growth, in bytes."""
 
@@ -241,6 +299,17 @@ class MemoryPlan:
     output_bytes: int
     compute: ComputeEstimate
     host_extras: HostExtras
+    projector: ProjectorMemory | None = None
+    draft: MemoryPlan | None = None  # the draft model's own context (-md): weights, caches, logits, compute
+    lora_bytes: int = 0  # the LoRA adapters' buffers, next to the weights they adapt
+
+    @property
+    def projector_bytes(self) -> int:
+        return self.projector.weights_bytes + self.projector.compute_bytes if self.projector else 0
+
+    @property
+    def draft_bytes(self) -> int:
+        return self.draft.start_bytes if self.draft else 0
 
     @property
     def kv_bytes(self) -> int:
@@ -253,12 +322,13 @@ class MemoryPlan:
     @property
     def start_bytes(self) -> int:
         """Allocated when the server starts."""
-        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
+        return (self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.output_bytes + self.compute.bytes
+                + self.projector_bytes + self.draft_bytes + self.lora_bytes)
 
     @property
     def total_bytes(self) -> int:
         """Start allocation plus the host RAM that can grow at run time."""
-        return self.start_bytes + self.host_extras.bytes
+        return self.start_bytes + self.host_extras.bytes + (self.draft.host_extras.bytes if self.draft else 0)
 
     def json_extras(self) -> dict[str, Any]:
         return {

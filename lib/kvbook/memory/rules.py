@@ -17,9 +17,11 @@ from kvbook.interface import (
     MemoryPlan,
     MiB,
     ModelArch,
+    ProjectorMemory,
     ServerFlags,
 )
 from kvbook.memory.compute import estimate_compute
+from kvbook.memory.projector import projector_memory
 from kvbook.memory.xp import PY
 
 # ggml block size and bytes per block for the cache types llama-server accepts
@@ -217,4 +219,31 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         output_bytes=output_bytes(arch, shape),
         compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
         host_extras=HostExtras(cache_ram_bytes=cache_ram, checkpoint_bytes=checkpoint_bytes(arch, shape, flags)),
+        projector=with_projector(arch, shape, flags),
+        draft=draft_memory(arch, shape, flags),
+        lora_bytes=sum(a.buffer_bytes for a in arch.loras),
     )
+
+
+def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
+    """The draft context's settings (common/speculative.cpp): the server's own, with the target context's
+    n_ctx, the draft's cache types (-ctkd/-ctvd, f16 by default), and no prompt cache of its own (the one
+    --cache-ram limit covers both)."""
+    import dataclasses
+
+    return dataclasses.replace(flags, model=flags.draft_model, model_url="", hf_repo="", hf_file="", ctx=shape.n_ctx, type_k=flags.draft_type_k,
+                               type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
+                               draft_model="", draft_hf_repo="", draft_hf_file="", mmproj="",
+                               lora=())
+
+
+def draft_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan | None:
+    """The draft model's context, sized as llama.cpp sizes it for speculative decoding (None without -md)."""
+    if arch.draft is None:
+        return None
+    return plan_memory(arch.draft, draft_flags(flags, shape))
+
+
+def with_projector(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> ProjectorMemory | None:
+    """The projector's memory when the model has one (`on_gpu` is what the flags ask; the planner places it)."""
+    return projector_memory(arch.projector, shape.flash_attn, flags.mmproj_offload) if arch.projector else None

@@ -117,3 +117,14 @@ def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
         first, end = ranges.get(key, [start, start])
         ranges[key] = [min(first, start), max(end, start + int(t.n_bytes))]
     return GGUFHeader(meta, n_vocab, tensor_bytes, len(reader.tensors), base, file_bytes, groups, ranges)
+
+
+def tensor_sizes(path: Path, source: str) -> list[tuple[str, int]]:
+    """(name, bytes) of every tensor in the GGUF at `path`, in file order (for adapters, whose buffer pads each)."""
+    try:
+        reader = _BoundedReader(path)
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{source}: truncated or corrupt GGUF header ({type(exc).__name__}: {exc})") from None
+    return [(str(t.name), int(t.n_bytes)) for t in reader.tensors]

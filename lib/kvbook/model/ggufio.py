@@ -109,8 +109,29 @@ def split_shards(path: Path, meta: dict[str, Any]) -> list[Path]:
     return shards
 
 
-def read_remote(url: str, *, timeout: float = 30.0, session: Any = None) -> GGUFHeader:
-    """Header of a remote GGUF, fetched with HTTP Range requests in growing chunks."""
+def sparse_remote_copy(url: str, folder: Path) -> Path:
+    """A local stand-in for a remote GGUF: each shard's header bytes, the tensor data a hole up to the true
+    size (a sparse file), under the shard's own name in `folder`. llama.cpp's no-alloc loaders
+    (llama-fit-params) read such a file as the real one. Returns the first shard's path."""
+    paths = []
+    header = read_remote(url, sparse_copy=folder / _url_name(url))
+    paths.append(folder / _url_name(url))
+    for shard in split_shard_urls(url, header.metadata)[1:]:
+        read_remote(shard, sparse_copy=folder / _url_name(shard))
+        paths.append(folder / _url_name(shard))
+    return paths[0]
+
+
+def _url_name(url: str) -> str:
+    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    return name if name.endswith(".gguf") else name + ".gguf"
+
+
+def read_remote(url: str, *, timeout: float = 30.0, session: Any = None, sparse_copy: Path | None = None) -> GGUFHeader:
+    """Header of a remote GGUF, fetched with HTTP Range requests in growing chunks; with `sparse_copy`, the
+    fetched bytes are left there as a sparse file of the remote file's size (see sparse_remote_copy)."""
+    import contextlib
+
     import requests
 
     from kvbook.model.gguf_reader import parse
@@ -120,8 +141,9 @@ def read_remote(url: str, *, timeout: float = 30.0, session: Any = None) -> GGUF
     want = 1 << 20
     total: int | None = None
     last_error: ModelError | None = None
-    with tempfile.TemporaryDirectory(prefix="kvbook-gguf-") as tmp:
-        part = Path(tmp) / "header.gguf"
+    scratch = contextlib.nullcontext(None) if sparse_copy else tempfile.TemporaryDirectory(prefix="kvbook-gguf-")
+    with scratch as tmp:
+        part = sparse_copy or Path(tmp) / "header.gguf"
         while True:
             try:
                 resp = http.get(

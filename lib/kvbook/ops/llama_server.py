@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kvbook.errors import BadInput
 from kvbook.interface import Device, Plan, ServerFlags, Verdict
-from kvbook.ops.logparse import LoggedMemory, parse_log
+from kvbook.ops.logparse import LoggedMemory, parse_draft_log, parse_log
 from kvbook.ops.procs import ManagedProcess, ProcessSpec, check_host, free_port
 from kvbook.plan.flags import parse_server_args
 
@@ -59,6 +59,10 @@ class LlamaServer:
     def measured(self) -> LoggedMemory:
         """What the server logged about its allocations."""
         return parse_log(self.log_path.read_text(errors="replace"))
+
+    def measured_draft(self) -> LoggedMemory | None:
+        """What the server logged about the draft model's context (-md), or None."""
+        return parse_draft_log(self.log_path.read_text(errors="replace"))
 
     def stop(self) -> int | None:
         return self.process.stop()

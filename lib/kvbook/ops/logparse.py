@@ -23,6 +23,9 @@ _RE = {
     "model_buf": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*" + _NUM + " MiB"),
     "output_buf": re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s*" + _NUM + " MiB"),
     "compute_buf": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "clip_model": re.compile(r"load_hparams: model size:\s+" + _NUM + " MiB"),
+    "clip_compute": re.compile(r"reserve_compute_meta:\s+(\S+) compute buffer size =\s*" + _NUM + " MiB"),
+    "lora_buf": re.compile(r"llama_adapter_lora_init_impl:\s+(\S+) LoRA buffer size =\s*" + _NUM + " MiB"),
     "kv_buf": re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s*" + _NUM + " MiB"),
     "rs_buf": re.compile(r"llama_memory_recurrent:\s+(\S+) RS buffer size =\s*" + _NUM + " MiB"),
     "iswa": re.compile(r"llama_kv_cache_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells"),
@@ -67,6 +70,10 @@ class LoggedMemory:
     compute_mib: dict[str, float] = field(default_factory=dict)
     caches: tuple[LoggedCache, ...] = ()
     kv_buffer_mib: dict[str, float] = field(default_factory=dict)  # per buffer type, every cache summed
+    # the multimodal projector (tools/mtmd/clip.cpp): its weights, and its compute buffer per buffer type
+    projector_model_mib: float | None = None
+    projector_compute_mib: dict[str, float] = field(default_factory=dict)
+    lora_mib: float = 0.0  # every LoRA adapter buffer, summed
 
     @property
     def compute_bytes(self) -> int:
@@ -78,14 +85,34 @@ class LoggedMemory:
         return sum(v for k, v in self.model_mib.items() if k != "CPU_REPACK")
 
 
+DRAFT_MARKER = "loading draft model"  # common/speculative.cpp logs it before it loads the -md model
+
+
 def parse_log(text: str) -> LoggedMemory:
-    """The last context creation in a llama-server log (a server logs one; fit probes log none at -lv 4)."""
+    """The target model's context in a llama-server log (the last one created before a draft model is loaded;
+    fit probes log none at -lv 4), and the projector's lines wherever they are."""
+    head, marker, _ = text.partition(DRAFT_MARKER)
+    if not marker:
+        return _parse(text)
+    clip = "\n".join(ln for ln in text.splitlines() if "load_hparams: model size" in ln or "reserve_compute_meta" in ln)
+    return _parse(head + "\n" + clip)
+
+
+def parse_draft_log(text: str) -> LoggedMemory | None:
+    """The draft model's context (-md): everything the log says after the draft starts loading."""
+    _, marker, tail = text.partition(DRAFT_MARKER)
+    return _parse(tail) if marker else None
+
+
+def _parse(text: str) -> LoggedMemory:
     values: dict[str, object] = {}
     model_mib: dict[str, float] = {}
     compute_mib: dict[str, float] = {}
     caches: list[LoggedCache] = []
     kv_buffers: dict[str, float] = {}
     pending_kind = "kv"
+    in_model_run = False
+    clip_compute: dict[str, float] = {}
     for line in text.splitlines():
         if "llama_context: constructing llama_context" in line:
             caches, compute_mib, kv_buffers, pending_kind = [], {}, {}, "kv"
@@ -98,8 +125,21 @@ def parse_log(text: str) -> LoggedMemory:
             values["flash_attn"] = m.group(1)
         if m := _RE["kv_unified"].search(line):
             values["kv_unified"] = m.group(1) == "true"
-        if m := _RE["model_buf"].search(line):
-            model_mib[m.group(1)] = float(m.group(2))
+        model_line = _RE["model_buf"].search(line)
+        if model_line:
+            # a split model logs one line per file and buffer type, in one run: summed; a later run (another
+            # model load) starts again
+            if not in_model_run:
+                model_mib = {}
+            name = model_line.group(1)
+            model_mib[name] = round(model_mib.get(name, 0.0) + float(model_line.group(2)), 2)
+        in_model_run = bool(model_line)
+        if m := _RE["clip_model"].search(line):
+            values["projector_model_mib"] = float(m.group(1))
+        if m := _RE["clip_compute"].search(line):
+            clip_compute[m.group(1)] = float(m.group(2))
+        if m := _RE["lora_buf"].search(line):
+            values["lora_mib"] = round(float(values.get("lora_mib", 0.0)) + float(m.group(2)), 2)  # type: ignore[arg-type]
         if m := _RE["output_buf"].search(line):
             values["output_mib"] = float(m.group(2))
         if m := _RE["compute_buf"].search(line):
@@ -136,7 +176,7 @@ def parse_log(text: str) -> LoggedMemory:
                 )
             )
     return LoggedMemory(model_mib=model_mib, compute_mib=compute_mib, caches=tuple(caches), kv_buffer_mib=kv_buffers,
-                        **values)  # type: ignore[arg-type]
+                        projector_compute_mib=clip_compute, **values)  # type: ignore[arg-type]
 
 
 def mib2(n_bytes: int) -> float:

@@ -82,6 +82,14 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory,
     rows += [
         MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
     ]
+    if predicted.lora_bytes:
+        rows.append(MemoryRow("LoRA MiB", mib2(predicted.lora_bytes), logged.lora_mib, True))
+    if predicted.projector is not None:
+        rows += [
+            MemoryRow("projector weights MiB", mib2(predicted.projector.weights_bytes), logged.projector_model_mib, True),
+            MemoryRow("projector compute MiB", mib2(predicted.projector.compute_bytes),
+                      round(sum(logged.projector_compute_mib.values()), 2), None),
+        ]
     return tuple(rows)
 
 

@@ -28,20 +28,17 @@ CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned serve
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {
     "-ncffn": "FFN placement on the CPU",
-    "--lora": "LoRA adapters",
-    "--lora-scaled": "LoRA adapters",
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
-    "--spec-draft-model": "a draft model for speculative decoding",
     "--spec-type": "speculative decoding state",
-    "--spec-draft-ngl": "a draft model for speculative decoding",
+    "--spec-draft-device": "the draft model's device",
+    "--spec-draft-cpu-moe": "the draft's experts on the CPU",
+    "--spec-draft-n-cpu-moe": "the draft's experts on the CPU",
     "--spec-draft-override-tensor": "a draft model for speculative decoding",
-    "-mm": "a multimodal projector",
-    "-mmu": "a multimodal projector",
-    "-hf": "a model downloaded at start (pass the GGUF path or URL instead)",
-    "-hff": "a model downloaded at start (pass the GGUF path or URL instead)",
-    "-mu": "a model downloaded at start (pass the GGUF URL as -m instead)",
+    "-mmdev": "the projector's device",
+    "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
+    "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
     "-dr": "a model pulled from a registry at start (pass the GGUF path instead)",
     "--embedding": "embedding outputs",
     "--rerank": "reranking outputs",
@@ -50,13 +47,53 @@ UNMODELLED = {
     "--models-preset": "router mode (several models)",
     "--no-host": "weights without host (pinned) buffers",
 }
+# options whose value is a secret: never echoed in a plan (notes, flags_read)
+SECRET_OPTIONS = {"-hft", "--api-key"}
 # Spellings refused although their option's other spellings are fine.
 UNMODELLED_SPELLINGS = {
     "-nr": "no weight repacking (the CPU_REPACK buffer)",
     "--no-repack": "no weight repacking (the CPU_REPACK buffer)",
 }
-# Built-in presets (`--gpt-oss-20b-default`, `--fim-qwen-7b-spec`, ...) set a model and several flags.
-PRESET_SUFFIXES = ("-default", "-spec")
+# The pinned build's presets (common/arg.cpp, "// presets"): each sets these options, in this order, where it
+# stands on the command line (a later flag overrides it, an earlier one is overridden). Where arg.cpp computes
+# n_ctx as a multiple of the n_parallel it has just set, the product is written out. Sampling and template
+# settings are listed too (they change no memory); n_cache_reuse is --cache-reuse.
+_OAI = (("--temp", "1.0"), ("--top-p", "1.0"), ("--top-k", "0"), ("--min-p", "0.01"), ("--jinja", None))
+_FIM = (("--port", "8012"), ("-ub", "1024"), ("-b", "1024"), ("-c", "0"), ("--cache-reuse", "256"))
+_QWEN_DRAFT = (("-hfd", "ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF"),)  # plus the draft file (PRESET_DRAFT_FILE)
+PRESETS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "--embd-gemma-default": (("-hf", "ggml-org/embeddinggemma-300M-qat-q4_0-GGUF"),
+                             ("-hff", "embeddinggemma-300M-qat-Q4_0.gguf"), ("--port", "8011"), ("-ub", "2048"),
+                             ("-b", "2048"), ("-np", "32"), ("-c", "65536"), ("--embedding", None)),
+    "--fim-qwen-1.5b-default": (("-hf", "ggml-org/Qwen2.5-Coder-1.5B-Q8_0-GGUF"),
+                                ("-hff", "qwen2.5-coder-1.5b-q8_0.gguf"), *_FIM),
+    "--fim-qwen-3b-default": (("-hf", "ggml-org/Qwen2.5-Coder-3B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-3b-q8_0.gguf"),
+                              *_FIM),
+    "--fim-qwen-7b-default": (("-hf", "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-7b-q8_0.gguf"),
+                              *_FIM),
+    "--fim-qwen-7b-spec": (("-hf", "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-7b-q8_0.gguf"),
+                           *_QWEN_DRAFT, *_FIM),
+    "--fim-qwen-14b-spec": (("-hf", "ggml-org/Qwen2.5-Coder-14B-Q8_0-GGUF"), ("-hff", "qwen2.5-coder-14b-q8_0.gguf"),
+                            *_QWEN_DRAFT, *_FIM),
+    "--fim-qwen-30b-default": (("-hf", "ggml-org/Qwen3-Coder-30B-A3B-Instruct-Q8_0-GGUF"),
+                               ("-hff", "qwen3-coder-30b-a3b-instruct-q8_0.gguf"), *_FIM),
+    "--gpt-oss-20b-default": (("-hf", "ggml-org/gpt-oss-20b-GGUF"), ("-hff", "gpt-oss-20b-mxfp4.gguf"),
+                              ("--port", "8013"), ("-ub", "2048"), ("-b", "32768"), ("-np", "2"), ("-c", "262144"),
+                              *_OAI),
+    "--gpt-oss-120b-default": (("-hf", "ggml-org/gpt-oss-120b-GGUF"), ("--port", "8013"), ("-ub", "2048"),
+                               ("-b", "32768"), ("-np", "2"), ("-c", "262144"), *_OAI),
+    "--vision-gemma-4b-default": (("-hf", "ggml-org/gemma-3-4b-it-qat-GGUF"), ("--port", "8014"), ("-c", "0"),
+                                  ("--jinja", None)),
+    "--vision-gemma-12b-default": (("-hf", "ggml-org/gemma-3-12b-it-qat-GGUF"), ("--port", "8014"), ("-c", "0"),
+                                   ("--jinja", None)),
+    "--spec-default": (("--spec-type", "ngram-mod"), ("--spec-ngram-mod-n-match", "24"),
+                       ("--spec-ngram-mod-n-min", "48"), ("--spec-ngram-mod-n-max", "64")),
+}
+# what a preset sets that llama-server has no flag for (and that changes no memory)
+PRESET_UNFLAGGED = {"--embd-gemma-default": "verbose_prompt"}
+# the draft's file in its -hfd repo, which a preset sets and no flag does
+PRESET_DRAFT_FILE = {"--fim-qwen-7b-spec": "qwen2.5-coder-0.5b-q8_0.gguf",
+                     "--fim-qwen-14b-spec": "qwen2.5-coder-0.5b-q8_0.gguf"}
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -241,6 +278,24 @@ def _ngl(flag: str, value: str) -> str:
     return "all" if number == -2 else "auto" if number == -1 else str(max(number, 0))
 
 
+def _lora_files(flag: str, value: str, scaled: bool) -> tuple[str, ...]:
+    """--lora A,B or --lora-scaled A:0.5,B:1: the adapter files (the scale changes no memory)."""
+    files = []
+    for item in (x.strip() for x in value.split(",")):
+        name, sep, scale = item.rpartition(":") if scaled else (item, "", "")
+        if scaled and (not sep or not name):
+            raise BadInput(f"{flag}: '{item}' is not FILE:SCALE")
+        if scaled:
+            try:
+                float(scale)
+            except ValueError:
+                raise BadInput(f"{flag}: '{scale}' in '{item}' is not a number") from None
+        if not name:
+            raise BadInput(f"{flag} needs a file name")
+        files.append(name)
+    return tuple(files)
+
+
 # canonical spelling -> (field, converter); converters get (flag as typed, value)
 _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-m": ("model", lambda f, v: v),
@@ -263,6 +318,17 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-dev": ("devices", _device_list),
     "-sm": ("split_mode", lambda f, v: _choice(f, v, ("none", "layer", "row", "tensor"))),
     "-mg": ("main_gpu", lambda f, v: _int(f, v, INT32[0])),
+    "--spec-draft-model": ("draft_model", lambda f, v: v),
+    "--spec-draft-hf": ("draft_hf_repo", lambda f, v: v),
+    "--spec-draft-type-k": ("draft_type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
+    "--spec-draft-type-v": ("draft_type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
+    "--spec-draft-ngl": ("draft_gpu_layers", _ngl),
+    "-mm": ("mmproj", lambda f, v: v),
+    "-mmu": ("mmproj", lambda f, v: v),
+    "-hf": ("hf_repo", lambda f, v: v),
+    "-mu": ("model_url", lambda f, v: v),
+    "-hft": ("hf_token", lambda f, v: v),
+    "-hff": ("hf_file", lambda f, v: v),
 }
 
 # canonical spelling -> {spelling: (field, value)} for boolean switches
@@ -273,6 +339,10 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
+    "--offline": {"--offline": ("offline", True)},
+    "--mmproj-offload": {"--mmproj-offload": ("mmproj_offload", True), "--no-mmproj-offload": ("mmproj_offload", False)},
+    "--mmproj-auto": {"--mmproj-auto": ("no_mmproj", False), "--no-mmproj": ("no_mmproj", True),
+                      "--no-mmproj-auto": ("no_mmproj", True)},
 }
 
 
@@ -280,10 +350,8 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
     """Why kvbook refuses this flag (it changes memory in a way not modelled yet), or None."""
     if flag in UNMODELLED_SPELLINGS:
         return UNMODELLED_SPELLINGS[flag]
-    if canonical in UNMODELLED and not (canonical == "--spec-type" and value == "none"):
+    if canonical in UNMODELLED and not (canonical == "--spec-type" and value in ("none", "draft-simple")):
         return UNMODELLED[canonical]
-    if canonical.startswith("--") and canonical.endswith(PRESET_SUFFIXES):
-        return "a built-in preset that sets the model and several flags (write them out instead)"
     return None
 
 
@@ -301,6 +369,17 @@ _EFFECT = {
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "devices": "devices: which offload devices are used, in this order", "split_mode": "devices: one (none) or all (layer)",
     "main_gpu": "devices: the one used with -sm none",
+    "hf_repo": "the model: the file llama-server fetches from the hub",
+    "model_url": "the model: the file llama-server downloads (planned from its header)",
+    "hf_token": "nothing (the hub's access token, used for -hf listings)",
+    "offline": "where -hf files come from (the local cache: not planned)", "hf_file": "the model: this file of the -hf repo",
+    "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
+    "lora": "LoRA adapter buffers next to the weights",
+    "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
+    "draft_hf_repo": "a draft model: the file llama-server fetches from the hub",
+    "draft_type_k": "the draft's K cache bytes", "draft_type_v": "the draft's V cache bytes",
+    "draft_gpu_layers": "placement of the draft model",
+    "mmproj": "the multimodal projector: its weights and compute buffer", "mmproj_offload": "where the projector sits",
 }
 
 
@@ -313,13 +392,21 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         field = "kv_unified_per_slot"
     if canonical == "-ot":
         field = "cpu_moe_layers"
+    if canonical in ("--lora", "--lora-scaled"):
+        field = "lora"
     if read is not None:
         label = shown if value is None or source == "environment" else f"{shown} {value}"
+        if source.startswith("preset "):
+            label = flag if value is None else f"{flag} {value}"
+        if canonical in SECRET_OPTIONS and source == "command line":
+            label = f"{shown} ***"
         read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
     why = _refusal(flag, canonical, value)
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
-    if canonical == "--kv-unified-per-slot":
+    if canonical in ("--lora", "--lora-scaled"):
+        values["lora"] = values.get("lora", ()) + _lora_files(shown, value or "", canonical == "--lora-scaled")
+    elif canonical == "--kv-unified-per-slot":
         values["kv_unified_per_slot"] = _int(shown, value or "", 0)
     elif canonical == "-ot":
         values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0),
@@ -339,7 +426,9 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
 
 # options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
 # true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false
-_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr")}
+_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr"),
+                 "--mmproj-auto": ("--mmproj-auto", "--no-mmproj"),
+                 "--mmproj-offload": ("--mmproj-offload", "--no-mmproj-offload")}
 
 
 def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
@@ -351,7 +440,8 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
         if negative and negative in environ:
             raw, shown = "0", f"{negative}={environ[negative]}"
         elif name in environ:
-            raw, shown = environ[name], f"{name}={environ[name]}"
+            raw = environ[name]
+            shown = f"{name}=***" if canonical in SECRET_OPTIONS else f"{name}={raw}"
         else:
             continue
         read.append(shown)
@@ -364,6 +454,23 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
         elif raw in TRUTHY:
             _apply(values, ignored, canonical, canonical, None, shown, **env)
     return read
+
+
+def _expand_preset(values: dict[str, Any], ignored: list[str], token: str, canonical: str,
+                   log: list[tuple[str, str, str]]) -> None:
+    """A preset flag: the options it sets, applied where it stands, each listed as set by the preset."""
+    table = _spellings()
+    settings = PRESETS[canonical]
+    shown = " ".join(f if v is None else f"{f} {v}" for f, v in settings)
+    if canonical in PRESET_UNFLAGGED:
+        shown += f" (and {PRESET_UNFLAGGED[canonical]}, which has no server flag)"
+    if canonical in PRESET_DRAFT_FILE:
+        shown += f" (and the draft file {PRESET_DRAFT_FILE[canonical]}, which has no server flag)"
+        values["draft_hf_file"] = PRESET_DRAFT_FILE[canonical]
+    log.append((token, "command line", f"preset: sets {shown}"))
+    for flag, value in settings:
+        _apply(values, ignored, flag, table[flag][0], value, f"{token} (sets {flag}{'' if value is None else ' ' + value})",
+               log, source=f"preset {token}")
 
 
 def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerFlags:
@@ -399,9 +506,21 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
             i += 1
             value = args[i]
         i += 1
-        _apply(values, ignored, flag, canonical, value, token, log)
+        if canonical in PRESETS:
+            _expand_preset(values, ignored, token, canonical, log)
+        else:
+            _apply(values, ignored, flag, canonical, value, token, log)
+    if values.get("hf_file") and not values.get("hf_repo"):
+        raise BadInput("-hff FILE needs -hf USER/REPO: llama-server reads the file name only with a repo")
+    if values.get("hf_repo") and values.get("model_url"):
+        raise BadInput("-hf and -mu both give the model: llama-server would fetch both; give one of them")
+    if values.get("model_url") and not values.get("model") and not values.get("hf_repo"):
+        raise BadInput("-mu URL without -m: this llama-server build then starts in router mode and loads no model; "
+                       "add -m PATH (where it saves the download)")
+    if values.get("hf_repo") or values.get("model_url"):
+        values.setdefault("model", "")  # -hf / -mu win over -m: llama-server loads the file it fetched
     if "model" not in values:
-        raise BadInput("the llama-server command line has no -m MODEL")
+        raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
     per_slot = values.pop("kv_unified_per_slot", None)
     if per_slot and "ctx" not in values:  # server.cpp: only without -c (an explicit -c 0 wins); 0 means unset
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
@@ -419,6 +538,10 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
     default = ServerFlags(model=flags.model)
     value = getattr(flags, field)
     if field == "model":
+        if flags.model_url:
+            return ["-mu", flags.model_url]
+        if flags.hf_repo:
+            return ["-hf", flags.hf_repo, *(["-hff", flags.hf_file] if flags.hf_file else [])]
         return ["-m", flags.model]
     if value == getattr(default, field):
         return []
@@ -435,6 +558,10 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["-nkvo"]
     if field == "fit":
         return ["--fit", "off"]
+    if field == "mmproj":
+        return ["--mmproj", value]
+    if field == "mmproj_offload":
+        return ["--no-mmproj-offload"]
     if field == "rpc":
         return ["--rpc", ",".join(value)]
     if field == "cpu_moe_layers":
@@ -453,7 +580,7 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers", "devices", "split_mode", "main_gpu"]
+              "rpc", "tensor_split", "cpu_moe_layers", "devices", "split_mode", "main_gpu", "mmproj", "mmproj_offload"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 

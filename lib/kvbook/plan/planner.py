@@ -121,6 +121,13 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if memory.lora_bytes and _spread(arch, flags, device):
+        raise BadInput("--lora with layers spread over devices: the adapters follow each base tensor's device, "
+                       "which kvbook does not model yet")
+    if memory.draft is not None and any(p.kind == "rpc" for p in device.pools):
+        raise BadInput("-md with --rpc devices: how llama.cpp spreads the draft then is not modelled yet")
+    if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
+        raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     if flags.cpu_moe_layers and not arch.n_expert:
         raise BadInput(f"--cpu-moe / --n-cpu-moe: {arch.name} has no experts")
     if _spread(arch, flags, device):
@@ -134,12 +141,28 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         if device.unified:
             main = host = device.pools[0].name
         kv_pool = host if flags.no_kv_offload else main
-        parts[main]["weights"] += memory.weights_bytes
+        parts[main]["weights"] += memory.weights_bytes + memory.lora_bytes
         parts[main]["compute"] += memory.compute.bytes
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
     parts[host]["extras"] += memory.host_extras.bytes
+    if memory.draft is not None:
+        if not memory.draft.shape.n_ctx:
+            raise BadInput("the draft model has no context")
+        pool = draft_pool(arch, flags, device)
+        d = memory.draft
+        parts[pool]["weights"] += d.weights_bytes
+        kv_pool = host if flags.no_kv_offload else pool  # the draft inherits -nkvo
+        parts[kv_pool]["kv"] += d.kv_bytes
+        parts[kv_pool]["recurrent"] += d.recurrent_bytes
+        parts[pool]["compute"] += d.compute.bytes
+        parts[host]["output"] += d.output_bytes
+        parts[host]["extras"] += d.host_extras.bytes
+    proj = projector_pool(memory, device)
+    if proj is not None and memory.projector is not None:
+        parts[proj]["weights"] += memory.projector.weights_bytes
+        parts[proj]["compute"] += memory.projector.compute_bytes
     usages = []
     for pool in device.pools:
         part = parts[pool.name]
@@ -156,6 +179,35 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                                 compute_bytes=part["compute"], output_bytes=part["output"],
                                 host_extras_bytes=part["extras"]))
     return tuple(usages)
+
+
+def draft_pool(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
+    """Where the draft's weights, KV and compute sit: its -ngld (auto by default) read like -ngl; a partial
+    offload of the draft is refused."""
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if device.unified:
+        return device.pools[0].name
+    gpu = next((p.name for p in device.pools if p.kind == "gpu"), None)
+    if gpu is None or arch.draft is None:
+        return host
+    ngl = flags.draft_gpu_layers
+    if ngl in ("auto", "all", "-1") or int(ngl) >= arch.draft.n_layer + 1:
+        return gpu
+    if int(ngl) == 0:
+        return host
+    raise BadInput(f"-ngld {ngl}: a draft split between the GPU and the CPU is not modelled yet (use -ngld 0 or all)")
+
+
+def projector_pool(memory: MemoryPlan, device: Device) -> str | None:
+    """Where the projector sits: clip uses the first GPU whenever there is one and offload is on (whatever
+    -ngl says), else the CPU; on unified memory the one pool."""
+    if memory.projector is None:
+        return None
+    if device.unified:
+        return device.pools[0].name
+    gpu = next((p.name for p in device.pools if p.kind == "gpu"), None)
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    return gpu if gpu and memory.projector.on_gpu else host
 
 
 def worst(usages: tuple[PoolUsage, ...]) -> Verdict:

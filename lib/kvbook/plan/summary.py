@@ -11,7 +11,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 1  # bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 2  # 2: "projector" and "draft"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -47,6 +47,8 @@ def plan_summary(plan: Plan) -> dict:
         "accounting": plan.accounting,
         "compute_calibrated": plan.compute_calibrated,
         "output_bytes": mem.output_bytes,
+        "projector": projector_entry(plan),
+        "draft": draft_entry(plan),
         "host_extras_bytes": mem.host_extras.bytes,
         "start_bytes": mem.start_bytes,
         "total_bytes": mem.total_bytes,
@@ -63,6 +65,35 @@ def plan_summary(plan: Plan) -> dict:
         "notes": list(plan.notes),
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
     }
+
+
+def draft_entry(plan: Plan) -> dict | None:
+    """The draft model's own context (-md), sized like the target's (None without one)."""
+    arch, mem = plan.model.draft, plan.memory.draft
+    if arch is None or mem is None:
+        return None
+    from kvbook.plan.planner import draft_pool
+
+    return {"model": arch.name, "arch": arch.arch, "source": arch.source, "n_ctx": mem.shape.n_ctx,
+            "n_ctx_seq": mem.shape.n_ctx_seq,
+            "caches": [{"kind": c.kind.value, "cells": c.cells, "layers": c.layers, "k_type": c.k_type,
+                        "v_type": c.v_type, "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "bytes": c.bytes}
+                       for c in mem.caches],
+            "weights_bytes": mem.weights_bytes, "kv_bytes": mem.kv_bytes, "recurrent_bytes": mem.recurrent_bytes,
+            "compute_bytes": mem.compute.bytes, "output_bytes": mem.output_bytes, "start_bytes": mem.start_bytes,
+            "device": _device_name(plan, draft_pool(plan.model, plan.flags, plan.device))}
+
+
+def projector_entry(plan: Plan) -> dict | None:
+    """The multimodal projector llama-server loads with the model (None without one)."""
+    proj, mem = plan.model.projector, plan.memory.projector
+    if proj is None or mem is None:
+        return None
+    from kvbook.plan.planner import projector_pool
+
+    return {"source": proj.source, "projector_type": proj.projector_type, "weights_bytes": mem.weights_bytes,
+            "weights_exact": True, "compute_bytes": mem.compute_bytes, "compute_note": mem.compute_note,
+            "device": _device_name(plan, projector_pool(plan.memory, plan.device) or "")}
 
 
 def device_entry(plan: Plan, use: PoolUsage) -> dict:
@@ -113,6 +144,14 @@ def format_plan(plan: Plan) -> str:
             f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)" if plan.compute_calibrated else
             f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"),
         f"  output       {_size(mem.output_bytes)}  logits",
+        *([f"  projector    {_size(mem.projector.weights_bytes)}  weights, exact: {plan.model.projector.projector_type} "
+           f"tensors of {plan.model.projector.source}",
+           f"  proj compute {_size(mem.projector.compute_bytes)}  {mem.projector.compute_note}"]
+          if mem.projector and plan.model.projector else []),
+        *([f"  draft        {_size(mem.draft.start_bytes)}  {plan.model.draft.name}: weights "
+           f"{_size(mem.draft.weights_bytes).strip()}, KV {_size(mem.draft.kv_bytes + mem.draft.recurrent_bytes).strip()}"
+           f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
+          if mem.draft and plan.model.draft else []),
         f"  at start     {_size(mem.start_bytes)}",
         f"  host growth  {_size(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
         f"  total        {_size(mem.total_bytes)}",

@@ -593,3 +593,117 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     finally:
         writer.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal projectors
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ProjectorShape:
+    """An idefics3 (SmolVLM) or gemma3 vision tower: `projection_dim` must be the text model's n_embd."""
+
+    n_embd: int = 64
+    n_ff: int = 128
+    n_layer: int = 2
+    n_head: int = 4
+    image_size: int = 64
+    patch_size: int = 16
+    scale_factor: int = 2
+    projection_dim: int = 576
+    projector_type: str = "idefics3"
+
+
+def projector_tensors(s: ProjectorShape) -> list[Tensor]:
+    """The tensors tools/mtmd/clip.cpp loads for an idefics3 or gemma3 tower (ggml shapes, ne0 first), all f32."""
+    n_patch = (s.image_size // s.patch_size) ** 2
+    out: list[Tensor] = [("v.patch_embd.weight", (s.patch_size, s.patch_size, 3, s.n_embd)),
+                         ("v.patch_embd.bias", (s.n_embd,)), ("v.position_embd.weight", (s.n_embd, n_patch))]
+    for i in range(s.n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            out += [(f"v.blk.{i}.{name}.weight", (s.n_embd, s.n_embd)), (f"v.blk.{i}.{name}.bias", (s.n_embd,))]
+        for name in ("ln1", "ln2"):
+            out += [(f"v.blk.{i}.{name}.weight", (s.n_embd,)), (f"v.blk.{i}.{name}.bias", (s.n_embd,))]
+        out += [(f"v.blk.{i}.ffn_up.weight", (s.n_embd, s.n_ff)), (f"v.blk.{i}.ffn_up.bias", (s.n_ff,)),
+                (f"v.blk.{i}.ffn_down.weight", (s.n_ff, s.n_embd)), (f"v.blk.{i}.ffn_down.bias", (s.n_embd,))]
+    out += [("v.post_ln.weight", (s.n_embd,)), ("v.post_ln.bias", (s.n_embd,))]
+    if s.projector_type == "gemma3":  # average pooling, then a projection (its transpose is multiplied) and a norm
+        return out + [("mm.input_projection.weight", (s.projection_dim, s.n_embd)), ("mm.soft_emb_norm.weight", (s.n_embd,))]
+    return out + [("mm.model.fc.weight", (s.n_embd * s.scale_factor ** 2, s.projection_dim))]
+
+
+def write_synthetic_projector(shape: ProjectorShape, path: Path) -> Path:
+    """A projector GGUF (clip.* keys as the pinned converter writes them) whose f32 tensors are a hole of
+    zeros: llama-server loads it, runs its warm-up image and reserves its compute buffer."""
+    path = Path(path)
+    writer = GGUFWriter(path, "clip")
+    writer.add_string("clip.projector_type", shape.projector_type)
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_bool("clip.use_gelu", True)
+    for key, value in (("embedding_length", shape.n_embd), ("feed_forward_length", shape.n_ff),
+                       ("block_count", shape.n_layer), ("attention.head_count", shape.n_head),
+                       ("projection_dim", shape.projection_dim), ("image_size", shape.image_size),
+                       ("patch_size", shape.patch_size), ("projector.scale_factor", shape.scale_factor)):
+        writer.add_uint32(f"clip.vision.{key}", value)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    data_size = 0
+    for name, ne in projector_tensors(shape):
+        nbytes = 4 * int(np.prod(ne))
+        writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=GGMLQuantizationType.F32)
+        data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        fout.truncate(fout.tell() + data_size)
+    finally:
+        writer.close()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------
+
+def write_synthetic_lora(base: Path, path: Path, targets: tuple[str, ...] = ("attn_q", "attn_v"), rank: int = 8,
+                         weight_type: GGMLQuantizationType = GGMLQuantizationType.F16, norms: bool = True) -> Path:
+    """A LoRA adapter for the GGUF `base`: lora_a (ne: the base's ne0 x rank) and lora_b (rank x the base's ne1)
+    for each `blk.N.<target>.weight`, plus (`norms`) a norm vector llama.cpp skips; the data is a hole of zeros."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(base)
+    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    shapes = {str(t.name): tuple(int(x) for x in t.shape) for t in reader.tensors}  # ne0 first
+    path = Path(path)
+    writer = GGUFWriter(path, arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]] = []
+    for name, ne in shapes.items():
+        if name.startswith("blk.") and name.rsplit(".", 2)[-2] in targets and name.endswith(".weight"):
+            stem = name
+            tensors += [(f"{stem}.lora_a", (ne[0], rank), weight_type), (f"{stem}.lora_b", (rank, ne[1]), weight_type)]
+    if norms:
+        tensors.append(("blk.0.attn_norm.weight", (shapes["blk.0.attn_norm.weight"][0],), GGMLQuantizationType.F32))
+    data_size = 0
+    for name, ne, t in tensors:
+        nbytes = _nbytes(ne, t)
+        writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
+        data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        fout.truncate(fout.tell() + data_size)
+    finally:
+        writer.close()
+    return path
