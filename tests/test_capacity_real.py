@@ -131,5 +131,8 @@ def test_capacity_notebook_headless(tmp_path: Path) -> None:
     assert header["misses_by_cause"] == {"attribution_header": header["turns"] - 1}, header  # all but the first
     assert not noheader["misses_by_cause"] and noheader["hit_ratio_median"] > 0.8, noheader
     assert header["hit_ratio_median"] < 0.1, header
+    rows = summary["memory"]["slot_options"]
+    assert rows and all("predicted goodput (req/s)" in r and r["verdict"] for r in rows)
+    assert summary["memory"]["recommendation"]["agents"] == g["max_concurrency_meeting_slo"]
     assert summary["scale_out"] and {r["servers"] for r in summary["scale_out"]} == {1, 2}
     assert (out / "05-capacity.html").stat().st_size > 100_000

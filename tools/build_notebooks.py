@@ -451,7 +451,7 @@ summary = cap.capacity_summary(params, result, label=label, build=versions()["ll
     code("ns.show_table([{'cause': c, 'fix': f} for c, f in result.cache['fixes'].items()], 'the causes seen and what fixes them')"),
     code("ns.show_table(result.cache_rows, 'per turn')"),
     md("## Memory: slot options against goodput, and the settings that go with them"),
-    code("ns.show_table(result.slots, 'slot counts at the per-slot context these sessions need (planner) and the goodput measured at that concurrency')"),
+    code("ns.show_table(result.slots, 'slot counts at the per-slot context these sessions need: planned memory, the predicted level (speed model) with that many agents (agents share the cores), and the goodput measured on this server with that many agents')"),
     code("ns.show_table([result.recommendation], 'recommendation')"),
     md("## Scale-out behind one LiteLLM model group"),
     code("ns.show_figure(cf.scale_out_figure(result.scale_out)) if result.scale_out else print('scale_out is off')"),

@@ -211,9 +211,33 @@ def cache_block(records: Sequence[TurnRecord]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ memory: slot options
 
+def predict_level(speed: SpeedModel, turn: tuple[int, int, int], agents: int, slo: Slo) -> dict[str, Any]:
+    """A level predicted from the speed model for a typical (prompt, cached, output) turn, as on a CPU: agents
+    share the cores, so with n agents a turn takes n times as long (batched decode makes this pessimistic)."""
+    prompt, cached, out = turn
+    pre, dec = speed.turn_seconds(prompt, min(cached, prompt), out)
+    ttft_ms, e2e_ms = 1000 * agents * pre, 1000 * agents * (pre + dec)
+    itl_ms = 1000 * agents * dec / max(1, out)
+    meets = all(want is None or got <= want for got, want in
+                ((ttft_ms, slo.ttft_ms), (itl_ms, slo.itl_ms), (e2e_ms, slo.e2e_ms)))
+    return {"predicted ttft ms": round(ttft_ms, 1), "predicted e2e ms": round(e2e_ms, 1),
+            "predicted goodput (req/s)": round(agents / (e2e_ms / 1000), 3) if meets else 0.0,
+            "predicted meets SLO": meets}
+
+
+def typical_turn(records: Sequence[TurnRecord], max_tokens: int) -> tuple[int, int, int]:
+    """Median prompt and cached tokens of the measured turns, and the reply length."""
+    with_cache = [r.cache for r in records if r.cache]
+    if not with_cache:
+        return (0, 0, max_tokens)
+    return (int(statistics.median(c.prompt_n for c in with_cache)), int(statistics.median(c.cache_n for c in with_cache)),
+            max_tokens)
+
+
 def slot_options(model: Path, server_args: Sequence[str], per_slot_ctx: int, slot_counts: Sequence[int],
-                 device: str = "this-machine") -> list[dict[str, Any]]:
-    """For each -np: the planner's verdict and need at -c = np x per-slot context (what these sessions need)."""
+                 device: str = "this-machine", predicted: Any = None) -> list[dict[str, Any]]:
+    """For each -np: the planner's verdict and need at -c = np x per-slot context (what these sessions need),
+    and, given `predicted(n)`, the speed model's level with n agents."""
     from kvbook.notebook.ops_support import repo_paths
     from kvbook.ops.planning import plan_any
     from kvbook.plan.devices import load_device, this_machine
@@ -228,7 +252,7 @@ def slot_options(model: Path, server_args: Sequence[str], per_slot_ctx: int, slo
         need = plan.memory.total_bytes
         rows.append({"slots (-np)": n, "-c": n * per_slot_ctx, "per-slot context": per_slot_ctx,
                      "verdict": plan.verdict.value, "start GiB": round(start / 2**30, 2),
-                     "with host growth GiB": round(need / 2**30, 2)})
+                     "with host growth GiB": round(need / 2**30, 2), **(predicted(n) if predicted else {})})
     return rows
 
 
@@ -395,7 +419,13 @@ def measure_capacity(p: CapacityParams, run_dir: Path, progress: bool = True) ->
     levels = list(swept.search.levels)
     sweep_records = [t for run in swept.runs for t in run.turns]
     per_slot = p.per_slot_ctx or _per_slot_ctx(sweep_records, p.workload.max_tokens)
-    slots = slot_options(model, p.server_args, per_slot, p.slot_counts)
+    turn = typical_turn(sweep_records, p.workload.max_tokens)
+    slots = slot_options(model, p.server_args, per_slot, p.slot_counts,
+                         predicted=lambda n: predict_level(speed, turn, n, p.slo))
+    by_c = {lv.concurrency: lv for lv in levels}
+    for row in slots:  # measured on this server (its own -np) at that many agents, where the sweep went
+        lv = by_c.get(row["slots (-np)"])
+        row["measured goodput with that many agents (req/s)"] = round(lv.goodput_rps, 3) if lv else None
     rec = recommend(slots, levels, facts.slots, swept.search.max_concurrency_meeting_slo, p.workload.max_tokens)
     scaled = []
     if p.scale_out:
