@@ -252,3 +252,13 @@ def test_report_on_a_missing_or_plain_file_outputs_folder_is_one_line(capsys, tm
     assert_one_line_error(*run_cli(capsys, "report"), str(target),
                           "is a file, not a folder" if kind == "file" else "does not exist")
     assert (target.read_text() == "not a folder\n") if kind == "file" else not target.exists()
+
+
+@pytest.mark.parametrize("args", [["-ncmoe", "9" * 5000], ["-c", "-" + "9" * 5000], ["--rpc", "127.0.0.1:" + "1" * 5000]])
+def test_numbers_longer_than_python_converts_are_one_line(args) -> None:
+    """Found by the fuzzer: a 5000-digit number must be 'out of range', not Python's int() limit error."""
+    from kvbook.errors import BadInput
+    from kvbook.plan.flags import parse_server_args
+
+    with pytest.raises(BadInput, match="out of range|not host:port"):
+        parse_server_args(["-m", "x.gguf", *args, "-ngl", "1"])

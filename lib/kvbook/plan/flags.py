@@ -122,7 +122,8 @@ def _int(flag: str, value: str, minimum: int) -> int:
     match = _STOI.match(value)
     if not match:
         raise BadInput(f"{flag} expects a whole number, got '{value}'")
-    number = int(match.group(1))
+    digits = match.group(1).lstrip("+-").lstrip("0")
+    number = int(match.group(1)) if len(digits) <= 12 else INT32[1] + 1  # past int32 either way; no huge int()
     if not INT32[0] <= number <= INT32[1]:
         raise BadInput(f"{flag} {value}: out of range for llama-server (a 32-bit integer)")
     if number < minimum:
@@ -170,7 +171,7 @@ def _rpc(flag: str, value: str) -> tuple[str, ...]:
     out = []
     for entry in value.split(","):
         host, sep, port = entry.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise BadInput(f"{flag}: '{entry}' is not host:port (e.g. 127.0.0.1:50052)")
         out.append(f"{host}:{int(port)}")
     return tuple(out)
