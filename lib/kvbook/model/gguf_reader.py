@@ -85,14 +85,19 @@ class _StringArray(int):
     """Length of a string array; the strings themselves are never decoded."""
 
 
-def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
-    """The header of the GGUF at `path` as the gguf package's reader sees it; tokenizer arrays are dropped."""
+def _open(path: Path, source: str) -> _BoundedReader:
+    """The bounded reader over `path`; a bad header is one ModelError naming `source`."""
     try:
-        reader = _BoundedReader(path)
+        return _BoundedReader(path)
     except ModelError as exc:
         raise ModelError(f"{source}: {exc}") from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         raise ModelError(f"{source}: truncated or corrupt GGUF header ({type(exc).__name__}: {exc})") from None
+
+
+def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
+    """The header of the GGUF at `path` as the gguf package's reader sees it; tokenizer arrays are dropped."""
+    reader = _open(path, source)
     meta: dict[str, Any] = {}
     n_vocab = None
     for name, field in reader.fields.items():
@@ -121,10 +126,5 @@ def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
 
 def tensor_sizes(path: Path, source: str) -> list[tuple[str, int]]:
     """(name, bytes) of every tensor in the GGUF at `path`, in file order (for adapters, whose buffer pads each)."""
-    try:
-        reader = _BoundedReader(path)
-    except ModelError as exc:
-        raise ModelError(f"{source}: {exc}") from None
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{source}: truncated or corrupt GGUF header ({type(exc).__name__}: {exc})") from None
+    reader = _open(path, source)
     return [(str(t.name), int(t.n_bytes)) for t in reader.tensors]

@@ -559,6 +559,20 @@ def _typed(key: str, value: Any) -> tuple[Any, GGUFValueType, GGUFValueType | No
     raise ModelError(f"metadata {key!r} has a value GGUF cannot hold: {value!r}")
 
 
+def _write_with_hole(writer: GGUFWriter, data_size: int) -> None:
+    """Header, metadata and tensor infos, then `data_size` bytes of tensor data as a hole (never written)."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        fout.truncate(fout.tell() + data_size)
+    finally:
+        writer.close()
+
+
 def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
                          weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K) -> Path:
     """Write `metadata` plus the architecture's tensors as a sparse GGUF at `path`.
@@ -582,16 +596,7 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
         nbytes = _nbytes(ne, t)
         writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
         data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        fout.truncate(fout.tell() + data_size)  # the tensor data: a hole, never written
-    finally:
-        writer.close()
+    _write_with_hole(writer, data_size)
     return path
 
 
@@ -653,16 +658,7 @@ def write_synthetic_projector(shape: ProjectorShape, path: Path) -> Path:
         nbytes = 4 * int(np.prod(ne))
         writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=GGMLQuantizationType.F32)
         data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        fout.truncate(fout.tell() + data_size)
-    finally:
-        writer.close()
+    _write_with_hole(writer, data_size)
     return path
 
 
@@ -696,14 +692,5 @@ def write_synthetic_lora(base: Path, path: Path, targets: tuple[str, ...] = ("at
         nbytes = _nbytes(ne, t)
         writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
         data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        fout.truncate(fout.tell() + data_size)
-    finally:
-        writer.close()
+    _write_with_hole(writer, data_size)
     return path
