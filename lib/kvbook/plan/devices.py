@@ -76,6 +76,8 @@ def _visible(gpus: tuple[DetectedGpu, ...], env: Mapping[str, str]) -> tuple[tup
     value = env.get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return gpus, ""
+    if not value.strip():
+        return (), "CUDA_VISIBLE_DEVICES is empty: CUDA shows no GPU"
     by_index = {g.index: g for g in gpus}
     picked = []
     for item in (x.strip() for x in value.split(",")):
@@ -87,7 +89,7 @@ def _visible(gpus: tuple[DetectedGpu, ...], env: Mapping[str, str]) -> tuple[tup
     return tuple(picked), f"CUDA_VISIBLE_DEVICES={value} applied"
 
 
-def detect_nvidia(env: Mapping[str, str] | None = None, timeout_s: float = NVIDIA_SMI_TIMEOUT_S
+def detect_nvidia(env: Mapping[str, str] | None = None, timeout_s: float | None = None
                   ) -> tuple[tuple[DetectedGpu, ...], str]:
     """This machine's NVIDIA GPUs as CUDA numbers them, from nvidia-smi when it is on PATH, and a note; no GPUs
     (and a note saying why) when it is absent, fails, times out or prints something else."""
@@ -96,7 +98,8 @@ def detect_nvidia(env: Mapping[str, str] | None = None, timeout_s: float = NVIDI
     if exe is None:
         return (), ""
     try:
-        done = subprocess.run([exe, *NVIDIA_SMI_ARGS], capture_output=True, text=True, timeout=timeout_s, check=False)
+        done = subprocess.run([exe, *NVIDIA_SMI_ARGS], capture_output=True, text=True, errors="replace", check=False,
+                              timeout=NVIDIA_SMI_TIMEOUT_S if timeout_s is None else timeout_s)
     except (OSError, subprocess.SubprocessError) as exc:
         return (), f"nvidia-smi did not answer ({type(exc).__name__}): planned for the CPU only"
     if done.returncode != 0:
