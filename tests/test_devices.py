@@ -285,3 +285,18 @@ def test_macos_is_one_metal_pool_estimated_like_the_measured_presets(monkeypatch
 def test_metal_cannot_take_rpc_devices() -> None:
     with pytest.raises(BadInput, match="RPC devices beside unified memory"):
         dv.with_rpc(load_device("m1-max-64"), ("127.0.0.1:50052",))
+
+
+def test_a_draft_over_two_gpus_is_refused_unless_one_is_kept(capsys, gemma3, smollm2) -> None:
+    cmd = ["plan", "--device", "2x-rtx-3090", "--", "llama-server", "-m", str(gemma3), "-md", str(smollm2), "-c", "4096"]
+    assert cli.main(cmd) == 2
+    assert "-md with several GPUs (CUDA0, CUDA1)" in capsys.readouterr().err
+    assert cli.main([*cmd, "-dev", "CUDA1"]) == 0  # the draft inherits -dev (common_base_params_to_speculative)
+    capsys.readouterr()
+
+
+def test_host_gib_sets_a_presets_host(capsys) -> None:
+    doc = plan_json(capsys, "--device", "2x-rtx-3090", "--host-gib", "64", *QWEN)
+    assert doc["devices"][2]["budget_bytes"] == 64 * GiB
+    assert [d["budget_bytes"] for d in plan_json(capsys, "--device", "rtx-4090-host-64", *QWEN)["devices"]] == [
+        24564 * MiB, 64 * GiB]

@@ -139,7 +139,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         raise BadInput("-md with --rpc devices: how llama.cpp spreads the draft then is not modelled yet")
     if memory.draft is not None and len(offload_pools(device)) > 1:
         raise BadInput(f"-md with several GPUs ({', '.join(offload_pools(device))}): how llama.cpp splits the draft "
-                       "over them is not modelled yet (pick one with -devd, or -dev / -sm none)")
+                       "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     if flags.cpu_moe_layers and not arch.n_expert:
