@@ -312,12 +312,8 @@ def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[floa
                         bandwidth_gbps=base.bandwidth_gbps if base else None))
     if [p.name for p in declared] == [p.name for p in rpc] and not budgets_gib:
         return device  # already bound to these endpoints
-    unified_host = device.unified and all(p.kind == "host" for p in device.pools)
-    local = device.pools if not unified_host else tuple(
-        Pool(name=p.name, kind="host", budget_bytes=p.budget_bytes, total_bytes=p.total_bytes,
-             bandwidth_gbps=p.bandwidth_gbps) for p in device.pools)
     base_device = Device(id=device.id, name=device.name, unified=False,
-                         pools=tuple(p for p in local if p.kind != "rpc"), notes=device.notes, sources=device.sources)
+                         pools=tuple(p for p in device.pools if p.kind != "rpc"), notes=device.notes, sources=device.sources)
     name = device.name if declared else f"{device.name} + {len(rpc)} RPC server(s)"
     return Device(id=device.id if declared else f"{device.id}+rpc", name=name, unified=False,
                   pools=_ordered(base_device, rpc), notes=device.notes, sources=device.sources)
