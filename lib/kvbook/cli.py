@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from kvbook.ops.planning import plan_any
-    from kvbook.plan.devices import custom_budget, custom_discrete, load_device, this_machine, with_rpc
+    from kvbook.plan.devices import resolve_device
     from kvbook.plan.flags import parse_server_args
     from kvbook.plan.summary import format_plan, plan_summary
 
@@ -31,24 +31,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not server_argv:
         raise BadInput("give the llama-server command line after --, e.g. kvbook plan -- llama-server -m MODEL -c 8192")
     flags = parse_server_args(server_argv, os.environ)
-    if args.host_gib is not None and args.gpu_gib is None:
-        raise BadInput("--host-gib goes with --gpu-gib (a discrete GPU); for one unified pool use --budget-gib")
-    if args.budget_gib is not None:
-        device = custom_budget(args.budget_gib)
-    elif args.gpu_gib is not None:
-        device = custom_discrete(args.gpu_gib, args.host_gib)
-    elif args.device:
-        device = load_device(args.device)
-    else:
-        device = this_machine()
-    if args.rpc_gib is not None:
-        if not flags.rpc:
-            raise BadInput("--rpc-gib goes with llama-server --rpc host:port,...")
-        try:
-            budgets = tuple(float(x) for x in args.rpc_gib.split(","))
-        except ValueError:
-            raise BadInput(f"--rpc-gib: '{args.rpc_gib}' is not a comma-separated list of GiB") from None
-        device = with_rpc(device, flags.rpc, budgets)
+    device = resolve_device(preset=args.device, budget_gib=args.budget_gib, gpu_gib=args.gpu_gib,
+                            host_gib=args.host_gib, device_budgets=args.device_budget or (), rpc_gib=args.rpc_gib,
+                            endpoints=flags.rpc)
     if args.solve:
         return _solve_and_print(args, flags, device)
     plan = plan_any(flags, device)
@@ -184,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--budget-gib", type=float,
                        help="a custom unified budget in GiB: one pool holds everything (Apple silicon, CPU only)")
     where.add_argument("--gpu-gib", type=float, help="a custom discrete GPU of this many GiB (with --host-gib)")
-    p.add_argument("--host-gib", type=float, help="with --gpu-gib: host RAM in GiB (default: this machine's)")
+    p.add_argument("--host-gib", type=float, help="with --gpu-gib, --device-budget or --device: host RAM in GiB "
+                                                  "(default: the preset's, else this machine's)")
+    p.add_argument("--device-budget", action="append", metavar="NAME=SIZE",
+                   help="a device's budget by llama.cpp's name, repeatable or comma-separated (CUDA0=24GiB, "
+                        "CUDA1=22.5GiB, RPC0=20000MiB, Metal=48GiB, CPU=64GiB): with --device it overrides that "
+                        "preset's device; without, the names are the devices")
     p.add_argument("--rpc-gib", help="with llama-server --rpc: each RPC server's budget in GiB, comma-separated "
                                      "(default: this machine's RAM, what a loopback rpc-server reports)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

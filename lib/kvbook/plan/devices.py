@@ -1,8 +1,15 @@
-"""Device budgets: presets from params/devices/*.yaml, custom GiB budgets, and this machine's RAM."""
+"""Device budgets: presets from params/devices/*.yaml, custom budgets (--budget-gib, --gpu-gib, --device-budget),
+RPC servers, and this machine (its NVIDIA GPUs from nvidia-smi, Apple's Metal, or its RAM)."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvbook.errors import BadInput
@@ -30,16 +37,145 @@ def host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def this_machine() -> Device:
-    """The current machine as a host-only device whose budget is its RAM."""
+@dataclass(frozen=True)
+class DetectedGpu:
+    """One row of `nvidia-smi --query-gpu=index,name,memory.total,memory.free` (MiB)."""
+
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+
+
+NVIDIA_SMI_ARGS = ("--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits")
+NVIDIA_SMI_TIMEOUT_S = 5.0
+
+
+def parse_nvidia_smi(text: str) -> tuple[DetectedGpu, ...]:
+    """The GPUs of nvidia-smi's `index, name, memory.total, memory.free` CSV (noheader, nounits); ValueError on
+    any row that is not four fields with whole MiB figures ([N/A], an error message, a header)."""
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 4:
+            raise ValueError(f"not an index,name,total,free row: {line.strip()[:80]!r}")
+        index, total, free, name = fields[0], fields[-2], fields[-1], ", ".join(fields[1:-2])
+        if not (index.isdigit() and total.isdigit() and free.isdigit()) or int(free) > int(total) or not int(total):
+            raise ValueError(f"not an index,name,total,free row: {line.strip()[:80]!r}")
+        gpus.append(DetectedGpu(int(index), name, int(total), int(free)))
+    if not gpus:
+        raise ValueError("no GPU rows")
+    return tuple(gpus)
+
+
+def _visible(gpus: tuple[DetectedGpu, ...], env: Mapping[str, str]) -> tuple[tuple[DetectedGpu, ...], str]:
+    """The GPUs CUDA shows llama.cpp, in CUDA's order, and a note: CUDA_VISIBLE_DEVICES as a list of indices
+    picks and orders them (empty or -1 hides all); UUID or MIG entries are not mapped (all kept, noted)."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return gpus, ""
+    if not value.strip():
+        return (), "CUDA_VISIBLE_DEVICES is empty: CUDA shows no GPU"
+    by_index = {g.index: g for g in gpus}
+    picked = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item.lstrip("-").isdigit():
+            return gpus, f"CUDA_VISIBLE_DEVICES={value} is not a list of indices: all nvidia-smi GPUs kept"
+        if int(item) not in by_index:
+            break  # CUDA stops at the first invalid entry
+        picked.append(by_index[int(item)])
+    return tuple(picked), f"CUDA_VISIBLE_DEVICES={value} applied"
+
+
+def detect_nvidia(env: Mapping[str, str] | None = None, timeout_s: float | None = None
+                  ) -> tuple[tuple[DetectedGpu, ...], str]:
+    """This machine's NVIDIA GPUs as CUDA numbers them, from nvidia-smi when it is on PATH, and a note; no GPUs
+    (and a note saying why) when it is absent, fails, times out or prints something else."""
+    env = os.environ if env is None else env
+    exe = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if exe is None:
+        return (), ""
+    try:
+        done = subprocess.run([exe, *NVIDIA_SMI_ARGS], capture_output=True, text=True, errors="replace", check=False,
+                              timeout=NVIDIA_SMI_TIMEOUT_S if timeout_s is None else timeout_s)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return (), f"nvidia-smi did not answer ({type(exc).__name__}): planned for the CPU only"
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()[:1] or [f"exit status {done.returncode}"]
+        return (), f"nvidia-smi failed ({why[0][:120]}): planned for the CPU only"
+    try:
+        gpus = parse_nvidia_smi(done.stdout)
+    except ValueError as exc:
+        return (), f"nvidia-smi printed something kvbook cannot read ({exc}): planned for the CPU only"
+    gpus, note = _visible(gpus, env)
+    if len({g.name for g in gpus}) > 1 and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        note = "; ".join(filter(None, (note, "GPUs differ and CUDA numbers them fastest first unless "
+                                       "CUDA_DEVICE_ORDER=PCI_BUS_ID, nvidia-smi by PCI bus: CUDA<i> may not be "
+                                       "nvidia-smi's GPU i")))
+    return gpus, note
+
+
+# macOS's default Metal working set (recommendedMaxWorkingSetSize) as a share of RAM: about 2/3 up to 32 GiB,
+# 3/4 above (model-facts.md 3: 16 GB -> 10922.67 MB, 32 GB -> 21845.34, 64 GB -> 49152 MiB, 96 GB -> 73728 MB);
+# macOS 26 gives more on 128 GB Macs (107.52 GiB, 84%).
+def metal_working_set_estimate(ram_bytes: int) -> int:
+    """The default Metal budget llama.cpp would see (ggml-metal-device.m ggml_metal_device_get_memory reports
+    recommendedMaxWorkingSetSize) estimated from RAM: 2/3 up to 36 GiB, else 3/4."""
+    return ram_bytes * 2 // 3 if ram_bytes <= 36 * GiB else ram_bytes * 3 // 4
+
+
+def _mac_ram_bytes(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
+    """hw.memsize from sysctl (0 when it cannot be read)."""
+    try:
+        done = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
+        return int(done.stdout.strip()) if done.returncode == 0 else 0
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0
+
+
+RAM_NOTE = "Host budget is all physical RAM; the OS and other programs need some of it."
+
+
+def detection_note(device: Device) -> str:
+    """What `this_machine` found beyond its RAM (GPUs, Metal's estimate, an nvidia-smi failure), for the plan's
+    notes; '' for a preset or a plain CPU-only machine."""
+    return device.notes if device.id == THIS_MACHINE and device.notes != RAM_NOTE else ""
+
+
+def this_machine(env: Mapping[str, str] | None = None, platform: str | None = None) -> Device:
+    """The current machine: each NVIDIA GPU nvidia-smi lists as a CUDA<i> pool (budget: its free memory, what
+    llama.cpp's CUDA backend reads with cudaMemGetInfo for the default split and --fit) plus host RAM; on
+    macOS one unified Metal pool (an estimate from hw.memsize); else host RAM only (CPU)."""
+    platform = sys.platform if platform is None else platform
+    if platform == "darwin":
+        ram = _mac_ram_bytes() or host_ram_bytes()
+        budget = metal_working_set_estimate(ram)
+        return Device(
+            id=THIS_MACHINE, name=f"this machine (Apple, {ram / GiB:.0f} GiB unified memory, Metal)", unified=True,
+            pools=(Pool(name="Metal", kind="gpu", budget_bytes=budget, total_bytes=ram),),
+            notes=f"Metal budget {budget / GiB:.1f} GiB is an estimate (2/3 of RAM up to 36 GiB, else 3/4: the "
+                  "macOS default recommendedMaxWorkingSetSize; newer macOS or sudo sysctl iogpu.wired_limit_mb "
+                  "changes it); llama-server's log prints the real value (recommendedMaxWorkingSetSize)")
     ram = host_ram_bytes()
+    host = Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram)
+    gpus, note = detect_nvidia(env)
+    ram_note = RAM_NOTE
+    if not gpus:
+        return Device(id=THIS_MACHINE, name=f"this machine ({ram / GiB:.1f} GiB RAM, CPU only)", unified=True,
+                      pools=(host,), notes=" ".join(filter(None, (ram_note, note and note + "."))))
+    pools = tuple(Pool(name=f"CUDA{i}", kind="gpu", budget_bytes=g.free_mib * MiB, total_bytes=g.total_mib * MiB)
+                  for i, g in enumerate(gpus))
+    names = ", ".join(f"CUDA{i} {g.name} {g.free_mib} of {g.total_mib} MiB free" for i, g in enumerate(gpus))
     return Device(
-        id=THIS_MACHINE,
-        name=f"this machine ({ram / GiB:.1f} GiB RAM, CPU only)",
-        unified=True,
-        pools=(Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram),),
-        notes="Budget is all physical RAM; the OS and other programs need some of it.",
-    )
+        id=THIS_MACHINE, name=f"this machine ({len(gpus)} NVIDIA GPU(s) + {ram / GiB:.1f} GiB RAM)", unified=False,
+        pools=(*pools, host),
+        notes=f"nvidia-smi: {names}. GPU budgets are the memory free now (what llama.cpp's default split and --fit "
+              f"read); other processes can take more before the server starts. {ram_note}"
+              + (f" {note}." if note else ""),
+        sources=(("budget", "nvidia-smi --query-gpu=index,name,memory.total,memory.free"),))
 
 
 def _gib(option: str, gib: float) -> int:
@@ -92,14 +228,20 @@ def load_device(device_id: str) -> Device:
             )
             for p in doc["pools"]
         )
+        pools = tuple(_preset_pool(p, doc["pools"][i]) for i, p in enumerate(pools))
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInput(f"{path}: not a valid device preset ({type(exc).__name__}: {exc})") from None
     unified = bool(doc.get("unified", False))
+    rpc = [p for p in pools if p.kind == "rpc"]
+    if [p.name.split("[")[0] for p in rpc] != [f"RPC{i}" for i in range(len(rpc))] or (rpc and unified):
+        raise BadInput(f"{path}: RPC pools are named RPC0, RPC1, ... in --rpc order, on a preset with unified: false")
     if not unified and not any(p.kind == "host" for p in pools):
         host = this_machine().pools[0]
         pools = pools + (Pool(name="Host (this machine)", kind="host", budget_bytes=host.budget_bytes,
                               total_bytes=host.total_bytes),)
     sources = tuple((str(k), str(v)) for k, v in (doc.get("sources") or {}).items())
+    if rpc:  # llama.cpp's order whatever the file's: RPC devices first, then the local GPUs
+        pools = _ordered(Device(id=device_id, name="", unified=False, pools=tuple(p for p in pools if p.kind != "rpc")), rpc)
     return Device(
         id=device_id,
         name=str(doc.get("name", device_id)),
@@ -110,25 +252,230 @@ def load_device(device_id: str) -> Device:
     )
 
 
+def endpoint_of(pool: Pool) -> str:
+    """The endpoint in an RPC pool's name (RPC0[host:port] -> host:port; '' when the name gives none)."""
+    return pool.name.split("[", 1)[1].rstrip("]") if "[" in pool.name else ""
+
+
+def _ordered(device: Device, rpc: Sequence[Pool]) -> tuple[Pool, ...]:
+    """llama.cpp's device order (src/llama.cpp llama_prepare_model_devices, default selection): RPC servers
+    first ("to minimize network transfers"), then the local GPUs; the host keeps its place in the list."""
+    hosts = [p for p in device.pools if p.kind == "host"]
+    gpus = [p for p in device.pools if p.kind == "gpu"]
+    return (*hosts, *rpc, *gpus) if device.pools[0].kind == "host" else (*rpc, *gpus, *hosts)
+
+
+def _preset_pool(pool: Pool, entry: dict) -> Pool:
+    """A preset's pool checked: kind gpu, host or rpc; an RPC pool's optional `endpoint` (host:port) goes into
+    its name as llama.cpp prints it, RPC0[host:port]."""
+    if pool.kind not in ("gpu", "host", "rpc"):
+        raise ValueError(f"pool {pool.name}: kind must be gpu, host or rpc, not {pool.kind}")
+    endpoint = str(entry.get("endpoint") or "")
+    if endpoint and pool.kind != "rpc":
+        raise ValueError(f"pool {pool.name}: only an rpc pool has an endpoint")
+    if not endpoint:
+        return pool
+    return Pool(name=f"{pool.name}[{endpoint}]", kind=pool.kind, budget_bytes=pool.budget_bytes,
+                total_bytes=pool.total_bytes, bandwidth_gbps=pool.bandwidth_gbps)
+
+
 def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[float, ...] = ()) -> Device:
-    """`device` plus one RPC device per --rpc endpoint, in order. An RPC server reports its host's free
-    memory (this build's ggml-rpc-server has no memory flag), so a budget defaults to this machine's RAM,
-    right for loopback; give each remote host's budget (--rpc-gib) for real ones."""
-    if any(p.kind == "gpu" for p in device.pools):
-        raise BadInput(f"--rpc with {device.name}: the order of RPC and local GPU devices is not modelled yet; "
-                       "plan RPC devices on this machine or a --budget-gib host")
+    """`device` with one RPC device per --rpc endpoint, in llama.cpp's order: RPC devices before the local GPUs
+    (`_ordered`). RPC pools a preset declares are matched to the endpoints by position (RPC<n> is the n-th;
+    a declared endpoint must be that one). An RPC server reports its host's free memory (this build's
+    ggml-rpc-server has no memory flag), so an undeclared budget is this machine's RAM, right for loopback;
+    give each remote host's budget (--rpc-gib, --device-budget RPC<n>=SIZE) for real ones."""
+    declared = [p for p in device.pools if p.kind == "rpc"]
+    if not endpoints and not declared:
+        return device
+    if device.unified and any(p.kind == "gpu" for p in device.pools):
+        raise BadInput(f"--rpc with {device.name}: RPC devices beside unified memory (Metal) are not modelled yet")
     if budgets_gib and len(budgets_gib) != len(endpoints):
         raise BadInput(f"--rpc-gib has {len(budgets_gib)} budgets for {len(endpoints)} --rpc servers")
-    host = device.pools[0]
-    host = Pool(name=host.name if host.kind == "host" else "Host", kind="host", budget_bytes=host.budget_bytes,
-                total_bytes=host.total_bytes, bandwidth_gbps=host.bandwidth_gbps)
+    if declared and len(declared) != len(endpoints):
+        names = ", ".join(p.name for p in declared)
+        if not endpoints:
+            raise BadInput(f"{device.id} has {len(declared)} RPC devices ({names}): give llama-server --rpc "
+                           "HOST:PORT,... with one endpoint each, in that order")
+        raise BadInput(f"{device.id} has {len(declared)} RPC devices ({names}) but llama-server has "
+                       f"{len(endpoints)} --rpc endpoints ({','.join(endpoints)})")
     ram = host_ram_bytes()
-    rpc = tuple(Pool(name=f"RPC{i}[{ep}]", kind="rpc",
-                     budget_bytes=_gib("--rpc-gib", budgets_gib[i]) if budgets_gib else ram,
-                     total_bytes=_gib("--rpc-gib", budgets_gib[i]) if budgets_gib else ram)
-                for i, ep in enumerate(endpoints))
-    return Device(id=f"{device.id}+rpc", name=f"{device.name} + {len(rpc)} RPC server(s)", unified=False,
-                  pools=(host, *rpc), notes=device.notes)
+    rpc = []
+    for i, ep in enumerate(endpoints):
+        base = declared[i] if declared else None
+        if base is not None and endpoint_of(base) and endpoint_of(base) != ep:
+            raise BadInput(f"--rpc: endpoint {i} is {ep} but {device.id} declares {base.name}; fix one of them")
+        size = _gib("--rpc-gib", budgets_gib[i]) if budgets_gib else None
+        budget = size or (base.budget_bytes if base else ram)
+        rpc.append(Pool(name=f"RPC{i}[{ep}]", kind="rpc", budget_bytes=budget,
+                        total_bytes=size or (base.total_bytes if base else ram),
+                        bandwidth_gbps=base.bandwidth_gbps if base else None))
+    if [p.name for p in declared] == [p.name for p in rpc] and not budgets_gib:
+        return device  # already bound to these endpoints
+    base_device = Device(id=device.id, name=device.name, unified=False,
+                         pools=tuple(p for p in device.pools if p.kind != "rpc"), notes=device.notes, sources=device.sources)
+    name = device.name if declared else f"{device.name} + {len(rpc)} RPC server(s)"
+    return Device(id=device.id if declared else f"{device.id}+rpc", name=name, unified=False,
+                  pools=_ordered(base_device, rpc), notes=device.notes, sources=device.sources)
+
+
+# ------------------------------------------------------------------ --device-budget NAME=SIZE
+
+_UNITS = {"kib": 1024, "mib": MiB, "gib": GiB, "tib": 1024 * GiB, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b)", re.IGNORECASE)
+# llama.cpp's device names (ggml_backend_dev_name): one family per backend, numbered; Metal and the CPU alone
+_FAMILIES = {"cuda": "CUDA", "rocm": "ROCm", "vulkan": "Vulkan", "sycl": "SYCL", "rpc": "RPC"}
+# backend registration order (ggml/src/ggml-backend-reg.cpp ggml_backend_registry): CUDA (ROCm in a HIP build), SYCL, Vulkan
+_REG_ORDER = {"CUDA": 0, "ROCm": 0, "SYCL": 1, "Vulkan": 2}
+HOST_NAMES = ("CPU", "Host")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes of a size like 24GiB, 22.5GiB, 20000MiB (binary units) or 24GB (decimal)."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise BadInput(f"{what}: '{text}' is not a size like 24GiB, 22.5GiB or 20000MiB")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if not 0 < size <= 1 << 50:
+        raise BadInput(f"{what}: '{text}' must be more than 0 and at most 1 PiB")
+    return size
+
+
+def canonical_name(name: str) -> str:
+    """A device name as llama.cpp spells it (cuda1 -> CUDA1, host -> CPU); BadInput for any other name."""
+    low = name.strip().lower()
+    if low in ("cpu", "host"):
+        return "CPU"
+    if low == "metal":
+        return "Metal"
+    m = re.fullmatch(r"([a-z]+)(\d+)", low)
+    if not m or m.group(1) not in _FAMILIES:
+        raise BadInput(f"--device-budget: unknown device name '{name}'; use CUDA<n>, ROCm<n>, Vulkan<n>, SYCL<n>, "
+                       "Metal, RPC<n> (the n-th --rpc server) or CPU/Host")
+    return f"{_FAMILIES[m.group(1)]}{int(m.group(2))}"
+
+
+def parse_device_budgets(values: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """--device-budget NAME=SIZE entries (repeated and/or comma-separated) as (llama.cpp name, bytes), in the
+    order given; one line for a malformed entry or size, an unknown name, a duplicate."""
+    out: dict[str, int] = {}
+    for item in (x.strip() for v in values for x in v.split(",")):
+        if not item:
+            continue
+        name, eq, size = item.partition("=")
+        if not eq or not name.strip() or not size.strip():
+            raise BadInput(f"--device-budget: '{item}' is not NAME=SIZE (e.g. CUDA0=24GiB)")
+        canon = canonical_name(name)
+        if canon in out:
+            raise BadInput(f"--device-budget: {canon} is given twice")
+        out[canon] = parse_size(size, f"--device-budget {canon}")
+    if not out:
+        raise BadInput("--device-budget: give NAME=SIZE, e.g. CUDA0=24GiB")
+    return tuple(out.items())
+
+
+def _family(name: str) -> str:
+    return name.rstrip("0123456789")
+
+
+def device_from_budgets(budgets: Sequence[tuple[str, int]], host_bytes: int | None = None) -> Device:
+    """The device set the names build (RPC<n> entries are left to `apply_budgets` once --rpc is bound): the
+    GPUs in llama.cpp's order (backend registration, then number) plus the host (CPU=, --host-gib, else this
+    machine's RAM); Metal alone is one unified pool."""
+    local = [(n, b) for n, b in budgets if _family(n) != "RPC"]
+    names = [n for n, _ in local]
+    gpus = [(n, b) for n, b in local if n not in ("CPU", "Metal")]
+    host = dict(local).get("CPU", host_bytes)
+    if "Metal" in names:
+        if gpus:
+            raise BadInput(f"--device-budget: Metal is unified memory and cannot be mixed with discrete GPUs ({gpus[0][0]})")
+        if host is not None:
+            raise BadInput("--device-budget: Metal is unified memory (the host shares it): leave out CPU/Host and --host-gib")
+        if len(budgets) != len(local):
+            raise BadInput("--device-budget: RPC devices beside unified memory (Metal) are not modelled yet")
+        size = dict(local)["Metal"]
+        return Device(id="custom-metal", name=f"custom Metal {size / GiB:g} GiB", unified=True,
+                      pools=(Pool(name="Metal", kind="gpu", budget_bytes=size, total_bytes=size),))
+    if {"CUDA", "ROCm"} <= {_family(n) for n, _ in gpus}:
+        raise BadInput("--device-budget: CUDA and ROCm devices come from different llama.cpp builds; use one")
+    gpus.sort(key=lambda nb: (_REG_ORDER[_family(nb[0])], int(nb[0][len(_family(nb[0])):])))
+    ram = host if host is not None else host_ram_bytes()
+    host_pool = Pool(name="Host" if host is not None else "Host (this machine)", kind="host", budget_bytes=ram,
+                     total_bytes=ram)
+    pools = tuple(Pool(name=n, kind="gpu", budget_bytes=b, total_bytes=b) for n, b in gpus) + (host_pool,)
+    label = " + ".join(f"{n} {b / GiB:g} GiB" for n, b in gpus) or "CPU only"
+    return Device(id="custom-devices", name=f"custom {label} + host {ram / GiB:.1f} GiB", unified=not gpus,
+                  pools=pools if gpus else (host_pool,))
+
+
+def apply_budgets(device: Device, budgets: Sequence[tuple[str, int]]) -> Device:
+    """`device` with the named pools' budgets replaced (CPU/Host: the host pool; RPC<n>: the n-th RPC device);
+    one line for a name the device does not have."""
+    by_name = {("CPU" if p.kind == "host" else llama_name(p)): p for p in device.pools}
+    if device.unified and len(device.pools) == 1 and device.pools[0].kind == "host":
+        by_name = {"CPU": device.pools[0]}
+    new = {}
+    for name, size in budgets:
+        if name not in by_name:
+            have = ", ".join(by_name)
+            hint = " (RPC<n> is the n-th llama-server --rpc endpoint)" if _family(name) == "RPC" else ""
+            raise BadInput(f"--device-budget: {device.name} has no device {name}{hint}; its devices: {have}")
+        new[by_name[name].name] = size
+    pools = tuple(Pool(name=p.name, kind=p.kind, budget_bytes=new[p.name], total_bytes=max(p.total_bytes, new[p.name]),
+                       bandwidth_gbps=p.bandwidth_gbps) if p.name in new else p for p in device.pools)
+    return Device(id=device.id, name=device.name, unified=device.unified, pools=pools, notes=device.notes,
+                  sources=device.sources)
+
+
+def resolve_device(*, preset: str | None = None, budget_gib: float | None = None, gpu_gib: float | None = None,
+                   host_gib: float | None = None, device_budgets: Sequence[str] = (), rpc_gib: str | None = None,
+                   endpoints: tuple[str, ...] = ()) -> Device:
+    """The device `kvbook plan` plans on, from its options and llama-server's --rpc list. --device-budget
+    overrides pools of the preset (or this machine) or, without --device, names the devices itself; it does
+    not go with --budget-gib / --gpu-gib (they name the devices too); --host-gib sets the host with --gpu-gib
+    or --device-budget; RPC budgets come from --rpc-gib or RPC<n>=, not both."""
+    budgets = parse_device_budgets(device_budgets) if device_budgets else ()
+    names = [n for n, _ in budgets]
+    for option, value in (("--budget-gib", budget_gib), ("--gpu-gib", gpu_gib)):
+        if value is not None and budgets:
+            raise BadInput(f"--device-budget with {option}: both name the devices; use one "
+                           "(--device-budget CUDA0=24GiB --host-gib 64 for a GPU and a host)")
+    if host_gib is not None and gpu_gib is None and not budgets and not preset:
+        raise BadInput("--host-gib goes with --gpu-gib, --device-budget or --device (a discrete GPU); for one unified pool "
+                       "use --budget-gib")
+    if host_gib is not None and "CPU" in names:
+        raise BadInput("--host-gib with --device-budget CPU=...: both give the host's budget; use one")
+    rpc_named = [n for n in names if _family(n) == "RPC"]
+    if rpc_gib is not None:
+        if not endpoints:
+            raise BadInput("--rpc-gib goes with llama-server --rpc host:port,...")
+        if rpc_named:
+            raise BadInput(f"--rpc-gib with --device-budget {rpc_named[0]}=...: both give RPC budgets; use one")
+    for name in rpc_named:
+        if int(name[3:]) >= len(endpoints):
+            raise BadInput(f"--device-budget {name}: no matching llama-server --rpc endpoint ({name} is endpoint "
+                           f"{int(name[3:]) + 1} of --rpc; the command line has {len(endpoints)})")
+    rpc_budgets: tuple[float, ...] = ()
+    if rpc_gib is not None:
+        try:
+            rpc_budgets = tuple(float(x) for x in rpc_gib.split(","))
+        except ValueError:
+            raise BadInput(f"--rpc-gib: '{rpc_gib}' is not a comma-separated list of GiB") from None
+    if budget_gib is not None:
+        device = custom_budget(budget_gib)
+    elif gpu_gib is not None:
+        device = custom_discrete(gpu_gib, host_gib)
+    elif preset:
+        device = load_device(preset)
+    elif budgets:
+        device = device_from_budgets(budgets, _gib("--host-gib", host_gib) if host_gib is not None else None)
+    else:
+        device = this_machine()
+    if preset and host_gib is not None:
+        budgets = (*budgets, ("CPU", _gib("--host-gib", host_gib)))
+    device = with_rpc(device, endpoints, rpc_budgets)
+    overrides = budgets if preset else tuple((n, b) for n, b in budgets if _family(n) == "RPC")
+    return apply_budgets(device, overrides) if overrides else device
 
 
 def llama_name(pool: Pool) -> str:

@@ -19,7 +19,7 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import effective_device, with_rpc
+from kvbook.plan.devices import detection_note, effective_device, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -48,10 +48,21 @@ def _offloaded(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     return int(ngl) >= arch.n_layer + arch.n_layer_nextn + 1
 
 
+def offload_pools(device: Device) -> list[str]:
+    """The offload devices (local GPUs and RPC servers) in llama.cpp's order; none on unified memory."""
+    return [] if device.unified else [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
+
+
+def per_device_compute(device: Device) -> bool:
+    """Whether each offload device that runs layers reserves a compute buffer of its own, and the CPU one too
+    (several offload devices, or any RPC device): the bound `device_compute_bound`, not one main buffer."""
+    return len(offload_pools(device)) > 1 or any(p.kind == "rpc" for p in device.pools)
+
+
 def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
-    """Whether the plan needs llama.cpp's per-layer assignment: RPC devices, a partial -ngl on a discrete
-    GPU, or experts kept on the CPU."""
-    if any(p.kind == "rpc" for p in device.pools):
+    """Whether the plan needs llama.cpp's per-layer assignment: several offload devices (RPC or local GPUs),
+    a partial -ngl on a discrete GPU, or experts kept on the CPU."""
+    if any(p.kind == "rpc" for p in device.pools) or len(offload_pools(device)) > 1:
         return True
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
@@ -91,10 +102,10 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
         out[pool]["weights"] += weights.get(name, 0)
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
-    busy_rpc = {*offload.layers, offload.output} & {p.name for p in device.pools if p.kind == "rpc"}
-    if busy_rpc:  # every RPC device that runs layers, and the CPU, reserve a compute buffer of their own
+    busy = {*offload.layers, offload.output} & set(devices)
+    if busy and per_device_compute(device):  # every offload device that runs layers, and the CPU, reserve their own
         bound = device_compute_bound(arch, memory)
-        for name in busy_rpc:
+        for name in busy:
             out[name]["compute"] += bound
         out[host]["compute"] += bound
         return out
@@ -126,6 +137,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "which kvbook does not model yet")
     if memory.draft is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("-md with --rpc devices: how llama.cpp spreads the draft then is not modelled yet")
+    if memory.draft is not None and len(offload_pools(device)) > 1:
+        raise BadInput(f"-md with several GPUs ({', '.join(offload_pools(device))}): how llama.cpp splits the draft "
+                       "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     if flags.cpu_moe_layers and not arch.n_expert:
@@ -133,7 +147,8 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     if _spread(arch, flags, device):
         parts = _by_device(arch, flags, memory, device, host)
     elif flags.tensor_split:
-        raise BadInput("-ts on local GPUs changes placement and kvbook models it with --rpc devices only yet")
+        raise BadInput(f"-ts on one local GPU or none ({', '.join(offload_pools(device)) or 'CPU only'}): the split "
+                       "shares layers between several offload devices; leave -ts out")
     else:
         parts = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0)
                  for p in device.pools}
@@ -311,24 +326,32 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
     architecture kvbook has no rule for; then no context is searched and no alternative is offered."""
     searched = memory is None
-    if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
-        device = with_rpc(device, flags.rpc)
+    detected = detection_note(device)
+    device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
     if _spread(arch, flags, device):
-        notes_extra.append("layers spread over devices: " + (
-            "each RPC device that runs layers and the CPU reserve a compute buffer of their own, counted as an upper "
-            "bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)"
-            if any(p.kind == "rpc" for p in device.pools)
-            else "each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
-            "on the GPU holding the output, else the CPU)") + "; repacked CPU weights (CPU_REPACK) are not counted")
+        gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
+        if any(p.kind == "rpc" for p in device.pools):
+            how = ("each RPC device that runs layers and the CPU reserve a compute buffer of their own, counted as an "
+                   "upper bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)")
+            if gpus:
+                how += f"; the local GPUs ({', '.join(gpus)}) get the same bound, not calibrated for their backend"
+        elif len(gpus) > 1:
+            how = (f"each GPU that runs layers ({', '.join(gpus)}) and the CPU reserve a compute buffer of their own, "
+                   "counted with the upper bound fitted to loopback RPC runs: not calibrated for "
+                   f"{gpus[0].rstrip('0123456789') or 'GPU'}")
+        else:
+            how = ("each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
+                   "on the GPU holding the output, else the CPU)")
+        notes_extra.append("layers spread over devices: " + how + "; repacked CPU weights (CPU_REPACK) are not counted")
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     verdict = worst(usages)
-    notes = list(notes_extra)
+    notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:

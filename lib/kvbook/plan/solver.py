@@ -128,7 +128,8 @@ class _Search:
     def __init__(self, arch: ModelArch, flags: ServerFlags, device: Device, model: _Model):
         self.arch, self.flags, self.device, self.m = arch, flags, device, model
         self._memory: dict[tuple[int, str], tuple[MemoryPlan, tuple[tuple[int, int], ...], int]] = {}
-        self.rpc = "rpc" in model.kinds
+        # several offload devices (or RPC): each busy one and the CPU reserve a compute buffer (planner.per_device_compute)
+        self.per_device = "rpc" in model.kinds or len(model.devices) > 1
 
     def flags_for(self, ctx: int, cache: str) -> ServerFlags:
         changes: dict = {"ctx": ctx}
@@ -143,7 +144,7 @@ class _Search:
         if key not in self._memory:
             mem = plan_memory(self.arch, self.flags_for(ctx, cache))
             self._memory[key] = (mem, layer_cache_bytes(self.arch, mem),
-                                 device_compute_bound(self.arch, mem) if self.rpc else mem.compute.bytes)
+                                 device_compute_bound(self.arch, mem) if self.per_device else mem.compute.bytes)
         return self._memory[key]
 
     def split_for(self, opt: _Option, ctx: int) -> tuple[int, ...]:
@@ -175,8 +176,8 @@ class _Search:
         """Start bytes per pool (host included) for this option at -c ctx, and the split used."""
         m = self.m
         mem, caches, compute = self.memory(ctx, opt.cache)
-        if not self.rpc and m.devices and opt.ngl >= m.n_all + 1 and not opt.ncmoe:
-            # everything offloaded to a local GPU: the planner puts all weights, KV and compute on the first one
+        if not self.per_device and m.devices and opt.ngl >= m.n_all + 1 and not opt.ncmoe:
+            # everything offloaded to the one local GPU: the planner puts all weights, KV and compute there
             kv = mem.kv_bytes + mem.recurrent_bytes
             need = {m.host: mem.output_bytes + (kv if self.flags.no_kv_offload else 0), **dict.fromkeys(m.devices, 0)}
             need[m.devices[0]] += mem.weights_bytes + compute + (0 if self.flags.no_kv_offload else kv)
@@ -194,11 +195,11 @@ class _Search:
             need[m.host if self.flags.no_kv_offload else pool] += caches[il][0] + caches[il][1]
         need[m.host if off.output == CPU else off.output] += m.output if off.output != CPU else m.output_host
         busy = {d for d in (*off.layers, off.output) if d != CPU}
-        if self.rpc and busy:
+        if self.per_device and busy:
             for d in busy:
                 need[d] += compute
             need[m.host] += compute
-        elif self.rpc:
+        elif self.per_device:
             need[m.host] += mem.compute.bytes
         else:
             need[off.output if off.output != CPU and "gpu" in m.kinds else m.host] += compute
@@ -235,8 +236,6 @@ def _options(arch: ModelArch, flags: ServerFlags, model: _Model, fixed: frozense
     if open_types and (flags.type_k, flags.type_v) != (QUANTIZED_KV, QUANTIZED_KV):
         caches.append(QUANTIZED_KV)
     split = tuple(int(x) if float(x).is_integer() else x for x in flags.tensor_split) if "tensor_split" in fixed else None
-    if split is None and len(model.devices) > 1 and "rpc" not in model.kinds:
-        split = ()  # -ts on local GPUs is not modelled: llama.cpp's split by free memory only
     return [_Option(n, k, c, split) for n, k in pairs for c in caches]
 
 
@@ -274,8 +273,7 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
     """Ranked placements of `flags` on `device` that start, and every option that does not, with why."""
     if objective not in OBJECTIVES:
         raise BadInput(f"--objective: unknown '{objective}'; choose one of {', '.join(OBJECTIVES)}")
-    if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
-        device = with_rpc(device, flags.rpc)
+    device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
     if "rpc" in {p.kind for p in device.pools} and not arch.tensor_groups:
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
@@ -397,8 +395,7 @@ def _planned(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejec
 def host_read_bytes(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     """Bytes read from host RAM per generated token for a given command line (the fastest-decode measure),
     to score a placement chosen elsewhere (llama.cpp --fit's) on the solver's scale."""
-    if flags.rpc and not any(p.kind == "rpc" for p in device.pools):
-        device = with_rpc(device, flags.rpc)
+    device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
     model = _model(arch, device)
     full = model.n_all + 1
