@@ -63,8 +63,9 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
                    server_args=["-c", "2048", "-np", "1", "-t", "1", "--jinja", "--chat-template-file", TEMPLATE],
                    routes=["direct", "litellm-anthropic"])
     compare_args = yaml.safe_load((repo_root() / "params" / "runs" / "compare-bundled.yaml").read_text())["server_args"]
-    compare = _small(tmp_path, "compare-bundled.yaml", repeats=2, routes=["direct", "litellm-anthropic"],
-                     max_tokens=48, server_args=[*compare_args, "-t", "1"])
+    # the comparison on the direct route only: the smoke run is the one that goes through LiteLLM
+    compare = _small(tmp_path, "compare-bundled.yaml", repeats=2, routes=["direct"], max_tokens=48,
+                     server_args=[*compare_args, "-t", "1"])
     procs = [subprocess.Popen([sys.executable, "-m", "kvbook.cli", "run", "-f", str(path), "--quiet"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               stdin=subprocess.DEVNULL) for path in (smoke, compare)]
@@ -76,10 +77,10 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
     assert sorted(summaries) == ["compare", "smoke"]
     (smoke_dir, smoke_sum), (compare_dir, compare_sum) = summaries["smoke"], summaries["compare"]
     assert smoke_dir != compare_dir and smoke_sum["run_id"] != compare_sum["run_id"]
-    # three llama-servers and three LiteLLMs in all, each on its own port
+    # three llama-servers and the smoke run's LiteLLM, each on its own port
     ports = [int(p.stem.rsplit("-", 1)[1]) for p in outputs.glob("*/llama-server-*.log")]
     ports += [int(p.stem.rsplit("-", 1)[1]) for p in outputs.glob("*/litellm-*.log")]
-    assert len(ports) == 6 and len(set(ports)) == 6, ports
+    assert len(ports) == 4 and len(set(ports)) == 4, ports
     records, bad = read_records(outputs / "results.jsonl")
     assert bad == []
     assert {r["label"] for r in records} == {"smoke-beside-compare", "compare-bundled/smollm2-135m",
@@ -87,7 +88,7 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
     # the comparison itself: both models, spreads, differences with intervals, a plain verdict
     assert compare_sum["contenders"] == ["compare-bundled/smollm2-135m", "compare-bundled/gemma3-270m"]
     for stats in compare_sum["stats"]:
-        assert stats["repeats"] == 2 and stats["first_text_ms"]["n"] >= 3 and stats["required"]["total"] == 24
+        assert stats["repeats"] == 2 and stats["first_text_ms"]["n"] == 2 and stats["required"]["total"] == 12
     assert {d["metric"] for d in compare_sum["differences"]} >= {"tool-call pass rate", "tokens/s (median)"}
     assert compare_sum["verdict"].startswith("Verdict: ")
     assert isinstance(compare_sum["required_failures"], list)  # what `kvbook run` gates on

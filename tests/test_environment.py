@@ -188,9 +188,13 @@ def test_python_deps_installs_the_lock_with_require_hashes(tmp_path, monkeypatch
     monkeypatch.setattr(boot, "deps_fingerprint", lambda: "f" * 64)
     commands = []
     monkeypatch.setattr(boot, "run", lambda cmd, log, **kw: commands.append([str(c) for c in cmd]))
+    compiled = []
+    monkeypatch.setattr(boot, "byte_compile", lambda py, log: compiled.append(py))
     assert "installed" in boot.step_python_deps()
     lock_cmd, self_cmd = commands
-    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--only-binary", ":all:", "--no-deps", "-r", str(boot.LOCK_FILE)]
+    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--only-binary", ":all:", "--no-deps",
+                            "--no-compile", "-r", str(boot.LOCK_FILE)]
+    assert len(compiled) == 1  # byte-compiled once, after pip
     assert self_cmd[-2:] == ["-e", str(boot.REPO)] and "--require-hashes" not in self_cmd
     assert boot.step_python_deps().startswith("ok:") and len(commands) == 2  # the stamp now matches
 
@@ -302,3 +306,13 @@ def test_bootstrap_refuses_an_unknown_skip_without_a_traceback() -> None:
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "claude_code_typo" in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_the_venv_is_byte_compiled() -> None:
+    """pip runs with --no-compile and compileall fills in: LiteLLM's proxy must have its .pyc, else every proxy
+    start compiles it again where PYTHONDONTWRITEBYTECODE is set (this machine sets it)."""
+    import importlib.util
+
+    import litellm.proxy.proxy_server as proxy_server
+
+    assert Path(importlib.util.cache_from_source(proxy_server.__file__)).is_file()

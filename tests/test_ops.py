@@ -120,7 +120,8 @@ def test_backend_killed_mid_suite(smollm2, tmp_path):
                     state["killed"] = True
 
     session = run_session(smollm2, SMALL, run_dir=tmp_path, results_path=results_path, run_id="t-kill",
-                          routes=("direct", "litellm-anthropic"), repeats=2, between_repeats=kill_backend)
+                          routes=("direct", "litellm-anthropic"), repeats=2, between_repeats=kill_backend,
+                          smoke=SmokeConfig(max_tokens=12, text_tokens=8))
     assert state.get("killed")
     after = session.results[len(session.results) // 2:]
     # LiteLLM answers count_tokens itself (its own tokenizer), so that one check survives the backend

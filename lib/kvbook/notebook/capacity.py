@@ -295,20 +295,21 @@ def scale_out(model: Path, server_args: Sequence[str], run_dir: Path, shape: Age
 
         props = requests.get(backends[0].base_url + "/props", timeout=10).json()
         facts = ServerFacts(int(props.get("total_slots") or 1), int(props["default_generation_settings"]["n_ctx"]))
-        for n in (1, servers):
-            group = tuple(Route("kvbook-group", ANTHROPIC, "local", b.base_url) for b in backends[:n])
-            proxy = stack.enter_context(start_proxy(group, run_dir=run_dir / f"litellm-{n}", routing_strategy=routing))
-            target = Target(f"litellm-group-{n}", proxy.base_url, "kvbook-group",
+        sizes = (1, servers)
+        # one LiteLLM, one model group per size: kvbook-group-1 is backend 0, kvbook-group-N all N backends
+        groups = tuple(Route(f"kvbook-group-{n}", ANTHROPIC, "local", b.base_url) for n in sizes for b in backends[:n])
+        proxy = stack.enter_context(start_proxy(groups, run_dir=run_dir / "litellm", routing_strategy=routing))
+        ptoks = count_tokens(Target("direct", backends[0].base_url, "local"), shared_prefix_body(shape, "local", nonce))
+        for b in backends:
+            warm_up(Target("direct", b.base_url, "local"), shape, nonce)
+        for n in sizes:
+            target = Target(f"litellm-group-{n}", proxy.base_url, f"kvbook-group-{n}",
                             {"authorization": f"Bearer {proxy.master_key}"})
-            ptoks = count_tokens(Target("direct", backends[0].base_url, "local"), shared_prefix_body(shape, "local", nonce))
-            for b in backends[:n]:
-                warm_up(Target("direct", b.base_url, "local"), shape, nonce)
             for c in levels:
                 run: LevelRun = run_level(target, shape, workload, c, sessions=max(c, sessions_min), facts=facts,
                                           prefix_tokens=ptoks, nonce=nonce, label=f"so{n}-")
                 lv = summarize_level(c, [t.sample for t in run.turns], run.wall_s, slo)
                 rows.append({"servers": n, **level_rows([lv])[0]})
-            proxy.stop()
     return rows
 
 
