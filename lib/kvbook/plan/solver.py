@@ -32,7 +32,7 @@ from kvbook.plan.placement import (
     estimated_groups,
     layer_cache_bytes,
 )
-from kvbook.plan.planner import place, worst
+from kvbook.plan.planner import place, rpc_compute, worst
 
 Objective = Literal["max-context", "fastest-decode"]
 OBJECTIVES = ("max-context", "fastest-decode")
@@ -194,14 +194,13 @@ class _Search:
             need[m.host if self.flags.no_kv_offload else pool] += caches[il][0] + caches[il][1]
         need[m.host if off.output == CPU else off.output] += m.output if off.output != CPU else m.output_host
         busy = {d for d in (*off.layers, off.output) if d != CPU}
-        if self.rpc and busy:
+        if busy:  # the planner's per-device estimate (planner.rpc_compute), so both agree on what fits
+            estimate = rpc_compute(self.arch, replace(self.flags_for(ctx, opt.cache), cpu_moe_layers=opt.ncmoe), mem, off)
             for d in busy:
-                need[d] += compute
-            need[m.host] += compute
-        elif self.rpc:
-            need[m.host] += mem.compute.bytes
+                need[d] += estimate.get(d, 0)
+            need[m.host] += estimate.get(CPU, 0)
         else:
-            need[off.output if off.output != CPU and "gpu" in m.kinds else m.host] += compute
+            need[m.host] += mem.compute.bytes
         return need, split
 
     def fits(self, opt: _Option, ctx: int) -> bool:
