@@ -140,6 +140,9 @@ def main() -> int:
     for (label, _, m), e in zip(train + held, e_train + e_held):
         print(f"{label}: measured {m / MiB:.2f} MiB, error {e:+.1f}%")
     print("coefficients:", coef)
+    for name in ("qwen3.6-35b-a3b", "gpt-oss-120b", "deepseek-v3"):  # leave one full-size model out
+        rest, out = [r for r in train if not r[0].startswith(name)], [r for r in train if r[0].startswith(name)]
+        print(f"fitted without {name}, on it:", summary(errors(out, fit(rest))))
     print("fit-params (full-size):", summary(e_train))
     print("llama-server RPC runs (held out):", summary(e_held))
     big = [e for (_, _, m), e in zip(held, e_held) if m >= 5 * MiB]

@@ -142,7 +142,8 @@ def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
 # -c 4096/16384, -ub 256/512, -np 1/2, -fa on/off, -ngl 4/all: 21 llama-server runs): every busy device and the
 # CPU reserve about n_ubatch x (8 bytes per KV cell + 19-21 bytes per unit of activation width), plus f32
 # attention scores without flash attention. The bound takes 24 bytes and two score copies: at most 17% high
-# on the first device, more on the others. Upper bound, not a calibration (the solver's per-device reserve).
+# on the first device, more on the others. An upper bound, kept as the solver's reserve when it sizes a -ts split
+# (plan/solver.py split_for); plans use the calibrated compute_terms below.
 _MASK_BYTES_PER_CELL = 8
 _ACTIVATION_BYTES = 24
 

@@ -340,6 +340,16 @@ def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
     return gpu.name.rstrip("0123456789") or "GPU"
 
 
+def _maps_weights(flags: ServerFlags) -> bool:
+    """Whether CPU weights are a file mapping: -lm / --load-mode is mmap (or auto, the default), not none, mlock
+    or direct-io (src/llama-model-loader.cpp: use_mmap for MMAP, MMAP_MLOCK and AUTO; mlock pins them)."""
+    argv = list(flags.argv)
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-lm", "--load-mode"):
+            return argv[i + 1] in ("mmap", "auto")
+    return True
+
+
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
               accounting: str = "kvbook") -> Plan:
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
@@ -363,6 +373,12 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     notes = list(notes_extra)
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
+    host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)
+    if host_use and host_use.verdict is Verdict.DOES_NOT_FIT and host_use.weights_bytes and _maps_weights(flags):
+        notes.append(f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB of CPU weights as resident. llama.cpp "
+                     "repacks those it can (CPU_REPACK, an allocated buffer: it then fails to start, 'unable to allocate "
+                     "CPU_REPACK buffer', seen here for gpt-oss-120b on 24 GiB); with --no-repack they stay mapped from the "
+                     "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
         notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
     if flags.fit:
