@@ -40,6 +40,7 @@ def test_every_device_matches_fit_params(tmp_path, endpoints, name) -> None:
     stated = coefficients()["per_device"]["fit_max_error_pct"]
     for flags in FLAG_SETS:
         case = compare_devices(path, endpoints, flags)
+        assert case.log_complete, "llama-fit-params log came back short"
         assert [d.fit.name for d in case.devices] == ["RPC0", "RPC1", "Host"], flags
         for d in case.devices:
             where = (name, " ".join(flags), d.fit.name)

@@ -56,6 +56,7 @@ class CaseCompare:
     model: str
     flags: tuple[str, ...]
     devices: tuple[DeviceCompare, ...]
+    log_complete: bool  # fit's log reached its last table (else a compute line may be missing)
 
 
 def compare_devices(model: Path, endpoints: Sequence[str], flags: Sequence[str]) -> CaseCompare:
@@ -82,7 +83,7 @@ def compare_devices(model: Path, endpoints: Sequence[str], flags: Sequence[str])
         pool = pools[next(p.name for p in device.pools if p.kind == "host")] if dev == CPU else pools[dev]
         out.append(DeviceCompare(row, tensors.get(dev, 0), pool.kv_bytes + pool.recurrent_bytes,
                                  with_fit_outputs.get(dev, 0), pool.compute_bytes))
-    return CaseCompare(model.stem, tuple(flags), tuple(out))
+    return CaseCompare(model.stem, tuple(flags), tuple(out), report.log_complete)
 
 
 def format_table(cases: Sequence[CaseCompare]) -> str:
