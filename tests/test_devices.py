@@ -78,9 +78,9 @@ def test_two_3090s_split_layers_by_free_memory_with_kv_and_compute_per_gpu(capsy
     assert all(d["kv_bytes"] > 0 and d["weights_bytes"] > GiB for d in gpus)
     assert sum(d["kv_bytes"] for d in doc["devices"]) == doc["kv_bytes"]
     assert sum(d["recurrent_bytes"] for d in doc["devices"]) == doc["recurrent_bytes"]
-    # each GPU that runs layers and the CPU reserve their own compute buffer, labelled as not calibrated for CUDA
-    assert all(d["compute_bytes"] > doc["compute_bytes"] for d in doc["devices"])
-    assert any("not calibrated for CUDA" in n for n in doc["notes"])
+    # each GPU that runs layers and the CPU reserve their own compute buffer, calibrated on the CPU backend only
+    assert all(d["compute_bytes"] > 0 for d in doc["devices"])
+    assert any("a CUDA or Metal device's buffer differs" in n for n in doc["notes"])
     assert doc["verdict"] == "fits"
 
 
@@ -163,7 +163,7 @@ def test_rpc_devices_come_before_local_gpus(capsys, gemma3) -> None:
     assert [d["name"] for d in doc["devices"]] == ["RPC0[127.0.0.1:50052]", "CUDA0", "CPU"]
     assert layer_list(doc) == expected_layers(18, 19, ["RPC0[127.0.0.1:50052]", "CUDA0"], [2 * GiB, 24564 * MiB])
     assert doc["devices"][0]["budget_bytes"] == 2 * GiB
-    assert any("local GPUs (CUDA0) get the same bound" in n for n in doc["notes"])
+    assert any("local GPUs' (CUDA0) buffers are not calibrated" in n for n in doc["notes"])
     one = plan_json(capsys, *base, "-sm", "none", "-mg", "0")  # device 0 is the RPC server, not CUDA0
     assert sorted(d["name"] for d in one["devices"]) == ["CPU", "RPC0[127.0.0.1:50052]"]
     swapped = plan_json(capsys, *base, "-dev", "CUDA0,RPC0")

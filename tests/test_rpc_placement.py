@@ -102,11 +102,14 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
             assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
-        # each device's compute buffer is planned as an upper bound (plan/placement.py device_compute_bound)
+        # each device's compute buffer is a calibrated estimate (plan/placement.py compute_terms): within 40% of the
+        # log, or 5 MiB for the small buffers (these runs are the calibration's held-out set)
         compute_key = "CPU" if endpoint is None else next((k for k in logged.compute_mib if k.endswith(f"[{endpoint}]")), None)
         measured_compute = logged.compute_mib.get(compute_key, 0.0) if compute_key else 0.0
         if len(devices) > 1:
-            assert measured_compute <= planned["compute_bytes"] / 2**20, (name, logged.compute_mib, planned["compute_bytes"])
+            planned_mib = planned["compute_bytes"] / 2**20
+            assert abs(planned_mib - measured_compute) <= max(0.4 * measured_compute, 5.0), (name, logged.compute_mib,
+                                                                                             planned_mib)
         else:  # nothing offloaded (-dev none): the one CPU estimate, within its stated error
             error = abs(planned["compute_bytes"] / 2**20 - measured_compute) / measured_compute * 100
             assert error <= doc["compute_error_pct"], (error, logged.compute_mib)

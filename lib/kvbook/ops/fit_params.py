@@ -278,3 +278,35 @@ def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary:
                                 method="llama-fit-params' own compute reservation (CPU backend), MiB to two decimals"),
         host_extras=HostExtras(cache_ram_bytes=max(flags.cache_ram_mib, 0) * MiB, checkpoint_bytes=checkpoints),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Several devices: llama-fit-params' per-device rows over --rpc devices
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FitDevice:
+    """One device as llama-fit-params accounts it: model and context MiB of its `--fit-print` row (floored to
+    whole MiB), and its compute buffer from the `sched_reserve` log line (two decimals). `repack_mib` is the
+    host's CPU_REPACK weights, which the Host row leaves out."""
+
+    name: str  # RPC0, RPC1, ... or Host
+    endpoint: str | None
+    model_mib: int
+    context_mib: int
+    compute_mib: float
+    repack_mib: int = 0
+
+
+def rpc_fit_devices(report: FitReport, endpoints: Sequence[str]) -> tuple[FitDevice, ...]:
+    """The report's rows for `--rpc endpoints` (no -dev: device i is endpoint i), the host last."""
+    compute = {k[k.index("[") + 1:-1] if "[" in k else k: v for k, v in report.memory.compute_mib.items()}
+    repack = sum(b.model_mib for b in report.breakdown if b.name == "CPU_REPACK")
+    out = []
+    for row in report.devices:
+        if row.name == "Host":
+            out.append(FitDevice("Host", None, row.model_mib, row.context_mib, compute.get("CPU", 0.0), repack))
+            continue
+        ep = endpoints[int(row.name.removeprefix("RPC"))]
+        out.append(FitDevice(row.name, ep, row.model_mib, row.context_mib, compute.get(ep, 0.0)))
+    return tuple(out)

@@ -142,7 +142,8 @@ def caches_by_device(arch: ModelArch, memory: MemoryPlan, offload: Offload,
 # -c 4096/16384, -ub 256/512, -np 1/2, -fa on/off, -ngl 4/all: 21 llama-server runs): every busy device and the
 # CPU reserve about n_ubatch x (8 bytes per KV cell + 19-21 bytes per unit of activation width), plus f32
 # attention scores without flash attention. The bound takes 24 bytes and two score copies: at most 17% high
-# on the first device, more on the others. Upper bound, not a calibration.
+# on the first device, more on the others. An upper bound, kept as the solver's reserve when it sizes a -ts split
+# (plan/solver.py split_for); plans use the calibrated compute_terms below.
 _MASK_BYTES_PER_CELL = 8
 _ACTIVATION_BYTES = 24
 
@@ -156,3 +157,79 @@ def device_compute_bound(arch: ModelArch, memory: MemoryPlan) -> int:
     if not shape.flash_attn:
         per_token += 2 * 4 * max(arch.n_head, default=0) * n_kv
     return shape.n_ubatch * per_token
+
+
+SCHED_MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES (ggml/src/ggml-backend.cpp): input copies with pipeline parallelism
+
+
+def pipeline_parallel(arch: ModelArch, n_devices: int, n_gpu_layers: int, split_mode: str, no_kv_offload: bool,
+                      overrides: bool) -> bool:
+    """llama_context's condition for pipeline parallelism (src/llama-context.cpp, llama_context constructor): more
+    than one device, every layer offloaded, -sm layer, KV offloaded and no tensor overrides (-ot, --n-cpu-moe);
+    RPC devices report async compute and events, so it holds there."""
+    return (n_devices > 1 and n_gpu_layers > arch.n_layer + arch.n_layer_nextn and split_mode == "layer"
+            and not no_kv_offload and not overrides)
+
+
+def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copies: int, cpu_moe_layers: int = 0,
+                  no_kv_offload: bool = False, n_outputs: int | None = None) -> dict[str, dict[str, int]]:
+    """The parts of each backend's compute buffer (ggml_backend_sched gives every backend its own, sized by
+    graph_reserve's worst-case ubatch), in bytes, per device that runs something (CPU always):
+    - mask: the KQ masks of the caches whose attention runs there (f16 with flash attention, else f32; the CPU
+      holds every input), `copies` times (pipeline parallelism keeps a copy of each split input per copy);
+    - embd: one ubatch of the residual stream (f32 n_embd) per copy: copied in on a device, built by get_rows
+      on the CPU;
+    - act: one ubatch of activations (memory.compute.activation_width floats per token) where a layer runs, less
+      the routed experts' width where those stay on the CPU;
+    - moe: one ubatch of the routed experts' FFN on the CPU when it runs them for offloaded layers (--n-cpu-moe);
+    - scores: f32 KQ scores of the largest cache where attention runs, without flash attention;
+    - logits: f32 logits for `n_outputs` rows (llama-server reserves one per slot; llama-fit-params n_ubatch)
+      on the output layer's device."""
+    shape = memory.shape
+    ub = shape.n_ubatch
+    n_outputs = shape.n_seq if n_outputs is None else n_outputs
+    mask_size = 2 if shape.flash_attn else 4
+    full, swa = attention_layers(arch)
+    cells = {c.kind: c.cells for c in memory.caches}  # per stream; a stream's mask rows are its share of the ubatch
+    out: dict[str, dict[str, int]] = {}
+
+    def at(dev: str) -> dict[str, int]:
+        return out.setdefault(dev, dict.fromkeys(("mask", "embd", "act", "scores", "logits", "moe"), 0))
+
+    cpu = at(CPU)
+    masks = {kind: mask_size * cells.get(kind, 0) * ub for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa))
+             if layers}
+    cpu["mask"] += copies * sum(masks.values())
+    cpu["embd"] += copies * 4 * arch.n_embd * ub
+    n_kv = max((cells.get(k, 0) for k in masks), default=0)
+    for dev in {*offload.layers, offload.output} - {CPU}:
+        at(dev)["embd"] += copies * 4 * arch.n_embd * ub
+    for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
+        for dev in {CPU if no_kv_offload else offload.layers[il] for il in layers} - {CPU}:
+            at(dev)["mask"] += copies * masks[kind]
+    width = activation_width(arch)
+    routed = arch.n_expert_used * arch.n_ff_exp if arch.n_expert and arch.n_ff_exp else 0
+    for il, dev in enumerate(offload.layers):  # a layer whose experts stay on the CPU runs its attention only
+        cpu_experts = routed and il < arch.n_layer and (cpu_moe_layers < 0 or il < cpu_moe_layers)
+        at(dev)["act"] = max(at(dev)["act"], 4 * ub * (width - routed if cpu_experts and dev != CPU else width))
+        if cpu_experts and dev != CPU:
+            cpu["moe"] = 4 * ub * routed
+    if not shape.flash_attn:
+        for dev in {CPU if no_kv_offload else offload.layers[il] for il in (*full, *swa)}:
+            at(dev)["scores"] = 4 * max(arch.n_head, default=0) * n_kv * ub
+    at(offload.output)["logits"] = 4 * arch.n_vocab * n_outputs
+    return out
+
+
+def device_compute(terms: Mapping[str, Mapping[str, int]], coef: Mapping[str, float]) -> dict[str, int]:
+    """Each device's compute buffer from its terms (compute_terms) and the calibrated coefficients: the inputs
+    (masks, residual stream) stay allocated; the layer work (activations, scores) and, on the output's device,
+    the logits reuse one another's memory (ggml-alloc frees a tensor after its last use), so the larger counts."""
+    out = {}
+    for dev, t in terms.items():
+        base = coef["mask"] * t["mask"] + coef["embd_cpu" if dev == CPU else "embd"] * t["embd"]
+        work = coef["act"] * t["act"] + coef["scores"] * t["scores"] + coef["moe"] * t["moe"]
+        if t["logits"]:
+            work = max(work, t["logits"] + coef["output_act"] * t["act"])
+        out[dev] = int(base + work)
+    return out

@@ -18,15 +18,20 @@ from kvbook.interface import (
     ServerFlags,
     Verdict,
 )
+from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import detection_note, effective_device, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
+    SCHED_MAX_COPIES,
+    Offload,
     assign,
     caches_by_device,
-    device_compute_bound,
+    compute_terms,
+    device_compute,
     estimated_groups,
+    pipeline_parallel,
     weights_by_device,
 )
 
@@ -53,12 +58,6 @@ def offload_pools(device: Device) -> list[str]:
     return [] if device.unified else [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
 
 
-def per_device_compute(device: Device) -> bool:
-    """Whether each offload device that runs layers reserves a compute buffer of its own, and the CPU one too
-    (several offload devices, or any RPC device): the bound `device_compute_bound`, not one main buffer."""
-    return len(offload_pools(device)) > 1 or any(p.kind == "rpc" for p in device.pools)
-
-
 def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     """Whether the plan needs llama.cpp's per-layer assignment: several offload devices (RPC or local GPUs),
     a partial -ngl on a discrete GPU, or experts kept on the CPU."""
@@ -82,18 +81,50 @@ def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     return int(flags.gpu_layers)
 
 
+def offload_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload:
+    """llama.cpp's layer assignment over the device's offload pools (placement.assign) for this command line."""
+    devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
+    split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
+    if flags.tensor_split and len(flags.tensor_split) != len(devices):
+        raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
+                       f"({', '.join(devices)})")
+    return assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
+
+
+def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
+                n_outputs: int | None = None) -> dict[str, int]:
+    """Each backend's compute buffer with RPC devices: the calibrated per-device estimate (placement.compute_terms,
+    coefficients in data/compute_coefficients.json 'per_device'); `n_outputs` as llama-server reserves by default."""
+    copies = SCHED_MAX_COPIES if pipeline_parallel(arch, len(offload.devices), _rpc_layers_n(arch, offload, flags),
+                                                   flags.split_mode, flags.no_kv_offload, flags.cpu_moe_layers != 0) else 1
+    terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
+                          no_kv_offload=flags.no_kv_offload, n_outputs=n_outputs)
+    return device_compute(terms, coefficients()["per_device"]["coef"])
+
+
+def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
+    """-ngl as a count (all layers and the output when everything is offloaded)."""
+    off = sum(d != CPU for d in offload.layers) + (offload.output != CPU)
+    return arch.n_layer + arch.n_layer_nextn + 1 if off == len(offload.layers) + 1 else off
+
+
+def _rpc_compute_note() -> str:
+    """What the per-device compute figure is, with its measured error (data/compute_coefficients.json)."""
+    c = coefficients()["per_device"]
+    return (f"each device that runs layers and the CPU reserve a compute buffer of their own, a calibrated estimate "
+            f"(median {c['fit_median_error_pct']}% / max {c['fit_max_error_pct']}% off llama-fit-params on full-size "
+            f"models; median {c['held_out_median_error_pct']}% / max {c['held_out_max_error_pct_5mib']}% off real "
+            f"llama-server RPC runs, held out, buffers >= 5 MiB)")
+
+
 def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
     """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
     groups = dict(arch.tensor_groups) or estimated_groups(arch)
-    devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
-    split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
-    if flags.tensor_split and len(flags.tensor_split) != len(devices):
-        raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
-                       f"({', '.join(devices)})")
-    offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
+    offload = offload_of(arch, flags, device)
+    devices = list(offload.devices)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, flags.cpu_moe_layers)
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
     out = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0) for p in device.pools}
@@ -103,16 +134,13 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
     busy = {*offload.layers, offload.output} & set(devices)
-    if busy and per_device_compute(device):  # every offload device that runs layers, and the CPU, reserve their own
-        bound = device_compute_bound(arch, memory)
+    if busy:  # every device that runs layers, and the CPU, reserve a compute buffer of their own
+        estimate = rpc_compute(arch, flags, memory, offload)
         for name in busy:
-            out[name]["compute"] += bound
-        out[host]["compute"] += bound
+            out[name]["compute"] += estimate.get(name, 0)
+        out[host]["compute"] += estimate.get(CPU, 0)
         return out
-    # the main compute buffer: on a local GPU that runs the output layer, else on the host
-    compute_on = offload.output if offload.output != CPU and next(
-        p.kind for p in device.pools if p.name == offload.output) == "gpu" else host
-    out[compute_on]["compute"] += memory.compute.bytes
+    out[host]["compute"] += memory.compute.bytes  # nothing offloaded: the one CPU buffer
     return out
 
 
@@ -321,6 +349,16 @@ def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
     return gpu.name.rstrip("0123456789") or "GPU"
 
 
+def _maps_weights(flags: ServerFlags) -> bool:
+    """Whether CPU weights are a file mapping: -lm / --load-mode is mmap (or auto, the default), not none, mlock
+    or direct-io (src/llama-model-loader.cpp: use_mmap for MMAP, MMAP_MLOCK and AUTO; mlock pins them)."""
+    argv = list(flags.argv)
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-lm", "--load-mode"):
+            return argv[i + 1] in ("mmap", "auto")
+    return True
+
+
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
               accounting: str = "kvbook") -> Plan:
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
@@ -335,25 +373,22 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     notes_extra = []
     if _spread(arch, flags, device):
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
-        if any(p.kind == "rpc" for p in device.pools):
-            how = ("each RPC device that runs layers and the CPU reserve a compute buffer of their own, counted as an "
-                   "upper bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)")
-            if gpus:
-                how += f"; the local GPUs ({', '.join(gpus)}) get the same bound, not calibrated for their backend"
-        elif len(gpus) > 1:
-            how = (f"each GPU that runs layers ({', '.join(gpus)}) and the CPU reserve a compute buffer of their own, "
-                   "counted with the upper bound fitted to loopback RPC runs: not calibrated for "
-                   f"{gpus[0].rstrip('0123456789') or 'GPU'}")
-        else:
-            how = ("each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
-                   "on the GPU holding the output, else the CPU)")
-        notes_extra.append("layers spread over devices: " + how + "; repacked CPU weights (CPU_REPACK) are not counted")
+        notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
+            f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
+            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else "")
+            + "; repacked CPU weights (CPU_REPACK) are not counted")
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
+    host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)
+    if host_use and host_use.verdict is Verdict.DOES_NOT_FIT and host_use.weights_bytes and _maps_weights(flags):
+        notes.append(f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB of CPU weights as resident. llama.cpp "
+                     "repacks those it can (CPU_REPACK, an allocated buffer: it then fails to start, 'unable to allocate "
+                     "CPU_REPACK buffer', seen here for gpt-oss-120b on 24 GiB); with --no-repack they stay mapped from the "
+                     "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
         notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
     if flags.fit:

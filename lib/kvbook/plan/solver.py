@@ -32,7 +32,7 @@ from kvbook.plan.placement import (
     estimated_groups,
     layer_cache_bytes,
 )
-from kvbook.plan.planner import place, worst
+from kvbook.plan.planner import place, rpc_compute, worst
 
 Objective = Literal["max-context", "fastest-decode"]
 OBJECTIVES = ("max-context", "fastest-decode")
@@ -128,7 +128,7 @@ class _Search:
     def __init__(self, arch: ModelArch, flags: ServerFlags, device: Device, model: _Model):
         self.arch, self.flags, self.device, self.m = arch, flags, device, model
         self._memory: dict[tuple[int, str], tuple[MemoryPlan, tuple[tuple[int, int], ...], int]] = {}
-        # several offload devices (or RPC): each busy one and the CPU reserve a compute buffer (planner.per_device_compute)
+        # several offload devices (or RPC): -ts sizing reserves the per-device compute bound on each
         self.per_device = "rpc" in model.kinds or len(model.devices) > 1
 
     def flags_for(self, ctx: int, cache: str) -> ServerFlags:
@@ -195,14 +195,13 @@ class _Search:
             need[m.host if self.flags.no_kv_offload else pool] += caches[il][0] + caches[il][1]
         need[m.host if off.output == CPU else off.output] += m.output if off.output != CPU else m.output_host
         busy = {d for d in (*off.layers, off.output) if d != CPU}
-        if self.per_device and busy:
+        if busy:  # the planner's per-device estimate (planner.rpc_compute), so both agree on what fits
+            estimate = rpc_compute(self.arch, replace(self.flags_for(ctx, opt.cache), cpu_moe_layers=opt.ncmoe), mem, off)
             for d in busy:
-                need[d] += compute
-            need[m.host] += compute
-        elif self.per_device:
-            need[m.host] += mem.compute.bytes
+                need[d] += estimate.get(d, 0)
+            need[m.host] += estimate.get(CPU, 0)
         else:
-            need[off.output if off.output != CPU and "gpu" in m.kinds else m.host] += compute
+            need[m.host] += mem.compute.bytes
         return need, split
 
     def fits(self, opt: _Option, ctx: int) -> bool:

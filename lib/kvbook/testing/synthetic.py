@@ -8,7 +8,8 @@ hole, so even a 400 GB model costs only its header on disk.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -574,11 +575,13 @@ def _write_with_hole(writer: GGUFWriter, data_size: int) -> None:
 
 
 def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
-                         weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K) -> Path:
+                         weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K,
+                         type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = ()) -> Path:
     """Write `metadata` plus the architecture's tensors as a sparse GGUF at `path`.
 
     Tokenizer keys are replaced by `tokenizer.ggml.model = "none"` (llama.cpp then makes
-    `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit.
+    `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit, or the type of
+    the first `type_overrides` regex found in the tensor's name (a quant mix like a real file's).
     """
     tensors = synthetic_tensors(metadata)
     h = _hparams(metadata)
@@ -591,8 +594,10 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     writer.add_uint32(f"{h.arch}.vocab_size", h.n_vocab)
     writer.add_string("tokenizer.ggml.model", "none")
     data_size = 0
+    overrides = [(re.compile(pattern), t) for pattern, t in type_overrides]
     for name, ne in tensors:
-        t = _tensor_type(name, ne, weight_type)
+        wanted = next((t for rx, t in overrides if rx.search(name)), weight_type)
+        t = _tensor_type(name, ne, wanted)
         nbytes = _nbytes(ne, t)
         writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
         data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
