@@ -34,9 +34,6 @@ CASES = [  # (model fixture, servers, flags)
     ("moe", 2, ["-ngl", "all", "-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU", "-c", "4096", "-np", "1"]),
     ("gemma3", 2, ["-ngl", "all", "-dev", "none", "-c", "4096", "-np", "1"]),
 ]
-# Where repacking moves the first or last CPU tensor into CPU_REPACK, the mapped range shrinks by it: kvbook
-# does not model repacking yet, so the CPU's model buffer is not compared there (every other figure is).
-CPU_MAPPED_NOT_EXACT = {"hybrid"}
 
 _COMMON = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
            "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
@@ -98,8 +95,10 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
         endpoint = name[name.index("[") + 1:-1] if "[" in name else None
         model_key = "CPU_Mapped" if endpoint is None else next(k for k in logged.model_mib if k.endswith(f"[{endpoint}]"))
         kv_key = "CPU" if endpoint is None else next((k for k in logged.kv_buffer_mib if k.endswith(f"[{endpoint}]")), None)
-        if endpoint is not None or model not in CPU_MAPPED_NOT_EXACT:
-            assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
+        # the CPU's weights are its mapped range plus its CPU_REPACK copies (plan/weights.py)
+        repack = planned["repack_bytes"]
+        assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"] - repack), (name, logged.model_mib)
+        assert logged.model_mib.get("CPU_REPACK", 0.0) if endpoint is None else 0.0 == mib2(repack), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
         # each device's compute buffer is planned as an upper bound (plan/placement.py device_compute_bound)

@@ -23,14 +23,24 @@ from kvbook.plan.devices import effective_device, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
+    Offload,
     assign,
     caches_by_device,
     device_compute_bound,
     estimated_groups,
     weights_by_device,
 )
+from kvbook.plan.weights import (
+    CpuFeatures,
+    WeightBytes,
+    host_buffer_first,
+    host_cpu,
+    overrides_as_cpu_moe,
+    tensor_weights,
+)
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
+_PARTS = ("weights", "kv", "recurrent", "compute", "output", "extras", "repack")  # repack: part of weights
 
 
 def margin_bytes(budget: int) -> int:
@@ -56,7 +66,53 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
     partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
-    return partial or flags.cpu_moe_layers != 0
+    return partial or flags.cpu_moe_layers != 0 or bool(flags.tensor_overrides)
+
+
+def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
+    """The CPU whose features decide what llama.cpp repacks into CPU_REPACK; None when nothing is: -nr, or an
+    offload device's host buffer type comes first in the CPU's list (plan/weights.py)."""
+    return None if not flags.repack or host_buffer_first(device) else host_cpu(device)
+
+
+def override_devices(device: Device) -> dict[str, str]:
+    """-ot buffer-type names -> the device that holds them: RPC0[host:port] (every RPC device's buffer type is
+    named RPC0[...], tell them apart by endpoint) and the local GPUs by name."""
+    out = {p.name: p.name for p in device.pools if p.kind == "gpu"}
+    out.update({"RPC0" + p.name[p.name.index("["):]: p.name for p in device.pools if p.kind == "rpc"})
+    return out
+
+
+def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
+    """Weights per device for this offload: tensor by tensor from the GGUF's tensors, else by group from the
+    shapes (where -ot can only keep whole layers' experts on the CPU)."""
+    if arch.tensors:
+        return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
+                              cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
+                              bufts=override_devices(device))
+    moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
+    moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
+    groups = dict(arch.tensor_groups) or estimated_groups(arch)
+    weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
+    return WeightBytes(weights, weights[CPU], 0)
+
+
+def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main: str, n_gpu: int) -> tuple[int, int]:
+    """(weights, of which CPU_REPACK) on the one pool that holds the model: with nothing offloaded, the CPU's
+    mapped range plus its repacked copies; on unified memory with a GPU, every tensor plus the repacked copies
+    of the layers left on the CPU; a discrete GPU that runs every layer holds every tensor."""
+    gpu = any(p.kind == "gpu" for p in device.pools)
+    offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
+    if not arch.tensors or (offloaded and not device.unified):
+        if flags.tensor_overrides:
+            _weights(arch, flags, device, assign(arch.n_layer + arch.n_layer_nextn, 0, (), ()))  # its refusals
+        return arch.weights_bytes, 0
+    n_all = arch.n_layer + arch.n_layer_nextn
+    offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and device.unified else assign(n_all, 0, (), ())
+    wb = _weights(arch, flags, device, offload)
+    if gpu and device.unified:
+        return arch.weights_bytes + wb.repack, wb.repack
+    return wb.mapped + wb.repack, wb.repack
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -76,16 +132,17 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
-    groups = dict(arch.tensor_groups) or estimated_groups(arch)
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
     split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
     if flags.tensor_split and len(flags.tensor_split) != len(devices):
         raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
                        f"({', '.join(devices)})")
     offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
-    weights = weights_by_device(groups, offload, arch.tensor_ranges, flags.cpu_moe_layers)
+    placed = _weights(arch, flags, device, offload)
+    weights = placed.by_device
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
-    out = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0) for p in device.pools}
+    out = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
+    out[host]["repack"] = placed.repack
     for name in (CPU, *devices):
         pool = host if name == CPU else name
         out[pool]["weights"] += weights.get(name, 0)
@@ -135,13 +192,15 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     elif flags.tensor_split:
         raise BadInput("-ts on local GPUs changes placement and kvbook models it with --rpc devices only yet")
     else:
-        parts = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0)
-                 for p in device.pools}
+        parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
         main = device.main_pool.name if _offloaded(arch, flags, device) else host
         if device.unified:
             main = host = device.pools[0].name
         kv_pool = host if flags.no_kv_offload else main
-        parts[main]["weights"] += memory.weights_bytes + memory.lora_bytes
+        n_gpu = arch.n_layer + arch.n_layer_nextn + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
+        weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
+        parts[main]["weights"] += weights + memory.lora_bytes
+        parts[main]["repack"] += repack
         parts[main]["compute"] += memory.compute.bytes
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
@@ -177,7 +236,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         usages.append(PoolUsage(pool=pool.name, need_bytes=need, budget_bytes=pool.budget_bytes, verdict=verdict,
                                 weights_bytes=part["weights"], kv_bytes=part["kv"], recurrent_bytes=part["recurrent"],
                                 compute_bytes=part["compute"], output_bytes=part["output"],
-                                host_extras_bytes=part["extras"]))
+                                host_extras_bytes=part["extras"], repack_bytes=part["repack"]))
     return tuple(usages)
 
 
@@ -306,6 +365,24 @@ def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
     return gpu.name.rstrip("0123456789") or "GPU"
 
 
+def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[str]:
+    """What the plan assumed about llama.cpp's CPU_REPACK buffer (plan/weights.py)."""
+    if not flags.repack:
+        return []
+    if host_buffer_first(device):
+        return ["CPU_REPACK: none; with a GPU host buffer type first and mmap, llama.cpp leaves the CPU's weights "
+                "mapped (not repacked)"]
+    repack = sum(u.repack_bytes for u in usages)
+    cpu = host_cpu(device)
+    if not arch.tensors:
+        return [f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it copies some quantized "
+                "CPU weights; -nr turns it off)"]
+    if not repack:
+        return []
+    return [f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, counted on top of the "
+            "mapped weights (their pages stay mapped); -nr turns it off"]
+
+
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
               accounting: str = "kvbook") -> Plan:
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
@@ -324,9 +401,10 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
             "bound fitted to loopback RPC runs (not a calibration: a median 3x high over the measured runs)"
             if any(p.kind == "rpc" for p in device.pools)
             else "each offload device also reserves a compute buffer of its own (not modelled yet: the estimate is "
-            "on the GPU holding the output, else the CPU)") + "; repacked CPU weights (CPU_REPACK) are not counted")
+            "on the GPU holding the output, else the CPU)"))
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    notes_extra += _repack_notes(arch, flags, device, usages)
     verdict = worst(usages)
     notes = list(notes_extra)
     if not arch.weights_exact:
