@@ -75,7 +75,8 @@ ROWS = [
     (["--n-cpu-moe", "10"], {}, True, "ok"),
     ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "ok"),
     (["--n-cpu-moe", "-1"], {}, False, "must be >= 0"),
-    (["-ncffn", "2"], {}, True, "FFN placement"),
+    (["-ncffn", "2"], {}, True, "ok"),  # dense FFN overrides to CPU, per tensor (tests/test_rpc_placement.py)
+    (["-ncffn", "-1"], {}, False, "must be >= 0"),
     # value sets are arg.cpp's, exact and case-sensitive
     (["-fa", "true"], {}, True, "ok"),
     (["-fa", "-1"], {}, True, "ok"),

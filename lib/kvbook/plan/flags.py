@@ -27,7 +27,6 @@ CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned serve
 
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {
-    "-ncffn": "FFN placement on the CPU",
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
@@ -358,7 +357,7 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
     if canonical == "--kv-unified-per-slot":
         field = "kv_unified_per_slot"
-    if canonical == "-ot":
+    if canonical in ("-ot", "-ncffn"):
         field = "tensor_overrides"
     if canonical in ("--lora", "--lora-scaled"):
         field = "lora"
@@ -378,6 +377,9 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         values["kv_unified_per_slot"] = _int(shown, value or "", 0)
     elif canonical == "-ot":
         values["tensor_overrides"] = values.get("tensor_overrides", ()) + _overrides(shown, value or "", values.get("rpc", ()))
+    elif canonical == "-ncffn":  # common/common.h llm_add_n_cpu_ffn_overrides with LLM_FFN_DENSE_REGEX, in line order
+        values["tensor_overrides"] = values.get("tensor_overrides", ()) + tuple(
+            (rf"blk\.{il}\.ffn_(up|down|gate)\.", "CPU") for il in range(_int(shown, value or "", 0)))
     elif canonical in ("-ncmoe", "-cmoe"):
         new = _VALUED[canonical][1](shown, value or "") if canonical == "-ncmoe" else -1
         values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0), new)

@@ -148,7 +148,9 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
         out[pool]["weights"] += weights.get(name, 0)
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
-    busy_rpc = {*offload.layers, offload.output} & {p.name for p in device.pools if p.kind == "rpc"}
+    rpc_pools = {p.name for p in device.pools if p.kind == "rpc"}
+    # a device that only holds -ot tensors runs their ops too: it reserves a compute buffer (see only_tensors_on)
+    busy_rpc = ({*offload.layers, offload.output} | {d for d in devices if weights.get(d)}) & rpc_pools
     if busy_rpc:  # every RPC device that runs layers, and the CPU, reserve a compute buffer of their own
         bound = device_compute_bound(arch, memory)
         for name in busy_rpc:
@@ -405,6 +407,11 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     notes_extra += _repack_notes(arch, flags, device, usages)
+    idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
+            and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
+    if idle:
+        notes_extra.append(f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute buffer there is "
+                           "not modelled (the bound is for devices that run layers; measured far above it)")
     verdict = worst(usages)
     notes = list(notes_extra)
     if not arch.weights_exact:
