@@ -279,7 +279,8 @@ def _host_reads(s: _Search, opt: _Option, ctx: int) -> int:
         total += (m.dense[il] if on_cpu else 0) + (int(m.experts[il] * frac) if cpu_exps else 0)
         if on_cpu or s.flags.no_kv_offload:
             total += caches[il][0] + caches[il][1]
-    return total + (m.output_host if off.output == CPU else 0)
+    pinned_host = sum(n for pool, n in m.pinned if pool == m.host)  # -ot tensors kept on the CPU are read there too
+    return total + pinned_host + (m.output_host if off.output == CPU else 0)
 
 
 def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = "max-context",
