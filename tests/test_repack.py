@@ -131,3 +131,16 @@ def test_a_preset_sizes_only_whole_layers_experts(capsys) -> None:
     assert "no GGUF tensors" in err and len(err.strip().splitlines()) == 1
     assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "qwen3-30b-a3b", "-c", "4096",
                      "-ot", r"blk\.([0-9]|1[0-9])\.ffn_.*_exps=CPU"]) in (0, 1)
+
+
+@pytest.mark.slow
+def test_a_draft_on_the_cpu_is_repacked_too(capsys, tmp_path, gemma3) -> None:
+    """-md: the draft model loads with the target's parameters (-nr included), so it has its own CPU_Mapped and
+    CPU_REPACK buffers; the CPU's planned weights hold both models' two buffers."""
+    argv = ["-m", str(gemma3), "-md", str(gemma3), "-c", "512", "-np", "1", "--fit", "off"]
+    cpu = _plan(capsys, argv)
+    with start_llama_server([*argv, "-t", "1", "--no-warmup"], run_dir=tmp_path) as server:
+        target, draft = server.measured(), server.measured_draft()
+    assert draft is not None and draft.model_mib.get("CPU_REPACK") == target.model_mib.get("CPU_REPACK") == 12.66
+    logged = target.weights_mib + draft.weights_mib
+    assert round(logged, 2) == mib2(cpu["weights_bytes"]) and mib2(cpu["repack_bytes"] // 2) == 12.66

@@ -213,7 +213,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
             raise BadInput("the draft model has no context")
         pool = draft_pool(arch, flags, device)
         d = memory.draft
-        parts[pool]["weights"] += d.weights_bytes
+        weights, repack = _draft_weights(arch, flags, device, pool, d.weights_bytes)
+        parts[pool]["weights"] += weights
+        parts[pool]["repack"] += repack
         kv_pool = host if flags.no_kv_offload else pool  # the draft inherits -nkvo
         parts[kv_pool]["kv"] += d.kv_bytes
         parts[kv_pool]["recurrent"] += d.recurrent_bytes
@@ -240,6 +242,18 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                                 compute_bytes=part["compute"], output_bytes=part["output"],
                                 host_extras_bytes=part["extras"], repack_bytes=part["repack"]))
     return tuple(usages)
+
+
+def _draft_weights(arch: ModelArch, flags: ServerFlags, device: Device, pool: str, total: int) -> tuple[int, int]:
+    """(weights, of which CPU_REPACK) of a draft on `pool`: on the CPU it is mapped and repacked like the target
+    (the server copies the target's parameters, -nr included: common/speculative.cpp)."""
+    on_cpu = not any(p.kind == "gpu" for p in device.pools) or (
+        not device.unified and pool == next((p.name for p in device.pools if p.kind == "host"), ""))
+    if not on_cpu or arch.draft is None or not arch.draft.tensors:
+        return total, 0
+    n_all = arch.draft.n_layer + arch.draft.n_layer_nextn
+    wb = tensor_weights(arch.draft.tensors, assign(n_all, 0, (), ()), repack_on=repack_cpu(flags, device))
+    return wb.mapped + wb.repack, wb.repack
 
 
 def draft_pool(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
