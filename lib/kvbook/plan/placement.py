@@ -7,6 +7,8 @@ counts as the last) are offloaded; offloaded layer i goes to the first device wh
 exceeds (i - first offloaded) / offloaded count, the split being `-ts` or else each device's free memory.
 A tied output (no output.weight) holds a copy of the token embeddings on its device. Each cache puts a
 layer's K/V (or recurrent state) on that layer's device, all on the CPU with --no-kv-offload.
+Weights by group (below) serve models known only by their shapes; with the GGUF's tensor list, plan/weights.py
+places them tensor by tensor (-ot, CPU_REPACK).
 """
 
 from __future__ import annotations
