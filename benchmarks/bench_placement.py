@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from test_rpc_placement import _COMMON, CASES  # noqa: E402  (the flag sets, one source)
+from test_rpc_placement import _COMMON, CASES, with_endpoints  # noqa: E402  (the flag sets, one source)
 
 from kvbook.ops.components import model_path  # noqa: E402
 from kvbook.ops.llama_server import start_llama_server  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> int:
             servers = [start_rpc_server(Path(tmp)) for _ in range(n)]
             try:
                 eps = [f"{s.spec.host}:{s.spec.port}" for s in servers]
-                argv = ["-m", str(paths[model]), "--rpc", ",".join(eps), *flags, "--fit", "off"]
+                argv = ["-m", str(paths[model]), "--rpc", ",".join(eps), *with_endpoints(flags, eps), "--fit", "off"]
                 plan = plan_summary(plan_any(parse_server_args(argv), this_machine()))
                 with start_llama_server([*argv, "--no-warmup"], run_dir=Path(tmp)) as server:
                     logged = server.measured()
@@ -64,22 +64,30 @@ def main() -> int:
                 key = (lambda table: "CPU_Mapped" if ep is None else next((k for k in table if k.endswith(f"[{ep}]")), ""))
                 kv_key = "CPU" if ep is None else key(logged.kv_buffer_mib)
                 rows.append({"model": model, "flags": " ".join(flags), "device": d["name"].split("[")[0],
-                             "bound": len(plan["devices"]) > 1,
-                             "model_mib": [mib2(d["weights_bytes"]), logged.model_mib.get(key(logged.model_mib), 0.0)],
+                             "bound": len(plan["devices"]) > 1 and not any("run(s) no layer" in n for n in plan["notes"]),
+                             "model_mib": [mib2(d["weights_bytes"] - d["repack_bytes"]),
+                                           logged.model_mib.get(key(logged.model_mib), 0.0)],
+                             "repack_mib": [mib2(d["repack_bytes"]),
+                                            logged.model_mib.get("CPU_REPACK", 0.0) if ep is None else 0.0],
                              "kv_mib": [mib2(d["kv_bytes"] + d["recurrent_bytes"]), logged.kv_buffer_mib.get(kv_key, 0.0)],
                              "compute_mib": [mib2(d["compute_bytes"]),
                                              logged.compute_mib.get("CPU" if ep is None else key(logged.compute_mib), 0.0)]})
-    print("| model | flags | device | model MiB plan / log | KV MiB plan / log | compute MiB plan / log |")
-    print("|---|---|---|---|---|---|")
+    print("| model | flags | device | model MiB plan / log | CPU_REPACK MiB plan / log | KV MiB plan / log | "
+          "compute MiB plan / log |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | `{r['flags']}` | {r['device']} | {r['model_mib'][0]} / {r['model_mib'][1]} | "
-              f"{r['kv_mib'][0]} / {r['kv_mib'][1]} | {r['compute_mib'][0]} / {r['compute_mib'][1]} |")
-    exact_model = sum(r["model_mib"][0] == r["model_mib"][1] for r in rows)
+        repack = f"{r['repack_mib'][0]} / {r['repack_mib'][1]}" if r["device"] == "CPU" else ""
+        compute = f"{r['compute_mib'][0]} / {r['compute_mib'][1]}" + ("" if r["bound"] or len(
+            [x for x in rows if x["flags"] == r["flags"]]) == 1 else " (not modelled)")
+        print(f"| {r['model']} | `{r['flags']}` | {r['device']} | {r['model_mib'][0]} / {r['model_mib'][1]} | {repack} | "
+              f"{r['kv_mib'][0]} / {r['kv_mib'][1]} | {compute} |")
+    exact_model = sum(r["model_mib"][0] == r["model_mib"][1] and r["repack_mib"][0] == r["repack_mib"][1] for r in rows)
     exact_kv = sum(r["kv_mib"][0] == r["kv_mib"][1] for r in rows)
     spread = [r for r in rows if r["bound"] and r["compute_mib"][1] >= 5.0]  # (a device with only the output: ~1 MiB)
     errors = sorted(abs(r["compute_mib"][0] / r["compute_mib"][1] - 1) * 100 for r in spread)
     median = errors[len(errors) // 2] if errors else 0.0
-    print(f"\n{len(CASES)} runs, {len(rows)} devices: model buffers equal on {exact_model}/{len(rows)}, "
+    print(f"\n{len(CASES)} runs, {len(rows)} devices: model buffers (CPU: CPU_Mapped and CPU_REPACK) equal on "
+          f"{exact_model}/{len(rows)}, "
           f"KV buffers equal on {exact_kv}/{len(rows)}; compute with RPC devices (calibrated per device, held out): "
           f"|error| median {median:.1f}%, max {max(errors, default=0):.1f}% (devices logging >= 5 MiB)")
     out = REPO / "benchmarks" / "results" / "placement.json"

@@ -99,7 +99,7 @@ def test_unknown_preset(capsys):
         (["-c", "abc"], "-c expects a whole number, got 'abc'"),
         (["-ctk", "q3_k"], "unknown value 'q3_k'"),
         (["--frobnicate"], "unknown llama-server flag '--frobnicate'"),
-        (["-ot", "ffn=CPU"], "-ot ffn=CPU changes memory"),
+        (["-ot", "ffn=CUDA0"], "-ot ffn=CUDA0: CUDA0 is not a device of this plan"),
         (["-ot", "ex(ps=CPU"], "does not compile"),
         (["-ot", "exps=CUDA_Host"], "unknown buffer type 'CUDA_Host'"),
         (["-ot", "exps"], "invalid value"),

@@ -56,15 +56,15 @@ ROWS = [
     (["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5"], {}, True, "ok"),
     (["--lora-scaled", "c.gguf"], {}, False, "not FILE:SCALE"),
     (["-mu", "http://127.0.0.1:9/m.gguf"], {}, True, "ok"),  # with the table's -m; alone: router mode (refused)
-    (["-nr"], {}, True, "no weight repacking"),
-    ([], {"LLAMA_ARG_REPACK": "0"}, True, "no weight repacking"),
+    (["-nr"], {}, True, "ok"),  # no CPU_REPACK buffer: modelled (tests/test_repack.py)
+    ([], {"LLAMA_ARG_REPACK": "0"}, True, "ok"),
     (["--no-host"], {}, True, "host (pinned) buffers"),
-    (["-ot", "exps=CPU"], {}, True, "ok"),  # whole layers' experts to CPU: modelled (as --cpu-moe)
+    (["-ot", "exps=CPU"], {}, True, "ok"),  # any tensors to CPU or a device: modelled per tensor (tests/test_repack.py)
     (["-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU,blk\.2\.ffn_.*_exps=CPU"], {}, True, "ok"),
     (["-ot", "exps"], {}, False, "invalid value"),
     (["-ot", "exps=GPU9"], {}, False, "unknown buffer type 'GPU9'"),
     (["-ot", "ex(ps=CPU"], {}, True, "does not compile"),  # the server fails later, loading the model
-    (["-ot", "attn=CPU"], {}, True, "other than experts"),
+    (["-ot", "attn=CPU"], {}, True, "ok"),
     (["-ot", "(?i)EXPS=CPU"], {}, True, "ECMAScript"),  # std::regex has no inline flags: the load fails
     (["-ot", "(?<=x)exps=CPU"], {}, False, "unknown buffer type 'x)exps=CPU'"),  # split at the first '=', as arg.cpp
     (["-dev", "none"], {}, True, "ok"),
@@ -75,7 +75,8 @@ ROWS = [
     (["--n-cpu-moe", "10"], {}, True, "ok"),
     ([], {"LLAMA_ARG_N_CPU_MOE": "10"}, True, "ok"),
     (["--n-cpu-moe", "-1"], {}, False, "must be >= 0"),
-    (["-ncffn", "2"], {}, True, "FFN placement"),
+    (["-ncffn", "2"], {}, True, "ok"),  # dense FFN overrides to CPU, per tensor (tests/test_rpc_placement.py)
+    (["-ncffn", "-1"], {}, False, "must be >= 0"),
     # value sets are arg.cpp's, exact and case-sensitive
     (["-fa", "true"], {}, True, "ok"),
     (["-fa", "-1"], {}, True, "ok"),

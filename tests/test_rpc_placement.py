@@ -33,14 +33,30 @@ CASES = [  # (model fixture, servers, flags)
     ("smollm2", 2, ["-ngl", "all", "-sm", "none", "-mg", "1", "-c", "4096", "-np", "1"]),
     ("moe", 2, ["-ngl", "all", "-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU", "-c", "4096", "-np", "1"]),
     ("gemma3", 2, ["-ngl", "all", "-dev", "none", "-c", "4096", "-np", "1"]),
+    ("gemma3", 2, ["-ngl", "10", "-c", "4096", "-np", "1", "-nr"]),
+    # -ot per tensor ({rpcN}: that server's host:port): any tensors to CPU (Q4_K ones repack), to another device,
+    # the first matching entry wins; part of a layer's experts
+    ("gemma3", 2, ["-ngl", "all", "-ot", r"attn_(q|output)\.=CPU,blk\.1[0-7]\.ffn_(up|gate)=RPC0[{rpc0}]", "-c", "4096",
+                   "-np", "1"]),
+    ("gemma3", 2, ["-ngl", "all", "-ot", r"blk\.1\.=RPC0[{rpc1}],blk\.[0-3]\.=CPU", "-c", "4096", "-np", "1"]),
+    ("moe", 2, ["-ngl", "2", "-ot", r"blk\.3\.ffn_up_exps=CPU,blk\.0\.ffn_down_exps=RPC0[{rpc1}]", "-c", "4096", "-np", "1"]),
+    ("smollm2", 2, ["-ngl", "all", "-ncffn", "3", "-c", "4096", "-np", "1"]),  # dense FFN of layers 0-2 on the CPU
+    ("smollm2", 2, ["-ngl", "0", "-ot", r"blk\.(2|7)\.=RPC0[{rpc1}],output=RPC0[{rpc0}]", "-c", "4096", "-np", "1"]),
 ]
-# Where repacking moves the first or last CPU tensor into CPU_REPACK, the mapped range shrinks by it: kvbook
-# does not model repacking yet, so the CPU's model buffer is not compared there (every other figure is).
-CPU_MAPPED_NOT_EXACT = {"hybrid"}
 
 _COMMON = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
            "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
            "attention.key_length": 128, "attention.value_length": 128}
+
+
+def with_endpoints(flags: list[str], endpoints: list[str]) -> list[str]:
+    """The flags with each {rpcN} replaced by the N-th server's host:port."""
+    out = []
+    for f in flags:
+        for i, ep in enumerate(endpoints):
+            f = f.replace(f"{{rpc{i}}}", ep)
+        out.append(f)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +102,7 @@ def test_rpc_servers_stop_with_their_owner(tmp_path) -> None:
 def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, capsys, model, n, flags) -> None:
     path = request.getfixturevalue(model)
     endpoints = rpc_servers[:n]
-    argv = ["-m", str(path), "--rpc", ",".join(endpoints), *flags, "--fit", "off"]
+    argv = ["-m", str(path), "--rpc", ",".join(endpoints), *with_endpoints(flags, endpoints), "--fit", "off"]
     assert cli.main(["plan", "--json", "--", "llama-server", *argv]) == 0
     doc = json.loads(capsys.readouterr().out)
     devices = {d["name"]: d for d in doc["devices"]}
@@ -98,15 +114,21 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
         endpoint = name[name.index("[") + 1:-1] if "[" in name else None
         model_key = "CPU_Mapped" if endpoint is None else next(k for k in logged.model_mib if k.endswith(f"[{endpoint}]"))
         kv_key = "CPU" if endpoint is None else next((k for k in logged.kv_buffer_mib if k.endswith(f"[{endpoint}]")), None)
-        if endpoint is not None or model not in CPU_MAPPED_NOT_EXACT:
-            assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"]), (name, logged.model_mib)
+        # the CPU's weights are its mapped range plus its CPU_REPACK copies (plan/weights.py)
+        repack = planned["repack_bytes"]
+        assert logged.model_mib.get(model_key, 0.0) == mib2(planned["weights_bytes"] - repack), (name, logged.model_mib)
+        assert (logged.model_mib.get("CPU_REPACK", 0.0) if endpoint is None else 0.0) == mib2(repack), (name, logged.model_mib)
         measured_kv = logged.kv_buffer_mib.get(kv_key, 0.0) if kv_key else 0.0
         assert measured_kv == mib2(planned["kv_bytes"] + planned["recurrent_bytes"]), (name, logged.kv_buffer_mib)
         # each device's compute buffer is a calibrated estimate (plan/placement.py compute_terms): within 40% of the
         # log, or 5 MiB for the small buffers (these runs are the calibration's held-out set)
         compute_key = "CPU" if endpoint is None else next((k for k in logged.compute_mib if k.endswith(f"[{endpoint}]")), None)
         measured_compute = logged.compute_mib.get(compute_key, 0.0) if compute_key else 0.0
-        if len(devices) > 1:
+        if any("run(s) no layer" in n for n in doc["notes"]):
+            continue  # a device that only holds -ot tensors: its compute buffer is not modelled (the plan says so)
+        if any("compute buffer is the upper bound" in n for n in doc["notes"]):
+            assert planned["compute_bytes"] / 2**20 >= measured_compute, (name, logged.compute_mib)  # a bound
+        elif len(devices) > 1:
             planned_mib = planned["compute_bytes"] / 2**20
             assert abs(planned_mib - measured_compute) <= max(0.4 * measured_compute, 5.0), (name, logged.compute_mib,
                                                                                              planned_mib)

@@ -168,3 +168,16 @@ def test_presets_placements_are_the_planners_too(model, device, args, objective)
         assert all(u.verdict is not Verdict.DOES_NOT_FIT for u in p.pools)
     keys = [(-p.n_ctx if objective == "max-context" else p.host_read_bytes) for p in solution.placements]
     assert keys == sorted(keys)
+
+
+def test_user_tensor_overrides_stay_as_typed_in_every_placement(gemma3) -> None:
+    """-ot is fixed: every ranked placement keeps it verbatim (tensors to the CPU and to the second RPC device)
+    and is what the planner says for its argv, the pinned tensors included."""
+    ot = r"attn_(q|output)\.=CPU,blk\.1\.=RPC0[127.0.0.1:50002]"
+    arch, flags, device = _setup(gemma3, (0.15, 0.25), "-np", "1", "-ot", ot)
+    solution = solve(arch, flags, device, "max-context", top=4)
+    assert solution.placements
+    for p in solution.placements:
+        assert p.argv[p.argv.index("-ot") + 1] == ot and p.n_cpu_moe == 0
+        again = parse_server_args(["llama-server", *p.argv])
+        assert place(arch, again, plan_memory(arch, again), device) == p.pools

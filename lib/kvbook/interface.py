@@ -84,6 +84,18 @@ class LoraAdapter:
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    """One GGUF tensor as llama.cpp's loader sees it: what placement needs to put it in a buffer."""
+
+    name: str
+    ggml_type: str  # ggml's type name: Q4_K, F32, ...
+    shape: tuple[int, ...]  # ne, ne0 first
+    nbytes: int
+    file: int  # which file of a split model (0 for one file)
+    offset: int  # first byte within that file's tensor data
+
+
+@dataclass(frozen=True)
 class ModelArch:
     """What llama.cpp's loader derives from a model's metadata, per layer where it varies.
 
@@ -123,6 +135,7 @@ class ModelArch:
     tensor_groups: tuple[tuple[str, int], ...] = ()  # GGUF tensor bytes by placement group (see ggufio)
     # per file of the model: ((group, first byte, end byte), ...) within that file's tensor data
     tensor_ranges: tuple[tuple[tuple[str, int, int], ...], ...] = ()
+    tensors: tuple[TensorInfo, ...] = field(default=(), repr=False)  # every GGUF tensor, file order (() = none known)
     # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
@@ -182,6 +195,8 @@ class ServerFlags:
     rpc: tuple[str, ...] = ()  # --rpc host:port,... (each one a device, in order)
     tensor_split: tuple[float, ...] = ()  # -ts
     cpu_moe_layers: int = 0  # --n-cpu-moe N: experts of layers 0..N-1 stay on the CPU; -1 = --cpu-moe (all)
+    tensor_overrides: tuple[tuple[str, str], ...] = ()  # -ot PATTERN=BUFT,...: (pattern, buffer type), in order
+    repack: bool = True  # --repack (default) / -nr: CPU weights of some types copied into a CPU_REPACK buffer
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     devices: tuple[str, ...] = ()  # -dev: the offload devices by llama.cpp name, in order; ("none",) = none
     split_mode: str = "layer"  # -sm none|layer|row|tensor
@@ -391,6 +406,7 @@ class PoolUsage:
     compute_bytes: int = 0
     output_bytes: int = 0
     host_extras_bytes: int = 0
+    repack_bytes: int = 0  # the part of weights_bytes llama.cpp copies into its CPU_REPACK buffer
 
     @property
     def headroom_bytes(self) -> int:

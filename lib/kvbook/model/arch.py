@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvbook.errors import ModelError
-from kvbook.interface import ModelArch, RecurrentShape
+from kvbook.interface import ModelArch, RecurrentShape, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,7 @@ def arch_from_metadata(
     sha256: str | None = None,
     tensor_groups: Mapping[str, int] | None = None,
     tensor_ranges: tuple[tuple[tuple[str, int, int], ...], ...] = (),
+    tensors: tuple[TensorInfo, ...] = (),
 ) -> ModelArch:
     """Interpret GGUF metadata the way llama.cpp's loader does, for the memory model."""
     arch = meta.get("general.architecture")
@@ -325,5 +326,6 @@ def arch_from_metadata(
         sha256=sha256,
         tensor_groups=tuple(sorted((tensor_groups or {}).items())),
         tensor_ranges=tensor_ranges,
+        tensors=tensors,
         kv_layers=kv_layers[:n_layer],
     )

@@ -115,13 +115,15 @@ def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     groups: dict[str, int] = {}
     ranges: dict[str, list[int]] = {}
+    rows: list[list] = []
     base = int(reader.data_offset)
     for t in reader.tensors:
-        key, start = tensor_group(str(t.name)), int(t.data_offset) - base
-        groups[key] = groups.get(key, 0) + int(t.n_bytes)
+        key, start, size = tensor_group(str(t.name)), int(t.data_offset) - base, int(t.n_bytes)
+        groups[key] = groups.get(key, 0) + size
         first, end = ranges.get(key, [start, start])
-        ranges[key] = [min(first, start), max(end, start + int(t.n_bytes))]
-    return GGUFHeader(meta, n_vocab, tensor_bytes, len(reader.tensors), base, file_bytes, groups, ranges)
+        ranges[key] = [min(first, start), max(end, start + size)]
+        rows.append([str(t.name), t.tensor_type.name, [int(n) for n in t.shape], size, start])
+    return GGUFHeader(meta, n_vocab, tensor_bytes, len(reader.tensors), base, file_bytes, groups, ranges, rows)
 
 
 def tensor_sizes(path: Path, source: str) -> list[tuple[str, int]]:

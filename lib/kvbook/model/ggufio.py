@@ -16,7 +16,7 @@ from kvbook.errors import ModelError
 from kvbook.model.gguf_header import GGUF_MAGIC, MAX_HEADER, GGUFHeader, _check_prefix
 from kvbook.paths import cache_dir
 
-MEMO_VERSION = 3  # 2: tensor_groups, 3: tensor_ranges
+MEMO_VERSION = 4  # 2: tensor_groups, 3: tensor_ranges, 4: tensors (name, type, shape, bytes, offset)
 MEMO_MIN_BYTES = 32 * 1024 * 1024  # smaller files parse in milliseconds; no memo for them (nor for fuzz inputs)
 MEMO_KEEP = 256
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbook.errors import BadInput, ModelError
-from kvbook.interface import ModelArch
+from kvbook.interface import ModelArch, TensorInfo
 from kvbook.model.arch import arch_from_metadata
 from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shard_urls, split_shards
 from kvbook.paths import params_dir
@@ -51,6 +51,12 @@ def _ranges(headers: list[Any]) -> tuple[tuple[tuple[str, int, int], ...], ...]:
     return tuple(tuple((g, a, b) for g, (a, b) in sorted(h.tensor_ranges.items())) for h in headers)
 
 
+def _tensors(headers: list[Any]) -> tuple[TensorInfo, ...]:
+    """Every tensor of every file (shard), in file order, as placement reads them."""
+    return tuple(TensorInfo(name, ggml_type, tuple(shape), nbytes, i, offset)
+                 for i, h in enumerate(headers) for name, ggml_type, shape, nbytes, offset in h.tensors)
+
+
 def _merged(groups: list[dict[str, int]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for g in groups:
@@ -75,6 +81,7 @@ def load_gguf(path: Path) -> ModelArch:
         n_vocab=_vocab(header.metadata, header.n_vocab),
         tensor_groups=_merged([header.tensor_groups, *(h.tensor_groups for h in others)]),
         tensor_ranges=_ranges([header, *others]),
+        tensors=_tensors([header, *others]),
     )
 
 
@@ -95,6 +102,7 @@ def _from_remote(url: str) -> ModelArch:
         n_vocab=_vocab(header.metadata, header.n_vocab),
         tensor_groups=_merged([header.tensor_groups, *(h.tensor_groups for h in others)]),
         tensor_ranges=_ranges([header, *others]),
+        tensors=_tensors([header, *others]),
     )
 
 

@@ -81,8 +81,10 @@ class LoggedMemory:
 
     @property
     def weights_mib(self) -> float:
-        """Model buffers, counting CPU_REPACK copies once (they replace part of the mapped buffer)."""
-        return sum(v for k, v in self.model_mib.items() if k != "CPU_REPACK")
+        """Every model buffer added up, CPU_REPACK included: the repacked tensors' bytes stay inside the mapped
+        range too (llama-model-loader.cpp load_all_data reads them from the mapping and unmaps only what lies
+        outside it), and llama.cpp's memory breakdown lists CPU_REPACK as a row of its own."""
+        return round(sum(self.model_mib.values()), 2)
 
 
 DRAFT_MARKER = "loading draft model"  # common/speculative.cpp logs it before it loads the -md model

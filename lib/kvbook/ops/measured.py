@@ -50,7 +50,8 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory,
                    device_weights: Mapping[str, int] | None = None) -> tuple[MemoryRow, ...]:
     """Context shape, every cache (cells, layers, types, K, V and total MiB to the log's two decimals),
     logits, weights (per device when the plan has several: `device_weights`, bytes by llama.cpp device
-    name), and the compute buffer (approximate)."""
+    name, the CPU's mapped part as CPU and its repacked copies as CPU_REPACK), and the compute buffer
+    (approximate)."""
     # a hybrid with a sliding window logs an empty non-SWA cache (0 layers, 0 MiB) when every attention layer
     # slides (LFM2); it holds nothing and kvbook does not list it
     seen_caches = [c for c in logged.caches if c.layers or c.kind == "recurrent"]

@@ -27,7 +27,6 @@ CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned serve
 
 # Flags that change what llama-server allocates but that kvbook does not model (yet).
 UNMODELLED = {
-    "-ncffn": "FFN placement on the CPU",
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
@@ -50,10 +49,7 @@ UNMODELLED = {
 # options whose value is a secret: never echoed in a plan (notes, flags_read)
 SECRET_OPTIONS = {"-hft", "--api-key"}
 # Spellings refused although their option's other spellings are fine.
-UNMODELLED_SPELLINGS = {
-    "-nr": "no weight repacking (the CPU_REPACK buffer)",
-    "--no-repack": "no weight repacking (the CPU_REPACK buffer)",
-}
+UNMODELLED_SPELLINGS: dict[str, str] = {}
 # The pinned build's presets (common/arg.cpp, "// presets"): each sets these options, in this order, where it
 # stands on the command line (a later flag overrides it, an earlier one is overridden). Where arg.cpp computes
 # n_ctx as a multiple of the n_parallel it has just set, the product is written out. Sampling and template
@@ -201,30 +197,17 @@ def _device_list(flag: str, value: str) -> tuple[str, ...]:
     return names
 
 
-# what --cpu-moe adds to the tensor overrides (common/arg.cpp llm_ffn_exps_cpu_override), and the tensor names a
-# layer's experts have (the .exps placement group: every blk tensor with "_exps" in its name, model/gguf_header.py)
-_EXPERT_NAMES = tuple(f"blk.{{il}}.ffn_{part}_exps.{suffix}" for part in ("up", "down", "gate", "gate_up")
-                      for suffix in ("weight", "bias"))
-_OTHER_NAMES = ("token_embd.weight", "output.weight", "output_norm.weight", "blk.{il}.attn_norm.weight",
-                "blk.{il}.attn_q.weight", "blk.{il}.attn_k.weight", "blk.{il}.attn_v.weight", "blk.{il}.attn_qkv.weight",
-                "blk.{il}.attn_output.weight", "blk.{il}.attn_sinks.weight", "blk.{il}.ffn_norm.weight",
-                "blk.{il}.ffn_up.weight", "blk.{il}.ffn_down.weight", "blk.{il}.ffn_gate.weight",
-                "blk.{il}.ffn_gate_inp.weight", "blk.{il}.ffn_up_shexp.weight", "blk.{il}.ffn_down_shexp.weight",
-                "blk.{il}.ffn_gate_shexp.weight", "blk.{il}.ffn_exp_probs_b.bias", "blk.{il}.ssm_in.weight",
-                "blk.{il}.ssm_out.weight", "blk.{il}.post_attention_norm.weight")
 _NOT_ECMASCRIPT = re.compile(r"\(\?(P|<|#|[aiLmsux-]+[:)])")  # Python-only regex syntax llama.cpp's std::regex refuses
-_OT_LAYERS = 256  # layers an -ot pattern is tried on (more than any model has)
 _RPC_BUFT = re.compile(r"^RPC\d+\[(.+)\]$")
 
 
-def _overrides(flag: str, value: str, rpc: Sequence[str]) -> int:
-    """-ot PATTERN=BUFT,...: llama.cpp's checks (common/arg.cpp: each entry PATTERN=BUFT, BUFT a device buffer type
-    registered so far: CPU, RPC0[host:port] for an --rpc given earlier on the line), then the part kvbook models:
-    patterns that send whole layers' experts to CPU (a tensor goes to the first pattern that std::regex_search
-    finds in its name). Returns the experts kept on the CPU as --n-cpu-moe does (N first layers, -1 all)."""
+def _overrides(flag: str, value: str, rpc: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """-ot PATTERN=BUFT,...: llama.cpp's checks (common/arg.cpp parse_tensor_buffer_overrides: each entry
+    PATTERN=BUFT, BUFT a device buffer type registered so far: CPU, RPC0[host:port] for an --rpc given earlier on
+    the line, a local GPU's), the pattern one std::regex (ECMAScript) accepts. Returns the (pattern, buffer type)
+    pairs in order; which tensors each moves is placement's (plan/weights.py), once the model's tensors are known."""
     known = ["CPU", *(f"RPC0[{ep}]" for ep in rpc)]
-    layers: set[int] = set()
-    regexes: list[re.Pattern[str]] = []
+    out = []
     for entry in value.split(","):
         pattern, eq, buft = entry.partition("=")
         if not eq:
@@ -238,32 +221,12 @@ def _overrides(flag: str, value: str, rpc: Sequence[str]) -> int:
             raise BadInput(f"{flag} {entry}: the pattern uses syntax std::regex (ECMAScript) does not have (named groups, "
                            "lookbehind, inline flags or comments); llama-server fails to load the model with it")
         try:
-            regex = re.compile(pattern)
+            re.compile(pattern)
         except (re.error, OverflowError, RecursionError) as exc:
             raise BadInput(f"{flag} {entry}: the pattern does not compile as a regular expression ({exc}); "
                            "llama-server fails to load the model with it") from None
-        if buft != "CPU":
-            raise BadInput(f"{flag} {entry} changes memory (tensors on the {buft} buffer type) and kvbook does not model it "
-                           "yet: only whole layers' experts to CPU are modelled")
-        if any(regex.search(n.format(il=il)) for il in range(_OT_LAYERS) for n in _OTHER_NAMES):
-            raise BadInput(f"{flag} {entry} changes memory (it selects tensors other than experts) and kvbook does not "
-                           "model it yet: it sizes tensors by layer and experts")
-        regexes.append(regex)
-    for il in range(_OT_LAYERS):  # every pattern sends to CPU: a tensor is there if any of them finds its name
-        hits = [any(r.search(n.format(il=il)) for r in regexes) for n in _EXPERT_NAMES]
-        if any(hits) and not all(hits):
-            raise BadInput(f"{flag} {value} changes memory (it keeps part of layer {il}'s experts on the CPU) and kvbook "
-                           "does not model it yet: it sizes each layer's experts as one group")
-        if all(hits):
-            layers.add(il)
-    if not layers:
-        return 0
-    if layers == set(range(_OT_LAYERS)):
-        return -1
-    if layers != set(range(max(layers) + 1)):
-        raise BadInput(f"{flag} {value} keeps the experts of layers {sorted(layers)[:8]} on the CPU; kvbook models all "
-                       "layers or the first N (as --cpu-moe / --n-cpu-moe), not this set")
-    return max(layers) + 1
+        out.append((pattern, buft))
+    return tuple(out)
 
 
 def _cpu_moe_union(a: int, b: int) -> int:
@@ -337,6 +300,7 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-kvu": {"-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
              "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False)},
     "--swa-full": {"--swa-full": ("swa_full", True)},
+    "--repack": {"--repack": ("repack", True), "-nr": ("repack", False), "--no-repack": ("repack", False)},
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
              "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
@@ -367,6 +331,8 @@ _EFFECT = {
     "no_kv_offload": "placement of the KV cache", "host": "nothing (where it listens)",
     "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
     "cpu_moe_layers": "expert weights kept in host RAM",
+    "tensor_overrides": "the buffer (device) of every tensor the pattern matches",
+    "repack": "CPU weights copied into the CPU_REPACK buffer (or not)",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "devices": "devices: which offload devices are used, in this order", "split_mode": "devices: one (none) or all (layer)",
     "main_gpu": "devices: the one used with -sm none",
@@ -391,8 +357,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
     if canonical == "--kv-unified-per-slot":
         field = "kv_unified_per_slot"
-    if canonical == "-ot":
-        field = "cpu_moe_layers"
+    if canonical in ("-ot", "-ncffn"):
+        field = "tensor_overrides"
     if canonical in ("--lora", "--lora-scaled"):
         field = "lora"
     if read is not None:
@@ -410,8 +376,10 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
     elif canonical == "--kv-unified-per-slot":
         values["kv_unified_per_slot"] = _int(shown, value or "", 0)
     elif canonical == "-ot":
-        values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0),
-                                                  _overrides(shown, value or "", values.get("rpc", ())))
+        values["tensor_overrides"] = values.get("tensor_overrides", ()) + _overrides(shown, value or "", values.get("rpc", ()))
+    elif canonical == "-ncffn":  # common/common.h llm_add_n_cpu_ffn_overrides with LLM_FFN_DENSE_REGEX, in line order
+        values["tensor_overrides"] = values.get("tensor_overrides", ()) + tuple(
+            (rf"blk\.{il}\.ffn_(up|down|gate)\.", "CPU") for il in range(_int(shown, value or "", 0)))
     elif canonical in ("-ncmoe", "-cmoe"):
         new = _VALUED[canonical][1](shown, value or "") if canonical == "-ncmoe" else -1
         values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0), new)
@@ -567,6 +535,10 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["--rpc", ",".join(value)]
     if field == "cpu_moe_layers":
         return ["--cpu-moe"] if value < 0 else ["--n-cpu-moe", str(value)]
+    if field == "tensor_overrides":
+        return ["-ot", ",".join(f"{p}={b}" for p, b in value)]
+    if field == "repack":
+        return ["-nr"]
     if field == "tensor_split":
         return ["-ts", ",".join(f"{x:g}" for x in value)]
     if field == "devices":
@@ -581,7 +553,7 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers", "devices", "split_mode", "main_gpu", "mmproj", "mmproj_offload"]
+              "rpc", "tensor_split", "cpu_moe_layers", "tensor_overrides", "repack", "devices", "split_mode", "main_gpu", "mmproj", "mmproj_offload"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 

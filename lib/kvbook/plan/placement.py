@@ -7,6 +7,8 @@ counts as the last) are offloaded; offloaded layer i goes to the first device wh
 exceeds (i - first offloaded) / offloaded count, the split being `-ts` or else each device's free memory.
 A tied output (no output.weight) holds a copy of the token embeddings on its device. Each cache puts a
 layer's K/V (or recurrent state) on that layer's device, all on the CPU with --no-kv-offload.
+Weights by group (below) serve models known only by their shapes; with the GGUF's tensor list, plan/weights.py
+places them tensor by tensor (-ot, CPU_REPACK).
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ def pipeline_parallel(arch: ModelArch, n_devices: int, n_gpu_layers: int, split_
 
 
 def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copies: int, cpu_moe_layers: int = 0,
-                  no_kv_offload: bool = False, n_outputs: int | None = None) -> dict[str, dict[str, int]]:
+                  no_kv_offload: bool = False, n_outputs: int | None = None,
+                  cpu_ops: Mapping[int, set[str]] | None = None) -> dict[str, dict[str, int]]:
     """The parts of each backend's compute buffer (ggml_backend_sched gives every backend its own, sized by
     graph_reserve's worst-case ubatch), in bytes, per device that runs something (CPU always):
     - mask: the KQ masks of the caches whose attention runs there (f16 with flash attention, else f32; the CPU
@@ -181,7 +184,8 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
       on the CPU;
     - act: one ubatch of activations (memory.compute.activation_width floats per token) where a layer runs, less
       the routed experts' width where those stay on the CPU;
-    - moe: one ubatch of the routed experts' FFN on the CPU when it runs them for offloaded layers (--n-cpu-moe);
+    - moe: one ubatch of the routed experts' FFN on the CPU when it runs them for offloaded layers (--n-cpu-moe,
+      or -ot sending experts to the CPU: `cpu_ops`); -ot sending another matmul to the CPU gives it a layer's act;
     - scores: f32 KQ scores of the largest cache where attention runs, without flash attention;
     - logits: f32 logits for `n_outputs` rows (llama-server reserves one per slot; llama-fit-params n_ubatch)
       on the output layer's device."""
@@ -214,6 +218,11 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
         at(dev)["act"] = max(at(dev)["act"], 4 * ub * (width - routed if cpu_experts and dev != CPU else width))
         if cpu_experts and dev != CPU:
             cpu["moe"] = 4 * ub * routed
+        pinned = (cpu_ops or {}).get(il, set())
+        if "exps" in pinned and routed:
+            cpu["moe"] = 4 * ub * routed
+        if "dense" in pinned:
+            cpu["act"] = max(cpu["act"], 4 * ub * width)
     if not shape.flash_attn:
         for dev in {CPU if no_kv_offload else offload.layers[il] for il in (*full, *swa)}:
             at(dev)["scores"] = 4 * max(arch.n_head, default=0) * n_kv * ub

@@ -30,12 +30,23 @@ from kvbook.plan.placement import (
     caches_by_device,
     compute_terms,
     device_compute,
+    device_compute_bound,
     estimated_groups,
     pipeline_parallel,
     weights_by_device,
 )
+from kvbook.plan.weights import (
+    CpuFeatures,
+    WeightBytes,
+    cpu_ops,
+    host_buffer_first,
+    host_cpu,
+    overrides_as_cpu_moe,
+    tensor_weights,
+)
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
+_PARTS = ("weights", "kv", "recurrent", "compute", "output", "extras", "repack")  # repack: part of weights
 
 
 def margin_bytes(budget: int) -> int:
@@ -66,7 +77,53 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
     partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
-    return partial or flags.cpu_moe_layers != 0
+    return partial or flags.cpu_moe_layers != 0 or bool(flags.tensor_overrides)
+
+
+def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
+    """The CPU whose features decide what llama.cpp repacks into CPU_REPACK; None when nothing is: -nr, or an
+    offload device's host buffer type comes first in the CPU's list (plan/weights.py)."""
+    return None if not flags.repack or host_buffer_first(device) else host_cpu(device)
+
+
+def override_devices(device: Device) -> dict[str, str]:
+    """-ot buffer-type names -> the device that holds them: RPC0[host:port] (every RPC device's buffer type is
+    named RPC0[...], tell them apart by endpoint) and the local GPUs by name."""
+    out = {p.name: p.name for p in device.pools if p.kind == "gpu"}
+    out.update({"RPC0" + p.name[p.name.index("["):]: p.name for p in device.pools if p.kind == "rpc"})
+    return out
+
+
+def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
+    """Weights per device for this offload: tensor by tensor from the GGUF's tensors, else by group from the
+    shapes (where -ot can only keep whole layers' experts on the CPU)."""
+    if arch.tensors:
+        return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
+                              cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
+                              bufts=override_devices(device))
+    moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
+    moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
+    groups = dict(arch.tensor_groups) or estimated_groups(arch)
+    weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
+    return WeightBytes(weights, weights[CPU], 0)
+
+
+def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main: str, n_gpu: int) -> tuple[int, int]:
+    """(weights, of which CPU_REPACK) on the one pool that holds the model: with nothing offloaded, the CPU's
+    mapped range plus its repacked copies; on unified memory with a GPU, every tensor plus the repacked copies
+    of the layers left on the CPU; a discrete GPU that runs every layer holds every tensor."""
+    gpu = any(p.kind == "gpu" for p in device.pools)
+    offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
+    if not arch.tensors or (offloaded and not device.unified):
+        if flags.tensor_overrides:
+            _weights(arch, flags, device, assign(arch.n_layer + arch.n_layer_nextn, 0, (), ()))  # its refusals
+        return arch.weights_bytes, 0
+    n_all = arch.n_layer + arch.n_layer_nextn
+    offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and device.unified else assign(n_all, 0, (), ())
+    wb = _weights(arch, flags, device, offload)
+    if gpu and device.unified:
+        return arch.weights_bytes + wb.repack, wb.repack
+    return wb.mapped + wb.repack, wb.repack
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -95,11 +152,25 @@ def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
                 n_outputs: int | None = None) -> dict[str, int]:
     """Each backend's compute buffer with RPC devices: the calibrated per-device estimate (placement.compute_terms,
     coefficients in data/compute_coefficients.json 'per_device'); `n_outputs` as llama-server reserves by default."""
+    overrides = flags.cpu_moe_layers != 0 or bool(flags.tensor_overrides)
     copies = SCHED_MAX_COPIES if pipeline_parallel(arch, len(offload.devices), _rpc_layers_n(arch, offload, flags),
-                                                   flags.split_mode, flags.no_kv_offload, flags.cpu_moe_layers != 0) else 1
+                                                   flags.split_mode, flags.no_kv_offload, overrides) else 1
+    on_cpu = cpu_ops(arch.tensors, offload, flags.tensor_overrides) if flags.tensor_overrides and arch.tensors else {}
     terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
-                          no_kv_offload=flags.no_kv_offload, n_outputs=n_outputs)
-    return device_compute(terms, coefficients()["per_device"]["coef"])
+                          no_kv_offload=flags.no_kv_offload, n_outputs=n_outputs, cpu_ops=on_cpu)
+    estimate = device_compute(terms, coefficients()["per_device"]["coef"])
+    if any("dense" in ops for ops in on_cpu.values()):  # such splits are not calibrated: the bound on every device
+        bound = device_compute_bound(arch, memory)
+        estimate = {d: max(v, bound) for d, v in estimate.items()}
+    return estimate
+
+
+def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
+    """Whether -ot sends matmuls other than the experts of offloaded layers to the CPU (its compute is bounded)."""
+    if not (flags.tensor_overrides and arch.tensors and _spread(arch, flags, device)):
+        return False
+    return any("dense" in ops for ops in cpu_ops(arch.tensors, offload_of(arch, flags, device),
+                                                   flags.tensor_overrides).values())
 
 
 def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
@@ -122,19 +193,21 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
-    groups = dict(arch.tensor_groups) or estimated_groups(arch)
     offload = offload_of(arch, flags, device)
     devices = list(offload.devices)
-    weights = weights_by_device(groups, offload, arch.tensor_ranges, flags.cpu_moe_layers)
+    placed = _weights(arch, flags, device, offload)
+    weights = placed.by_device
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
-    out = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0) for p in device.pools}
+    out = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
+    out[host]["repack"] = placed.repack
     for name in (CPU, *devices):
         pool = host if name == CPU else name
         out[pool]["weights"] += weights.get(name, 0)
         out[pool]["kv"] += caches[name][0]
         out[pool]["recurrent"] += caches[name][1]
     busy = {*offload.layers, offload.output} & set(devices)
-    if busy:  # every device that runs layers, and the CPU, reserve a compute buffer of their own
+    # a device that only holds -ot tensors runs their ops too and reserves a buffer kvbook does not size (a note says so)
+    if busy or any(weights.get(d) for d in devices):  # every device that runs layers, and the CPU, reserve their own
         estimate = rpc_compute(arch, flags, memory, offload)
         for name in busy:
             out[name]["compute"] += estimate.get(name, 0)
@@ -149,9 +222,7 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
     n_all = arch.n_layer + arch.n_layer_nextn
     if _spread(arch, flags, device):
-        devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
-        split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
-        off = assign(n_all, _rpc_layers(arch, flags, device), devices, split)
+        off = offload_of(arch, flags, device)
         return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
     main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
     return (main,) * n_all, main
@@ -178,13 +249,15 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         raise BadInput(f"-ts on one local GPU or none ({', '.join(offload_pools(device)) or 'CPU only'}): the split "
                        "shares layers between several offload devices; leave -ts out")
     else:
-        parts = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0)
-                 for p in device.pools}
+        parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
         main = device.main_pool.name if _offloaded(arch, flags, device) else host
         if device.unified:
             main = host = device.pools[0].name
         kv_pool = host if flags.no_kv_offload else main
-        parts[main]["weights"] += memory.weights_bytes + memory.lora_bytes
+        n_gpu = arch.n_layer + arch.n_layer_nextn + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
+        weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
+        parts[main]["weights"] += weights + memory.lora_bytes
+        parts[main]["repack"] += repack
         parts[main]["compute"] += memory.compute.bytes
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
@@ -195,7 +268,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
             raise BadInput("the draft model has no context")
         pool = draft_pool(arch, flags, device)
         d = memory.draft
-        parts[pool]["weights"] += d.weights_bytes
+        weights, repack = _draft_weights(arch, flags, device, pool, d.weights_bytes)
+        parts[pool]["weights"] += weights
+        parts[pool]["repack"] += repack
         kv_pool = host if flags.no_kv_offload else pool  # the draft inherits -nkvo
         parts[kv_pool]["kv"] += d.kv_bytes
         parts[kv_pool]["recurrent"] += d.recurrent_bytes
@@ -220,8 +295,20 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         usages.append(PoolUsage(pool=pool.name, need_bytes=need, budget_bytes=pool.budget_bytes, verdict=verdict,
                                 weights_bytes=part["weights"], kv_bytes=part["kv"], recurrent_bytes=part["recurrent"],
                                 compute_bytes=part["compute"], output_bytes=part["output"],
-                                host_extras_bytes=part["extras"]))
+                                host_extras_bytes=part["extras"], repack_bytes=part["repack"]))
     return tuple(usages)
+
+
+def _draft_weights(arch: ModelArch, flags: ServerFlags, device: Device, pool: str, total: int) -> tuple[int, int]:
+    """(weights, of which CPU_REPACK) of a draft on `pool`: on the CPU it is mapped and repacked like the target
+    (the server copies the target's parameters, -nr included: common/speculative.cpp)."""
+    on_cpu = not any(p.kind == "gpu" for p in device.pools) or (
+        not device.unified and pool == next((p.name for p in device.pools if p.kind == "host"), ""))
+    if not on_cpu or arch.draft is None or not arch.draft.tensors:
+        return total, 0
+    n_all = arch.draft.n_layer + arch.draft.n_layer_nextn
+    wb = tensor_weights(arch.draft.tensors, assign(n_all, 0, (), ()), repack_on=repack_cpu(flags, device))
+    return wb.mapped + wb.repack, wb.repack
 
 
 def draft_pool(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
@@ -359,6 +446,24 @@ def _maps_weights(flags: ServerFlags) -> bool:
     return True
 
 
+def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[str]:
+    """What the plan assumed about llama.cpp's CPU_REPACK buffer (plan/weights.py)."""
+    if not flags.repack:
+        return []
+    if host_buffer_first(device):
+        return ["CPU_REPACK: none; with a GPU host buffer type first and mmap, llama.cpp leaves the CPU's weights "
+                "mapped (not repacked)"]
+    repack = sum(u.repack_bytes for u in usages)
+    cpu = host_cpu(device)
+    if not arch.tensors:
+        return [f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it copies some quantized "
+                "CPU weights; -nr turns it off)"]
+    if not repack:
+        return []
+    return [f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, counted on top of the "
+            "mapped weights (their pages stay mapped); -nr turns it off"]
+
+
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
               accounting: str = "kvbook") -> Plan:
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
@@ -375,10 +480,19 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
         notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
-            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else "")
-            + "; repacked CPU weights (CPU_REPACK) are not counted")
+            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else ""))
+        if dense_ops_on_cpu(arch, flags, device):
+            notes_extra.append("-ot sends matmuls of offloaded layers other than their experts to the CPU: each "
+                               "device's compute buffer is the upper bound fitted to loopback RPC runs (never below the "
+                               "log there), not the calibrated estimate, which such splits were not fitted on")
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    notes_extra += _repack_notes(arch, flags, device, usages)
+    idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
+            and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
+    if idle:
+        notes_extra.append(f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute buffer there is "
+                           "not modelled (the bound is for devices that run layers; measured far above it)")
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
     if not arch.weights_exact:

@@ -32,7 +32,8 @@ from kvbook.plan.placement import (
     estimated_groups,
     layer_cache_bytes,
 )
-from kvbook.plan.planner import place, rpc_compute, worst
+from kvbook.plan.planner import override_devices, place, rpc_compute, worst
+from kvbook.plan.weights import overrides_as_cpu_moe, pinned_groups
 
 Objective = Literal["max-context", "fastest-decode"]
 OBJECTIVES = ("max-context", "fastest-decode")
@@ -98,10 +99,19 @@ class _Model:
     budgets: tuple[int, ...]
     host: str
     host_budget: int
+    pinned: tuple[tuple[str, int], ...] = ()  # bytes the user's -ot entries keep on a device whatever -ngl is
 
 
-def _model(arch: ModelArch, device: Device) -> _Model:
+def _model(arch: ModelArch, device: Device, flags: ServerFlags) -> _Model:
     groups = dict(arch.tensor_groups) or estimated_groups(arch)
+    pinned: dict[str, int] = {}
+    if flags.tensor_overrides and arch.tensors:
+        groups, pinned = pinned_groups(arch.tensors, flags.tensor_overrides, override_devices(device))
+    elif flags.tensor_overrides:  # shapes only: whole layers' experts on the CPU, as --n-cpu-moe would
+        moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source)
+        for key in [k for k in groups if k.endswith(".exps") and (moe < 0 or int(k[1:].split(".")[0]) < moe)]:
+            pinned[CPU] = pinned.get(CPU, 0) + groups[key]
+            groups[key] = 0
     n_all = arch.n_layer + arch.n_layer_nextn
     dense, experts = [0] * n_all, [0] * n_all
     host_fixed = 0
@@ -119,7 +129,8 @@ def _model(arch: ModelArch, device: Device) -> _Model:
     host = device.pools[0] if device.unified else next((p for p in device.pools if p.kind == "host"), device.pools[0])
     return _Model(arch, n_all, tuple(dense), tuple(experts), out + (groups.get("token_embd", 0) if tied else 0), out,
                   host_fixed, tuple(p.name for p in offload), tuple(p.kind for p in offload),
-                  tuple(p.budget_bytes for p in offload), host.name, host.budget_bytes)
+                  tuple(p.budget_bytes for p in offload), host.name, host.budget_bytes,
+                  tuple((host.name if d == CPU else d, n) for d, n in sorted(pinned.items())))
 
 
 class _Search:
@@ -176,7 +187,7 @@ class _Search:
         """Start bytes per pool (host included) for this option at -c ctx, and the split used."""
         m = self.m
         mem, caches, compute = self.memory(ctx, opt.cache)
-        if not self.per_device and m.devices and opt.ngl >= m.n_all + 1 and not opt.ncmoe:
+        if not self.per_device and m.devices and opt.ngl >= m.n_all + 1 and not opt.ncmoe and not m.pinned:
             # everything offloaded to the one local GPU: the planner puts all weights, KV and compute there
             kv = mem.kv_bytes + mem.recurrent_bytes
             need = {m.host: mem.output_bytes + (kv if self.flags.no_kv_offload else 0), **dict.fromkeys(m.devices, 0)}
@@ -186,6 +197,8 @@ class _Search:
         shares = [float(x) for x in split] if split and sum(split) else [float(b) for b in m.budgets]
         off = assign(m.n_all, opt.ngl, m.devices, shares)
         need = {m.host: m.host_fixed + mem.output_bytes, **dict.fromkeys(m.devices, 0)}
+        for pool, n in m.pinned:
+            need[pool] += n
         for il, dev in enumerate(off.layers):
             pool = m.host if dev == CPU else dev
             cpu_exps = opt.ncmoe < 0 or il < opt.ncmoe
@@ -264,7 +277,8 @@ def _host_reads(s: _Search, opt: _Option, ctx: int) -> int:
         total += (m.dense[il] if on_cpu else 0) + (int(m.experts[il] * frac) if cpu_exps else 0)
         if on_cpu or s.flags.no_kv_offload:
             total += caches[il][0] + caches[il][1]
-    return total + (m.output_host if off.output == CPU else 0)
+    pinned_host = sum(n for pool, n in m.pinned if pool == m.host)  # -ot tensors kept on the CPU are read there too
+    return total + pinned_host + (m.output_host if off.output == CPU else 0)
 
 
 def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = "max-context",
@@ -278,7 +292,7 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
     fixed = fields_set(flags)
-    model = _model(arch, device)
+    model = _model(arch, device, flags)
     search = _Search(arch, flags, device, model)
     slots = flags.parallel if flags.parallel > 0 else 1
     step = CTX_PAD * (slots if flags.parallel > 0 and not flags.kv_unified else 1)
@@ -396,7 +410,7 @@ def host_read_bytes(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     to score a placement chosen elsewhere (llama.cpp --fit's) on the solver's scale."""
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
-    model = _model(arch, device)
+    model = _model(arch, device, flags)
     full = model.n_all + 1
     ngl = 0 if not model.devices else full if flags.gpu_layers in ("all", "-1", "auto") else min(int(flags.gpu_layers), full)
     split = tuple(int(x) for x in flags.tensor_split) if flags.tensor_split else ()

