@@ -19,7 +19,7 @@ from kvbook.interface import (
     Verdict,
 )
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import detection_note, effective_device, with_rpc
+from kvbook.plan.devices import detection_note, effective_device, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -67,7 +67,7 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
     partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
-    return partial or flags.cpu_moe_layers != 0
+    return partial or (flags.cpu_moe_layers != 0 and bool(arch.n_expert))
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -87,12 +87,10 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
-    groups = dict(arch.tensor_groups) or estimated_groups(arch)
+    groups = dict(arch.tensor_groups) or _estimated(arch)
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
-    split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
-    if flags.tensor_split and len(flags.tensor_split) != len(devices):
-        raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
-                       f"({', '.join(devices)})")
+    split = split_shares(flags.tensor_split, len(devices)) or [float(p.budget_bytes) for p in device.pools
+                                                                if p.kind in ("gpu", "rpc")]
     offload = assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, flags.cpu_moe_layers)
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
@@ -116,13 +114,21 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     return out
 
 
+def _estimated(arch: ModelArch) -> dict[str, int]:
+    """`estimated_groups` with its rounding left on the token embeddings, so the groups add up to the weights."""
+    groups = estimated_groups(arch)
+    groups["token_embd"] = groups.get("token_embd", 0) + arch.weights_bytes - sum(groups.values())
+    return groups
+
+
 def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[tuple[str, ...], str]:
     """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
     n_all = arch.n_layer + arch.n_layer_nextn
     if _spread(arch, flags, device):
         devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
-        split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
+        split = split_shares(flags.tensor_split, len(devices)) or [float(p.budget_bytes) for p in device.pools
+                                                                    if p.kind in ("gpu", "rpc")]
         off = assign(n_all, _rpc_layers(arch, flags, device), devices, split)
         return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
     main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
@@ -142,14 +148,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
-    if flags.cpu_moe_layers and not arch.n_expert:
-        raise BadInput(f"--cpu-moe / --n-cpu-moe: {arch.name} has no experts")
     if _spread(arch, flags, device):
         parts = _by_device(arch, flags, memory, device, host)
-    elif flags.tensor_split:
-        raise BadInput(f"-ts on one local GPU or none ({', '.join(offload_pools(device)) or 'CPU only'}): the split "
-                       "shares layers between several offload devices; leave -ts out")
-    else:
+    else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(("weights", "kv", "recurrent", "compute", "output", "extras"), 0)
                  for p in device.pools}
         main = device.main_pool.name if _offloaded(arch, flags, device) else host
@@ -350,6 +351,11 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         notes_extra.append("layers spread over devices: " + how + "; repacked CPU weights (CPU_REPACK) are not counted")
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    if flags.cpu_moe_layers and not arch.n_expert:
+        notes_extra.append(f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, so nothing moves to "
+                           "the CPU (llama-server accepts the flag and its overrides match no tensor)")
+    if split_note(flags, device):
+        notes_extra.append(split_note(flags, device))
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
     if not arch.weights_exact:
