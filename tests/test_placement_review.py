@@ -177,3 +177,24 @@ def test_estimated_layer_sizes_add_up_to_the_weights(capsys) -> None:
     assert sum(d["weights_bytes"] for d in doc["devices"]) == doc["weights_bytes"]
     doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768", "--cpu-moe")
     assert sum(d["weights_bytes"] for d in doc["devices"]) == doc["weights_bytes"]
+
+
+# ---------------------------------------------------------------- -sm row
+
+@pytest.mark.parametrize("device, extra, needle", [
+    (["--device", "2x-rtx-3090"], (), "-sm row: device CUDA0 does not support split buffers"),
+    (["--device", "2x-rtx-3090"], ("-dev", "CUDA1"), "-sm row: device CUDA1 does not support split buffers"),
+    (["--device", "m1-max-64"], (), "-sm row: device MTL0 does not support split buffers"),
+    (["--device-budget", "SYCL0=16GiB,SYCL1=16GiB"], (), "-sm row changes memory (weights split by rows across SYCL"),
+])
+def test_sm_row_is_refused_as_this_build_refuses_it(capsys, gemma3, device, extra, needle) -> None:
+    """The pinned build's CUDA, Vulkan and Metal backends register no split buffer type (only SYCL and Hexagon
+    do), so make_gpu_buft_list throws 'device X does not support split buffers'; kvbook said it 'changes memory'."""
+    assert needle in one_line(capsys, device, "-m", str(gemma3), "-sm", "row", *extra)
+
+
+@pytest.mark.parametrize("device, extra", [(["--budget-gib", "8"], ()), (["--device", "rtx-4090"], ("-dev", "none"))])
+def test_sm_row_with_no_device_in_use_changes_nothing(capsys, gemma3, device, extra) -> None:
+    """No offload device (CPU only, or -dev none): no buffer list asks for split buffers; it was refused."""
+    plain = plan_json(capsys, device, "-m", str(gemma3), *extra)
+    assert rows(plan_json(capsys, device, "-m", str(gemma3), "-sm", "row", *extra)) == rows(plain)

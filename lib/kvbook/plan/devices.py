@@ -538,21 +538,16 @@ def split_note(flags: ServerFlags, device: Device) -> str:
 def effective_device(device: Device, flags: ServerFlags) -> Device:
     """The devices llama.cpp uses for this command line (src/llama.cpp llama_prepare_model_devices): -dev picks
     and orders the offload devices (names case-insensitive, as ggml_backend_dev_by_name; none: no offload),
-    -sm none keeps only device -mg (none when -mg < 0); -sm row refuses RPC devices (no split buffers) and
-    -sm tensor is not modelled. On unified memory the one device is Metal's MTL0 and the pool stays as it is."""
+    -sm none keeps only device -mg (none when -mg < 0); -sm row needs split buffers on every device in use
+    (`_check_row`) and -sm tensor is not modelled. On unified memory the one device is Metal's MTL0 and the pool stays as it is."""
     offload = [] if device.unified else [p for p in device.pools if p.kind in ("gpu", "rpc")]
-    if flags.split_mode == "row":
-        if any(p.kind == "rpc" for p in offload):
-            rpc = next(p for p in offload if p.kind == "rpc")
-            raise BadInput(f"-sm row: device {llama_name(rpc)} does not support split buffers (llama-server refuses it "
-                           "when it loads the model)")
-        raise BadInput("-sm row changes memory (weights split by rows across GPUs) and kvbook does not model it yet")
     if flags.split_mode == "tensor":
         raise BadInput("-sm tensor changes memory (weights and KV split across GPUs, experimental) and kvbook does not "
                        "model it yet")
     gpu = _unified_gpu(device)
     if gpu is not None:
         _unified_selection(flags, gpu)
+        _check_row(flags, [] if flags.devices == ("none",) else [METAL_DEVICE])
         return device
     chosen = offload
     if flags.devices:
@@ -572,12 +567,26 @@ def effective_device(device: Device, flags: ServerFlags) -> Device:
                            f"{len(chosen)}); llama-server refuses it with -sm none")
         chosen = [] if flags.main_gpu < 0 else [chosen[flags.main_gpu]]
     _check_split(flags, [llama_name(p) for p in offload], [llama_name(p) for p in chosen])
+    _check_row(flags, [llama_name(p) for p in chosen])
     if chosen == offload:
         return device
     hosts = [p for p in device.pools if p.kind == "host"]
     pools = (*hosts, *chosen) if device.pools[0].kind == "host" else (*chosen, *hosts)
     return Device(id=device.id, name=device.name, unified=device.unified, pools=tuple(pools), notes=device.notes,
                   sources=device.sources)
+
+
+def _check_row(flags: ServerFlags, used: Sequence[str]) -> None:
+    """-sm row as the pinned build takes it (src/llama-model.cpp make_gpu_buft_list): each device in use must offer
+    a split buffer type, which only SYCL (and Hexagon) do here (CUDA, ROCm, Vulkan, Metal and RPC do not: llama-server
+    fails to load the model); with no device in use it changes nothing."""
+    if flags.split_mode != "row" or not used:
+        return
+    plain = next((n for n in used if _family(n) != "SYCL"), None)
+    if plain is not None:
+        raise BadInput(f"-sm row: device {plain} does not support split buffers (llama-server refuses it when it loads "
+                       "the model; this build splits rows on SYCL only)")
+    raise BadInput("-sm row changes memory (weights split by rows across SYCL GPUs) and kvbook does not model it yet")
 
 
 def _unified_selection(flags: ServerFlags, gpu: Pool) -> None:
