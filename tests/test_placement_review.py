@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 
 from kvbook import cli
+from kvbook.plan.devices import load_device
 from kvbook.plan.summary import _size
 
 SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
@@ -198,3 +199,20 @@ def test_sm_row_with_no_device_in_use_changes_nothing(capsys, gemma3, device, ex
     """No offload device (CPU only, or -dev none): no buffer list asks for split buffers; it was refused."""
     plain = plan_json(capsys, device, "-m", str(gemma3), *extra)
     assert rows(plan_json(capsys, device, "-m", str(gemma3), "-sm", "row", *extra)) == rows(plain)
+
+
+# ---------------------------------------------------------------- an unreachable RPC host at launch
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:1", "rpc-a.invalid:50052"])
+def test_an_unreachable_rpc_host_fails_at_launch_in_one_line(tmp_path, smollm2, endpoint) -> None:
+    """The plan uses the declared budgets (tests/test_rpc_placement.py); at launch llama-server itself aborted with
+    'Failed to connect to ...' and a gdb backtrace, which kvbook passed on as a many-line error."""
+    from kvbook.errors import ServerError
+    from kvbook.ops.llama_server import start_llama_server
+
+    with pytest.raises(ServerError) as caught:
+        start_llama_server(["llama-server", "-m", str(smollm2), "-c", "2048", "-ngl", "all", "--rpc", endpoint],
+                           run_dir=tmp_path, binary=tmp_path / "never-run", device=load_device("rtx-4090"))
+    message = str(caught.value)
+    assert message.startswith(f"--rpc {endpoint}: cannot connect") and "\n" not in message
+    assert not list(tmp_path.glob("*.log"))  # nothing was started
