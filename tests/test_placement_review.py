@@ -216,3 +216,27 @@ def test_an_unreachable_rpc_host_fails_at_launch_in_one_line(tmp_path, smollm2, 
     message = str(caught.value)
     assert message.startswith(f"--rpc {endpoint}: cannot connect") and "\n" not in message
     assert not list(tmp_path.glob("*.log"))  # nothing was started
+
+
+# ---------------------------------------------------------------- placement: where the experts sit
+
+@pytest.mark.parametrize("extra, experts", [
+    (("--n-cpu-moe", "20"), [{"device": "CPU", "first": 0, "last": 19}, {"device": "CUDA0", "first": 20, "last": 39}]),
+    (("--cpu-moe",), [{"device": "CPU", "first": 0, "last": 39}]),
+    (("-ot", r"blk\.[0-4]\.ffn_.*_exps=CPU"), [{"device": "CPU", "first": 0, "last": 4},
+                                               {"device": "CUDA0", "first": 5, "last": 39}]),
+    ((), [{"device": "CUDA0", "first": 0, "last": 39}]),
+])
+def test_placement_says_where_the_experts_sit(capsys, extra, experts) -> None:
+    """Deliver 3 asks which tensor groups sit where; `placement` said every layer was on CUDA0 while --n-cpu-moe 20
+    kept the experts of layers 0-19 in host RAM."""
+    device = ["--device", "rtx-4090"]
+    doc = plan_json(capsys, device, "-m", "qwen3.6-35b-a3b", "-c", "8192", "-ngl", "99", *extra)
+    assert doc["placement"]["experts"] == experts and doc["placement"]["layers"] == [
+        {"device": "CUDA0", "first": 0, "last": 39}]
+    text = _text(capsys, device, "-m", "qwen3.6-35b-a3b", "-c", "8192", "-ngl", "99", *extra)
+    assert ("  experts: " in text) == (len(experts) > 1 or experts[0]["device"] == "CPU")
+
+
+def test_a_dense_model_has_no_expert_placement(capsys, smollm2) -> None:
+    assert plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2))["placement"]["experts"] == []

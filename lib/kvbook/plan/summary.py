@@ -11,7 +11,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 2  # 2: "projector" and "draft"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 3  # 2: "projector" and "draft"; 3: placement "experts"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -110,16 +110,26 @@ def _device_name(plan: Plan, pool: str) -> str:
     return "CPU" if kind == "host" else pool
 
 
-def placement_entry(plan: Plan) -> dict:
-    """Which device holds which layers and tensor groups (input = token embeddings, always on the CPU)."""
+def _runs(devices: list[str]) -> list[dict]:
+    """Consecutive layers on the same device as {device, first, last} runs."""
     runs: list[dict] = []
-    for il, pool in enumerate(plan.layers_on):
-        name = _device_name(plan, pool)
+    for il, name in enumerate(devices):
         if runs and runs[-1]["device"] == name and runs[-1]["last"] == il - 1:
             runs[-1]["last"] = il
         else:
             runs.append({"device": name, "first": il, "last": il})
-    return {"input": "CPU", "layers": runs, "output": _device_name(plan, plan.output_on) if plan.output_on else "CPU"}
+    return runs
+
+
+def placement_entry(plan: Plan) -> dict:
+    """Which device holds which layers and tensor groups: input = token embeddings (always on the CPU); a layer's
+    attention, dense FFN, norms, KV and recurrent state sit with the layer; its experts on the CPU where --cpu-moe,
+    --n-cpu-moe or -ot keep them (`experts`, [] for a dense model); output = the output layer."""
+    layers = [_device_name(plan, pool) for pool in plan.layers_on]
+    moe = plan.flags.cpu_moe_layers
+    experts = [("CPU" if moe < 0 or il < moe else name) for il, name in enumerate(layers)] if plan.model.n_expert else []
+    return {"input": "CPU", "layers": _runs(layers), "experts": _runs(experts),
+            "output": _device_name(plan, plan.output_on) if plan.output_on else "CPU"}
 
 
 def _held(plan: Plan) -> dict[str, int]:
@@ -211,6 +221,9 @@ def format_plan(plan: Plan) -> str:
         lines.append("  layers: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}"
                                               for r in placement_entry(plan)["layers"])
                      + f"; output on {placement_entry(plan)['output']}")
+    where = placement_entry(plan)
+    if where["experts"] and where["experts"] != where["layers"]:
+        lines.append("  experts: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["experts"]))
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
     lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:
