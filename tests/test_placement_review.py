@@ -71,6 +71,14 @@ def test_ts_with_one_offload_device_or_none_is_a_no_op_with_a_note(capsys, smoll
     assert solved["solver"]["placements"], solved["solver"]["rejected"][:3]
 
 
+def test_ts_for_two_gpus_with_one_in_use_is_a_no_op(capsys, smollm2) -> None:
+    """`-sm none -ts 1,1` on two GPUs: -ts names the machine's devices, one is used; the solver refused every
+    placement ('-ts has 2 entries but the plan has 1 offload devices') while the plan took it."""
+    device, line = ["--device", "2x-rtx-3090"], ("-m", str(smollm2), "-sm", "none", "-c", "4096")
+    assert rows(plan_json(capsys, device, *line, "-ts", "1,1")) == rows(plan_json(capsys, device, *line))
+    assert plan_json(capsys, device, *line, "-ts", "1,1", solve=True)["solver"]["placements"]
+
+
 def test_ts_with_fewer_entries_than_devices_pads_with_zeros(capsys, gemma3) -> None:
     """arg.cpp sets the shares past the list to 0: `-ts 1` on two GPUs puts every layer on CUDA0 (it was refused
     as '-ts has 1 entries but the plan has 2 devices')."""
