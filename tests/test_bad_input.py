@@ -108,7 +108,7 @@ def test_unknown_preset(capsys):
         (["-sm", "none", "-mg", "1", "--rpc", "127.0.0.1:1", "-ngl", "all"], "-mg 1: invalid value for main_gpu"),
         (["-sm", "row", "--rpc", "127.0.0.1:1", "-ngl", "all"], "does not support split buffers"),
         (["-sm", "tensor"], "-sm tensor changes memory"),
-        (["--rpc", "127.0.0.1:1", "-ngl", "5", "-ts", "1,1"], "-ts has 2 entries but the plan has 1 devices"),
+        (["--rpc", "127.0.0.1:1", "-ngl", "5", "-ts", "1,1"], "-ts has 2 entries but the plan has 1 device (RPC0)"),
         (["--rpc", "127.0.0.1", "-ngl", "5"], "is not host:port"),
         (["-c"], "-c needs a value"),
         (["-fa", "off", "-ctv", "q4_0"], "needs flash attention"),

@@ -143,7 +143,7 @@ def test_every_device_holds_what_the_plan_says(request, rpc_servers, tmp_path, c
     (["--rpc", "localhost", "-ngl", "10"], "'localhost' is not host:port"),
     (["--rpc", "127.0.0.1:99999", "-ngl", "10"], "is not host:port"),
     (["--rpc", "127.0.0.1:1"], "--rpc needs -ngl N"),
-    (["-ts", "1,1", "-ngl", "10"], "-ts on one local GPU or none"),
+    (["--rpc", "127.0.0.1:1", "-ngl", "10", "-ts", "1,1"], "-ts has 2 entries but the plan has 1 device (RPC0)"),
     (["--rpc", "127.0.0.1:1", "-ngl", "10", "-ts", "0,0"], "not all zero"),
 ])
 def test_bad_placement_input_is_one_line(capsys, gemma3, args, needle) -> None:

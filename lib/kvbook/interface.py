@@ -445,6 +445,7 @@ class Plan:
     accounting: str = "kvbook"  # whose rules sized the caches: "kvbook", or "llama-fit-params" (no kvbook rule)
     layers_on: tuple[str, ...] = ()  # the device (pool name) of each repeating layer, NextN ones included
     output_on: str = ""  # the device of the output layer
+    experts_on: tuple[str, ...] = ()  # the device of each layer's experts (() for a dense model)
 
     @property
     def compute_calibrated(self) -> bool:

@@ -12,6 +12,7 @@ from kvbook.errors import BadInput
 from kvbook.interface import Device, Plan, ServerFlags, Verdict
 from kvbook.ops.logparse import LoggedMemory, parse_draft_log, parse_log
 from kvbook.ops.procs import ManagedProcess, ProcessSpec, check_host, free_port
+from kvbook.ops.rpc import check_rpc_endpoints
 from kvbook.plan.flags import parse_server_args
 
 # Flags kvbook sets itself when it launches a server.
@@ -107,6 +108,7 @@ def start_llama_server(
                 f"largest context that fits: {plan.max_ctx}. Use force=True (--force) to launch anyway"
             )
     binary = binary or find_llama_server()
+    check_rpc_endpoints(flags.rpc)
     crowded = thread_oversubscription(flags.argv)
     if crowded:
         print(f"kvbook: {crowded}", file=sys.stderr, flush=True)

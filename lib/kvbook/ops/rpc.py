@@ -4,6 +4,7 @@ caller allows another address on purpose."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,19 @@ def start_rpc_server(run_dir: Path, *, host: str = "127.0.0.1", port: int | None
                               f"{tail(spec.log_path)}")
         time.sleep(0.05)
     return proc
+
+
+def check_rpc_endpoints(endpoints: Sequence[str], timeout_s: float = 2.0) -> None:
+    """Before llama-server starts: each --rpc host:port must accept a connection, else one line (llama-server
+    itself aborts with 'Failed to connect to ...' and a backtrace while it reads its arguments)."""
+    for ep in endpoints:
+        host, _, port = ep.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except (OSError, ValueError) as exc:
+            why = exc.strerror or type(exc).__name__ if isinstance(exc, OSError) else str(exc)
+            raise ServerError(f"--rpc {ep}: cannot connect ({why}); start ggml-rpc-server there or fix the endpoint "
+                              "(the plan used the declared budgets; llama-server would abort at start)") from None
 
 
 @dataclass(frozen=True)

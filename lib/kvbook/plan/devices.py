@@ -483,36 +483,124 @@ def llama_name(pool: Pool) -> str:
     return pool.name.split("[", 1)[0]
 
 
+# llama_max_devices() (src/llama.cpp): common/arg.cpp refuses -ts with that many entries or more
+MAX_DEVICES = 16
+METAL_DEVICE = "MTL0"  # the name llama.cpp's Metal backend gives its device (ggml-metal-device.m: "MTL%d")
+
+
+def split_shares(tensor_split: Sequence[float], n_devices: int) -> list[float]:
+    """The -ts shares llama.cpp uses over `n_devices` offload devices (src/llama-model.cpp load_tensors):
+    missing entries are 0 (arg.cpp fills them), all zero means the default split (by free memory: [] here), and
+    one device or none splits nothing ([]); more entries than devices is refused (checked in `effective_device`)."""
+    if n_devices < 2:
+        return []
+    if len(tensor_split) > n_devices:
+        raise BadInput(f"-ts has {len(tensor_split)} entries but the plan has {n_devices} offload devices")
+    shares = [float(x) for x in tensor_split] + [0.0] * (n_devices - len(tensor_split))
+    return shares if any(shares) else []
+
+
+def _unified_gpu(device: Device) -> Pool | None:
+    """The one GPU of unified memory (Metal), which llama.cpp counts as a device; None otherwise."""
+    return next((p for p in device.pools if p.kind == "gpu"), None) if device.unified else None
+
+
+def _check_split(flags: ServerFlags, have: Sequence[str], used: Sequence[str]) -> None:
+    """-ts against the devices (llama.cpp ignores entries past its device count; kvbook refuses more entries
+    than the plan's devices, as the issue asks): with two or more devices in use, at most one entry each;
+    with one device or none in use (-dev, -sm none, one GPU, CPU only) -ts changes nothing, and is refused
+    only when it names more devices than the machine has (a CPU-only plan takes any -ts, as llama.cpp does)."""
+    n = len(flags.tensor_split)
+    if not n:
+        return
+    if n >= MAX_DEVICES:
+        raise BadInput(f"-ts: got {n} input configs, but system only has {MAX_DEVICES} devices (llama-server refuses it)")
+    if len(used) > 1 and n > len(used):
+        raise BadInput(f"-ts has {n} entries but the plan has {len(used)} devices ({', '.join(used)})")
+    if len(used) <= 1 and have and n > len(have):
+        raise BadInput(f"-ts has {n} entries but the plan has {len(have)} device{'s' if len(have) > 1 else ''} "
+                       f"({', '.join(have)})")
+
+
+def split_note(flags: ServerFlags, device: Device) -> str:
+    """A note when -ts is given but changes nothing: one offload device in use, or none ('' otherwise)."""
+    gpu = _unified_gpu(device)
+    used = [gpu.name] if gpu is not None else [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
+    if gpu is not None and (flags.devices == ("none",) or (flags.split_mode == "none" and flags.main_gpu < 0)):
+        used = []
+    if not flags.tensor_split or len(used) > 1:
+        return ""
+    where = f"one offload device ({used[0]})" if used else "no offload device (CPU only)"
+    return (f"-ts {','.join(f'{x:g}' for x in flags.tensor_split)} changes nothing with {where}: llama.cpp "
+            "splits layers only between several devices (src/llama-model.cpp load_tensors)")
+
+
 def effective_device(device: Device, flags: ServerFlags) -> Device:
     """The devices llama.cpp uses for this command line (src/llama.cpp llama_prepare_model_devices): -dev picks
-    and orders the offload devices (none: no offload), -sm none keeps only device -mg (none when -mg < 0);
-    -sm row refuses RPC devices (no split buffers) and -sm tensor is not modelled."""
+    and orders the offload devices (names case-insensitive, as ggml_backend_dev_by_name; none: no offload),
+    -sm none keeps only device -mg (none when -mg < 0); -sm row needs split buffers on every device in use
+    (`_check_row`) and -sm tensor is not modelled. On unified memory the one device is Metal's MTL0 and the pool stays as it is."""
     offload = [] if device.unified else [p for p in device.pools if p.kind in ("gpu", "rpc")]
-    if flags.split_mode == "row":
-        if any(p.kind == "rpc" for p in offload):
-            rpc = next(p for p in offload if p.kind == "rpc")
-            raise BadInput(f"-sm row: device {llama_name(rpc)} does not support split buffers (llama-server refuses it "
-                           "when it loads the model)")
-        raise BadInput("-sm row changes memory (weights split by rows across GPUs) and kvbook does not model it yet")
     if flags.split_mode == "tensor":
         raise BadInput("-sm tensor changes memory (weights and KV split across GPUs, experimental) and kvbook does not "
                        "model it yet")
+    gpu = _unified_gpu(device)
+    if gpu is not None:
+        _unified_selection(flags, gpu)
+        _check_row(flags, [] if flags.devices == ("none",) else [METAL_DEVICE])
+        return device
     chosen = offload
     if flags.devices:
-        by_name = {llama_name(p): p for p in offload}
-        unknown = [n for n in flags.devices if n != "none" and n not in by_name]
+        by_name = {llama_name(p).lower(): p for p in offload}
+        unknown = [n for n in flags.devices if n != "none" and n.lower() not in by_name]
         if unknown:
-            have = ", ".join(by_name) or "none (CPU only)"
+            have = ", ".join(llama_name(p) for p in offload) or "none (CPU only)"
             raise BadInput(f"-dev: invalid device: {unknown[0]} (llama-server refuses it); this plan's devices: {have}")
-        chosen = [] if flags.devices == ("none",) else [by_name[n] for n in flags.devices]
+        twice = next((n for i, n in enumerate(flags.devices) if n.lower() in (m.lower() for m in flags.devices[:i])), None)
+        if twice:
+            raise BadInput(f"-dev {','.join(flags.devices)}: {twice} is named twice (llama.cpp would use it as two "
+                           "devices, which kvbook does not model); name each device once")
+        chosen = [] if flags.devices == ("none",) else [by_name[n.lower()] for n in flags.devices]
     if flags.split_mode == "none" and chosen:
         if flags.main_gpu >= len(chosen):
             raise BadInput(f"-mg {flags.main_gpu}: invalid value for main_gpu: {flags.main_gpu} (available devices: "
                            f"{len(chosen)}); llama-server refuses it with -sm none")
         chosen = [] if flags.main_gpu < 0 else [chosen[flags.main_gpu]]
+    _check_split(flags, [llama_name(p) for p in offload], [llama_name(p) for p in chosen])
+    _check_row(flags, [llama_name(p) for p in chosen])
     if chosen == offload:
         return device
     hosts = [p for p in device.pools if p.kind == "host"]
     pools = (*hosts, *chosen) if device.pools[0].kind == "host" else (*chosen, *hosts)
     return Device(id=device.id, name=device.name, unified=device.unified, pools=tuple(pools), notes=device.notes,
                   sources=device.sources)
+
+
+def _check_row(flags: ServerFlags, used: Sequence[str]) -> None:
+    """-sm row as the pinned build takes it (src/llama-model.cpp make_gpu_buft_list): each device in use must offer
+    a split buffer type, which only SYCL (and Hexagon) do here (CUDA, ROCm, Vulkan, Metal and RPC do not: llama-server
+    fails to load the model); with no device in use it changes nothing."""
+    if flags.split_mode != "row" or not used:
+        return
+    plain = next((n for n in used if _family(n) != "SYCL"), None)
+    if plain is not None:
+        raise BadInput(f"-sm row: device {plain} does not support split buffers (llama-server refuses it when it loads "
+                       "the model; this build splits rows on SYCL only)")
+    raise BadInput("-sm row changes memory (weights split by rows across SYCL GPUs) and kvbook does not model it yet")
+
+
+def _unified_selection(flags: ServerFlags, gpu: Pool) -> None:
+    """-dev / -sm none / -ts on unified memory, checked as llama.cpp checks them against its one device (MTL0);
+    whichever is chosen, everything stays in the one pool (with -dev none the CPU backend computes)."""
+    for name in flags.devices:
+        if name != "none" and name.lower() != METAL_DEVICE.lower():
+            hint = f" (Metal's device is {METAL_DEVICE})" if name.lower() == gpu.name.lower() else ""
+            raise BadInput(f"-dev: invalid device: {name} (llama-server refuses it){hint}; this plan's devices: "
+                           f"{METAL_DEVICE}")
+    if len(flags.devices) > 1:
+        raise BadInput(f"-dev {','.join(flags.devices)}: {METAL_DEVICE} is named twice (name each device once)")
+    used = 0 if flags.devices == ("none",) else 1
+    if flags.split_mode == "none" and used and flags.main_gpu >= 1:
+        raise BadInput(f"-mg {flags.main_gpu}: invalid value for main_gpu: {flags.main_gpu} (available devices: 1); "
+                       "llama-server refuses it with -sm none")
+    _check_split(flags, [METAL_DEVICE], [METAL_DEVICE] * used)

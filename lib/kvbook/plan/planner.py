@@ -3,6 +3,7 @@ context, and alternatives that fit. Pure functions over typed inputs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from kvbook.errors import BadInput
@@ -20,7 +21,7 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import detection_note, effective_device, with_rpc
+from kvbook.plan.devices import detection_note, effective_device, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -39,6 +40,7 @@ from kvbook.plan.weights import (
     CpuFeatures,
     WeightBytes,
     cpu_ops,
+    expert_devices,
     host_buffer_first,
     host_cpu,
     overrides_as_cpu_moe,
@@ -77,7 +79,18 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
     partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
-    return partial or flags.cpu_moe_layers != 0 or bool(flags.tensor_overrides)
+    return partial or (flags.cpu_moe_layers != 0 and bool(arch.n_expert)) or _ot_moves(arch, flags)
+
+
+def _ot_moves(arch: ModelArch, flags: ServerFlags) -> bool:
+    """Whether -ot matches any tensor of the model (one that matches none is a no-op, as in llama-server); a model
+    known by its shapes only can move experts, if it has any."""
+    if not flags.tensor_overrides:
+        return False
+    if not arch.tensors:
+        return bool(arch.n_expert)
+    patterns = [re.compile(p) for p, _ in flags.tensor_overrides]
+    return any(r.search(t.name) for t in arch.tensors for r in patterns)
 
 
 def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
@@ -103,7 +116,7 @@ def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offlo
                               bufts=override_devices(device))
     moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
-    groups = dict(arch.tensor_groups) or estimated_groups(arch)
+    groups = dict(arch.tensor_groups) or _estimated(arch)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
     return WeightBytes(weights, weights[CPU], 0)
 
@@ -141,10 +154,8 @@ def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
 def offload_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload:
     """llama.cpp's layer assignment over the device's offload pools (placement.assign) for this command line."""
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
-    split = list(flags.tensor_split) or [float(p.budget_bytes) for p in device.pools if p.kind in ("gpu", "rpc")]
-    if flags.tensor_split and len(flags.tensor_split) != len(devices):
-        raise BadInput(f"-ts has {len(flags.tensor_split)} entries but the plan has {len(devices)} devices "
-                       f"({', '.join(devices)})")
+    split = split_shares(flags.tensor_split, len(devices)) or [float(p.budget_bytes) for p in device.pools
+                                                                if p.kind in ("gpu", "rpc")]
     return assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
 
 
@@ -217,6 +228,28 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     return out
 
 
+def _estimated(arch: ModelArch) -> dict[str, int]:
+    """`estimated_groups` with its rounding left on the token embeddings, so the groups add up to the weights."""
+    groups = estimated_groups(arch)
+    groups["token_embd"] = groups.get("token_embd", 0) + arch.weights_bytes - sum(groups.values())
+    return groups
+
+
+def expert_pools(arch: ModelArch, flags: ServerFlags, device: Device, layers_on: tuple[str, ...]) -> tuple[str, ...]:
+    """The pool of each layer's experts: the CPU where --cpu-moe, --n-cpu-moe or -ot keep them, an -ot device, else
+    the layer's pool; () for a dense model."""
+    if not arch.n_expert:
+        return ()
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    if arch.tensors:
+        devs = expert_devices(arch.tensors, layers_on, overrides=flags.tensor_overrides,
+                              cpu_moe_layers=flags.cpu_moe_layers, bufts=override_devices(device))
+        return tuple(host if d == CPU else d for d in devs)
+    moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
+    moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
+    return tuple(host if moe < 0 or il < moe else d for il, d in enumerate(layers_on))
+
+
 def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[tuple[str, ...], str]:
     """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
@@ -241,14 +274,9 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
-    if flags.cpu_moe_layers and not arch.n_expert:
-        raise BadInput(f"--cpu-moe / --n-cpu-moe: {arch.name} has no experts")
     if _spread(arch, flags, device):
         parts = _by_device(arch, flags, memory, device, host)
-    elif flags.tensor_split:
-        raise BadInput(f"-ts on one local GPU or none ({', '.join(offload_pools(device)) or 'CPU only'}): the split "
-                       "shares layers between several offload devices; leave -ts out")
-    else:
+    else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
         main = device.main_pool.name if _offloaded(arch, flags, device) else host
         if device.unified:
@@ -493,6 +521,16 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     if idle:
         notes_extra.append(f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute buffer there is "
                            "not modelled (the bound is for devices that run layers; measured far above it)")
+    if not arch.n_expert and (flags.cpu_moe_layers or any("exps" in pat for pat, _ in flags.tensor_overrides)):
+        notes_extra.append(f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, so nothing moves to "
+                           "the CPU (llama-server accepts the flag and its overrides match no tensor)")
+    idle_ot = [pat for pat, _ in flags.tensor_overrides if arch.tensors
+               and not any(re.search(pat, t.name) for t in arch.tensors)]
+    if idle_ot and arch.n_expert:
+        notes_extra.append(f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it moves nothing "
+                           "(llama-server accepts it)")
+    if split_note(flags, device):
+        notes_extra.append(split_note(flags, device))
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
     if not arch.weights_exact:
@@ -527,4 +565,5 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         accounting=accounting,
         layers_on=layers_on,
         output_on=output_on,
+        experts_on=expert_pools(arch, flags, device, layers_on),
     )

@@ -23,7 +23,7 @@ from kvbook.errors import BadInput
 from kvbook.interface import Device, FlashAttn, MemoryPlan, MiB, ModelArch, PoolUsage, ServerFlags, Verdict
 from kvbook.memory.roofline import expert_read_fraction
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import effective_device, with_rpc
+from kvbook.plan.devices import effective_device, split_shares, with_rpc
 from kvbook.plan.flags import fields_set, replace
 from kvbook.plan.placement import (
     CPU,
@@ -194,8 +194,7 @@ class _Search:
             need[m.devices[0]] += mem.weights_bytes + compute + (0 if self.flags.no_kv_offload else kv)
             return need, ()
         split = self.split_for(opt, ctx)
-        shares = [float(x) for x in split] if split and sum(split) else [float(b) for b in m.budgets]
-        off = assign(m.n_all, opt.ngl, m.devices, shares)
+        off = assign(m.n_all, opt.ngl, m.devices, _shares(split, m))
         need = {m.host: m.host_fixed + mem.output_bytes, **dict.fromkeys(m.devices, 0)}
         for pool, n in m.pinned:
             need[pool] += n
@@ -225,6 +224,11 @@ class _Search:
         budgets = dict(zip(self.m.devices, self.m.budgets))
         budgets[self.m.host] = self.m.host_budget
         return all(v <= budgets[k] for k, v in need.items())
+
+
+def _shares(split: tuple[float, ...], m: _Model) -> list[float]:
+    """The layer shares over the offload devices: -ts as llama.cpp pads it (devices.split_shares), else the budgets."""
+    return (split_shares(split, len(m.devices)) if m.devices else []) or [float(b) for b in m.budgets]
 
 
 def _options(arch: ModelArch, flags: ServerFlags, model: _Model, fixed: frozenset[str]) -> list[_Option]:
@@ -267,8 +271,7 @@ def _host_reads(s: _Search, opt: _Option, ctx: int) -> int:
     m = s.m
     mem, caches, _ = s.memory(ctx, opt.cache)
     split = s.split_for(opt, ctx)
-    shares = [float(x) for x in split] if split and sum(split) else [float(b) for b in m.budgets]
-    off = assign(m.n_all, opt.ngl, m.devices, shares) if m.devices else assign(m.n_all, 0, (), ())
+    off = assign(m.n_all, opt.ngl, m.devices, _shares(split, m)) if m.devices else assign(m.n_all, 0, (), ())
     frac = expert_read_fraction(s.arch)
     total = 0
     for il, dev in enumerate(off.layers):
@@ -413,6 +416,6 @@ def host_read_bytes(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     model = _model(arch, device, flags)
     full = model.n_all + 1
     ngl = 0 if not model.devices else full if flags.gpu_layers in ("all", "-1", "auto") else min(int(flags.gpu_layers), full)
-    split = tuple(int(x) for x in flags.tensor_split) if flags.tensor_split else ()
+    split = tuple(int(x) if float(x).is_integer() else x for x in flags.tensor_split)
     search = _Search(arch, flags, device, model)
     return _host_reads(search, _Option(ngl, flags.cpu_moe_layers, "", split), flags.ctx)

@@ -11,7 +11,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 3  # 2: "projector" and "draft"; 3: devices[].repack_bytes; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 4  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -111,16 +111,62 @@ def _device_name(plan: Plan, pool: str) -> str:
     return "CPU" if kind == "host" else pool
 
 
-def placement_entry(plan: Plan) -> dict:
-    """Which device holds which layers and tensor groups (input = token embeddings, always on the CPU)."""
+def _runs(devices: list[str]) -> list[dict]:
+    """Consecutive layers on the same device as {device, first, last} runs."""
     runs: list[dict] = []
-    for il, pool in enumerate(plan.layers_on):
-        name = _device_name(plan, pool)
+    for il, name in enumerate(devices):
         if runs and runs[-1]["device"] == name and runs[-1]["last"] == il - 1:
             runs[-1]["last"] = il
         else:
             runs.append({"device": name, "first": il, "last": il})
-    return {"input": "CPU", "layers": runs, "output": _device_name(plan, plan.output_on) if plan.output_on else "CPU"}
+    return runs
+
+
+def placement_entry(plan: Plan) -> dict:
+    """Which device holds which layers and tensor groups: input = token embeddings (always on the CPU); a layer's
+    attention, dense FFN, norms, KV and recurrent state sit with the layer; its experts on the CPU where --cpu-moe,
+    --n-cpu-moe or -ot keep them (`experts`, [] for a dense model); output = the output layer."""
+    layers = [_device_name(plan, pool) for pool in plan.layers_on]
+    experts = [_device_name(plan, pool) for pool in plan.experts_on]
+    return {"input": "CPU", "layers": _runs(layers), "experts": _runs(experts),
+            "output": _device_name(plan, plan.output_on) if plan.output_on else "CPU"}
+
+
+def _held(plan: Plan) -> dict[str, int]:
+    """What the devices hold in all, by kind (weights, compute, extras) and start / total: the sums of the
+    per-device rows, so the plan's top lines add up to its rows (several devices hold more than one would)."""
+    out = {k: sum(getattr(u, f"{k}_bytes") for u in plan.pools) for k in ("weights", "compute", "host_extras")}
+    total = sum(u.need_bytes for u in plan.pools)
+    return {"weights": out["weights"], "compute": out["compute"], "extras": out["host_extras"],
+            "start": total - out["host_extras"], "total": total}
+
+
+def _model_weights_compute(plan: Plan) -> tuple[int, int]:
+    """The model's weights (LoRA, projector and draft included) and compute as one device would hold them."""
+    mem = plan.memory
+    weights = mem.weights_bytes + mem.lora_bytes + (mem.projector.weights_bytes if mem.projector else 0) + (
+        mem.draft.weights_bytes if mem.draft else 0)
+    compute = mem.compute.bytes + (mem.projector.compute_bytes if mem.projector else 0) + (
+        mem.draft.compute.bytes if mem.draft else 0)
+    return weights, compute
+
+
+def _compute_note(plan: Plan, per_device: bool) -> str:
+    """What the compute line stands for: the one estimate, or the sum of a buffer per device."""
+    mem = plan.memory
+    if per_device:
+        rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.compute_bytes).strip()}" for u in plan.pools
+                         if u.compute_bytes)
+        gpus = sorted({u.pool.rstrip("0123456789") for u in plan.pools if u.compute_bytes and any(
+            p.name == u.pool and p.kind == "gpu" for p in plan.device.pools)})
+        return (f"a buffer on each device that runs layers and on the CPU ({rows}): an upper bound fitted to loopback "
+                "RPC runs" + (f", not calibrated for {'/'.join(gpus)}" if gpus else "")
+                + f"; one device alone: {_size(mem.compute.bytes).strip()}")
+    if plan.accounting != "kvbook":
+        return "llama.cpp's own reservation (llama-fit-params, CPU backend)"
+    if plan.compute_calibrated:
+        return f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)"
+    return f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"
 
 
 def format_plan(plan: Plan) -> str:
@@ -139,11 +185,16 @@ def format_plan(plan: Plan) -> str:
         types = f"{c.k_type}/{c.v_type}" if c.v_type else f"{c.k_type} (K only, MLA)"
         label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
         lines.append(f"  {label:<12} {_size(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
+    held = _held(plan)
+    model_weights, model_compute = _model_weights_compute(plan)
+    copies = held["weights"] - model_weights
     lines += [
-        f"  compute      {_size(mem.compute.bytes)}  " + (
-            "llama.cpp's own reservation (llama-fit-params, CPU backend)" if plan.accounting != "kvbook" else
-            f"approximate, worst error seen {mem.compute.error_pct}% (calibrated on CPU)" if plan.compute_calibrated else
-            f"not calibrated for {plan.compute_backend}: the CPU estimate; {plan.compute_backend} buffers differ"),
+        *([f"  weight copies{_size(copies)}  held beyond the file's tensors: the CPU maps the file from its first CPU "
+           "tensor to the end of its last (tensors in between count), a tied output on a device holds a copy of the "
+           "token embeddings"] if copies else []),
+        *([f"  LoRA         {_size(mem.lora_bytes)}  adapters, next to the weights they adapt"] if mem.lora_bytes else []),
+        f"  compute      {_size(held['compute'] - (model_compute - mem.compute.bytes))}  "
+        + _compute_note(plan, held["compute"] != model_compute),
         f"  output       {_size(mem.output_bytes)}  logits",
         *([f"  projector    {_size(mem.projector.weights_bytes)}  weights, exact: {plan.model.projector.projector_type} "
            f"tensors of {plan.model.projector.source}",
@@ -153,21 +204,26 @@ def format_plan(plan: Plan) -> str:
            f"{_size(mem.draft.weights_bytes).strip()}, KV {_size(mem.draft.kv_bytes + mem.draft.recurrent_bytes).strip()}"
            f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
           if mem.draft and plan.model.draft else []),
-        f"  at start     {_size(mem.start_bytes)}",
-        f"  host growth  {_size(mem.host_extras.bytes)}  prompt cache (--cache-ram) + context checkpoints",
-        f"  total        {_size(mem.total_bytes)}",
+        f"  at start     {_size(held['start'])}",
+        f"  host growth  {_size(held['extras'])}  prompt cache (--cache-ram) + context checkpoints",
+        f"  total        {_size(held['total'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),
         "",
     ]
     for u in plan.pools:
         lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
                      f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
         if len(plan.pools) > 1:
+            rest = "".join(f", {label} {_size(n).strip()}" for label, n in (("output", u.output_bytes),
+                                                                           ("host growth", u.host_extras_bytes)) if n)
             lines.append(f"      weights {_size(u.weights_bytes).strip()}, KV {_size(u.kv_bytes).strip()}, "
-                         f"recurrent {_size(u.recurrent_bytes).strip()}, compute {_size(u.compute_bytes).strip()}")
+                         f"recurrent {_size(u.recurrent_bytes).strip()}, compute {_size(u.compute_bytes).strip()}{rest}")
     if len({*plan.layers_on, plan.output_on}) > 1:
         lines.append("  layers: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}"
                                               for r in placement_entry(plan)["layers"])
                      + f"; output on {placement_entry(plan)['output']}")
+    where = placement_entry(plan)
+    if where["experts"] and where["experts"] != where["layers"]:
+        lines.append("  experts: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["experts"]))
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
     lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:

@@ -214,6 +214,22 @@ def cpu_ops(tensors: Sequence[TensorInfo], offload: Offload, overrides: Sequence
     return out
 
 
+def expert_devices(tensors: Sequence[TensorInfo], layers: Sequence[str], *, overrides: Sequence[tuple[str, str]] = (),
+                   cpu_moe_layers: int = 0, bufts: Mapping[str, str] = {}) -> tuple[str, ...]:
+    """The device of each layer's experts: where the overrides send its first expert tensor (CPU = "CPU"), else
+    its layer's device."""
+    user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
+    first: dict[int, str] = {}
+    for t in tensors:
+        if t.name.startswith("blk.") and "_exps" in t.name:
+            first.setdefault(int(t.name.split(".")[1]), t.name)
+    out = []
+    for il, dev in enumerate(layers):
+        name = first.get(il)
+        out.append(dev if name is None else (_target(name, user, moe, bufts) or dev))
+    return tuple(out)
+
+
 def pinned_groups(tensors: Sequence[TensorInfo], overrides: Sequence[tuple[str, str]],
                   bufts: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes by placement group that follow their layer, bytes the -ot entries pin to each device): the per-layer
