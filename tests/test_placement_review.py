@@ -248,3 +248,16 @@ def test_placement_says_where_the_experts_sit(capsys, extra, experts) -> None:
 
 def test_a_dense_model_has_no_expert_placement(capsys, smollm2) -> None:
     assert plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2))["placement"]["experts"] == []
+
+
+def test_all_zero_shares_are_the_default_split(capsys) -> None:
+    """load_tensors treats -ts 0,0 as no split given (by free memory); it was refused."""
+    base = ["-m", "qwen3.6-35b-a3b", "-c", "8192", "-ngl", "all"]
+    assert rows(plan_json(capsys, ["--device", "2x-rtx-3090"], *base, "-ts", "0,0")) == rows(
+        plan_json(capsys, ["--device", "2x-rtx-3090"], *base))
+
+
+def test_a_custom_gpu_is_cuda0(capsys) -> None:
+    """--gpu-gib's GPU carries llama.cpp's name for the common case, so -dev CUDA0 works on it."""
+    doc = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "64"], "-m", "qwen3.6-35b-a3b", "-c", "8192", "-dev", "CUDA0")
+    assert [d["name"] for d in doc["devices"]] == ["CUDA0", "CPU"]

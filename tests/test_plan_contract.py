@@ -145,6 +145,6 @@ def test_the_plan_lists_every_flag_it_read_and_what_it_changes(capsys, monkeypat
 def test_a_discrete_custom_gpu_has_its_own_pools(capsys) -> None:
     _, doc, _ = plan_json(capsys, "--gpu-gib", "24", "--host-gib", "64", "--", "llama-server", "-m", "llama-3.1-8b",
                           "-c", "32768")
-    assert [p["pool"] for p in doc["pools"]] == ["GPU0", "Host"] and doc["compute_calibrated"] is False
+    assert [p["pool"] for p in doc["pools"]] == ["CUDA0", "Host"] and doc["compute_calibrated"] is False
     assert cli.main(["plan", "--host-gib", "64", "--", "llama-server", "-m", "llama-3.1-8b"]) == 2
     assert "--host-gib goes with --gpu-gib" in capsys.readouterr().err

@@ -197,14 +197,15 @@ def custom_budget(gib: float) -> Device:
 
 
 def custom_discrete(gpu_gib: float, host_gib: float | None = None) -> Device:
-    """A discrete GPU with `gpu_gib` GiB and a host with `host_gib` GiB (this machine's RAM when not given)."""
+    """A discrete GPU with `gpu_gib` GiB, named CUDA0 as llama.cpp names the common case (other backends:
+    --device-budget ROCm0=...), and a host with `host_gib` GiB (this machine's RAM when not given)."""
     gpu = _gib("--gpu-gib", gpu_gib)
     host = _gib("--host-gib", host_gib) if host_gib is not None else host_ram_bytes()
     return Device(
         id=f"gpu-{gpu_gib:g}gib",
         name=f"custom GPU {gpu_gib:g} GiB + host {host / GiB:.1f} GiB",
         unified=False,
-        pools=(Pool(name="GPU0", kind="gpu", budget_bytes=gpu, total_bytes=gpu),
+        pools=(Pool(name="CUDA0", kind="gpu", budget_bytes=gpu, total_bytes=gpu),
                Pool(name="Host", kind="host", budget_bytes=host, total_bytes=host)),
     )
 

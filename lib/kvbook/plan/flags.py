@@ -166,7 +166,10 @@ def _rpc(flag: str, value: str) -> tuple[str, ...]:
     """--rpc host:port[,host:port...], each one checked."""
     out = []
     for entry in value.split(","):
-        host, sep, port = entry.strip().rpartition(":")
+        if entry != entry.strip():  # common/arg.cpp add_rpc_devices passes each entry on verbatim
+            raise BadInput(f"{flag}: '{entry}' has spaces around it; llama-server takes each entry verbatim and cannot "
+                           "connect to it: write host:port,host:port")
+        host, sep, port = entry.rpartition(":")
         if not sep or not host or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise BadInput(f"{flag}: '{entry}' is not host:port (e.g. 127.0.0.1:50052)")
         out.append(f"{host}:{int(port)}")
@@ -179,9 +182,9 @@ def _split(flag: str, value: str) -> tuple[float, ...]:
         shares = tuple(float(x) for x in value.replace("/", ",").split(","))
     except ValueError:
         raise BadInput(f"{flag}: '{value}' is not a list of numbers such as 3,1") from None
-    if any(x < 0 for x in shares) or not sum(shares) > 0:
-        raise BadInput(f"{flag}: '{value}' needs non-negative shares, not all zero")
-    return shares
+    if any(x < 0 for x in shares):
+        raise BadInput(f"{flag}: '{value}' needs non-negative shares")
+    return shares  # all zero is the default split by free memory (src/llama-model.cpp load_tensors)
 
 
 def _device_list(flag: str, value: str) -> tuple[str, ...]:
