@@ -261,3 +261,17 @@ def test_a_custom_gpu_is_cuda0(capsys) -> None:
     """--gpu-gib's GPU carries llama.cpp's name for the common case, so -dev CUDA0 works on it."""
     doc = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "64"], "-m", "qwen3.6-35b-a3b", "-c", "8192", "-dev", "CUDA0")
     assert [d["name"] for d in doc["devices"]] == ["CUDA0", "CPU"]
+
+
+def test_a_model_bigger_than_the_gpu_gets_the_solvers_placement_as_an_alternative(capsys) -> None:
+    """The issue's first complaint: gpt-oss-120b on an RTX 4090 + 64 GB without -ngl was 'does not fit, no
+    alternatives' where llama-server's --fit starts it with experts on the CPU."""
+    doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768")
+    assert doc["verdict"] == "does not fit"
+    placement = [a for a in doc["alternatives"] if a["change"].startswith("placement")]
+    assert len(placement) == 1 and placement[0]["verdict"] == "fits" and "--n-cpu-moe" in placement[0]["change"]
+    again = plan_json(capsys, ["--device", "rtx-4090-host-64"], *placement[0]["flags"])
+    assert again["verdict"] == "fits" and any(r["device"] == "CPU" for r in again["placement"]["experts"])
+    small = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "16"], "-m", "gpt-oss-120b", "-c", "32768")
+    assert not [a for a in small["alternatives"] if a["change"].startswith("placement")]
+    assert any("no placement of -ngl / --n-cpu-moe / -ts starts" in n for n in small["notes"])

@@ -16,6 +16,7 @@ from kvbook.memory.rules import draft_memory, with_projector
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
 from kvbook.plan.planner import make_plan
+from kvbook.plan.solver import with_placement_alternative
 
 
 def _with_token(environ: Mapping[str, str], flags: ServerFlags) -> Mapping[str, str]:
@@ -148,5 +149,5 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
         if adapter.arch != arch.arch:
             raise BadInput(f"--lora {adapter.source}: an adapter for '{adapter.arch}', the model is '{arch.arch}' "
                            "(llama-server refuses it)")
-    plan = make_plan(arch, flags, device)
+    plan = with_placement_alternative(make_plan(arch, flags, device), arch, flags, device)
     return replace(plan, notes=(*notes, *plan.notes)) if notes else plan

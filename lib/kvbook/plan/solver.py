@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, FlashAttn, MemoryPlan, MiB, ModelArch, PoolUsage, ServerFlags, Verdict
+from kvbook.interface import Alternative, Device, FlashAttn, MemoryPlan, MiB, ModelArch, Plan, PoolUsage, ServerFlags, Verdict
 from kvbook.memory.roofline import expert_read_fraction
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import effective_device, split_shares, with_rpc
@@ -419,3 +419,33 @@ def host_read_bytes(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
     split = tuple(int(x) if float(x).is_integer() else x for x in flags.tensor_split)
     search = _Search(arch, flags, device, model)
     return _host_reads(search, _Option(ngl, flags.cpu_moe_layers, "", split), flags.ctx)
+
+
+def with_placement_alternative(plan: Plan, arch: ModelArch, flags: ServerFlags, device: Device) -> Plan:
+    """A plan that does not fit on a device with offload pools gains the solver's best placement of the flags the
+    user left open (-ngl, --n-cpu-moe, -ts) as an alternative: what llama-server's --fit would look for at start."""
+    offload = not device.unified and any(p.kind in ("gpu", "rpc") for p in plan.device.pools)
+    if plan.verdict is Verdict.FITS or not offload or any(a.verdict is Verdict.FITS for a in plan.alternatives):
+        return plan
+    try:
+        solution = solve(arch, flags, device, "max-context", 1)
+    except BadInput:
+        return plan
+    if not solution.placements:
+        note = (f"no placement of -ngl / --n-cpu-moe / -ts starts on {plan.device.name} either (searched "
+                f"{solution.searched}); `kvbook plan --solve` lists every option and why it does not start")
+        return dataclasses.replace(plan, notes=(*plan.notes, note))
+    best = solution.placements[0]
+    moved = [f"-ngl {'all' if best.n_gpu_layers >= arch.n_layer + arch.n_layer_nextn + 1 else best.n_gpu_layers}"]
+    if best.n_cpu_moe:
+        moved.append("--cpu-moe" if best.n_cpu_moe < 0 else f"--n-cpu-moe {best.n_cpu_moe}")
+    if best.tensor_split:
+        moved.append("-ts " + ",".join(map(str, best.tensor_split)))
+    if best.cache_type and best.cache_type != flags.type_k:
+        moved.append(f"-ctk {best.cache_type} -ctv {best.cache_type}")
+    if best.n_ctx != plan.memory.shape.n_ctx:
+        moved.append(f"-c {best.n_ctx}")
+    alt = Alternative(change="placement (kvbook plan --solve; what --fit would look for at start): " + " ".join(moved),
+                      flags=best.argv, n_ctx=best.n_ctx, total_bytes=sum(u.need_bytes for u in best.pools),
+                      verdict=best.verdict)
+    return dataclasses.replace(plan, alternatives=(*plan.alternatives, alt))

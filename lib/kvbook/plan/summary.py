@@ -159,8 +159,11 @@ def _compute_note(plan: Plan, per_device: bool) -> str:
                          if u.compute_bytes)
         gpus = sorted({u.pool.rstrip("0123456789") for u in plan.pools if u.compute_bytes and any(
             p.name == u.pool and p.kind == "gpu" for p in plan.device.pools)})
-        return (f"a buffer on each device that runs layers and on the CPU ({rows}): an upper bound fitted to loopback "
-                "RPC runs" + (f", not calibrated for {'/'.join(gpus)}" if gpus else "")
+        bounded = any("compute buffer is the upper bound" in n for n in plan.notes)
+        return (f"a buffer on each device that runs layers and on the CPU ({rows}): "
+                + ("an upper bound fitted to loopback RPC runs" if bounded else
+                   "calibrated per device on the CPU backend over RPC")
+                + (f", not calibrated for {'/'.join(gpus)}" if gpus else "")
                 + f"; one device alone: {_size(mem.compute.bytes).strip()}")
     if plan.accounting != "kvbook":
         return "llama.cpp's own reservation (llama-fit-params, CPU backend)"
