@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import threading
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+import yaml
 
 from kvbook.errors import BadInput, ServerError
 from kvbook.ops.litellm import default_routes, start_proxy
@@ -130,6 +132,20 @@ def test_backend_killed_mid_suite(smollm2, tmp_path):
     assert all("backend down" in r.reason for r in backend_bound), [r.reason for r in backend_bound]
     records, bad = read_records(results_path)
     assert bad == [] and len(records) == len(session.results)
+    # one backend per model: LiteLLM does not retry the dead server (its default 2 retries cost 4-5 s each)
+    logs = [p.read_text(errors="replace") for p in tmp_path.rglob("litellm-*.log")]
+    assert logs and any("Cannot connect" in text for text in logs)
+    assert not any(re.search(r"LiteLLM Retried: [1-9]", text) for text in logs)
+
+
+def test_litellm_retries_only_where_a_group_has_another_backend(tmp_path):
+    from kvbook.ops.litellm import ANTHROPIC, Route, write_config
+
+    one = yaml.safe_load(write_config(default_routes("http://127.0.0.1:1"), tmp_path / "one.yaml").read_text())
+    assert one["router_settings"] == {"num_retries": 0}
+    group = (Route("g", ANTHROPIC, "local", "http://127.0.0.1:1"), Route("g", ANTHROPIC, "local", "http://127.0.0.1:2"))
+    two = yaml.safe_load(write_config(group, tmp_path / "two.yaml", routing_strategy="least-busy").read_text())
+    assert two["router_settings"] == {"routing_strategy": "least-busy"}  # LiteLLM's retries may pick the other one
 
 
 class _NotJson(BaseHTTPRequestHandler):

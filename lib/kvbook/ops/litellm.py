@@ -83,8 +83,16 @@ def write_config(routes: tuple[Route, ...], path: Path, routing_strategy: str | 
         "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
         "litellm_settings": {"drop_params": True, "telemetry": False},
     }
-    if routing_strategy:
-        doc["router_settings"] = {"routing_strategy": routing_strategy}
+    router: dict = {"routing_strategy": routing_strategy} if routing_strategy else {}
+    backends: dict[str, set[str]] = {}
+    for r in routes:
+        backends.setdefault(r.model_name, set()).add(r.api_base.rstrip("/"))
+    if all(len(b) == 1 for b in backends.values()):
+        # one backend per model: LiteLLM's 2 retries hit the same dead or failing llama-server again (4-5 s measured
+        # before the error); the client (Claude Code has CLAUDE_CODE_MAX_RETRIES) retries on its own
+        router["num_retries"] = 0
+    if router:
+        doc["router_settings"] = router
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
