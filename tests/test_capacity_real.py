@@ -135,4 +135,5 @@ def test_capacity_notebook_headless(tmp_path: Path) -> None:
     assert rows and all("predicted goodput (req/s)" in r and r["verdict"] for r in rows)
     assert summary["memory"]["recommendation"]["agents"] == g["max_concurrency_meeting_slo"]
     assert summary["scale_out"] and {r["servers"] for r in summary["scale_out"]} == {1, 2}
+    assert all(r["failed"] == 0 and r["requests"] > 0 for r in summary["scale_out"]), summary["scale_out"]
     assert (out / "05-capacity.html").stat().st_size > 100_000

@@ -59,6 +59,21 @@ def test_the_ci_example_command_passes(tmp_path):
                                                    for p, s in zip((tmp_path / "outputs").glob("*/summary.json"), summaries))
     # secrets: no per-run LiteLLM master key and no x-api-key value in anything the runs left behind
     # (executed notebooks, HTML, logs, LiteLLM config, results.jsonl); the backend's fixed dummy key is not a secret
+    # the smoke notebook's own output (this is the headless 02-serve-and-smoke test too): the demo's flags, tool
+    # template + prefill, every required check on three routes, plan matching the log, plotly report, records
+    smoke_dir, smoke = next((p.parent, s) for p, s in zip((tmp_path / "outputs").glob("*/summary.json"), summaries)
+                            if s["kind"] == "smoke")
+    assert smoke["plan_matches"] is True
+    assert smoke["required_total"] == 18 and smoke["required_passed"] == 18, smoke["required_failures"]
+    assert {c["route"] for c in smoke["checks"]} == {"direct", "litellm-anthropic", "litellm-openai"}
+    html = (smoke_dir / smoke["report"]).read_text()
+    assert "plotly" in html and "Plotly.newPlot" in html
+    from kvbook.records.store import read_records
+
+    records, bad = read_records(tmp_path / "outputs" / "results.jsonl")
+    assert not bad and len([r for r in records if r["run_id"] == smoke["run_id"]]) == 21
+    assert {"run_id", "model_sha256", "llama_server_argv", "versions", "check", "route", "passed", "reason",
+            "timings", "plan", "measured"} <= set(records[0])
     key = re.compile(r"sk-kvbook-(?!local-backend)[A-Za-z0-9_-]{20,}")
     header = re.compile(r"x-api-key[\"']?\s*[:=]\s*[\"']?(?!local-backend)[A-Za-z0-9_-]{8,}", re.I)
     files = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -207,33 +206,3 @@ def test_corrupt_line_is_reported_by_number(tmp_path):
     records, bad = read_records(path)
     assert records == [{"a": 1}, {"b": 2}]
     assert [b.line_no for b in bad] == [2, 4]
-
-
-def test_smoke_notebook_headless(tmp_path):
-    from kvbook.notebook.runner import load_params, resolve_notebook, run_notebook
-
-    params = load_params(resolve_notebook("02-serve-and-smoke").parents[1] / "params" / "runs" / "smoke-default.yaml")
-    # the demo's configuration at a small context: tool-aware template + prefill on forced calls
-    params.update(server_args=SMALL + ["--chat-template-file", "params/templates/smollm2-chatml-tools.jinja"],
-                  results_path=str(tmp_path / "results.jsonl"))
-    result = run_notebook(resolve_notebook("02-serve-and-smoke"), params, tmp_path / "run", progress=False)
-    assert result.ok, result.error
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["plan_matches"] is True
-    assert summary["required_total"] == 18  # 6 required checks x 3 routes
-    assert summary["required_passed"] == 18, summary["required_failures"]
-    routes = {c["route"] for c in summary["checks"]}
-    assert routes == {"direct", "litellm-anthropic", "litellm-openai"}
-    html = result.html.read_text()
-    assert "plotly" in html and "Plotly.newPlot" in html
-    records, bad = read_records(tmp_path / "results.jsonl")
-    assert not bad and len(records) == 21
-    # the per-run proxy key (sk-kvbook-<32 chars>) appears nowhere in what the run left behind
-    import re
-
-    key = re.compile(r"sk-kvbook-(?!local-backend)[A-Za-z0-9_-]{20,}")
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert not key.search(path.read_text(errors="replace")), f"proxy key leaked into {path}"
-    assert {"run_id", "model_sha256", "llama_server_argv", "versions", "check", "route", "passed", "reason",
-            "timings", "plan", "measured"} <= set(records[0])
