@@ -4,6 +4,7 @@ planner, and (optionally) two servers behind one LiteLLM model group. Each step 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import statistics
@@ -300,8 +301,8 @@ def scale_out(model: Path, server_args: Sequence[str], run_dir: Path, shape: Age
         groups = tuple(Route(f"kvbook-group-{n}", ANTHROPIC, "local", b.base_url) for n in sizes for b in backends[:n])
         proxy = stack.enter_context(start_proxy(groups, run_dir=run_dir / "litellm", routing_strategy=routing))
         ptoks = count_tokens(Target("direct", backends[0].base_url, "local"), shared_prefix_body(shape, "local", nonce))
-        for b in backends:
-            warm_up(Target("direct", b.base_url, "local"), shape, nonce)
+        with concurrent.futures.ThreadPoolExecutor(len(backends)) as pool:  # requests only: one thread per server
+            list(pool.map(lambda b: warm_up(Target("direct", b.base_url, "local"), shape, nonce), backends))
         for n in sizes:
             target = Target(f"litellm-group-{n}", proxy.base_url, f"kvbook-group-{n}",
                             {"authorization": f"Bearer {proxy.master_key}"})
