@@ -58,7 +58,8 @@ ROWS = [
     (["-mu", "http://127.0.0.1:9/m.gguf"], {}, True, "ok"),  # with the table's -m; alone: router mode (refused)
     (["-nr"], {}, True, "ok"),  # no CPU_REPACK buffer: modelled (tests/test_repack.py)
     ([], {"LLAMA_ARG_REPACK": "0"}, True, "ok"),
-    (["--no-host"], {}, True, "host (pinned) buffers"),
+    (["--no-host"], {}, True, "ok"),  # CPU weights skip a GPU's host buffer type: modelled (tests/test_repack.py)
+    ([], {"LLAMA_ARG_NO_HOST": "1"}, True, "ok"),
     (["-ot", "exps=CPU"], {}, True, "ok"),  # any tensors to CPU or a device: modelled per tensor (tests/test_repack.py)
     (["-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU,blk\.2\.ffn_.*_exps=CPU"], {}, True, "ok"),
     (["-ot", "exps"], {}, False, "invalid value"),

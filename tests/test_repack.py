@@ -144,3 +144,22 @@ def test_a_draft_on_the_cpu_is_repacked_too(capsys, tmp_path, gemma3) -> None:
     assert draft is not None and draft.model_mib.get("CPU_REPACK") == target.model_mib.get("CPU_REPACK") == 12.66
     logged = target.weights_mib + draft.weights_mib
     assert round(logged, 2) == mib2(cpu["weights_bytes"]) and mib2(cpu["repack_bytes"] // 2) == 12.66
+
+
+def test_no_host_repacks_cpu_weights_beside_a_gpu(capsys, gemma3) -> None:
+    """src/llama-model.cpp make_cpu_buft_list: a GPU's host buffer type (CUDA_Host) comes before CPU_REPACK for the
+    CPU's weights unless --no-host; then they are repacked as on a CPU-only machine. Checked against the source
+    (no GPU here): the CPU-only plan is the reference for the bytes."""
+    from kvbook import cli
+
+    def cpu(*args: str) -> dict:
+        assert cli.main(["plan", "--json", *args]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        return next(d for d in doc["devices"] if d["name"] == "CPU") if doc["devices"] else doc
+
+    line = ["--", "llama-server", "-m", str(gemma3), "-c", "4096", "-ngl", "0"]
+    gpu = cpu("--device", "rtx-4090", *line)
+    assert gpu["repack_bytes"] == 0
+    no_host = cpu("--device", "rtx-4090", *line, "--no-host")
+    alone = cpu("--budget-gib", "8", *line)
+    assert no_host["repack_bytes"] > 0 and no_host["repack_bytes"] == alone.get("repack_bytes", no_host["repack_bytes"])

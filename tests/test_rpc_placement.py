@@ -34,6 +34,7 @@ CASES = [  # (model fixture, servers, flags)
     ("moe", 2, ["-ngl", "all", "-ot", r"blk\.(0|1)\.ffn_.*_exps=CPU", "-c", "4096", "-np", "1"]),
     ("gemma3", 2, ["-ngl", "all", "-dev", "none", "-c", "4096", "-np", "1"]),
     ("gemma3", 2, ["-ngl", "10", "-c", "4096", "-np", "1", "-nr"]),
+    ("gemma3", 2, ["-ngl", "10", "-c", "4096", "-np", "1", "--no-host"]),  # no host buffer type here: a no-op
     # -ot per tensor ({rpcN}: that server's host:port): any tensors to CPU (Q4_K ones repack), to another device,
     # the first matching entry wins; part of a layer's experts
     ("gemma3", 2, ["-ngl", "all", "-ot", r"attn_(q|output)\.=CPU,blk\.1[0-7]\.ffn_(up|gate)=RPC0[{rpc0}]", "-c", "4096",

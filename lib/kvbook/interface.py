@@ -197,6 +197,7 @@ class ServerFlags:
     cpu_moe_layers: int = 0  # --n-cpu-moe N: experts of layers 0..N-1 stay on the CPU; -1 = --cpu-moe (all)
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # -ot PATTERN=BUFT,...: (pattern, buffer type), in order
     repack: bool = True  # --repack (default) / -nr: CPU weights of some types copied into a CPU_REPACK buffer
+    no_host: bool = False  # --no-host: no GPU host (pinned) buffer type ahead of CPU_REPACK for CPU weights
     slot_ctx_cap: int = 0  # --kv-unified-per-slot N: each slot's context is capped at N tokens (0: no cap)
     devices: tuple[str, ...] = ()  # -dev: the offload devices by llama.cpp name, in order; ("none",) = none
     split_mode: str = "layer"  # -sm none|layer|row|tensor

@@ -44,7 +44,6 @@ UNMODELLED = {
     "--pooling": "pooled outputs",
     "--models-dir": "router mode (several models)",
     "--models-preset": "router mode (several models)",
-    "--no-host": "weights without host (pinned) buffers",
 }
 # options whose value is a secret: never echoed in a plan (notes, flags_read)
 SECRET_OPTIONS = {"-hft", "--api-key"}
@@ -303,6 +302,7 @@ _SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
     "-kvu": {"-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
              "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False)},
     "--swa-full": {"--swa-full": ("swa_full", True)},
+    "--no-host": {"--no-host": ("no_host", True)},
     "--repack": {"--repack": ("repack", True), "-nr": ("repack", False), "--no-repack": ("repack", False)},
     "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
     "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
@@ -336,6 +336,7 @@ _EFFECT = {
     "cpu_moe_layers": "expert weights kept in host RAM",
     "tensor_overrides": "the buffer (device) of every tensor the pattern matches",
     "repack": "CPU weights copied into the CPU_REPACK buffer (or not)",
+    "no_host": "CPU weights: the extra buffer types (CPU_REPACK) instead of a GPU's pinned host buffer",
     "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
     "devices": "devices: which offload devices are used, in this order", "split_mode": "devices: one (none) or all (layer)",
     "main_gpu": "devices: the one used with -sm none",
@@ -526,6 +527,8 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
         return ["-kvu" if value else "-no-kvu"]
     if field == "swa_full":
         return ["--swa-full"]
+    if field == "no_host":
+        return ["--no-host"]
     if field == "no_kv_offload":
         return ["-nkvo"]
     if field == "fit":
@@ -556,7 +559,8 @@ def _render_field(flags: ServerFlags, field: str) -> list[str]:
 def render_args(flags: ServerFlags) -> list[str]:
     """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
     fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers", "tensor_overrides", "repack", "devices", "split_mode", "main_gpu", "mmproj", "mmproj_offload"]
+              "rpc", "tensor_split", "cpu_moe_layers", "tensor_overrides", "repack", "no_host", "devices", "split_mode", "main_gpu", "mmproj",
+              "mmproj_offload"]
     return [token for field in fields for token in _render_field(flags, field)]
 
 

@@ -96,7 +96,7 @@ def _ot_moves(arch: ModelArch, flags: ServerFlags) -> bool:
 def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
     """The CPU whose features decide what llama.cpp repacks into CPU_REPACK; None when nothing is: -nr, or an
     offload device's host buffer type comes first in the CPU's list (plan/weights.py)."""
-    return None if not flags.repack or host_buffer_first(device) else host_cpu(device)
+    return None if not flags.repack or (host_buffer_first(device) and not flags.no_host) else host_cpu(device)
 
 
 def override_devices(device: Device) -> dict[str, str]:
@@ -478,9 +478,9 @@ def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: t
     """What the plan assumed about llama.cpp's CPU_REPACK buffer (plan/weights.py)."""
     if not flags.repack:
         return []
-    if host_buffer_first(device):
+    if host_buffer_first(device) and not flags.no_host:
         return ["CPU_REPACK: none; with a GPU host buffer type first and mmap, llama.cpp leaves the CPU's weights "
-                "mapped (not repacked)"]
+                "mapped (not repacked; --no-host would repack them)"]
     repack = sum(u.repack_bytes for u in usages)
     cpu = host_cpu(device)
     if not arch.tensors:
