@@ -38,3 +38,15 @@ def no_leftover_processes():
     leaked = [p.spec.name for p in procs.live_processes()]
     procs.stop_all()
     assert not leaked, f"test left processes running: {leaked}"
+
+
+@pytest.fixture()
+def rpc_endpoints(tmp_path):
+    """Three loopback ggml-rpc-server devices per test, as host:port (they start in milliseconds; the
+    no-leftover check above covers them). Tests take the first N they need."""
+    from kvbook.ops.rpc import start_rpc_server
+
+    servers = [start_rpc_server(tmp_path) for _ in range(3)]
+    yield [f"{s.spec.host}:{s.spec.port}" for s in servers]
+    for s in servers:
+        s.stop()

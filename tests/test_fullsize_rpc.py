@@ -22,14 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def endpoints(tmp_path):
-    """Two loopback RPC devices per test (they start in milliseconds; no test may leave a process)."""
-    from kvbook.ops.rpc import start_rpc_server
-
-    servers = [start_rpc_server(tmp_path) for _ in range(2)]
-    yield [f"{s.spec.host}:{s.spec.port}" for s in servers]
-    for s in servers:
-        s.stop()
+def endpoints(rpc_endpoints):
+    return rpc_endpoints[:2]
 
 
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))

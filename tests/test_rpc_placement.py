@@ -84,12 +84,8 @@ def hybrid(tmp_path_factory):
 
 
 @pytest.fixture()
-def rpc_servers(tmp_path):
-    """Three loopback RPC devices per test (they start in milliseconds; no test may leave a process)."""
-    servers = [start_rpc_server(tmp_path) for _ in range(3)]
-    yield [f"{s.spec.host}:{s.spec.port}" for s in servers]
-    for s in servers:
-        s.stop()
+def rpc_servers(rpc_endpoints):
+    return rpc_endpoints[:3]
 
 
 def test_rpc_servers_stop_with_their_owner(tmp_path) -> None:

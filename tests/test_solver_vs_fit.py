@@ -46,10 +46,5 @@ def test_kvbook_fits_wherever_fit_does_and_is_no_worse(rpc_servers, all_cases, t
 
 
 @pytest.fixture()
-def rpc_servers(tmp_path):
-    from kvbook.ops.rpc import start_rpc_server
-
-    servers = [start_rpc_server(tmp_path) for _ in range(2)]
-    yield [f"{s.spec.host}:{s.spec.port}" for s in servers]
-    for s in servers:
-        s.stop()
+def rpc_servers(rpc_endpoints):
+    return rpc_endpoints[:2]
