@@ -675,11 +675,11 @@ def write_synthetic_lora(base: Path, path: Path, targets: tuple[str, ...] = ("at
                          weight_type: GGMLQuantizationType = GGMLQuantizationType.F16, norms: bool = True) -> Path:
     """A LoRA adapter for the GGUF `base`: lora_a (ne: the base's ne0 x rank) and lora_b (rank x the base's ne1)
     for each `blk.N.<target>.weight`, plus (`norms`) a norm vector llama.cpp skips; the data is a hole of zeros."""
-    from gguf import GGUFReader
+    from kvbook.model.sources import load_model
 
-    reader = GGUFReader(base)
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    shapes = {str(t.name): tuple(int(x) for x in t.shape) for t in reader.tensors}  # ne0 first
+    model = load_model(str(base))  # kvbook's guarded header read (memoised), not a full parse of the vocabulary
+    arch = model.arch
+    shapes = {t.name: tuple(t.shape) for t in model.tensors}  # ne0 first
     path = Path(path)
     writer = GGUFWriter(path, arch)
     writer.add_string("general.type", "adapter")
