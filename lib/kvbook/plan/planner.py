@@ -3,7 +3,6 @@ context, and alternatives that fit. Pure functions over typed inputs."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from kvbook.errors import BadInput
@@ -45,6 +44,7 @@ from kvbook.plan.weights import (
     host_cpu,
     overrides_as_cpu_moe,
     tensor_weights,
+    unmatched_patterns,
 )
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
@@ -89,8 +89,7 @@ def _ot_moves(arch: ModelArch, flags: ServerFlags) -> bool:
         return False
     if not arch.tensors:
         return bool(arch.n_expert)
-    patterns = [re.compile(p) for p, _ in flags.tensor_overrides]
-    return any(r.search(t.name) for t in arch.tensors for r in patterns)
+    return len(unmatched_patterns(arch.tensors, flags.tensor_overrides)) < len(flags.tensor_overrides)
 
 
 def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
@@ -524,8 +523,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     if not arch.n_expert and (flags.cpu_moe_layers or any("exps" in pat for pat, _ in flags.tensor_overrides)):
         notes_extra.append(f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, so nothing moves to "
                            "the CPU (llama-server accepts the flag and its overrides match no tensor)")
-    idle_ot = [pat for pat, _ in flags.tensor_overrides if arch.tensors
-               and not any(re.search(pat, t.name) for t in arch.tensors)]
+    idle_ot = unmatched_patterns(arch.tensors, flags.tensor_overrides) if arch.tensors else []
     if idle_ot and arch.n_expert:
         notes_extra.append(f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it moves nothing "
                            "(llama-server accepts it)")

@@ -230,6 +230,11 @@ def expert_devices(tensors: Sequence[TensorInfo], layers: Sequence[str], *, over
     return tuple(out)
 
 
+def unmatched_patterns(tensors: Sequence[TensorInfo], overrides: Sequence[tuple[str, str]]) -> list[str]:
+    """The -ot patterns that regex_search finds in no tensor name (llama-server accepts them; they move nothing)."""
+    return [p for r, p, _ in _compiled(overrides) if not any(r.search(t.name) for t in tensors)]
+
+
 def pinned_groups(tensors: Sequence[TensorInfo], overrides: Sequence[tuple[str, str]],
                   bufts: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes by placement group that follow their layer, bytes the -ot entries pin to each device): the per-layer
