@@ -10,7 +10,9 @@ from typing import Any
 from kvbook.errors import BadInput, ModelError
 from kvbook.interface import ModelArch, TensorInfo
 from kvbook.model.arch import arch_from_metadata
+from kvbook.model.gguf_header import tensor_group
 from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shard_urls, split_shards
+from kvbook.model.preset_tensors import PresetListing, listing_path, read_listing
 from kvbook.paths import params_dir
 from kvbook.yamlio import read_yaml
 
@@ -119,6 +121,8 @@ def load_preset_file(path: Path) -> ModelArch:
     if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
         raise ModelError(f"{path}: a preset needs a 'metadata' mapping of GGUF keys")
     weights = doc.get("weights") or {}
+    if listing_path(path).is_file():
+        return _preset_with_tensors(path, doc, read_listing(listing_path(path)))
     if "file_bytes" in weights:
         wbytes = int(weights["file_bytes"])
         note = f"approximate: GGUF file size ({weights.get('source', 'cited in the preset')})"
@@ -134,6 +138,36 @@ def load_preset_file(path: Path) -> ModelArch:
         weights_bytes=wbytes,
         weights_exact=False,
         weights_note=note,
+    )
+
+
+def _preset_with_tensors(path: Path, doc: dict[str, Any], listing: PresetListing) -> ModelArch:
+    """A preset whose tensor listing (preset_tensors.py) is placed tensor by tensor, as its GGUF would be. The
+    weights are exact where the listing reproduces the file (its 'check' line cites how); `weights.exact: false`
+    in the YAML marks a listing that does not (a publisher's own quant mix), and the plan then says so."""
+    weights = doc.get("weights") or {}
+    total = sum(t.nbytes for t in listing.tensors)
+    check = next((h.split(":", 1)[1].strip() for h in listing.header if h.startswith("check:")), "")
+    exact = bool(weights.get("exact", True))
+    note = (f"{'exact' if exact else 'approximate'}: {len(listing.tensors)} tensors {listing.kind} "
+            f"({listing_path(path).name}; {check or 'no check recorded'})")
+    groups: dict[str, int] = {}
+    ranges: dict[str, list[int]] = {}
+    for t in listing.tensors:
+        key = tensor_group(t.name)
+        groups[key] = groups.get(key, 0) + t.nbytes
+        first, end = ranges.get(key, [t.offset, t.offset])
+        ranges[key] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
+    return arch_from_metadata(
+        doc["metadata"],
+        name=str(doc.get("name") or path.stem),
+        source=f"preset:{path.stem}",
+        weights_bytes=total,
+        weights_exact=exact,
+        weights_note=note,
+        tensor_groups=groups,
+        tensor_ranges=(tuple((g, a, b) for g, (a, b) in sorted(ranges.items())),),
+        tensors=listing.tensors,
     )
 
 
