@@ -72,11 +72,11 @@ def quant_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer_
     i_wv = i_down = 0
     out = []
     for name, ne in tensors:
-        if not allows_quantization(name, ne):
-            out.append("F32")  # the converter keeps norms, biases, routers and convolutions in f32
-            continue
         cat = category(name)
         manual = next((t for rx, t in overrides if rx.search(name)), None)
+        if not allows_quantization(name, ne):
+            out.append(manual or "F32")  # the converter keeps norms, biases, routers and convolutions in f32
+            continue
         t = manual or ("Q4_K" if ftype == "Q4_K_M" else "MXFP4")
         if manual is None:
             if cat == "output" or (tied and cat == "token_embd"):
@@ -108,11 +108,29 @@ def quant_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: str, n_layer_
     return out
 
 
+def legacy_qkvz(tensors: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+    """attn_qkv + attn_gate of a delta-net layer as the one ssm_in (in_proj_qkvz) older qwen3next files hold."""
+    out, gate = [], {n: ne for n, ne in tensors if n.endswith(".attn_gate.weight")}
+    for name, ne in tensors:
+        if name.endswith(".attn_gate.weight"):
+            continue
+        if name.endswith(".attn_qkv.weight"):
+            g = gate[name.replace("attn_qkv", "attn_gate")]
+            out.append((name.replace("attn_qkv", "ssm_in"), (ne[0], ne[1] + g[1])))
+            continue
+        out.append((name, ne))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("id")
     ap.add_argument("--ftype", choices=("Q4_K_M", "MXFP4_MOE"))
     ap.add_argument("--type", action="append", default=[], help="REGEX=TYPE, a publisher's --tensor-type override")
+    ap.add_argument("--add", action="append", default=[], help="NAME=NE0,NE1..: a tensor the file has beyond the "
+                    "loader's required ones (rope_freqs.weight of Llama 3.1)")
+    ap.add_argument("--legacy-qkvz", action="store_true", help="qwen3next files converted before attn_qkv/attn_gate: "
+                    "one fused ssm_in per delta-net layer (the pinned loader accepts both)")
     ap.add_argument("--source", default="", help="what the listing is derived from, with citations")
     ap.add_argument("--check", default="", help="what the totals were checked against")
     ap.add_argument("--verify", action="store_true")
@@ -130,13 +148,21 @@ def main() -> int:
         return 0
     meta = doc["metadata"]
     arch = meta["general.architecture"]
-    tensors = sorted(synthetic_tensors(meta), key=lambda t: order_key(t[0]))
+    tensors = synthetic_tensors(meta)
+    if args.legacy_qkvz:
+        tensors = legacy_qkvz(tensors)
+    for spec in args.add:
+        name, dims = spec.split("=")
+        tensors.append((name, tuple(int(x) for x in dims.split(","))))
+    tensors = sorted(tensors, key=lambda t: order_key(t[0]))
     overrides = [(re.compile(p), t) for p, t in (s.rsplit("=", 1) for s in args.type)]
     types = quant_types(tensors, args.ftype, int(meta[f"{arch}.block_count"]), int(meta.get(f"{arch}.expert_count", 0)),
                         overrides)
+    extra = (["--legacy-qkvz"] if args.legacy_qkvz else []) + [f"--add {a}" for a in args.add] + \
+        [f"--type {t}" for t in args.type]
     header = [f"derived: llama-quantize {args.ftype} rules of the pinned build (src/llama-quant.cpp "
               f"llama_tensor_get_type) on the tensors src/models/<arch>.cpp creates for this metadata"
-              + (f", with --tensor-type {' '.join(args.type)}" if args.type else ""),
+              + (f"; tool options {' '.join(extra)}" if extra else ""),
               f"source: {args.source}", f"check: {args.check}"]
     path = write_listing(listing_path(preset), header, [(n, t, ne) for (n, ne), t in zip(tensors, types)])
     print(f"wrote {path.relative_to(ROOT)}")
