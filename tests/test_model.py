@@ -214,7 +214,7 @@ def test_sweep_and_plan_max_ctx_agree():
 
     arch = load_model("llama-3.1-8b")
     budget = 12 * GiB
-    flags = parse_server_args(["-m", "x", "-np", "1", "-cram", "0"])
+    flags = parse_server_args(["-m", "x", "-np", "1", "-cram", "0", "-nr"])  # the sweep counts no CPU_REPACK copies
     plan = make_plan(arch, flags, custom_budget(12))
     res = sweep(arch, np.arange(256, 131073, 256), ("f16",), (1,), cache_ram_mib=0)
     assert largest_fitting_ctx(res, budget)[0, 0] == plan.max_ctx

@@ -179,12 +179,17 @@ def test_the_printed_totals_are_what_the_device_rows_hold(capsys, gemma3, smollm
         assert (", host growth" in out) == (host["host_extras_bytes"] > 0) and ", output" in out
 
 
-def test_estimated_layer_sizes_add_up_to_the_weights(capsys) -> None:
-    """A preset's per-layer sizes are estimated from its shapes; the rounding lost a few bytes per group, so the
-    devices' weights did not add up to the model's."""
-    doc = plan_json(capsys, ["--device", "2x-rtx-3090"], "-m", "qwen3.6-35b-a3b", "-c", "8192", "-ngl", "99")
+def test_estimated_layer_sizes_add_up_to_the_weights(capsys, tmp_path) -> None:
+    """A model known by its shapes (a config.json) has per-layer sizes estimated from them; the rounding lost a few
+    bytes per group, so the devices' weights did not add up to the model's."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+                               "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                               "max_position_embeddings": 40960, "vocab_size": 151936, "intermediate_size": 6144,
+                               "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}))
+    doc = plan_json(capsys, ["--device", "2x-rtx-3090"], "-m", str(cfg), "-c", "8192", "-ngl", "99")
     assert sum(d["weights_bytes"] for d in doc["devices"]) == doc["weights_bytes"]
-    doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768", "--cpu-moe")
+    doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", str(cfg), "-c", "32768", "--cpu-moe")
     assert sum(d["weights_bytes"] for d in doc["devices"]) == doc["weights_bytes"]
 
 

@@ -122,18 +122,22 @@ def test_an_expert_both_an_rpc_override_and_cpu_moe_select_is_refused(capsys) ->
                        bufts={"RPC0[127.0.0.1:5]": "R"})
 
 
-def test_a_preset_sizes_only_whole_layers_experts(capsys) -> None:
-    """A model known by its shapes has no tensor names: -ot that keeps whole layers' experts on the CPU is sized
-    as --n-cpu-moe; any other pattern is refused by name."""
-    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "qwen3-30b-a3b", "-c", "4096",
+def test_a_shape_only_model_sizes_only_whole_layers_experts(capsys, tmp_path) -> None:
+    """A model known by its shapes (a config.json; presets carry tensor listings) has no tensor names: -ot that
+    keeps whole layers' experts on the CPU is sized as --n-cpu-moe; any other pattern is refused by name."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+                               "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                               "max_position_embeddings": 40960, "vocab_size": 151936, "intermediate_size": 6144,
+                               "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}))
+    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", str(cfg), "-c", "4096",
                      "-ot", "attn_q=CPU"]) == 2
     err = capsys.readouterr().err
     assert "no GGUF tensors" in err and len(err.strip().splitlines()) == 1
-    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "qwen3-30b-a3b", "-c", "4096",
+    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", str(cfg), "-c", "4096",
                      "-ot", r"blk\.([0-9]|1[0-9])\.ffn_.*_exps=CPU"]) in (0, 1)
 
 
-@pytest.mark.slow
 def test_a_draft_on_the_cpu_is_repacked_too(capsys, tmp_path, gemma3) -> None:
     """-md: the draft model loads with the target's parameters (-nr included), so it has its own CPU_Mapped and
     CPU_REPACK buffers; the CPU's planned weights hold both models' two buffers."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from kvbook.errors import ModelError
@@ -61,11 +62,17 @@ def tensor_nbytes(ggml_type: str, ne: Sequence[int], where: str = "tensor listin
 
 
 def read_listing(path: Path) -> PresetListing:
-    """Parse a listing; a malformed line is a ModelError naming the file and line."""
+    """Parse a listing (memoised per file version: plans load a preset many times); a malformed line is a
+    ModelError naming the file and line."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ModelError(f"{path}: cannot read the tensor listing ({type(exc).__name__})") from None
+    return _parse(path, text)
+
+
+@lru_cache(maxsize=32)
+def _parse(path: Path, text: str) -> PresetListing:
     header: list[str] = []
     tensors: list[TensorInfo] = []
     offset = 0

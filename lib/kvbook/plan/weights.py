@@ -273,8 +273,9 @@ def overrides_as_cpu_moe(overrides: Sequence[tuple[str, str]], source: str) -> i
     for pattern, buft in overrides:
         regex = re.compile(pattern)
         if buft != CPU or any(regex.search(n.format(il=il)) for il in range(_OT_LAYERS) for n in _OTHER_NAMES):
-            raise BadInput(f"-ot {pattern}={buft}: {source} has no GGUF tensors (a preset or config.json), so kvbook "
-                           "can size only whole layers' experts kept on the CPU; pass the GGUF path or URL")
+            raise BadInput(f"-ot {pattern}={buft}: {source} has no GGUF tensors (a config.json, or a preset without a "
+                           "tensor listing), so kvbook can size only whole layers' experts kept on the CPU; pass the "
+                           "GGUF path or URL")
     regexes = [re.compile(p) for p, _ in overrides]
     for il in range(_OT_LAYERS):
         hits = [any(r.search(n.format(il=il)) for r in regexes) for n in _EXPERT_NAMES]
