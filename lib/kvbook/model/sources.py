@@ -143,17 +143,26 @@ def load_preset_file(path: Path) -> ModelArch:
 
 def _preset_with_tensors(path: Path, doc: dict[str, Any], listing: PresetListing) -> ModelArch:
     """A preset whose tensor listing (preset_tensors.py) is placed tensor by tensor, as its GGUF would be. The
-    weights are exact where the listing reproduces the file (its 'check' line cites how); `weights.exact: false`
-    in the YAML marks a listing that does not (a publisher's own quant mix), and the plan then says so."""
+    weights are exact where the listing reproduces the file (its 'check' line cites the log); `weights.exact: false`
+    marks one that does not (a publisher's own quant mix): its tensors are then scaled to the cited file size, when
+    there is one, so that the total is never below the file's and each device gets its share (labelled)."""
     weights = doc.get("weights") or {}
-    total = sum(t.nbytes for t in listing.tensors)
-    check = next((h.split(":", 1)[1].strip() for h in listing.header if h.startswith("check:")), "")
+    tensors = listing.tensors
+    total = sum(t.nbytes for t in tensors)
     exact = bool(weights.get("exact", True))
-    note = (f"{'exact' if exact else 'approximate'}: {len(listing.tensors)} tensors {listing.kind} "
-            f"({listing_path(path).name}; {check or 'no check recorded'})")
+    what = f"{len(tensors)} tensors from {listing_path(path).name} ({listing.kind}"
+    if exact:
+        note = f"exact: {what}, checked against a public log of the file)"
+    elif int(weights.get("file_bytes", 0)) > total:
+        file_bytes = int(weights["file_bytes"])
+        tensors = _scaled(tensors, file_bytes, total)
+        note = (f"approximate: {what}; the cited file's own per-tensor mix is not public, so each tensor is scaled "
+                f"x{file_bytes / total:.3f} to its {file_bytes:,} B)")
+    else:
+        note = f"approximate: {what}; no exact size of the cited file is known)"
     groups: dict[str, int] = {}
     ranges: dict[str, list[int]] = {}
-    for t in listing.tensors:
+    for t in tensors:
         key = tensor_group(t.name)
         groups[key] = groups.get(key, 0) + t.nbytes
         first, end = ranges.get(key, [t.offset, t.offset])
@@ -162,13 +171,23 @@ def _preset_with_tensors(path: Path, doc: dict[str, Any], listing: PresetListing
         doc["metadata"],
         name=str(doc.get("name") or path.stem),
         source=f"preset:{path.stem}",
-        weights_bytes=total,
+        weights_bytes=sum(t.nbytes for t in tensors),
         weights_exact=exact,
         weights_note=note,
         tensor_groups=groups,
         tensor_ranges=(tuple((g, a, b) for g, (a, b) in sorted(ranges.items())),),
-        tensors=listing.tensors,
+        tensors=tensors,
     )
+
+
+def _scaled(tensors: tuple[TensorInfo, ...], to: int, total: int) -> tuple[TensorInfo, ...]:
+    """Every tensor's bytes x to/total (offsets follow, each 32-byte aligned as in the file)."""
+    out, offset = [], 0
+    for t in tensors:
+        nbytes = t.nbytes * to // total
+        out.append(TensorInfo(t.name, t.ggml_type, t.shape, nbytes, t.file, offset))
+        offset += -(-nbytes // 32) * 32
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- Hugging Face config.json
