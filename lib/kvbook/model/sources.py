@@ -144,8 +144,9 @@ def load_preset_file(path: Path) -> ModelArch:
 def _preset_with_tensors(path: Path, doc: dict[str, Any], listing: PresetListing) -> ModelArch:
     """A preset whose tensor listing (preset_tensors.py) is placed tensor by tensor, as its GGUF would be. The
     weights are exact where the listing reproduces the file (its 'check' line cites the log); `weights.exact: false`
-    marks one that does not (a publisher's own quant mix): its tensors are then scaled to the cited file size, when
-    there is one, so that the total is never below the file's and each device gets its share (labelled)."""
+    marks one that does not (a publisher's own quant mix): its tensors are then scaled to the cited file size
+    (`file_bytes`, or `approx_file_bytes` when only a rounded size is known), so that the total is never below the
+    file's and each device gets its share (labelled)."""
     weights = doc.get("weights") or {}
     tensors = listing.tensors
     total = sum(t.nbytes for t in tensors)
@@ -153,11 +154,12 @@ def _preset_with_tensors(path: Path, doc: dict[str, Any], listing: PresetListing
     what = f"{len(tensors)} tensors from {listing_path(path).name} ({listing.kind}"
     if exact:
         note = f"exact: {what}, checked against a public log of the file)"
-    elif int(weights.get("file_bytes", 0)) > total:
-        file_bytes = int(weights["file_bytes"])
+    elif int(weights.get("file_bytes", weights.get("approx_file_bytes", 0))) > total:
+        file_bytes = int(weights.get("file_bytes", weights.get("approx_file_bytes", 0)))
         tensors = _scaled(tensors, file_bytes, total)
+        about = "" if "file_bytes" in weights else "about "
         note = (f"approximate: {what}; the cited file's own per-tensor mix is not public, so each tensor is scaled "
-                f"x{file_bytes / total:.3f} to its {file_bytes:,} B)")
+                f"x{file_bytes / total:.3f} to its {about}{file_bytes:,} B)")
     else:
         note = f"approximate: {what}; no exact size of the cited file is known)"
     groups: dict[str, int] = {}
