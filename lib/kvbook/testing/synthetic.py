@@ -583,7 +583,23 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit, or the type of
     the first `type_overrides` regex found in the tensor's name (a quant mix like a real file's).
     """
-    tensors = synthetic_tensors(metadata)
+    overrides = [(re.compile(pattern), t) for pattern, t in type_overrides]
+    typed = []
+    for name, ne in synthetic_tensors(metadata):
+        wanted = next((t for rx, t in overrides if rx.search(name)), weight_type)
+        typed.append((name, ne, _tensor_type(name, ne, wanted)))
+    return _write_model(metadata, path, typed)
+
+
+def write_listed_gguf(metadata: Mapping[str, Any], path: Path,
+                      tensors: Sequence[tuple[str, tuple[int, ...], str]]) -> Path:
+    """A sparse GGUF holding exactly these tensors (name, ne, ggml type name), in this order: a preset's tensor
+    listing (params/models/<id>.tensors.tsv) as a file llama.cpp loads."""
+    return _write_model(metadata, path, [(n, ne, GGMLQuantizationType[t]) for n, ne, t in tensors])
+
+
+def _write_model(metadata: Mapping[str, Any], path: Path,
+                 tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> Path:
     h = _hparams(metadata)
     path = Path(path)
     writer = GGUFWriter(path, h.arch)
@@ -594,10 +610,7 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     writer.add_uint32(f"{h.arch}.vocab_size", h.n_vocab)
     writer.add_string("tokenizer.ggml.model", "none")
     data_size = 0
-    overrides = [(re.compile(pattern), t) for pattern, t in type_overrides]
-    for name, ne in tensors:
-        wanted = next((t for rx, t in overrides if rx.search(name)), weight_type)
-        t = _tensor_type(name, ne, wanted)
+    for name, ne, t in tensors:
         nbytes = _nbytes(ne, t)
         writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=t)
         data_size += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
