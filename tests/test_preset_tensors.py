@@ -156,6 +156,31 @@ def test_rules_reproduce_a_real_header(gemma3):
     assert [(t.name, t.ggml_type) for t in real.tensors] == [(n, t) for (n, _), t in zip(tensors, derived)]
 
 
+@pytest.mark.parametrize("model, flags", [
+    ("gpt-oss-20b", ("-c", "8192", "-np", "1", "-ngl", "all", "--n-cpu-moe", "99", "-fa", "on")),
+    ("deepseek-v3", ("-c", "4096", "-np", "1", "-ngl", "all", "--cpu-moe", "-fa", "on")),
+    ("qwen3-next-80b-a3b", ("-c", "8192", "-np", "1", "-ngl", "20", "-fa", "on")),
+])
+def test_listing_as_a_file_is_placed_by_llama_cpp_as_planned(tmp_path, rpc_endpoints, model, flags):
+    """The listing written as a sparse GGUF (write_listed_gguf) reads back tensor for tensor (so the preset plans as
+    that file does), and the pinned llama-fit-params over a loopback RPC device puts on each device the weights
+    kvbook plans, to its whole MiB (ops/fit_devices.py)."""
+    from kvbook.model.sources import load_gguf
+    from kvbook.ops.fit_devices import compare_devices
+    from kvbook.testing.synthetic import write_listed_gguf
+
+    preset = load_model(model)
+    meta = yaml.safe_load((MODELS / f"{model}.yaml").read_text())["metadata"]
+    path = write_listed_gguf(meta, tmp_path / f"{model}.gguf", [(t.name, t.shape, t.ggml_type) for t in preset.tensors])
+    key = lambda t: (t.name, t.ggml_type, t.shape, t.nbytes, t.offset)  # noqa: E731
+    assert [key(t) for t in load_gguf(path).tensors] == [key(t) for t in preset.tensors]
+    case = compare_devices(path, rpc_endpoints[:1], flags)
+    assert case.log_complete and [d.fit.name for d in case.devices] == ["RPC0", "Host"]
+    for d in case.devices:
+        assert d.weights_exact, (d.fit, d.weights_bytes / MiB)
+    path.unlink()
+
+
 @pytest.mark.parametrize("line, message", [
     ("blk.0.attn_q.weight\tQ4_K", "expected 'name<TAB>type<TAB>ne0,ne1,...'"),
     ("blk.0.attn_q.weight\tQ9_X\t256,256", "unknown ggml type 'Q9_X'"),

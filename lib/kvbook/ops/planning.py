@@ -99,7 +99,8 @@ def _draft(flags: ServerFlags, source: str) -> ModelArch | None:
         raise BadInput(f"-md {source}: the draft has NextN/MTP layers, so llama-server runs it as an MTP "
                        "draft, which kvbook does not model yet")
     if not draft.weights_exact:
-        raise BadInput(f"-md {source}: a draft model must be a GGUF (path or URL)")
+        raise BadInput(f"-md {source}: a draft model must be a GGUF (path or URL) or a preset whose tensor "
+                       "listing is exact")
     return draft
 
 
