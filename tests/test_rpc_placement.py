@@ -150,9 +150,10 @@ def test_bad_placement_input_is_one_line(capsys, gemma3, args, needle) -> None:
 
 
 def test_rpc_needs_per_layer_sizes(capsys) -> None:
-    assert cli.main(["plan", "--", "llama-server", "-m", "llama-3.1-8b", "--rpc", "127.0.0.1:1", "-ngl", "10"]) == 2
+    """A preset without a tensor listing (smollm2-135m; the large presets carry one) has no per-layer sizes."""
+    assert cli.main(["plan", "--", "llama-server", "-m", "smollm2-135m", "--rpc", "127.0.0.1:1", "-ngl", "10"]) == 2
     assert "needs the GGUF's tensors" in capsys.readouterr().err
-    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "llama-3.1-8b", "--rpc",
+    assert cli.main(["plan", "--device", "rtx-4090", "--", "llama-server", "-m", "smollm2-135m", "--rpc",
                      "127.0.0.1:1", "-ngl", "10"]) == 2
     assert "needs the GGUF's tensors" in capsys.readouterr().err  # RPC beside a local GPU: tests/test_devices.py
 
