@@ -61,7 +61,7 @@ def main() -> int:
                     s.stop()
             for d in plan["devices"]:
                 ep = d["name"][d["name"].index("[") + 1:-1] if "[" in d["name"] else None
-                key = (lambda table: "CPU_Mapped" if ep is None else next((k for k in table if k.endswith(f"[{ep}]")), ""))
+                key = (lambda table: "CPU_Mapped" if ep is None else next((k for k in table if k.endswith(f"[{ep}]")), ""))  # noqa: E731
                 kv_key = "CPU" if ep is None else key(logged.kv_buffer_mib)
                 rows.append({"model": model, "flags": " ".join(flags), "device": d["name"].split("[")[0],
                              "bound": len(plan["devices"]) > 1 and not any("run(s) no layer" in n for n in plan["notes"]),

@@ -160,7 +160,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         if self.path not in ("/model.gguf", "/norange.gguf"):
             self.send_error(404)
             return

@@ -129,7 +129,7 @@ def test_slider_keypress_updates_chart_in_jupyterlab(jupyter_lab):
             shot = log.parent / "failure.png"
             try:
                 page.screenshot(path=str(shot), full_page=True)
-            except Exception:  # noqa: BLE001 - keep the original error
+            except Exception:  # keep the original error
                 pass
             raise AssertionError(f"{type(exc).__name__}: {exc}\nscreenshot: {shot}\n"
                                  f"lab log tail:\n{log.read_text()[-2000:]}") from exc

@@ -16,7 +16,7 @@ from kvbook.ops.fit_devices import compare_devices
 from kvbook.testing.fullsize import FULL_SIZE, write_full_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_fullsize_rpc import FLAG_SETS  # noqa: E402  (the benchmark's flag sets, one source)
+from bench_fullsize_rpc import FLAG_SETS  # the benchmark's flag sets, one source
 
 pytestmark = pytest.mark.slow
 

@@ -151,7 +151,7 @@ class _NotJson(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.end_headers()

@@ -24,7 +24,7 @@ class _Files(BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         path = self.folder / self.path.lstrip("/").split("?")[0]
         if not path.is_file():
             self.send_error(404)

@@ -12,7 +12,7 @@ import pytest
 from kvbook.ops.solver_fit import compare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from bench_solver_vs_fit import cases  # noqa: E402  (the benchmark's cases, one source)
+from bench_solver_vs_fit import cases  # the benchmark's cases, one source
 
 pytestmark = pytest.mark.slow
 SUBSET = ("gemma3 2 RPC, -c fixed", "gemma3 2 RPC, -c open", "gemma3 user -ngl 12, -c open", "MoE 2 RPC, small",

@@ -315,8 +315,8 @@ def step_python_deps():
     py = venv_python()
     try:
         house = fill_wheelhouse(py, log)
-        install = lambda: run([py, "-m", "pip"] + PIP_INSTALL_LOCK[:1] + ["--no-index", "--find-links", house]
-                              + PIP_INSTALL_LOCK[1:] + [LOCK_FILE], log, timeout=1800)  # noqa: E731
+        install = lambda: run([py, "-m", "pip"] + PIP_INSTALL_LOCK[:1] + ["--no-index", "--find-links", house]  # noqa: E731
+                              + PIP_INSTALL_LOCK[1:] + [LOCK_FILE], log, timeout=1800)
         try:
             install()
         except StepFailed:  # a wheel missing or damaged in the cache: fetch the wheelhouse again, once

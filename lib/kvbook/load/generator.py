@@ -151,7 +151,7 @@ def run_level(target: Target, shape: AgentShape, workload: Workload, concurrency
                 shared.next_session += 1
             try:
                 run_session(index)
-            except BaseException as exc:  # noqa: BLE001 - reported after join, never lost in a thread
+            except BaseException as exc:  # reported after join, never lost in a thread
                 errors.append(exc)
                 return
 

@@ -179,7 +179,7 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
     if executed.exists():
         try:
             html_path = export_html(executed, html)
-        except Exception as exc:  # noqa: BLE001 - report, keep going
+        except Exception as exc:  # report, keep going
             error = error or f"HTML export failed: {type(exc).__name__}: {exc}"
     summary_path = out / "summary.json"
     summary: dict[str, Any] = {}

@@ -163,7 +163,7 @@ def compare(case: Case, endpoints: Sequence[str], run_dir: Path) -> Result:
         try:
             flags = parse_server_args([*base, *_without_ctx(case.args, readable), *readable])
             reads = host_read_bytes(arch, flags, device)
-        except Exception:  # noqa: BLE001 - a flag set kvbook cannot read: no host-read figure
+        except Exception:  # a flag set kvbook cannot read: no host-read figure
             reads = None
         fits = all(u <= b for u, b in zip(used, case.budgets_mib))
         sides.append(Side(tuple(tokens), note, n_ctx, reads, used, fits))

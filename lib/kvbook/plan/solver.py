@@ -323,7 +323,7 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
             rejected.append(placed)
         else:
             out.append(placed)
-    goal = (lambda p: -p.n_ctx) if objective == "max-context" else (lambda p: p.host_read_bytes)  # noqa: E731
+    goal = (lambda p: -p.n_ctx) if objective == "max-context" else (lambda p: p.host_read_bytes)
     out = sorted(out, key=lambda p: (goal(p), p.verdict is not Verdict.FITS))[:top]  # stable: keeps the rest of the order
     out = [dataclasses.replace(p, rank=i) for i, p in enumerate(out, start=1)]
     return Solution(objective=objective, fixed=tuple(sorted(fixed - {"model"})), searched=len(options),

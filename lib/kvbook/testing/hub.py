@@ -120,10 +120,10 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                     left -= len(block)
                     state.sent[name] = state.sent.get(name, 0) + len(block)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._route(head=False)
 
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self._route(head=True)
 
     return Hub
