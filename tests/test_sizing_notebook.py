@@ -84,8 +84,7 @@ def test_params_file_runs(runs, name):
     s = result.summary
     assert s["kind"] == "sizing" and s["verdict"] in ("fits", "tight", "does not fit")
     assert s["n_ctx"] > 0 and (s["max_ctx"] > 0 or s["solver"]["placements"])  # as typed, or as the solver places it
-    parts = ("weights_bytes", "kv_bytes", "recurrent_bytes", "compute_bytes", "output_bytes")
-    assert s["start_bytes"] == sum(s[k] for k in parts)
+    assert s["start_bytes"] == sum(d["need_bytes"] - d["host_extras_bytes"] for d in s["devices"])  # what they hold
     assert json.loads((result.output_dir / "summary.json").read_text())["verdict"] == s["verdict"]
     html = result.html.read_text()
     assert 'class="plotly-graph-div' in html and "Plotly.newPlot" in html, "the report has a plotly chart"

@@ -446,11 +446,12 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
             alt_memory = plan_memory(arch, alt)
         except BadInput:
             continue  # e.g. a quantized cache this model's row widths do not allow
-        verdict = worst(place(arch, alt, alt_memory, device))
-        if _better(verdict, now):
+        usages = place(arch, alt, alt_memory, device)
+        verdict = worst(usages)
+        if _better(verdict, now):  # total_bytes as the plan's: what the devices hold in all (summary._held)
             argv = alt.argv[1:] if alt.argv and not alt.argv[0].startswith("-") else alt.argv
             out.append(Alternative(change=change, flags=tuple(argv), n_ctx=alt_memory.shape.n_ctx,
-                                   total_bytes=alt_memory.total_bytes, verdict=verdict))
+                                   total_bytes=sum(u.need_bytes for u in usages), verdict=verdict))
     return tuple(out)
 
 

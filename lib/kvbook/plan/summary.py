@@ -11,13 +11,14 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 4  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
-    """The plan as the flat JSON contract other tools and notebooks read."""
+    """The plan as the flat JSON contract other tools and notebooks read (format_plan prints its totals)."""
     mem = plan.memory
     main = max(plan.pools, key=lambda u: u.need_bytes)
+    held = _held(plan)
     return {
         "schema_version": SCHEMA_VERSION,
         "model": plan.model.name,
@@ -49,9 +50,9 @@ def plan_summary(plan: Plan) -> dict:
         "output_bytes": mem.output_bytes,
         "projector": projector_entry(plan),
         "draft": draft_entry(plan),
-        "host_extras_bytes": mem.host_extras.bytes,
-        "start_bytes": mem.start_bytes,
-        "total_bytes": mem.total_bytes,
+        "host_extras_bytes": held["extras"],
+        "start_bytes": held["start"],
+        "total_bytes": held["total"],
         "budget_bytes": main.budget_bytes,
         "pools": [{"pool": u.pool, "need_bytes": u.need_bytes, "budget_bytes": u.budget_bytes,
                    "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes} for u in plan.pools],
@@ -134,7 +135,8 @@ def placement_entry(plan: Plan) -> dict:
 
 def _held(plan: Plan) -> dict[str, int]:
     """What the devices hold in all, by kind (weights, compute, extras) and start / total: the sums of the
-    per-device rows, so the plan's top lines add up to its rows (several devices hold more than one would)."""
+    per-device rows (CPU_REPACK copies included), so the plan's totals, in JSON and text, add up to its rows
+    (several devices hold more than one would)."""
     out = {k: sum(getattr(u, f"{k}_bytes") for u in plan.pools) for k in ("weights", "compute", "host_extras")}
     total = sum(u.need_bytes for u in plan.pools)
     return {"weights": out["weights"], "compute": out["compute"], "extras": out["host_extras"],
@@ -188,7 +190,7 @@ def format_plan(plan: Plan) -> str:
         types = f"{c.k_type}/{c.v_type}" if c.v_type else f"{c.k_type} (K only, MLA)"
         label = {"kv": "KV cache", "swa": "SWA cache", "recurrent": "recurrent"}[c.kind.value]
         lines.append(f"  {label:<12} {_size(c.bytes)}  {c.cells} cells x {c.layers} layers, {types}")
-    held = _held(plan)
+    held, doc = _held(plan), plan_summary(plan)
     model_weights, model_compute = _model_weights_compute(plan)
     copies = held["weights"] - model_weights
     lines += [
@@ -207,9 +209,9 @@ def format_plan(plan: Plan) -> str:
            f"{_size(mem.draft.weights_bytes).strip()}, KV {_size(mem.draft.kv_bytes + mem.draft.recurrent_bytes).strip()}"
            f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
           if mem.draft and plan.model.draft else []),
-        f"  at start     {_size(held['start'])}",
-        f"  host growth  {_size(held['extras'])}  prompt cache (--cache-ram) + context checkpoints",
-        f"  total        {_size(held['total'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),
+        f"  at start     {_size(doc['start_bytes'])}",
+        f"  host growth  {_size(doc['host_extras_bytes'])}  prompt cache (--cache-ram) + context checkpoints",
+        f"  total        {_size(doc['total_bytes'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),
         "",
     ]
     for u in plan.pools:
@@ -220,11 +222,10 @@ def format_plan(plan: Plan) -> str:
                                                                            ("host growth", u.host_extras_bytes)) if n)
             lines.append(f"      weights {_size(u.weights_bytes).strip()}, KV {_size(u.kv_bytes).strip()}, "
                          f"recurrent {_size(u.recurrent_bytes).strip()}, compute {_size(u.compute_bytes).strip()}{rest}")
+    where = doc["placement"]
     if len({*plan.layers_on, plan.output_on}) > 1:
-        lines.append("  layers: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}"
-                                              for r in placement_entry(plan)["layers"])
-                     + f"; output on {placement_entry(plan)['output']}")
-    where = placement_entry(plan)
+        lines.append("  layers: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["layers"])
+                     + f"; output on {where['output']}")
     if where["experts"] and where["experts"] != where["layers"]:
         lines.append("  experts: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["experts"]))
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
