@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from kvbook.interface import ComputeEstimate, ContextShape, ModelArch
-from kvbook.memory.xp import PY
+from kvbook.memory.xp import PY, Num
 
 
 @cache
-def coefficients() -> dict:
-    return json.loads(resources.files("kvbook").joinpath("data/compute_coefficients.json").read_text())
+def coefficients() -> dict[str, Any]:
+    """The fitted compute coefficients shipped in kvbook/data (calibrated on CPU)."""
+    coef: dict[str, Any] = json.loads(resources.files("kvbook").joinpath("data/compute_coefficients.json").read_text())
+    return coef
 
 
 def activation_width(arch: ModelArch) -> int:
@@ -34,7 +37,8 @@ def activation_width(arch: ModelArch) -> int:
     return arch.n_embd + ffn + q_width + extra
 
 
-def compute_bytes(xp, arch: ModelArch, flash_attn: bool, n_ubatch, cells_sum, cells_max, coef: float | None = None):
+def compute_bytes(xp: Any, arch: ModelArch, flash_attn: bool, n_ubatch: Num, cells_sum: Num, cells_max: Num,
+                  coef: float | None = None) -> Num:
     """The estimate for one ubatch over attention caches of `cells_sum` cells in all (the largest
     `cells_max`): masks (and scores without flash attention), one row of logits, and `coef` (the
     calibrated coefficient unless given) x the activations. Scalars or arrays (see kvbook.memory.xp)."""

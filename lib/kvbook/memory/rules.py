@@ -7,6 +7,8 @@ the compute buffer is a calibrated approximation (see kvbook.memory.compute).
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvbook.errors import BadInput
 from kvbook.interface import (
     CacheKind,
@@ -22,7 +24,7 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import estimate_compute
 from kvbook.memory.projector import projector_memory
-from kvbook.memory.xp import PY
+from kvbook.memory.xp import PY, Num
 
 # ggml block size and bytes per block for the cache types llama-server accepts
 CACHE_TYPE_LAYOUT: dict[str, tuple[int, int]] = {
@@ -40,7 +42,7 @@ SERVER_AUTO_SLOTS = 4
 CTX_PAD = 256
 
 
-def pad(n, to: int = CTX_PAD):
+def pad(n: Num, to: int = CTX_PAD) -> Num:
     return (n + to - 1) // to * to
 
 
@@ -58,13 +60,14 @@ def is_quantized(cache_type: str) -> bool:
 
 # ---------------------------------------------------------------- the formulas (scalars or arrays)
 
-def slots(xp, parallel, kv_unified):
+def slots(xp: Any, parallel: Num, kv_unified: Num) -> tuple[Num, Num]:
     """(n_seq, unified): -np -1 means SERVER_AUTO_SLOTS slots sharing one unified stream."""
     auto = parallel < 0
     return xp.where(auto, SERVER_AUTO_SLOTS, parallel), xp.logical_or(auto, kv_unified)
 
 
-def context_sizes(xp, n_ctx_train: int, ctx, n_seq, unified, fit, batch, ubatch):
+def context_sizes(xp: Any, n_ctx_train: int, ctx: Num, n_seq: Num, unified: Num, fit: Num, batch: Num,
+                  ubatch: Num) -> tuple[Num, Num, Num, Num, Num]:
     """(n_ctx, n_ctx_seq, n_stream, n_batch, n_ubatch) as llama-server and llama_context settle them.
 
     -c 0 is the training context per stream when --fit is on (common/fit.cpp), else in total."""
@@ -76,7 +79,7 @@ def context_sizes(xp, n_ctx_train: int, ctx, n_seq, unified, fit, batch, ubatch)
     return n_ctx, n_ctx_seq, xp.where(unified, 1, n_seq), n_batch, xp.minimum(n_batch, ubatch)
 
 
-def swa_cell_count(xp, n_swa: int, n_ctx_seq, n_seq, unified, n_ubatch, swa_full):
+def swa_cell_count(xp: Any, n_swa: int, n_ctx_seq: Num, n_seq: Num, unified: Num, n_ubatch: Num, swa_full: Num) -> Num:
     """Cells of the sliding-window cache (llama_kv_cache_iswa)."""
     window = n_swa * xp.where(unified, n_seq, 1) + n_ubatch
     return xp.where(swa_full, n_ctx_seq, pad(xp.minimum(n_ctx_seq, window)))
@@ -109,7 +112,7 @@ def recurrent_seq_bytes(arch: ModelArch) -> tuple[int, int]:
     return 4 * arch.recurrent.n_embd_r * n_rec, 4 * arch.recurrent.n_embd_s * n_rec
 
 
-def logits_bytes(n_vocab: int, n_outputs):
+def logits_bytes(n_vocab: int, n_outputs: Num) -> Num:
     """Logits buffer: n_vocab floats for each output row."""
     return n_vocab * 4 * n_outputs
 
@@ -121,7 +124,7 @@ def makes_checkpoints(arch: ModelArch, swa_full: bool) -> bool:
     return arch.is_hybrid or (arch.has_swa and not swa_full)
 
 
-def checkpoints_bytes(arch: ModelArch, per_seq_bytes, ctx_checkpoints: int, n_seq, swa_full: bool):
+def checkpoints_bytes(arch: ModelArch, per_seq_bytes: Num, ctx_checkpoints: int, n_seq: Num, swa_full: bool) -> Num:
     """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
     if ctx_checkpoints == 0 or not makes_checkpoints(arch, swa_full):
         return 0 * per_seq_bytes
@@ -170,8 +173,8 @@ def _attention_cache(arch: ModelArch, shape: ContextShape, layers: list[int], ce
 
 def swa_cells(arch: ModelArch, shape: ContextShape) -> int:
     """Cells of the sliding-window cache (llama_kv_cache_iswa)."""
-    return swa_cell_count(PY, arch.n_swa, shape.n_ctx_seq, shape.n_seq, shape.kv_unified, shape.n_ubatch,
-                          shape.swa_full)
+    return int(swa_cell_count(PY, arch.n_swa, shape.n_ctx_seq, shape.n_seq, shape.kv_unified, shape.n_ubatch,
+                              shape.swa_full))
 
 
 def caches(arch: ModelArch, shape: ContextShape, n_rs_seq: int = 0) -> tuple[CacheSpec, ...]:
@@ -192,7 +195,7 @@ def caches(arch: ModelArch, shape: ContextShape, n_rs_seq: int = 0) -> tuple[Cac
 
 def output_bytes(arch: ModelArch, shape: ContextShape) -> int:
     """Logits buffer: n_vocab floats for each of n_outputs_max rows."""
-    return logits_bytes(arch.n_vocab, max(shape.n_outputs_max, shape.n_seq))
+    return int(logits_bytes(arch.n_vocab, max(shape.n_outputs_max, shape.n_seq)))
 
 
 def checkpoint_bytes(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> int:
@@ -203,7 +206,7 @@ def checkpoint_bytes(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -
             per_seq += cache.bytes // shape.n_stream
         elif cache.kind is CacheKind.RECURRENT:
             per_seq += cache.bytes // max(1, shape.n_seq)
-    return checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq, flags.swa_full)
+    return int(checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq, flags.swa_full))
 
 
 def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:

@@ -3,6 +3,7 @@ one model, from the same formulas as kvbook.memory.rules.plan_memory (and a test
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,18 +32,20 @@ class SweepResult:
 
     @property
     def start_bytes(self) -> np.ndarray:
-        return self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
+        start: np.ndarray = self.weights_bytes + self.kv_bytes + self.recurrent_bytes + self.compute_bytes + self.output_bytes
+        return start
 
     @property
     def total_bytes(self) -> np.ndarray:
-        return self.start_bytes + self.host_extras_bytes
+        total: np.ndarray = self.start_bytes + self.host_extras_bytes
+        return total
 
 
 def sweep(
     arch: ModelArch,
-    ctx: np.ndarray | list[int],
+    ctx: np.ndarray | Sequence[int],
     cache_types: tuple[str, ...] | list[str] = ("f16",),
-    slots: np.ndarray | list[int] = (1,),
+    slots: np.ndarray | Sequence[int] = (1,),
     *,
     unified: bool = False,
     ubatch: int = 512,
@@ -91,4 +94,5 @@ def largest_fitting_ctx(result: SweepResult, budget_bytes: int, *, include_host_
     need = result.total_bytes if include_host_extras else result.start_bytes
     fits = need <= budget_bytes
     ctx = result.ctx.reshape(-1, 1, 1) * np.ones_like(need)
-    return np.where(fits, ctx, 0).max(axis=0)
+    largest: np.ndarray = np.where(fits, ctx, 0).max(axis=0)
+    return largest

@@ -5,6 +5,12 @@ scalar planner and the vectorised sweep cannot drift apart."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+# what the shared formulas take and give: a plain int/bool (PY) or a numpy array (NUMPY)
+Num: TypeAlias = Any
+
 
 class Scalars:
     """The namespace over plain Python numbers and bools."""
@@ -24,12 +30,13 @@ PY = Scalars()
 class NumpyArrays:
     """The same names over numpy arrays (numpy is imported on first use only)."""
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Callable[..., Any]:
         import numpy as np
 
         if name == "to_int":
             return lambda a: np.asarray(a).astype(np.int64)
-        return getattr(np, name)
+        fn: Callable[..., Any] = getattr(np, name)
+        return fn
 
 
 NUMPY = NumpyArrays()

@@ -6,6 +6,7 @@ into a metadata dict with GGUF key names; this module is the one place that inte
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +103,8 @@ class _Meta:
             raise ModelError(f"{self.source}: {self.arch}.{key} must be a non-negative integer, got {value!r}")
         return int(value)
 
-    def per_layer(self, key: str, n: int, default: int | list[int] | None) -> tuple[int, ...]:
+    def per_layer(self, key: str, n: builtins.int, default: builtins.int | list[builtins.int] | None
+                  ) -> tuple[builtins.int, ...]:  # builtins: the method `int` above shadows the type here
         """An int-or-array key expanded to n layers (llama.cpp's get_key_or_arr)."""
         value = self.raw(key, default)
         if value is None:
@@ -118,7 +120,7 @@ class _Meta:
                 raise ModelError(f"{self.source}: {self.arch}.{key} must hold non-negative integers, got {v!r}")
         return tuple(int(v) for v in values)
 
-    def bools(self, key: str, n: int) -> tuple[bool, ...] | None:
+    def bools(self, key: str, n: builtins.int) -> tuple[bool, ...] | None:
         value = self.raw(key)
         if value is None or not isinstance(value, (list, tuple)):
             return None

@@ -36,7 +36,7 @@ class GGUFHeader:
     # every tensor in file order, compactly: [name, ggml type name, ne (ne0 first), bytes, offset in the tensor
     # data]; what placement needs to size any -ot subset and llama.cpp's CPU_REPACK copies (plan/weights.py).
     # About 80 bytes a tensor in the memo: 90 KB for a 1,100-tensor model, 1.3 MB at the MAX_TENSORS cap
-    tensors: list[list] = field(default_factory=list)
+    tensors: list[list[Any]] = field(default_factory=list)
 
 
 def tensor_group(name: str) -> str:

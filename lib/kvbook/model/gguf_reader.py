@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from gguf import GGUFEndian, GGUFReader, GGUFValueType
@@ -30,12 +30,12 @@ class _BoundedReader(GGUFReader):
             raise ModelError(f"header claims {int(count)} metadata entries (cap {MAX_KV})")
         return super()._build_fields(offs, count)
 
-    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list]:
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
         if int(count) > MAX_TENSORS:
             raise ModelError(f"header claims {int(count)} tensors (cap {MAX_TENSORS})")
         return super()._build_tensor_info(offs, count)
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int):
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[GGUFValueType]]:
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
         raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
@@ -58,7 +58,7 @@ class _BoundedReader(GGUFReader):
         end = len(self.data)
         if count * length.size > end - offs:
             raise ModelError(f"truncated GGUF: metadata array of {count} strings runs past the end of the file")
-        buf, unpack, last = memoryview(self.data), length.unpack_from, end - length.size
+        buf, unpack, last = memoryview(cast(Any, self.data)), length.unpack_from, end - length.size  # a np.memmap
         for _ in range(count):  # a vocabulary is ~10^5 strings: keep this loop bare
             if offs > last:
                 raise ModelError("truncated GGUF: a string array runs past the end of the file")
@@ -115,7 +115,7 @@ def parse(path: Path, source: str, file_bytes: int) -> GGUFHeader:
     tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
     groups: dict[str, int] = {}
     ranges: dict[str, list[int]] = {}
-    rows: list[list] = []
+    rows: list[list[Any]] = []
     base = int(reader.data_offset)
     for t in reader.tensors:
         key, start, size = tensor_group(str(t.name)), int(t.data_offset) - base, int(t.n_bytes)

@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kvbook.errors import ModelError
 from kvbook.model.gguf_header import GGUF_MAGIC, MAX_HEADER, GGUFHeader, _check_prefix
@@ -143,7 +143,7 @@ def read_remote(url: str, *, timeout: float = 30.0, session: Any = None, sparse_
     last_error: ModelError | None = None
     scratch = contextlib.nullcontext(None) if sparse_copy else tempfile.TemporaryDirectory(prefix="kvbook-gguf-")
     with scratch as tmp:
-        part = sparse_copy or Path(tmp) / "header.gguf"
+        part = sparse_copy or Path(cast(str, tmp)) / "header.gguf"
         while True:
             try:
                 resp = http.get(

@@ -181,7 +181,8 @@ def repo_commit(http: Any, hub: str, repo: str, token: str | None, timeout: floa
              and re.fullmatch(r"[0-9a-fA-F]{40}", b["targetCommit"])]
     if not valid:
         raise ModelError(f"{repo}: no branch with a valid commit on {hub}")
-    return next((c for n, c in valid if n == "main"), valid[0][1])
+    commit: str = next((c for n, c in valid if n == "main"), valid[0][1])
+    return commit
 
 
 def repo_files(http: Any, hub: str, repo: str, commit: str, token: str | None, timeout: float) -> list[str]:
@@ -223,7 +224,10 @@ def resolve_hf(repo_with_tag: str, hf_file: str, environ: Mapping[str, str], *, 
         primary = found
     shards = split_files(files, primary)
     mmproj = best_mmproj(files, primary)
-    url = lambda path: f"{hub}{repo}/resolve/{commit}/{path}"  # noqa: E731
+
+    def url(path: str) -> str:
+        return f"{hub}{repo}/resolve/{commit}/{path}"
+
     sidecars = tuple(f for f in files if f.endswith(".gguf") and any(k in f for k in SIDECARS[2:]))
     return HubFiles(repo=repo, tag=tag, commit=commit, model_path=primary, model_urls=tuple(url(s) for s in shards),
                     mmproj_path=mmproj, mmproj_url=url(mmproj) if mmproj else None, sidecars=sidecars)

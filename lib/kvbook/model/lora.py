@@ -7,6 +7,7 @@ tensors; a CPU buffer pads every tensor to 32 bytes (TENSOR_ALIGNMENT)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from kvbook.errors import BadInput
 from kvbook.interface import LoraAdapter
@@ -19,7 +20,7 @@ def _pad(n: int, align: int = CPU_ALIGNMENT) -> int:
     return (n + align - 1) // align * align
 
 
-def adapter_from_tensors(meta: dict, tensors: list[tuple[str, int]], source: str) -> LoraAdapter:
+def adapter_from_tensors(meta: dict[str, Any], tensors: list[tuple[str, int]], source: str) -> LoraAdapter:
     """The adapter's buffer from its metadata and (name, bytes) tensor list."""
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
         raise BadInput(f"--lora {source}: not a LoRA adapter GGUF (general.type '{meta.get('general.type')}', "

@@ -31,7 +31,10 @@ def projector_from_metadata(meta: dict[str, Any], weights_bytes: int, source: st
                        "memory yet")
     if not vision:
         raise BadInput(f"{source}: the projector has no vision encoder, which is all kvbook models")
-    g = lambda k: _u32(meta, f"clip.vision.{k}", source)  # noqa: E731
+
+    def g(key: str) -> int:
+        return _u32(meta, f"clip.vision.{key}", source)
+
     return ProjectorArch(source=source, projector_type=kind, vision=vision, audio=audio, n_embd=g("embedding_length"),
                          n_ff=g("feed_forward_length"), n_layer=g("block_count"), n_head=g("attention.head_count"),
                          image_size=g("image_size"), patch_size=g("patch_size"), weights_bytes=weights_bytes)

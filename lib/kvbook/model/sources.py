@@ -262,7 +262,7 @@ def hf_to_metadata(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if n_expert:
         meta[f"{arch}.expert_count"] = int(n_expert)
         meta[f"{arch}.expert_used_count"] = int(cfg.get("num_experts_per_tok") or 0)
-        meta[f"{arch}.expert_feed_forward_length"] = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size"))
+        meta[f"{arch}.expert_feed_forward_length"] = int(cfg.get("moe_intermediate_size") or need("intermediate_size"))
     if cfg.get("sliding_window") and arch in ("gemma2", "gemma3", "gpt-oss"):
         meta[f"{arch}.attention.sliding_window"] = int(cfg["sliding_window"])
         layer_types = cfg.get("layer_types")
@@ -303,14 +303,17 @@ def _mla_attention_params(g: Any, n_embd: int, n_head: int) -> int:
     qk, v = g("attention.key_length_mla"), g("attention.value_length_mla")
     q = n_embd * q_lora + q_lora * n_head * qk if q_lora else n_embd * n_head * qk
     kv = n_embd * (kv_lora + rope) + kv_lora * n_head * (qk - rope + v)
-    return q + kv + n_head * v * n_embd
+    return int(q + kv + n_head * v * n_embd)
 
 
 def estimate_params(meta: dict[str, Any]) -> int:
     """A rough parameter count from shapes (attention, dense FFN or routed + shared experts, embeddings);
     for labelled estimates only."""
     arch = meta["general.architecture"]
-    g = lambda k, d=0: meta.get(f"{arch}.{k}", d)  # noqa: E731
+
+    def g(key: str, default: Any = 0) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
     n_embd, n_layer, vocab = g("embedding_length"), g("block_count"), g("vocab_size")
     n_head, n_kv = g("attention.head_count"), g("attention.head_count_kv")
     if g("attention.kv_lora_rank"):

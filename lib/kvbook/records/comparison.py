@@ -196,7 +196,10 @@ def differences(records: Sequence[CheckRecord], a: str, b: str) -> list[Differen
                            ("tool-call pass rate", ca.tool_calls, cb.tool_calls)):
         d, lo, hi = rate_difference(ra, rb)
         out.append(Difference(metric, a, b, 100 * ra.value, 100 * rb.value, 100 * d, 100 * lo, 100 * hi, "points"))
-    pick = lambda label: [r for r in records if r.label == label and r.check == SPEED_CHECK and r.passed]  # noqa: E731
+
+    def pick(label: str) -> list[CheckRecord]:
+        return [r for r in records if r.label == label and r.check == SPEED_CHECK and r.passed]
+
     for metric, key, scale, unit in (("time to first text (median)", "first_text_s", 1000.0, "ms"),
                                      ("tokens/s (median)", "tokens_per_s", 1.0, "tok/s")):
         xa, xb = _timing(pick(a), key, scale), _timing(pick(b), key, scale)
