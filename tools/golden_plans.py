@@ -74,12 +74,12 @@ def pinned_host() -> Iterator[None]:
     import kvbook.plan.weights as weights
 
     saved = devices.this_machine, weights.this_cpu
-    devices.this_machine = lambda *a, **k: GOLDEN_HOST  # type: ignore[assignment]
+    devices.this_machine = lambda *a, **k: GOLDEN_HOST
     weights.this_cpu = lambda: weights.X86_AVX2  # type: ignore[assignment]
     try:
         yield
     finally:
-        devices.this_machine, weights.this_cpu = saved  # type: ignore[assignment]
+        devices.this_machine, weights.this_cpu = saved
 
 
 def _bundled_paths() -> dict[str, str]:

@@ -22,7 +22,7 @@ POST_ARGV = ("-ngl", "999", "--flash-attn", "on", "-b", "4096", "-ub", "2048", "
              "--cache-type-k", "bf16", "--cache-type-v", "bf16", "-n", "32768", "--jinja")
 # A shape whose bf16 KV is the post's 192 KiB/token: Qwen2.5-14B (48 layers, 8 KV heads, head_dim 128),
 # model-facts.md 1.4.
-IMPLIED_SHAPE = {"layers": 48, "kv_heads": 8, "head_dim": 128, "example": "Qwen2.5-14B"}
+IMPLIED_SHAPE: dict[str, Any] = {"layers": 48, "kv_heads": 8, "head_dim": 128, "example": "Qwen2.5-14B"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class _PostFacts:
     all_attn_kv: int
     implied: int
     implied_small: int
-    shape: dict
+    shape: dict[str, Any]
     shape_bytes: int
     rec_seq: int
     ckpt: int

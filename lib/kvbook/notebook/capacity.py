@@ -42,7 +42,7 @@ def speed_points(model: Path, depths: Sequence[int], fit_depths: Sequence[int], 
     return fitted, rows
 
 
-def held_out_median_error(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+def held_out_median_error(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     held = [r for r in rows if r["held_out"]]
 
     def err(kind: str) -> float | None:

@@ -112,7 +112,7 @@ def apply_breakdown(fig: Any, bars: Sequence[Bar], budget_bytes: int, *, title: 
     for trace, (key, _, _) in zip(fig.data, COMPONENTS):
         trace.x = labels
         trace.y = [_in_gib(parts.get(key, 0)) for _, parts in bars]
-    lines = [(f"budget {_in_gib(budget_bytes):.2f} GiB", budget_bytes, "#222222", "solid")]
+    lines: list[tuple[str, float, str, str]] = [(f"budget {_in_gib(budget_bytes):.2f} GiB", budget_bytes, "#222222", "solid")]
     lines += [(label, value, "#888888", "dash") for label, value in extra_lines]
     fig.layout.shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_in_gib(v), y1=_in_gib(v),
                               line=dict(color=c, width=2, dash=d)) for _, v, c, d in lines]

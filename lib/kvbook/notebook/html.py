@@ -95,8 +95,8 @@ def distribution_figure(records: Sequence[CheckRecord], labels: Sequence[str], c
 
     fig = go.Figure()
     for label in labels:
-        ys = [scale * r.timing(key) for r in records
-              if r.label == label and r.check == check and r.passed and r.timing(key) is not None]
+        ys = [scale * t for r in records
+              if r.label == label and r.check == check and r.passed and (t := r.timing(key)) is not None]
         fig.add_box(y=ys, name=label, boxpoints="all", jitter=0.4, pointpos=0)
     fig.update_layout(title=title, yaxis_title=unit, height=420, showlegend=False)
     return fig

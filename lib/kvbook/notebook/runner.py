@@ -16,7 +16,7 @@ from kvbook.paths import outputs_dir, repo_root
 from kvbook.yamlio import read_yaml
 
 INTERACTIVE_TAG = "interactive"  # cells dropped from HTML reports (widgets need a live kernel)
-_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
+_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
 
 
 def new_run_id(label: str) -> str:
@@ -82,7 +82,7 @@ def plan_jobs(notebooks: list[str], params_files: list[str]) -> list[Job]:
         for path, named, _ in files:
             if named is None:
                 raise BadInput(f"{path}: names no notebook (add 'notebook: NAME' or give the notebook before -f)")
-        nbs = list(dict.fromkeys(resolve_notebook(named) for _, named, _ in files))
+        nbs = list(dict.fromkeys(resolve_notebook(named) for _, named, _ in files if named is not None))
     if not nbs:
         raise BadInput("nothing to run: give a notebook, or -f PARAMS.yaml naming one")
     jobs: list[Job] = []

@@ -51,7 +51,7 @@ class SizingUI:
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self.error: str | None = None
         self._make_controls(w, params)
-        self._fixed = {"allow_over_max": params.allow_over_max, "compare_blog_post": params.compare_blog_post,
+        self._fixed: dict[str, Any] = {"allow_over_max": params.allow_over_max, "compare_blog_post": params.compare_blog_post,
                        "output_dir": params.output_dir}
         self._first_view()
         self.layout = w.VBox([

@@ -129,7 +129,7 @@ def choose_profile(flags: frozenset[str], system: str, machine: str, requested: 
             raise ProfileError(f"KVBOOK_LLAMA_PROFILE={requested!r} is not a build profile; "
                                f"use one of {', '.join(PROFILES)} or unset it")
         if profile.name == "native":
-            args = ("-DGGML_NATIVE=ON",)
+            args: tuple[str, ...] = ("-DGGML_NATIVE=ON",)
             if machine == "x86_64":
                 args += (f"-DCMAKE_C_FLAGS={_NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={_NO_AMX_FLAGS}", *NO_AMX)
             return Profile(profile.name, profile.summary, args, flags)

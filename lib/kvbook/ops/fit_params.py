@@ -211,7 +211,7 @@ def _run_holding_exit(argv: Sequence[str], timeout_s: float) -> tuple[int, str, 
                 sel.register(r_out, selectors.EVENT_READ)
                 releasing = True
             for key, _ in sel.select(timeout=0.05):
-                fd = int(key.fd)  # type: ignore[arg-type]
+                fd = int(key.fd)
                 data = os.read(fd, 1 << 16)
                 if not data:
                     sel.unregister(fd)

@@ -67,8 +67,8 @@ def parse_rpc_hosts(entries: Sequence[Any]) -> tuple[RpcHost, ...]:
     for i, entry in enumerate(entries):
         where = f"rpc_servers[{i}]"
         if isinstance(entry, str):
-            host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "0")
-            entry = {"host": host, "port": port}
+            host, _, port_text = entry.rpartition(":") if ":" in entry else (entry, "", "0")
+            entry = {"host": host, "port": port_text}
         if not isinstance(entry, dict) or set(entry) - {"host", "port", "threads"}:
             raise BadInput(f"{where}: give 'host:port' or a mapping of host, port, threads")
         try:

@@ -97,7 +97,7 @@ def _as_kvbook_flags(tokens: Sequence[str]) -> tuple[str, ...]:
             continue
         if tokens[i] == "-ot" and i + 1 < len(tokens):
             layers = [m and int(m[1]) for m in map(_EXPS.match, tokens[i + 1].split(","))]
-            if all(x is not None for x in layers) and sorted(layers) == list(range(len(layers))):
+            if all(x is not None for x in layers) and sorted(x or 0 for x in layers) == list(range(len(layers))):
                 out += ["--n-cpu-moe", str(len(layers))]
                 i += 2
                 continue
@@ -131,7 +131,8 @@ def _measure(case: Case, endpoints: Sequence[str], placement: Sequence[str], run
 def _without_ctx(args: Sequence[str], placement: Sequence[str]) -> list[str]:
     """The case's flags minus any the placement sets again (-c, -ngl, -ts, cache types)."""
     again = {a for a in placement if a.startswith("-")}
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while i < len(args):
         takes = i + 1 < len(args) and not args[i + 1].startswith("-")
         width = 2 if takes else 1

@@ -418,7 +418,7 @@ def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignore
         else:
             continue
         read.append(shown)
-        env = {"read": log, "source": "environment"}
+        env: dict[str, Any] = {"read": log, "source": "environment"}
         if _spellings()[canonical][1]:
             _apply(values, ignored, canonical, canonical, raw, shown, **env)
         elif canonical in _ENV_SWITCHES:

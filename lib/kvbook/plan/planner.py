@@ -309,17 +309,17 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         parts[proj]["weights"] += memory.projector.weights_bytes
         parts[proj]["compute"] += memory.projector.compute_bytes
     usages = []
-    for pool in device.pools:
-        part = parts[pool.name]
+    for each in device.pools:
+        part = parts[each.name]
         start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"]
         need = start + part["extras"]
-        if start > pool.budget_bytes:
+        if start > each.budget_bytes:
             verdict = Verdict.DOES_NOT_FIT
-        elif need > pool.budget_bytes - margin_bytes(pool.budget_bytes):
+        elif need > each.budget_bytes - margin_bytes(each.budget_bytes):
             verdict = Verdict.TIGHT
         else:
             verdict = Verdict.FITS
-        usages.append(PoolUsage(pool=pool.name, need_bytes=need, budget_bytes=pool.budget_bytes, verdict=verdict,
+        usages.append(PoolUsage(pool=each.name, need_bytes=need, budget_bytes=each.budget_bytes, verdict=verdict,
                                 weights_bytes=part["weights"], kv_bytes=part["kv"], recurrent_bytes=part["recurrent"],
                                 compute_bytes=part["compute"], output_bytes=part["output"],
                                 host_extras_bytes=part["extras"], repack_bytes=part["repack"]))

@@ -50,7 +50,7 @@ class Placement:
     n_ctx: int
     n_gpu_layers: int  # as a count of the n_layer + 1 layers (the output layer counts)
     n_cpu_moe: int  # -1: --cpu-moe
-    tensor_split: tuple[int, ...]  # () = llama.cpp's split by free memory
+    tensor_split: tuple[float, ...]  # () = llama.cpp's split by free memory
     cache_type: str
     host_read_bytes: int  # bytes read from host RAM per generated token, context full
     verdict: Verdict
@@ -80,7 +80,7 @@ class _Option:
     ngl: int
     ncmoe: int
     cache: str
-    split: tuple[int, ...] | None = None  # None: the greedy exact split at each context; () default split
+    split: tuple[float, ...] | None = None  # None: the greedy exact split at each context; () default split
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class _Search:
                                  device_compute_bound(self.arch, mem) if self.per_device else mem.compute.bytes)
         return self._memory[key]
 
-    def split_for(self, opt: _Option, ctx: int) -> tuple[int, ...]:
+    def split_for(self, opt: _Option, ctx: int) -> tuple[float, ...]:
         """The -ts layer counts that fill the offload devices in order (llama.cpp gives device i the layers
         up to its cumulative share, so counts are an exact split); the last device takes the rest."""
         m = self.m
@@ -183,7 +183,7 @@ class _Search:
         cost = self.m.dense[il] + (0 if opt.ncmoe < 0 or il < opt.ncmoe else self.m.experts[il])
         return cost + (0 if self.flags.no_kv_offload else caches[il][0] + caches[il][1])
 
-    def needs(self, opt: _Option, ctx: int) -> tuple[dict[str, int], tuple[int, ...]]:
+    def needs(self, opt: _Option, ctx: int) -> tuple[dict[str, int], tuple[float, ...]]:
         """Start bytes per pool (host included) for this option at -c ctx, and the split used."""
         m = self.m
         mem, caches, compute = self.memory(ctx, opt.cache)

@@ -256,7 +256,7 @@ def validate_stream(events: list[dict]) -> tuple[str | None, dict]:
         if kind == "error":
             return f"stream carried an error event: {ev.get('error')}", {}
         if kind == "content_block_start":
-            idx = ev.get("index")
+            idx: Any = ev.get("index")
             if idx in blocks:
                 return f"content block {idx} started twice", {}
             block = dict(ev.get("content_block") or {})

@@ -4,6 +4,7 @@ route, compare planned and measured memory, append every check to results.jsonl,
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import platform
 from collections.abc import Callable, Sequence
@@ -159,7 +160,7 @@ def run_session(
             if between_repeats:
                 between_repeats(repeat)
             for target in targets:
-                run_suite(target, smoke, on_result=lambda r, rep=repeat: record(r, rep))
+                run_suite(target, smoke, on_result=functools.partial(record, repeat=repeat))
     return SessionResult(
         run_id=run_id, plan=summary,
         measured={"caches": [to_dict(c) for c in logged.caches], "compute_mib": logged.compute_mib,

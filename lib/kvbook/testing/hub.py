@@ -73,7 +73,7 @@ def _handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 if repo not in state.repos or rest not in state.repos[repo] or parts[3] != state.commit:
                     return self._missing()
                 self.send_response(302)
-                host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_address[1]}"
+                host = self.headers.get("Host") or f"127.0.0.1:{self.server.server_address[1]}"  # type: ignore[index]
                 self.send_header("Location", f"http://{host}/cdn/{repo}/{rest}")  # absolute, as the hub's CDN
                 self.send_header("Content-Length", "0")
                 self.end_headers()
