@@ -44,7 +44,7 @@ BUNDLED_CASES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("ngl99-c16384", ("-ngl", "99", "-c", "16384", "-np", "2"), "rtx-4090-host-64"),
     ("ngl10-c16384", ("-ngl", "10", "-c", "16384"), "rtx-4090-host-64"),
     ("ngl99-c8192", ("-ngl", "99", "-c", "8192"), "2x-rtx-3090"),
-    ("ngl-all-c8192", ("-ngl", "all", "-c", "8192"), "rpc-2-hosts"),
+    ("ngl-all-c8192", ("-c", "8192"), "rpc-2-hosts"),  # + --rpc and -ngl all
 )
 
 
@@ -89,11 +89,12 @@ def _bundled_paths() -> dict[str, str]:
 
 
 def _rpc_flags(device_id: str) -> tuple[str, ...]:
-    """--rpc with the endpoints of a preset's RPC devices, in order (llama-server must be given them)."""
+    """--rpc with the endpoints of a preset's RPC devices, in order, and -ngl all (llama-server must be given
+    them; kvbook plans a given placement, not --fit's)."""
     from kvbook.plan.devices import endpoint_of, load_device
 
     rpc = [endpoint_of(p) for p in load_device(device_id).pools if p.kind == "rpc"]
-    return ("--rpc", ",".join(rpc)) if rpc else ()
+    return ("--rpc", ",".join(rpc), "-ngl", "all") if rpc else ()
 
 
 def requests() -> list[tuple[str, tuple[str, ...], str]]:
