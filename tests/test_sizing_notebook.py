@@ -325,7 +325,7 @@ def test_placement_sliders_replan_every_device():
 
     run = sizing.resolve(dict(model="gpt-oss-120b", device="rtx-4090-host-64", context=65536, slots=1,
                               n_gpu_layers="99", n_cpu_moe=30))
-    ui = pv.PlacementUI(run.arch, run.flags, run.device)
+    ui = pv.PlacementUI(run.request)
     gpu_weights = ui.figure.data[0].y[0]
     ui.n_cpu_moe.value = 36  # every expert on the host: the GPU holds less, the host more
     assert ui.figure.data[0].y[0] < gpu_weights and ui.figure.data[0].y[1] > 0

@@ -155,7 +155,7 @@ else:
 Sliders for `-ngl` and `--n-cpu-moe` and a `-ts` box re-plan every device at once (live kernel only).
 """, tags=('interactive',)),
     code("""
-placement_ui = pv.PlacementUI(run.arch, run.flags, run.device)
+placement_ui = pv.PlacementUI(run.request)
 placement_ui.layout
 """, tags=('interactive',)),
     md("""
