@@ -290,6 +290,39 @@ def largest_fitting_rows(arch: ModelArch, result: SweepResult, budget_bytes: int
     return rows
 
 
+def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unified: bool,
+                     flash_attn: bool) -> list[dict[str, Any]]:
+    """The same table as `largest_fitting_rows` from the planner's own search, device by device, with every
+    placement flag of the request (-ngl, --n-cpu-moe, -ts, -ot): on several pools the start allocation is not one
+    sum against one budget. The sweep gives the same numbers on unified memory, faster."""
+    from kvbook.plan.planner import max_context
+
+    rows = []
+    for ctype in CACHE_TYPES:
+        row: dict[str, Any] = {"cache type": ctype}
+        for slots in slot_counts:
+            label = slots_label(slots, kv_unified)
+            if not type_usable(request.model, ctype, flash_attn):
+                row[label] = None
+                continue
+            flags = replace(request.flags, type_k=ctype, type_v=ctype, parallel=slots,
+                            kv_unified=True if kv_unified and slots > 0 else None)
+            row[label] = max_context(request.model, flags, request.device)
+        rows.append(row)
+    return rows
+
+
+def fit_rows(request: PlanRequest, p: SizingParams, result: SweepResult | None) -> list[dict[str, Any]]:
+    """The largest-context table for this request: from the sweep on unified memory, from the planner's search
+    where the devices are several pools (placement decides what fits); [] without a kvbook rule."""
+    if result is None or not request.has_rule:
+        return []
+    flash = p.flash_attn != "off"
+    if request.device.unified:
+        return largest_fitting_rows(request.model, result, budget_of(request.device), p.kv_unified, flash)
+    return planned_fit_rows(request, tuple(int(s) for s in result.slots.tolist()), p.kv_unified, flash)
+
+
 # ---------------------------------------------------------------- one resolved run
 
 
@@ -324,9 +357,7 @@ class Sizing:
         return self.params.flash_attn != "off"
 
     def fit_rows(self) -> list[dict[str, Any]]:
-        if self.sweep is None:
-            return []
-        return largest_fitting_rows(self.arch, self.sweep, self.budget_bytes, self.params.kv_unified, self.flash)
+        return fit_rows(self.request, self.params, self.sweep)
 
 
 def budget_of(device: Device) -> int:

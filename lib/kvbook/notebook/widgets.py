@@ -262,7 +262,6 @@ class SizingUI:
         memory = plan.memory
         self.memory = memory
         self.plan = plan if search else dataclasses.replace(plan, max_ctx=self.max_ctx)
-        flags = plan.flags
         budget = self.budget_bytes
         current = (p.context, memory.start_bytes)
         with self.breakdown.batch_update():
@@ -274,9 +273,9 @@ class SizingUI:
             else:
                 figures.apply_context(self.curve, self.sweep, budget, usable=self._usable(), current=current)
         if level != "point":
-            rows = sizing.largest_fitting_rows(self.arch, self.sweep, budget, p.kv_unified, p.flash_attn != "off")
+            rows = sizing.fit_rows(self.request, p, self.sweep)
             self.table.value = figures.fit_table_html(
-                rows, caption=f"Largest -c whose start allocation fits {budget / GiB:.2f} GiB ({self.arch.name})")
+                rows, caption=f"Largest -c that starts on {self.device_record.name} ({self.arch.name})")
         self.status.value = self._status_html()
 
     def _status_html(self) -> str:

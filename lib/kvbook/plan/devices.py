@@ -10,16 +10,14 @@ from dataclasses import replace
 
 from kvbook.errors import BadInput
 from kvbook.interface import CpuFeatures, Device, GiB, Host, MiB, Pool, ServerFlags
-from kvbook.paths import params_dir
+from kvbook.paths import params_dir, preset_ids
 from kvbook.yamlio import read_yaml
 
 THIS_MACHINE = "this-machine"
 
 
 def device_ids() -> list[str]:
-    folder = params_dir() / "devices"
-    ids = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    return ids + [THIS_MACHINE]
+    return preset_ids("devices") + [THIS_MACHINE]
 
 
 # macOS's default Metal working set (recommendedMaxWorkingSetSize) as a share of RAM: about 2/3 up to 32 GiB,
@@ -123,9 +121,9 @@ def load_device(device_id: str, host: Host | None = None) -> Device:
             raise BadInput("this-machine is the machine kvbook runs on, and no host was given: detect it with "
                            "kvbook.ops.host.detect_host")
         return host_device(host)
-    path = params_dir() / "devices" / f"{device_id}.yaml"
-    if not path.is_file():
+    if device_id not in device_ids():
         raise BadInput(f"unknown device '{device_id}'. Try one of: {', '.join(device_ids())}")
+    path = params_dir() / "devices" / f"{device_id}.yaml"
     doc = read_yaml(path, "the device preset")
     try:
         pools = tuple(
