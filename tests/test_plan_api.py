@@ -133,3 +133,24 @@ def _generic() -> ModelArch:
     from kvbook.model.sources import load_model
 
     return load_model("smollm2-135m")
+
+
+def test_a_preset_states_the_cpu_it_assumes(capsys, monkeypatch, tmp_path, gemma3) -> None:
+    """cpu_features in a device preset decides what repacks (here an Arm host beside a CUDA GPU, against the
+    family default AVX2); a wrong entry is refused by name."""
+    import shutil
+
+    from kvbook.paths import params_dir
+
+    shutil.copytree(params_dir() / "devices", tmp_path / "devices")
+    preset = (tmp_path / "devices" / "rtx-4090-host-64.yaml").read_text()
+    (tmp_path / "devices" / "arm-4090.yaml").write_text(preset.replace("id: rtx-4090-host-64", "id: arm-4090")
+                                                        + "cpu_features: [neon, dotprod]\n")
+    (tmp_path / "devices" / "bad-4090.yaml").write_text(preset + "cpu_features: [sse9]\n")
+    monkeypatch.setenv("KVBOOK_PARAMS", str(tmp_path))
+    line = ["--", "llama-server", "-m", str(gemma3), "-c", "4096", "-ngl", "0", "--no-host"]
+    x86, arm = (cli_json(capsys, "--device", d, *line) for d in ("rtx-4090-host-64", "arm-4090"))
+    assert x86["devices"][-1]["repack_bytes"] != arm["devices"][-1]["repack_bytes"]
+    assert any("neon, dotprod, as the preset states" in n for n in arm["notes"])
+    assert cli.main(["plan", "--device", "bad-4090", *line]) == 2
+    assert "cpu_features must be a list of avx2, avx512, neon, dotprod, i8mm" in capsys.readouterr().err
