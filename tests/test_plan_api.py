@@ -113,7 +113,8 @@ def test_the_simulated_hosts_do_reach_host_dependent_devices(capsys, monkeypatch
         _simulate(monkeypatch, name)
         seen[name] = (cli_json(capsys, *line), cli_json(capsys, "--budget-gib", "8", *line))
     (x86, x86_budget), (arm, arm_budget) = seen.values()
-    assert [d["name"] for d in x86["devices"]] == ["CUDA0", "CUDA1", "CPU"] and [d["name"] for d in arm["devices"]] == ["CPU"]
+    assert [d["name"] for d in x86["devices"]] == ["CUDA0", "CUDA1", "CPU"]
+    assert [d["name"] for d in arm["devices"]] == ["CPU"]
     assert x86_budget["devices"][0]["repack_bytes"] != arm_budget["devices"][0]["repack_bytes"]
 
 
@@ -121,8 +122,9 @@ def test_the_simulated_hosts_do_reach_host_dependent_devices(capsys, monkeypatch
 
 
 def test_a_front_end_without_the_fallback_refuses_an_unknown_architecture_by_name() -> None:
-    request = api.PlanRequest(model=_generic(), flags=ServerFlags(model="x.gguf"), device=sizing.resolve_device("m1-max-64"),
-                              has_rule=False, unknown="x.gguf: architecture 'foo' is not modelled by kvbook")
+    request = api.PlanRequest(model=_generic(), flags=ServerFlags(model="x.gguf"),
+                              device=sizing.resolve_device("m1-max-64"), has_rule=False,
+                              unknown="x.gguf: architecture 'foo' is not modelled by kvbook")
     with pytest.raises(BadInput, match="architecture 'foo' is not modelled by kvbook; this front end has no"):
         api.plan(request)
     with pytest.raises(BadInput, match="the solver needs kvbook's rules"):
@@ -130,6 +132,7 @@ def test_a_front_end_without_the_fallback_refuses_an_unknown_architecture_by_nam
 
 
 def _generic() -> ModelArch:
+    """A stand-in generic shape (the request is built by hand: what matters is has_rule False)."""
     from kvbook.model.sources import load_model
 
     return load_model("smollm2-135m")

@@ -75,8 +75,8 @@ def _host_ram(host: Host | None, what: str) -> int:
     """This machine's RAM for `what` (a host pool or an RPC server's budget nothing declares); the caller detects
     the host (kvbook.ops.host.detect_host): the planner never reads it."""
     if host is None:
-        raise BadInput(f"{what} is this machine's RAM, and no host was given: detect it with kvbook.ops.host.detect_host "
-                       "(or declare the budget)")
+        raise BadInput(f"{what} is this machine's RAM, and no host was given: detect it with "
+                       "kvbook.ops.host.detect_host (or declare the budget)")
     return host.ram_bytes
 
 
@@ -103,7 +103,8 @@ def custom_discrete(gpu_gib: float, host_gib: float | None = None, machine: Host
     """A discrete GPU with `gpu_gib` GiB, named CUDA0 as llama.cpp names the common case (other backends:
     --device-budget ROCm0=...), and a host with `host_gib` GiB (this machine's RAM when not given)."""
     gpu = _gib("--gpu-gib", gpu_gib)
-    host = _gib("--host-gib", host_gib) if host_gib is not None else _host_ram(machine, "--gpu-gib's host (no --host-gib)")
+    host = (_gib("--host-gib", host_gib) if host_gib is not None
+            else _host_ram(machine, "--gpu-gib's host (no --host-gib)"))
     return Device(
         id=f"gpu-{gpu_gib:g}gib",
         name=f"custom GPU {gpu_gib:g} GiB + host {host / GiB:.1f} GiB",
