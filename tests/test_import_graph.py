@@ -143,7 +143,8 @@ def test_importing_kvbook_and_its_planner_does_no_heavy_work() -> None:
     """`import kvbook` (and the planner's modules) pull neither numpy, plotly, hypothesis nor requests,
     and install no signal handler."""
     code = ("import signal, sys\nbefore = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}\n"
-            "import kvbook, kvbook.cli, kvbook.ops.procs, kvbook.plan.planner, kvbook.model.sources\n"
+            "import kvbook, kvbook.cli, kvbook.ops.procs, kvbook.plan.planner, kvbook.plan.api, kvbook.ops.host\n"
+            "import kvbook.model.sources\n"
             "heavy = sorted(m for m in ('numpy', 'plotly', 'hypothesis', 'requests', 'gguf') if m in sys.modules)\n"
             "moved = [s for s, h in before.items() if signal.getsignal(s) is not h]\n"
             "print(heavy, moved)\n")

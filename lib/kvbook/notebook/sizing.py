@@ -295,7 +295,7 @@ def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unif
     """The same table as `largest_fitting_rows` from the planner's own search, device by device, with every
     placement flag of the request (-ngl, --n-cpu-moe, -ts, -ot): on several pools the start allocation is not one
     sum against one budget. The sweep gives the same numbers on unified memory, faster."""
-    from kvbook.plan.planner import max_context
+    from kvbook.plan.api import largest_context
 
     rows = []
     for ctype in CACHE_TYPES:
@@ -307,7 +307,7 @@ def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unif
                 continue
             flags = replace(request.flags, type_k=ctype, type_v=ctype, parallel=slots,
                             kv_unified=True if kv_unified and slots > 0 else None)
-            row[label] = max_context(request.model, flags, request.device)
+            row[label] = largest_context(request.with_flags(flags))
         rows.append(row)
     return rows
 

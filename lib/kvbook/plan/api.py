@@ -15,7 +15,7 @@ from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
 from kvbook.memory.rules import draft_memory, with_projector
 from kvbook.model.resolve import ResolvedModel
 from kvbook.plan import solver
-from kvbook.plan.planner import make_plan
+from kvbook.plan.planner import make_plan, max_context
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,14 @@ def plan(request: PlanRequest, *, fit_fallback: FitFallback | None = None, searc
     note = (f"architecture '{arch.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
             f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
     return dataclasses.replace(planned, notes=(*request.notes, note, *planned.notes))
+
+
+def largest_context(request: PlanRequest) -> int:
+    """The largest -c (a multiple of 256, at most the training context) that starts with the request's other
+    flags, device by device (the plan's max_ctx without planning the rest); needs kvbook's rules."""
+    if not request.has_rule:
+        raise BadInput(f"{request.unknown}; the largest context is searched with kvbook's rules only")
+    return max_context(request.model, request.flags, request.device)
 
 
 def solve(request: PlanRequest, objective: str = "max-context", top: int = 5) -> solver.Solution:
