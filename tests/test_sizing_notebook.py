@@ -316,6 +316,9 @@ def test_placement_run_has_devices_and_solver(runs):
     assert s["verdict"] == "does not fit" and s["solver"]["placements"][0]["verdict"] in ("fits", "tight")
     assert s["solver"]["rejected"] and all(r["reason"] for r in s["solver"]["rejected"])
     assert "--n-cpu-moe" in s["solver"]["placements"][0]["llama-server args"]  # experts moved to the host
+    # given as one command_line: its knobs were read from it, and the plan is that line's
+    assert (s["params"]["model"], s["params"]["context"], s["params"]["slots"]) == ("gpt-oss-120b", 65536, 1)
+    assert s["llama_server_args"][:3] == ["llama-server", "-m", "gpt-oss-120b"]
     html = runs["sizing-placement"].html.read_text()
     assert "The solver's placements" in html and "Move layers by hand" not in html
 
