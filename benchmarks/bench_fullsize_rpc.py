@@ -24,7 +24,8 @@ from kvbook.model.sources import load_model
 from kvbook.ops.fit_devices import compare_devices, format_table
 from kvbook.ops.rpc import start_rpc_server
 from kvbook.ops.solver_fit import Case, fit_choice
-from kvbook.plan.devices import this_machine, with_rpc
+from kvbook.ops.host import this_machine
+from kvbook.plan.devices import with_rpc
 from kvbook.plan.flags import parse_server_args
 from kvbook.plan.solver import solve
 from kvbook.testing.fullsize import FULL_SIZE, write_full_size

@@ -24,9 +24,9 @@ from test_rpc_placement import _COMMON, CASES, with_endpoints  # noqa: E402  (th
 from kvbook.ops.components import model_path  # noqa: E402
 from kvbook.ops.llama_server import start_llama_server  # noqa: E402
 from kvbook.ops.logparse import mib2  # noqa: E402
-from kvbook.ops.planning import plan_any  # noqa: E402
+from kvbook.ops.host import local_request  # noqa: E402
 from kvbook.ops.rpc import start_rpc_server  # noqa: E402
-from kvbook.plan.devices import this_machine  # noqa: E402
+from kvbook.plan.api import plan as make_plan  # noqa: E402
 from kvbook.plan.flags import parse_server_args  # noqa: E402
 from kvbook.plan.summary import plan_summary  # noqa: E402
 from kvbook.testing.synthetic import write_synthetic_gguf  # noqa: E402
@@ -53,7 +53,7 @@ def main() -> int:
             try:
                 eps = [f"{s.spec.host}:{s.spec.port}" for s in servers]
                 argv = ["-m", str(paths[model]), "--rpc", ",".join(eps), *with_endpoints(flags, eps), "--fit", "off"]
-                plan = plan_summary(plan_any(parse_server_args(argv), this_machine()))
+                plan = plan_summary(make_plan(local_request(parse_server_args(argv))))
                 with start_llama_server([*argv, "--no-warmup"], run_dir=Path(tmp)) as server:
                     logged = server.measured()
             finally:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from kvbook.model.sources import load_model
 from kvbook.ops.components import model_path
-from kvbook.plan.devices import load_device, this_machine, with_rpc
+from kvbook.ops.host import this_machine
+from kvbook.plan.devices import load_device, with_rpc
 from kvbook.plan.flags import parse_server_args
 from kvbook.plan.solver import solve
 

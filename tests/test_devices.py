@@ -21,14 +21,14 @@ import pytest
 from kvbook import cli
 from kvbook.errors import BadInput
 from kvbook.interface import GiB, MiB
+from kvbook.ops import host as oh
+from kvbook.ops.host import parse_nvidia_smi, this_machine
 from kvbook.plan import devices as dv
 from kvbook.plan.devices import (
     load_device,
     metal_working_set_estimate,
     parse_device_budgets,
-    parse_nvidia_smi,
     parse_size,
-    this_machine,
 )
 
 SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
@@ -266,7 +266,7 @@ def test_this_machine_plans_on_the_detected_gpus(tmp_path, capsys, monkeypatch) 
 ])
 def test_a_broken_nvidia_smi_falls_back_to_the_cpu_with_a_note(tmp_path, monkeypatch, body, needle) -> None:
     """Stand-in for hardware this machine lacks: stub nvidia-smi scripts that fail, print garbage or hang."""
-    monkeypatch.setattr(dv, "NVIDIA_SMI_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(oh, "NVIDIA_SMI_TIMEOUT_S", 0.5)
     device = this_machine(_stub(tmp_path, body), platform="linux")
     assert [p.kind for p in device.pools] == ["host"] and needle in device.notes and "CPU only" in device.notes
 
@@ -276,7 +276,7 @@ def test_macos_is_one_metal_pool_estimated_like_the_measured_presets(monkeypatch
     recommendedMaxWorkingSetSize of the M1 Max presets (2/3 of 32 GiB, 3/4 of 64 GiB)."""
     for preset, ram in (("m1-max-32", 32 * GiB), ("m1-max-64", 64 * GiB)):
         assert abs(metal_working_set_estimate(ram) - load_device(preset).pools[0].budget_bytes) < MiB
-    monkeypatch.setattr(dv, "_mac_ram_bytes", lambda *a: 64 * GiB)
+    monkeypatch.setattr(oh, "_mac_ram_bytes", lambda *a: 64 * GiB)
     device = this_machine({}, platform="darwin")
     assert device.unified and [(p.name, p.budget_bytes) for p in device.pools] == [("Metal", 48 * GiB)]
     assert "estimate" in device.notes

@@ -143,9 +143,77 @@ def test_importing_kvbook_and_its_planner_does_no_heavy_work() -> None:
     """`import kvbook` (and the planner's modules) pull neither numpy, plotly, hypothesis nor requests,
     and install no signal handler."""
     code = ("import signal, sys\nbefore = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}\n"
-            "import kvbook, kvbook.cli, kvbook.ops.procs, kvbook.plan.planner, kvbook.model.sources\n"
+            "import kvbook, kvbook.cli, kvbook.ops.procs, kvbook.plan.planner, kvbook.plan.api, kvbook.ops.host\n"
+            "import kvbook.model.sources\n"
             "heavy = sorted(m for m in ('numpy', 'plotly', 'hypothesis', 'requests', 'gguf') if m in sys.modules)\n"
             "moved = [s for s, h in before.items() if signal.getsignal(s) is not h]\n"
             "print(heavy, moved)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[] []", out
+
+
+# ---------------------------------------------------------------- plan/ and memory/ do no I/O
+
+PURE = ("plan", "memory")
+# host I/O: processes, files, the environment, the network, the platform
+IO_MODULES = {"os", "sys", "subprocess", "shutil", "socket", "ssl", "urllib", "http", "requests", "httpx", "tempfile",
+              "glob", "platform", "ctypes", "signal", "multiprocessing", "threading", "asyncio", "selectors", "mmap",
+              "pathlib", "io", "fcntl", "resource", "psutil"}
+PURE_PATHLIB = {"PurePath", "PurePosixPath", "PureWindowsPath"}  # string manipulation only
+IO_CALLS = {"open", "read_text", "read_bytes", "write_text", "write_bytes", "glob", "rglob", "iterdir", "exists",
+            "is_file", "is_dir", "stat", "unlink", "mkdir", "touch", "getenv", "environ", "system", "popen",
+            "urlopen", "resolve", "expanduser", "home", "cwd"}
+PURE_IO_ALLOWED = "the package's own data through importlib.resources, the params/ presets through kvbook.yamlio"
+
+
+def _resources_read(node: ast.AST) -> bool:
+    """`resources.files(...)...read_text()`: package data shipped with kvbook, the same on every host."""
+    while isinstance(node, (ast.Call, ast.Attribute)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+        if isinstance(node, ast.Attribute) and node.attr == "files" and getattr(node.value, "id", "") == "resources":
+            return True
+    return False
+
+
+def io_violations(source: str, name: str = "<source>") -> list[str]:
+    """Every host I/O a module's source does or imports (see IO_MODULES, IO_CALLS); reading kvbook's own data
+    (PURE_IO_ALLOWED) is not I/O on the host."""
+    found = []
+    for node in _runtime_nodes(ast.parse(source, name)):
+        where = f"{name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} import {a.name}" for a in node.names if a.name.split(".")[0] in IO_MODULES]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in IO_MODULES:
+            if node.module == "pathlib" and all(a.name in PURE_PATHLIB for a in node.names):
+                continue
+            found.append(f"{where} from {node.module} import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if called in IO_CALLS and not _resources_read(node):
+                found.append(f"{where} {called}(...)")
+        elif isinstance(node, ast.Attribute) and node.attr == "environ":
+            found.append(f"{where} .environ")
+    return found
+
+
+def test_the_io_check_catches_a_synthetic_violation() -> None:
+    """The check below is real: each kind of host I/O in a made-up module is reported, kvbook's own data is not."""
+    bad = ("import subprocess\nimport os.path\nfrom pathlib import Path\nfrom urllib.request import urlopen\n"
+           "def f():\n    import socket\n    open('/proc/meminfo').read()\n    x = os.environ.get('HOME')\n"
+           "    Path('/proc/cpuinfo').read_text()\n    subprocess.run(['nvidia-smi'])\n")
+    found = io_violations(bad)
+    for needle in ("import subprocess", "import os.path", "from pathlib import Path", "from urllib.request",
+                   "import socket", "open(...)", ".environ", "read_text(...)"):
+        assert any(needle in f for f in found), (needle, found)
+    good = ("from importlib import resources\nfrom pathlib import PurePath\nimport json\n"
+            "def f():\n    return json.loads(resources.files('kvbook').joinpath('data/x.json').read_text())\n")
+    assert io_violations(good) == []
+
+
+def test_plan_and_memory_do_no_io() -> None:
+    """plan/ and memory/ are pure: hardware and models arrive as data (ops/host.py, model/resolve.py); what they may
+    read is kvbook's own (PURE_IO_ALLOWED)."""
+    found = [v for stage_name in PURE for p in sorted((PKG / stage_name).rglob("*.py"))
+             for v in io_violations(p.read_text(), str(p.relative_to(LIB)))]
+    assert not found, found

@@ -9,6 +9,7 @@ import yaml
 
 from kvbook.model.sources import load_model
 from kvbook.paths import params_dir
+from kvbook.ops.host import detect_host
 from kvbook.plan.devices import device_ids, load_device
 
 MODELS = sorted((params_dir() / "models").glob("*.yaml"))
@@ -35,7 +36,7 @@ def test_device_preset(path: Path):
     assert doc["id"] == path.stem
     for key in ("budget_mib", "bandwidth_gbps"):
         assert key in doc.get("sources", {}), f"{key} not cited"
-    device = load_device(path.stem)
+    device = load_device(path.stem, detect_host())
     assert all(p.budget_bytes > 0 for p in device.pools)
     assert all(p.budget_bytes <= p.total_bytes for p in device.pools)
 

@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 
 from kvbook import cli
+from kvbook.ops.host import detect_host
 from kvbook.plan.devices import load_device
 from kvbook.plan.summary import _size
 
@@ -225,7 +226,7 @@ def test_an_unreachable_rpc_host_fails_at_launch_in_one_line(tmp_path, smollm2, 
 
     with pytest.raises(ServerError) as caught:
         start_llama_server(["llama-server", "-m", str(smollm2), "-c", "2048", "-ngl", "all", "--rpc", endpoint],
-                           run_dir=tmp_path, binary=tmp_path / "never-run", device=load_device("rtx-4090"))
+                           run_dir=tmp_path, binary=tmp_path / "never-run", device=load_device("rtx-4090", detect_host()))
     message = str(caught.value)
     assert message.startswith(f"--rpc {endpoint}: cannot connect") and "\n" not in message
     assert not list(tmp_path.glob("*.log"))  # nothing was started

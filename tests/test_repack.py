@@ -17,7 +17,8 @@ from kvbook.interface import TensorInfo
 from kvbook.ops.llama_server import start_llama_server
 from kvbook.ops.logparse import mib2
 from kvbook.plan.flags import parse_server_args
-from kvbook.plan.weights import APPLE_M, X86_AVX2, repacks, this_cpu
+from kvbook.ops.host import this_cpu
+from kvbook.plan.weights import APPLE_M, X86_AVX2, repacks
 
 _META = {"general.architecture": "qwen3", **{f"qwen3.{k}": v for k, v in {
     "context_length": 4096, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,

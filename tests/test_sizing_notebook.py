@@ -315,6 +315,9 @@ def test_placement_run_has_devices_and_solver(runs):
     assert s["verdict"] == "does not fit" and s["solver"]["placements"][0]["verdict"] in ("fits", "tight")
     assert s["solver"]["rejected"] and all(r["reason"] for r in s["solver"]["rejected"])
     assert "--n-cpu-moe" in s["solver"]["placements"][0]["llama-server args"]  # experts moved to the host
+    # given as one command_line: its knobs were read from it, and the plan is that line's
+    assert (s["params"]["model"], s["params"]["context"], s["params"]["slots"]) == ("gpt-oss-120b", 65536, 1)
+    assert s["llama_server_args"][:3] == ["llama-server", "-m", "gpt-oss-120b"]
     html = runs["sizing-placement"].html.read_text()
     assert "The solver's placements" in html and "Move layers by hand" not in html
 
@@ -324,7 +327,7 @@ def test_placement_sliders_replan_every_device():
 
     run = sizing.resolve(dict(model="gpt-oss-120b", device="rtx-4090-host-64", context=65536, slots=1,
                               n_gpu_layers="99", n_cpu_moe=30))
-    ui = pv.PlacementUI(run.arch, run.flags, run.device)
+    ui = pv.PlacementUI(run.request)
     gpu_weights = ui.figure.data[0].y[0]
     ui.n_cpu_moe.value = 36  # every expert on the host: the GPU holds less, the host more
     assert ui.figure.data[0].y[0] < gpu_weights and ui.figure.data[0].y[1] > 0
@@ -332,3 +335,27 @@ def test_placement_sliders_replan_every_device():
     assert ui.figure.data[0].y[0] == 0 and ui.error is None
     ui.ts.value = "a,b"
     assert ui.error == "-ts: 'a,b' is not a comma-separated list of numbers" and "not a comma" in ui.status.value
+
+
+def test_try_other_settings_keeps_the_placement_flags(capsys):
+    """The bug: gpt-oss-120b on rtx-4090-host-64 with --n-cpu-moe 24 fit in the placement panel while "Try other
+    settings" (which dropped -ngl, --n-cpu-moe and -ts) said DOES NOT FIT, largest -c 0, every table cell none.
+    Both panels now plan the run's request through kvbook.plan.api, as `kvbook plan` does."""
+    from kvbook import cli
+    from kvbook.notebook import placement_view as pv
+    from kvbook.notebook.widgets import build_sizing_ui
+
+    line = "llama-server -m gpt-oss-120b -c 65536 -np 1 -ngl 99 --n-cpu-moe 24"
+    run = sizing.resolve(dict(device="rtx-4090-host-64", command_line=line))
+    assert cli.main(["plan", "--json", "--device", "rtx-4090-host-64", "--", *line.split()]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    placement = pv.PlacementUI(run.request)
+    ui = build_sizing_ui(run.params)
+    assert ui.params.n_cpu_moe == 24 and ui.flags.cpu_moe_layers == 24 and ui.flags.gpu_layers == "99"
+    assert doc["verdict"] == run.plan.verdict.value == ui.plan.verdict.value == "fits" and "fits" in placement.status.value
+    assert doc["max_ctx"] == run.plan.max_ctx == ui.plan.max_ctx > 65536
+    assert pv.device_rows(ui.plan) == pv.device_rows(run.plan) == doc["devices"]
+    one_slot = [r["1 slot"] for r in run.fit_rows()]
+    assert doc["max_ctx"] in one_slot and f"{doc['max_ctx']:,}" in ui.table.value  # the f16 row, 1 slot
+    ui.context.value = 32768  # a slider moves; the placement flags stay
+    assert ui.plan.flags.cpu_moe_layers == 24 and ui.plan.verdict.value == "fits"

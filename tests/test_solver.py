@@ -14,7 +14,8 @@ from kvbook import cli
 from kvbook.interface import GiB, Verdict
 from kvbook.memory.rules import plan_memory
 from kvbook.model.sources import load_model
-from kvbook.plan.devices import load_device, this_machine, with_rpc
+from kvbook.ops.host import detect_host, this_machine
+from kvbook.plan.devices import load_device, with_rpc
 from kvbook.plan.flags import parse_server_args, replace
 from kvbook.plan.placement import device_compute_bound
 from kvbook.plan.planner import max_context, place, worst
@@ -158,7 +159,7 @@ def test_bad_solver_options_are_one_line(capsys, gemma3, args, needle) -> None:
 @pytest.mark.parametrize("objective", ["max-context", "fastest-decode"])
 def test_presets_placements_are_the_planners_too(model, device, args, objective) -> None:
     """Local GPU + host and unified presets (per-layer sizes estimated from the shapes)."""
-    arch, dev = load_model(model), load_device(device)
+    arch, dev = load_model(model), load_device(device, detect_host())
     flags = parse_server_args(["llama-server", "-m", model, *args])
     solution = solve(arch, flags, dev, objective, top=6)
     assert solution.placements and solution.fitting >= len(solution.placements)

@@ -49,9 +49,12 @@ Cache sizes follow llama.cpp's own rules to the byte. The compute buffer is a ca
 preset's weights are the size of its GGUF file. A server *starts* when the start allocation fits the
 budget; it is *tight* when the growth at run time would bring it within 1 GiB of the budget.
 
+Paste the command line you run into `command_line` (the model and the knobs below are then read from it), or
+set the knobs one by one. Either way it is planned by the same API as `kvbook plan`, with every flag.
 Run it headless with a params file, e.g. `kvbook run 01-sizing -f params/runs/blog-post-m1max.yaml`.
 """),
     code("""
+command_line: str = ""  # the whole llama-server command line; when set, the model and the knobs below come from it
 model: str = "qwen3.6-35b-a3b"  # preset id (params/models), GGUF path or URL, or a config.json
 device: str = "m1-max-64"  # preset id (params/devices), this-machine, or custom (then set budget_gib)
 budget_gib: float = 0.0  # > 0: plan against one unified pool of this many GiB instead of the device
@@ -85,7 +88,8 @@ run = sizing.resolve(sizing.SizingParams(
     model=model, device=device, budget_gib=budget_gib, context=context, slots=slots, kv_unified=kv_unified,
     cache_type_k=cache_type_k, cache_type_v=cache_type_v, ubatch=ubatch, batch=batch, flash_attn=flash_attn,
     swa_full=swa_full, allow_over_max=allow_over_max, compare_blog_post=compare_blog_post, n_gpu_layers=n_gpu_layers,
-    n_cpu_moe=n_cpu_moe, tensor_split=tensor_split, solve=solve, objective=objective, output_dir=output_dir))
+    n_cpu_moe=n_cpu_moe, tensor_split=tensor_split, solve=solve, objective=objective, command_line=command_line,
+    output_dir=output_dir))
 print(format_plan(run.plan))
 """),
     md("""
@@ -103,17 +107,22 @@ same type) with this configuration's slots. The diamonds mark the largest contex
 the circle is the configuration planned above.
 """),
     code("""
-figures.context_figure(run.sweep, run.budget_bytes, usable=[sizing.type_usable(run.arch, t, run.flash) for t in run.sweep.cache_types],
-                       current=(run.params.context, run.plan.memory.start_bytes),
-                       title=f"{run.arch.name} on {run.device.name}")
+if run.sweep is not None:
+    display(figures.context_figure(run.sweep, run.budget_bytes, usable=[sizing.type_usable(run.arch, t, run.flash) for t in run.sweep.cache_types],
+                                   current=(run.params.context, run.plan.memory.start_bytes),
+                                   title=f"{run.arch.name} on {run.device.name}"))
+else:
+    display(HTML("<p><em>No kvbook rule for this architecture: the plan above is llama.cpp's own accounting "
+                 "(llama-fit-params), which has no sweep.</em></p>"))
 """),
     md("""
 ## Largest context that fits, per cache type and slot count
 
-The largest `-c` (in steps of 256 up to the model's maximum) whose start allocation fits. Explicit slot
+The largest `-c` (in steps of 256 up to the model's maximum) that starts, with this command line's placement
+flags (on several devices the planner searches it device by device). Explicit slot
 counts use this configuration's `kv_unified` setting; "n/a" marks a type llama-server refuses here.
 """),
-    code("""HTML(figures.fit_table_html(run.fit_rows(), caption=f"largest -c that fits {run.budget_bytes / 2**30:.2f} GiB"))"""),
+    code("""HTML(figures.fit_table_html(run.fit_rows(), caption=f"largest -c that starts on {run.device.name}"))"""),
     md("""
 ## If it does not fit
 
@@ -155,13 +164,14 @@ else:
 Sliders for `-ngl` and `--n-cpu-moe` and a `-ts` box re-plan every device at once (live kernel only).
 """, tags=('interactive',)),
     code("""
-placement_ui = pv.PlacementUI(run.arch, run.flags, run.device)
+placement_ui = pv.PlacementUI(run.request)
 placement_ui.layout
 """, tags=('interactive',)),
     md("""
 ## Try other settings
 
-Every control re-plans at once: context, cache types and slots, ubatch, flash attention and the device.
+Every control re-plans at once: context, cache types and slots, ubatch, flash attention and the device; the
+other flags of the run (its command line, -ngl, --n-cpu-moe, -ts) are kept, so it agrees with the panel above.
 This part needs a live kernel and is left out of the HTML report.
 """, tags=('interactive',)),
     code("""

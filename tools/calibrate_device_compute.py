@@ -30,7 +30,8 @@ from kvbook.memory.rules import plan_memory  # noqa: E402
 from kvbook.model.sources import load_model  # noqa: E402
 from kvbook.ops.fit_params import rpc_fit_devices, run_fit_params  # noqa: E402
 from kvbook.ops.rpc import start_rpc_server  # noqa: E402
-from kvbook.plan.devices import effective_device, this_machine, with_rpc  # noqa: E402
+from kvbook.ops.host import detect_host  # noqa: E402
+from kvbook.plan.devices import effective_device, host_device, with_rpc  # noqa: E402
 from kvbook.plan.flags import parse_server_args  # noqa: E402
 from kvbook.plan.placement import CPU, SCHED_MAX_COPIES, compute_terms, device_compute, pipeline_parallel  # noqa: E402
 from kvbook.plan.planner import _rpc_layers_n, offload_of  # noqa: E402
@@ -42,7 +43,8 @@ def _terms(path: Path, eps: list[str], flags: list[str], n_outputs: int | None):
     argv = ["-m", str(path), "--rpc", ",".join(eps), *flags, "--fit", "off"]
     server = parse_server_args(argv)
     arch = load_model(str(path))
-    device = effective_device(with_rpc(this_machine(), server.rpc), server)
+    host = detect_host()
+    device = effective_device(with_rpc(host_device(host), server.rpc, host=host), server)
     memory = plan_memory(arch, server)
     off = offload_of(arch, server, device)
     pp = pipeline_parallel(arch, len(off.devices), _rpc_layers_n(arch, off, server), server.split_mode,

@@ -20,7 +20,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from kvbook.ops.planning import plan_any
+    from kvbook.model.resolve import resolve_model
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.ops.host import detect_host
+    from kvbook.plan.api import PlanRequest, plan
     from kvbook.plan.devices import resolve_device
     from kvbook.plan.flags import parse_server_args
     from kvbook.plan.summary import format_plan, plan_summary
@@ -33,44 +36,47 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     flags = parse_server_args(server_argv, os.environ)
     device = resolve_device(preset=args.device, budget_gib=args.budget_gib, gpu_gib=args.gpu_gib,
                             host_gib=args.host_gib, device_budgets=args.device_budget or (), rpc_gib=args.rpc_gib,
-                            endpoints=flags.rpc)
+                            endpoints=flags.rpc, host=detect_host())
+    request = PlanRequest.of(resolve_model(flags, os.environ), flags, device)
     if args.solve:
-        return _solve_and_print(args, flags, device)
-    plan = plan_any(flags, device)
+        return _solve_and_print(args, request)
+    planned = plan(request, fit_fallback=FIT_PARAMS)
     if args.json:
-        print(json.dumps(plan_summary(plan), indent=1))
+        print(json.dumps(plan_summary(planned), indent=1))
     else:
-        print(format_plan(plan))
-    if args.check and plan.verdict.value != "fits":
-        print(f"kvbook plan --check: the plan is '{plan.verdict.value}' on {plan.device.name}", file=sys.stderr)
+        print(format_plan(planned))
+    if args.check and planned.verdict.value != "fits":
+        print(f"kvbook plan --check: the plan is '{planned.verdict.value}' on {planned.device.name}", file=sys.stderr)
         return 1
     return 0
 
 
-def _solve_and_print(args: argparse.Namespace, flags, device) -> int:
+def _solve_and_print(args: argparse.Namespace, request) -> int:
     """`kvbook plan --solve`: the solver's ranked placements; the plan printed is the best one's (exit 1 when
     no placement starts)."""
-    from kvbook.model.sources import load_model
-    from kvbook.ops.planning import plan_any
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.plan.api import plan, solve
     from kvbook.plan.flags import parse_server_args, replace
-    from kvbook.plan.solver import solve
     from kvbook.plan.summary import format_plan, format_solution, plan_summary, solution_entry
 
     if args.top < 1:
         raise BadInput(f"--top must be at least 1, got {args.top}")
-    solution = solve(load_model(flags.model), flags, device, args.objective, args.top)
+    flags = request.flags
+    solution = solve(request, args.objective, args.top)
     if solution.placements:
-        plan = plan_any(parse_server_args(["llama-server", *solution.placements[0].argv], os.environ), device)
+        best = parse_server_args(["llama-server", *solution.placements[0].argv], os.environ)
+        planned = plan(request.with_flags(best), fit_fallback=FIT_PARAMS)
     else:
         auto_rpc = flags.rpc and flags.gpu_layers == "auto"
-        plan = plan_any(replace(flags, gpu_layers="0") if auto_rpc else flags, device)
+        planned = plan(request.with_flags(replace(flags, gpu_layers="0")) if auto_rpc else request,
+                       fit_fallback=FIT_PARAMS)
     if args.json:
-        print(json.dumps({**plan_summary(plan), "solver": solution_entry(solution, plan)}, indent=1))
+        print(json.dumps({**plan_summary(planned), "solver": solution_entry(solution, planned)}, indent=1))
     else:
-        print(format_solution(solution, plan) + "\n\nbest placement's plan:\n" + format_plan(plan)
-              if solution.placements else format_solution(solution, plan))
+        print(format_solution(solution, planned) + "\n\nbest placement's plan:\n" + format_plan(planned)
+              if solution.placements else format_solution(solution, planned))
     if not solution.placements:
-        print(f"kvbook plan --solve: no placement starts on {plan.device.name}", file=sys.stderr)
+        print(f"kvbook plan --solve: no placement starts on {planned.device.name}", file=sys.stderr)
         return 1
     return 0
 

@@ -370,6 +370,41 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU features ggml's repack rule reads (plan/weights.py): the CPU beside a device, as a preset states it
+    or as ops/host.py found it on this machine."""
+
+    name: str
+    avx2: bool = False
+    avx512: bool = False
+    neon: bool = False
+    dotprod: bool = False
+    i8mm: bool = False
+
+
+@dataclass(frozen=True)
+class DetectedGpu:
+    """One row of `nvidia-smi --query-gpu=index,name,memory.total,memory.free` (MiB)."""
+
+    index: int
+    name: str
+    total_mib: int
+    free_mib: int
+
+
+@dataclass(frozen=True)
+class Host:
+    """The machine kvbook runs on, as ops/host.py detected it (RAM, CPU, NVIDIA GPUs): the planner never looks
+    at the host itself, it gets these facts inside the Device built from them (plan/devices.py host_device)."""
+
+    platform: str  # sys.platform: linux, darwin, ...
+    ram_bytes: int  # physical RAM (hw.memsize on macOS, MemTotal on Linux)
+    cpu: CpuFeatures
+    gpus: tuple[DetectedGpu, ...] = ()  # as CUDA numbers them (CUDA_VISIBLE_DEVICES applied)
+    gpu_note: str = ""  # why there are none (nvidia-smi failed) or how they were picked
+
+
+@dataclass(frozen=True)
 class Device:
     """A machine to plan for: its pools; on unified memory everything counts against one pool."""
 
@@ -379,6 +414,7 @@ class Device:
     pools: tuple[Pool, ...]
     notes: str = ""
     sources: tuple[tuple[str, str], ...] = ()
+    cpu: CpuFeatures | None = None  # the CPU that repacks CPU weights; None: the family default (plan/weights.py)
 
     @property
     def main_pool(self) -> Pool:

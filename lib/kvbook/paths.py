@@ -19,6 +19,12 @@ def params_dir() -> Path:
     return Path(override) if override else repo_root() / "params"
 
 
+def preset_ids(kind: str) -> list[str]:
+    """The ids of the presets in params/<kind>/ (models, devices): their YAML files' stems, sorted."""
+    folder = params_dir() / kind
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
 def outputs_dir() -> Path:
     """outputs/ of the checkout, or KVBOOK_OUTPUTS (e.g. a CI workspace or a test's folder)."""
     override = os.environ.get("KVBOOK_OUTPUTS")

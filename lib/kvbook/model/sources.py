@@ -14,14 +14,14 @@ from kvbook.model.gguf_header import tensor_group
 from kvbook.model.ggufio import is_gguf_file, read_local, read_remote, split_shard_urls, split_shards
 from kvbook.model.preset_tensors import PresetListing, listing_path, read_listing
 from kvbook.paths import params_dir
+from kvbook.paths import preset_ids as preset_ids_of
 from kvbook.yamlio import read_yaml
 
 DEFAULT_BPW = 4.85  # Q4_K_M average bits per weight, used only for config.json estimates
 
 
 def preset_ids() -> list[str]:
-    folder = params_dir() / "models"
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return preset_ids_of("models")
 
 
 def load_model(spec: str) -> ModelArch:

@@ -77,14 +77,15 @@ def kv_bytes_per_token(arch: ModelArch, cache_type: str = "bf16") -> int:
 
 def post_plans() -> tuple[ModelArch, Device, tuple[Plan, ...]]:
     """The post's command line at each of its contexts, planned on the m1-max-64 preset."""
-    from kvbook.model.sources import load_model
+    from kvbook.model.resolve import resolve_model
+    from kvbook.plan.api import PlanRequest, plan
     from kvbook.plan.devices import load_device
-    from kvbook.plan.planner import make_plan
 
-    arch, device = load_model(POST_MODEL), load_device(POST_DEVICE)
-    plans = tuple(make_plan(arch, parse_server_args(["-m", POST_MODEL, "-c", str(c), *POST_ARGV]), device)
-                  for c in POST_CONTEXTS)
-    return arch, device, plans
+    device = load_device(POST_DEVICE)  # unified memory: no host facts needed
+    flags = [parse_server_args(["-m", POST_MODEL, "-c", str(c), *POST_ARGV]) for c in POST_CONTEXTS]
+    request = PlanRequest.of(resolve_model(flags[0], {}), flags[0], device)
+    plans = tuple(plan(request.with_flags(f)) for f in flags)
+    return request.model, device, plans
 
 
 @dataclass(frozen=True)

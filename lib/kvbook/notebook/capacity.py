@@ -68,12 +68,13 @@ def decode_bound_rows(model: Path, depths: Sequence[int]) -> list[dict[str, Any]
     figure: bounds, not predictions. Presets carry no FLOPS figure, so prefill has no bound here."""
     from kvbook.memory.roofline import decode_bound
     from kvbook.model.sources import load_model
+    from kvbook.ops.host import detect_host
     from kvbook.plan.devices import device_ids, load_device
 
-    arch = load_model(str(model))
+    arch, host = load_model(str(model)), detect_host()
     rows = []
     for device_id in device_ids():
-        pool = load_device(device_id).main_pool
+        pool = load_device(device_id, host).main_pool
         if pool.bandwidth_gbps:
             rows.append({"device": device_id, "bandwidth GB/s": pool.bandwidth_gbps,
                          **{f"decode bound t/s @ {d}": round(decode_bound(arch, d, pool.bandwidth_gbps).tokens_per_s, 1)
@@ -240,15 +241,19 @@ def slot_options(model: Path, server_args: Sequence[str], per_slot_ctx: int, slo
     """For each -np: the planner's verdict and need at -c = np x per-slot context (what these sessions need),
     and, given `predicted(n)`, the speed model's level with n agents."""
     from kvbook.notebook.ops_support import repo_paths
-    from kvbook.ops.planning import plan_any
-    from kvbook.plan.devices import load_device, this_machine
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.ops.host import detect_host, local_request
+    from kvbook.plan.api import plan as make_plan
+    from kvbook.plan.devices import load_device
     from kvbook.plan.flags import parse_server_args
 
-    dev = this_machine() if device == "this-machine" else load_device(device)
+    host = detect_host()
     base = parse_server_args(["-m", str(model), *repo_paths(list(server_args))], {})
+    request = local_request(base, load_device(device, host), host=host)
     rows = []
     for n in slot_counts:
-        plan = plan_any(dataclasses.replace(base, parallel=n, ctx=n * per_slot_ctx), dev)
+        plan = make_plan(request.with_flags(dataclasses.replace(base, parallel=n, ctx=n * per_slot_ctx)),
+                         fit_fallback=FIT_PARAMS)
         start = plan.memory.start_bytes
         need = plan.memory.total_bytes
         rows.append({"slots (-np)": n, "-c": n * per_slot_ctx, "per-slot context": per_slot_ctx,

@@ -3,15 +3,15 @@ solver's ranked placements and rejections as rows, and sliders for -ngl, --n-cpu
 
 from __future__ import annotations
 
-import dataclasses
 import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvbook.errors import BadInput, KvbookError
-from kvbook.interface import Device, GiB, ModelArch, Plan, ServerFlags
+from kvbook.interface import GiB, Plan, ServerFlags
 from kvbook.notebook.figures import COMPONENTS
 from kvbook.notebook.sizing import solver_rows  # noqa: F401 - the notebook's one import for placements
+from kvbook.plan.flags import replace
 
 _PARTS = (("weights", "weights_bytes"), ("kv", "kv_bytes"), ("recurrent", "recurrent_bytes"),
           ("compute", "compute_bytes"), ("output", "output_bytes"), ("host_extras", "host_extras_bytes"))
@@ -49,15 +49,16 @@ def device_figure(devices: Sequence[Mapping[str, Any]], title: str = "Per device
 
 
 class PlacementUI:
-    """Sliders for -ngl and --n-cpu-moe and a -ts box; each change replans and redraws the device bars.
-    Tests drive it without a browser (set `.ngl.value`, read `.figure.data` and `.status.value`)."""
+    """Sliders for -ngl and --n-cpu-moe and a -ts box over a planning request (kvbook.plan.api, as `kvbook plan`
+    plans it); each change replans and redraws the device bars. Tests drive it without a browser (set
+    `.ngl.value`, read `.figure.data` and `.status.value`)."""
 
-    def __init__(self, arch: ModelArch, flags: ServerFlags, device: Device):
+    def __init__(self, request: Any):
         import ipywidgets as w
 
-        from kvbook.plan.planner import make_plan
-
-        self._make_plan, self.arch, self.base, self.device = make_plan, arch, flags, device
+        self.request = request
+        arch, flags, device = request.model, request.flags, request.device
+        self.arch, self.base, self.device = arch, flags, device
         self.error: str | None = None
         top = arch.n_layer + 1
         start = top if flags.gpu_layers in ("auto", "all", "-1") else min(top, int(flags.gpu_layers or 0))
@@ -81,12 +82,15 @@ class PlacementUI:
             split = tuple(float(x) for x in self.ts.value.split(",") if x.strip())
         except ValueError:
             raise BadInput(f"-ts: {self.ts.value!r} is not a comma-separated list of numbers") from None
-        return dataclasses.replace(self.base, gpu_layers=str(self.ngl.value), cpu_moe_layers=self.n_cpu_moe.value,
+        return replace(self.base, gpu_layers=str(self.ngl.value), cpu_moe_layers=self.n_cpu_moe.value,
                                    tensor_split=split)
 
     def _plan(self) -> Plan | None:
+        from kvbook.ops.fit_params import FIT_PARAMS
+        from kvbook.plan.api import plan as make_plan
+
         try:
-            plan = self._make_plan(self.arch, self.flags(), self.device)
+            plan = make_plan(self.request.with_flags(self.flags()), fit_fallback=FIT_PARAMS)
         except KvbookError as exc:
             self.error = str(exc).splitlines()[0]
             return None

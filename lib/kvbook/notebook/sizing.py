@@ -7,6 +7,8 @@ Every bad parameter raises BadInput naming the parameter, so a failed run says w
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvbook.errors import BadInput, KvbookError
-from kvbook.interface import Device, ModelArch, Plan, ServerFlags
+from kvbook.interface import Device, FlashAttn, Host, ModelArch, Plan, ServerFlags
 from kvbook.memory.rules import CACHE_TYPE_LAYOUT, CTX_PAD, SERVER_AUTO_SLOTS, row_bytes
 from kvbook.memory.sweep import SweepResult, largest_fitting_ctx, sweep
-from kvbook.plan.flags import CACHE_TYPES, parse_server_args
+from kvbook.plan.api import PlanRequest
+from kvbook.plan.flags import CACHE_TYPES, parse_server_args, replace
 
 if TYPE_CHECKING:
     from kvbook.notebook.blog_post import BlogComparison
@@ -55,6 +58,7 @@ class SizingParams:
     tensor_split: str = ""  # -ts, e.g. "3,1"
     solve: bool = False  # rank placements that fit (kvbook plan --solve)
     objective: str = "max-context"  # the solver's objective: max-context or fastest-decode
+    command_line: str = ""  # a whole llama-server command line; when set, it is what is planned (knobs follow it)
     output_dir: str = ""
 
     @classmethod
@@ -72,25 +76,33 @@ class SizingParams:
         return self.slots < 0 or self.kv_unified
 
 
-def load_arch(model: str) -> ModelArch:
-    """The model parameter as a ModelArch; any failure names the parameter."""
-    from kvbook.model.sources import load_model
-
+def resolve_model(model: str) -> Any:
+    """The model parameter as llama-server loads it (kvbook.model.resolve.ResolvedModel: an architecture without
+    a kvbook rule comes back for llama-fit-params to size); any failure names the parameter."""
     if not isinstance(model, str) or not model.strip():
         raise BadInput("parameter 'model' is empty: give a preset id, a GGUF path or URL, or a config.json")
-    try:
-        return load_model(model.strip())
-    except KvbookError as exc:
-        raise BadInput(f"parameter 'model': {exc}") from None
+    return resolve_model_of(parse_server_args(["-m", model.strip()]), "model")
 
 
-def resolve_device(device: str, budget_gib: float = 0.0) -> Device:
-    """A device preset, this machine, or a custom unified budget (budget_gib > 0 always wins)."""
-    from kvbook.plan.devices import custom_budget, device_ids, load_device
+def load_arch(model: str) -> ModelArch:
+    """The model parameter as a ModelArch kvbook has rules for; any failure names the parameter."""
+    resolved = resolve_model(model)
+    if not resolved.has_rule:
+        raise BadInput(f"parameter 'model': {resolved.unknown}")
+    return resolved.arch
 
+
+def resolve_device(device: str, budget_gib: float = 0.0, endpoints: tuple[str, ...] = (),
+                   host: Host | None = None) -> Device:
+    """A device preset, this machine, or a custom unified budget (budget_gib > 0 always wins), with the command
+    line's --rpc servers bound; `host`: this machine (detected when not given), as `kvbook plan` uses it."""
+    from kvbook.ops.host import detect_host
+    from kvbook.plan.devices import custom_budget, device_ids, load_device, with_rpc
+
+    host = host or detect_host()
     if budget_gib and budget_gib > 0:
         try:
-            return custom_budget(float(budget_gib))
+            return with_rpc(custom_budget(float(budget_gib), host.cpu), endpoints, host=host)
         except BadInput as exc:
             raise BadInput(f"parameter 'budget_gib': {exc}") from None
     if budget_gib < 0:
@@ -101,7 +113,7 @@ def resolve_device(device: str, budget_gib: float = 0.0) -> Device:
         raise BadInput(f"parameter 'device': unknown device '{device}'. Try one of: "
                        f"{', '.join(device_ids() + [CUSTOM_DEVICE])}")
     try:
-        return load_device(device)
+        return with_rpc(load_device(device, host), endpoints, host=host)
     except BadInput as exc:
         raise BadInput(f"parameter 'device': {exc}") from None
 
@@ -110,7 +122,7 @@ def check_sizing_params(p: SizingParams, arch: ModelArch) -> None:
     """Value checks the notebook's type checks cannot make; each names its parameter."""
     if p.context < 1:
         raise BadInput(f"parameter 'context' must be a positive number of tokens, got {p.context}")
-    if p.context > arch.n_ctx_train and not p.allow_over_max:
+    if p.context > arch.n_ctx_train and not p.allow_over_max and not p.command_line:
         raise BadInput(f"parameter 'context' = {p.context} is above {arch.name}'s maximum of {arch.n_ctx_train} tokens; "
                        "lower it or set allow_over_max: True")
     if p.slots == 0 or p.slots < -1:
@@ -169,8 +181,67 @@ def server_argv(p: SizingParams) -> list[str]:
     return argv
 
 
-def server_flags(p: SizingParams) -> ServerFlags:
-    return parse_server_args(server_argv(p))
+# knob -> (ServerFlags field, the field's value for the knob): what command_line and the knobs share
+_KNOBS: dict[str, tuple[str, Any]] = {
+    "model": ("model", str),
+    "context": ("ctx", int),
+    "slots": ("parallel", int),
+    "kv_unified": ("kv_unified", lambda v: True if v else None),
+    "cache_type_k": ("type_k", str),
+    "cache_type_v": ("type_v", str),
+    "ubatch": ("ubatch", int),
+    "batch": ("batch", int),
+    "flash_attn": ("flash_attn", FlashAttn),
+    "swa_full": ("swa_full", bool),
+    "n_gpu_layers": ("gpu_layers", lambda v: v or "auto"),
+    "n_cpu_moe": ("cpu_moe_layers", int),
+    "tensor_split": ("tensor_split", lambda v: tuple(float(x) for x in str(v).split(",") if x.strip())),
+}
+
+
+def parse_command_line(command_line: str) -> ServerFlags:
+    """The `command_line` parameter (a llama-server command line, shell quoting allowed) as ServerFlags."""
+    try:
+        return parse_server_args(shlex.split(command_line))
+    except ValueError as exc:  # shlex: an unclosed quote
+        raise BadInput(f"parameter 'command_line': {exc}") from None
+    except BadInput as exc:
+        raise BadInput(f"parameter 'command_line': {exc}") from None
+
+
+def knobs_of(flags: ServerFlags, n_ctx_train: int, source: str = "") -> dict[str, Any]:
+    """The knob values a command line sets (-c 0 or none: the model's trained context, as llama-server does;
+    the model: its -m, else `source`, the file -hf or -mu loads)."""
+    split = ",".join(f"{x:g}" for x in flags.tensor_split)
+    return {"model": flags.model or source, "context": flags.ctx or n_ctx_train, "slots": flags.parallel,
+            "kv_unified": bool(flags.kv_unified), "cache_type_k": flags.type_k, "cache_type_v": flags.type_v,
+            "ubatch": flags.ubatch, "batch": flags.batch, "flash_attn": flags.flash_attn.value,
+            "swa_full": flags.swa_full, "n_gpu_layers": "" if flags.gpu_layers == "auto" else flags.gpu_layers,
+            "n_cpu_moe": flags.cpu_moe_layers, "tensor_split": split}
+
+
+def with_command_line(p: SizingParams, flags: ServerFlags, n_ctx_train: int, source: str = "") -> SizingParams:
+    """`p` with every knob read from its command line; a knob the parameters also set to something else fails,
+    naming both (the command line is one source of truth, the knobs then drive the sliders)."""
+    defaults = SizingParams()
+    derived = knobs_of(flags, n_ctx_train, source)
+    for name, value in derived.items():
+        given = getattr(p, name)
+        if given != getattr(defaults, name) and given != value:
+            raise BadInput(f"parameter '{name}' = {given!r} and command_line's {value!r} disagree: set one of them")
+    return dataclasses.replace(p, **derived)
+
+
+def server_flags(p: SizingParams, n_ctx_train: int = 0, source: str = "") -> ServerFlags:
+    """The flags these parameters describe: the knobs' command line (`server_argv`), or with `command_line` set,
+    that line with the knobs that differ from it edited in (what a slider moved)."""
+    if not p.command_line:
+        return parse_server_args(server_argv(p))
+    base = parse_command_line(p.command_line)
+    derived = knobs_of(base, n_ctx_train, source)
+    changes = {field: convert(getattr(p, knob)) for knob, (field, convert) in _KNOBS.items()
+               if getattr(p, knob) != derived[knob]}
+    return replace(base, **changes) if changes else base
 
 
 # ---------------------------------------------------------------- sweep grid
@@ -219,6 +290,39 @@ def largest_fitting_rows(arch: ModelArch, result: SweepResult, budget_bytes: int
     return rows
 
 
+def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unified: bool,
+                     flash_attn: bool) -> list[dict[str, Any]]:
+    """The same table as `largest_fitting_rows` from the planner's own search, device by device, with every
+    placement flag of the request (-ngl, --n-cpu-moe, -ts, -ot): on several pools the start allocation is not one
+    sum against one budget. The sweep gives the same numbers on unified memory, faster."""
+    from kvbook.plan.api import largest_context
+
+    rows = []
+    for ctype in CACHE_TYPES:
+        row: dict[str, Any] = {"cache type": ctype}
+        for slots in slot_counts:
+            label = slots_label(slots, kv_unified)
+            if not type_usable(request.model, ctype, flash_attn):
+                row[label] = None
+                continue
+            flags = replace(request.flags, type_k=ctype, type_v=ctype, parallel=slots,
+                            kv_unified=True if kv_unified and slots > 0 else None)
+            row[label] = largest_context(request.with_flags(flags))
+        rows.append(row)
+    return rows
+
+
+def fit_rows(request: PlanRequest, p: SizingParams, result: SweepResult | None) -> list[dict[str, Any]]:
+    """The largest-context table for this request: from the sweep on unified memory, from the planner's search
+    where the devices are several pools (placement decides what fits); [] without a kvbook rule."""
+    if result is None or not request.has_rule:
+        return []
+    flash = p.flash_attn != "off"
+    if request.device.unified:
+        return largest_fitting_rows(request.model, result, budget_of(request.device), p.kv_unified, flash)
+    return planned_fit_rows(request, tuple(int(s) for s in result.slots.tolist()), p.kv_unified, flash)
+
+
 # ---------------------------------------------------------------- one resolved run
 
 
@@ -227,12 +331,22 @@ class Sizing:
     """Resolved parameters and everything the notebook shows."""
 
     params: SizingParams
-    arch: ModelArch
-    device: Device
-    flags: ServerFlags
+    request: PlanRequest  # what was planned (kvbook.plan.api): the model as it loads, the flags, the devices
     plan: Plan
-    sweep: SweepResult
+    sweep: SweepResult | None  # None for an architecture without a kvbook rule (its plan is llama.cpp's accounting)
     solution: Any = None  # kvbook.plan.solver.Solution when params.solve
+
+    @property
+    def arch(self) -> ModelArch:
+        return self.request.model
+
+    @property
+    def device(self) -> Device:
+        return self.request.device
+
+    @property
+    def flags(self) -> ServerFlags:
+        return self.request.flags
 
     @property
     def budget_bytes(self) -> int:
@@ -243,7 +357,7 @@ class Sizing:
         return self.params.flash_attn != "off"
 
     def fit_rows(self) -> list[dict[str, Any]]:
-        return largest_fitting_rows(self.arch, self.sweep, self.budget_bytes, self.params.kv_unified, self.flash)
+        return fit_rows(self.request, self.params, self.sweep)
 
 
 def budget_of(device: Device) -> int:
@@ -251,28 +365,55 @@ def budget_of(device: Device) -> int:
     return device.pools[0].budget_bytes if device.unified else device.main_pool.budget_bytes
 
 
-def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:
-    """Check every parameter, then plan and sweep. Raises BadInput naming the first bad parameter."""
-    from kvbook.plan.planner import make_plan
+def resolve_model_of(flags: ServerFlags, parameter: str) -> Any:
+    """The model `flags` load (kvbook.model.resolve), any failure naming the parameter that gave it."""
+    from kvbook.model.resolve import resolve_model
 
-    p = params if isinstance(params, SizingParams) else SizingParams.from_mapping(params)
-    arch = load_arch(p.model)
-    device = resolve_device(p.device, p.budget_gib)
-    check_sizing_params(p, arch)
-    flags = server_flags(p)
     try:
-        plan = make_plan(arch, flags, device)
+        return resolve_model(flags, os.environ)
+    except KvbookError as exc:
+        raise BadInput(f"parameter '{parameter}': {exc}") from None
+
+
+def request_for(params: SizingParams | Mapping[str, Any], host: Host | None = None) -> tuple[SizingParams, PlanRequest]:
+    """The parameters checked (with command_line set, its knobs read from it) and the planning request they make:
+    the same request `kvbook plan --device DEVICE -- llama-server ...` builds for that command line."""
+    p = params if isinstance(params, SizingParams) else SizingParams.from_mapping(params)
+    if p.command_line:
+        flags = parse_command_line(p.command_line)
+        resolved = resolve_model_of(flags, "command_line")
+        p = with_command_line(p, flags, resolved.arch.n_ctx_train, resolved.source)
+        device = resolve_device(p.device, p.budget_gib, flags.rpc, host)
+        if resolved.has_rule:
+            check_sizing_params(p, resolved.arch)
+    else:
+        resolved = resolve_model(p.model)
+        device = resolve_device(p.device, p.budget_gib, (), host)
+        if resolved.has_rule:
+            check_sizing_params(p, resolved.arch)
+        flags = server_flags(p)
+    return p, PlanRequest.of(resolved, flags, device)
+
+
+def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:
+    """Check every parameter, then plan (kvbook.plan.api, as `kvbook plan` does) and sweep. Raises BadInput
+    naming the first bad parameter."""
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.plan.api import plan, solve
+
+    p, request = request_for(params)
+    try:
+        planned = plan(request, fit_fallback=FIT_PARAMS)
     except BadInput as exc:
         raise BadInput(f"these parameters do not describe a server llama-server would start: {exc}") from None
     solution = None
     if p.solve:
-        from kvbook.plan.solver import solve
-
         try:
-            solution = solve(arch, flags, device, p.objective)
+            solution = solve(request, p.objective)
         except BadInput as exc:
             raise BadInput(f"parameter 'objective' / the solver: {exc}") from None
-    return Sizing(params=p, arch=arch, device=device, flags=flags, plan=plan, sweep=sweep_for(arch, p), solution=solution)
+    return Sizing(params=p, request=request, plan=planned,
+                  sweep=sweep_for(request.model, p) if request.has_rule else None, solution=solution)
 
 
 def solver_rows(solution: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -4,8 +4,11 @@ and a table, all updated in place by handlers that call kvbook's pure functions.
 `build_sizing_ui(params)` returns a SizingUI holding the layout and every widget, so tests drive it
 without a browser: set `ui.context.value = 131072`, then read `ui.breakdown.data`.
 
+Every plan goes through kvbook.plan.api, as `kvbook plan` does, with every flag of the run (its command_line,
+-ngl, --n-cpu-moe, -ts, ...): only the knobs a control moved are edited into it.
+
 What each control recomputes (nothing more):
-- context, K/V cache type: one plan_memory for the chosen configuration (bar, marker, status);
+- context, K/V cache type: one plan of the chosen configuration without the context search (bar, marker, status);
 - device, budget: the budget line, markers, table and status, from the sweep already computed;
 - slots, unified, ubatch, batch, flash attention, --swa-full: a new vectorised sweep, then the above;
 - model: the model, the slider's range, then everything.
@@ -20,11 +23,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from kvbook.errors import KvbookError
+from kvbook.errors import BadInput, KvbookError
 from kvbook.interface import GiB, MemoryPlan, ModelArch, Plan, ServerFlags
-from kvbook.memory.rules import CTX_PAD, plan_memory
+from kvbook.memory.rules import CTX_PAD
 from kvbook.memory.sweep import SweepResult
 from kvbook.notebook import figures, sizing
+from kvbook.plan import api
+from kvbook.plan.api import PlanRequest
 from kvbook.plan.flags import CACHE_TYPES
 
 SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
@@ -46,13 +51,16 @@ class SizingUI:
     def __init__(self, params: sizing.SizingParams):
         import ipywidgets as w
 
-        self._arch_cache: dict[str, ModelArch] = {}
+        self._resolved: dict[str, Any] = {}  # model spec -> kvbook.model.resolve.ResolvedModel
         self._busy = False
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self.error: str | None = None
-        self._make_controls(w, params)
+        # what no control here moves, planned as given (the placement flags and command_line included)
         self._fixed: dict[str, Any] = {"allow_over_max": params.allow_over_max, "compare_blog_post": params.compare_blog_post,
-                       "output_dir": params.output_dir}
+                       "output_dir": params.output_dir, "n_gpu_layers": params.n_gpu_layers,
+                       "n_cpu_moe": params.n_cpu_moe, "tensor_split": params.tensor_split, "solve": params.solve,
+                       "objective": params.objective, "command_line": params.command_line}
+        self._make_controls(w, params)
         self._first_view()
         self.layout = w.VBox([
             w.HBox([self.model, self.model_path]),
@@ -116,8 +124,7 @@ class SizingUI:
 
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
-        self.device_record = sizing.resolve_device(self.device.value if self.device.value != sizing.CUSTOM_DEVICE
-                                                   else "", self._budget())
+        self.device_record = self._device()
         self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top())
         self.max_ctx = 0
         self.memory: MemoryPlan | None = None
@@ -161,7 +168,17 @@ class SizingUI:
 
     @property
     def flags(self) -> ServerFlags:
-        return sizing.server_flags(self.params)
+        return sizing.server_flags(self.params, self.arch.n_ctx_train, self.resolved.source)
+
+    @property
+    def request(self) -> PlanRequest:
+        """What the controls ask kvbook.plan.api now."""
+        return PlanRequest.of(self.resolved, self.flags, self.device_record)
+
+    def _device(self) -> Any:
+        base = sizing.parse_command_line(self._fixed["command_line"]) if self._fixed["command_line"] else None
+        return sizing.resolve_device("" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value,
+                                     self._budget(), base.rpc if base else ())
 
     @property
     def budget_bytes(self) -> int:
@@ -175,9 +192,24 @@ class SizingUI:
         return [sizing.type_usable(self.arch, t, flash) for t in self.sweep.cache_types]
 
     def _load(self, spec: str) -> ModelArch:
-        if spec not in self._arch_cache:
-            self._arch_cache[spec] = sizing.load_arch(spec)
-        return self._arch_cache[spec]
+        """The model `spec` as it loads with the run's other flags (its projector, draft and LoRA adapters)."""
+        if spec not in self._resolved:
+            line = self._fixed["command_line"]
+            if line:
+                base = sizing.parse_command_line(line)
+                own = sizing.resolve_model_of(base, "command_line")
+                if spec in (base.model, own.source):
+                    resolved = own
+                else:  # another model with the command line's other flags
+                    resolved = sizing.resolve_model_of(sizing.replace(base, model=spec), "model")
+            else:
+                resolved = sizing.resolve_model(spec)
+            if not resolved.has_rule:
+                raise BadInput(f"parameter 'model': {resolved.unknown}; this view needs kvbook's rules (the plan "
+                               "above used llama-fit-params)")
+            self._resolved[spec] = resolved
+        self.resolved = self._resolved[spec]
+        return self.resolved.arch
 
     def _set_slider_range(self) -> None:
         top = self._sweep_top()
@@ -212,30 +244,24 @@ class SizingUI:
                 self._set_slider_range()
             if level in ("model", "budget", "all"):
                 self.budget_gib.disabled = self.device.value != sizing.CUSTOM_DEVICE
-                self.device_record = sizing.resolve_device(
-                    "" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value, self._budget())
+                self.device_record = self._device()
             p = self.params
             sizing.check_sizing_params(p, self.arch)
             if level in ("model", "sweep", "all"):
                 self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
                 self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top())
-            flags = sizing.server_flags(p)
-            memory = plan_memory(self.arch, flags)
-            if level != "point" or self.max_ctx == 0 or source in (self.cache_type_k, self.cache_type_v):
-                from kvbook.plan.planner import max_context
-
-                self.max_ctx = max_context(self.arch, flags, self.device_record)
+            search = level != "point" or self.max_ctx == 0 or source in (self.cache_type_k, self.cache_type_v)
+            plan = api.plan(self.request, search=search)
+            if search:
+                self.max_ctx = plan.max_ctx
         except KvbookError as exc:
             self.error = str(exc)
             self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
             return
         self.error = None
-        from kvbook.plan.planner import place, worst
-
-        pools = place(self.arch, flags, memory, self.device_record)
+        memory = plan.memory
         self.memory = memory
-        self.plan = Plan(model=self.arch, flags=flags, device=self.device_record, memory=memory, pools=pools,
-                         verdict=worst(pools), max_ctx=self.max_ctx, litellm_max_input_tokens=memory.shape.n_ctx_seq)
+        self.plan = plan if search else dataclasses.replace(plan, max_ctx=self.max_ctx)
         budget = self.budget_bytes
         current = (p.context, memory.start_bytes)
         with self.breakdown.batch_update():
@@ -247,9 +273,9 @@ class SizingUI:
             else:
                 figures.apply_context(self.curve, self.sweep, budget, usable=self._usable(), current=current)
         if level != "point":
-            rows = sizing.largest_fitting_rows(self.arch, self.sweep, budget, p.kv_unified, p.flash_attn != "off")
+            rows = sizing.fit_rows(self.request, p, self.sweep)
             self.table.value = figures.fit_table_html(
-                rows, caption=f"Largest -c whose start allocation fits {budget / GiB:.2f} GiB ({self.arch.name})")
+                rows, caption=f"Largest -c that starts on {self.device_record.name} ({self.arch.name})")
         self.status.value = self._status_html()
 
     def _status_html(self) -> str:
@@ -274,5 +300,5 @@ def build_sizing_ui(params: sizing.SizingParams | Mapping[str, Any] | None = Non
     else:
         names = {f.name for f in dataclasses.fields(sizing.SizingParams)}
         p = sizing.SizingParams.from_mapping({k: v for k, v in params.items() if k in names})
-    sizing.check_sizing_params(p, sizing.load_arch(p.model))
+    p, _ = sizing.request_for(p)  # checks every parameter (with command_line: its knobs read from it)
     return SizingUI(p)

@@ -16,12 +16,13 @@ from pathlib import Path
 
 from kvbook.interface import MiB
 from kvbook.memory.rules import plan_memory
-from kvbook.model.sources import load_model
 from kvbook.ops.fit_params import FitDevice, rpc_fit_devices, run_fit_params
-from kvbook.plan.devices import effective_device, this_machine, with_rpc
+from kvbook.ops.host import detect_host, local_request
+from kvbook.plan.api import plan as make_plan
+from kvbook.plan.devices import effective_device, host_device, with_rpc
 from kvbook.plan.flags import parse_server_args
 from kvbook.plan.placement import CPU, weights_by_device
-from kvbook.plan.planner import make_plan, offload_of, rpc_compute
+from kvbook.plan.planner import offload_of, rpc_compute
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,11 @@ def compare_devices(model: Path, endpoints: Sequence[str], flags: Sequence[str])
     fit = rpc_fit_devices(report, endpoints)
     argv = ["-m", str(model), "--rpc", ",".join(endpoints), *flags, "--fit", "off"]
     server = parse_server_args(argv)
-    arch = load_model(str(model))
-    device = effective_device(with_rpc(this_machine(), server.rpc), server)
-    plan = make_plan(arch, server, device)
+    host = detect_host()
+    device = effective_device(with_rpc(host_device(host), server.rpc, host=host), server)
+    request = local_request(server, device)
+    arch = request.model
+    plan = make_plan(request)
     memory = plan_memory(arch, server)
     offload = offload_of(arch, server, device)
     with_fit_outputs = rpc_compute(arch, server, memory, offload, n_outputs=min(memory.shape.n_ubatch, server.batch))

@@ -11,6 +11,7 @@ import re
 import selectors
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -278,6 +279,30 @@ def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary:
                                 method="llama-fit-params' own compute reservation (CPU backend), MiB to two decimals"),
         host_extras=HostExtras(cache_ram_bytes=max(flags.cache_ram_mib, 0) * MiB, checkpoint_bytes=checkpoints),
     )
+
+
+@dataclass(frozen=True)
+class LlamaFitParams:
+    """kvbook.plan.api.FitFallback by llama-fit-params: a model kvbook has no rule for, sized by llama.cpp's own
+    accounting of its local file, or of a sparse local copy of a remote file's header."""
+
+    binary: str | None = None  # llama-fit-params to run (default: KVBOOK_LLAMA_FIT_PARAMS, else the pinned one)
+
+    def memory(self, source: str, flags: ServerFlags, arch: ModelArch) -> tuple[MemoryPlan, str]:
+        path = Path(source).expanduser()
+        if path.is_file():
+            return memory_from_fit(path, flags, arch, binary=self.binary), "llama-fit-params on this file"
+        if source.startswith(("http://", "https://")):
+            from kvbook.model.ggufio import sparse_remote_copy
+
+            with tempfile.TemporaryDirectory(prefix="kvbook-sparse-") as tmp:
+                first = sparse_remote_copy(source, Path(tmp))
+                return (memory_from_fit(first, flags, arch, binary=self.binary),
+                        "llama-fit-params on a sparse local copy of the remote header: tensor data not downloaded")
+        raise BadInput(f"{source}: no GGUF to run llama-fit-params on")
+
+
+FIT_PARAMS = LlamaFitParams()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ def start_llama_server(
 ) -> LlamaServer:
     """Plan, refuse when it will not fit (unless force), start, wait for /health."""
     from kvbook.ops.components import find_llama_server
-    from kvbook.ops.planning import plan_any
-    from kvbook.plan.devices import this_machine
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.ops.host import local_request
+    from kvbook.plan.api import plan as make_plan
 
     flags = server_args if isinstance(server_args, ServerFlags) else parse_server_args(server_args, os.environ)
     check_host(host, allow_remote)
@@ -100,7 +101,7 @@ def start_llama_server(
         raise BadInput(f"llama-server on {host} would be reachable from the network: give it an API key")
     plan = None
     if plan_first:
-        plan = plan_any(flags, device or this_machine())
+        plan = make_plan(local_request(flags, device), fit_fallback=FIT_PARAMS)
         if plan.verdict is Verdict.DOES_NOT_FIT and not force:
             need = max(u.need_bytes for u in plan.pools) / 2**30
             raise BadInput(

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbook.interface import MiB
-from kvbook.model.sources import load_model
 from kvbook.ops.components import find_llama_server
 from kvbook.ops.fit_params import _run_holding_exit, find_fit_params
 from kvbook.ops.logparse import parse_log
 from kvbook.ops.procs import ManagedProcess, ProcessSpec, free_port
-from kvbook.plan.devices import this_machine, with_rpc
+from kvbook.ops.host import local_request, this_machine
+from kvbook.plan.api import solve
+from kvbook.plan.devices import with_rpc
 from kvbook.plan.flags import parse_server_args
-from kvbook.plan.solver import host_read_bytes, solve
+from kvbook.plan.solver import host_read_bytes
 
 _FREE = re.compile(r"using device RPC\d+ \((\S+)\) .* - (\d+) MiB free")
 _CPU_MOE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU"  # what --cpu-moe adds (common/arg.cpp), as fit prints it
@@ -144,12 +145,13 @@ def _without_ctx(args: Sequence[str], placement: Sequence[str]) -> list[str]:
 
 def compare(case: Case, endpoints: Sequence[str], run_dir: Path) -> Result:
     """Both sides' choices for one case, each started for real and measured."""
-    arch = load_model(str(case.model))
     device = with_rpc(this_machine(), tuple(endpoints), tuple(b * MiB / 2**30 for b in case.budgets_mib))
     base = ["-m", str(case.model), "--rpc", ",".join(endpoints)]
     sides = []
     fit_tokens, fit_note = fit_choice(case, endpoints)
-    solution = solve(arch, parse_server_args([*base, *case.args]), device, case.objective, top=1)
+    request = local_request(parse_server_args([*base, *case.args]), device)
+    arch = request.model
+    solution = solve(request, case.objective, top=1)
     kv_tokens: tuple[str, ...] = ()
     if solution.placements:
         chosen = list(solution.placements[0].argv)

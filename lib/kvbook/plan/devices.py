@@ -1,120 +1,23 @@
 """Device budgets: presets from params/devices/*.yaml, custom budgets (--budget-gib, --gpu-gib, --device-budget),
-RPC servers, and this machine (its NVIDIA GPUs from nvidia-smi, Apple's Metal, or its RAM)."""
+RPC servers, and this machine built from the facts ops/host.py detected (its NVIDIA GPUs, Apple's Metal, its RAM
+and CPU). Nothing here looks at the host: a Host record comes in where this machine's RAM or CPU is meant."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import replace
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, GiB, MiB, Pool, ServerFlags
-from kvbook.paths import params_dir
+from kvbook.interface import CpuFeatures, Device, GiB, Host, MiB, Pool, ServerFlags
+from kvbook.paths import params_dir, preset_ids
 from kvbook.yamlio import read_yaml
 
 THIS_MACHINE = "this-machine"
 
 
 def device_ids() -> list[str]:
-    folder = params_dir() / "devices"
-    ids = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    return ids + [THIS_MACHINE]
-
-
-def host_ram_bytes() -> int:
-    """Physical RAM of the machine kvbook runs on (MemTotal, else sysconf)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-@dataclass(frozen=True)
-class DetectedGpu:
-    """One row of `nvidia-smi --query-gpu=index,name,memory.total,memory.free` (MiB)."""
-
-    index: int
-    name: str
-    total_mib: int
-    free_mib: int
-
-
-NVIDIA_SMI_ARGS = ("--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits")
-NVIDIA_SMI_TIMEOUT_S = 5.0
-
-
-def parse_nvidia_smi(text: str) -> tuple[DetectedGpu, ...]:
-    """The GPUs of nvidia-smi's `index, name, memory.total, memory.free` CSV (noheader, nounits); ValueError on
-    any row that is not four fields with whole MiB figures ([N/A], an error message, a header)."""
-    gpus = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) < 4:
-            raise ValueError(f"not an index,name,total,free row: {line.strip()[:80]!r}")
-        index, total, free, name = fields[0], fields[-2], fields[-1], ", ".join(fields[1:-2])
-        if not (index.isdigit() and total.isdigit() and free.isdigit()) or int(free) > int(total) or not int(total):
-            raise ValueError(f"not an index,name,total,free row: {line.strip()[:80]!r}")
-        gpus.append(DetectedGpu(int(index), name, int(total), int(free)))
-    if not gpus:
-        raise ValueError("no GPU rows")
-    return tuple(gpus)
-
-
-def _visible(gpus: tuple[DetectedGpu, ...], env: Mapping[str, str]) -> tuple[tuple[DetectedGpu, ...], str]:
-    """The GPUs CUDA shows llama.cpp, in CUDA's order, and a note: CUDA_VISIBLE_DEVICES as a list of indices
-    picks and orders them (empty or -1 hides all); UUID or MIG entries are not mapped (all kept, noted)."""
-    value = env.get("CUDA_VISIBLE_DEVICES")
-    if value is None:
-        return gpus, ""
-    if not value.strip():
-        return (), "CUDA_VISIBLE_DEVICES is empty: CUDA shows no GPU"
-    by_index = {g.index: g for g in gpus}
-    picked = []
-    for item in (x.strip() for x in value.split(",")):
-        if not item.lstrip("-").isdigit():
-            return gpus, f"CUDA_VISIBLE_DEVICES={value} is not a list of indices: all nvidia-smi GPUs kept"
-        if int(item) not in by_index:
-            break  # CUDA stops at the first invalid entry
-        picked.append(by_index[int(item)])
-    return tuple(picked), f"CUDA_VISIBLE_DEVICES={value} applied"
-
-
-def detect_nvidia(env: Mapping[str, str] | None = None, timeout_s: float | None = None
-                  ) -> tuple[tuple[DetectedGpu, ...], str]:
-    """This machine's NVIDIA GPUs as CUDA numbers them, from nvidia-smi when it is on PATH, and a note; no GPUs
-    (and a note saying why) when it is absent, fails, times out or prints something else."""
-    env = os.environ if env is None else env
-    exe = shutil.which("nvidia-smi", path=env.get("PATH"))
-    if exe is None:
-        return (), ""
-    try:
-        done = subprocess.run([exe, *NVIDIA_SMI_ARGS], capture_output=True, text=True, errors="replace", check=False,
-                              timeout=NVIDIA_SMI_TIMEOUT_S if timeout_s is None else timeout_s)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return (), f"nvidia-smi did not answer ({type(exc).__name__}): planned for the CPU only"
-    if done.returncode != 0:
-        why = (done.stderr or done.stdout).strip().splitlines()[:1] or [f"exit status {done.returncode}"]
-        return (), f"nvidia-smi failed ({why[0][:120]}): planned for the CPU only"
-    try:
-        gpus = parse_nvidia_smi(done.stdout)
-    except ValueError as exc:
-        return (), f"nvidia-smi printed something kvbook cannot read ({exc}): planned for the CPU only"
-    gpus, note = _visible(gpus, env)
-    if len({g.name for g in gpus}) > 1 and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
-        note = "; ".join(filter(None, (note, "GPUs differ and CUDA numbers them fastest first unless "
-                                       "CUDA_DEVICE_ORDER=PCI_BUS_ID, nvidia-smi by PCI bus: CUDA<i> may not be "
-                                       "nvidia-smi's GPU i")))
-    return gpus, note
+    return preset_ids("devices") + [THIS_MACHINE]
 
 
 # macOS's default Metal working set (recommendedMaxWorkingSetSize) as a share of RAM: about 2/3 up to 32 GiB,
@@ -126,56 +29,55 @@ def metal_working_set_estimate(ram_bytes: int) -> int:
     return ram_bytes * 2 // 3 if ram_bytes <= 36 * GiB else ram_bytes * 3 // 4
 
 
-def _mac_ram_bytes(timeout_s: float = NVIDIA_SMI_TIMEOUT_S) -> int:
-    """hw.memsize from sysctl (0 when it cannot be read)."""
-    try:
-        done = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=timeout_s,
-                              check=False)
-        return int(done.stdout.strip()) if done.returncode == 0 else 0
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return 0
-
-
 RAM_NOTE = "Host budget is all physical RAM; the OS and other programs need some of it."
 
 
 def detection_note(device: Device) -> str:
-    """What `this_machine` found beyond its RAM (GPUs, Metal's estimate, an nvidia-smi failure), for the plan's
+    """What `host_device` found beyond its RAM (GPUs, Metal's estimate, an nvidia-smi failure), for the plan's
     notes; '' for a preset or a plain CPU-only machine."""
     return device.notes if device.id == THIS_MACHINE and device.notes != RAM_NOTE else ""
 
 
-def this_machine(env: Mapping[str, str] | None = None, platform: str | None = None) -> Device:
-    """The current machine: each NVIDIA GPU nvidia-smi lists as a CUDA<i> pool (budget: its free memory, what
-    llama.cpp's CUDA backend reads with cudaMemGetInfo for the default split and --fit) plus host RAM; on
-    macOS one unified Metal pool (an estimate from hw.memsize); else host RAM only (CPU)."""
-    platform = sys.platform if platform is None else platform
-    if platform == "darwin":
-        ram = _mac_ram_bytes() or host_ram_bytes()
+def host_device(host: Host) -> Device:
+    """This machine as a device, from what ops/host.py found: each NVIDIA GPU nvidia-smi lists as a CUDA<i> pool
+    (budget: its free memory, what llama.cpp's CUDA backend reads with cudaMemGetInfo for the default split and
+    --fit) plus host RAM; on macOS one unified Metal pool (an estimate from hw.memsize); else host RAM only (CPU).
+    Its CPU is the host's, which decides what llama.cpp repacks."""
+    ram = host.ram_bytes
+    if host.platform == "darwin":
         budget = metal_working_set_estimate(ram)
         return Device(
             id=THIS_MACHINE, name=f"this machine (Apple, {ram / GiB:.0f} GiB unified memory, Metal)", unified=True,
             pools=(Pool(name="Metal", kind="gpu", budget_bytes=budget, total_bytes=ram),),
             notes=f"Metal budget {budget / GiB:.1f} GiB is an estimate (2/3 of RAM up to 36 GiB, else 3/4: the "
                   "macOS default recommendedMaxWorkingSetSize; newer macOS or sudo sysctl iogpu.wired_limit_mb "
-                  "changes it); llama-server's log prints the real value (recommendedMaxWorkingSetSize)")
-    ram = host_ram_bytes()
-    host = Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram)
-    gpus, note = detect_nvidia(env)
+                  "changes it); llama-server's log prints the real value (recommendedMaxWorkingSetSize)",
+            cpu=host.cpu)
+    hostpool = Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram)
+    gpus, note = host.gpus, host.gpu_note
     ram_note = RAM_NOTE
     if not gpus:
         return Device(id=THIS_MACHINE, name=f"this machine ({ram / GiB:.1f} GiB RAM, CPU only)", unified=True,
-                      pools=(host,), notes=" ".join(filter(None, (ram_note, note and note + "."))))
+                      pools=(hostpool,), notes=" ".join(filter(None, (ram_note, note and note + "."))), cpu=host.cpu)
     pools = tuple(Pool(name=f"CUDA{i}", kind="gpu", budget_bytes=g.free_mib * MiB, total_bytes=g.total_mib * MiB)
                   for i, g in enumerate(gpus))
     names = ", ".join(f"CUDA{i} {g.name} {g.free_mib} of {g.total_mib} MiB free" for i, g in enumerate(gpus))
     return Device(
         id=THIS_MACHINE, name=f"this machine ({len(gpus)} NVIDIA GPU(s) + {ram / GiB:.1f} GiB RAM)", unified=False,
-        pools=(*pools, host),
+        pools=(*pools, hostpool),
         notes=f"nvidia-smi: {names}. GPU budgets are the memory free now (what llama.cpp's default split and --fit "
               f"read); other processes can take more before the server starts. {ram_note}"
               + (f" {note}." if note else ""),
-        sources=(("budget", "nvidia-smi --query-gpu=index,name,memory.total,memory.free"),))
+        sources=(("budget", "nvidia-smi --query-gpu=index,name,memory.total,memory.free"),), cpu=host.cpu)
+
+
+def _host_ram(host: Host | None, what: str) -> int:
+    """This machine's RAM for `what` (a host pool or an RPC server's budget nothing declares); the caller detects
+    the host (kvbook.ops.host.detect_host): the planner never reads it."""
+    if host is None:
+        raise BadInput(f"{what} is this machine's RAM, and no host was given: detect it with "
+                       "kvbook.ops.host.detect_host (or declare the budget)")
+    return host.ram_bytes
 
 
 def _gib(option: str, gib: float) -> int:
@@ -184,23 +86,25 @@ def _gib(option: str, gib: float) -> int:
     return int(gib * GiB)
 
 
-def custom_budget(gib: float) -> Device:
+def custom_budget(gib: float, cpu: CpuFeatures | None = None) -> Device:
     """One unified pool with the given budget in GiB (everything, host growth included, counts against it,
-    as on Apple silicon or a CPU-only machine)."""
+    as on Apple silicon or a CPU-only machine); `cpu`: the CPU that repacks (kvbook plan gives this machine's)."""
     size = _gib("--budget-gib", gib)
     return Device(
         id=f"budget-{gib:g}gib",
         name=f"custom budget {gib:g} GiB",
         unified=True,
         pools=(Pool(name="Budget", kind="host", budget_bytes=size, total_bytes=size),),
+        cpu=cpu,
     )
 
 
-def custom_discrete(gpu_gib: float, host_gib: float | None = None) -> Device:
+def custom_discrete(gpu_gib: float, host_gib: float | None = None, machine: Host | None = None) -> Device:
     """A discrete GPU with `gpu_gib` GiB, named CUDA0 as llama.cpp names the common case (other backends:
     --device-budget ROCm0=...), and a host with `host_gib` GiB (this machine's RAM when not given)."""
     gpu = _gib("--gpu-gib", gpu_gib)
-    host = _gib("--host-gib", host_gib) if host_gib is not None else host_ram_bytes()
+    host = (_gib("--host-gib", host_gib) if host_gib is not None
+            else _host_ram(machine, "--gpu-gib's host (no --host-gib)"))
     return Device(
         id=f"gpu-{gpu_gib:g}gib",
         name=f"custom GPU {gpu_gib:g} GiB + host {host / GiB:.1f} GiB",
@@ -210,13 +114,17 @@ def custom_discrete(gpu_gib: float, host_gib: float | None = None) -> Device:
     )
 
 
-def load_device(device_id: str) -> Device:
-    """A preset by id (see `device_ids()`), or this machine."""
+def load_device(device_id: str, host: Host | None = None) -> Device:
+    """A preset by id (see `device_ids()`), or this machine; `host` (ops/host.py detect_host) is needed for this
+    machine and for a discrete preset without a host pool (its host is this machine's RAM)."""
     if device_id == THIS_MACHINE:
-        return this_machine()
-    path = params_dir() / "devices" / f"{device_id}.yaml"
-    if not path.is_file():
+        if host is None:
+            raise BadInput("this-machine is the machine kvbook runs on, and no host was given: detect it with "
+                           "kvbook.ops.host.detect_host")
+        return host_device(host)
+    if device_id not in device_ids():
         raise BadInput(f"unknown device '{device_id}'. Try one of: {', '.join(device_ids())}")
+    path = params_dir() / "devices" / f"{device_id}.yaml"
     doc = read_yaml(path, "the device preset")
     try:
         pools = tuple(
@@ -237,9 +145,8 @@ def load_device(device_id: str) -> Device:
     if [p.name.split("[")[0] for p in rpc] != [f"RPC{i}" for i in range(len(rpc))] or (rpc and unified):
         raise BadInput(f"{path}: RPC pools are named RPC0, RPC1, ... in --rpc order, on a preset with unified: false")
     if not unified and not any(p.kind == "host" for p in pools):
-        host = this_machine().pools[0]
-        pools = pools + (Pool(name="Host (this machine)", kind="host", budget_bytes=host.budget_bytes,
-                              total_bytes=host.total_bytes),)
+        ram = _host_ram(host, f"the host pool of {device_id} (it declares none)")
+        pools = pools + (Pool(name="Host (this machine)", kind="host", budget_bytes=ram, total_bytes=ram),)
     sources = tuple((str(k), str(v)) for k, v in (doc.get("sources") or {}).items())
     if rpc:  # llama.cpp's order whatever the file's: RPC devices first, then the local GPUs
         pools = _ordered(Device(id=device_id, name="", unified=False, pools=tuple(p for p in pools if p.kind != "rpc")), rpc)
@@ -250,7 +157,23 @@ def load_device(device_id: str) -> Device:
         pools=pools,
         notes=str(doc.get("notes", "")),
         sources=sources,
+        cpu=_preset_cpu(path, doc, pools),
     )
+
+
+def _preset_cpu(path: object, doc: dict, pools: tuple[Pool, ...]) -> CpuFeatures:
+    """The CPU a preset assumes beside its devices: its `cpu_features` list (avx2, avx512, neon, dotprod, i8mm),
+    else the family default (Apple M-series beside Metal: NEON with dotprod; x86-64 with AVX2 otherwise)."""
+    from kvbook.plan.weights import host_cpu
+
+    features = doc.get("cpu_features")
+    if features is None:
+        return host_cpu(Device(id="", name="", unified=False, pools=pools))
+    known = ("avx2", "avx512", "neon", "dotprod", "i8mm")
+    if not isinstance(features, list) or not all(f in known for f in features):
+        raise BadInput(f"{path}: cpu_features must be a list of {', '.join(known)}, got {features!r}")
+    return CpuFeatures(f"{doc.get('name', 'the preset')}'s CPU ({', '.join(features) or 'no repack features'}, "
+                       "as the preset states)", **{f: True for f in features})
 
 
 def endpoint_of(pool: Pool) -> str:
@@ -280,12 +203,14 @@ def _preset_pool(pool: Pool, entry: dict) -> Pool:
                 total_bytes=pool.total_bytes, bandwidth_gbps=pool.bandwidth_gbps)
 
 
-def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[float, ...] = ()) -> Device:
+def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[float, ...] = (),
+             host: Host | None = None) -> Device:
     """`device` with one RPC device per --rpc endpoint, in llama.cpp's order: RPC devices before the local GPUs
     (`_ordered`). RPC pools a preset declares are matched to the endpoints by position (RPC<n> is the n-th;
     a declared endpoint must be that one). An RPC server reports its host's free memory (this build's
     ggml-rpc-server has no memory flag), so an undeclared budget is this machine's RAM, right for loopback;
-    give each remote host's budget (--rpc-gib, --device-budget RPC<n>=SIZE) for real ones."""
+    give each remote host's budget (--rpc-gib, --device-budget RPC<n>=SIZE) for real ones. `host` gives this
+    machine's RAM (ops/host.py); without it an undeclared budget is refused."""
     declared = [p for p in device.pools if p.kind == "rpc"]
     if not endpoints and not declared:
         return device
@@ -300,24 +225,23 @@ def with_rpc(device: Device, endpoints: tuple[str, ...], budgets_gib: tuple[floa
                            "HOST:PORT,... with one endpoint each, in that order")
         raise BadInput(f"{device.id} has {len(declared)} RPC devices ({names}) but llama-server has "
                        f"{len(endpoints)} --rpc endpoints ({','.join(endpoints)})")
-    ram = host_ram_bytes()
     rpc = []
     for i, ep in enumerate(endpoints):
         base = declared[i] if declared else None
         if base is not None and endpoint_of(base) and endpoint_of(base) != ep:
             raise BadInput(f"--rpc: endpoint {i} is {ep} but {device.id} declares {base.name}; fix one of them")
         size = _gib("--rpc-gib", budgets_gib[i]) if budgets_gib else None
+        ram = 0 if size or base else _host_ram(host, f"the budget of --rpc {ep} (loopback: this machine's RAM)")
         budget = size or (base.budget_bytes if base else ram)
         rpc.append(Pool(name=f"RPC{i}[{ep}]", kind="rpc", budget_bytes=budget,
                         total_bytes=size or (base.total_bytes if base else ram),
                         bandwidth_gbps=base.bandwidth_gbps if base else None))
     if [p.name for p in declared] == [p.name for p in rpc] and not budgets_gib:
         return device  # already bound to these endpoints
-    base_device = Device(id=device.id, name=device.name, unified=False,
-                         pools=tuple(p for p in device.pools if p.kind != "rpc"), notes=device.notes, sources=device.sources)
+    base_device = replace(device, unified=False, pools=tuple(p for p in device.pools if p.kind != "rpc"))
     name = device.name if declared else f"{device.name} + {len(rpc)} RPC server(s)"
-    return Device(id=device.id if declared else f"{device.id}+rpc", name=name, unified=False,
-                  pools=_ordered(base_device, rpc), notes=device.notes, sources=device.sources)
+    return replace(device, id=device.id if declared else f"{device.id}+rpc", name=name, unified=False,
+                   pools=_ordered(base_device, rpc))
 
 
 # ------------------------------------------------------------------ --device-budget NAME=SIZE
@@ -379,7 +303,8 @@ def _family(name: str) -> str:
     return name.rstrip("0123456789")
 
 
-def device_from_budgets(budgets: Sequence[tuple[str, int]], host_bytes: int | None = None) -> Device:
+def device_from_budgets(budgets: Sequence[tuple[str, int]], host_bytes: int | None = None,
+                        machine: Host | None = None) -> Device:
     """The device set the names build (RPC<n> entries are left to `apply_budgets` once --rpc is bound): the
     GPUs in llama.cpp's order (backend registration, then number) plus the host (CPU=, --host-gib, else this
     machine's RAM); Metal alone is one unified pool."""
@@ -400,7 +325,7 @@ def device_from_budgets(budgets: Sequence[tuple[str, int]], host_bytes: int | No
     if {"CUDA", "ROCm"} <= {_family(n) for n, _ in gpus}:
         raise BadInput("--device-budget: CUDA and ROCm devices come from different llama.cpp builds; use one")
     gpus.sort(key=lambda nb: (_REG_ORDER[_family(nb[0])], int(nb[0][len(_family(nb[0])):])))
-    ram = host if host is not None else host_ram_bytes()
+    ram = host if host is not None else _host_ram(machine, "the host of --device-budget (no CPU=, no --host-gib)")
     host_pool = Pool(name="Host" if host is not None else "Host (this machine)", kind="host", budget_bytes=ram,
                      total_bytes=ram)
     pools = tuple(Pool(name=n, kind="gpu", budget_bytes=b, total_bytes=b) for n, b in gpus) + (host_pool,)
@@ -424,14 +349,14 @@ def apply_budgets(device: Device, budgets: Sequence[tuple[str, int]]) -> Device:
         new[by_name[name].name] = size
     pools = tuple(Pool(name=p.name, kind=p.kind, budget_bytes=new[p.name], total_bytes=max(p.total_bytes, new[p.name]),
                        bandwidth_gbps=p.bandwidth_gbps) if p.name in new else p for p in device.pools)
-    return Device(id=device.id, name=device.name, unified=device.unified, pools=pools, notes=device.notes,
-                  sources=device.sources)
+    return replace(device, pools=pools)
 
 
 def resolve_device(*, preset: str | None = None, budget_gib: float | None = None, gpu_gib: float | None = None,
                    host_gib: float | None = None, device_budgets: Sequence[str] = (), rpc_gib: str | None = None,
-                   endpoints: tuple[str, ...] = ()) -> Device:
-    """The device `kvbook plan` plans on, from its options and llama-server's --rpc list. --device-budget
+                   endpoints: tuple[str, ...] = (), host: Host | None = None) -> Device:
+    """The device `kvbook plan` plans on, from its options and llama-server's --rpc list; `host` is this machine
+    as ops/host.py detected it (this-machine, a custom budget's CPU, a host no option gives). --device-budget
     overrides pools of the preset (or this machine) or, without --device, names the devices itself; it does
     not go with --budget-gib / --gpu-gib (they name the devices too); --host-gib sets the host with --gpu-gib
     or --device-budget; RPC budgets come from --rpc-gib or RPC<n>=, not both."""
@@ -463,18 +388,18 @@ def resolve_device(*, preset: str | None = None, budget_gib: float | None = None
         except ValueError:
             raise BadInput(f"--rpc-gib: '{rpc_gib}' is not a comma-separated list of GiB") from None
     if budget_gib is not None:
-        device = custom_budget(budget_gib)
+        device = custom_budget(budget_gib, host.cpu if host else None)
     elif gpu_gib is not None:
-        device = custom_discrete(gpu_gib, host_gib)
+        device = custom_discrete(gpu_gib, host_gib, host)
     elif preset:
-        device = load_device(preset)
+        device = load_device(preset, host)
     elif budgets:
-        device = device_from_budgets(budgets, _gib("--host-gib", host_gib) if host_gib is not None else None)
+        device = device_from_budgets(budgets, _gib("--host-gib", host_gib) if host_gib is not None else None, host)
     else:
-        device = this_machine()
+        device = load_device(THIS_MACHINE, host)
     if preset and host_gib is not None:
         budgets = (*budgets, ("CPU", _gib("--host-gib", host_gib)))
-    device = with_rpc(device, endpoints, rpc_budgets)
+    device = with_rpc(device, endpoints, rpc_budgets, host)
     overrides = budgets if preset else tuple((n, b) for n, b in budgets if _family(n) == "RPC")
     return apply_budgets(device, overrides) if overrides else device
 
@@ -573,8 +498,7 @@ def effective_device(device: Device, flags: ServerFlags) -> Device:
         return device
     hosts = [p for p in device.pools if p.kind == "host"]
     pools = (*hosts, *chosen) if device.pools[0].kind == "host" else (*chosen, *hosts)
-    return Device(id=device.id, name=device.name, unified=device.unified, pools=tuple(pools), notes=device.notes,
-                  sources=device.sources)
+    return replace(device, pools=tuple(pools))
 
 
 def _check_row(flags: ServerFlags, used: Sequence[str]) -> None:

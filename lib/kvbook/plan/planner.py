@@ -493,10 +493,11 @@ def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: t
 
 
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
-              accounting: str = "kvbook") -> Plan:
+              accounting: str = "kvbook", search: bool = True) -> Plan:
     """Plan one command line on one device. `memory` comes from elsewhere (llama.cpp's own accounting) for an
-    architecture kvbook has no rule for; then no context is searched and no alternative is offered."""
-    searched = memory is None
+    architecture kvbook has no rule for; then, or with search False, no context is searched and no alternative
+    is offered."""
+    searched = memory is None and search
     detected = detection_note(device)
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)

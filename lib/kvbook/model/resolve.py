@@ -1,22 +1,31 @@
-"""Plan any model: kvbook's rules where it has them, llama.cpp's own accounting (llama-fit-params on the
-file, or on a sparse local copy of a remote file's header) for any other architecture llama.cpp loads,
-labelled as such. `-hf` is resolved to the file llama-server would fetch first."""
+"""What a llama-server command line loads: the model (GGUF path or URL, preset, config.json, `-hf`, `-mu`) with
+its projector (--mmproj, or the one -hf fetches), its draft (-md, -hfd) and its LoRA adapters attached, and notes
+on how each was found. This is where a plan's I/O happens (headers read, the hub asked); the planner gets the
+result as data (kvbook.plan.api.PlanRequest)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, LoraAdapter, MemoryPlan, ModelArch, Plan, ServerFlags
-from kvbook.memory.rules import draft_memory, with_projector
+from kvbook.interface import LoraAdapter, ModelArch, ServerFlags
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
-from kvbook.plan.planner import make_plan
-from kvbook.plan.solver import with_placement_alternative
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model a command line loads, with projector, draft and LoRA adapters attached. `has_rule` False: its
+    architecture has no kvbook rule, `arch` is only the shape its common keys give, and its memory must come from
+    llama.cpp's own accounting of `source` (kvbook.plan.api.FitFallback); `unknown` says why."""
+
+    arch: ModelArch
+    source: str  # the file or URL that loads
+    notes: tuple[str, ...] = ()
+    has_rule: bool = True
+    unknown: str = ""
 
 
 def _with_token(environ: Mapping[str, str], flags: ServerFlags) -> Mapping[str, str]:
@@ -51,23 +60,6 @@ def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, s
     if auto:
         notes.append(f"-hf also fetches the repo's projector {hub.mmproj_path} (--no-mmproj to leave it out)")
     return hub.model_urls[0], (hub.mmproj_url or "") if auto else flags.mmproj, tuple(notes)
-
-
-def _fit_memory(source: str, flags: ServerFlags, generic: ModelArch) -> tuple[MemoryPlan, str]:
-    """llama-fit-params' accounting for a local file, or for a sparse copy of a remote file's header."""
-    from kvbook.ops.fit_params import memory_from_fit
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        return memory_from_fit(path, flags, generic), "llama-fit-params on this file"
-    if source.startswith(("http://", "https://")):
-        from kvbook.model.ggufio import sparse_remote_copy
-
-        with tempfile.TemporaryDirectory(prefix="kvbook-sparse-") as tmp:
-            first = sparse_remote_copy(source, Path(tmp))
-            return (memory_from_fit(first, flags, generic),
-                    "llama-fit-params on a sparse local copy of the remote header: tensor data not downloaded")
-    raise BadInput(f"{source}: no GGUF to run llama-fit-params on")
 
 
 def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
@@ -112,9 +104,11 @@ def _loras(flags: ServerFlags) -> tuple[LoraAdapter, ...]:
     return tuple(load_lora(f) for f in flags.lora)
 
 
-def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
-    """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
-    source, mmproj, notes = model_source(flags, os.environ if environ is None else environ)
+def resolve_model(flags: ServerFlags, environ: Mapping[str, str]) -> ResolvedModel:
+    """The model `flags` load, as llama-server would find it (`environ`: the server's environment, for HF_TOKEN
+    and the hub endpoint); an architecture without a kvbook rule resolves to its generic shape when llama.cpp's
+    own accounting can size it (a local file or a URL), else raises UnknownArchitecture."""
+    source, mmproj, notes = model_source(flags, environ)
     projector = None
     if mmproj:
         from kvbook.model.projector import load_projector
@@ -122,7 +116,7 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
         projector = load_projector(mmproj)
         notes = (*notes, f"projector {projector.projector_type} from {mmproj}: weights exact (its tensors), compute "
                          "buffer estimated from the vision tower's shapes")
-    draft_source, draft_notes = _draft_source(flags, os.environ if environ is None else environ)
+    draft_source, draft_notes = _draft_source(flags, environ)
     draft = _draft(flags, draft_source)
     if draft is not None:
         notes = (*notes, *draft_notes, f"draft model {draft.name} ({draft.arch}) from {draft_source}: its own context "
@@ -138,17 +132,9 @@ def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | No
         if e.generic is None or not (remote or Path(source).expanduser().is_file()):
             raise
         generic = replace(e.generic, projector=projector, draft=draft, loras=loras)
-        memory, how = _fit_memory(source, flags, generic)
-        memory = replace(memory, projector=with_projector(generic, memory.shape, flags),
-                         draft=draft_memory(generic, memory.shape, flags),
-                         lora_bytes=sum(a.buffer_bytes for a in loras))
-        plan = make_plan(generic, flags, device, memory=memory, accounting="llama-fit-params")
-        note = (f"architecture '{e.generic.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
-                f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
-        return replace(plan, notes=(*notes, note, *plan.notes))
+        return ResolvedModel(generic, source, notes, has_rule=False, unknown=str(e))
     for adapter in loras:
         if adapter.arch != arch.arch:
             raise BadInput(f"--lora {adapter.source}: an adapter for '{adapter.arch}', the model is '{arch.arch}' "
                            "(llama-server refuses it)")
-    plan = with_placement_alternative(make_plan(arch, flags, device), arch, flags, device)
-    return replace(plan, notes=(*notes, *plan.notes)) if notes else plan
+    return ResolvedModel(arch, source, notes)
