@@ -7,32 +7,30 @@ shows up as a field-by-field diff in tests/test_golden_plans.py.
 
 Only host-independent inputs: no environment variables (LLAMA_ARG_*, HF_*), and the host is pinned (GOLDEN_HOST:
 64 GiB of RAM, no GPU, an x86-64 AVX2 CPU for CPU_REPACK) for the plans that read it: a device preset without a
-host pool borrows this machine's RAM, and a plan on this machine repacks for this machine's CPU. A bundled GGUF's
+host pool borrows the host's RAM, and a plan on this machine repacks for the host's CPU. A bundled GGUF's
 path is written as <model:NAME>, so the files do not depend on where the venv is."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from kvbook.errors import KvbookError
-from kvbook.interface import Device, GiB, Plan, Pool
+from kvbook.interface import GiB, Host, Plan
 from kvbook.model.sources import preset_ids
 from kvbook.plan.devices import THIS_MACHINE, device_ids
+from kvbook.plan.weights import X86_AVX2
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = REPO / "tests" / "golden"
 REGENERATE = ".venv/bin/python tools/golden_plans.py"
 
-# what the plans see of "this machine" (the api helper moves host detection into the Device; until then the golden
-# run replaces the two probes, plan.devices.this_machine and plan.weights.this_cpu)
-GOLDEN_HOST = Device(id=THIS_MACHINE, name="golden host (64.0 GiB RAM, CPU only)", unified=True,
-                     pools=(Pool(name="Host", kind="host", budget_bytes=64 * GiB, total_bytes=64 * GiB),))
+# what the plans see of "this machine": a fixed Host, so no plan reads this machine's RAM, CPU or GPUs
+GOLDEN_HOST = Host(platform="linux", ram_bytes=64 * GiB, cpu=X86_AVX2)
 
 BUNDLED = ("smollm2-135m", "gemma3-270m")
 # (file stem, flags after -m MODEL, device preset or THIS_MACHINE for GOLDEN_HOST)
@@ -50,13 +48,16 @@ BUNDLED_CASES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def plan_request(argv: Sequence[str], device_id: str) -> Plan:
     """The one call into the planner, as `kvbook plan --device DEVICE -- llama-server ARGV` makes it (no
-    environment variables). Re-point this when the planner's entry point moves (issue 21: kvbook.plan.api.plan)."""
-    from kvbook.ops.planning import plan_any
+    environment variables), on GOLDEN_HOST."""
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.ops.host import local_request
+    from kvbook.plan.api import plan
     from kvbook.plan.devices import resolve_device
     from kvbook.plan.flags import parse_server_args
 
     flags = parse_server_args(["llama-server", *argv], {})
-    return plan_any(flags, resolve_device(preset=device_id, endpoints=flags.rpc), environ={})
+    device = resolve_device(preset=device_id, endpoints=flags.rpc, host=GOLDEN_HOST)
+    return plan(local_request(flags, device, environ={}, host=GOLDEN_HOST), fit_fallback=FIT_PARAMS)
 
 
 def document(plan: Plan | str) -> dict[str, Any]:
@@ -65,21 +66,6 @@ def document(plan: Plan | str) -> dict[str, Any]:
     from kvbook.plan.summary import plan_summary
 
     return {"error": plan} if isinstance(plan, str) else plan_summary(plan)
-
-
-@contextlib.contextmanager
-def pinned_host() -> Iterator[None]:
-    """Plans see GOLDEN_HOST and an x86-64 AVX2 CPU instead of probing this machine."""
-    import kvbook.plan.devices as devices
-    import kvbook.plan.weights as weights
-
-    saved = devices.this_machine, weights.this_cpu
-    devices.this_machine = lambda *a, **k: GOLDEN_HOST
-    weights.this_cpu = lambda: weights.X86_AVX2  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        devices.this_machine, weights.this_cpu = saved
 
 
 def _bundled_paths() -> dict[str, str]:
@@ -93,14 +79,13 @@ def _rpc_flags(device_id: str) -> tuple[str, ...]:
     them; kvbook plans a given placement, not --fit's)."""
     from kvbook.plan.devices import endpoint_of, load_device
 
-    rpc = [endpoint_of(p) for p in load_device(device_id).pools if p.kind == "rpc"]
+    rpc = [endpoint_of(p) for p in load_device(device_id, GOLDEN_HOST).pools if p.kind == "rpc"]
     return ("--rpc", ",".join(rpc), "-ngl", "all") if rpc else ()
 
 
 def requests() -> list[tuple[str, tuple[str, ...], str]]:
     """(golden file name, llama-server argv, device) of every golden plan; <model:NAME> stands for a bundled GGUF."""
-    with pinned_host():
-        rpc = {d: _rpc_flags(d) for d in device_ids()}
+    rpc = {d: _rpc_flags(d) for d in device_ids()}
     out = [(f"preset-{m}--{d}", ("-m", m, *rpc[d]), d) for m in preset_ids() for d in device_ids()]
     out += [(f"gguf-{name}--{stem}--{d}", ("-m", f"<model:{name}>", *flags, *rpc.get(d, ())), d)
             for name in BUNDLED for stem, flags, d in BUNDLED_CASES]
@@ -111,14 +96,13 @@ def plans(only: Callable[[str], bool] = lambda name: True) -> dict[str, Plan | s
     """{golden file name: its plan now, or the one-line error of a refused request}, on the pinned host."""
     paths = _bundled_paths()
     out: dict[str, Plan | str] = {}
-    with pinned_host():
-        for name, argv, device in requests():
-            if only(name):
-                real = [next((paths[m] for m in BUNDLED if a == f"<model:{m}>"), a) for a in argv]
-                try:
-                    out[name] = plan_request(real, device)
-                except KvbookError as e:
-                    out[name] = str(e)
+    for name, argv, device in requests():
+        if only(name):
+            real = [next((paths[m] for m in BUNDLED if a == f"<model:{m}>"), a) for a in argv]
+            try:
+                out[name] = plan_request(real, device)
+            except KvbookError as e:
+                out[name] = str(e)
     return out
 
 
@@ -133,8 +117,7 @@ def serialise(doc: dict[str, Any], paths: dict[str, str] | None = None) -> str:
 def generate(only: Callable[[str], bool] = lambda name: True) -> dict[str, str]:
     """{golden file name: its bytes} planned now."""
     paths = _bundled_paths()
-    with pinned_host():  # the summary, too, sees only the pinned host
-        return {name: serialise(document(plan), paths) for name, plan in plans(only).items()}
+    return {name: serialise(document(plan), paths) for name, plan in plans(only).items()}
 
 
 def diff(golden: Any, now: Any, path: str = "") -> list[str]:

