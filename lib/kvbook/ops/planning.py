@@ -113,7 +113,11 @@ def _loras(flags: ServerFlags) -> tuple[LoraAdapter, ...]:
 
 
 def plan_any(flags: ServerFlags, device: Device, environ: Mapping[str, str] | None = None) -> Plan:
-    """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params."""
+    """The plan for `flags` on `device`; an architecture without a kvbook rule is sized by llama-fit-params. The
+    user's saved compute calibrations (kvbook check-log --save-calibration) come with the device."""
+    from kvbook.ops.calibration import with_calibrations
+
+    device = with_calibrations(device)
     source, mmproj, notes = model_source(flags, os.environ if environ is None else environ)
     projector = None
     if mmproj:
