@@ -52,7 +52,10 @@ def backend_coefficients(backend: str) -> tuple[dict, str]:
     if backend in table and table[backend].get("n_logs"):
         return table[backend], f"{backend}: fitted on {table[backend]['n_logs']} public log(s)"
     borrowed = coefficients()["borrow"].get(backend, "CUDA")
-    return table[borrowed], f"{backend}: no public log measured; {borrowed}'s coefficients and interval"
+    if borrowed not in table:
+        borrowed = next(iter(table))
+    return table[borrowed], (f"{backend}: no public log measured; {borrowed}'s coefficients "
+                             f"({table[borrowed].get('n_logs', 0)} log(s)) and interval")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbook.errors import BadInput, ModelError
@@ -24,7 +25,7 @@ from kvbook.ops.logrun import LogRun, parse_run
 # attention (ggml-org/llama.cpp#23861 and #23764, merged 2026-05-28..30; b9272 is documented before them in #23527).
 # Their logs print `llama_context: n_outputs_max`, which decides when present; the number decides otherwise.
 NEW_GRAPH_BUILD = 9400
-_HOST = re.compile(r"^(CPU|.*_Host)")
+_HOST = re.compile(r"^(CPU|Host|.*_Host)")
 # print_info key -> GGUF metadata key (without the `{arch}.` prefix)
 _KEYS = {
     "n_ctx_train": "context_length", "n_embd": "embedding_length", "n_head": "attention.head_count",
@@ -212,7 +213,7 @@ def flags_from_log(run: LogRun, arch: ModelArch, gpus: list[str]) -> tuple[Serve
 def device_from_log(run: LogRun) -> tuple[Device, list[str]]:
     """The devices the log used: each GPU by its log name (budget from 'using device ... MiB free' when given) and
     the host as CPU. Metal is planned as a GPU beside the CPU so each side's buffers compare."""
-    names = [_device_name(b.name) for b in run.buffers]
+    names = [_device_name(b.name) for b in run.buffers] or [r.name for r in run.breakdown]
     gpus = list(dict.fromkeys(n for n in names if not _is_host(n)))
     free = {name: mib for name, _, mib in run.devices}
     big = 1 << 50
@@ -277,26 +278,35 @@ def kv_mismatches(run: LogRun, memory: MemoryPlan) -> tuple[str, ...]:
     return tuple(out)
 
 
-def check_log(text: str) -> LogCheck:
-    """Parse, rebuild, plan and compare one log (BadInput for a text that is not a usable llama.cpp log)."""
+def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[str] = ()) -> LogCheck:
+    """Parse, rebuild, plan and compare one log (BadInput for a text that is not a usable llama.cpp log). A log
+    without print_info lines (only the memory-breakdown table, as llama-cli and llama-fit-params print it) is planned
+    when the model (a GGUF or preset) and the command line's flags are given; otherwise its logged figures alone."""
     run = parse_run(text)
     logged = _logged_rows(run)
-    model = run.hparams.get("general.name") or run.hparams.get("arch") or "unknown model"
+    name = run.hparams.get("general.name") or run.hparams.get("arch") or (model.name if model else "unknown model")
     refused = run.era
-    if refused is None and not run.hparams.get("arch"):
-        refused = ("no print_info lines (the model's hyperparameters) in the log: logged figures only; paste the "
-                   "whole load log (llama-server -lv 4 / -v) to plan it")
-    if refused is None and not run.buffers:
-        refused = "only the memory-breakdown table (integer MiB per device): logged figures only"
+    from_log = bool(run.hparams.get("arch")) and bool(run.buffers)
+    if refused is None and not from_log and model is None:
+        refused = ("no print_info lines (the model's hyperparameters) and buffer lines in the log: logged figures only; "
+                   "give the model and its flags (kvbook check-log LOG --model GGUF|PRESET -- FLAGS), or paste the "
+                   "whole load log (llama-server -lv 4 / -v)")
     if refused:
-        return LogCheck(run.build, run.tool, model, tuple(logged.values()), (), (), refused=refused)
-    arch = arch_from_log(run)
-    device, gpus = device_from_log(run)
-    flags, notes = flags_from_log(run, arch, gpus)
+        return LogCheck(run.build, run.tool, name, tuple(logged.values()), (), (), refused=refused)
+    if from_log:
+        arch = arch_from_log(run)
+        device, gpus = device_from_log(run)
+        flags, notes = flags_from_log(run, arch, gpus)
+    else:
+        assert model is not None
+        arch = model
+        device, gpus = device_from_log(run)
+        flags, notes = _given_flags(run, server_args), [f"model and flags as given ({model.source}); the log has "
+                                                        "only the breakdown table (integer MiB)"]
     memory = _memory(arch, flags, run)
-    refused = _context_refusal(run, memory)
+    refused = _context_refusal(run, memory) if from_log else None
     if refused:
-        return LogCheck(run.build, run.tool, model, tuple(logged.values()), (), tuple(notes), refused=refused)
+        return LogCheck(run.build, run.tool, name, tuple(logged.values()), (), tuple(notes), refused=refused)
     plan, computes = plan_from_log(arch, flags, device, memory)
     rows = _rows(run, plan, logged, computes)
     notes.append("weights: the log's model buffers, taken as logged (a log has no tensor list)")
@@ -304,7 +314,39 @@ def check_log(text: str) -> LogCheck:
                                     if new_graph(run) else "before ggml-org/llama.cpp#23861/#23764 (logits for "
                                     "n_ubatch rows, f32 masks cast for flash attention)"))
     notes += [n for n in plan.notes if n.startswith("compute buffers")]
-    return LogCheck(run.build, run.tool, model, rows, kv_mismatches(run, memory), tuple(notes), plan=plan)
+    mismatches = kv_mismatches(run, memory) if from_log else _breakdown_kv_mismatches(rows)
+    return LogCheck(run.build, run.tool, name, rows, mismatches, tuple(notes), plan=plan)
+
+
+def _given_flags(run: LogRun, server_args: Sequence[str]) -> ServerFlags:
+    """The given command line, with what the log says of the context (n_ctx, slots, ubatch) where it says it."""
+    from kvbook.plan.flags import parse_server_args
+
+    flags = parse_server_args(["llama-server", "-m", "(given)", *server_args])
+    changes: dict[str, object] = {}
+    if n_ctx := run.ctx_int("n_ctx"):
+        changes["ctx"] = n_ctx
+    if n_seq := run.ctx_int("n_seq_max"):
+        changes["parallel"] = n_seq
+        changes["kv_unified"] = run.context.get("kv_unified", "false") == "true"
+    if ub := run.ctx_int("n_ubatch"):
+        changes["ubatch"] = ub
+    if run.flash_attn is not None:
+        changes["flash_attn"] = FlashAttn.ON if run.flash_attn else FlashAttn.OFF
+    return dataclasses.replace(flags, fit=False, **changes) if changes else dataclasses.replace(flags, fit=False)
+
+
+def _breakdown_kv_mismatches(rows: Sequence[DeviceRow]) -> tuple[str, ...]:
+    """The breakdown table's context column (KV + recurrent, integer MiB) against the plan, per device."""
+    out = []
+    for r in rows:
+        logged = r.logged.kv_bytes
+        planned = r.planned.kv_bytes or 0
+        if logged is None or r.planned.kv_bytes is None:
+            continue
+        if abs(planned - logged) > MiB:
+            out.append(f"{r.name} context: logged {logged / MiB:.0f} MiB, planned {planned / MiB:.2f} MiB")
+    return tuple(out)
 
 
 def _logged_rows(run: LogRun) -> dict[str, DeviceRow]:
@@ -329,8 +371,9 @@ def _rows(run: LogRun, plan: Plan, logged: dict[str, DeviceRow],
     compute buffer (CUDA_Host, Vulkan_Host or CPU), its KV and recurrent state on CPU; weights as logged. Compute is
     the backend model's estimate with its interval (the pools hold its high end)."""
     host_compute = next((n for n in logged if _is_host(n) and logged[n].logged.compute_bytes is not None), "CPU")
+    host_kv = "CPU" if "CPU" in logged or "Host" not in logged else "Host"
     rows = dict(logged)
-    for name in ("CPU", host_compute):
+    for name in (host_kv, host_compute):
         rows.setdefault(name, DeviceRow(name, backend_of(name), Figures(), Figures()))
     out = []
     for name, row in rows.items():
@@ -341,10 +384,12 @@ def _rows(run: LogRun, plan: Plan, logged: dict[str, DeviceRow],
         host = _is_host(name)
         gpu = (computes or {}).get("CPU" if host else name)
         compute = gpu.estimate if gpu else pool.compute_bytes
+        kv_here = not host or name == host_kv
+        table = not run.buffers  # the breakdown's context column is KV and recurrent state together
         planned = Figures(
             weights_bytes=row.logged.weights_bytes,
-            kv_bytes=(pool.kv_bytes if not host or name == "CPU" else None),
-            recurrent_bytes=(pool.recurrent_bytes if not host or name == "CPU" else None),
+            kv_bytes=(pool.kv_bytes + (pool.recurrent_bytes if table else 0) if kv_here else None),
+            recurrent_bytes=(pool.recurrent_bytes if kv_here and not table else None),
             compute_bytes=(compute if not host or name == host_compute else None),
             compute_low_bytes=(gpu.low if gpu and (not host or name == host_compute) else None),
             compute_high_bytes=(gpu.high if gpu and (not host or name == host_compute) else None),

@@ -126,6 +126,8 @@ def parse_run(text: str) -> LogRun:
         raise BadInput("this is a binary file, not a llama.cpp log")
     build, commit = _build(text)
     era = next((why for marker, why in _ERAS if marker in text), None)
+    if era is None and re.search(r"\bollama\b", text, re.I):
+        era = "ollama's bundled llama.cpp (its own fork, build and context settings), not a llama.cpp build"
     hparams: dict[str, str] = {}
     context: dict[str, str] = {}
     buffers: list[Buffer] = []

@@ -178,10 +178,10 @@ def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
     return estimate
 
 
-def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
-                calibrations: tuple[ComputeCalibration, ...] = ()) -> dict[str, DeviceCompute] | None:
-    """Each busy device's compute buffer and the host side's (under CPU) when the offload devices are local GPUs of
-    one backend (kvbook.memory.backends); None for the CPU alone, RPC devices or mixed backends."""
+def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload
+              ) -> tuple[str, dict[str, dict[str, int]]] | None:
+    """(backend, graph terms per device) when the offload devices are local GPUs of one backend (placement.
+    compute_terms with the build's reserved logits rows); None for the CPU alone, RPC devices or mixed backends."""
     backends = {backend_of(d) for d in offload.devices}
     if len(backends) != 1 or not backends <= set(GPU_BACKENDS):
         return None
@@ -191,33 +191,52 @@ def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
                                                    flags.split_mode, flags.no_kv_offload, overrides) else 1
     on_cpu = cpu_ops(arch.tensors, offload, flags.tensor_overrides) if flags.tensor_overrides and arch.tensors else {}
     rows = shape.reserve_outputs or min(shape.n_ubatch, shape.n_outputs_max)
-    terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
-                          no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
-    return backend_compute(terms, backends.pop(), flash_attn=shape.flash_attn, mask_f32_input=shape.mask_f32_input,
-                           arch=arch.arch, calibrations=calibrations)
+    return backends.pop(), compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
+                                         no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
 
 
-def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-                     main: str) -> dict[str, DeviceCompute] | None:
-    """gpu_compute when every layer runs on the one GPU pool `main` (a discrete GPU, or Metal's unified pool)."""
+def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
+                calibrations: tuple[ComputeCalibration, ...] = ()) -> dict[str, DeviceCompute] | None:
+    """Each busy device's compute buffer and the host side's (under CPU) for GPU offload devices of one backend
+    (kvbook.memory.backends); None where the CPU or RPC estimate applies."""
+    found = gpu_terms(arch, flags, memory, offload)
+    if found is None:
+        return None
+    backend, terms = found
+    return backend_compute(terms, backend, flash_attn=memory.shape.flash_attn,
+                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations)
+
+
+def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
+    """Every layer on the one GPU pool `main` (a discrete GPU, or Metal's unified pool); None for a host pool."""
     pool = next(p for p in device.pools if p.name == main)
     if pool.kind != "gpu":
         return None
     n_all = arch.n_layer + arch.n_layer_nextn
-    return gpu_compute(arch, flags, memory, assign(n_all, n_all + 1, (main,), (1.0,)), device.calibrations)
+    return assign(n_all, n_all + 1, (main,), (1.0,))
+
+
+def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                     main: str) -> dict[str, DeviceCompute] | None:
+    """gpu_compute when every layer runs on the one GPU pool `main`."""
+    offload = _one_gpu(arch, device, main)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+
+
+def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
+    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool)."""
+    if _spread(arch, flags, device):
+        return offload_of(arch, flags, device)
+    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else "")
+    return _one_gpu(arch, device, main) if main else None
 
 
 def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
                     ) -> dict[str, DeviceCompute] | None:
     """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
     intervals; None when the CPU backend (or RPC) holds them."""
-    if _spread(arch, flags, device):
-        gpu = gpu_compute(arch, flags, memory, offload_of(arch, flags, device), device.calibrations)
-    else:
-        main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device)
-                                                            else "")
-        gpu = _one_gpu_compute(arch, flags, memory, device, main) if main else None
-    return gpu
+    offload = compute_offload(arch, flags, device)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
 
 
 def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
