@@ -167,7 +167,17 @@ def _cmd_check_log(args: argparse.Namespace) -> int:
     path = Path(args.log)
     if not path.is_file():
         raise BadInput(f"{args.log}: no such file (give the path of a saved llama.cpp log)")
-    check = check_log(path.read_text(errors="replace"))
+    extra = list(args.server_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if extra and not args.model:
+        raise BadInput("flags after -- go with --model (for a log that has only the memory-breakdown table)")
+    model = None
+    if args.model:
+        from kvbook.model.sources import load_model
+
+        model = load_model(args.model)
+    check = check_log(path.read_text(errors="replace"), model, extra)
     if args.save_calibration:
         from kvbook.ops.calibration import save_calibration
 
@@ -250,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--save-calibration", action="store_true",
                     help="keep this log's compute buffers as a calibration that later plans for its backend and model "
                          "family use (labelled as such)")
+    cl.add_argument("--model", help="for a log without print_info lines (only the breakdown table): the model, a GGUF "
+                                    "path or preset, with the run's llama-server flags after --")
+    cl.add_argument("server_args", nargs=argparse.REMAINDER, help="-- the run's flags (with --model)")
     cl.set_defaults(func=_cmd_check_log)
 
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")

@@ -25,7 +25,7 @@ from functools import cache
 from importlib import resources
 from statistics import median
 
-from kvbook.interface import ComputeCalibration
+from kvbook.interface import ComputeCalibration, ModelArch
 
 GPU_BACKENDS = ("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")
 _FAMILY = {"CUDA": "CUDA", "ROCm": "ROCm", "HIP": "ROCm", "MTL": "Metal", "Metal": "Metal", "Vulkan": "Vulkan",
@@ -71,9 +71,34 @@ class DeviceCompute:
 def gpu_device_bytes(t: Mapping[str, int], c: Mapping[str, float]) -> int:
     """A GPU device's buffer from its graph terms (kvbook.plan.placement.compute_terms): the residual stream copied
     in, then the larger of the layers' work (mask, activations, scores) and the logits with what feeds them."""
-    layers = c["mask"] * t["mask"] + c["act"] * t["act"] + c["scores"] * t["scores"]
+    layers = (c["mask"] * t["mask"] + c["act"] * t["act"] + c["scores"] * t["scores"]
+              + c.get("wcopy", 0.0) * t.get("wcopy", 0))
     out = t["logits"] + c["out"] * t["act"] if t["logits"] else 0
     return int(c["embd"] * t["embd"] + max(layers, out))
+
+
+OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda / ggml-vulkan offload_op: a batch at least this large runs on the GPU
+
+
+def cpu_matrix_bytes(arch: ModelArch, experts_on_cpu: bool, layers_on_cpu: bool) -> int:
+    """The largest weight the first GPU copies in to run a CPU-resident layer's matmul on a big batch (the
+    backend's offload_op, on by default: --no-op-offload turns it off): one layer's expert tensor (every expert)
+    when experts stay on the CPU, else a dense FFN matrix; bytes from the model's average bytes per parameter."""
+    params = _params(arch)
+    if not params or not (experts_on_cpu or layers_on_cpu):
+        return 0
+    per_param = arch.weights_bytes / params
+    exps = arch.n_embd * arch.n_ff_exp * arch.n_expert if arch.n_expert and arch.n_ff_exp else 0
+    dense = arch.n_embd * arch.n_ff
+    return int(per_param * max(exps if experts_on_cpu else 0, dense if layers_on_cpu else 0))
+
+
+def _params(arch: ModelArch) -> int:
+    """Parameters as the shapes give them (embeddings and output, attention, FFN or experts)."""
+    embd = arch.n_vocab * arch.n_embd
+    attn = sum(arch.n_embd * arch.head_k * (2 * h + 2 * kv) for h, kv in zip(arch.n_head, arch.n_head_kv))
+    exps = 3 * arch.n_embd * arch.n_ff_exp * arch.n_expert if arch.n_expert and arch.n_ff_exp else 0
+    return 2 * embd + attn + arch.n_layer * (exps or 3 * arch.n_embd * arch.n_ff)
 
 
 def _mask_input(t: Mapping[str, int], flash_attn: bool, mask_f32_input: bool) -> int:
@@ -84,7 +109,7 @@ def _mask_input(t: Mapping[str, int], flash_attn: bool, mask_f32_input: bool) ->
 def host_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int) -> int:
     """The host-side buffer beside GPUs: the graph inputs (the masks as fed), the residual stream built by get_rows,
     and whatever the CPU runs (experts kept there, layers left there, the logits when the output stays there)."""
-    cpu_work = max(c["moe"] * t["moe"], c["act"] * t["act"] + t["scores"], t["logits"])
+    cpu_work = max(c["moe"] * t["moe"], c.get("h_act", 1.0) * t["act"] + t["scores"], t["logits"])
     return int(c["h_embd"] * t["embd"] + max(c["h_mask"] * mask_input, cpu_work))
 
 

@@ -10,8 +10,10 @@ kvbook.memory.backends. A log whose build's rules differ from the pinned build's
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from kvbook.errors import BadInput, ModelError
@@ -134,8 +136,12 @@ def _device_name(buffer_name: str) -> str:
     return buffer_name.removesuffix("_Mapped")
 
 
-def _is_host(name: str) -> bool:
+def is_host_name(name: str) -> bool:
+    """Whether a device name of a log is the host side: CPU, Host (the breakdown table), CUDA_Host, Vulkan_Host..."""
     return bool(_HOST.match(name))
+
+
+_is_host = is_host_name
 
 
 def _experts_on_cpu(run: LogRun, arch: ModelArch) -> int:
@@ -450,3 +456,60 @@ def format_check(check: LogCheck) -> str:
 
 def _fmt(b: int | None) -> str:
     return "-" if b is None else f"{b / MiB:.2f} MiB"
+
+
+def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
+    """check_log over a folder of logs indexed by INDEX.jsonl (one JSON object per log: file, source_url, build,
+    backend...); a log with only the breakdown table is planned with the model and flags plans.json gives for it."""
+    from kvbook.model.sources import load_model
+
+    plans = json.loads((log_dir / "plans.json").read_text()) if (log_dir / "plans.json").is_file() else {}
+    for line in (log_dir / "INDEX.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        given = plans.get(entry["file"])
+        model = load_model(given["model"]) if given else None
+        text = (log_dir / entry["file"]).read_text(errors="replace")
+        yield entry, check_log(text, model, given["args"] if given else ())
+
+
+MIN_COMPUTE_MIB = 5.0  # smaller buffers are rounding noise in a breakdown table (integer MiB): not compared
+
+
+def compute_samples(log_dir: Path) -> list[dict]:
+    """One sample per logged GPU-backend compute buffer of the corpus (>= MIN_COMPUTE_MIB): file, device, backend,
+    side (device / host), its graph terms, the masks as fed, and the logged bytes (tools/fit_backend_compute.py
+    fits on these; tests check the shipped coefficients against them)."""
+    from kvbook.plan.planner import compute_offload, gpu_terms
+
+    out = []
+    for entry, check in corpus_checks(log_dir):
+        if check.refused or check.plan is None:
+            continue
+        plan = check.plan
+        offload = compute_offload(plan.model, plan.flags, plan.device)
+        found = gpu_terms(plan.model, plan.flags, plan.memory, offload) if offload else None
+        if not found:
+            continue
+        backend, terms = found
+        shape = plan.memory.shape
+        for row in check.devices:
+            logged = row.logged.compute_bytes
+            key = "CPU" if is_host_name(row.name) else row.name
+            if not logged or logged < MIN_COMPUTE_MIB * MiB or key not in terms:
+                continue
+            out.append({"file": entry["file"], "device": row.name, "backend": backend,
+                        "side": "host" if key == "CPU" else "device", "terms": terms[key],
+                        "mask_input": terms[key]["mask"] * (2 if shape.flash_attn and shape.mask_f32_input else 1),
+                        "logged": logged})
+    return out
+
+
+def sample_estimate(sample: dict, coef: dict) -> int:
+    """kvbook.memory.backends' estimate for one compute sample under the given coefficients."""
+    from kvbook.memory.backends import gpu_device_bytes, host_bytes
+
+    if sample["side"] == "host":
+        return host_bytes(sample["terms"], coef, sample["mask_input"])
+    return gpu_device_bytes(sample["terms"], coef)

@@ -31,7 +31,7 @@ _CTX = {key: re.compile(rf"llama_context:\s+{pat}\s+=\s+(\S+)") for key, pat in 
     ("n_ctx", "n_ctx"), ("n_ctx_seq", "n_ctx_(?:seq|per_seq)"), ("n_seq_max", "n_seq_max"), ("n_batch", "n_batch"),
     ("n_ubatch", "n_ubatch"), ("flash_attn", "flash_attn"), ("kv_unified", "kv_unified"),
     ("n_outputs_max", "n_outputs_max"))}
-_FA_AUTO = re.compile(r"Flash Attention was auto, set to (enabled|disabled)")
+_FA_AUTO = re.compile(r"Flash Attention (?:was auto, set to )?(enabled|disabled)")
 _OFFLOADED = re.compile(r"load_tensors: offloaded (\d+)/(\d+) layers to GPU")
 _USING = re.compile(r"using device (\S+) \((.*?)\)(?: \([^)]*\))? - (\d+) MiB free")
 _ISWA = re.compile(r"llama_kv_cache(?:_unified)?_iswa: creating\s+(non-SWA|SWA) KV cache, size = (\d+) cells")
@@ -126,8 +126,9 @@ def parse_run(text: str) -> LogRun:
         raise BadInput("this is a binary file, not a llama.cpp log")
     build, commit = _build(text)
     era = next((why for marker, why in _ERAS if marker in text), None)
-    if era is None and re.search(r"\bollama\b", text, re.I):
-        era = "ollama's bundled llama.cpp (its own fork, build and context settings), not a llama.cpp build"
+    if era is None and re.search(r"ollama runner|source=runner\.go|msg=\"llama runner", text):
+        # newer ollama starts upstream's llama-server (/usr/lib/ollama/llama-server): that one is planned
+        era = "ollama's own runner (its vendored llama.cpp with its own context settings), not llama-server"
     hparams: dict[str, str] = {}
     context: dict[str, str] = {}
     buffers: list[Buffer] = []

@@ -20,7 +20,14 @@ from kvbook.interface import (
     ServerFlags,
     Verdict,
 )
-from kvbook.memory.backends import GPU_BACKENDS, DeviceCompute, backend_compute, backend_of
+from kvbook.memory.backends import (
+    GPU_BACKENDS,
+    OP_OFFLOAD_MIN_BATCH,
+    DeviceCompute,
+    backend_compute,
+    backend_of,
+    cpu_matrix_bytes,
+)
 from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import detection_note, effective_device, split_note, split_shares, with_rpc
@@ -191,8 +198,14 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
                                                    flags.split_mode, flags.no_kv_offload, overrides) else 1
     on_cpu = cpu_ops(arch.tensors, offload, flags.tensor_overrides) if flags.tensor_overrides and arch.tensors else {}
     rows = shape.reserve_outputs or min(shape.n_ubatch, shape.n_outputs_max)
-    return backends.pop(), compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
-                                         no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
+    terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
+                          no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
+    backend = backends.pop()
+    if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] in terms:
+        experts = bool(arch.n_expert) and (flags.cpu_moe_layers != 0 or any("exps" in ops for ops in on_cpu.values())
+                                           or any("exps" in p for p, _ in flags.tensor_overrides))
+        terms[offload.devices[0]]["wcopy"] = cpu_matrix_bytes(arch, experts, CPU in offload.layers)
+    return backend, terms
 
 
 def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
