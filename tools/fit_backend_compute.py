@@ -40,6 +40,7 @@ def _fit(rows: list[dict], grid: dict, base: dict) -> dict:
 
 BASE = {"embd": 1.0, "mask": 1.0, "act": 1.0, "scores": 1.0, "out": 1.0, "wcopy": 1.0, "h_embd": 1.0, "h_mask": 1.0,
         "moe": 1.0, "h_act": 1.0}
+MIN_SPREAD = 0.10  # a few logs per backend: never claim an interval narrower than +-10%
 MIN_LOGS_OWN_FIT = 3  # a backend with fewer logs uses the coefficients fitted on every GPU backend's logs
 
 
@@ -84,8 +85,9 @@ def fit(all_samples: list[dict]) -> dict:
             ratios = [s["logged"] / max(1, sample_estimate(s, c)) for s in rows]
             ratios_out = [s["logged"] / max(1, held_out[id(s)]) for s in rows]
             both = ratios + ratios_out
-            c[lo] = round(min(both), 3) if both else 0.7
-            c[hi] = round(max(both), 3) if both else 1.5
+            # the interval holds every log, in sample and held out, and is never narrower than +-MIN_SPREAD
+            c[lo] = round(min([*both, 1 - MIN_SPREAD]), 3) if both else 0.7
+            c[hi] = round(max([*both, 1 + MIN_SPREAD]), 3) if both else 1.5
             errs = [abs(100 * (1 / r - 1)) for r in ratios]
             errs_out = [abs(100 * (1 / r - 1)) for r in ratios_out]
             c[f"{side}_median_error_pct"] = round(statistics.median(errs), 1) if errs else None

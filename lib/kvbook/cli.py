@@ -168,8 +168,6 @@ def _cmd_check_log(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise BadInput(f"{args.log}: no such file (give the path of a saved llama.cpp log)")
     extra = list(args.server_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
     if extra and not args.model:
         raise BadInput("flags after -- go with --model (for a log that has only the memory-breakdown table)")
     model = None
@@ -262,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "family use (labelled as such)")
     cl.add_argument("--model", help="for a log without print_info lines (only the breakdown table): the model, a GGUF "
                                     "path or preset, with the run's llama-server flags after --")
-    cl.add_argument("server_args", nargs=argparse.REMAINDER, help="-- the run's flags (with --model)")
+    cl.set_defaults(server_args=[])  # what follows `--` (main() takes it off before argparse sees it)
     cl.set_defaults(func=_cmd_check_log)
 
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
@@ -273,8 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["check-log"] and "--" in argv:  # the run's llama-server flags, options after the log allowed
+        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     try:
         args = parser.parse_args(argv)
+        if extra:
+            args.server_args = extra
     except SystemExit as exc:  # usage errors and --help
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:

@@ -144,6 +144,5 @@ def backend_compute(terms: Mapping[str, Mapping[str, int]], backend: str, *, fla
         else:
             est = gpu_device_bytes(t, c)
             lo, hi = c["low"], c["high"]
-        out[dev] = DeviceCompute(est, int(est * lo), int(est * hi),
-                                 f"{label}; interval x{lo:g}..x{hi:g} of the estimate (the high end is planned)")
+        out[dev] = DeviceCompute(est, int(est * lo), int(est * hi), label)
     return out

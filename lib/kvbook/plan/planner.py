@@ -259,7 +259,8 @@ def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
         return ""
     parts = ", ".join(f"{'host side' if d == CPU else d} {c.estimate / 2**20:.0f} MiB ({c.low / 2**20:.0f}-"
                       f"{c.high / 2**20:.0f})" for d, c in gpu.items())
-    return f"compute buffers: {parts}; planned at the high end ({next(iter(gpu.values())).note})"
+    return (f"compute buffers (estimate, interval): {parts}; planned at the high end of each interval "
+            f"({next(iter(gpu.values())).note})")
 
 
 def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
