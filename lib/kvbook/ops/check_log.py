@@ -112,6 +112,9 @@ def arch_from_log(run: LogRun) -> ModelArch:
         meta[f"{arch}.nextn_predict_layers"] = int(h["n_layer_all"]) - int(h["n_layer"])
     elif "n_layer_nextn" in h:
         meta[f"{arch}.nextn_predict_layers"] = int(h["n_layer_nextn"])
+    # the loader's own metadata dump, where the log has it, is the GGUF's keys as they are (nextn layers,
+    # full_attention_interval, sliding_window_pattern... that print_info does not show)
+    meta.update({k: v for k, v in run.gguf.items() if k.startswith(f"{arch}.") and k != f"{arch}.vocab_size"})
     weights = round(sum(b.mib for b in run.buffers if b.kind == "model") * MiB)
     try:
         return arch_from_metadata(meta, name=h.get("general.name", arch), source="the log's print_info",
@@ -471,7 +474,10 @@ def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
         given = plans.get(entry["file"])
         model = load_model(given["model"]) if given else None
         text = (log_dir / entry["file"]).read_text(errors="replace")
-        yield entry, check_log(text, model, given["args"] if given else ())
+        try:
+            yield entry, check_log(text, model, given["args"] if given else ())
+        except BadInput as e:  # what the CLI would print as its one line
+            yield entry, LogCheck(None, None, entry["file"], (), (), (), refused=str(e))
 
 
 MIN_COMPUTE_MIB = 5.0  # smaller buffers are rounding noise in a breakdown table (integer MiB): not compared

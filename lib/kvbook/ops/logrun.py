@@ -18,6 +18,8 @@ _NUM = r"([0-9]+(?:\.[0-9]+)?)"
 _BUILD = (re.compile(r"build(?:\s*[:=]\s*|\s+)(\d{3,6}) \(([0-9a-f]{6,12})\)"),  # build: 8169 (4e76d24f2)
           re.compile(r"build(?:_info)?\s*:\s*b(\d{3,6})-([0-9a-f]{6,12})"),  # build      : b8110-237958db3, build_info: b8999-...
           re.compile(r"build:\s*([0-9a-f]{6,12}) \((\d{3,6})\)"))  # llama-bench: build: 4e76d24f2 (8169)
+_GGUF_KV = re.compile(r"llama_model_loader: - kv\s+\d+:\s+(\S+)\s+(u8|i8|u16|i16|u32|i32|u64|i64|f32|f64|bool|str|"
+                      r"arr\[\w+,\s*\d+\])\s+=\s+(.*?)\s*$")
 _PRINT_INFO = re.compile(r"print_info:\s+([A-Za-z_][\w.]*(?: [\w.]+)?)\s+=\s+(.*?)\s*$")
 _BUF = {
     "model": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s*" + _NUM + " MiB"),
@@ -42,6 +44,7 @@ _RS = re.compile(r"llama_memory_recurrent: size = \s*" + _NUM + r" MiB \(\s*(\d+
 _BREAKDOWN = re.compile(r"memory_breakdown_print:\s*\|\s*-\s*(.+?)\s*\|\s*(.*?)\s*\|\s*$")
 _BD_DEVICE = re.compile(r"(\d+)\s*=\s*(\d+)\s*\+\s*\(\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*\)\s*\+\s*(-?\d+)")
 _BD_HOST = re.compile(r"(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)")
+_DRAFT_MARKERS = ("loading draft model", "creating MTP draft context", "creating draft context")
 _TOOLS = ("llama-server", "llama-cli", "llama-completion", "llama-bench", "llama-fit-params", "llama-mtmd-cli")
 # old formats whose rules differ from the pinned build's (kvbook refuses them by name, see `era`)
 _ERAS = (
@@ -85,6 +88,7 @@ class LogRun:
     tool: str | None
     era: str | None  # why the build's rules differ from the pinned build's (None: comparable)
     hparams: dict[str, str] = field(default_factory=dict)  # print_info key -> value as printed
+    gguf: dict[str, object] = field(default_factory=dict)  # the loader's metadata dump (kv N: key type = value), typed
     context: dict[str, str] = field(default_factory=dict)  # llama_context key -> value as printed
     flash_attn: bool | None = None  # as resolved (auto -> enabled/disabled)
     offloaded: tuple[int, int] | None = None
@@ -125,11 +129,17 @@ def parse_run(text: str) -> LogRun:
     if "\x00" in text[:4096]:
         raise BadInput("this is a binary file, not a llama.cpp log")
     build, commit = _build(text)
+    # the target model's context: a draft or MTP context comes after these lines (its breakdown rows stay)
+    for marker in _DRAFT_MARKERS:
+        head, found, tail = text.partition(marker)
+        if found:
+            text = head + "\n".join(ln for ln in tail.splitlines() if "memory_breakdown_print" in ln)
     era = next((why for marker, why in _ERAS if marker in text), None)
     if era is None and re.search(r"ollama runner|source=runner\.go|msg=\"llama runner", text):
         # newer ollama starts upstream's llama-server (/usr/lib/ollama/llama-server): that one is planned
         era = "ollama's own runner (its vendored llama.cpp with its own context settings), not llama-server"
     hparams: dict[str, str] = {}
+    gguf: dict[str, object] = {}
     context: dict[str, str] = {}
     buffers: list[Buffer] = []
     caches: list[LoggedCache] = []
@@ -146,6 +156,8 @@ def parse_run(text: str) -> LogRun:
         m = _PRINT_INFO.search(line)
         if m:
             hparams[m.group(1)] = m.group(2)
+        if (m := _GGUF_KV.search(line)) and (value := _typed(m.group(2), m.group(3))) is not None:
+            gguf[m.group(1)] = value
         if m := _USING.search(line):
             devices[m.group(1)] = (m.group(1), m.group(2), int(m.group(3)))
         if m := _OFFLOADED.search(line):
@@ -178,12 +190,28 @@ def parse_run(text: str) -> LogRun:
         flash = {"1": True, "true": True, "enabled": True, "on": True}.get(context["flash_attn"].lower(),
                                                                          False if context["flash_attn"] != "auto" else None)
     if not buffers and not breakdown:
-        what = "a llama.cpp log" if (hparams or build or "llama_" in text or "ggml_" in text) else "not a llama.cpp log"
+        what = "a llama.cpp log" if (hparams or build or "llama_" in text or "ggml_" in text) else "not a llama.cpp log:"
         raise BadInput(f"{what} without any buffer line ('... model/KV/compute buffer size = ... MiB') or memory "
-                       "breakdown table: run llama-server with -lv 4 (or -v) and paste the whole log")
-    return LogRun(build=build, commit=commit, tool=_tool(text), era=era, hparams=hparams, context=context,
+                       "breakdown table; run llama-server with -lv 4 (or -v) and paste the whole log")
+    return LogRun(build=build, commit=commit, tool=_tool(text), era=era, hparams=hparams, gguf=gguf, context=context,
                   flash_attn=flash, offloaded=offloaded, devices=tuple(devices.values()), buffers=tuple(buffers),
                   caches=tuple(caches), breakdown=tuple(breakdown.values()))
+
+
+def _typed(kind: str, text: str) -> object:
+    """A metadata value as the loader printed it; None for what the dump elides (long arrays, strings)."""
+    try:
+        if kind.startswith(("u", "i")):
+            return int(text)
+        if kind.startswith("f"):
+            return float(text)
+        if kind == "bool":
+            return text == "true"
+        if kind.startswith("arr") and "..." not in text and re.fullmatch(r"\[[-\d,\s]*\]", text):
+            return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+    except ValueError:
+        return None
+    return text if kind == "str" else None
 
 
 def _breakdown_row(who: str, numbers: str) -> BreakdownRow | None:
