@@ -268,16 +268,23 @@ def _context_refusal(run: LogRun, memory: MemoryPlan) -> str | None:
     return None
 
 
-def kv_mismatches(run: LogRun, memory: MemoryPlan) -> tuple[str, ...]:
-    """Each cache line (cells, layers, types, K, V, total MiB to two decimals) kvbook does not reproduce."""
+def kv_mismatches(run: LogRun, memory: MemoryPlan, rows: Sequence[DeviceRow] = ()) -> tuple[str, ...]:
+    """Each cache line (cells, layers, types, K, V, total MiB to two decimals) kvbook does not reproduce; an excerpt
+    that leaves a cache's size line out is checked by its buffer lines per device (`rows`) instead."""
     from kvbook.ops.logparse import mib2
 
     seen = [c for c in run.caches if c.layers or c.kind == "recurrent"]
     out = []
-    if [c.kind for c in seen] != [c.kind.value for c in memory.caches]:
-        out.append(f"caches: logged {[c.kind for c in seen]}, planned {[c.kind.value for c in memory.caches]}")
-        return tuple(out)
-    for want, got in zip(memory.caches, seen):
+    planned_kinds = [c.kind.value for c in memory.caches]
+    if [c.kind for c in seen] != planned_kinds:
+        if not all(c.kind in planned_kinds for c in seen) or len(seen) >= len(planned_kinds):
+            out.append(f"caches: logged {[c.kind for c in seen]}, planned {planned_kinds}")
+            return tuple(out)
+        lines = sum(1 for b in run.buffers if b.kind in ("kv", "rs"))
+        out += _device_kv_mismatches(rows, 0.006 * MiB * max(1, lines))
+    by_kind = {c.kind.value: c for c in memory.caches}
+    for got in seen:
+        want = by_kind[got.kind]
         tag = f"{want.kind.value} cache"
         pairs = [("cells", want.cells, got.cells), ("K MiB", mib2(want.k_bytes), got.k_mib),
                  ("V MiB", mib2(want.v_bytes), got.v_mib), ("MiB", mib2(want.bytes), got.total_mib)]
@@ -287,15 +294,22 @@ def kv_mismatches(run: LogRun, memory: MemoryPlan) -> tuple[str, ...]:
     return tuple(out)
 
 
-def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[str] = ()) -> LogCheck:
+def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[str] = (),
+              build: int | None = None) -> LogCheck:
     """Parse, rebuild, plan and compare one log (BadInput for a text that is not a usable llama.cpp log). A log
-    without print_info lines (only the memory-breakdown table, as llama-cli and llama-fit-params print it) is planned
-    when the model (a GGUF or preset) and the command line's flags are given; otherwise its logged figures alone."""
+    without print_info lines (only the memory-breakdown table, as llama-cli and llama-fit-params print it, or an
+    excerpt) is planned when the model (a GGUF, preset, or another log's ModelArch) and the command line's flags are
+    given; otherwise its logged figures alone. `build` stands in when the log does not print its build."""
     run = parse_run(text)
+    if run.build is None and build is not None:
+        run = dataclasses.replace(run, build=build)
     logged = _logged_rows(run)
     name = run.hparams.get("general.name") or run.hparams.get("arch") or (model.name if model else "unknown model")
     refused = run.era
     from_log = bool(run.hparams.get("arch")) and bool(run.buffers)
+    if refused is None and run.rs_seq:
+        refused = (f"the recurrent cache holds {run.rs_seq} extra rows per sequence for MTP speculative decoding "
+                   "(rs_seq), which kvbook does not plan from a log yet")
     if refused is None and not from_log and model is None:
         refused = ("no print_info lines (the model's hyperparameters) and buffer lines in the log: logged figures only; "
                    "give the model and its flags (kvbook check-log LOG --model GGUF|PRESET -- FLAGS), or paste the "
@@ -323,7 +337,7 @@ def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[s
                                     if new_graph(run) else "before ggml-org/llama.cpp#23861/#23764 (logits for "
                                     "n_ubatch rows, f32 masks cast for flash attention)"))
     notes += [n for n in plan.notes if n.startswith("compute buffers")]
-    mismatches = kv_mismatches(run, memory) if from_log else _breakdown_kv_mismatches(rows)
+    mismatches = kv_mismatches(run, memory, rows) if run.caches else _device_kv_mismatches(rows)
     return LogCheck(run.build, run.tool, name, rows, mismatches, tuple(notes), plan=plan)
 
 
@@ -342,19 +356,22 @@ def _given_flags(run: LogRun, server_args: Sequence[str]) -> ServerFlags:
         changes["ubatch"] = ub
     if run.flash_attn is not None:
         changes["flash_attn"] = FlashAttn.ON if run.flash_attn else FlashAttn.OFF
+    if run.offloaded:
+        changes["gpu_layers"] = "all" if run.offloaded[0] >= run.offloaded[1] else str(run.offloaded[0])
     return dataclasses.replace(flags, fit=False, **changes) if changes else dataclasses.replace(flags, fit=False)
 
 
-def _breakdown_kv_mismatches(rows: Sequence[DeviceRow]) -> tuple[str, ...]:
-    """The breakdown table's context column (KV + recurrent, integer MiB) against the plan, per device."""
+def _device_kv_mismatches(rows: Sequence[DeviceRow], tolerance: float = MiB) -> tuple[str, ...]:
+    """KV and recurrent state per device against the plan within `tolerance` bytes (the breakdown table's context
+    column is integer MiB of both together; buffer lines are MiB to two decimals)."""
     out = []
     for r in rows:
-        logged = r.logged.kv_bytes
-        planned = r.planned.kv_bytes or 0
-        if logged is None or r.planned.kv_bytes is None:
-            continue
-        if abs(planned - logged) > MiB:
-            out.append(f"{r.name} context: logged {logged / MiB:.0f} MiB, planned {planned / MiB:.2f} MiB")
+        for what, logged, planned in (("KV", r.logged.kv_bytes, r.planned.kv_bytes),
+                                      ("recurrent", r.logged.recurrent_bytes, r.planned.recurrent_bytes)):
+            if logged is None and not planned:
+                continue
+            if abs((planned or 0) - (logged or 0)) > tolerance:
+                out.append(f"{r.name} {what}: logged {(logged or 0) / MiB:.2f} MiB, planned {(planned or 0) / MiB:.2f} MiB")
     return tuple(out)
 
 
@@ -471,11 +488,16 @@ def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
         if not line.strip():
             continue
         entry = json.loads(line)
-        given = plans.get(entry["file"])
-        model = load_model(given["model"]) if given else None
+        given = plans.get(entry["file"]) or {}
+        model = None
+        if "model" in given:
+            model = load_model(given["model"])
+        elif "model_log" in given:  # another log of the same model file prints its print_info
+            model = arch_from_log(parse_run((log_dir / given["model_log"]).read_text(errors="replace")))
         text = (log_dir / entry["file"]).read_text(errors="replace")
+        build = re.search(r"\d{4,5}", str(entry.get("build") or ""))
         try:
-            yield entry, check_log(text, model, given["args"] if given else ())
+            yield entry, check_log(text, model, given.get("args", ()), int(build.group()) if build else None)
         except BadInput as e:  # what the CLI would print as its one line
             yield entry, LogCheck(None, None, entry["file"], (), (), (), refused=str(e))
 

@@ -41,6 +41,7 @@ _KV = re.compile(r"llama_kv_cache(?:_unified)?: size = \s*" + _NUM + r" MiB \(\s
                  r" seqs\), K \((\w+)\):\s*" + _NUM + r" MiB, V \((\w+)\):\s*" + _NUM + " MiB")
 _RS = re.compile(r"llama_memory_recurrent: size = \s*" + _NUM + r" MiB \(\s*(\d+) cells,\s*(\d+) layers,\s*(\d+) seqs"
                  r"[^)]*\), R \((\w+)\):\s*" + _NUM + r" MiB, S \((\w+)\):\s*" + _NUM + " MiB")
+_RS_SEQ = re.compile(r"llama_memory_recurrent: size = .*seqs\s+(\d+) rs_seq")
 _BREAKDOWN = re.compile(r"memory_breakdown_print:\s*\|\s*-\s*(.+?)\s*\|\s*(.*?)\s*\|\s*$")
 _BD_DEVICE = re.compile(r"(\d+)\s*=\s*(\d+)\s*\+\s*\(\s*(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)\s*\)\s*\+\s*(-?\d+)")
 _BD_HOST = re.compile(r"(\d+)\s*=\s*(\d+)\s*\+\s*(\d+)\s*\+\s*(\d+)")
@@ -96,6 +97,7 @@ class LogRun:
     buffers: tuple[Buffer, ...] = ()
     caches: tuple[LoggedCache, ...] = ()
     breakdown: tuple[BreakdownRow, ...] = ()
+    rs_seq: int = 0  # extra recurrent rows per sequence (MTP speculative decoding: `N rs_seq` in the RS line)
 
     def ctx_int(self, key: str) -> int | None:
         value = self.context.get(key)
@@ -138,6 +140,7 @@ def parse_run(text: str) -> LogRun:
     if era is None and re.search(r"ollama runner|source=runner\.go|msg=\"llama runner", text):
         # newer ollama starts upstream's llama-server (/usr/lib/ollama/llama-server): that one is planned
         era = "ollama's own runner (its vendored llama.cpp with its own context settings), not llama-server"
+    rs_seq = 0
     hparams: dict[str, str] = {}
     gguf: dict[str, object] = {}
     context: dict[str, str] = {}
@@ -179,6 +182,8 @@ def parse_run(text: str) -> LogRun:
         if m := _KV.search(line):
             caches.append(LoggedCache(pending, int(m.group(2)), int(m.group(3)), m.group(6), float(m.group(7)),
                                       m.group(8), float(m.group(9)), float(m.group(1))))
+        if m := _RS_SEQ.search(line):
+            rs_seq = int(m.group(1))
         if m := _RS.search(line):
             caches.append(LoggedCache("recurrent", int(m.group(2)), int(m.group(3)), m.group(5), float(m.group(6)),
                                       m.group(7), float(m.group(8)), float(m.group(1))))
@@ -195,7 +200,7 @@ def parse_run(text: str) -> LogRun:
                        "breakdown table; run llama-server with -lv 4 (or -v) and paste the whole log")
     return LogRun(build=build, commit=commit, tool=_tool(text), era=era, hparams=hparams, gguf=gguf, context=context,
                   flash_attn=flash, offloaded=offloaded, devices=tuple(devices.values()), buffers=tuple(buffers),
-                  caches=tuple(caches), breakdown=tuple(breakdown.values()))
+                  caches=tuple(caches), breakdown=tuple(breakdown.values()), rs_seq=rs_seq)
 
 
 def _typed(kind: str, text: str) -> object:

@@ -205,6 +205,8 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
         experts = bool(arch.n_expert) and (flags.cpu_moe_layers != 0 or any("exps" in ops for ops in on_cpu.values())
                                            or any("exps" in p for p, _ in flags.tensor_overrides))
         terms[offload.devices[0]]["wcopy"] = cpu_matrix_bytes(arch, experts, CPU in offload.layers)
+        if terms[CPU]["act"]:  # the CPU layers' matmuls run on that GPU: the CPU keeps residual-width work only
+            terms[CPU]["act"] = 4 * shape.n_ubatch * arch.n_embd
     return backend, terms
 
 
