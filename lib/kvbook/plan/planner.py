@@ -601,7 +601,12 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
-    if _spread(arch, flags, device):
+    if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
+        notes_extra.append("layers spread over devices: each device that runs layers and the host side reserve a "
+                           "compute buffer of their own (the GPU backend's model below)")
+        if not arch.tensor_groups:
+            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    elif _spread(arch, flags, device):
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
         notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
