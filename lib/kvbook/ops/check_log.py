@@ -199,7 +199,6 @@ def flags_from_log(run: LogRun, arch: ModelArch, gpus: list[str]) -> tuple[Serve
     if flash is None:
         flash = bool(gpus)
         notes.append(f"flash attention: the log does not say how 'auto' resolved; assumed {'on' if flash else 'off'}")
-    n_all = arch.n_layer + arch.n_layer_nextn
     if run.offloaded:
         ngl = "all" if run.offloaded[0] >= run.offloaded[1] else str(run.offloaded[0])
     else:
@@ -214,7 +213,7 @@ def flags_from_log(run: LogRun, arch: ModelArch, gpus: list[str]) -> tuple[Serve
     flags = ServerFlags(model="(from the log)", ctx=n_ctx, parallel=n_seq, kv_unified=unified,
                         type_k=attn.k_type if attn else "f16", type_v=(attn.v_type or "f16") if attn else "f16",
                         flash_attn=FlashAttn.ON if flash else FlashAttn.OFF, batch=batch or n_ctx, ubatch=ubatch,
-                        gpu_layers=ngl if ngl != "all" or n_all else "all", fit=False, cpu_moe_layers=moe,
+                        gpu_layers=ngl, fit=False, cpu_moe_layers=moe,
                         tensor_split=split, cache_ram_mib=0, ctx_checkpoints=0)
     return flags, notes
 
