@@ -68,10 +68,12 @@ class DeviceCompute:
     note: str
 
 
-def gpu_device_bytes(t: Mapping[str, int], c: Mapping[str, float]) -> int:
+def gpu_device_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int) -> int:
     """A GPU device's buffer from its graph terms (kvbook.plan.placement.compute_terms): the residual stream copied
-    in, then the larger of the layers' work (mask, activations, scores) and the logits with what feeds them."""
-    layers = (c["mask"] * t["mask"] + c["act"] * t["act"] + c["scores"] * t["scores"]
+    in, then the larger of the layers' work (the masks as copied in, their f16 cast in builds that feed f32 masks to
+    flash attention, activations, scores, CPU weights copied for op offload) and the logits with what feeds them."""
+    cast = t["mask"] if mask_input > t["mask"] else 0
+    layers = (c["mask"] * mask_input + cast + c["act"] * t["act"] + c["scores"] * t["scores"]
               + c.get("wcopy", 0.0) * t.get("wcopy", 0))
     out = t["logits"] + c["out"] * t["act"] if t["logits"] else 0
     return int(c["embd"] * t["embd"] + max(layers, out))
@@ -132,8 +134,8 @@ def backend_compute(terms: Mapping[str, Mapping[str, int]], backend: str, *, fla
         out = {}
         for dev, t in terms.items():
             r = host_r if dev == host else dev_r
-            est = int(r * (host_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input)) if dev == host
-                           else gpu_device_bytes(t, c)))
+            mask = _mask_input(t, flash_attn, mask_f32_input)
+            est = int(r * (host_bytes(t, c, mask) if dev == host else gpu_device_bytes(t, c, mask)))
             out[dev] = DeviceCompute(est, int(est * (1 - CALIBRATED_SPREAD)), int(est * (1 + CALIBRATED_SPREAD)), note)
         return out
     out = {}
@@ -142,7 +144,7 @@ def backend_compute(terms: Mapping[str, Mapping[str, int]], backend: str, *, fla
             est = host_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input))
             lo, hi = c["host_low"], c["host_high"]
         else:
-            est = gpu_device_bytes(t, c)
+            est = gpu_device_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input))
             lo, hi = c["low"], c["high"]
         out[dev] = DeviceCompute(est, int(est * lo), int(est * hi), label)
     return out

@@ -539,4 +539,4 @@ def sample_estimate(sample: dict, coef: dict) -> int:
 
     if sample["side"] == "host":
         return host_bytes(sample["terms"], coef, sample["mask_input"])
-    return gpu_device_bytes(sample["terms"], coef)
+    return gpu_device_bytes(sample["terms"], coef, sample["mask_input"])
