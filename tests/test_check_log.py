@@ -236,10 +236,9 @@ def test_check_log_on_a_real_server_log(request, tmp_path, llama_server, model_f
     from kvbook.ops.llama_server import start_llama_server
 
     model = request.getfixturevalue(model_fixture)
-    with start_llama_server(["llama-server", "-m", str(model), *args, "--no-warmup", "-lv", "4"], run_dir=tmp_path,
-                            plan_first=False):
-        pass
-    log = next(tmp_path.glob("llama-server-*.log")).read_text()
+    with start_llama_server(["llama-server", "-m", str(model), *args, "--no-warmup"], run_dir=tmp_path,
+                            plan_first=False) as server:  # kvbook starts it at -lv 4
+        log = server.log_path.read_text(errors="replace")
     check = check_log(log)
     assert check.refused is None and check.kv_mismatches == ()
     cpu = next(r for r in check.devices if r.name == "CPU")
