@@ -248,3 +248,14 @@ def test_check_log_on_a_real_server_log(request, tmp_path, llama_server, model_f
     fa = "fa_on" if "on" in args else "fa_off"
     err = abs(cpu.planned.compute_bytes - cpu.logged.compute_bytes) / cpu.logged.compute_bytes * 100
     assert err <= cpu_coefficients()[fa]["max_error_pct"]
+
+
+def test_model_from_another_log(capsys):
+    """An excerpt without print_info is planned with the print_info of another log of the same model file."""
+    code, out, _ = run_cli(capsys, "check-log", str(LOGS / "050-vulkan-1070ti-qwen35-9b-np1-full-b9849.log"), "--json",
+                           "--model", str(LOGS / "008-metal-m4pro-qwen35-9b-q4ks-262k-b8999.log"), "--",
+                           "-c", "8192", "-ub", "2048", "-np", "1", "-fa", "on")
+    doc = json.loads(out)
+    assert code == 0 and doc["refused"] is None and doc["kv_mismatches"] == []
+    vk = next(d for d in doc["devices"] if d["name"] == "Vulkan0")
+    assert vk["planned"]["kv_bytes"] == vk["logged"]["kv_bytes"] == 256 * MiB

@@ -172,9 +172,9 @@ def _cmd_check_log(args: argparse.Namespace) -> int:
         raise BadInput("flags after -- go with --model (for a log that has only the memory-breakdown table)")
     model = None
     if args.model:
-        from kvbook.model.sources import load_model
+        from kvbook.ops.check_log import model_of
 
-        model = load_model(args.model)
+        model = model_of(args.model)
     check = check_log(path.read_text(errors="replace"), model, extra)
     if args.save_calibration:
         from kvbook.ops.calibration import save_calibration
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep this log's compute buffers as a calibration that later plans for its backend and model "
                          "family use (labelled as such)")
     cl.add_argument("--model", help="for a log without print_info lines (only the breakdown table): the model, a GGUF "
-                                    "path or preset, with the run's llama-server flags after --")
+                                    "path, a preset, or another log of the same model file, with the run's "
+                                    "llama-server flags after --")
     cl.set_defaults(server_args=[])  # what follows `--` (main() takes it off before argparse sees it)
     cl.set_defaults(func=_cmd_check_log)
 

@@ -477,11 +477,22 @@ def _fmt(b: int | None) -> str:
     return "-" if b is None else f"{b / MiB:.2f} MiB"
 
 
+def model_of(spec: str) -> ModelArch:
+    """--model: a GGUF, preset or config (kvbook.model.sources), or another llama.cpp log whose print_info lines
+    describe the same model file."""
+    from kvbook.model.sources import load_model
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix not in (".gguf", ".yaml", ".yml", ".json"):
+        text = path.read_text(errors="replace")
+        if "print_info:" in text:
+            return arch_from_log(parse_run(text))
+    return load_model(spec)
+
+
 def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
     """check_log over a folder of logs indexed by INDEX.jsonl (one JSON object per log: file, source_url, build,
     backend...); a log with only the breakdown table is planned with the model and flags plans.json gives for it."""
-    from kvbook.model.sources import load_model
-
     plans = json.loads((log_dir / "plans.json").read_text()) if (log_dir / "plans.json").is_file() else {}
     for line in (log_dir / "INDEX.jsonl").read_text().splitlines():
         if not line.strip():
@@ -490,9 +501,9 @@ def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
         given = plans.get(entry["file"]) or {}
         model = None
         if "model" in given:
-            model = load_model(given["model"])
+            model = model_of(given["model"])
         elif "model_log" in given:  # another log of the same model file prints its print_info
-            model = arch_from_log(parse_run((log_dir / given["model_log"]).read_text(errors="replace")))
+            model = model_of(str(log_dir / given["model_log"]))
         text = (log_dir / entry["file"]).read_text(errors="replace")
         build = re.search(r"\d{4,5}", str(entry.get("build") or ""))
         try:
