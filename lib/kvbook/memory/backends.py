@@ -26,6 +26,8 @@ from importlib import resources
 from statistics import median
 
 from kvbook.interface import ComputeCalibration, ModelArch
+from kvbook.memory.compute import activation_width
+from kvbook.memory.xp import PY
 
 GPU_BACKENDS = ("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")
 _FAMILY = {"CUDA": "CUDA", "ROCm": "ROCm", "HIP": "ROCm", "MTL": "Metal", "Metal": "Metal", "Vulkan": "Vulkan",
@@ -68,15 +70,15 @@ class DeviceCompute:
     note: str
 
 
-def gpu_device_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int) -> int:
+def gpu_device_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int, xp=PY) -> int:
     """A GPU device's buffer from its graph terms (kvbook.plan.placement.compute_terms): the residual stream copied
     in, then the larger of the layers' work (the masks as copied in, their f16 cast in builds that feed f32 masks to
     flash attention, activations, scores, CPU weights copied for op offload) and the logits with what feeds them."""
-    cast = t["mask"] if mask_input > t["mask"] else 0
+    cast = (mask_input - t["mask"]) // 1  # the f16 cast is as large as the f16 mask (f32 input: twice it)
     layers = (c["mask"] * mask_input + cast + c["act"] * t["act"] + c["scores"] * t["scores"]
               + c.get("wcopy", 0.0) * t.get("wcopy", 0))
-    out = t["logits"] + c["out"] * t["act"] if t["logits"] else 0
-    return int(c["embd"] * t["embd"] + max(layers, out))
+    out = (t["logits"] + c["out"] * t["act"]) * (t["logits"] > 0)
+    return xp.to_int(c["embd"] * t["embd"] + xp.maximum(layers, out))
 
 
 OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda / ggml-vulkan offload_op: a batch at least this large runs on the GPU
@@ -108,11 +110,27 @@ def _mask_input(t: Mapping[str, int], flash_attn: bool, mask_f32_input: bool) ->
     return t["mask"] * (2 if flash_attn and mask_f32_input else 1)
 
 
-def host_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int) -> int:
+def host_bytes(t: Mapping[str, int], c: Mapping[str, float], mask_input: int, xp=PY) -> int:
     """The host-side buffer beside GPUs: the graph inputs (the masks as fed), the residual stream built by get_rows,
     and whatever the CPU runs (experts kept there, layers left there, the logits when the output stays there)."""
-    cpu_work = max(c["moe"] * t["moe"], c.get("h_act", 1.0) * t["act"] + t["scores"], t["logits"])
-    return int(c["h_embd"] * t["embd"] + max(c["h_mask"] * mask_input, cpu_work))
+    cpu_work = xp.maximum(xp.maximum(c["moe"] * t["moe"], c.get("h_act", 1.0) * t["act"] + t["scores"]), t["logits"])
+    return xp.to_int(c["h_embd"] * t["embd"] + xp.maximum(c["h_mask"] * mask_input, cpu_work))
+
+
+def one_gpu_bytes(xp, arch: ModelArch, backend: str, *, flash_attn: bool, n_ubatch, cells_sum, cells_max, n_seq,
+                  mask_f32_input: bool = False):
+    """(device, host side) compute bytes at the interval's high end when every layer runs on one GPU of `backend`:
+    compute_terms' terms in closed form, so the vectorised sweep and the planner give the same figure."""
+    c, _ = backend_coefficients(backend)
+    mask = (2 if flash_attn else 4) * n_ubatch * cells_sum
+    t = {"mask": mask, "embd": 4 * arch.n_embd * n_ubatch, "act": 4 * n_ubatch * activation_width(arch),
+         "scores": 0 if flash_attn else 4 * max(arch.n_head, default=0) * cells_max * n_ubatch,
+         "logits": 4 * arch.n_vocab * xp.minimum(n_ubatch, n_seq), "moe": 0, "wcopy": 0}
+    host_t = {**t, "act": 0, "scores": 0, "logits": 0}
+    mask_input = mask * (2 if flash_attn and mask_f32_input else 1)
+    device = gpu_device_bytes(t, c, mask_input, xp)
+    host = host_bytes(host_t, c, mask_input, xp)
+    return xp.to_int(device * c["high"]), xp.to_int(host * c["host_high"])
 
 
 CALIBRATED_SPREAD = 0.10  # a saved calibration is exact for its own run; other settings of the same model: +-10%

@@ -118,7 +118,7 @@ class SizingUI:
         """The first computation, then the figures built from it."""
         self.device_record = sizing.resolve_device(self.device.value if self.device.value != sizing.CUSTOM_DEVICE
                                                    else "", self._budget())
-        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top())
+        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top(), self.device_record)
         self.max_ctx = 0
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
@@ -216,9 +216,9 @@ class SizingUI:
                     "" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value, self._budget())
             p = self.params
             sizing.check_sizing_params(p, self.arch)
-            if level in ("model", "sweep", "all"):
+            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
                 self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
-                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top())
+                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record)
             flags = sizing.server_flags(p)
             memory = plan_memory(self.arch, flags)
             if level != "point" or self.max_ctx == 0 or source in (self.cache_type_k, self.cache_type_v):
