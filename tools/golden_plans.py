@@ -48,7 +48,7 @@ BUNDLED_CASES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def plan_request(argv: Sequence[str], device_id: str) -> Plan:
     """The one call into the planner, as `kvbook plan --device DEVICE -- llama-server ARGV` makes it (no
-    environment variables), on GOLDEN_HOST."""
+    environment variables, no saved calibrations), on GOLDEN_HOST."""
     from kvbook.ops.fit_params import FIT_PARAMS
     from kvbook.ops.host import local_request
     from kvbook.plan.api import plan
@@ -57,7 +57,7 @@ def plan_request(argv: Sequence[str], device_id: str) -> Plan:
 
     flags = parse_server_args(["llama-server", *argv], {})
     device = resolve_device(preset=device_id, endpoints=flags.rpc, host=GOLDEN_HOST)
-    return plan(local_request(flags, device, environ={}, host=GOLDEN_HOST), fit_fallback=FIT_PARAMS)
+    return plan(local_request(flags, device, environ={}, host=GOLDEN_HOST, calibrations=False), fit_fallback=FIT_PARAMS)
 
 
 def document(plan: Plan | str) -> dict[str, Any]:

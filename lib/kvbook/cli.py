@@ -165,6 +165,31 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_log(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvbook.ops.check_log import check_log, format_check, summary
+
+    path = Path(args.log)
+    if not path.is_file():
+        raise BadInput(f"{args.log}: no such file (give the path of a saved llama.cpp log)")
+    extra = list(args.server_args)
+    if extra and not args.model:
+        raise BadInput("flags after -- go with --model (for a log that has only the memory-breakdown table)")
+    model = None
+    if args.model:
+        from kvbook.ops.check_log import model_of
+
+        model = model_of(args.model)
+    check = check_log(path.read_text(errors="replace"), model, extra)
+    if args.save_calibration:
+        from kvbook.ops.calibration import save_calibration
+
+        print(f"saved: {save_calibration(check, source=str(path))}", file=sys.stderr)
+    print(json.dumps(summary(check), indent=1) if args.json else format_check(check))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -233,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--timeout", type=float, default=90.0, help="seconds each claude run may take (default 90)")
     pc.set_defaults(func=_cmd_probe)
 
+    cl = sub.add_parser("check-log", help="compare a llama.cpp log's buffers per device with kvbook's plan of the same run")
+    cl.add_argument("log", help="a saved llama-server / llama-cli / llama-bench / llama-fit-params log (-lv 4 or -v)")
+    cl.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cl.add_argument("--save-calibration", action="store_true",
+                    help="keep this log's compute buffers as a calibration that later plans for its backend and model "
+                         "family use (labelled as such)")
+    cl.add_argument("--model", help="for a log without print_info lines (only the breakdown table): the model, a GGUF "
+                                    "path, a preset, or another log of the same model file, with the run's "
+                                    "llama-server flags after --")
+    cl.set_defaults(server_args=[])  # what follows `--` (main() takes it off before argparse sees it)
+    cl.set_defaults(func=_cmd_check_log)
+
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_doctor)
@@ -241,8 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["check-log"] and "--" in argv:  # the run's llama-server flags, options after the log allowed
+        extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     try:
         args = parser.parse_args(argv)
+        if extra:
+            args.server_args = extra
     except SystemExit as exc:  # usage errors and --help
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:

@@ -241,6 +241,10 @@ class ContextShape:
     flash_attn: bool
     swa_full: bool
     n_outputs_max: int
+    # graph rules of the build (kvbook.memory.backends): 0 reserves min(n_ubatch, n_outputs_max) logits rows as the
+    # pinned build does (ggml-org/llama.cpp#23861); builds before it reserve n_ubatch rows (set here from a log)
+    reserve_outputs: int = 0
+    mask_f32_input: bool = False  # builds before ggml-org/llama.cpp#23764 feed an f32 KQ mask and cast it for FA
 
 
 # ---------------------------------------------------------------- memory
@@ -405,6 +409,19 @@ class Host:
 
 
 @dataclass(frozen=True)
+class ComputeCalibration:
+    """A user's own log kept as a compute calibration (`kvbook check-log --save-calibration`): logged / estimated
+    compute on one backend for one model family, applied to later plans there and labelled as such."""
+
+    backend: str  # CUDA, Metal, Vulkan, ROCm, ...
+    arch: str  # llama.cpp architecture (the model family): llama, qwen3moe, gpt-oss ...
+    device_ratio: float  # logged / kvbook's estimate, the GPU devices' buffers
+    host_ratio: float  # the same for the host-side buffer
+    source: str  # the log it came from
+    build: int | None = None
+
+
+@dataclass(frozen=True)
 class Device:
     """A machine to plan for: its pools; on unified memory everything counts against one pool."""
 
@@ -415,6 +432,7 @@ class Device:
     notes: str = ""
     sources: tuple[tuple[str, str], ...] = ()
     cpu: CpuFeatures | None = None  # the CPU that repacks CPU weights; None: the family default (plan/weights.py)
+    calibrations: tuple[ComputeCalibration, ...] = ()  # the user's saved compute calibrations (ops/calibration.py)
 
     @property
     def main_pool(self) -> Pool:

@@ -10,6 +10,7 @@ import numpy as np
 
 from kvbook.interface import MiB, ModelArch
 from kvbook.memory import rules
+from kvbook.memory.backends import GPU_BACKENDS, one_gpu_bytes
 from kvbook.memory.compute import compute_bytes
 from kvbook.memory.xp import NUMPY
 
@@ -55,10 +56,14 @@ def sweep(
     cache_ram_mib: int = 8192,
     ctx_checkpoints: int = 32,
     fit: bool = True,
+    backend: str = "CPU",
+    unified_memory: bool = False,
 ) -> SweepResult:
     """Memory for every combination; K and V use the same cache type, as in the notebooks' sweeps.
 
-    The formulas are kvbook.memory.rules' own, evaluated over arrays."""
+    The formulas are kvbook.memory.rules' own, evaluated over arrays. On a GPU `backend` (every layer on the one
+    device) the compute is that backend's high end (kvbook.memory.backends): the device's buffer, plus the host
+    side's on unified memory (`unified_memory`)."""
     xp = NUMPY
     c = np.asarray(ctx, dtype=np.int64).reshape(-1, 1, 1)
     s = np.asarray(slots, dtype=np.int64).reshape(1, 1, -1)
@@ -78,8 +83,17 @@ def sweep(
     rec_per_seq = sum(rules.recurrent_seq_bytes(arch))
     recurrent = rec_per_seq * np.maximum(1, n_seq) + like
     full_cells = n_ctx_seq if full else zero
-    compute = compute_bytes(xp, arch, flash_attn, n_ub, full_cells + swa_cells, np.maximum(full_cells, swa_cells)) + like
-    output = rules.logits_bytes(arch.n_vocab, n_seq) + like
+    if backend in GPU_BACKENDS:
+        device, host = one_gpu_bytes(xp, arch, backend, flash_attn=flash_attn, n_ubatch=n_ub,
+                                     cells_sum=full_cells + swa_cells, cells_max=np.maximum(full_cells, swa_cells),
+                                     n_seq=n_seq)
+        compute = device + (host if unified_memory else 0) + like
+    else:
+        compute = compute_bytes(xp, arch, flash_attn, n_ub, full_cells + swa_cells,
+                                np.maximum(full_cells, swa_cells)) + like
+    # on a discrete GPU the logits (like the host-side compute) sit in host RAM: the curve is what the GPU holds
+    on_gpu_only = backend in GPU_BACKENDS and not unified_memory
+    output = rules.logits_bytes(arch.n_vocab, n_seq) * (0 if on_gpu_only else 1) + like
     checkpoints = rules.checkpoints_bytes(arch, per_cell_swa * swa_cells + rec_per_seq, ctx_checkpoints, n_seq, swa_full)
     extras = max(cache_ram_mib, 0) * MiB + checkpoints + like
     return SweepResult(

@@ -18,6 +18,7 @@ import numpy as np
 
 from kvbook.errors import BadInput, KvbookError
 from kvbook.interface import Device, FlashAttn, Host, ModelArch, Plan, ServerFlags
+from kvbook.memory.backends import backend_of
 from kvbook.memory.rules import CACHE_TYPE_LAYOUT, CTX_PAD, SERVER_AUTO_SLOTS, row_bytes
 from kvbook.memory.sweep import SweepResult, largest_fitting_ctx, sweep
 from kvbook.plan.api import PlanRequest
@@ -262,11 +263,23 @@ def table_slots(slots: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys((slots,) + TABLE_SLOTS))
 
 
-def sweep_for(arch: ModelArch, p: SizingParams, max_ctx: int | None = None) -> SweepResult:
-    """Every cache type x (chosen + standard) slot counts over a context grid up to the model's maximum."""
+def compute_backend_of(device: Device | None) -> tuple[str, bool]:
+    """(backend, unified memory) of the pool that holds the model: its GPU's backend (kvbook.memory.backends), CPU
+    without one."""
+    if device is None:
+        return "CPU", False
+    pool = device.pools[0] if device.unified else device.main_pool
+    return (backend_of(pool.name) if pool.kind == "gpu" else "CPU"), device.unified
+
+
+def sweep_for(arch: ModelArch, p: SizingParams, max_ctx: int | None = None, device: Device | None = None) -> SweepResult:
+    """Every cache type x (chosen + standard) slot counts over a context grid up to the model's maximum, with the
+    compute buffer of the device's backend (the CPU estimate without a device)."""
     top = max(arch.n_ctx_train, p.context if p.allow_over_max else 0) if max_ctx is None else max_ctx
+    backend, unified_memory = compute_backend_of(device)
     return sweep(arch, context_grid(top), CACHE_TYPES, table_slots(p.slots), unified=p.kv_unified,
-                 ubatch=p.ubatch, batch=p.batch, flash_attn=p.flash_attn != "off", swa_full=p.swa_full)
+                 ubatch=p.ubatch, batch=p.batch, flash_attn=p.flash_attn != "off", swa_full=p.swa_full,
+                 backend=backend, unified_memory=unified_memory)
 
 
 def slots_label(slots: int, unified: bool) -> str:
@@ -413,7 +426,7 @@ def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:
         except BadInput as exc:
             raise BadInput(f"parameter 'objective' / the solver: {exc}") from None
     return Sizing(params=p, request=request, plan=planned,
-                  sweep=sweep_for(request.model, p) if request.has_rule else None, solution=solution)
+                  sweep=sweep_for(request.model, p, device=request.device) if request.has_rule else None, solution=solution)
 
 
 def solver_rows(solution: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -125,7 +125,7 @@ class SizingUI:
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
         self.device_record = self._device()
-        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top())
+        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top(), self.device_record)
         self.max_ctx = 0
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
@@ -247,9 +247,9 @@ class SizingUI:
                 self.device_record = self._device()
             p = self.params
             sizing.check_sizing_params(p, self.arch)
-            if level in ("model", "sweep", "all"):
+            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
                 self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
-                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top())
+                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record)
             search = level != "point" or self.max_ctx == 0 or source in (self.cache_type_k, self.cache_type_v)
             plan = api.plan(self.request, search=search)
             if search:

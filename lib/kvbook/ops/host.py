@@ -144,11 +144,13 @@ def this_machine(env: Mapping[str, str] | None = None, platform: str | None = No
 
 
 def local_request(flags: ServerFlags, device: Device | None = None, environ: Mapping[str, str] | None = None,
-                  host: Host | None = None) -> PlanRequest:
+                  host: Host | None = None, calibrations: bool = True) -> PlanRequest:
     """The planning request for `flags` on `device` (default: this machine) as the front ends build it: the model
     resolved as llama-server would load it (`environ`, default os.environ: HF_TOKEN, the hub endpoint) and the
-    --rpc endpoints bound, an undeclared one's budget being this machine's RAM (a loopback ggml-rpc-server)."""
+    --rpc endpoints bound, an undeclared one's budget being this machine's RAM (a loopback ggml-rpc-server), and
+    the user's saved compute calibrations (kvbook check-log --save-calibration) attached unless `calibrations` is False."""
     from kvbook.model.resolve import resolve_model
+    from kvbook.ops.calibration import with_calibrations
 
     needs_host = device is None or (flags.rpc and not any(p.kind == "rpc" for p in device.pools))
     host = host or (detect_host() if needs_host else None)
@@ -156,4 +158,6 @@ def local_request(flags: ServerFlags, device: Device | None = None, environ: Map
         assert host is not None  # needs_host
         device = host_device(host)
     device = with_rpc(device, flags.rpc, host=host)
+    if calibrations:
+        device = with_calibrations(device)
     return PlanRequest.of(resolve_model(flags, os.environ if environ is None else environ), flags, device)

@@ -3,11 +3,13 @@ context, and alternatives that fit. Pure functions over typed inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from kvbook.errors import BadInput
 from kvbook.interface import (
     Alternative,
+    ComputeCalibration,
     Device,
     FlashAttn,
     GiB,
@@ -17,6 +19,14 @@ from kvbook.interface import (
     PoolUsage,
     ServerFlags,
     Verdict,
+)
+from kvbook.memory.backends import (
+    GPU_BACKENDS,
+    OP_OFFLOAD_MIN_BATCH,
+    DeviceCompute,
+    backend_compute,
+    backend_of,
+    cpu_matrix_bytes,
 )
 from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
@@ -175,6 +185,86 @@ def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
     return estimate
 
 
+def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload
+              ) -> tuple[str, dict[str, dict[str, int]]] | None:
+    """(backend, graph terms per device) when the offload devices are local GPUs of one backend (placement.
+    compute_terms with the build's reserved logits rows); None for the CPU alone, RPC devices or mixed backends."""
+    backends = {backend_of(d) for d in offload.devices}
+    if len(backends) != 1 or not backends <= set(GPU_BACKENDS):
+        return None
+    shape = memory.shape
+    overrides = flags.cpu_moe_layers != 0 or bool(flags.tensor_overrides)
+    copies = SCHED_MAX_COPIES if pipeline_parallel(arch, len(offload.devices), _rpc_layers_n(arch, offload, flags),
+                                                   flags.split_mode, flags.no_kv_offload, overrides) else 1
+    on_cpu = cpu_ops(arch.tensors, offload, flags.tensor_overrides) if flags.tensor_overrides and arch.tensors else {}
+    rows = shape.reserve_outputs or min(shape.n_ubatch, shape.n_outputs_max)
+    terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
+                          no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
+    backend = backends.pop()
+    if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] in terms:
+        experts = bool(arch.n_expert) and (flags.cpu_moe_layers != 0 or any("exps" in ops for ops in on_cpu.values())
+                                           or any("exps" in p for p, _ in flags.tensor_overrides))
+        terms[offload.devices[0]]["wcopy"] = cpu_matrix_bytes(arch, experts, CPU in offload.layers)
+        if terms[CPU]["act"]:  # the CPU layers' matmuls run on that GPU: the CPU keeps residual-width work only
+            terms[CPU]["act"] = 4 * shape.n_ubatch * arch.n_embd
+    return backend, terms
+
+
+def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
+                calibrations: tuple[ComputeCalibration, ...] = ()) -> dict[str, DeviceCompute] | None:
+    """Each busy device's compute buffer and the host side's (under CPU) for GPU offload devices of one backend
+    (kvbook.memory.backends); None where the CPU or RPC estimate applies."""
+    found = gpu_terms(arch, flags, memory, offload)
+    if found is None:
+        return None
+    backend, terms = found
+    return backend_compute(terms, backend, flash_attn=memory.shape.flash_attn,
+                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations)
+
+
+def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
+    """Every layer on the one GPU pool `main` (a discrete GPU, or Metal's unified pool); None for a host pool."""
+    pool = next(p for p in device.pools if p.name == main)
+    if pool.kind != "gpu":
+        return None
+    n_all = arch.n_layer + arch.n_layer_nextn
+    return assign(n_all, n_all + 1, (main,), (1.0,))
+
+
+def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                     main: str) -> dict[str, DeviceCompute] | None:
+    """gpu_compute when every layer runs on the one GPU pool `main`."""
+    offload = _one_gpu(arch, device, main)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+
+
+def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
+    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool)."""
+    if _spread(arch, flags, device):
+        return offload_of(arch, flags, device)
+    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else "")
+    return _one_gpu(arch, device, main) if main else None
+
+
+def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
+                    ) -> dict[str, DeviceCompute] | None:
+    """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
+    intervals; None when the CPU backend (or RPC) holds them."""
+    offload = compute_offload(arch, flags, device)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+
+
+def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
+    """What the plan assumed for GPU-backend compute buffers: each device's estimate and interval ('' on the CPU)."""
+    gpu = device_computes(arch, flags, memory, device)
+    if not gpu:
+        return ""
+    parts = ", ".join(f"{'host side' if d == CPU else d} {c.estimate / 2**20:.0f} MiB ({c.low / 2**20:.0f}-"
+                      f"{c.high / 2**20:.0f})" for d, c in gpu.items())
+    return (f"compute buffers (estimate, interval): {parts}; planned at the high end of each interval "
+            f"({next(iter(gpu.values())).note})")
+
+
 def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     """Whether -ot sends matmuls other than the experts of offloaded layers to the CPU (its compute is bounded)."""
     if not (flags.tensor_overrides and arch.tensors and _spread(arch, flags, device)):
@@ -218,7 +308,9 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     busy = {*offload.layers, offload.output} & set(devices)
     # a device that only holds -ot tensors runs their ops too and reserves a buffer kvbook does not size (a note says so)
     if busy or any(weights.get(d) for d in devices):  # every device that runs layers, and the CPU, reserve their own
-        estimate = rpc_compute(arch, flags, memory, offload)
+        gpu = gpu_compute(arch, flags, memory, offload, device.calibrations)
+        estimate = ({d: c.high for d, c in gpu.items()} if gpu is not None
+                    else rpc_compute(arch, flags, memory, offload))
         for name in busy:
             out[name]["compute"] += estimate.get(name, 0)
         out[host]["compute"] += estimate.get(CPU, 0)
@@ -285,7 +377,12 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
-        parts[main]["compute"] += memory.compute.bytes
+        gpu = _one_gpu_compute(arch, flags, memory, device, main)
+        if gpu is None:
+            parts[main]["compute"] += memory.compute.bytes
+        else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
+            parts[main]["compute"] += gpu[main].high
+            parts[host]["compute"] += gpu[CPU].high
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
@@ -499,13 +596,19 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     is offered."""
     searched = memory is None and search
     detected = detection_note(device)
+    calibrations = device.calibrations
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
-    device = effective_device(device, flags)
+    device = dataclasses.replace(effective_device(device, flags), calibrations=calibrations)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
-    if _spread(arch, flags, device):
+    if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
+        notes_extra.append("layers spread over devices: each device that runs layers and the host side reserve a "
+                           "compute buffer of their own (the GPU backend's model below)")
+        if not arch.tensor_groups:
+            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    elif _spread(arch, flags, device):
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
         notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
@@ -517,6 +620,8 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         if not arch.tensor_groups:
             notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     notes_extra += _repack_notes(arch, flags, device, usages)
+    if note := compute_note(arch, flags, memory, device):
+        notes_extra.append(note)
     idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
             and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
     if idle:

@@ -156,6 +156,12 @@ def _model_weights_compute(plan: Plan) -> tuple[int, int]:
 def _compute_note(plan: Plan, per_device: bool) -> str:
     """What the compute line stands for: the one estimate, or the sum of a buffer per device."""
     mem = plan.memory
+    gpu_note = next((n for n in plan.notes if n.startswith("compute buffers (estimate, interval)")), "")
+    if gpu_note:  # kvbook.memory.backends: each GPU backend's own model, fitted on public logs
+        rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.compute_bytes).strip()}" for u in plan.pools
+                         if u.compute_bytes)
+        return (f"a buffer per device and on the host side ({rows}), the high end of each backend's interval "
+                "over public logs (docs/accuracy.md; the estimates are in the notes)")
     if per_device:
         rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.compute_bytes).strip()}" for u in plan.pools
                          if u.compute_bytes)
