@@ -20,10 +20,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from kvbook.model.resolve import resolve_model
     from kvbook.ops.fit_params import FIT_PARAMS
-    from kvbook.ops.host import detect_host
-    from kvbook.plan.api import PlanRequest, plan
+    from kvbook.ops.host import detect_host, local_request
+    from kvbook.plan.api import plan
     from kvbook.plan.devices import resolve_device
     from kvbook.plan.flags import parse_server_args
     from kvbook.plan.summary import format_plan, plan_summary
@@ -34,10 +33,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not server_argv:
         raise BadInput("give the llama-server command line after --, e.g. kvbook plan -- llama-server -m MODEL -c 8192")
     flags = parse_server_args(server_argv, os.environ)
+    host = detect_host()
     device = resolve_device(preset=args.device, budget_gib=args.budget_gib, gpu_gib=args.gpu_gib,
                             host_gib=args.host_gib, device_budgets=args.device_budget or (), rpc_gib=args.rpc_gib,
-                            endpoints=flags.rpc, host=detect_host())
-    request = PlanRequest.of(resolve_model(flags, os.environ), flags, device)
+                            endpoints=flags.rpc, host=host)
+    request = local_request(flags, device, os.environ, host)  # the user's saved calibrations attached
     if args.solve:
         return _solve_and_print(args, request)
     planned = plan(request, fit_fallback=FIT_PARAMS)

@@ -405,7 +405,9 @@ def request_for(params: SizingParams | Mapping[str, Any], host: Host | None = No
         if resolved.has_rule:
             check_sizing_params(p, resolved.arch)
         flags = server_flags(p)
-    return p, PlanRequest.of(resolved, flags, device)
+    from kvbook.ops.calibration import with_calibrations
+
+    return p, PlanRequest.of(resolved, flags, with_calibrations(device))  # as kvbook plan: saved calibrations too
 
 
 def resolve(params: SizingParams | Mapping[str, Any]) -> Sizing:

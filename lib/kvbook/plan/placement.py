@@ -206,10 +206,14 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
     cpu["mask"] += copies * sum(masks.values())
     cpu["embd"] += copies * 4 * arch.n_embd * ub
     n_kv = max((cells.get(k, 0) for k in masks), default=0)
-    for dev in {*offload.layers, offload.output} - {CPU}:
+    def ordered(devs: set[str]) -> list[str]:  # device order, so the terms (and every note) are the same each run
+        return sorted(devs, key=lambda d: (d not in offload.devices, offload.devices.index(d) if d in offload.devices
+                                           else 0, d))
+
+    for dev in ordered({*offload.layers, offload.output} - {CPU}):
         at(dev)["embd"] += copies * 4 * arch.n_embd * ub
     for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
-        for dev in {CPU if no_kv_offload else offload.layers[il] for il in layers} - {CPU}:
+        for dev in ordered({CPU if no_kv_offload else offload.layers[il] for il in layers} - {CPU}):
             at(dev)["mask"] += copies * masks[kind]
     width = activation_width(arch)
     routed = arch.n_expert_used * arch.n_ff_exp if arch.n_expert and arch.n_ff_exp else 0
@@ -224,7 +228,7 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
         if "dense" in pinned:
             cpu["act"] = max(cpu["act"], 4 * ub * width)
     if not shape.flash_attn:
-        for dev in {CPU if no_kv_offload else offload.layers[il] for il in (*full, *swa)}:
+        for dev in ordered({CPU if no_kv_offload else offload.layers[il] for il in (*full, *swa)}):
             at(dev)["scores"] = 4 * max(arch.n_head, default=0) * n_kv * ub
     at(offload.output)["logits"] = 4 * arch.n_vocab * n_outputs
     return out
