@@ -77,7 +77,8 @@ def sweep(
     full_cells = n_ctx_seq if full else zero
     compute = compute_bytes(xp, arch, flash_attn, n_ub, full_cells + swa_cells, np.maximum(full_cells, swa_cells)) + like
     output = rules.logits_bytes(arch.n_vocab, n_seq) + like
-    checkpoints = rules.checkpoints_bytes(arch, per_cell_swa * swa_cells + rec_per_seq, ctx_checkpoints, n_seq, swa_full)
+    each = rules.checkpoint_seq_bytes(xp, per_cell_swa, len(swa), arch.n_swa, n_ctx_seq, rec_per_seq)
+    checkpoints = rules.checkpoints_bytes(arch, each, ctx_checkpoints, n_seq, swa_full)
     extras = max(cache_ram_mib, 0) * MiB + checkpoints + like
     return SweepResult(
         ctx=c.reshape(-1), cache_types=types, slots=s.reshape(-1), n_ctx=n_ctx + like, n_ctx_seq=n_ctx_seq + like,
