@@ -414,6 +414,7 @@ class PoolUsage:
     output_bytes: int = 0
     host_extras_bytes: int = 0
     repack_bytes: int = 0  # the part of weights_bytes llama.cpp copies into its CPU_REPACK buffer
+    includes: tuple[str, ...] = ()  # pools whose bytes need_bytes also counts (Apple's RAM covers Metal's buffers)
 
     @property
     def headroom_bytes(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
+from kvbook.memory.rules import prompt_state_bytes, prompts_to_fill
 from kvbook.plan.solver import Solution
 
 
@@ -11,7 +12,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 4  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: "host_growth", pools[]/devices[].includes; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -54,7 +55,9 @@ def plan_summary(plan: Plan) -> dict:
         "total_bytes": mem.total_bytes,
         "budget_bytes": main.budget_bytes,
         "pools": [{"pool": u.pool, "need_bytes": u.need_bytes, "budget_bytes": u.budget_bytes,
-                   "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes} for u in plan.pools],
+                   "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes, "includes": list(u.includes)}
+                  for u in plan.pools],
+        "host_growth": host_growth_entry(plan),
         "devices": [device_entry(plan, u) for u in plan.pools],
         "placement": placement_entry(plan),
         "verdict": plan.verdict.value,
@@ -103,7 +106,42 @@ def device_entry(plan: Plan, use: PoolUsage) -> dict:
             "weights_bytes": use.weights_bytes, "kv_bytes": use.kv_bytes, "recurrent_bytes": use.recurrent_bytes,
             "compute_bytes": use.compute_bytes, "output_bytes": use.output_bytes,
             "host_extras_bytes": use.host_extras_bytes, "repack_bytes": use.repack_bytes, "need_bytes": use.need_bytes,
-            "verdict": use.verdict.value}
+            "includes": [_device_name(plan, p) for p in use.includes], "verdict": use.verdict.value}
+
+
+GROWTH_PROMPT_TOKENS = 4096  # the prompt size the plan states the prompt cache's fill rate for
+
+
+def host_growth_entry(plan: Plan) -> dict:
+    """How host growth fills: each checkpoint and how many the slots keep, the prompt cache's bytes per cached
+    token, what one distinct 4k-token prompt costs there, and how many such prompts fill --cache-ram."""
+    h = plan.memory.host_extras
+    return {"cache_ram_bytes": h.cache_ram_bytes, "checkpoint_bytes": h.checkpoint_bytes,
+            "checkpoint_each_bytes": h.checkpoint_each_bytes, "checkpoints_max": h.checkpoints_max,
+            "cache_token_bytes": h.cache_token_bytes, "cache_prompt_bytes": h.cache_prompt_bytes,
+            "cache_prompt_checkpoints": h.cache_prompt_checkpoints, "prompt_tokens": GROWTH_PROMPT_TOKENS,
+            "prompt_state_bytes": prompt_state_bytes(h, GROWTH_PROMPT_TOKENS),
+            "prompts_to_fill": prompts_to_fill(h, GROWTH_PROMPT_TOKENS)}
+
+
+def _growth_text(plan: Plan) -> str:
+    """The host growth line's explanation: the checkpoints' count and size, and the prompt cache's fill rate."""
+    h = plan.memory.host_extras
+    parts = []
+    if h.checkpoints_max:
+        parts.append(f"{h.checkpoints_max} checkpoints x {_size(h.checkpoint_each_bytes).strip()} "
+                     f"(--ctx-checkpoints {plan.flags.ctx_checkpoints} per slot x {plan.memory.shape.n_seq} slot(s))")
+    if plan.flags.cache_ram_mib < 0:
+        parts.append("prompt cache without a limit (--cache-ram -1)")
+    elif h.cache_ram_bytes:
+        n = prompts_to_fill(h, GROWTH_PROMPT_TOKENS)
+        parts.append(f"prompt cache {_size(h.cache_ram_bytes).strip()} (--cache-ram), full after about {n} distinct "
+                     f"{GROWTH_PROMPT_TOKENS // 1024}k-token prompts ({_size(prompt_state_bytes(h, GROWTH_PROMPT_TOKENS)).strip()} each: "
+                     f"{h.cache_token_bytes:,} B per token" + (
+                         f" + {h.cache_prompt_checkpoints} checkpoints" if h.cache_prompt_checkpoints else "") + ")")
+    else:
+        parts.append("no prompt cache (--cache-ram 0)")
+    return "; ".join(parts)
 
 
 def _device_name(plan: Plan, pool: str) -> str:
@@ -136,7 +174,8 @@ def _held(plan: Plan) -> dict[str, int]:
     """What the devices hold in all, by kind (weights, compute, extras) and start / total: the sums of the
     per-device rows, so the plan's top lines add up to its rows (several devices hold more than one would)."""
     out = {k: sum(getattr(u, f"{k}_bytes") for u in plan.pools) for k in ("weights", "compute", "host_extras")}
-    total = sum(u.need_bytes for u in plan.pools)
+    inside = {name for u in plan.pools for name in u.includes}  # counted in a covering pool's need (Apple's RAM)
+    total = sum(u.need_bytes for u in plan.pools if u.pool not in inside)
     return {"weights": out["weights"], "compute": out["compute"], "extras": out["host_extras"],
             "start": total - out["host_extras"], "total": total}
 
@@ -208,13 +247,14 @@ def format_plan(plan: Plan) -> str:
            f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
           if mem.draft and plan.model.draft else []),
         f"  at start     {_size(held['start'])}",
-        f"  host growth  {_size(held['extras'])}  prompt cache (--cache-ram) + context checkpoints",
+        f"  host growth  {_size(held['extras'])}  {_growth_text(plan)}",
         f"  total        {_size(held['total'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),
         "",
     ]
     for u in plan.pools:
+        covers = f" (all of it: {', '.join(u.includes)} included)" if u.includes else ""
         lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
-                     f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
+                     f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()}){covers}")
         if len(plan.pools) > 1:
             rest = "".join(f", {label} {_size(n).strip()}" for label, n in (("output", u.output_bytes),
                                                                            ("host growth", u.host_extras_bytes)) if n)
