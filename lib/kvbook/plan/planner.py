@@ -20,7 +20,7 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import detection_note, effective_device, split_note, split_shares, with_rpc
+from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -597,6 +597,8 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         notes_extra.append(split_note(flags, device))
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
+    if ram_note(device):
+        notes.append(ram_note(device))
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
     host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)
