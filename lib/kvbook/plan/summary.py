@@ -18,7 +18,7 @@ SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: 
 def plan_summary(plan: Plan) -> dict:
     """The plan as the flat JSON contract other tools and notebooks read."""
     mem = plan.memory
-    main = max(plan.pools, key=lambda u: u.need_bytes)
+    main = max((u for u in plan.pools if not u.includes), key=lambda u: u.need_bytes)  # Apple: Metal's, not RAM's
     return {
         "schema_version": SCHEMA_VERSION,
         "model": plan.model.name,
