@@ -37,7 +37,8 @@ def test_a_checkpoint_is_one_sequences_window_whatever_the_slots(gemma3: Path) -
         extras = plan_memory(arch, parse_server_args(["-m", str(gemma3), *args])).host_extras
         assert round(extras.checkpoint_each_bytes / MiB, 3) == GEMMA3_CHECKPOINT_MIB, args
         slots = 1 if "-np" in args and args[-1] == "1" else 4
-        assert extras.checkpoints_max == 32 * slots and extras.checkpoint_bytes == 32 * slots * extras.checkpoint_each_bytes
+        assert extras.checkpoints_max == 32 * slots
+        assert extras.checkpoint_bytes == 32 * slots * extras.checkpoint_each_bytes
     short = plan_memory(arch, parse_server_args(["-m", str(gemma3), "-c", "256", "-np", "1"])).host_extras
     # a 256-token slot's window holds 256 cells, not 512: magic + seq id, the cache's headers, 15 layers x K/V headers
     assert short.checkpoint_each_bytes == 8 + 24 + 15 * 2 * 12 + 256 * (15 * 1024 + 12)

@@ -146,7 +146,8 @@ def ram_note(device: Device) -> str:
         return ""
     kept = ram.total_bytes - ram.budget_bytes
     return (f"{ram.name}: {ram.total_bytes / GiB:.0f} GiB physical less {kept / GiB:.2f} GiB for macOS (it keeps about "
-            f"{MACOS_KEEPS_BYTES[0] // GiB}-{MACOS_KEEPS_BYTES[1] // GiB} GiB: 4 GB idle and headless, more with apps); "
+            f"{MACOS_KEEPS_BYTES[0] // GiB}-{MACOS_KEEPS_BYTES[1] // GiB} GiB: 4 GB idle and headless, more with "
+            "apps); "
             "everything counts against it, the prompt cache and checkpoints included, while only Metal buffers "
             "count against the Metal working set; --device-budget CPU=SIZE sets it for your machine")
 

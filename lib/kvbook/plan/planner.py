@@ -374,7 +374,8 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     if proj is not None and memory.projector is not None:
         parts[proj]["weights"] += memory.projector.weights_bytes
         parts[proj]["compute"] += memory.projector.compute_bytes
-    by_pool = {p.name: _usage(p.name, p.budget_bytes, parts[p.name]) for p in device.pools if p.name != host or not limits}
+    by_pool = {p.name: _usage(p.name, p.budget_bytes, parts[p.name]) for p in device.pools
+               if p.name != host or not limits}
     if limits:  # physical RAM holds the Metal buffers too
         by_pool[host] = _usage(host, next(p.budget_bytes for p in device.pools if p.name == host), parts[host],
                                tuple(by_pool.values()))

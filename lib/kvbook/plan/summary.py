@@ -12,7 +12,9 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: "host_growth", pools[]/devices[].includes; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+# 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: "host_growth", pools[] and
+# devices[] "includes"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 5
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -135,8 +137,9 @@ def _growth_text(plan: Plan) -> str:
         parts.append("prompt cache without a limit (--cache-ram -1)")
     elif h.cache_ram_bytes:
         n = prompts_to_fill(h, GROWTH_PROMPT_TOKENS)
+        each = _size(prompt_state_bytes(h, GROWTH_PROMPT_TOKENS)).strip()
         parts.append(f"prompt cache {_size(h.cache_ram_bytes).strip()} (--cache-ram), full after about {n} distinct "
-                     f"{GROWTH_PROMPT_TOKENS // 1024}k-token prompts ({_size(prompt_state_bytes(h, GROWTH_PROMPT_TOKENS)).strip()} each: "
+                     f"{GROWTH_PROMPT_TOKENS // 1024}k-token prompts ({each} each: "
                      f"{h.cache_token_bytes:,} B per token" + (
                          f" + {h.cache_prompt_checkpoints} checkpoints" if h.cache_prompt_checkpoints else "") + ")")
     else:
