@@ -271,7 +271,10 @@ def format_plan(plan: Plan) -> str:
     if where["experts"] and where["experts"] != where["layers"]:
         lines.append("  experts: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["experts"]))
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
-    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
+    tight = [u.pool for u in plan.pools if u.verdict.value == "tight"]
+    why = (f": it starts; host growth or the margin does not fit {', '.join(tight)}"
+           if plan.verdict.value == "tight" else "")
+    lines += ["", f"verdict  {plan.verdict.value.upper()}{why}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:
         lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
