@@ -124,8 +124,8 @@ def makes_checkpoints(arch: ModelArch, swa_full: bool) -> bool:
 # llama_kv_cache::state_write_meta: per cell its pos (int32), n_seq_id (uint32) and the one seq_id (int32)
 STATE_CELL_META = 12
 # state_write_data's headers: v_trans, n_layer, n_rot_k, n_rot_v (4 x uint32), then per layer and K/V a type
-# (int32) and a row size (uint64); llama_kv_cache::state_write adds n_stream and the stream's cell count
-STATE_KV_HEAD = 4 * 4 + 4 + 4
+# (int32) and a row size (uint64); llama_kv_cache::state_write adds n_stream and each stream's cell count
+STATE_KV_HEAD = 4 * 4
 STATE_LAYER_HEAD = 4 + 8
 # llama_context::state_seq_get_size: io_magic and seq_id before the memory's own state
 STATE_SEQ_HEAD = 4 + 4
@@ -140,17 +140,23 @@ def window_cells(xp, n_swa: int, n_tokens):
     return xp.minimum(n_swa, n_tokens)
 
 
-def kv_state_bytes(xp, per_cell, layers: int, cells):
-    """Bytes llama_kv_cache::state_write gives one sequence's `cells` over `layers` layers (K and V rows,
-    cell metadata and headers); 8 bytes (n_stream, cell count) when the cache holds no cell of it."""
-    return xp.where(cells > 0, STATE_KV_HEAD + 2 * STATE_LAYER_HEAD * layers + cells * (per_cell + STATE_CELL_META), 8)
+def kv_state_head(layers: int, n_stream=1):
+    """The headers of llama_kv_cache::state_write for one sequence that holds cells: n_stream, each stream's cell
+    count, state_write_data's four words, and a type and row size per layer for K and for V."""
+    return 4 + 4 * n_stream + STATE_KV_HEAD + 2 * STATE_LAYER_HEAD * layers
 
 
-def checkpoint_seq_bytes(xp, per_cell_swa, swa_layers: int, n_swa: int, n_ctx_seq, rec_per_seq):
+def kv_state_bytes(xp, per_cell, layers: int, cells, n_stream=1):
+    """Bytes llama_kv_cache::state_write gives one sequence's `cells` over `layers` layers (K and V rows, cell
+    metadata and headers); only n_stream and the streams' cell counts when the cache holds no cell of it."""
+    return xp.where(cells > 0, kv_state_head(layers, n_stream) + cells * (per_cell + STATE_CELL_META), 4 + 4 * n_stream)
+
+
+def checkpoint_seq_bytes(xp, per_cell_swa, swa_layers: int, n_swa: int, n_ctx_seq, rec_per_seq, n_stream=1):
     """One context checkpoint (common_prompt_checkpoint::update_tgt, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY): one
     sequence's sliding window (at most n_swa cells of the SWA layers; the full-attention cache is skipped) and its
     recurrent state, whatever the slot count; measured 7.506 MiB on Gemma 3 270M at -np 1 and 4 slots."""
-    swa = kv_state_bytes(xp, per_cell_swa, swa_layers, window_cells(xp, n_swa, n_ctx_seq)) if swa_layers else 0
+    swa = kv_state_bytes(xp, per_cell_swa, swa_layers, window_cells(xp, n_swa, n_ctx_seq), n_stream) if swa_layers else 0
     return STATE_SEQ_HEAD + swa + rec_per_seq
 
 
@@ -239,11 +245,11 @@ def host_extras(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> Hos
     per_full = sum(cell_bytes(arch, full, shape.type_k, shape.type_v, shape.flash_attn, strict=False)) if full else 0
     per_swa = sum(cell_bytes(arch, swa, shape.type_k, shape.type_v, shape.flash_attn, strict=False)) if swa else 0
     rec = sum(recurrent_seq_bytes(arch))
-    each = checkpoint_seq_bytes(PY, per_swa, len(swa), arch.n_swa, shape.n_ctx_seq, rec)
+    each = checkpoint_seq_bytes(PY, per_swa, len(swa), arch.n_swa, shape.n_ctx_seq, rec, shape.n_stream)
     makes = flags.ctx_checkpoints > 0 and makes_checkpoints(arch, flags.swa_full)
     window = min(arch.n_swa, shape.n_ctx_seq)
-    fixed = STATE_SEQ_HEAD + rec + (kv_state_bytes(PY, per_swa, len(swa), window) if swa else 0) + (
-        STATE_KV_HEAD + 2 * STATE_LAYER_HEAD * len(full) if full else 0)
+    fixed = STATE_SEQ_HEAD + rec + (kv_state_bytes(PY, per_swa, len(swa), window, shape.n_stream) if swa else 0) + (
+        kv_state_head(len(full), shape.n_stream) if full else 0)
     return HostExtras(
         cache_ram_bytes=0 if flags.cache_ram_mib <= 0 else flags.cache_ram_mib * MiB,
         checkpoint_bytes=checkpoints_bytes(arch, each, flags.ctx_checkpoints, shape.n_seq, flags.swa_full),

@@ -77,7 +77,7 @@ def sweep(
     full_cells = n_ctx_seq if full else zero
     compute = compute_bytes(xp, arch, flash_attn, n_ub, full_cells + swa_cells, np.maximum(full_cells, swa_cells)) + like
     output = rules.logits_bytes(arch.n_vocab, n_seq) + like
-    each = rules.checkpoint_seq_bytes(xp, per_cell_swa, len(swa), arch.n_swa, n_ctx_seq, rec_per_seq)
+    each = rules.checkpoint_seq_bytes(xp, per_cell_swa, len(swa), arch.n_swa, n_ctx_seq, rec_per_seq, streams)
     checkpoints = rules.checkpoints_bytes(arch, each, ctx_checkpoints, n_seq, swa_full)
     extras = max(cache_ram_mib, 0) * MiB + checkpoints + like
     return SweepResult(

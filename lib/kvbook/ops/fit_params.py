@@ -270,7 +270,8 @@ def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary:
     swa = [c for c in caches if c.kind is CacheKind.SWA]
     per_cell = sum(c.bytes // max(1, c.cells * shape.n_stream) for c in swa)
     rec = sum(c.bytes // max(1, c.cells) for c in caches if c.kind is CacheKind.RECURRENT)
-    each = checkpoint_seq_bytes(PY, per_cell, sum(c.layers for c in swa), arch.n_swa, shape.n_ctx_seq, rec)
+    each = checkpoint_seq_bytes(PY, per_cell, sum(c.layers for c in swa), arch.n_swa, shape.n_ctx_seq, rec,
+                                shape.n_stream)
     checkpoints = each * flags.ctx_checkpoints * shape.n_seq if flags.ctx_checkpoints and any(
         c.kind is CacheKind.RECURRENT or (c.kind is CacheKind.SWA and not flags.swa_full) for c in caches) else 0
     return MemoryPlan(
