@@ -35,8 +35,9 @@ def plan_json(capsys, device: list[str], *server: str, solve: bool = False) -> d
     assert code == 0, err
     doc = json.loads(out)
     jsonschema.validate(doc, SCHEMA)
-    for d in doc["devices"]:
-        assert d["need_bytes"] == sum(d[k] for k in PARTS), d
+    need = {d["name"]: d["need_bytes"] for d in doc["devices"]}
+    for d in doc["devices"]:  # a row's need is its parts, plus the rows it covers (Apple's RAM limit covers MTL0's)
+        assert d["need_bytes"] == sum(d[k] for k in PARTS) + sum(need[n] for n in d["includes"]), d
     return doc
 
 
@@ -275,9 +276,12 @@ def test_a_model_bigger_than_the_gpu_gets_the_solvers_placement_as_an_alternativ
     doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768")
     assert doc["verdict"] == "does not fit"
     placement = [a for a in doc["alternatives"] if a["change"].startswith("placement")]
-    assert len(placement) == 1 and placement[0]["verdict"] == "fits" and "--n-cpu-moe" in placement[0]["change"]
+    # it starts; within --fit's 1 GiB margin of the free memory after the CUDA context it is "tight" (the solver
+    # fills the card to its budget, not to the margin)
+    assert len(placement) == 1 and placement[0]["verdict"] in ("fits", "tight")
+    assert "--n-cpu-moe" in placement[0]["change"]
     again = plan_json(capsys, ["--device", "rtx-4090-host-64"], *placement[0]["flags"])
-    assert again["verdict"] == "fits" and any(r["device"] == "CPU" for r in again["placement"]["experts"])
+    assert again["verdict"] == placement[0]["verdict"] and any(r["device"] == "CPU" for r in again["placement"]["experts"])
     small = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "16"], "-m", "gpt-oss-120b", "-c", "32768")
     assert not [a for a in small["alternatives"] if a["change"].startswith("placement")]
     assert any("no placement of -ngl / --n-cpu-moe / -ts starts" in n for n in small["notes"])

@@ -115,7 +115,7 @@ def test_blog_scenario_values(runs):
     assert s["n_ctx"] == 262144 and s["n_seq"] == 4 and s["kv_unified"] is True and s["n_ubatch"] == 2048
     assert s["kv_bytes"] == 5 * GiB == QWEN_KV_PER_TOKEN * 262144
     assert s["recurrent_bytes"] == 4 * QWEN_RECURRENT_PER_SEQ
-    assert s["budget_bytes"] == 49152 * MiB
+    assert s["budget_bytes"] == 53084 * MiB  # the Metal working set (llama.cpp's MTL0 total under current macOS)
     assert s["verdict"] == "fits" and s["max_ctx"] == 262144
     blog = s["blog_post"]
     assert blog["scenarios"]["262144"]["kv_bytes"] == 5 * GiB
@@ -128,7 +128,9 @@ def test_blog_scenario_values(runs):
     assert items["KV cache at -c 65536, bf16"]["kvbook_computes"].startswith("1.25 GiB")
     assert "196,608" in items["What the post's KV arithmetic implies"]["kvbook_computes"]
     assert "Qwen2.5-14B" in items["What the post's KV arithmetic implies"]["explanation"]
-    assert items["GPU working set on a 64 GB M1 Max"]["kvbook_computes"].startswith("49,152 MiB")
+    ws = items["GPU working set on a 64 GB M1 Max"]
+    assert ws["kvbook_computes"].startswith("53,084 MiB") and ws["explanation"].startswith("Right.")  # the post's 54 GB
+    assert "does not fit" not in items["Does -c 262144 fit?"]["kvbook_computes"]
     assert all(r["post_says"] and r["kvbook_computes"] and r["explanation"] for r in blog["rows"])
     html = runs["blog-post-m1max"].html.read_text()
     assert "the post against kvbook" in html
@@ -190,10 +192,15 @@ def test_over_max_allowed_when_asked():
 def test_figures_match_the_plan():
     run = sizing.resolve(BLOG)
     bar = figures.breakdown_figure(run.plan)
+    metal, ram = run.plan.pools  # two limits on a Mac: a bar of the Metal buffers, a bar of everything in RAM
     heights = {t.meta: t.y[0] * GiB for t in bar.data}
-    assert heights["kv"] == run.plan.memory.kv_bytes and heights["host_extras"] == run.plan.memory.host_extras.bytes
-    assert sum(heights.values()) == pytest.approx(run.plan.memory.total_bytes)
-    assert bar.layout.shapes[0].y0 * GiB == pytest.approx(49152 * MiB)
+    assert heights["kv"] == run.plan.memory.kv_bytes and heights["host_extras"] == 0
+    assert sum(heights.values()) == pytest.approx(metal.need_bytes)
+    in_ram = {t.meta: t.y[1] * GiB for t in bar.data}
+    assert in_ram["host_extras"] == run.plan.memory.host_extras.bytes
+    assert sum(in_ram.values()) == pytest.approx(run.plan.memory.total_bytes) == ram.need_bytes
+    assert bar.layout.shapes[0].y0 * GiB == pytest.approx(53084 * MiB)  # the Metal working set, current macOS
+    assert bar.layout.shapes[1].y0 * GiB == pytest.approx(ram.budget_bytes) == 56 * GiB
     curve = figures.context_figure(run.sweep, run.budget_bytes, current=(262144, run.plan.memory.start_bytes))
     assert [t.meta for t in curve.data[: len(run.sweep.cache_types)]] == list(run.sweep.cache_types)
     fits = dict(zip((t.split(":")[0] for t in curve.data[-2].text), curve.data[-2].x))
@@ -296,7 +303,9 @@ def test_device_and_errors(ui):
 def test_model_change_moves_slider_range(ui):
     ui.model.value = "smollm2-135m"
     assert ui.arch.n_ctx_train == 8192 and 2 ** ui.context.max == 8192 and ui.context.value <= 8192
-    assert _trace(ui.breakdown, "weights").y[0] * GiB == ui.arch.weights_bytes
+    metal = next(u for u in ui.plan.pools if u.pool == "Metal")  # the bar is the Metal working set's: Metal buffers
+    assert _trace(ui.breakdown, "weights").y[0] * GiB == metal.weights_bytes < ui.arch.weights_bytes
+    assert _trace(ui.breakdown, "host_extras").y[0] == 0  # the prompt cache and checkpoints are CPU memory
     ui.model_path.value = "no/such/file.gguf"
     assert ui.error and "parameter 'model'" in ui.error
     ui.model_path.value = ""

@@ -287,10 +287,16 @@ class ComputeEstimate:
 
 @dataclass(frozen=True)
 class HostExtras:
-    """Host RAM that grows while the server runs (prompt cache, context checkpoints)."""
+    """Host RAM that grows while the server runs (prompt cache, context checkpoints): the caps, and the rates
+    they fill at (memory/rules.py host_extras reads them from the server's state-saving code)."""
 
     cache_ram_bytes: int
     checkpoint_bytes: int
+    checkpoint_each_bytes: int = 0  # one context checkpoint: one sequence's window / recurrent state
+    checkpoints_max: int = 0  # --ctx-checkpoints per slot x slots: the most the slots keep at once
+    cache_token_bytes: int = 0  # prompt cache: bytes per cached token (the full-attention KV rows of one token)
+    cache_prompt_bytes: int = 0  # prompt cache: fixed bytes per cached prompt (window, recurrent state, headers)
+    cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
 
     @property
     def bytes(self) -> int:
@@ -462,6 +468,7 @@ class PoolUsage:
     output_bytes: int = 0
     host_extras_bytes: int = 0
     repack_bytes: int = 0  # the part of weights_bytes llama.cpp copies into its CPU_REPACK buffer
+    includes: tuple[str, ...] = ()  # pools whose bytes need_bytes also counts (Apple's RAM covers Metal's buffers)
 
     @property
     def headroom_bytes(self) -> int:

@@ -109,3 +109,54 @@ def with_log_causes(records: Sequence[TurnRecord], log: str) -> list[TurnRecord]
             mine.add(task.task)
         out.append(record)
     return out
+
+
+# server-context.cpp create_checkpoint and server-task.cpp server_prompt_cache::update, at -lv 4 (trace)
+_CHECKPOINT = re.compile(r"created context checkpoint \d+ of \d+ \(pos_min = -?\d+, pos_max = -?\d+, "
+                         r"n_tokens = (\d+), size = ([\d.]+) MiB\)")
+_CACHE_STATE = re.compile(r"cache state: (\d+) prompts, ([\d.]+) MiB")
+_CACHED_PROMPT = re.compile(r"- prompt 0?x?[0-9a-fA-F]+:\s+(\d+) tokens, checkpoints:\s+(\d+),\s+([\d.]+) MiB")
+
+
+@dataclass(frozen=True)
+class CachedPrompt:
+    """One prompt in the server's prompt cache, as its update lists it: tokens, checkpoints carried, MiB."""
+
+    n_tokens: int
+    checkpoints: int
+    mib: float
+
+
+@dataclass(frozen=True)
+class HostGrowthLog:
+    """What the server logged about host growth: each checkpoint it created (n_tokens, MiB, three decimals) and
+    the prompt cache after each update (the prompts it holds)."""
+
+    checkpoints: tuple[tuple[int, float], ...]
+    cache_states: tuple[tuple[CachedPrompt, ...], ...]
+
+    @property
+    def cache_mib(self) -> float:
+        """The prompt cache's size after its last update."""
+        return sum(p.mib for p in self.cache_states[-1]) if self.cache_states else 0.0
+
+
+def parse_host_growth(log: str) -> HostGrowthLog:
+    """Checkpoints and prompt-cache states from a -lv 4 llama-server log."""
+    checkpoints: list[tuple[int, float]] = []
+    states: list[tuple[CachedPrompt, ...]] = []
+    current: list[CachedPrompt] | None = None
+    for line in log.splitlines():
+        m = _CHECKPOINT.search(line)
+        if m:
+            checkpoints.append((int(m.group(1)), float(m.group(2))))
+            continue
+        if _CACHE_STATE.search(line):
+            current = []
+            states.append(())
+            continue
+        m = _CACHED_PROMPT.search(line)
+        if m and current is not None:
+            current.append(CachedPrompt(int(m.group(1)), int(m.group(2)), float(m.group(3))))
+            states[-1] = tuple(current)
+    return HostGrowthLog(tuple(checkpoints), tuple(states))

@@ -124,11 +124,52 @@ def makes_checkpoints(arch: ModelArch, swa_full: bool) -> bool:
     return arch.is_hybrid or (arch.has_swa and not swa_full)
 
 
-def checkpoints_bytes(arch: ModelArch, per_seq_bytes: Num, ctx_checkpoints: int, n_seq: Num, swa_full: bool) -> Num:
-    """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
+# llama_kv_cache::state_write_meta: per cell its pos (int32), n_seq_id (uint32) and the one seq_id (int32)
+STATE_CELL_META = 12
+# state_write_data's headers: v_trans, n_layer, n_rot_k, n_rot_v (4 x uint32), then per layer and K/V a type
+# (int32) and a row size (uint64); llama_kv_cache::state_write adds n_stream and each stream's cell count
+STATE_KV_HEAD = 4 * 4
+STATE_LAYER_HEAD = 4 + 8
+# llama_context::state_seq_get_size: io_magic and seq_id before the memory's own state
+STATE_SEQ_HEAD = 4 + 4
+# server-context.cpp: a prompt checkpoints 4 + n_ubatch and 4 tokens before its end (PR #20288), so a cached
+# prompt longer than that carries two checkpoints into the prompt cache (server_prompt_cache_state::size)
+PROMPT_END_CHECKPOINTS = 2
+
+
+def window_cells(xp: Any, n_swa: int, n_tokens: Num) -> Num:
+    """Cells of one sequence a checkpoint of its sliding-window cache holds: those not masked for the last
+    position (llama_kv_cache::state_write with is_masked_swa), at most n_swa."""
+    return xp.minimum(n_swa, n_tokens)
+
+
+def kv_state_head(layers: int, n_stream: Num = 1) -> Num:
+    """The headers of llama_kv_cache::state_write for one sequence that holds cells: n_stream, each stream's cell
+    count, state_write_data's four words, and a type and row size per layer for K and for V."""
+    return 4 + 4 * n_stream + STATE_KV_HEAD + 2 * STATE_LAYER_HEAD * layers
+
+
+def kv_state_bytes(xp: Any, per_cell: Num, layers: int, cells: Num, n_stream: Num = 1) -> Num:
+    """Bytes llama_kv_cache::state_write gives one sequence's `cells` over `layers` layers (K and V rows, cell
+    metadata and headers); only n_stream and the streams' cell counts when the cache holds no cell of it."""
+    return xp.where(cells > 0, kv_state_head(layers, n_stream) + cells * (per_cell + STATE_CELL_META), 4 + 4 * n_stream)
+
+
+def checkpoint_seq_bytes(xp: Any, per_cell_swa: Num, swa_layers: int, n_swa: int, n_ctx_seq: Num, rec_per_seq: Num,
+                         n_stream: Num = 1) -> Num:
+    """One context checkpoint (common_prompt_checkpoint::update_tgt, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY): one
+    sequence's sliding window (at most n_swa cells of the SWA layers; the full-attention cache is skipped) and its
+    recurrent state, whatever the slot count; measured 7.506 MiB on Gemma 3 270M at -np 1 and 4 slots."""
+    swa = kv_state_bytes(xp, per_cell_swa, swa_layers, window_cells(xp, n_swa, n_ctx_seq), n_stream) if swa_layers else 0
+    return STATE_SEQ_HEAD + swa + rec_per_seq
+
+
+def checkpoints_bytes(arch: ModelArch, each_bytes: Num, ctx_checkpoints: int, n_seq: Num, swa_full: bool) -> Num:
+    """The checkpoints the slots can hold at once: --ctx-checkpoints per slot (create_checkpoint erases the
+    oldest beyond it), one sequence's state each; 0 when the model makes none (`makes_checkpoints`)."""
     if ctx_checkpoints == 0 or not makes_checkpoints(arch, swa_full):
-        return 0 * per_seq_bytes
-    return per_seq_bytes * ctx_checkpoints * n_seq
+        return 0 * each_bytes
+    return each_bytes * ctx_checkpoints * n_seq
 
 
 # ---------------------------------------------------------------- the scalar planner's records
@@ -198,22 +239,50 @@ def output_bytes(arch: ModelArch, shape: ContextShape) -> int:
     return int(logits_bytes(arch.n_vocab, max(shape.n_outputs_max, shape.n_seq)))
 
 
-def checkpoint_bytes(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> int:
-    """Worst case for context checkpoints: each holds one sequence's SWA and recurrent state."""
-    per_seq = 0
-    for cache in caches(arch, shape):
-        if cache.kind is CacheKind.SWA:
-            per_seq += cache.bytes // shape.n_stream
-        elif cache.kind is CacheKind.RECURRENT:
-            per_seq += cache.bytes // max(1, shape.n_seq)
-    return int(checkpoints_bytes(arch, per_seq, flags.ctx_checkpoints, shape.n_seq, flags.swa_full))
+def host_extras(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> HostExtras:
+    """Run-time host growth and how fast it fills: the --cache-ram cap (which cached prompts' checkpoints count
+    against, server_prompt_cache_state::size) and the checkpoints the slots keep, each one sequence's window and
+    recurrent state (`checkpoint_seq_bytes`); a cached prompt costs `cache_token_bytes` per token (its
+    full-attention K and V rows and cell metadata) plus a fixed part (window, recurrent state, headers) plus the
+    checkpoints it carries (`prompt_state_bytes`)."""
+    full, swa = attention_layers(arch)
+    per_full = sum(cell_bytes(arch, full, shape.type_k, shape.type_v, shape.flash_attn, strict=False)) if full else 0
+    per_swa = sum(cell_bytes(arch, swa, shape.type_k, shape.type_v, shape.flash_attn, strict=False)) if swa else 0
+    rec = sum(recurrent_seq_bytes(arch))
+    each = checkpoint_seq_bytes(PY, per_swa, len(swa), arch.n_swa, shape.n_ctx_seq, rec, shape.n_stream)
+    makes = flags.ctx_checkpoints > 0 and makes_checkpoints(arch, flags.swa_full)
+    window = min(arch.n_swa, shape.n_ctx_seq)
+    fixed = STATE_SEQ_HEAD + rec + (kv_state_bytes(PY, per_swa, len(swa), window, shape.n_stream) if swa else 0) + (
+        kv_state_head(len(full), shape.n_stream) if full else 0)
+    return HostExtras(
+        cache_ram_bytes=0 if flags.cache_ram_mib <= 0 else flags.cache_ram_mib * MiB,
+        checkpoint_bytes=checkpoints_bytes(arch, each, flags.ctx_checkpoints, shape.n_seq, flags.swa_full),
+        checkpoint_each_bytes=each if makes else 0,
+        checkpoints_max=flags.ctx_checkpoints * shape.n_seq if makes else 0,
+        cache_token_bytes=(per_full + STATE_CELL_META) if full else 0,
+        cache_prompt_bytes=fixed,
+        cache_prompt_checkpoints=PROMPT_END_CHECKPOINTS if makes else 0,
+    )
+
+
+def prompt_state_bytes(extras: HostExtras, n_tokens: int) -> int:
+    """What one distinct prompt of `n_tokens` takes in the prompt cache once its slot moves on (for prompts
+    longer than the window; shorter ones take less): its state plus the checkpoints it carries."""
+    return n_tokens * extras.cache_token_bytes + extras.cache_prompt_bytes + \
+        extras.cache_prompt_checkpoints * extras.checkpoint_each_bytes
+
+
+def prompts_to_fill(extras: HostExtras, n_tokens: int) -> int:
+    """How many distinct `n_tokens`-token prompts fill the --cache-ram cap (0: no cache or no limit); the slots'
+    own prompts are not in the cache, so the server holds that many more."""
+    each = prompt_state_bytes(extras, n_tokens)
+    return extras.cache_ram_bytes // each if extras.cache_ram_bytes and each else 0
 
 
 def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
     """Everything llama-server allocates for this model and command line."""
     shape = context_shape(arch, flags)
     cache_list = caches(arch, shape)
-    cache_ram = 0 if flags.cache_ram_mib <= 0 else flags.cache_ram_mib * MiB
     return MemoryPlan(
         shape=shape,
         caches=cache_list,
@@ -221,7 +290,7 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         weights_exact=arch.weights_exact,
         output_bytes=output_bytes(arch, shape),
         compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
-        host_extras=HostExtras(cache_ram_bytes=cache_ram, checkpoint_bytes=checkpoint_bytes(arch, shape, flags)),
+        host_extras=host_extras(arch, shape, flags),
         projector=with_projector(arch, shape, flags),
         draft=draft_memory(arch, shape, flags),
         lora_bytes=sum(a.buffer_bytes for a in arch.loras),

@@ -94,7 +94,8 @@ def sweep(
     # on a discrete GPU the logits (like the host-side compute) sit in host RAM: the curve is what the GPU holds
     on_gpu_only = backend in GPU_BACKENDS and not unified_memory
     output = rules.logits_bytes(arch.n_vocab, n_seq) * (0 if on_gpu_only else 1) + like
-    checkpoints = rules.checkpoints_bytes(arch, per_cell_swa * swa_cells + rec_per_seq, ctx_checkpoints, n_seq, swa_full)
+    each = rules.checkpoint_seq_bytes(xp, per_cell_swa, len(swa), arch.n_swa, n_ctx_seq, rec_per_seq, streams)
+    checkpoints = rules.checkpoints_bytes(arch, each, ctx_checkpoints, n_seq, swa_full)
     extras = max(cache_ram_mib, 0) * MiB + checkpoints + like
     return SweepResult(
         ctx=c.reshape(-1), cache_types=types, slots=s.reshape(-1), n_ctx=n_ctx + like, n_ctx_seq=n_ctx_seq + like,

@@ -112,6 +112,7 @@ class _PostFacts:
     kv_ms: dict
     ws_sources: dict
     ratio: float
+    ram_budget: int
 
     @property
     def big(self) -> Plan:
@@ -148,14 +149,16 @@ def _post_facts() -> _PostFacts:
         kv_ms={c: (p.memory.kv_bytes / (bw * 1e9) * 1e3 if bw else float("nan")) for c, p in zip(POST_CONTEXTS, plans)},
         ws_sources=dict(device.sources),
         ratio=POST_KV_GB[262144] * GiB / mb.kv_bytes,  # the post's GB are GiB (see the implied-shape row)
+        ram_budget=next((p.budget_bytes for p in device.pools if p.kind == "host"), budget_of(device)),
     )
 
 
 def _verdict_text(p: Plan) -> str:
-    use = p.pools[0]
-    return (f"{p.verdict.value}: {fmt_bytes(p.memory.start_bytes)} at start, {fmt_bytes(use.need_bytes)} with the "
-            f"prompt cache and checkpoints full, of {use.budget_bytes / GiB:.2f} GiB "
-            f"(headroom {use.headroom_bytes / GiB:.2f} GiB)")
+    """The verdict with each limit: on the Mac, the Metal buffers against the working set and everything, the prompt
+    cache and checkpoints full, against RAM."""
+    rows = "; ".join(f"{u.pool} {u.need_bytes / GiB:.2f} of {u.budget_bytes / GiB:.2f} GiB ({u.verdict.value})"
+                     for u in p.pools)
+    return f"{p.verdict.value}: {fmt_bytes(p.memory.start_bytes)} at start; {rows}"
 
 
 def _memory_rows(f: _PostFacts) -> list[ComparisonRow]:
@@ -208,15 +211,18 @@ def _fit_rows(f: _PostFacts) -> list[ComparisonRow]:
     return [
         ComparisonRow(
             "GPU working set on a 64 GB M1 Max", f"{POST_WORKING_SET_GB} GB",
-            f"{f.budget / MiB:,.0f} MiB ({f.budget / GiB:.0f} GiB)",
-            "kvbook plans against the measured Metal recommendedMaxWorkingSetSize of a 64 GB M1 Max "
-            f"({f.ws_sources.get('budget_mib', 'device preset')}). 54 GB needs a raised limit "
-            "(sudo sysctl iogpu.wired_limit_mb=<MiB>).",
+            f"{f.budget / MiB:,.0f} MiB ({f.budget / GiB:.2f} GiB)",
+            "Right. llama.cpp reports the Metal device's total as 53084 MiB on a 64 GB M1 Max under current macOS: "
+            "recommendedMaxWorkingSetSize = 55662.79 MB, the post's 54 GB. The 48 GiB (49152 MiB) often quoted is "
+            "from an older macOS (ggml-org/llama.cpp #1870, 2023). sudo sysctl iogpu.wired_limit_mb=<MiB> raises it. "
+            f"A second limit applies on a Mac: all of it, the CPU side included, must fit in RAM less what macOS keeps "
+            f"({f.ram_budget / GiB:.0f} GiB planned).",
         ),
         ComparisonRow(
             "Does -c 262144 fit?", "No: 15 GB over the working set", _verdict_text(f.big),
-            "It fits even in the lower, measured limit. The start allocation is what must fit for the server to start; "
-            "the rest grows as prompts are cached.",
+            "It starts: the Metal buffers (weights, KV, compute) fit the working set with room to spare. The prompt "
+            "cache and context checkpoints live in CPU memory, not in Metal buffers: they count against RAM only, "
+            "and grow as prompts are cached.",
         ),
         ComparisonRow(
             "Does -c 65536 fit?", "Yes, well within", _verdict_text(f.small),
@@ -250,8 +256,8 @@ def _slowdown_rows(f: _PostFacts) -> list[ComparisonRow]:
             "Slowdown at 262K: prompt cache and context checkpoints", "not mentioned",
             f"up to {fmt_bytes(f.cram)} prompt cache + {fmt_bytes(f.ckpt)} checkpoints",
             f"--cache-ram defaults to 8192 MiB, and each slot may keep up to 32 checkpoints of its state. They live in host "
-            f"RAM, which on Apple silicon is the same memory: together up to {fmt_bytes(f.mb.total_bytes)} of the 64 GB, "
-            "leaving less for macOS and other apps as they fill.",
+            f"RAM, which on Apple silicon is the same memory (but not the Metal working set): together up to "
+            f"{fmt_bytes(f.mb.total_bytes)} of the 64 GB, leaving less for macOS and other apps as they fill.",
         ),
         ComparisonRow(
             "Slowdown at 262K: attention cost", "not mentioned",

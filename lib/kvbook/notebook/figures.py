@@ -69,10 +69,29 @@ def memory_parts(memory: MemoryPlan) -> dict[str, int]:
     }
 
 
+def _budget_pool(plan: Plan):
+    return plan.device.pools[0] if plan.device.unified else plan.device.main_pool
+
+
 def plan_budget(plan: Plan) -> int:
-    """The budget of the pool that holds weights and KV."""
-    pool = plan.device.pools[0] if plan.device.unified else plan.device.main_pool
-    return pool.budget_bytes
+    """The budget of the pool that holds weights and KV (Metal's working set on a Mac, the GPU's on a discrete one)."""
+    return _budget_pool(plan).budget_bytes
+
+
+def plan_parts(plan: Plan) -> dict[str, int]:
+    """What the budget pool itself holds, by component: a GPU's bar never carries host growth (the prompt cache and
+    checkpoints are CPU memory, on Apple too), a CPU-only or one-pool plan's bar carries everything."""
+    use = next((u for u in plan.pools if u.pool == _budget_pool(plan).name), None)
+    if use is None or (len(plan.pools) == 1 and not use.includes):
+        return memory_parts(plan.memory)
+    return {"weights": use.weights_bytes, "kv": use.kv_bytes, "recurrent": use.recurrent_bytes,
+            "compute": use.compute_bytes, "output": use.output_bytes, "host_extras": use.host_extras_bytes}
+
+
+def ram_line(plan: Plan) -> list[tuple[str, float]]:
+    """Apple's second limit (RAM less what macOS keeps) as a reference line; none elsewhere."""
+    ram = next((u for u in plan.pools if u.includes), None)
+    return [(f"RAM limit {_in_gib(ram.budget_bytes):.2f} GiB (all of it)", ram.budget_bytes)] if ram else []
 
 
 def plan_title(plan: Plan) -> str:
@@ -92,7 +111,11 @@ def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None
 
     if isinstance(bars, Plan):
         plan = bars
-        bars = [(f"-c {ctx_label(plan.memory.shape.n_ctx)}", memory_parts(plan.memory))]
+        label = f"-c {ctx_label(plan.memory.shape.n_ctx)}"
+        bars = [(label + (f" on {_budget_pool(plan).name}" if ram_line(plan) else ""), plan_parts(plan))]
+        if ram_line(plan):
+            bars.append((f"{label}, all in RAM", memory_parts(plan.memory)))
+        extra_lines = [*extra_lines, *ram_line(plan)]
         budget_bytes = plan_budget(plan) if budget_bytes is None else budget_bytes
         title = plan_title(plan) if title is None else title
     fig = go.FigureWidget() if widget else go.Figure()
@@ -262,8 +285,10 @@ def blog_figure(comparison: Any) -> Any:
         ctx = plan.memory.shape.n_ctx
         bars.append((f"post, {ctx_label(ctx)}", {"weights": blog_post.POST_WEIGHTS_GB * 1e9,
                                                   "kv": blog_post.POST_KV_GB[ctx] * 1e9}))
-        bars.append((f"kvbook, {ctx_label(ctx)}", memory_parts(plan.memory)))
+        bars.append((f"kvbook, {ctx_label(ctx)}: Metal", plan_parts(plan)))
+        if ram_line(plan):
+            bars.append((f"kvbook, {ctx_label(ctx)}: all in RAM", memory_parts(plan.memory)))
     budget = plan_budget(comparison.plans[0])
     return breakdown_figure(bars, budget, title="The post's arithmetic (GB as written) against kvbook's plan",
                             extra_lines=[(f"the post's working set, {blog_post.POST_WORKING_SET_GB} GB",
-                                          blog_post.POST_WORKING_SET_GB * 1e9)])
+                                          blog_post.POST_WORKING_SET_GB * 1e9), *ram_line(comparison.plans[0])])

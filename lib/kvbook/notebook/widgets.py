@@ -265,8 +265,9 @@ class SizingUI:
         budget = self.budget_bytes
         current = (p.context, memory.start_bytes)
         with self.breakdown.batch_update():
-            figures.apply_breakdown(self.breakdown, [(f"-c {figures.ctx_label(p.context)}", figures.memory_parts(memory))],
-                                    budget, title=figures.plan_title(self.plan))
+            bar = (f"-c {figures.ctx_label(p.context)}", figures.plan_parts(self.plan))
+            figures.apply_breakdown(self.breakdown, [bar], budget, title=figures.plan_title(self.plan),
+                                    extra_lines=figures.ram_line(self.plan))
         with self.curve.batch_update():
             if level == "point":
                 figures.apply_current(self.curve, current, len(self.sweep.cache_types))

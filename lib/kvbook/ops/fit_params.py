@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
 from kvbook.interface import CacheKind, CacheSpec, ComputeEstimate, HostExtras, MemoryPlan, MiB, ModelArch, ServerFlags
-from kvbook.memory.rules import context_shape, output_bytes, swa_cell_count
+from kvbook.memory.rules import checkpoint_seq_bytes, context_shape, output_bytes, swa_cell_count
 from kvbook.memory.xp import PY
 from kvbook.ops.logparse import LoggedCache, LoggedMemory, parse_log
 from kvbook.ops.procs import describe_exit
@@ -268,9 +268,12 @@ def memory_from_fit(model: Path, flags: ServerFlags, arch: ModelArch, *, binary:
             k, v = k // c.cells * cells, v // c.cells * cells
         caches.append(CacheSpec(kind=CacheKind(c.kind), cells=cells, layers=c.layers, k_type=c.k_type,
                                 v_type=c.v_type, k_bytes=k, v_bytes=v))
-    per_seq = sum(c.bytes // max(1, shape.n_stream) for c in caches if c.kind is CacheKind.SWA)
-    per_seq += sum(c.bytes // max(1, shape.n_seq) for c in caches if c.kind is CacheKind.RECURRENT)
-    checkpoints = per_seq * flags.ctx_checkpoints * shape.n_seq if any(
+    swa = [c for c in caches if c.kind is CacheKind.SWA]
+    per_cell = sum(c.bytes // max(1, c.cells * shape.n_stream) for c in swa)
+    rec = sum(c.bytes // max(1, c.cells) for c in caches if c.kind is CacheKind.RECURRENT)
+    each = checkpoint_seq_bytes(PY, per_cell, sum(c.layers for c in swa), arch.n_swa, shape.n_ctx_seq, rec,
+                                shape.n_stream)
+    checkpoints = each * flags.ctx_checkpoints * shape.n_seq if flags.ctx_checkpoints and any(
         c.kind is CacheKind.RECURRENT or (c.kind is CacheKind.SWA and not flags.swa_full) for c in caches) else 0
     return MemoryPlan(
         shape=shape, caches=tuple(caches), weights_bytes=arch.weights_bytes, weights_exact=arch.weights_exact,

@@ -20,13 +20,39 @@ def device_ids() -> list[str]:
     return preset_ids("devices") + [THIS_MACHINE]
 
 
-# macOS's default Metal working set (recommendedMaxWorkingSetSize) as a share of RAM: about 2/3 up to 32 GiB,
-# 3/4 above (model-facts.md 3: 16 GB -> 10922.67 MB, 32 GB -> 21845.34, 64 GB -> 49152 MiB, 96 GB -> 73728 MB);
-# macOS 26 gives more on 128 GB Macs (107.52 GiB, 84%).
+# macOS's default Metal working set (recommendedMaxWorkingSetSize) as a share of RAM. Older releases: about 2/3 up
+# to 32 GiB, 3/4 above (model-facts.md 3: 16 GB -> 10922.67 MB, 32 GB -> 21845.34, 64 GB -> 49152 MiB, 96 GB ->
+# 73728 MB). Current macOS gives more (the Apple presets): 74% at 16-24 GB, 78% at 32 GB, 81% at 64 GB (53084 MiB),
+# 84% at 128 GB (110100 MiB). The estimate takes the older, lower share; llama-server's log prints the real value.
 def metal_working_set_estimate(ram_bytes: int) -> int:
     """The default Metal budget llama.cpp would see (ggml-metal-device.m ggml_metal_device_get_memory reports
-    recommendedMaxWorkingSetSize) estimated from RAM: 2/3 up to 36 GiB, else 3/4."""
+    recommendedMaxWorkingSetSize) estimated from RAM: 2/3 up to 36 GiB, else 3/4 (older macOS: a lower bound)."""
     return ram_bytes * 2 // 3 if ram_bytes <= 36 * GiB else ram_bytes * 3 // 4
+
+
+# What macOS keeps of physical RAM for itself, as an interval: about 4 GB at idle on a headless 64 GB M2 Max
+# (jundot/omlx #1533); 8 GiB is an UNVERIFIED allowance for a desktop session with apps. Plans take the high end.
+MACOS_KEEPS_BYTES = (4 * GiB, 8 * GiB)
+
+
+def apple_ram_pool(ram_bytes: int) -> Pool:
+    """Apple's second limit: physical RAM less what macOS keeps (the high end of MACOS_KEEPS_BYTES); everything
+    counts against it, Metal buffers, CPU tensors, the prompt cache and checkpoints."""
+    return Pool(name="RAM", kind="host", budget_bytes=max(ram_bytes - MACOS_KEEPS_BYTES[1], ram_bytes // 2),
+                total_bytes=ram_bytes)
+
+
+def ram_note(device: Device) -> str:
+    """A line for plans on two-limit unified memory: how the RAM limit was set ('' elsewhere)."""
+    ram = next((p for p in device.pools if p.kind == "host"), None)
+    if not device.unified or ram is None or not any(p.kind == "gpu" for p in device.pools):
+        return ""
+    kept = ram.total_bytes - ram.budget_bytes
+    return (f"{ram.name}: {ram.total_bytes / GiB:.0f} GiB physical less {kept / GiB:.2f} GiB for macOS (it keeps about "
+            f"{MACOS_KEEPS_BYTES[0] // GiB}-{MACOS_KEEPS_BYTES[1] // GiB} GiB: 4 GB idle and headless, more with "
+            "apps); "
+            "everything counts against it, the prompt cache and checkpoints included, while only Metal buffers "
+            "count against the Metal working set; --device-budget CPU=SIZE sets it for your machine")
 
 
 RAM_NOTE = "Host budget is all physical RAM; the OS and other programs need some of it."
@@ -48,10 +74,11 @@ def host_device(host: Host) -> Device:
         budget = metal_working_set_estimate(ram)
         return Device(
             id=THIS_MACHINE, name=f"this machine (Apple, {ram / GiB:.0f} GiB unified memory, Metal)", unified=True,
-            pools=(Pool(name="Metal", kind="gpu", budget_bytes=budget, total_bytes=ram),),
+            pools=(Pool(name="Metal", kind="gpu", budget_bytes=budget, total_bytes=ram), apple_ram_pool(ram)),
             notes=f"Metal budget {budget / GiB:.1f} GiB is an estimate (2/3 of RAM up to 36 GiB, else 3/4: the "
-                  "macOS default recommendedMaxWorkingSetSize; newer macOS or sudo sysctl iogpu.wired_limit_mb "
-                  "changes it); llama-server's log prints the real value (recommendedMaxWorkingSetSize)",
+                  "older macOS default recommendedMaxWorkingSetSize; current macOS gives 74-84%, and sudo sysctl "
+                  "iogpu.wired_limit_mb sets it); llama-server's log prints the real value "
+                  "(recommendedMaxWorkingSetSize): pass it as --device-budget Metal=<MiB>MiB",
             cpu=host.cpu)
     hostpool = Pool(name="Host", kind="host", budget_bytes=ram, total_bytes=ram)
     gpus, note = host.gpus, host.gpu_note
@@ -315,13 +342,17 @@ def device_from_budgets(budgets: Sequence[tuple[str, int]], host_bytes: int | No
     if "Metal" in names:
         if gpus:
             raise BadInput(f"--device-budget: Metal is unified memory and cannot be mixed with discrete GPUs ({gpus[0][0]})")
-        if host is not None:
-            raise BadInput("--device-budget: Metal is unified memory (the host shares it): leave out CPU/Host and --host-gib")
         if len(budgets) != len(local):
             raise BadInput("--device-budget: RPC devices beside unified memory (Metal) are not modelled yet")
         size = dict(local)["Metal"]
+        if host is not None:  # two limits: the Metal working set, and RAM (less what macOS keeps) for everything
+            return Device(id="custom-metal", name=f"custom Metal {size / GiB:g} GiB + RAM {host / GiB:g} GiB",
+                          unified=True, pools=(Pool(name="Metal", kind="gpu", budget_bytes=size, total_bytes=size),
+                                               Pool(name="RAM", kind="host", budget_bytes=host, total_bytes=host)))
         return Device(id="custom-metal", name=f"custom Metal {size / GiB:g} GiB", unified=True,
-                      pools=(Pool(name="Metal", kind="gpu", budget_bytes=size, total_bytes=size),))
+                      pools=(Pool(name="Metal", kind="gpu", budget_bytes=size, total_bytes=size),),
+                      notes="one limit: with no RAM given (CPU=SIZE or --host-gib) everything, host growth included, "
+                            "is counted against the Metal working set")
     if {"CUDA", "ROCm"} <= {_family(n) for n, _ in gpus}:
         raise BadInput("--device-budget: CUDA and ROCm devices come from different llama.cpp builds; use one")
     gpus.sort(key=lambda nb: (_REG_ORDER[_family(nb[0])], int(nb[0][len(_family(nb[0])):])))

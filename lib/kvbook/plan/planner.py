@@ -30,7 +30,7 @@ from kvbook.memory.backends import (
 )
 from kvbook.memory.compute import coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.plan.devices import detection_note, effective_device, split_note, split_shares, with_rpc
+from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
     CPU,
@@ -345,6 +345,10 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
     """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
     n_all = arch.n_layer + arch.n_layer_nextn
+    limits = two_limits(device)
+    if limits:
+        off = _unified_offload(arch, flags, limits[0])
+        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
     if _spread(arch, flags, device):
         off = offload_of(arch, flags, device)
         return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
@@ -352,8 +356,66 @@ def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[
     return (main,) * n_all, main
 
 
+def two_limits(device: Device) -> tuple[str, str] | None:
+    """(GPU pool, RAM pool) of unified memory with two limits (Apple: Metal buffers against the working set,
+    everything against physical RAM less what macOS keeps); None for one pool or discrete devices."""
+    if not device.unified:
+        return None
+    gpu = next((p.name for p in device.pools if p.kind == "gpu"), None)
+    ram = next((p.name for p in device.pools if p.kind == "host"), None)
+    return (gpu, ram) if gpu and ram else None
+
+
+def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
+    """The layers on unified memory's one GPU device: -ngl of them (all by default), none with -dev none."""
+    n_all = arch.n_layer + arch.n_layer_nextn
+    n_gpu = 0 if flags.devices == ("none",) else (
+        n_all + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers))
+    return assign(n_all, n_gpu, (gpu,), (1.0,)) if n_gpu else assign(n_all, 0, (), ())
+
+
+def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, gpu: str,
+                   ram: str) -> dict[str, dict]:
+    """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
+    recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
+    left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
+    parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
+    offload = _unified_offload(arch, flags, gpu)
+    n_gpu = sum(d != CPU for d in (*offload.layers, offload.output))
+    placed = _weights(arch, flags, device, offload)
+    on_gpu = placed.by_device.get(gpu, 0)
+    parts[gpu]["weights"] += on_gpu + memory.lora_bytes
+    parts[ram]["weights"] += max(arch.weights_bytes - on_gpu, 0) + placed.repack  # the file's other tensors, mapped
+    parts[ram]["repack"] += placed.repack
+    for name, (kv, rec) in caches_by_device(arch, memory, offload, flags.no_kv_offload).items():
+        pool = ram if name == CPU else gpu
+        parts[pool]["kv"] += kv
+        parts[pool]["recurrent"] += rec
+    parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
+    return parts
+
+
+def _usage(name: str, budget: int, part: dict, inside: tuple[PoolUsage, ...] = ()) -> PoolUsage:
+    """One pool's usage and verdict: does not fit when its start allocation (with the pools it covers) exceeds the
+    budget, tight when run-time growth takes it within the margin."""
+    start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"] + sum(
+        u.need_bytes - u.host_extras_bytes for u in inside)
+    need = start + part["extras"] + sum(u.host_extras_bytes for u in inside)
+    if start > budget:
+        verdict = Verdict.DOES_NOT_FIT
+    elif need > budget - margin_bytes(budget):
+        verdict = Verdict.TIGHT
+    else:
+        verdict = Verdict.FITS
+    return PoolUsage(pool=name, need_bytes=need, budget_bytes=budget, verdict=verdict, weights_bytes=part["weights"],
+                     kv_bytes=part["kv"], recurrent_bytes=part["recurrent"], compute_bytes=part["compute"],
+                     output_bytes=part["output"], host_extras_bytes=part["extras"], repack_bytes=part["repack"],
+                     includes=tuple(u.pool for u in inside))
+
+
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
-    """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included."""
+    """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included; with
+    two limits (Apple) the GPU pool holds the Metal buffers and the RAM pool everything (`_unified_parts`)."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
     if memory.lora_bytes and _spread(arch, flags, device):
         raise BadInput("--lora with layers spread over devices: the adapters follow each base tensor's device, "
@@ -365,7 +427,11 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
-    if _spread(arch, flags, device):
+    limits = two_limits(device)
+    if limits:
+        parts = _unified_parts(arch, flags, memory, device, *limits)
+        host = limits[1]
+    elif _spread(arch, flags, device):
         parts = _by_device(arch, flags, memory, device, host)
     else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
@@ -405,22 +471,12 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     if proj is not None and memory.projector is not None:
         parts[proj]["weights"] += memory.projector.weights_bytes
         parts[proj]["compute"] += memory.projector.compute_bytes
-    usages = []
-    for each in device.pools:
-        part = parts[each.name]
-        start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"]
-        need = start + part["extras"]
-        if start > each.budget_bytes:
-            verdict = Verdict.DOES_NOT_FIT
-        elif need > each.budget_bytes - margin_bytes(each.budget_bytes):
-            verdict = Verdict.TIGHT
-        else:
-            verdict = Verdict.FITS
-        usages.append(PoolUsage(pool=each.name, need_bytes=need, budget_bytes=each.budget_bytes, verdict=verdict,
-                                weights_bytes=part["weights"], kv_bytes=part["kv"], recurrent_bytes=part["recurrent"],
-                                compute_bytes=part["compute"], output_bytes=part["output"],
-                                host_extras_bytes=part["extras"], repack_bytes=part["repack"]))
-    return tuple(usages)
+    by_pool = {p.name: _usage(p.name, p.budget_bytes, parts[p.name]) for p in device.pools
+               if p.name != host or not limits}
+    if limits:  # physical RAM holds the Metal buffers too
+        by_pool[host] = _usage(host, next(p.budget_bytes for p in device.pools if p.name == host), parts[host],
+                               tuple(by_pool.values()))
+    return tuple(by_pool[p.name] for p in device.pools)
 
 
 def _draft_weights(arch: ModelArch, flags: ServerFlags, device: Device, pool: str, total: int) -> tuple[int, int]:
@@ -514,9 +570,12 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
     now = worst(place(arch, flags, memory, device))
     options: list[tuple[str, ServerFlags]] = []
     asked = memory.shape.n_ctx
-    shorter = largest_context(arch, flags, device, lambda v: v is Verdict.FITS, below=asked)
+    # the context is searched for the start allocation with its margin: host growth (prompt cache, checkpoints) is
+    # not the context's to fix (a tiny context would only shrink the checkpoints); its own alternatives follow
+    no_growth = replace(flags, cache_ram_mib=0, ctx_checkpoints=0)
+    shorter = largest_context(arch, no_growth, device, lambda v: v is Verdict.FITS, below=asked)
     if not shorter and now is Verdict.DOES_NOT_FIT:
-        shorter = largest_context(arch, flags, device, lambda v: v is not Verdict.DOES_NOT_FIT, below=asked)
+        shorter = largest_context(arch, no_growth, device, lambda v: v is not Verdict.DOES_NOT_FIT, below=asked)
     if shorter:
         options.append((f"shorter context: -c {shorter}", replace(flags, ctx=shorter)))
     for qtype in ("q8_0", "q4_0"):
@@ -536,6 +595,14 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
             smaller = replace(flags, cache_ram_mib=mib)
             if verdict_of(arch, smaller, device) is Verdict.FITS:
                 options.append((f"smaller prompt cache: --cache-ram {mib}", smaller))
+                break
+    if now is Verdict.TIGHT and memory.host_extras.checkpoint_bytes:
+        for n in (16, 8, 4, 2, 1, 0):  # fewer checkpoints per slot: the most that fits, or none
+            if n >= flags.ctx_checkpoints:
+                continue
+            fewer = replace(flags, ctx_checkpoints=n)
+            if verdict_of(arch, fewer, device) is Verdict.FITS:
+                options.append((f"fewer context checkpoints: --ctx-checkpoints {n}", fewer))
                 break
     out = []
     for change, alt in options:
@@ -638,6 +705,8 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         notes_extra.append(split_note(flags, device))
     verdict = worst(usages)
     notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
+    if ram_note(device):
+        notes.append(ram_note(device))
     if not arch.weights_exact:
         notes.append(f"weights are {arch.weights_note}")
     host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)

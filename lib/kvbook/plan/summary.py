@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
+from kvbook.memory.rules import prompt_state_bytes, prompts_to_fill
 from kvbook.plan.solver import Solution
 
 
@@ -11,13 +12,16 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+# 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes
+# and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); 6: "host_growth",
+# pools[] and devices[] "includes"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 6
 
 
 def plan_summary(plan: Plan) -> dict:
     """The plan as the flat JSON contract other tools and notebooks read (format_plan prints its totals)."""
     mem = plan.memory
-    main = max(plan.pools, key=lambda u: u.need_bytes)
+    main = max((u for u in plan.pools if not u.includes), key=lambda u: u.need_bytes)  # Apple: Metal's, not RAM's
     held = _held(plan)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -55,7 +59,9 @@ def plan_summary(plan: Plan) -> dict:
         "total_bytes": held["total"],
         "budget_bytes": main.budget_bytes,
         "pools": [{"pool": u.pool, "need_bytes": u.need_bytes, "budget_bytes": u.budget_bytes,
-                   "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes} for u in plan.pools],
+                   "verdict": u.verdict.value, "headroom_bytes": u.headroom_bytes, "includes": list(u.includes)}
+                  for u in plan.pools],
+        "host_growth": host_growth_entry(plan),
         "devices": [device_entry(plan, u) for u in plan.pools],
         "placement": placement_entry(plan),
         "verdict": plan.verdict.value,
@@ -104,7 +110,43 @@ def device_entry(plan: Plan, use: PoolUsage) -> dict:
             "weights_bytes": use.weights_bytes, "kv_bytes": use.kv_bytes, "recurrent_bytes": use.recurrent_bytes,
             "compute_bytes": use.compute_bytes, "output_bytes": use.output_bytes,
             "host_extras_bytes": use.host_extras_bytes, "repack_bytes": use.repack_bytes, "need_bytes": use.need_bytes,
-            "verdict": use.verdict.value}
+            "includes": [_device_name(plan, p) for p in use.includes], "verdict": use.verdict.value}
+
+
+GROWTH_PROMPT_TOKENS = 4096  # the prompt size the plan states the prompt cache's fill rate for
+
+
+def host_growth_entry(plan: Plan) -> dict:
+    """How host growth fills: each checkpoint and how many the slots keep, the prompt cache's bytes per cached
+    token, what one distinct 4k-token prompt costs there, and how many such prompts fill --cache-ram."""
+    h = plan.memory.host_extras
+    return {"cache_ram_bytes": h.cache_ram_bytes, "checkpoint_bytes": h.checkpoint_bytes,
+            "checkpoint_each_bytes": h.checkpoint_each_bytes, "checkpoints_max": h.checkpoints_max,
+            "cache_token_bytes": h.cache_token_bytes, "cache_prompt_bytes": h.cache_prompt_bytes,
+            "cache_prompt_checkpoints": h.cache_prompt_checkpoints, "prompt_tokens": GROWTH_PROMPT_TOKENS,
+            "prompt_state_bytes": prompt_state_bytes(h, GROWTH_PROMPT_TOKENS),
+            "prompts_to_fill": prompts_to_fill(h, GROWTH_PROMPT_TOKENS)}
+
+
+def _growth_text(plan: Plan) -> str:
+    """The host growth line's explanation: the checkpoints' count and size, and the prompt cache's fill rate."""
+    h = plan.memory.host_extras
+    parts = []
+    if h.checkpoints_max:
+        parts.append(f"{h.checkpoints_max} checkpoints x {_size(h.checkpoint_each_bytes).strip()} "
+                     f"(--ctx-checkpoints {plan.flags.ctx_checkpoints} per slot x {plan.memory.shape.n_seq} slot(s))")
+    if plan.flags.cache_ram_mib < 0:
+        parts.append("prompt cache without a limit (--cache-ram -1)")
+    elif h.cache_ram_bytes:
+        n = prompts_to_fill(h, GROWTH_PROMPT_TOKENS)
+        each = _size(prompt_state_bytes(h, GROWTH_PROMPT_TOKENS)).strip()
+        parts.append(f"prompt cache {_size(h.cache_ram_bytes).strip()} (--cache-ram), full after about {n} distinct "
+                     f"{GROWTH_PROMPT_TOKENS // 1024}k-token prompts ({each} each: "
+                     f"{h.cache_token_bytes:,} B per token" + (
+                         f" + {h.cache_prompt_checkpoints} checkpoints" if h.cache_prompt_checkpoints else "") + ")")
+    else:
+        parts.append("no prompt cache (--cache-ram 0)")
+    return "; ".join(parts)
 
 
 def _device_name(plan: Plan, pool: str) -> str:
@@ -138,7 +180,8 @@ def _held(plan: Plan) -> dict[str, int]:
     per-device rows (CPU_REPACK copies included), so the plan's totals, in JSON and text, add up to its rows
     (several devices hold more than one would)."""
     out = {k: sum(getattr(u, f"{k}_bytes") for u in plan.pools) for k in ("weights", "compute", "host_extras")}
-    total = sum(u.need_bytes for u in plan.pools)
+    inside = {name for u in plan.pools for name in u.includes}  # counted in a covering pool's need (Apple's RAM)
+    total = sum(u.need_bytes for u in plan.pools if u.pool not in inside)
     return {"weights": out["weights"], "compute": out["compute"], "extras": out["host_extras"],
             "start": total - out["host_extras"], "total": total}
 
@@ -216,13 +259,14 @@ def format_plan(plan: Plan) -> str:
            f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
           if mem.draft and plan.model.draft else []),
         f"  at start     {_size(doc['start_bytes'])}",
-        f"  host growth  {_size(doc['host_extras_bytes'])}  prompt cache (--cache-ram) + context checkpoints",
+        f"  host growth  {_size(doc['host_extras_bytes'])}  {_growth_text(plan)}",
         f"  total        {_size(doc['total_bytes'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),
         "",
     ]
     for u in plan.pools:
+        covers = f" (all of it: {', '.join(u.includes)} included)" if u.includes else ""
         lines.append(f"  {u.pool}: needs {_size(u.need_bytes).strip()} of {_size(u.budget_bytes).strip()} "
-                     f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()})")
+                     f"-> {u.verdict.value} (headroom {_size(u.headroom_bytes).strip()}){covers}")
         if len(plan.pools) > 1:
             rest = "".join(f", {label} {_size(n).strip()}" for label, n in (("output", u.output_bytes),
                                                                            ("host growth", u.host_extras_bytes)) if n)
@@ -235,7 +279,10 @@ def format_plan(plan: Plan) -> str:
     if where["experts"] and where["experts"] != where["layers"]:
         lines.append("  experts: " + "; ".join(f"{r['first']}-{r['last']} on {r['device']}" for r in where["experts"]))
     largest = str(plan.max_ctx) if plan.accounting == "kvbook" else "not searched (llama.cpp's accounting)"
-    lines += ["", f"verdict  {plan.verdict.value.upper()}", f"largest context that fits (start allocation): {largest}"]
+    tight = [u.pool for u in plan.pools if u.verdict.value == "tight"]
+    why = (f": it starts; host growth or the margin does not fit {', '.join(tight)}"
+           if plan.verdict.value == "tight" else "")
+    lines += ["", f"verdict  {plan.verdict.value.upper()}{why}", f"largest context that fits (start allocation): {largest}"]
     for alt in plan.alternatives:
         lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
