@@ -499,6 +499,11 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     detected = detection_note(device)
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
+    fit = None
+    if searched:  # what --fit does at start (plan/fit.py): the plan is of the flags the server then runs
+        from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
+
+        flags, fit = predict_fit(arch, flags, device)
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
@@ -541,8 +546,11 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
                      "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
         notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
-    if flags.fit:
-        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit")
+    if fit is not None:
+        notes += fit_notes(fit)
+    elif flags.fit:
+        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit "
+                     "(not predicted: the caches are llama.cpp's own accounting)")
     if flags.from_env:
         notes.append("read from the environment, as llama-server reads them (the command line wins): "
                      + " ".join(flags.from_env))
@@ -564,4 +572,5 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         layers_on=layers_on,
         output_on=output_on,
         experts_on=expert_pools(arch, flags, device, layers_on),
+        fit=fit,
     )

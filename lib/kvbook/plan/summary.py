@@ -11,7 +11,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:9.2f} GiB" if abs(n) >= GiB else f"{n / MiB:9.2f} MiB"
 
 
-SCHEMA_VERSION = 4  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 5  # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: "fit"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -64,7 +64,20 @@ def plan_summary(plan: Plan) -> dict:
         "litellm_max_input_tokens": plan.litellm_max_input_tokens,
         "notes": list(plan.notes),
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
+        "fit": fit_entry(plan),
     }
+
+
+def fit_entry(plan: Plan) -> dict | None:
+    """What llama-server's --fit does at start (plan/fit.py); None where it was not looked at."""
+    fit = plan.fit
+    if fit is None:
+        return None
+    return {"status": fit.status, "changes": list(fit.changes), "reason": fit.reason,
+            "given_args": list(fit.given_args), "adjusted_args": list(fit.adjusted_args),
+            "devices": [{"name": _device_name(plan, n), "target_bytes": t, "used_bytes": dict(fit.used).get(n)}
+                        for n, t in fit.targets],
+            "evaluations": fit.evaluations}
 
 
 def draft_entry(plan: Plan) -> dict | None:
