@@ -441,6 +441,7 @@ class FitOutcome:
     adjusted_args: tuple[str, ...] = ()  # the command line the server runs after fit (the plan's)
     targets: tuple[tuple[str, int], ...] = ()  # (device, bytes fit may use: free - --fit-target)
     used: tuple[tuple[str, int], ...] = ()  # (device, model + context + compute bytes kvbook plans there)
+    layers: tuple[tuple[str, int, int, str], ...] = ()  # (device, layers, of them partial, what the first partial keeps)
     evaluations: int = 0  # placements kvbook planned to follow fit's search
 
 

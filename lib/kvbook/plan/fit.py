@@ -33,6 +33,7 @@ _FRACTION = {ATTN: "attention only", UP: "attention + ffn_up", GATE: "attention 
              MOE: "all but the experts"}
 _PATTERN = {ATTN: r"blk\.{il}\.ffn_(gate|up|gate_up|down).*", UP: r"blk\.{il}\.ffn_(gate|gate_up|down).*",
             GATE: r"blk\.{il}\.ffn_down.*", MOE: r"blk\.{il}\.ffn_(up|down|gate_up|gate)_(ch|)exps"}
+_OVERFLOW = {ATTN: "ATTN", UP: "UP", GATE: "GATE", MOE: "MOE"}  # as fit's log names them
 _MOE_ALL = r"blk\.\d+\.ffn_(up|down|gate_up|gate)_(ch|)exps"
 
 
@@ -402,7 +403,9 @@ def _outcome(fit: _Fit, status: str, flags: ServerFlags, reason: str) -> FitOutc
     targets = tuple(zip(fit.names, (f - m for f, m in zip(fit.free, fit.margins))))
     return FitOutcome(status=status, changes=tuple(fit.changes + fit.caveats), reason=reason, given_args=_args(fit.flags),
                       adjusted_args=_args(flags), targets=tuple((n, t) for n, t in targets),
-                      used=tuple(zip(fit.names, fit.use)) if fit.names else (), evaluations=fit.evaluations)
+                      used=tuple(zip(fit.names, fit.use)) if fit.names else (), evaluations=fit.evaluations,
+                      layers=tuple((name, n.n_layer, n.n_part, _OVERFLOW[n.overflow]) for name, n in
+                                   zip(fit.names, getattr(fit, "ngl", ()))))
 
 
 def fit_notes(fit: FitOutcome) -> list[str]:

@@ -75,9 +75,17 @@ def fit_entry(plan: Plan) -> dict | None:
         return None
     return {"status": fit.status, "changes": list(fit.changes), "reason": fit.reason,
             "given_args": list(fit.given_args), "adjusted_args": list(fit.adjusted_args),
-            "devices": [{"name": _device_name(plan, n), "target_bytes": t, "used_bytes": dict(fit.used).get(n)}
-                        for n, t in fit.targets],
+            "devices": [{"name": _device_name(plan, n), "target_bytes": t, "used_bytes": dict(fit.used).get(n),
+                         **_fit_layers(fit, n)} for n, t in fit.targets],
             "evaluations": fit.evaluations}
+
+
+def _fit_layers(fit, name: str) -> dict:
+    """The layers fit gives a device: how many, how many of them partial (experts on the CPU), and what the
+    first partial one keeps (MOE: all but its experts; UP / GATE / ATTN: part of its dense FFN too)."""
+    row = next((r for r in fit.layers if r[0] == name), None)
+    return {"n_layer": row[1], "n_partial": row[2], "first_partial_keeps": row[3]} if row else {
+        "n_layer": None, "n_partial": None, "first_partial_keeps": None}
 
 
 def draft_entry(plan: Plan) -> dict | None:
