@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, FitOutcome, MiB, ModelArch, ServerFlags
+from kvbook.interface import Device, FitOutcome, MiB, ModelArch, PoolUsage, ServerFlags
 from kvbook.memory.rules import context_shape, plan_memory
 from kvbook.plan.flags import fields_set, replace
 from kvbook.plan.planner import offload_pools, place
@@ -95,12 +95,15 @@ class _Fit:
         self.use: list[int] = []
         self.caveats: list[str] = []  # what kvbook could not size exactly, said after the changes
         self.evaluations = 0
+        self.known: dict[ServerFlags, tuple[PoolUsage, ...]] = {}  # plans made, by flags
 
     # ---- kvbook's plan of one candidate: fit's common_get_device_memory_data --------------------------------
     def used(self, flags: ServerFlags) -> list[int]:
         """Model + context + compute bytes per device (fit's measure), or on the host when there is no device."""
-        self.evaluations += 1
-        usages = {u.pool: u for u in place(self.arch, flags, plan_memory(self.arch, flags), self.device)}
+        if flags not in self.known:
+            self.evaluations += 1
+            self.known[flags] = place(self.arch, flags, plan_memory(self.arch, flags), self.device)
+        usages = {u.pool: u for u in self.known[flags]}
         pools = self.names or [self.host.name]
         return [usages[n].weights_bytes + usages[n].kv_bytes + usages[n].recurrent_bytes + usages[n].compute_bytes
                 for n in pools]
@@ -209,7 +212,8 @@ class _Fit:
         return self._layers(full)
 
     def _weights(self, full_flags: ServerFlags) -> list[int]:
-        usages = {u.pool: u for u in place(self.arch, full_flags, plan_memory(self.arch, full_flags), self.device)}
+        self.used(full_flags)
+        usages = {u.pool: u for u in self.known[full_flags]}
         return [usages[n].weights_bytes for n in self.names]
 
     def _layers(self, full: list[int]) -> ServerFlags:
@@ -337,13 +341,16 @@ class _Fit:
         return self.layered(ngl, bufts)
 
 
-def predict_fit(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[ServerFlags, FitOutcome]:
+def predict_fit(arch: ModelArch, flags: ServerFlags, device: Device,
+                usages: tuple[PoolUsage, ...] | None = None) -> tuple[ServerFlags, FitOutcome]:
     """The flags llama-server runs after --fit (`flags` itself with --fit off) and what fit changed. `device` is
-    the one the plan uses (RPC endpoints bound, -dev / -sm applied)."""
+    the one the plan uses (RPC endpoints bound, -dev / -sm applied); `usages`, the plan of `flags` if made."""
     given = _args(flags)
     if not flags.fit:
         return flags, FitOutcome(status="off", given_args=given, adjusted_args=given)
     fit = _Fit(arch, flags, device)
+    if usages is not None:
+        fit.known[flags] = usages
     try:
         adjusted = fit.run()
     except _Fails as exc:
@@ -380,7 +387,7 @@ def _describe_layers(fit: _Fit) -> list[str]:
             first = real[0]
             moe = real[1:] if n.overflow != MOE else real
             if n.overflow != MOE:
-                to = "CPU" if fit.final_bufts[d] == "CPU" else fit.final_bufts[d]
+                to = "the CPU" if fit.final_bufts[d] == "CPU" else fit.names[d + 1]
                 out.append(f"layer {first} on {fit.names[d]} keeps {_FRACTION[n.overflow]}; its other FFN tensors "
                            f"go to {to}")
             if moe:

@@ -139,14 +139,12 @@ def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main:
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
-    """-ngl as a layer count for a spread plan. With RPC devices auto is refused (it is the server's --fit
-    choice, not a placement); on a local GPU auto means all, which --fit may lower at start."""
-    rpc = any(p.kind == "rpc" for p in device.pools)
-    if flags.gpu_layers in ("all", "-1") or (flags.gpu_layers == "auto" and not rpc):
+    """-ngl as a layer count for a spread plan: auto (the default) and all are every layer and the output
+    (llama_model::n_gpu_layers); with --fit on, make_plan has already replaced an auto -ngl that does not fit
+    by fit's own count (plan/fit.py)."""
+    del device
+    if flags.gpu_layers in ("all", "-1", "auto"):
         return arch.n_layer + arch.n_layer_nextn + 1
-    if flags.gpu_layers == "auto":
-        raise BadInput("--rpc needs -ngl N (or -ngl all): with -ngl auto llama-server's --fit picks the layers, and "
-                       "kvbook plans a given placement")
     return int(flags.gpu_layers)
 
 
@@ -500,12 +498,16 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = effective_device(device, flags)
     fit = None
+    memory = memory or plan_memory(arch, flags)
+    usages = place(arch, flags, memory, device)
     if searched:  # what --fit does at start (plan/fit.py): the plan is of the flags the server then runs
         from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
 
-        flags, fit = predict_fit(arch, flags, device)
-    memory = memory or plan_memory(arch, flags)
-    usages = place(arch, flags, memory, device)
+        given = flags
+        flags, fit = predict_fit(arch, flags, device, usages)
+        if flags is not given:
+            memory = plan_memory(arch, flags)
+            usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
     if _spread(arch, flags, device):
