@@ -30,11 +30,14 @@ from kvbook.plan.devices import this_machine, with_rpc
 from kvbook.plan.flags import parse_server_args
 from kvbook.plan.planner import make_plan
 
-_FREE = re.compile(r"using device (RPC\d+) \(([^)]*)\).* - (\d+) MiB free")
+_FREE = re.compile(r"(?:using device (RPC\d+) \(([^)]*)\).* - (\d+) MiB free|- (RPC\d+)\s*: (\S+) \(\d+ MiB, (\d+) MiB free\))")
 _DEV_LINE = re.compile(r"common_params_fit_impl:\s+- (\S+) \(.*?\)\s*:\s+(\d+) layers(?: \(\s*(\d+) overflowing\))?,"
                        r"\s+(-?\d+) MiB used,\s+(-?\d+) MiB free")
 _KEEPS = re.compile(r"set ngl_per_device\[(\d+)\]\.\(n_layer, n_part, overflow_type\)=\((\d+), (\d+), (UP|GATE|ATTN)\)")
 _CTX = re.compile(r"context size reduced from (\d+) to (\d+)")
+_ALLOC = re.compile(r"id=(\d+), n_layer=\s*(\d+), n_part=\s*(\d+), overflow_type=(\d), mem=\s*(-?\d+) MiB")
+_TARGET = re.compile(r"common_params_fit_impl: id=(\d+), target=(-?\d+) MiB")
+_SURPLUS = re.compile(r"with only dense weights in device memory there is (?:a total surplus|still a total deficit) of (-?\d+)")
 _FAILED = re.compile(r"failed to fit params to free device memory: (.*)")
 _DONE = "fitting params to free memory took"
 _NO_CHANGE = ("no changes needed",)
@@ -63,12 +66,24 @@ class FitSide:
 
 
 @dataclass(frozen=True)
+class FitLog:
+    """fit's search as llama-server logged it: each layer assignment it tried ((n_layer, n_part, overflow_type) per
+    device) with the MiB it measured per device, each device's target, and the surplus with all experts on the CPU."""
+
+    allocations: tuple[tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], bool], ...]  # (layers, MiB, taken)
+    targets_mib: tuple[int, ...]
+    surplus_cpu_moe_mib: int
+
+
+@dataclass(frozen=True)
 class FitComparison:
     case: FitCase
     real: FitSide
     kvbook: FitSide
     plan: Plan
     logged_mib: tuple[float, ...] = ()  # each RPC device's model + KV + compute buffers logged by the real start
+    replay_same: bool | None = None  # kvbook's search over the real fit's own measurements ends where it did
+    memory_errors_pct: tuple[float, ...] = ()  # kvbook's MiB vs fit's for every assignment it tried (devices >= 8 MiB)
 
     @property
     def same_choice(self) -> bool:
@@ -77,12 +92,15 @@ class FitComparison:
         return strip(self.real) == strip(self.kvbook)
 
 
-def read_fit_log(log: str, n_devices: int, given_ctx: int) -> tuple[FitSide, dict[str, int]]:
-    """fit's decision as llama-server logged it, and each device's free MiB as it was read (its first line)."""
+def read_fit_log(log: str, n_devices: int, given_ctx: int, moe: bool = False) -> tuple[FitSide, dict[str, int]]:
+    """fit's decision as llama-server logged it, and each device's free MiB as it was read (its first line). Where
+    fit stopped after its dense-only pass (step 3) it prints no partial count: for a MoE model that pass gives every
+    layer of a device but the last device's output layer experts on the CPU."""
     free: dict[str, int] = {}
     for m in map(_FREE.search, log.splitlines()):
-        if m and m[1] not in free:
-            free[m[1]] = int(m[3])
+        name, mib = (m[1], m[3]) if m and m[1] else (m[4], m[6]) if m else (None, None)
+        if name and name not in free:
+            free[name] = int(mib)
     ctx = given_ctx
     for m in map(_CTX.search, log.splitlines()):
         if m:
@@ -91,7 +109,9 @@ def read_fit_log(log: str, n_devices: int, given_ctx: int) -> tuple[FitSide, dic
     rows: dict[str, tuple[int, int, int]] = {}
     for m in map(_DEV_LINE.search, log.splitlines()):
         if m:
-            rows[m[1]] = (int(m[2]), int(m[3] or 0), int(m[4]))
+            i, layers = int(m[1].removeprefix("RPC")), int(m[2])
+            dense_only = layers - (1 if i == n_devices - 1 else 0) if moe and layers else 0
+            rows[m[1]] = (layers, int(m[3]) if m[3] is not None else dense_only, int(m[4]))
     keeps = {int(m[1]): m[4] for m in map(_KEEPS.search, log.splitlines()) if m}
     names = [f"RPC{i}" for i in range(n_devices)]
     devices = tuple((n, *rows[n][:2], keeps.get(i, "MOE"), rows[n][2]) for i, n in enumerate(names) if n in rows)
@@ -102,6 +122,41 @@ def read_fit_log(log: str, n_devices: int, given_ctx: int) -> tuple[FitSide, dic
     else:
         status = "adjusted"
     return FitSide(status, ctx, devices, failed), free
+
+
+def read_fit_search(log: str, n_devices: int) -> FitLog:
+    """Every test allocation fit logged (`memory for test allocation by device:` and its per-device lines), and
+    whether fit took it: its next line sets `ngl_per_device[...]` (not `ngl_per_device_high`)."""
+    lines = [ln for ln in log.splitlines() if "common_params_fit_impl:" in ln]
+    allocations: list[tuple[tuple[tuple[int, int, int], ...], tuple[int, ...], bool]] = []
+    rows: list[tuple[int, int, int, int]] = []
+    for i, ln in enumerate(lines):
+        m = _ALLOC.search(ln)
+        if not m:
+            continue
+        rows.append((int(m[2]), int(m[3]), int(m[4]), int(m[5])))
+        if int(m[1]) == n_devices - 1:
+            taken = i + 1 < len(lines) and "set ngl_per_device[" in lines[i + 1]
+            allocations.append((tuple(r[:3] for r in rows), tuple(r[3] for r in rows), taken))
+            rows = []
+    targets = tuple(int(m[2]) for m in map(_TARGET.search, lines) if m)
+    surplus = next((int(m[1]) * (1 if "surplus" in m[0] else -1) for m in map(_SURPLUS.search, lines) if m), 0)
+    return FitLog(tuple(allocations), targets, surplus)
+
+
+def replay(search: FitLog, arch_n_layer: int, moe: bool) -> list[tuple[int, int, int]]:
+    """kvbook's search (plan/fit.py search_layers) over the real fit's own measurements. fit logs MiB floored, its
+    targets too: a device logged at its target's MiB is resolved as fit resolved it (its next line), the others sit
+    mid-MiB. Raises KeyError when kvbook's search asks for an assignment the real one never tried."""
+    from kvbook.plan.fit import replay_layers
+
+    half, quarter = MiB // 2, MiB // 4
+    measured: dict[tuple[tuple[int, int, int], ...], list[int]] = {}
+    for layers, mib, taken in search.allocations:
+        measured[layers] = [t * MiB + (quarter if taken else 3 * quarter) if m == t else m * MiB + half
+                            for m, t in zip(mib, search.targets_mib)]
+    return replay_layers(arch_n_layer, moe, [t * MiB + half for t in search.targets_mib],
+                         search.surplus_cpu_moe_mib * MiB, measured)
 
 
 def run_server_fit(case: FitCase, endpoints: Sequence[str], margins_mib: Sequence[int], run_dir: Path,
@@ -122,7 +177,7 @@ def run_server_fit(case: FitCase, endpoints: Sequence[str], margins_mib: Sequenc
         while True:
             text = log_path.read_text(errors="replace")
             decided = _DONE in text
-            if (decided and not case.load) or "server is listening" in text or "main: model loaded" in text:
+            if (decided and not case.load) or "llama_server: listening on" in text:
                 break
             if proc.poll() is not None:
                 break
@@ -152,22 +207,49 @@ def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitCo
     margins = [max(f - b, 0) for f, b in zip(free_now, case.budgets_mib)]
     text, logged = run_server_fit(case, eps, margins, run_dir)
     given_ctx = _given_ctx(case.args)
-    real, free = read_fit_log(text, len(eps), given_ctx)
+    arch = load_model(str(case.model))
+    real, free = read_fit_log(text, len(eps), given_ctx, bool(arch.n_expert))
     if len(free) < len(eps):
         raise ServerError(f"llama-server's log names no free memory for every RPC device ({free}); log in {run_dir}")
-    arch = load_model(str(case.model))
     device = with_rpc(this_machine(), eps, tuple(free[f"RPC{i}"] * MiB / 2**30 for i in range(len(eps))))
     flags = parse_server_args(["-m", str(case.model), "--rpc", ",".join(eps), *case.args,
                                "--fit-target", ",".join(map(str, margins))])
     plan = make_plan(arch, flags, device)
     fit = plan.fit
     assert fit is not None
+    search = read_fit_search(text, len(eps))
+    replay_same, errors = None, []
+    if search.allocations and len(search.targets_mib) == len(eps):
+        from kvbook.plan.fit import layer_use
+
+        try:
+            replayed = replay(search, arch.n_layer, bool(arch.n_expert))
+            replay_same = tuple(replayed) == tuple(d[1:3] + ({"ATTN": 1, "UP": 2, "GATE": 3}.get(d[3], 4),)
+                                                   for d in real.devices)
+        except KeyError:
+            replay_same = False
+        at_ctx = parse_server_args(["-m", str(case.model), "--rpc", ",".join(eps), *_with_ctx(case.args, real.n_ctx)])
+        for layers, mib, _ in search.allocations:
+            mine = layer_use(arch, at_ctx, plan.device, layers)
+            errors += [(b / MiB - r) / r * 100 for b, r in zip(mine, mib) if r >= 8]
     used = dict(fit.used)
     rows = tuple((f"RPC{i}", n, p, keeps, int(used.get(name, 0) // MiB))
                  for i, (name, n, p, keeps) in enumerate(fit.layers))
     status = {"not predicted": "failed"}.get(fit.status, fit.status)
     predicted = FitSide(status, plan.flags.ctx, rows, fit.reason)  # the -c fit sets (the user's where it keeps it)
-    return FitComparison(case, real, predicted, plan, logged)
+    return FitComparison(case, real, predicted, plan, logged, replay_same, tuple(round(e, 1) for e in errors))
+
+
+def _with_ctx(args: Sequence[str], ctx: int) -> list[str]:
+    """The case's flags with -c set to the context fit settled on (0: as given)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in ("-c", "--ctx-size"):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out + (["-c", str(ctx)] if ctx else [])
 
 
 def _given_ctx(args: Sequence[str]) -> int:
@@ -188,10 +270,16 @@ def format_table(results: Sequence[FitComparison]) -> str:
                          + f", {mib} MiB" for n, layers, p, k, mib in s.devices)
         return f"-c {s.n_ctx}; {devs}" if devs else f"-c {s.n_ctx}"
 
-    rows = ["| case | budgets MiB | flags | real llama-server --fit | kvbook predicts | same choice | logged MiB (real start) |",
-            "|---|---|---|---|---|---|---|"]
+    def errors(r: FitComparison) -> str:
+        e = sorted(abs(x) for x in r.memory_errors_pct)
+        return f"{e[len(e) // 2]:.1f}% / {e[-1]:.1f}% ({len(e)})" if e else "-"
+
+    rows = ["| case | budgets MiB | flags | real llama-server --fit | kvbook predicts | same choice | replay of fit's "
+            "own MiB | kvbook MiB vs fit's, median / max abs (n) | logged MiB (real start) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        replay = "-" if r.replay_same is None else "same" if r.replay_same else "**differs**"
         rows.append(f"| {r.case.name} | {'/'.join(map(str, r.case.budgets_mib))} | `{' '.join(r.case.args)}` | "
-                    f"{side(r.real)} | {side(r.kvbook)} | {'yes' if r.same_choice else '**no**'} | "
-                    f"{'/'.join(f'{x:.0f}' for x in r.logged_mib) if r.logged_mib else '-'} |")
+                    f"{side(r.real)} | {side(r.kvbook)} | {'yes' if r.same_choice else '**no**'} | {replay} | "
+                    f"{errors(r)} | {'/'.join(f'{x:.0f}' for x in r.logged_mib) if r.logged_mib else '-'} |")
     return "\n".join(rows)

@@ -18,6 +18,7 @@ the backend reports free; an RPC device's for `--rpc-gib`)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
@@ -111,7 +112,7 @@ class _Fit:
     def at_ctx(self, ctx: int) -> ServerFlags:
         return replace(self.flags, ctx=ctx)
 
-    def layered(self, ngl: list[_Ngl], bufts: list[str], as_fit: bool = False) -> ServerFlags:
+    def layered(self, ngl: list[_Ngl], bufts: list[int | None], as_fit: bool = False) -> ServerFlags:
         """fit's set_ngl_tensor_split_tbo: -ngl, -ts per device (several), and its -ot list, as kvbook flags
         (`as_fit`: its -ot list even where kvbook plans the same bytes another way)."""
         total = sum(n.n_layer for n in ngl)
@@ -127,7 +128,8 @@ class _Fit:
                 if il >= self.hp_ngl:  # fit names the output layer too; no tensor matches it
                     continue
                 fraction = n.overflow if il == il0 else MOE
-                overrides.append((_PATTERN[fraction].format(il=il), bufts[d] if il == il0 else "CPU"))
+                to = bufts[d] if il == il0 else None
+                overrides.append((_PATTERN[fraction].format(il=il), "CPU" if to is None else self.bufts[to]))
                 cpu_expert_layers += 1
                 if fraction != MOE and not self.exact and not as_fit:
                     raise _Unpredicted("part of a layer's dense FFN moved")
@@ -217,7 +219,6 @@ class _Fit:
         return [usages[n].weights_bytes for n in self.names]
 
     def _layers(self, full: list[int]) -> ServerFlags:
-        nd, hp = self.nd, self.hp_ngl
         surplus_cpu_moe = 0
         if self.moe:
             all_moe = replace(self.flags_now(), gpu_layers="all", **(
@@ -225,120 +226,142 @@ class _Fit:
             cpu_moe = self.used(all_moe)
             surplus_cpu_moe = sum(f - u - m for f, u, m in zip(self.free, cpu_moe, self.margins))
         targets = [f - m for f, m in zip(self.free, self.margins)]
-        bufts = ["CPU"] * nd
-        ngl = [_Ngl() for _ in range(nd)]
-        mem = self.used(self.layered(ngl, bufts))
-        for d in range(nd - 1, -1, -1):  # step 3: dense (or dense-only) layers, back to front
-            unassigned = hp + 1 - sum(n.n_layer for n in ngl[d + 1:])
-            high = list(ngl)
-            part = (unassigned if d < nd - 1 else unassigned - 1) if self.moe else 0
-            high[d] = dataclasses.replace(high[d], n_layer=unassigned, n_part=part)
-            if unassigned == 0:
-                continue
-            mem_high = self.used(self.layered(high, bufts))
-            if mem_high[d] > targets[d]:
-                delta = high[d].n_layer - ngl[d].n_layer
-                while delta > 1:
-                    step = self._step(delta, targets[d], mem[d], mem_high[d])
-                    test = list(ngl)
-                    n = test[d]
-                    add = step - 1 if (self.moe and d == nd - 1 and n.n_part == 0) else (step if self.moe else 0)
-                    test[d] = dataclasses.replace(n, n_layer=n.n_layer + step, n_part=n.n_part + add)
-                    mem_test = self.used(self.layered(test, bufts))
-                    if mem_test[d] <= targets[d]:
-                        ngl, mem = test, mem_test
-                    else:
-                        high, mem_high = test, mem_test
-                    delta = high[d].n_layer - ngl[d].n_layer
-            else:
-                ngl, mem = high, mem_high
-        if not self.moe or surplus_cpu_moe <= 0:
-            return self._final(ngl, bufts, mem)
-        # step 4: MoE with every dense weight on the devices: whole layers again, front to back
-        dense_start = nd
-        for d in range(nd - 1, -1, -1):
-            if ngl[d].n_layer > 0:
-                dense_start = d
-                continue
-            break
-        d = 0
-        while d <= dense_start < nd:
-            high = list(ngl)
-            for jd in range(dense_start, nd):
-                move = high[jd].n_layer if jd < nd - 1 else high[jd].n_layer - 1
-                high[d] = dataclasses.replace(high[d], n_layer=high[d].n_layer + move)
-                high[jd] = dataclasses.replace(high[jd], n_layer=high[jd].n_layer - move, n_part=0)
-            dense_start_high = nd - 1
-            mem_high = self.used(self.layered(high, bufts))
-            if mem_high[d] > targets[d]:
-                delta = high[d].n_full - ngl[d].n_full
-                while delta > 1:
-                    step = self._step(delta, targets[d], mem[d], mem_high[d])
-                    test = list(ngl)
-                    start_test, converted = dense_start, 0
-                    while start_test < nd:
-                        n_conv = min(step - converted, test[start_test].n_part)
-                        s = test[start_test]
-                        test[start_test] = dataclasses.replace(s, n_layer=s.n_layer - n_conv, n_part=s.n_part - n_conv)
-                        test[d] = dataclasses.replace(test[d], n_layer=test[d].n_layer + n_conv)
-                        converted += n_conv
-                        if test[start_test].n_part > 0:
-                            break
-                        start_test += 1
-                    mem_test = self.used(self.layered(test, bufts))
-                    if mem_test[d] <= targets[d]:
-                        ngl, mem, dense_start = test, mem_test, start_test
-                    else:
-                        high, mem_high, dense_start_high = test, mem_test, start_test
-                    delta = high[d].n_full - ngl[d].n_full
-            else:
-                ngl, mem, dense_start = high, mem_high, dense_start_high
-            if dense_start < nd and ngl[dense_start].n_layer > (0 if d < nd - 1 else 1):  # part of one more layer
+        found = search_layers(self.hp_ngl, self.moe, targets, surplus_cpu_moe,
+                              lambda ngl, bufts: self.used(self.layered(ngl, bufts)))
+        if found.unsized:
+            self.caveats.append("fit also tries to keep part of one more layer (its ffn_up, ffn_gate or attention) on "
+                                f"the device: not sized, {self.arch.source} has no GGUF tensors")
+        self.use = found.mem
+        self.ngl, self.final_bufts = found.ngl, found.bufts
+        return self.layered(found.ngl, found.bufts)
+
+
+@dataclass(frozen=True)
+class LayerSearch:
+    """Steps 3 and 4's result: each device's layers, where its first partial layer overflows to (None: the CPU,
+    else a device index), the bytes measured for that, and whether a partial-layer try could not be sized."""
+
+    ngl: list[_Ngl]
+    bufts: list[int | None]
+    mem: list[int]
+    unsized: bool = False
+
+
+def search_layers(hp_ngl: int, moe: bool, targets: list[int], surplus_cpu_moe: int,
+                  measure: Callable[[list[_Ngl], list[int | None]], list[int]]) -> LayerSearch:
+    """common/fit.cpp's steps 3 and 4 over `measure` (bytes per device for a layer assignment): kvbook's plan in a
+    prediction, the real server's logged test allocations in a replay (ops/fit_check.py)."""
+    nd, hp = len(targets), hp_ngl
+    bufts: list[int | None] = [None] * nd
+    ngl = [_Ngl() for _ in range(nd)]
+    mem = measure(ngl, bufts)
+    for d in range(nd - 1, -1, -1):  # step 3: dense (or dense-only) layers, back to front
+        unassigned = hp + 1 - sum(n.n_layer for n in ngl[d + 1:])
+        if unassigned == 0:
+            continue
+        high = list(ngl)
+        part = (unassigned if d < nd - 1 else unassigned - 1) if moe else 0
+        high[d] = dataclasses.replace(high[d], n_layer=unassigned, n_part=part)
+        mem_high = measure(high, bufts)
+        if mem_high[d] > targets[d]:
+            delta = high[d].n_layer - ngl[d].n_layer
+            while delta > 1:
+                step = _step(delta, targets[d], mem[d], mem_high[d])
                 test = list(ngl)
-                start_test = dense_start
-                s = test[start_test]
-                test[start_test] = dataclasses.replace(s, n_layer=s.n_layer - 1, n_part=s.n_part - 1)
-                t = test[d]
-                test[d] = dataclasses.replace(t, n_layer=t.n_layer + 1, n_part=t.n_part + 1, overflow=UP)
-                if test[start_test].n_part == 0:
+                n = test[d]
+                add = (step - 1 if d == nd - 1 and n.n_part == 0 else step) if moe else 0
+                test[d] = dataclasses.replace(n, n_layer=n.n_layer + step, n_part=n.n_part + add)
+                mem_test = measure(test, bufts)
+                if mem_test[d] <= targets[d]:
+                    ngl, mem = test, mem_test
+                else:
+                    high, mem_high = test, mem_test
+                delta = high[d].n_layer - ngl[d].n_layer
+        else:
+            ngl, mem = high, mem_high
+    if not moe or surplus_cpu_moe <= 0:
+        return LayerSearch(ngl, bufts, mem)
+    # step 4: MoE with every dense weight on the devices: whole layers again, front to back
+    unsized = False
+    dense_start = nd
+    for d in range(nd - 1, -1, -1):
+        if ngl[d].n_layer > 0:
+            dense_start = d
+            continue
+        break
+    d = 0
+    while d <= dense_start < nd:
+        high = list(ngl)
+        for jd in range(dense_start, nd):
+            move = high[jd].n_layer if jd < nd - 1 else high[jd].n_layer - 1
+            high[d] = dataclasses.replace(high[d], n_layer=high[d].n_layer + move)
+            high[jd] = dataclasses.replace(high[jd], n_layer=high[jd].n_layer - move, n_part=0)
+        dense_start_high = nd - 1
+        mem_high = measure(high, bufts)
+        if mem_high[d] > targets[d]:
+            delta = high[d].n_full - ngl[d].n_full
+            while delta > 1:
+                step = _step(delta, targets[d], mem[d], mem_high[d])
+                test = list(ngl)
+                start_test, converted = dense_start, 0
+                while start_test < nd:
+                    s = test[start_test]
+                    n_conv = min(step - converted, s.n_part)
+                    test[start_test] = dataclasses.replace(s, n_layer=s.n_layer - n_conv, n_part=s.n_part - n_conv)
+                    test[d] = dataclasses.replace(test[d], n_layer=test[d].n_layer + n_conv)
+                    converted += n_conv
+                    if test[start_test].n_part > 0:
+                        break
                     start_test += 1
-                bufts_test = list(bufts)
-                if d < nd - 1:
-                    bufts_test[d] = self.bufts[d + 1]
-                try:
-                    mem_test = self.used(self.layered(test, bufts_test))
-                except _Unpredicted:
-                    self.caveats.append("fit also tries to keep part of one more layer (its ffn_up, ffn_gate or "
-                                        f"attention) on the device: not sized, {self.arch.source} has no GGUF tensors")
-                    mem_test = None
-                if mem_test is not None and self._ok(mem_test, targets, d):
+                mem_test = measure(test, bufts)
+                if mem_test[d] <= targets[d]:
+                    ngl, mem, dense_start = test, mem_test, start_test
+                else:
+                    high, mem_high, dense_start_high = test, mem_test, start_test
+                delta = high[d].n_full - ngl[d].n_full
+        else:
+            ngl, mem, dense_start = high, mem_high, dense_start_high
+        if dense_start < nd and ngl[dense_start].n_layer > (0 if d < nd - 1 else 1):  # part of one more layer
+            test = list(ngl)
+            start_test = dense_start
+            s = test[start_test]
+            test[start_test] = dataclasses.replace(s, n_layer=s.n_layer - 1, n_part=s.n_part - 1)
+            t = test[d]
+            test[d] = dataclasses.replace(t, n_layer=t.n_layer + 1, n_part=t.n_part + 1, overflow=UP)
+            if test[start_test].n_part == 0:
+                start_test += 1
+            bufts_test = list(bufts)
+            if d < nd - 1:
+                bufts_test[d] = d + 1
+            try:
+                mem_test: list[int] | None = measure(test, bufts_test)
+            except _Unpredicted:
+                unsized, mem_test = True, None
+            if mem_test is not None and _fits_next(mem_test, targets, d):
+                ngl, bufts, mem, dense_start = test, bufts_test, mem_test, start_test
+                test = list(test)
+                test[d] = dataclasses.replace(test[d], overflow=GATE)
+                mem_test = measure(test, bufts_test)
+                if _fits_next(mem_test, targets, d):
                     ngl, bufts, mem, dense_start = test, bufts_test, mem_test, start_test
-                    test = list(test)
-                    test[d] = dataclasses.replace(test[d], overflow=GATE)
-                    mem_test = self.used(self.layered(test, bufts_test))
-                    if self._ok(mem_test, targets, d):
-                        ngl, bufts, mem, dense_start = test, bufts_test, mem_test, start_test
-                elif mem_test is not None:
-                    test[d] = dataclasses.replace(test[d], overflow=ATTN)
-                    mem_test = self.used(self.layered(test, bufts_test))
-                    if self._ok(mem_test, targets, d):
-                        ngl, bufts, mem, dense_start = test, bufts_test, mem_test, start_test
-            d += 1
-        return self._final(ngl, bufts, mem)
+            elif mem_test is not None:
+                test[d] = dataclasses.replace(test[d], overflow=ATTN)
+                mem_test = measure(test, bufts_test)
+                if _fits_next(mem_test, targets, d):
+                    ngl, bufts, mem, dense_start = test, bufts_test, mem_test, start_test
+        d += 1
+    return LayerSearch(ngl, bufts, mem, unsized)
 
-    def _ok(self, mem: list[int], targets: list[int], d: int) -> bool:
-        return mem[d] < targets[d] and (d + 1 == self.nd or mem[d + 1] < targets[d + 1])
 
-    @staticmethod
-    def _step(delta: int, target: int, low: int, high: int) -> int:
-        """fit's false-position step: uint32_t(delta * (target - low) / (high - low)), within [1, delta - 1]."""
-        step = _u32(_cdiv(delta * (target - low), high - low)) if high != low else delta - 1
-        return min(max(step, 1), delta - 1)
+def _fits_next(mem: list[int], targets: list[int], d: int) -> bool:
+    """fit's test for a partial layer: under target (strictly) on this device and on the next one."""
+    return mem[d] < targets[d] and (d + 1 == len(targets) or mem[d + 1] < targets[d + 1])
 
-    def _final(self, ngl: list[_Ngl], bufts: list[str], mem: list[int]) -> ServerFlags:
-        self.use = mem
-        self.ngl, self.final_bufts = ngl, bufts
-        return self.layered(ngl, bufts)
+
+def _step(delta: int, target: int, low: int, high: int) -> int:
+    """fit's false-position step: uint32_t(delta * (target - low) / (high - low)), within [1, delta - 1]."""
+    step = _u32(_cdiv(delta * (target - low), high - low)) if high != low else delta - 1
+    return min(max(step, 1), delta - 1)
 
 
 def predict_fit(arch: ModelArch, flags: ServerFlags, device: Device,
@@ -387,7 +410,7 @@ def _describe_layers(fit: _Fit) -> list[str]:
             first = real[0]
             moe = real[1:] if n.overflow != MOE else real
             if n.overflow != MOE:
-                to = "the CPU" if fit.final_bufts[d] == "CPU" else fit.names[d + 1]
+                to = "the CPU" if fit.final_bufts[d] is None else fit.names[fit.final_bufts[d]]
                 out.append(f"layer {first} on {fit.names[d]} keeps {_FRACTION[n.overflow]}; its other FFN tensors "
                            f"go to {to}")
             if moe:
@@ -429,3 +452,25 @@ def fit_notes(fit: FitOutcome) -> list[str]:
     if fit.status == "adjusted":
         out.append("after --fit: " + " ".join(fit.adjusted_args))
     return out
+
+
+def layer_use(arch: ModelArch, flags: ServerFlags, device: Device,
+              layers: Sequence[tuple[int, int, int]]) -> list[int]:
+    """kvbook's bytes per device for one of fit's layer assignments, given as its log prints it ((n_layer, n_part,
+    overflow_type) per device, 4 = all but the experts); `flags` at the context fit measured it."""
+    fit = _Fit(arch, flags, device)
+    ngl = [_Ngl(n, p, o) for n, p, o in layers]
+    bufts: list[int | None] = [d + 1 if o != MOE and d < len(layers) - 1 else None for d, (_, _, o) in enumerate(layers)]
+    return fit.used(fit.layered(ngl, bufts))
+
+
+def replay_layers(hp_ngl: int, moe: bool, targets: list[int], surplus_cpu_moe: int,
+                  logged: dict[tuple[tuple[int, int, int], ...], list[int]]) -> list[tuple[int, int, int]]:
+    """Steps 3 and 4 run over the memory a real fit logged for each assignment it tried: the assignment the same
+    search ends with ((n_layer, n_part, overflow_type) per device). A KeyError means it asked for one the real
+    fit never tried, i.e. the two searches went different ways."""
+    def measure(ngl: list[_Ngl], bufts: list[int | None]) -> list[int]:
+        return logged[tuple((n.n_layer, n.n_part, n.overflow) for n in ngl)]
+
+    found = search_layers(hp_ngl, moe, targets, surplus_cpu_moe, measure)
+    return [(n.n_layer, n.n_part, n.overflow) for n in found.ngl]
