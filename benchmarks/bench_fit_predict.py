@@ -43,6 +43,7 @@ def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:
         FitCase("MoE 2 RPC, experts move", moe, (30, 30), ("-c", "4096", "-np", "1")),
         FitCase("MoE 1 RPC, experts move", moe, (40,), ("-c", "8192", "-np", "1")),
         FitCase("MoE 2 RPC, -ngl set", moe, (20, 20), ("-np", "1", "-ngl", "99")),
+        FitCase("gemma3 1 RPC, -c open", gemma, (300,), ("-np", "1")),
     ]
     if full_size:
         from kvbook.testing.fullsize import write_full_size
@@ -51,6 +52,7 @@ def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:
         oss = write_full_size("gpt-oss-120b", tmp)
         out += [
             FitCase("Qwen3.6-35B-A3B 1 RPC (issue case)", qwen, (12000,), ("-c", "262144", "-fa", "on"), load=False),
+            FitCase("Qwen3.6-35B-A3B 1 RPC, -c open", qwen, (23000,), ("-np", "1", "-fa", "on"), load=False),
             FitCase("Qwen3.6-35B-A3B 2 RPC", qwen, (6000, 8000), ("-c", "65536", "-np", "1", "-fa", "on"), load=False),
             FitCase("gpt-oss-120b 1 RPC, no -c", oss, (12000,), ("-fa", "on"), load=False),
             FitCase("gpt-oss-120b 2 RPC, no -c", oss, (8000, 8000), ("-np", "1"), load=False),
@@ -59,7 +61,7 @@ def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:
 
 
 def main() -> int:
-    full = "--full-size" in sys.argv
+    full = "--full-size" in sys.argv or "--only-full" in sys.argv
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         servers = [start_rpc_server(tmp) for _ in range(3)]
@@ -67,6 +69,8 @@ def main() -> int:
             endpoints = [f"{s.spec.host}:{s.spec.port}" for s in servers]
             results = []
             for i, case in enumerate(cases(tmp, full)):
+                if "--only-full" in sys.argv and case.load:
+                    continue
                 t0 = time.monotonic()
                 r = compare_fit(case, endpoints, tmp / f"case{i}")
                 results.append(r)

@@ -203,7 +203,13 @@ def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitCo
     from kvbook.ops.solver_fit import reported_free_mib
 
     eps = tuple(endpoints[:len(case.budgets_mib)])
-    free_now = reported_free_mib(case.model, eps)
+    for attempt in range(3):  # llama.cpp's log thread may lose the lines at exit (ops/fit_params.py): ask again
+        try:
+            free_now = reported_free_mib(case.model, eps)
+            break
+        except KeyError:
+            if attempt == 2:
+                raise ServerError(f"llama-fit-params named no free memory for {eps} in three runs") from None
     margins = [max(f - b, 0) for f, b in zip(free_now, case.budgets_mib)]
     text, logged = run_server_fit(case, eps, margins, run_dir)
     given_ctx = _given_ctx(case.args)

@@ -112,6 +112,20 @@ class _Fit:
     def at_ctx(self, ctx: int) -> ServerFlags:
         return replace(self.flags, ctx=ctx)
 
+    def measure(self, ngl: list[_Ngl], bufts: list[int | None]) -> list[int]:
+        """Bytes per device for one of fit's layer assignments. Where a partial layer keeps only part of its dense
+        FFN (UP / GATE / ATTN), the planner bounds every device's compute (dense matmuls on the CPU are not in its
+        calibration); fit moves one layer's worth, so the compute is taken from the same assignment without it."""
+        use = self.used(self.layered(ngl, bufts))
+        if not any(n.n_part and n.overflow != MOE for n in ngl):
+            return use
+        plain = [dataclasses.replace(n, overflow=MOE) for n in ngl]
+        self.used(self.layered(plain, [None] * self.nd))
+        exact = {u.pool: u for u in self.known[self.layered(ngl, bufts)]}
+        base = {u.pool: u for u in self.known[self.layered(plain, [None] * self.nd)]}
+        return [exact[n].weights_bytes + exact[n].kv_bytes + exact[n].recurrent_bytes + base[n].compute_bytes
+                for n in self.names]
+
     def layered(self, ngl: list[_Ngl], bufts: list[int | None], as_fit: bool = False) -> ServerFlags:
         """fit's set_ngl_tensor_split_tbo: -ngl, -ts per device (several), and its -ot list, as kvbook flags
         (`as_fit`: its -ot list even where kvbook plans the same bytes another way)."""
@@ -226,8 +240,7 @@ class _Fit:
             cpu_moe = self.used(all_moe)
             surplus_cpu_moe = sum(f - u - m for f, u, m in zip(self.free, cpu_moe, self.margins))
         targets = [f - m for f, m in zip(self.free, self.margins)]
-        found = search_layers(self.hp_ngl, self.moe, targets, surplus_cpu_moe,
-                              lambda ngl, bufts: self.used(self.layered(ngl, bufts)))
+        found = search_layers(self.hp_ngl, self.moe, targets, surplus_cpu_moe, self.measure)
         if found.unsized:
             self.caveats.append("fit also tries to keep part of one more layer (its ffn_up, ffn_gate or attention) on "
                                 f"the device: not sized, {self.arch.source} has no GGUF tensors")
@@ -461,7 +474,7 @@ def layer_use(arch: ModelArch, flags: ServerFlags, device: Device,
     fit = _Fit(arch, flags, device)
     ngl = [_Ngl(n, p, o) for n, p, o in layers]
     bufts: list[int | None] = [d + 1 if o != MOE and d < len(layers) - 1 else None for d, (_, _, o) in enumerate(layers)]
-    return fit.used(fit.layered(ngl, bufts))
+    return fit.measure(ngl, bufts)
 
 
 def replay_layers(hp_ngl: int, moe: bool, targets: list[int], surplus_cpu_moe: int,
