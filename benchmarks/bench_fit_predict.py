@@ -32,7 +32,8 @@ MOE_META = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v i
 
 
 def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:
-    """The comparison's cases (tests/test_fit_predict.py runs the small ones)."""
+    """The comparison's cases (tests/test_fit_predict.py runs some). Budgets are what fit may use on each device
+    (free - --fit-target); 24564 - 1024 MiB is an RTX 4090 preset's (nvidia-smi total, the default margin)."""
     gemma, smollm = model_path("gemma3-270m"), model_path("smollm2-135m")
     moe = write_synthetic_gguf(MOE_META, tmp / "moe.gguf")
     out = [
@@ -51,7 +52,10 @@ def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:
         qwen = write_full_size("qwen3.6-35b-a3b", tmp)
         oss = write_full_size("gpt-oss-120b", tmp)
         out += [
-            FitCase("Qwen3.6-35B-A3B 1 RPC (issue case)", qwen, (12000,), ("-c", "262144", "-fa", "on"), load=False),
+            FitCase("Qwen3.6-35B-A3B at an RTX 4090's target (issue case)", qwen, (24564 - 1024,),
+                    ("-c", "262144", "-fa", "on"), load=False),
+            FitCase("gpt-oss-120b at an RTX 4090's target, no -c (issue case)", oss, (24564 - 1024,), (), load=False),
+            FitCase("Qwen3.6-35B-A3B 1 RPC", qwen, (12000,), ("-c", "262144", "-fa", "on"), load=False),
             FitCase("Qwen3.6-35B-A3B 1 RPC, -c open", qwen, (23000,), ("-np", "1", "-fa", "on"), load=False),
             FitCase("Qwen3.6-35B-A3B 2 RPC", qwen, (6000, 8000), ("-c", "65536", "-np", "1", "-fa", "on"), load=False),
             FitCase("gpt-oss-120b 1 RPC, no -c", oss, (12000,), ("-fa", "on"), load=False),

@@ -138,7 +138,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 SMALL = ("gemma3 2 RPC, -c set", "smollm2 2 RPC, -c set", "MoE 2 RPC, experts move", "MoE 2 RPC, -ngl set")
-FULL = ("Qwen3.6-35B-A3B 1 RPC (issue case)", "gpt-oss-120b 2 RPC, no -c")
+FULL = ("Qwen3.6-35B-A3B at an RTX 4090's target (issue case)", "gpt-oss-120b 2 RPC, no -c")
 
 
 @pytest.mark.slow

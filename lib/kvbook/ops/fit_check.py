@@ -23,7 +23,7 @@ from pathlib import Path
 from kvbook.errors import ServerError
 from kvbook.interface import MiB, Plan
 from kvbook.model.sources import load_model
-from kvbook.ops.components import find_llama_server
+from kvbook.ops.components import find_llama_server, model_path
 from kvbook.ops.logparse import parse_log
 from kvbook.ops.procs import free_port
 from kvbook.plan.devices import this_machine, with_rpc
@@ -45,7 +45,7 @@ _NO_CHANGE = ("no changes needed",)
 
 @dataclass(frozen=True)
 class FitCase:
-    """One comparison: a model, each RPC device's budget (MiB fit may use = free - margin), and the flags."""
+    """One comparison: a model, each RPC device's budget (the MiB fit may use there: free - --fit-target), the flags."""
 
     name: str
     model: Path
@@ -203,9 +203,11 @@ def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitCo
     from kvbook.ops.solver_fit import reported_free_mib
 
     eps = tuple(endpoints[:len(case.budgets_mib)])
-    for attempt in range(3):  # llama.cpp's log thread may lose the lines at exit (ops/fit_params.py): ask again
+    # what the devices report free does not depend on the model: asked with the bundled SmolLM2 (a short log;
+    # llama.cpp's log thread may lose a long log's lines at exit, ops/fit_params.py), again if it is lost
+    for attempt in range(3):
         try:
-            free_now = reported_free_mib(case.model, eps)
+            free_now = reported_free_mib(model_path("smollm2-135m"), eps)
             break
         except KeyError:
             if attempt == 2:
@@ -280,7 +282,7 @@ def format_table(results: Sequence[FitComparison]) -> str:
         e = sorted(abs(x) for x in r.memory_errors_pct)
         return f"{e[len(e) // 2]:.1f}% / {e[-1]:.1f}% ({len(e)})" if e else "-"
 
-    rows = ["| case | budgets MiB | flags | real llama-server --fit | kvbook predicts | same choice | replay of fit's "
+    rows = ["| case | target MiB | flags | real llama-server --fit | kvbook predicts | same choice | replay of fit's "
             "own MiB | kvbook MiB vs fit's, median / max abs (n) | logged MiB (real start) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:

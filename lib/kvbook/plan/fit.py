@@ -463,7 +463,17 @@ def fit_notes(fit: FitOutcome) -> list[str]:
     parts = [f"fit: {c}" for c in fit.changes] + ([fit.reason] if fit.reason else [])
     out = [head + (": " + "; ".join(parts) if parts else "")]
     if fit.status == "adjusted":
-        out.append("after --fit: " + " ".join(fit.adjusted_args))
+        out.append("after --fit: " + " ".join(_short_ot(fit.adjusted_args)))
+    return out
+
+
+def _short_ot(args: tuple[str, ...]) -> list[str]:
+    """The command line with a long -ot list shortened for text (--json has it whole)."""
+    out = list(args)
+    for i, a in enumerate(out[:-1]):
+        if a == "-ot" and len(out[i + 1]) > 100:
+            entries = out[i + 1].split(",blk")
+            out[i + 1] = f"'{entries[0]},...' ({len(entries)} entries; --json has them all)"
     return out
 
 
