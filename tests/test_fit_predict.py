@@ -13,14 +13,13 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from kvbook import cli
 from kvbook.interface import Device, MiB, Verdict
+from kvbook.memory.rules import plan_memory
 from kvbook.model.sources import load_model
 from kvbook.plan.devices import load_device
 from kvbook.plan.fit import predict_fit
 from kvbook.plan.flags import parse_server_args, replace
-from kvbook.memory.rules import plan_memory
 from kvbook.plan.planner import make_plan, place
 
 SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
@@ -149,7 +148,6 @@ def test_prediction_against_real_llama_server_fit(rpc_endpoints, tmp_path, name)
     fit projects. Small models (tens of MiB, compute buffers dominate): kvbook's memory is a few % off, which moves
     a layer at the edge, so only the search and the status are held to the real one (docs/fit.md)."""
     from bench_fit_predict import cases  # the benchmark's cases, one source
-
     from kvbook.ops.fit_check import compare_fit
 
     case = {c.name: c for c in cases(tmp_path, full_size=name in FULL)}[name]

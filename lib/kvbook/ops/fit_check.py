@@ -11,6 +11,7 @@ its logged buffers are read too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 from kvbook.errors import ServerError
 from kvbook.interface import MiB, Plan
 from kvbook.model.sources import load_model
-from kvbook.ops.components import find_llama_server, model_path
+from kvbook.ops.components import find_llama_server
 from kvbook.ops.logparse import parse_log
 from kvbook.ops.procs import free_port
 from kvbook.plan.devices import this_machine, with_rpc
@@ -88,7 +89,7 @@ class FitComparison:
     @property
     def same_choice(self) -> bool:
         """The same status, context and, per device, layers, partial layers and what the first partial keeps."""
-        strip = lambda s: (s.status, s.n_ctx, tuple(d[:4] for d in s.devices))  # noqa: E731
+        strip = lambda s: (s.status, s.n_ctx, tuple(d[:4] for d in s.devices))
         return strip(self.real) == strip(self.kvbook)
 
 
@@ -200,18 +201,11 @@ def run_server_fit(case: FitCase, endpoints: Sequence[str], margins_mib: Sequenc
 
 def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitComparison:
     """The real server's --fit and kvbook's prediction for one case, on the same free memory and margins."""
-    from kvbook.ops.solver_fit import reported_free_mib
-
     eps = tuple(endpoints[:len(case.budgets_mib)])
-    # what the devices report free does not depend on the model: asked with the bundled SmolLM2 (a short log;
-    # llama.cpp's log thread may lose a long log's lines at exit, ops/fit_params.py), again if it is lost
-    for attempt in range(3):
-        try:
-            free_now = reported_free_mib(model_path("smollm2-135m"), eps)
-            break
-        except KeyError:
-            if attempt == 2:
-                raise ServerError(f"llama-fit-params named no free memory for {eps} in three runs") from None
+    # a loopback RPC server's CPU backend reports this machine's physical memory as free, to the byte
+    # (ggml-cpu.cpp ggml_backend_cpu_device_get_memory: "assume that all of it is free")
+    free_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free_now = [free_bytes // MiB] * len(eps)
     margins = [max(f - b, 0) for f, b in zip(free_now, case.budgets_mib)]
     text, logged = run_server_fit(case, eps, margins, run_dir)
     given_ctx = _given_ctx(case.args)
@@ -219,7 +213,9 @@ def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitCo
     real, free = read_fit_log(text, len(eps), given_ctx, bool(arch.n_expert))
     if len(free) < len(eps):
         raise ServerError(f"llama-server's log names no free memory for every RPC device ({free}); log in {run_dir}")
-    device = with_rpc(this_machine(), eps, tuple(free[f"RPC{i}"] * MiB / 2**30 for i in range(len(eps))))
+    if any(free[f"RPC{i}"] != free_bytes // MiB for i in range(len(eps))):
+        raise ServerError(f"the RPC devices reported {free} MiB free, not this machine's {free_bytes // MiB} MiB")
+    device = with_rpc(this_machine(), eps, tuple(free_bytes / 2**30 for _ in eps))
     flags = parse_server_args(["-m", str(case.model), "--rpc", ",".join(eps), *case.args,
                                "--fit-target", ",".join(map(str, margins))])
     plan = make_plan(arch, flags, device)
@@ -261,7 +257,8 @@ def _with_ctx(args: Sequence[str], ctx: int) -> list[str]:
 
 
 def _given_ctx(args: Sequence[str]) -> int:
-    for flag, value in zip(args, args[1:]):
+    """The -c the case sets (0: none)."""
+    for flag, value in itertools.pairwise(args):
         if flag in ("-c", "--ctx-size"):
             return int(value)
     return 0
@@ -282,8 +279,8 @@ def format_table(results: Sequence[FitComparison]) -> str:
         e = sorted(abs(x) for x in r.memory_errors_pct)
         return f"{e[len(e) // 2]:.1f}% / {e[-1]:.1f}% ({len(e)})" if e else "-"
 
-    rows = ["| case | target MiB | flags | real llama-server --fit | kvbook predicts | same choice | replay of fit's "
-            "own MiB | kvbook MiB vs fit's, median / max abs (n) | logged MiB (real start) |",
+    rows = [("| case | target MiB | flags | real llama-server --fit | kvbook predicts | same choice | replay of fit's "
+             "own MiB | kvbook MiB vs fit's, median / max abs (n) | logged MiB (real start) |"),
             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         replay = "-" if r.replay_same is None else "same" if r.replay_same else "**differs**"
