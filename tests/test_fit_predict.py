@@ -136,7 +136,7 @@ def test_the_solver_alternative_still_comes_with_fit_off() -> None:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
-SMALL = ("gemma3 2 RPC, -c set", "smollm2 2 RPC, -c set", "MoE 2 RPC, experts move", "MoE 2 RPC, -ngl set")
+SMALL = ("smollm2 2 RPC, -c set", "MoE 2 RPC, experts move", "MoE 2 RPC, -ngl set")
 FULL = ("Qwen3.6-35B-A3B at an RTX 4090's target (issue case)", "gpt-oss-120b 2 RPC, no -c")
 
 
