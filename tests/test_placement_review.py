@@ -272,8 +272,11 @@ def test_a_custom_gpu_is_cuda0(capsys) -> None:
 
 def test_a_model_bigger_than_the_gpu_gets_the_solvers_placement_as_an_alternative(capsys) -> None:
     """The issue's first complaint: gpt-oss-120b on an RTX 4090 + 64 GB without -ngl was 'does not fit, no
-    alternatives' where llama-server's --fit starts it with experts on the CPU."""
-    doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768")
+    alternatives' where llama-server's --fit starts it with experts on the CPU. With --fit on (the default) the
+    plan is of fit's own choice (tests/test_fit_predict.py); with --fit off the solver's placement is offered."""
+    fitted = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768")
+    assert fitted["verdict"] != "does not fit" and fitted["fit"]["status"] == "adjusted"
+    doc = plan_json(capsys, ["--device", "rtx-4090-host-64"], "-m", "gpt-oss-120b", "-c", "32768", "--fit", "off")
     assert doc["verdict"] == "does not fit"
     placement = [a for a in doc["alternatives"] if a["change"].startswith("placement")]
     # it starts; within --fit's 1 GiB margin of the free memory after the CUDA context it is "tight" (the solver
@@ -282,6 +285,6 @@ def test_a_model_bigger_than_the_gpu_gets_the_solvers_placement_as_an_alternativ
     assert "--n-cpu-moe" in placement[0]["change"]
     again = plan_json(capsys, ["--device", "rtx-4090-host-64"], *placement[0]["flags"])
     assert again["verdict"] == placement[0]["verdict"] and any(r["device"] == "CPU" for r in again["placement"]["experts"])
-    small = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "16"], "-m", "gpt-oss-120b", "-c", "32768")
+    small = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "16"], "-m", "gpt-oss-120b", "-c", "32768", "--fit", "off")
     assert not [a for a in small["alternatives"] if a["change"].startswith("placement")]
     assert any("no placement of -ngl / --n-cpu-moe / -ts starts" in n for n in small["notes"])

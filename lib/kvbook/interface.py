@@ -191,6 +191,8 @@ class ServerFlags:
     ctx_checkpoints: int = 32
     gpu_layers: str = "auto"
     fit: bool = True
+    fit_target_mib: tuple[int, ...] = (1024,)  # --fit-target: MiB --fit keeps free per device (one value: every device)
+    fit_ctx: int = 4096  # --fit-ctx: the smallest context per stream --fit lowers an unset -c to
     no_kv_offload: bool = False
     rpc: tuple[str, ...] = ()  # --rpc host:port,... (each one a device, in order)
     tensor_split: tuple[float, ...] = ()  # -ts
@@ -490,6 +492,21 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class FitOutcome:
+    """What llama-server's --fit (common/fit.cpp) is predicted to do to the command line at start (plan/fit.py)."""
+
+    status: str  # "off", "no change", "adjusted", "failed" (fit gives up; the server goes on), "not predicted"
+    changes: tuple[str, ...] = ()  # what fit changed (or kept), in its order
+    reason: str = ""  # why fit fails, or why kvbook could not predict it
+    given_args: tuple[str, ...] = ()  # the user's command line
+    adjusted_args: tuple[str, ...] = ()  # the command line the server runs after fit (the plan's)
+    targets: tuple[tuple[str, int], ...] = ()  # (device, bytes fit may use: free - --fit-target)
+    used: tuple[tuple[str, int], ...] = ()  # (device, model + context + compute bytes kvbook plans there)
+    layers: tuple[tuple[str, int, int, str], ...] = ()  # (device, layers, of them partial, what the first partial keeps)
+    evaluations: int = 0  # placements kvbook planned to follow fit's search
+
+
+@dataclass(frozen=True)
 class Plan:
     """The planner's answer for one model, one command line and one device."""
 
@@ -508,6 +525,7 @@ class Plan:
     layers_on: tuple[str, ...] = ()  # the device (pool name) of each repeating layer, NextN ones included
     output_on: str = ""  # the device of the output layer
     experts_on: tuple[str, ...] = ()  # the device of each layer's experts (() for a dense model)
+    fit: FitOutcome | None = None  # llama-server's --fit at start, predicted (None: not looked at)
 
     @property
     def compute_calibrated(self) -> bool:

@@ -161,6 +161,11 @@ def _bool_value(flag: str, value: str) -> bool:
     raise BadInput(f"{flag}: unknown value '{value}'; choose one of {', '.join((*TRUTHY, *FALSEY))}")
 
 
+def _fit_target(flag: str, value: str) -> tuple[int, ...]:
+    """--fit-target MiB0,MiB1,...: MiB --fit leaves free per device, one value for every device (common/arg.cpp)."""
+    return tuple(_int(flag, v, 0) for v in value.split(","))
+
+
 def _rpc(flag: str, value: str) -> tuple[str, ...]:
     """--rpc host:port[,host:port...], each one checked."""
     out = []
@@ -276,6 +281,8 @@ _VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "-ctxcp": ("ctx_checkpoints", lambda f, v: _int(f, v, 0)),
     "-ngl": ("gpu_layers", _ngl),
     "-fit": ("fit", _bool_value),
+    "-fitt": ("fit_target_mib", lambda f, v: _fit_target(f, v)),
+    "-fitc": ("fit_ctx", lambda f, v: _int(f, v, 0)),
     "--rpc": ("rpc", _rpc),
     "-ncmoe": ("cpu_moe_layers", lambda f, v: _int(f, v, 0)),
     "-ts": ("tensor_split", _split),
@@ -327,6 +334,7 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
 _EFFECT = {
     "model": "the model", "ctx": "context size: every cache", "parallel": "slots: context per slot, caches, logits",
     "kv_unified": "slots share one KV stream", "fit": "-c 0 sizing and start-up fitting",
+    "fit_target_mib": "what --fit keeps free on each device", "fit_ctx": "the smallest -c --fit may lower to",
     "type_k": "K cache bytes", "type_v": "V cache bytes", "flash_attn": "V row padding and the compute buffer",
     "batch": "logical batch (caps the ubatch)", "ubatch": "compute buffer and sliding-window cells",
     "swa_full": "sliding-window cache size and checkpoints", "cache_ram_mib": "host growth: prompt cache",

@@ -149,14 +149,12 @@ def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main:
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
-    """-ngl as a layer count for a spread plan. With RPC devices auto is refused (it is the server's --fit
-    choice, not a placement); on a local GPU auto means all, which --fit may lower at start."""
-    rpc = any(p.kind == "rpc" for p in device.pools)
-    if flags.gpu_layers in ("all", "-1") or (flags.gpu_layers == "auto" and not rpc):
+    """-ngl as a layer count for a spread plan: auto (the default) and all are every layer and the output
+    (llama_model::n_gpu_layers); with --fit on, make_plan has already replaced an auto -ngl that does not fit
+    by fit's own count (plan/fit.py)."""
+    del device
+    if flags.gpu_layers in ("all", "-1", "auto"):
         return arch.n_layer + arch.n_layer_nextn + 1
-    if flags.gpu_layers == "auto":
-        raise BadInput("--rpc needs -ngl N (or -ngl all): with -ngl auto llama-server's --fit picks the layers, and "
-                       "kvbook plans a given placement")
     return int(flags.gpu_layers)
 
 
@@ -666,8 +664,17 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     calibrations = device.calibrations
     device = with_rpc(device, flags.rpc)  # binds the --rpc endpoints (a no-op without RPC devices)
     device = dataclasses.replace(effective_device(device, flags), calibrations=calibrations)
+    fit = None
     memory = memory or plan_memory(arch, flags)
     usages = place(arch, flags, memory, device)
+    if searched:  # what --fit does at start (plan/fit.py): the plan is of the flags the server then runs
+        from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
+
+        given = flags
+        flags, fit = predict_fit(arch, flags, device, usages)
+        if flags is not given:
+            memory = plan_memory(arch, flags)
+            usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
     notes_extra = []
     if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
@@ -717,8 +724,11 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
                      "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
         notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
-    if flags.fit:
-        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit")
+    if fit is not None:
+        notes += fit_notes(fit)
+    elif flags.fit:
+        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit "
+                     "(not predicted: the caches are llama.cpp's own accounting)")
     if flags.from_env:
         notes.append("read from the environment, as llama-server reads them (the command line wins): "
                      + " ".join(flags.from_env))
@@ -740,4 +750,5 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         layers_on=layers_on,
         output_on=output_on,
         experts_on=expert_pools(arch, flags, device, layers_on),
+        fit=fit,
     )

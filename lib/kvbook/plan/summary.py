@@ -14,8 +14,9 @@ def _size(n: int) -> str:
 
 # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes
 # and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); 6: "host_growth",
-# pools[] and devices[] "includes"; bump on any change to the keys below; lib/kvbook/data/plan.schema.json describes them
-SCHEMA_VERSION = 6
+# pools[] and devices[] "includes"; 7: "fit" (what llama-server's --fit changes at start); bump on any change to the
+# keys below; lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 7
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -71,7 +72,28 @@ def plan_summary(plan: Plan) -> dict:
         "litellm_max_input_tokens": plan.litellm_max_input_tokens,
         "notes": list(plan.notes),
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
+        "fit": fit_entry(plan),
     }
+
+
+def fit_entry(plan: Plan) -> dict | None:
+    """What llama-server's --fit does at start (plan/fit.py); None where it was not looked at."""
+    fit = plan.fit
+    if fit is None:
+        return None
+    return {"status": fit.status, "changes": list(fit.changes), "reason": fit.reason,
+            "given_args": list(fit.given_args), "adjusted_args": list(fit.adjusted_args),
+            "devices": [{"name": _device_name(plan, n), "target_bytes": t, "used_bytes": dict(fit.used).get(n),
+                         **_fit_layers(fit, n)} for n, t in fit.targets],
+            "evaluations": fit.evaluations}
+
+
+def _fit_layers(fit, name: str) -> dict:
+    """The layers fit gives a device: how many, how many of them partial (experts on the CPU), and what the
+    first partial one keeps (MOE: all but its experts; UP / GATE / ATTN: part of its dense FFN too)."""
+    row = next((r for r in fit.layers if r[0] == name), None)
+    return {"n_layer": row[1], "n_partial": row[2], "first_partial_keeps": row[3]} if row else {
+        "n_layer": None, "n_partial": None, "first_partial_keeps": None}
 
 
 def draft_entry(plan: Plan) -> dict | None:
