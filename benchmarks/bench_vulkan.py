@@ -49,8 +49,15 @@ def main() -> int:
                 continue
             t0 = time.monotonic()
             log = Path(tmp) / f"case-{n}.log"
-            row = run_case(case, server, Path(tmp), keep_log=log)
+            try:
+                row = run_case(case, server, Path(tmp), keep_log=log)
+            except Exception as e:  # one failed run is reported and the grid goes on
+                print(f"FAILED {case.id}: {type(e).__name__}: {e}", flush=True)
+                continue
             rows.append(row)
+            if not args.k:  # written as it goes: a long grid on a loaded machine keeps what it measured
+                DATA.parent.mkdir(parents=True, exist_ok=True)
+                DATA.write_text("".join(row_json(r) + "\n" for r in rows))
             print(f"{time.monotonic() - t0:5.1f} s  {case.id}: compute error % {row.compute_error_pct}", flush=True)
             if args.logs:
                 name = f"{n:03d}-{slug(case.id)}.log"
@@ -64,11 +71,7 @@ def main() -> int:
                               "command": row.command, "env": row.env, "case": case.id,
                               "source_url": "measured by kvbook benchmarks/bench_vulkan.py",
                               "has": ["print_info", "model_buffer", "kv", "compute", "output", "context"]})
-    if not args.k:
-        DATA.parent.mkdir(parents=True, exist_ok=True)
-        DATA.write_text("".join(row_json(r) + "\n" for r in rows))
-    if args.logs:
-        (args.logs / "INDEX.jsonl").write_text("".join(json.dumps(i) + "\n" for i in index))
+                (args.logs / "INDEX.jsonl").write_text("".join(json.dumps(i) + "\n" for i in index))
     print("\n| case | device | logged compute MiB | planned MiB | error % |\n|---|---|---:|---:|---:|")
     errors = []
     for r in rows:

@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvbook.interface import MiB
 from kvbook.ops.logparse import LoggedMemory, mib2
 
 LAVAPIPE_MIB = 2048  # what lavapipe reports as the device's memory (llama-server --list-devices)
@@ -66,33 +65,28 @@ def _c(model: str, *flags: str, vulkan: int = 1, rpc: int = 0) -> Case:
     return Case(model, tuple(flags), vulkan, rpc)
 
 
-CASES: tuple[Case, ...] = (
-    # dense (SmolLM2-135M, 30 layers, tied output)
-    _c("smollm2", "-ngl", "all", *COMMON),
+CASES: tuple[Case, ...] = (  # most telling first (benchmarks/bench_vulkan.py runs them in this order)
+    _c("smollm2", "-ngl", "all", *COMMON),  # dense, SmolLM2-135M: 30 layers, tied output
     _c("smollm2", "-ngl", "12", *COMMON),
+    _c("gemma3", "-ngl", "all", "-c", "8192", "-np", "1"),  # sliding window, Gemma 3 270M: 15 SWA + 3 full layers
+    _c("gemma3", "-ngl", "all", "-ts", "1,1", *COMMON, vulkan=2),  # two Vulkan devices
+    _c("moe", "-ngl", "all", "--n-cpu-moe", "2", *COMMON),  # synthetic Qwen3-MoE
+    _c("hybrid", "-ngl", "4", *COMMON),  # synthetic Qwen3.5 hybrid
+    _c("gemma3", "-ngl", "all", *COMMON, rpc=1),  # Vulkan beside a loopback RPC device
     _c("smollm2", "-ngl", "all", "-fa", "on", *COMMON),
+    _c("gemma3", "-ngl", "10", "-fa", "on", "-c", "8192", "-np", "2"),
     _c("smollm2", "-ngl", "all", "-fa", "off", "-c", "8192", "-np", "2", "-ub", "128"),
     _c("smollm2", "-ngl", "all", "-fa", "on", "-c", "8192", "-np", "1", "-b", "2048", "-ub", "1024"),
+    _c("moe", "-ngl", "all", "-ot", "exps=CPU", "-fa", "on", *COMMON),
     _c("smollm2", "-ngl", "all", "-ot", r"blk\.(1|2)\.ffn_.*=CPU", *COMMON),
     _c("smollm2", "-ngl", "12", "--no-mmap", *COMMON),
     _c("smollm2", "-ngl", "all", "-nkvo", *COMMON),
-    _c("smollm2", "-ngl", "20", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "-c", "6000", "-np", "3"),
-    # sliding window (Gemma 3 270M, 18 layers: 15 SWA + 3 full)
-    _c("gemma3", "-ngl", "all", "-c", "8192", "-np", "1"),
-    _c("gemma3", "-ngl", "10", "-fa", "on", "-c", "8192", "-np", "2"),
     _c("gemma3", "-ngl", "all", "--swa-full", "-fa", "off", "-ub", "256", *COMMON),
-    _c("gemma3", "-ngl", "0", *COMMON),
-    # two Vulkan devices
-    _c("gemma3", "-ngl", "all", "-ts", "1,1", *COMMON, vulkan=2),
     _c("smollm2", "-ngl", "24", "-ts", "3,1", "-fa", "on", *COMMON, vulkan=2),
-    # Vulkan beside a loopback RPC device (llama.cpp orders RPC first)
-    _c("gemma3", "-ngl", "all", *COMMON, rpc=1),
-    # MoE and hybrid (synthetic)
-    _c("moe", "-ngl", "all", *COMMON),
-    _c("moe", "-ngl", "all", "--n-cpu-moe", "2", *COMMON),
-    _c("moe", "-ngl", "all", "-ot", "exps=CPU", "-fa", "on", *COMMON),
     _c("hybrid", "-ngl", "all", "-c", "4096", "-np", "2"),
-    _c("hybrid", "-ngl", "4", *COMMON),
+    _c("moe", "-ngl", "all", *COMMON),
+    _c("gemma3", "-ngl", "0", *COMMON),
+    _c("smollm2", "-ngl", "20", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "-c", "6000", "-np", "3"),
 )
 
 
@@ -197,12 +191,11 @@ def compare(case: Case, argv: Sequence[str], logged: LoggedMemory, doc: Mapping,
 
 
 @contextlib.contextmanager
-def rpc_endpoints(n: int, run_dir: Path) -> Iterator[list[str]]:
-    """n loopback ggml-rpc-servers of the pinned CPU build (its RPC device serves the CPU backend)."""
-    from kvbook.ops.components import find_tool
+def rpc_endpoints(n: int, run_dir: Path, binary: Path) -> Iterator[list[str]]:
+    """n loopback ggml-rpc-servers (started before GGML_VK_VISIBLE_DEVICES is set, so they serve the CPU)."""
     from kvbook.ops.rpc import start_rpc_server
 
-    servers = [start_rpc_server(run_dir, binary=find_tool("ggml-rpc-server")) for _ in range(n)]
+    servers = [start_rpc_server(run_dir, binary=binary) for _ in range(n)]
     try:
         yield [f"{s.spec.host}:{s.spec.port}" for s in servers]
     finally:
@@ -215,7 +208,7 @@ def run_case(case: Case, server: Path, run_dir: Path, *, keep_log: Path | None =
     from kvbook.ops.llama_server import start_llama_server
 
     model = model_file(case.model, run_dir)
-    with rpc_endpoints(case.rpc, run_dir) as endpoints:
+    with rpc_endpoints(case.rpc, run_dir, server.parent / "ggml-rpc-server") as endpoints:
         argv = argv_for(case, model, endpoints)
         doc = plan_json(case, argv)
         saved = {k: os.environ.get(k) for k in case.env}
@@ -236,5 +229,3 @@ def run_case(case: Case, server: Path, run_dir: Path, *, keep_log: Path | None =
 def row_json(row: Row) -> str:
     return json.dumps(asdict(row), sort_keys=True)
 
-
-__all__ = ["CASES", "Case", "Row", "compare", "logged_by_device", "planned_by_device", "run_case", "MiB"]
