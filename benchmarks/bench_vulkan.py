@@ -56,9 +56,12 @@ def main() -> int:
                 print(f"FAILED {case.id}: {type(e).__name__}: {e}", flush=True)
                 continue
             rows.append(row)
-            if not args.k:  # written as it goes: a long grid on a loaded machine keeps what it measured
-                DATA.parent.mkdir(parents=True, exist_ok=True)
-                DATA.write_text("".join(row_json(r) + "\n" for r in rows))
+            # written as it goes (a long grid on a loaded machine keeps what it measured); with -k the other
+            # cases' rows stay, in CASES order
+            DATA.parent.mkdir(parents=True, exist_ok=True)
+            kept = {json.loads(line)["case"]: line for line in (DATA.read_text().splitlines() if DATA.is_file() else ())}
+            kept.update({r.case: row_json(r) for r in rows})
+            DATA.write_text("".join(kept[c.id] + "\n" for c in CASES if c.id in kept))
             print(f"{time.monotonic() - t0:5.1f} s  {case.id}: compute error % {row.compute_error_pct}", flush=True)
             if args.logs:
                 name = f"{n:03d}-{slug(case.id)}.log"

@@ -79,7 +79,7 @@ CASES: tuple[Case, ...] = (  # most telling first (benchmarks/bench_vulkan.py ru
     _c("smollm2", "-ngl", "all", "-fa", "on", "-c", "8192", "-np", "1", "-b", "2048", "-ub", "1024"),
     _c("moe", "-ngl", "all", "-ot", "exps=CPU", "-fa", "on", *COMMON),
     _c("smollm2", "-ngl", "all", "-ot", r"blk\.(1|2)\.ffn_.*=CPU", *COMMON),
-    _c("smollm2", "-ngl", "12", "--no-mmap", *COMMON),
+    _c("smollm2", "-ngl", "12", "-lm", "none", *COMMON),  # no mmap: CPU weights in Vulkan_Host
     _c("smollm2", "-ngl", "all", "-nkvo", *COMMON),
     _c("gemma3", "-ngl", "all", "--swa-full", "-fa", "off", "-ub", "256", *COMMON),
     _c("smollm2", "-ngl", "24", "-ts", "3,1", "-fa", "on", *COMMON, vulkan=2),
