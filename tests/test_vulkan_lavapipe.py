@@ -18,7 +18,7 @@ from kvbook.testing.vulkan import CASES, argv_for, model_file, plan_json, planne
 DATA = Path(__file__).resolve().parent / "data" / "vulkan" / "lavapipe.jsonl"
 BY_ID = {c.id: c for c in CASES}
 # compute on a device that runs layers (Vulkan<n>, RPC<n>): kvbook's calibrated estimate within this band of
-# lavapipe's buffer (measured: |error| median 8.8%, max 27% over the grid, docs/accuracy.md); the CPU's is off by
+# lavapipe's buffer (measured: |error| median 8.0%, max 27% over the grid, docs/accuracy.md); the CPU's is off by
 # up to 2.3x where layers stay on the CPU, since Vulkan's op offload runs their big-batch matmuls on the GPU
 # (ggml-backend.cpp ggml_backend_sched offload_op; not modelled yet): a wider band, stated
 GPU_BAND_PCT, HOST_LOW, HOST_HIGH, FLOOR_MIB = 30.0, 0.75, 2.5, 5.0
