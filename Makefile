@@ -3,7 +3,9 @@
 #
 #   make setup   bootstrap only: .venv, pinned Python deps, llama-server, models, Claude Code
 #   make demo    setup, then `kvbook demo`
-#   make test    setup + Chromium, then pytest against the pinned llama-server
+#   make test    setup + Chromium, then pytest against the pinned llama-server (Vulkan tests only if built)
+#   make vulkan  setup + the Vulkan build (Debian's Vulkan packages, Mesa lavapipe; ~10-20 min once)
+#   make test-vulkan  make vulkan, then the tests that run the real Vulkan llama-server
 #   make bench   setup, then every benchmarks/*.py in order
 #   make doctor  one line per outside component (versions, paths, sha256 status)
 #   make lock    re-resolve requirements.in in a scratch venv -> hashed requirements.lock + environment.yml
@@ -18,10 +20,10 @@ VENV := $(if $(KVBOOK_VENV),$(KVBOOK_VENV),.venv)
 BOOTSTRAP := $(PYTHON) tools/bootstrap.py
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test bench doctor lock clean check-python
+.PHONY: help setup demo test vulkan test-vulkan bench doctor lock clean check-python
 
 help:
-	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
 
 check-python:
 	@if ! command -v $(PYTHON) >/dev/null 2>&1; then \
@@ -45,6 +47,14 @@ test: check-python
 	rc=0; KVBOOK_LLAMA_SERVER="$$server" $(VENV)/bin/python -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; rc=0; fi; \
 	exit $$rc
+
+vulkan: check-python
+	@$(BOOTSTRAP) --with-vulkan
+
+# KVBOOK_VULKAN=require: a missing Vulkan build fails these tests instead of deselecting them (tests/conftest.py)
+test-vulkan: check-python
+	@$(BOOTSTRAP) --with-vulkan
+	@KVBOOK_VULKAN=require $(VENV)/bin/python -m pytest -m vulkan $(PYTEST_ARGS)
 
 bench: check-python
 	@$(BOOTSTRAP)

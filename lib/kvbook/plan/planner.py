@@ -89,7 +89,13 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     if device.unified or not any(p.kind == "gpu" for p in device.pools):
         return False
     partial = flags.gpu_layers not in ("auto", "all", "-1") and 0 < int(flags.gpu_layers) < arch.n_layer + arch.n_layer_nextn + 1
-    return partial or (flags.cpu_moe_layers != 0 and bool(arch.n_expert)) or _ot_moves(arch, flags)
+    # with the GGUF's tensors a fully offloaded discrete GPU is placed per tensor too: the input layer's token_embd
+    # stays on the CPU (mapped) and the CPU backend keeps a compute buffer of its own (Vulkan_Host / CUDA_Host),
+    # which one GPU pool holding every tensor would miss (measured on Vulkan, docs/accuracy.md); not yet with a
+    # LoRA, a draft model or a projector, whose per-device placement the spread plan does not model
+    full = (bool(arch.tensors) and not flags.lora and arch.draft is None and arch.projector is None
+            and (flags.gpu_layers in ("auto", "all", "-1") or int(flags.gpu_layers) > 0))
+    return partial or full or (flags.cpu_moe_layers != 0 and bool(arch.n_expert)) or _ot_moves(arch, flags)
 
 
 def _ot_moves(arch: ModelArch, flags: ServerFlags) -> bool:

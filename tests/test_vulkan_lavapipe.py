@@ -1,0 +1,96 @@
+"""A real GPU backend without a GPU: the pinned llama.cpp built with Vulkan (`make vulkan`) runs on Mesa's lavapipe,
+and for each flag set every device's model and KV buffers (Vulkan0, Vulkan1, the CPU's CPU_Mapped / CPU_REPACK /
+Vulkan_Host, RPC) equal kvbook's plan to the printed MiB; compute buffers are compared within a stated error.
+
+The live tests are marked `vulkan`: without the build they are deselected and the session summary says so
+(tests/conftest.py); `make test-vulkan` builds it and makes them fail instead. The replay test re-plans every
+committed measurement (tests/data/vulkan/lavapipe.jsonl, benchmarks/bench_vulkan.py) and needs no Vulkan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvbook.testing.vulkan import CASES, argv_for, model_file, plan_json, planned_by_device, run_case
+
+DATA = Path(__file__).resolve().parent / "data" / "vulkan" / "lavapipe.jsonl"
+BY_ID = {c.id: c for c in CASES}
+# compute on a device that runs layers (Vulkan<n>, RPC<n>): kvbook's calibrated estimate within this band of
+# lavapipe's buffer (measured: |error| median 8.0%, max 27% over the grid, docs/accuracy.md); the CPU's is off by
+# up to 2.3x where layers stay on the CPU, since Vulkan's op offload runs their big-batch matmuls on the GPU
+# (ggml-backend.cpp ggml_backend_sched offload_op; not modelled yet): a wider band, stated
+GPU_BAND_PCT, HOST_LOW, HOST_HIGH, FLOOR_MIB = 30.0, 0.75, 2.5, 5.0
+# Gaps measured here and not modelled yet, each checked to be exactly what it is (so a fix makes them fail):
+# lavapipe's maxStorageBufferRange is 128 MiB and without 64-bit indexing ggml-vulkan's supports_op rejects any
+# larger tensor (ggml-vulkan.cpp ggml_backend_vk_device_supports_op, tensor_size_supported), so Gemma's 170 MiB
+# tied output stays on the CPU (mapped, no copy) where kvbook puts a copy on the output's Vulkan device; with
+# -lm none the CPU's weights are the CPU tensors alone (Vulkan_Host buffer), not the mapped range kvbook plans
+TIED_OUTPUT_MIB = 170.0
+KNOWN_WEIGHTS = {  # case -> (device, planned - logged MiB)
+    "gemma3-1vk -ngl all -c 8192 -np 1": ("Vulkan0", TIED_OUTPUT_MIB),
+    "gemma3-2vk -ngl all -ts 1,1 -c 4096 -np 1": ("Vulkan1", TIED_OUTPUT_MIB),
+    "gemma3-1vk-1rpc -ngl all -c 4096 -np 1": ("Vulkan0", TIED_OUTPUT_MIB),
+    "gemma3-1vk -ngl 10 -fa on -c 8192 -np 2": ("Vulkan0", TIED_OUTPUT_MIB),
+    "gemma3-1vk -ngl all --swa-full -fa off -ub 256 -c 4096 -np 1": ("Vulkan0", TIED_OUTPUT_MIB),
+    "smollm2-1vk -ngl 12 -lm none -c 4096 -np 1": ("CPU", 23.25),
+}
+# a Vulkan device that runs no layer still computes the offloaded big-batch matmuls (-ngl 0: 23.44 MiB), or
+# nothing when its only tensor (the oversized output) stayed on the CPU: kvbook plans neither
+KNOWN_COMPUTE = {("gemma3-1vk -ngl 0 -c 4096 -np 1", "Vulkan0"), ("gemma3-1vk-1rpc -ngl all -c 4096 -np 1", "Vulkan0")}
+BOUND_CASES = {"smollm2-1vk -ngl all -ot blk\\.(1|2)\\.ffn_.*=CPU -c 4096 -np 1"}  # -ot dense matmuls: the plan's bound
+LIVE = [c for c in CASES if c.id in {  # one of each kind; the full grid runs in benchmarks/bench_vulkan.py
+    "smollm2-1vk -ngl 12 -c 4096 -np 1",
+    "gemma3-2vk -ngl all -ts 1,1 -c 4096 -np 1",
+    "moe-1vk -ngl all --n-cpu-moe 2 -c 4096 -np 1",
+    "hybrid-1vk -ngl 4 -c 4096 -np 1",
+}]
+
+
+def rows() -> list[dict]:
+    return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+
+
+def check_device_rows(case_id: str, logged: dict, planned: dict) -> None:
+    """Weights, CPU_REPACK and KV exact per device (or exactly the known gap); compute in its stated band."""
+    assert set(logged) == set(planned), (case_id, logged, planned)
+    for dev, got in logged.items():
+        want = planned[dev]
+        gap = KNOWN_WEIGHTS.get(case_id)
+        if gap and gap[0] == dev:
+            assert round(want["weights"] - got["weights"], 2) == gap[1], (case_id, dev, got, want)
+        else:
+            assert got["weights"] == want["weights"], (case_id, dev, got, want)
+        assert got["repack"] == want["repack"] and got["kv"] == want["kv"], (case_id, dev, got, want)
+        c_log, c_plan = got["compute"], want["compute"]
+        if (case_id, dev) in KNOWN_COMPUTE:
+            continue
+        if case_id in BOUND_CASES:
+            assert c_plan >= c_log, (case_id, dev, got, want)
+        elif dev == "CPU":
+            assert HOST_LOW * c_log - FLOOR_MIB <= c_plan <= HOST_HIGH * c_log + FLOOR_MIB, (case_id, dev, got, want)
+        else:
+            assert abs(c_plan - c_log) <= max(GPU_BAND_PCT / 100 * c_log, FLOOR_MIB), (case_id, dev, got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.vulkan
+@pytest.mark.parametrize("case", LIVE, ids=[c.id for c in LIVE])
+def test_vulkan_devices_hold_what_the_plan_says(case, tmp_path) -> None:
+    from kvbook.ops.components import vulkan_llama_server
+
+    row = run_case(case, vulkan_llama_server(), tmp_path)
+    assert any(dev.startswith("Vulkan") for dev in row.logged), row.logged  # it really ran on Vulkan
+    check_device_rows(case.id, row.logged, row.planned)
+
+
+def test_every_case_was_measured_and_replans_to_the_logged_buffers(tmp_path) -> None:
+    """The committed lavapipe measurements against today's rules, device by device."""
+    measured = rows()
+    assert [r["case"] for r in measured] == [c.id for c in CASES], "rerun benchmarks/bench_vulkan.py after changing CASES"
+    for r in measured:
+        case = BY_ID[r["case"]]
+        endpoints = [f"127.0.0.1:{50052 + i}" for i in range(case.rpc)]  # names only: planning contacts nothing
+        planned = planned_by_device(plan_json(case, argv_for(case, model_file(case.model, tmp_path), endpoints)))
+        check_device_rows(case.id, r["logged"], planned)
