@@ -7,12 +7,14 @@ to any address but loopback. Nothing can leave this machine: the namespace has n
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kvbook.ops.procs import kill_group
 from kvbook.testing.offline import ALIASES, netns_prefix, outside_attempts, outside_log_lines, strace_prefix
 
 pytestmark = pytest.mark.slow
@@ -36,11 +38,19 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, l
     find_llama_server()  # fails here, with its own message, where the pinned build is missing
     argv = [*prefix, *(tracer or []), sys.executable, "-m", "kvbook.testing.offline", str(out),
             "--claude", str(find_claude())]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    (out / "driver.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"offline stack run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        kill_group(proc)  # on a timeout or Ctrl-C nothing of the stack stays behind
+    (out / "driver.log").write_text(output)
+    assert proc.returncode == 0, f"offline stack run failed (exit {proc.returncode}):\n{output[-3000:]}"
     lines = trace.read_text(errors="replace").splitlines() if tracer else None
     return json.loads((out / "result.json").read_text()), out, lines
+
+
+def _no_stop(reason: str) -> str:
+    return re.sub(r"\(stop_reason [^)]*\)", "", reason)
 
 
 def _rounds(result: dict) -> list[dict[str, dict]]:
@@ -57,17 +67,24 @@ def test_every_alias_route_answers_as_direct_does(offline_run):
         for name, got in answers.items():
             assert got["stream_ok"], (name, got)
             assert got["text"] == direct["text"], f"{name} answered {got['text']!r}, direct {direct['text']!r}"
-            assert (got["tool_call_passed"], got["tool_call_reason"]) == \
-                (direct["tool_call_passed"], direct["tool_call_reason"]), name
+            # the same tool-call outcome and content; the stop reason may differ: the openai/ route reports
+            # end_turn where llama-server stopped at max_tokens (seen with litellm 1.106.2, docs/serving.md)
+            assert (got["tool_call_passed"], _no_stop(got["tool_call_reason"])) == \
+                (direct["tool_call_passed"], _no_stop(direct["tool_call_reason"])), name
 
 
 def test_routed_first_byte_within_margin_of_direct(offline_run):
+    """Best of the two rounds per route against direct's best: the defect (a tokenizer download retried with 23 s
+    of back-off) is in every request, while a loaded shared machine's noise is not."""
     result, _, _ = offline_run
+    best: dict[str, float] = {}
     for answers in _rounds(result):
-        direct = answers.pop("direct:local")["ttfb_s"]
         for name, got in answers.items():
-            assert got["ttfb_s"] is not None and got["ttfb_s"] - direct < FIRST_BYTE_MARGIN_S, \
-                f"{name}: first byte {got['ttfb_s']:.2f} s, direct {direct:.2f} s"
+            assert got["ttfb_s"] is not None, (name, got)
+            best[name] = min(best.get(name, got["ttfb_s"]), got["ttfb_s"])
+    direct = best.pop("direct:local")
+    slow = {name: round(t - direct, 2) for name, t in best.items() if t - direct >= FIRST_BYTE_MARGIN_S}
+    assert not slow, f"routed first byte later than direct ({direct:.2f} s) by {slow} s"
 
 
 def test_claude_code_turn_completes_offline(offline_run):
