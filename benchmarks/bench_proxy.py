@@ -54,7 +54,7 @@ def main() -> int:
     samples: dict[tuple[str, str], list[float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="kvbook-proxy-") as tmp:
         run_dir = Path(tmp)
-        with start_llama_server(["-m", str(model_path("smollm2-135m")), "-c", "4096", "-np", "1", "--jinja"],
+        with start_llama_server(["-m", str(model_path("smollm2-135m")), "-c", "4096", "-np", "1", "-t", "1", "--jinja"],
                                 run_dir=run_dir) as server, \
                 start_proxy(alias_routes(server.base_url, aliases), run_dir=run_dir) as proxy:
             auth = {"x-api-key": proxy.master_key}

@@ -77,6 +77,9 @@ OFFLINE_SETTINGS: dict[str, bool] = {
     # prevents the token counter's Hugging Face tokenizer download by model name (5 retries, 23 s, every request;
     # a failed download is not cached): the bundled tiktoken counts instead
     "disable_hf_tokenizer_download": True,
+    # LiteLLM never counts tokens itself: /v1/messages/count_tokens answers llama-server's own count on both routes,
+    # and llama-server's error where it cannot count (an image without a projector) instead of a tiktoken guess
+    "disable_token_counter": True,
     # prevents telemetry in LiteLLM releases that read this setting
     "telemetry": False,
 }
