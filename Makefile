@@ -7,6 +7,7 @@
 #   make vulkan  setup + the Vulkan build (Debian's Vulkan packages, Mesa lavapipe; ~10-20 min once)
 #   make test-vulkan  make vulkan, then the tests that run the real Vulkan llama-server
 #   make bench   setup, then every benchmarks/*.py in order
+#   make lab     setup, then JupyterLab on loopback over notebooks/ (no run-time fetch from the internet)
 #   make doctor  one line per outside component (versions, paths, sha256 status)
 #   make lock    re-resolve requirements.in in a scratch venv -> hashed requirements.lock + environment.yml
 #   make clean   remove .venv and outputs/* (keeps the per-user cache: ~/.cache/kvbook)
@@ -20,10 +21,10 @@ VENV := $(if $(KVBOOK_VENV),$(KVBOOK_VENV),.venv)
 BOOTSTRAP := $(PYTHON) tools/bootstrap.py
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test vulkan test-vulkan bench doctor lock clean check-python
+.PHONY: help setup demo test vulkan test-vulkan bench lab doctor lock clean check-python
 
 help:
-	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,19p' Makefile | sed 's/^# \{0,1\}//'
 
 check-python:
 	@if ! command -v $(PYTHON) >/dev/null 2>&1; then \
@@ -61,6 +62,10 @@ bench: check-python
 	@shopt -s nullglob; files=(benchmarks/*.py); \
 	if [ $${#files[@]} -eq 0 ]; then echo "make bench: no benchmarks/*.py yet"; exit 0; fi; \
 	for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f" || exit $$?; done
+
+lab: check-python
+	@$(BOOTSTRAP)
+	$(VENV)/bin/python -m kvbook.notebook.lab
 
 doctor: check-python
 	@$(BOOTSTRAP)

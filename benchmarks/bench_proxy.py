@@ -1,10 +1,12 @@
-"""Proxy overhead: direct llama-server vs LiteLLM anthropic/ vs LiteLLM openai/, per request and per
-streamed event, on the bundled SmolLM2 with long streamed outputs. The routes are interleaved (the order
-rotates every repetition) so drift on this shared machine hits all three alike.
+"""Route overhead per model-name shape: direct llama-server vs LiteLLM's anthropic/ and openai/ routes, each alias
+shape LiteLLM treats differently (a llama-2/llama-3 name picks a Hugging Face tokenizer, a claude-* or command-r name
+others), streamed and not, on the bundled SmolLM2. One interleaved run: every repetition asks every target in an
+order that rotates, so drift on this shared machine hits all alike; the overhead is the paired difference to direct
+within the same repetition.
 
-    .venv/bin/python benchmarks/bench_proxy.py [--reps 20] [--tokens 256]
+    .venv/bin/python benchmarks/bench_proxy.py [--reps 10] [--tokens 64] [--aliases a,b,...]
 
-Prints medians and IQRs last and writes benchmarks/results/proxy.json.
+Prints a Markdown table (docs/serving.md holds a copy) and writes benchmarks/results/proxy.json.
 """
 
 from __future__ import annotations
@@ -20,71 +22,75 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from kvbook.ops.components import model_path  # noqa: E402
-from kvbook.ops.litellm import ROUTE_ANTHROPIC, ROUTE_OPENAI, default_routes, start_proxy  # noqa: E402
+from kvbook.ops.litellm import alias_routes, start_proxy  # noqa: E402
 from kvbook.ops.llama_server import start_llama_server  # noqa: E402
-from kvbook.smoke.checks import SmokeConfig, Target, check_stream_text  # noqa: E402
+from kvbook.smoke.checks import SmokeConfig, Target, check_stream_text, check_text  # noqa: E402
+
+ALIASES = ("llama-2-7b", "llama-3.1-8b-local", "claude-sonnet-4-5", "command-r", "qwen3", "gemma")
+MODES = ("streamed", "not streamed")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], statistics.median(values), q[2]
 
 
+def first_byte(target: Target, mode: str, cfg: SmokeConfig) -> float | None:
+    """Seconds to the first byte of the answer (streamed: the first event; not streamed: the whole answer)."""
+    result = check_stream_text(target, cfg) if mode == "streamed" else check_text(target, cfg)
+    return result.timings.ttfb_s if result.passed else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--aliases", default=",".join(ALIASES))
     args = ap.parse_args()
+    aliases = tuple(a for a in args.aliases.split(",") if a)
     cfg = SmokeConfig(text_tokens=args.tokens, timeout_s=300)
-    samples: dict[str, list] = {}
+    samples: dict[tuple[str, str], list[float | None]] = {}
     with tempfile.TemporaryDirectory(prefix="kvbook-proxy-") as tmp:
         run_dir = Path(tmp)
-        with start_llama_server(["-m", str(model_path("smollm2-135m")), "-c", "4096", "-np", "1", "--jinja"],
+        with start_llama_server(["-m", str(model_path("smollm2-135m")), "-c", "4096", "-np", "1", "-t", "1", "--jinja"],
                                 run_dir=run_dir) as server, \
-                start_proxy(default_routes(server.base_url), run_dir=run_dir) as proxy:
+                start_proxy(alias_routes(server.base_url, aliases), run_dir=run_dir) as proxy:
             auth = {"x-api-key": proxy.master_key}
-            targets = [Target("direct", server.base_url, "local"),
-                       Target("litellm-anthropic", proxy.base_url, ROUTE_ANTHROPIC, auth),
-                       Target("litellm-openai", proxy.base_url, ROUTE_OPENAI, auth)]
+            targets = [Target("direct", server.base_url, "local")]
+            targets += [Target(r.backend, proxy.base_url, r.model_name, auth) for r in proxy.routes]
             for t in targets:  # warm-up, not counted
-                check_stream_text(t, cfg)
+                first_byte(t, "streamed", cfg)
             for rep in range(args.reps):
-                order = targets[rep % 3:] + targets[: rep % 3]
-                for t in order:
-                    r = check_stream_text(t, cfg)
-                    if r.passed:
-                        samples.setdefault(t.route, []).append(r.timings)
-    result = {"reps": args.reps, "tokens": args.tokens, "routes": {}}
-    direct = samples.get("direct", [])
-    d_total = statistics.median(x.total_s for x in direct) if direct else None
-    for route, timings in samples.items():
-        totals = [x.total_s for x in timings]
-        ttfb = [x.ttfb_s for x in timings]
-        events = [x.events for x in timings]
-        rates = [x.tokens_per_s for x in timings if x.tokens_per_s]
-        ev_med = statistics.median(events)
-        overhead = statistics.median(totals) - d_total if d_total is not None else None
-        result["routes"][route] = {
-            "n": len(timings),
-            "total_s_q1_med_q3": quartiles(totals),
-            "ttfb_s_q1_med_q3": quartiles(ttfb),
-            "events_median": ev_med,
-            "tokens_per_s_median": statistics.median(rates) if rates else None,
-            "overhead_s_vs_direct": overhead,
-            "overhead_ms_per_event": (1000 * overhead / ev_med) if overhead is not None and ev_med else None,
-        }
+                for mode in MODES:
+                    shift = rep % len(targets)
+                    for t in targets[shift:] + targets[:shift]:
+                        samples.setdefault((t.model, mode), []).append(first_byte(t, mode, cfg))
+    rows = []
+    for (model, mode), values in samples.items():
+        direct = samples[("local", mode)]
+        ok = [v for v in values if v is not None]
+        paired = [v - d for v, d in zip(values, direct) if v is not None and d is not None]
+        alias = model.split("-via-")[0] if model != "local" else "-"
+        route = "direct" if model == "local" else ("openai/" if "-via-" in model else "anthropic/")
+        rows.append({"alias": alias, "route": route, "mode": mode, "n": len(ok), "failed": len(values) - len(ok),
+                     "first_byte_ms_q1_med_q3": [round(1000 * v, 1) for v in quartiles(ok)] if ok else None,
+                     "overhead_ms_q1_med_q3": [round(1000 * v, 1) for v in quartiles(paired)] if paired else None})
+    rows.sort(key=lambda r: (r["mode"], r["route"] != "direct", r["alias"], r["route"]))
     out = ROOT / "benchmarks" / "results" / "proxy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{args.reps} interleaved repetitions, {args.tokens} streamed tokens, SmolLM2-135M Q4_1, CPU")
-    print(f"{'route':18} {'total ms (IQR)':>24} {'ttfb ms (IQR)':>22} {'events':>7} {'tok/s':>7} {'overhead ms':>12} {'ms/event':>9}")
-    for route, r in result["routes"].items():
-        q1, med, q3 = (1000 * v for v in r["total_s_q1_med_q3"])
-        t1, tm, t3 = (1000 * v for v in r["ttfb_s_q1_med_q3"])
-        ov = r["overhead_s_vs_direct"]
-        pe = r["overhead_ms_per_event"]
-        print(f"{route:18} {med:9.1f} ({q1:7.1f}-{q3:7.1f}) {tm:7.1f} ({t1:6.1f}-{t3:6.1f}) {r['events_median']:7.0f} "
-              f"{(r['tokens_per_s_median'] or 0):7.1f} {1000 * ov if ov is not None else 0:12.1f} {pe or 0:9.3f}")
+    out.write_text(json.dumps({"reps": args.reps, "tokens": args.tokens, "rows": rows}, indent=1) + "\n")
+    print(f"{args.reps} interleaved repetitions, {args.tokens}-token answers, SmolLM2-135M Q4_1, CPU; "
+          f"first byte = first SSE event (streamed) or the whole answer (not streamed); overhead = route minus "
+          f"direct in the same repetition")
+    print("| alias | route | mode | first byte ms, median (IQR) | overhead vs direct ms, median (IQR) | failed |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fb, ov = r["first_byte_ms_q1_med_q3"], r["overhead_ms_q1_med_q3"]
+        fb_s = f"{fb[1]:.0f} ({fb[0]:.0f}-{fb[2]:.0f})" if fb else "-"
+        ov_s = f"{ov[1]:+.0f} ({ov[0]:+.0f} to {ov[2]:+.0f})" if ov and r["route"] != "direct" else "-"
+        print(f"| {r['alias']} | {r['route']} | {r['mode']} | {fb_s} | {ov_s} | {r['failed']} |")
     return 0
 
 

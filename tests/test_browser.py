@@ -11,12 +11,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from kvbook.notebook.lab import lab_argv, lab_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,18 +63,15 @@ def jupyter_lab(tmp_path):
     params.source += f"\noutput_dir = {str(tmp_path / 'out')!r}"
     nbformat.write(nb, str(tmp_path / "01-sizing.ipynb"))
     port = _free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "lib") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = lab_env()  # what `make lab` gives its kernels, with kvbook's offline settings
     for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
                      ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
         env[var] = str(tmp_path / "jupyter" / sub)
     log = tmp_path / "lab.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-             "--ServerApp.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}",
-             "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None", "--LabApp.check_for_updates_class="
-             "jupyterlab.NeverCheckForUpdate"],
+            lab_argv(tmp_path, ["--allow-root", "--no-browser", f"--port={port}", "--ServerApp.token=",
+                                "--ServerApp.password=", "--LabApp.expose_app_in_browser=True"]),
             cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     try:

@@ -4,6 +4,7 @@ results line is reported by number and the rest is still used."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,9 @@ def test_compare_notebook_from_a_fixture_results_file_renders_offline(tmp_path):
     assert s["verdict"] == "Verdict: base is better on 3 metric(s) beyond the noise and worse on none."
     page = run.html.read_text()
     assert "skipped results.jsonl line 8: not JSON" in page and "95% interval" in page
+    # opened offline, a report loads nothing: no require.js, MathJax or mermaid from a CDN (nbconvert's template and
+    # plotly's per-figure MathJax tag put them there)
+    assert re.findall(r"<script[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>", page) == [] and "cdnjs" not in page
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} not found: install Debian's Chromium (`apt-get install -y chromium`, done by make test)")
     from playwright.sync_api import sync_playwright

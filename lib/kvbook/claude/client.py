@@ -21,6 +21,24 @@ _VERSION_RE = re.compile(r"^(\d+\.\d+\.\d+)\s+\(Claude Code\)\s*$")
 STRIP_ENV = re.compile(r"^(ANTHROPIC_|CLAUDE_|CLAUDECODE$|AWS_BEARER_TOKEN_BEDROCK$|HTTPS?_PROXY$|https?_proxy$)")
 
 
+# Claude Code's switches against traffic to anything but ANTHROPIC_BASE_URL, each read by the 2.1.197 binary (found in
+# its strings); tests/test_offline_stack.py runs a turn with no network and traces every connect.
+CLAUDE_OFFLINE_ENV: dict[str, str] = {
+    # prevents all non-essential traffic: telemetry, error reports, feedback, feature flags, account notices
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+    # prevents usage telemetry (also implied by the switch above; kept for versions that read only this one)
+    "DISABLE_TELEMETRY": "1",
+    # prevents Sentry error reports
+    "DISABLE_ERROR_REPORTING": "1",
+    # prevents the update check and download (npm registry / Anthropic's release bucket)
+    "DISABLE_AUTOUPDATER": "1",
+    # prevents the feature-flag (GrowthBook) fetch
+    "DISABLE_GROWTHBOOK": "1",
+    # prevents the automatic install of Anthropic's plugin marketplace (a git clone from GitHub)
+    "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL": "1",
+}
+
+
 @dataclass(frozen=True)
 class ClaudeRun:
     """One finished `claude` process."""
@@ -41,9 +59,8 @@ def claude_env(home: Path, base_url: str, extra: Mapping[str, str] | None = None
         "XDG_CONFIG_HOME": str(home / ".config"),
         "ANTHROPIC_BASE_URL": base_url,
         "ANTHROPIC_API_KEY": "sk-ant-kvbook-dummy",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
         "NO_PROXY": "127.0.0.1,localhost",
+        **CLAUDE_OFFLINE_ENV,
     })
     env.update(extra or {})
     return env

@@ -16,6 +16,16 @@ from kvbook.paths import outputs_dir, repo_root
 from kvbook.yamlio import read_yaml
 
 INTERACTIVE_TAG = "interactive"  # cells dropped from HTML reports (widgets need a live kernel)
+# A report opened on a machine with no internet must load nothing from it. nbconvert 7's lab template puts require.js,
+# MathJax 2 and mermaid (cdnjs) in every page's head; this template drops those three blocks (reports embed plotly.js
+# and need none of them).
+_OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+# plotly's notebook renderer adds a MathJax <script src> from cdnjs to every figure's output: removed from the page.
+_REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>\s*</script>", re.IGNORECASE)
 _TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
 
 
@@ -129,8 +139,10 @@ def check_notebook_params(notebook: Path, params: dict[str, Any]) -> None:
 
 
 def export_html(executed: Path, html: Path) -> Path:
-    """Reader-facing HTML: code hidden, interactive cells dropped, plotly.js embedded by the notebook."""
+    """Reader-facing HTML: code hidden, interactive cells dropped, plotly.js embedded by the notebook, no script
+    loaded from the internet."""
     import nbformat
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import TagRemovePreprocessor
     from traitlets.config import Config
@@ -141,11 +153,13 @@ def export_html(executed: Path, html: Path) -> Path:
     cfg.HTMLExporter.exclude_input = True
     cfg.HTMLExporter.exclude_input_prompt = True
     cfg.HTMLExporter.exclude_output_prompt = True
-    exporter = HTMLExporter(config=cfg)
+    exporter = HTMLExporter(config=cfg, extra_loaders=[DictLoader({"kvbook-offline.html.j2": _OFFLINE_TEMPLATE})],
+                            template_file="kvbook-offline.html.j2")
     exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
     nb = nbformat.read(str(executed), as_version=4)
     nb.metadata.pop("widgets", None)  # saved widget state is dead without a kernel and ~10 MB with FigureWidgets
     body, _ = exporter.from_notebook_node(nb)
+    body = _REMOTE_SCRIPT.sub("", body)
     tmp = html.with_suffix(".html.tmp")
     tmp.write_text(body)
     tmp.replace(html)

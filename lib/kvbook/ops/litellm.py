@@ -1,5 +1,6 @@
 """LiteLLM proxy: a config written from a routing table, a per-run master key kept out of every
-report, offline start (local cost map), readiness on /health/liveliness and /health/readiness."""
+report, nothing fetched from the internet at run time (OFFLINE_ENV, OFFLINE_SETTINGS), readiness on
+/health/liveliness and /health/readiness."""
 
 from __future__ import annotations
 
@@ -44,6 +45,46 @@ class Route:
         }
 
 
+# LiteLLM's environment: every switch in litellm 1.106.2's source that stops a run-time fetch (each falls back to
+# data installed with the package). Without them a request to an alias containing llama-2 or llama-3 waited 23 s
+# for its first byte offline; tests/test_offline_stack.py runs the stack with no network at all.
+OFFLINE_ENV: dict[str, str] = {
+    # prevents the cost-map download from GitHub at start (3 retries, ~8 s offline)
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    # prevents the anthropic-beta header table download on the first anthropic/ request
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+    # prevents the admin UI's blog feed fetch from docs.litellm.ai
+    "LITELLM_LOCAL_BLOG_POSTS": "True",
+    # prevents the policy-template fetch from GitHub (management endpoints)
+    "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
+    # prevents the auto-router preset fetch from GitHub (public endpoints)
+    "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True",
+    # prevents Hugging Face Hub downloads: tokenizers picked by model name (llama-2, llama-3, command-r, claude)
+    "HF_HUB_OFFLINE": "1",
+    # the same for anything that loads through transformers
+    "TRANSFORMERS_OFFLINE": "1",
+    # prevents huggingface_hub's usage pings
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    # the cross-tool opt-out for any other library's telemetry
+    "DO_NOT_TRACK": "1",
+    # prevents telemetry in LiteLLM releases that have it (1.106.2 has none)
+    "LITELLM_TELEMETRY": "False",
+    # keeps loopback calls to llama-server off any HTTP(S)_PROXY the user has set
+    "NO_PROXY": "127.0.0.1,localhost",
+}
+# litellm_settings in the config (each set as litellm.<name> at start).
+OFFLINE_SETTINGS: dict[str, bool] = {
+    # prevents the token counter's Hugging Face tokenizer download by model name (5 retries, 23 s, every request;
+    # a failed download is not cached): the bundled tiktoken counts instead
+    "disable_hf_tokenizer_download": True,
+    # LiteLLM never counts tokens itself: /v1/messages/count_tokens answers llama-server's own count on both routes,
+    # and llama-server's error where it cannot count (an image without a projector) instead of a tiktoken guess
+    "disable_token_counter": True,
+    # prevents telemetry in LiteLLM releases that read this setting
+    "telemetry": False,
+}
+
+
 ROUTE_ANTHROPIC = "kvbook-anthropic"
 ROUTE_OPENAI = "kvbook-openai"
 
@@ -59,6 +100,16 @@ def default_routes(llama_url: str, upstream_model: str = "local", client_ids: tu
     if catch_all:
         routes.append(Route("claude-*", ANTHROPIC, upstream_model, llama_url))
     return tuple(routes)
+
+
+VIA_OPENAI = "-via-openai"
+
+
+def alias_routes(llama_url: str, aliases: tuple[str, ...]) -> tuple[Route, ...]:
+    """Each alias on both backends, sent upstream under its own name: `ALIAS` on anthropic/, `ALIAS-via-openai` on
+    openai/. LiteLLM picks per-request work (a tokenizer, a cost entry) from the name's shape, so the shape is kept."""
+    return tuple(route for alias in aliases for route in (Route(alias, ANTHROPIC, alias, llama_url),
+                                                          Route(alias + VIA_OPENAI, OPENAI, alias, llama_url)))
 
 
 def new_master_key() -> str:
@@ -81,7 +132,7 @@ def write_config(routes: tuple[Route, ...], path: Path, routing_strategy: str | 
     doc = {
         "model_list": [r.litellm_entry() for r in routes],
         "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
-        "litellm_settings": {"drop_params": True, "telemetry": False},
+        "litellm_settings": {"drop_params": True, **OFFLINE_SETTINGS},
     }
     router: dict = {"routing_strategy": routing_strategy} if routing_strategy else {}
     backends: dict[str, set[str]] = {}
@@ -154,13 +205,7 @@ def start_proxy(routes: tuple[Route, ...], *, run_dir: Path, host: str = "127.0.
         port=port,
         log_path=run_dir / f"litellm-{port}.log",
         ready_paths=("/health/liveliness", "/health/readiness"),
-        env={
-            "LITELLM_MASTER_KEY": key,
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "LITELLM_TELEMETRY": "False",
-            "LITELLM_LOG": "INFO",
-            "NO_PROXY": "127.0.0.1,localhost",
-        },
+        env={"LITELLM_MASTER_KEY": key, "LITELLM_LOG": "INFO", **OFFLINE_ENV},
         ready_timeout_s=ready_timeout_s,
     )
     process = ManagedProcess(spec)

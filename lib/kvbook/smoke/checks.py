@@ -36,6 +36,7 @@ TIME_TOOL = {
 }
 TOOLS = [WEATHER_TOOL, TIME_TOOL]
 TOOL_PROMPT = "What is the weather in Paris right now? Use the get_weather tool."
+TEXT_PROMPT = "Write a short paragraph about the sea."
 RAW_TOOL_CALL = re.compile(r"<tool_call>|\"name\"\s*:\s*\"get_(weather|time)\"|\[TOOL_CALLS\]")
 
 
@@ -357,8 +358,7 @@ def check_stream_tool(target: Target, cfg: SmokeConfig, expected_input: dict | N
 
 def check_stream_text(target: Target, cfg: SmokeConfig) -> CheckResult:
     """A plain streamed answer: the latency and token-rate reference for each route."""
-    body = _body(target, cfg, [{"role": "user", "content": "Write a short paragraph about the sea."}],
-                 max_tokens=cfg.text_tokens)
+    body = _body(target, cfg, [{"role": "user", "content": TEXT_PROMPT}], max_tokens=cfg.text_tokens)
     try:
         events, timings = _stream(target, body, cfg)
     except _Fail as exc:
@@ -368,6 +368,18 @@ def check_stream_text(target: Target, cfg: SmokeConfig) -> CheckResult:
         problem = "stream carried no text"
     return CheckResult("stream_text", target.route, problem is None, True, problem or "well-formed stream", timings,
                        {"events": len(events)})
+
+
+def check_text(target: Target, cfg: SmokeConfig) -> CheckResult:
+    """The same prompt as stream_text, not streamed: its text (routes compared at temperature 0) and latency."""
+    body = _body(target, cfg, [{"role": "user", "content": TEXT_PROMPT}], max_tokens=cfg.text_tokens)
+    try:
+        data, timings = _post(target, "/v1/messages", body, cfg)
+    except _Fail as exc:
+        return CheckResult("text", target.route, False, True, str(exc))
+    text = "".join(_texts(data))
+    return CheckResult("text", target.route, bool(text.strip()), True, "answered" if text.strip() else "no text",
+                       timings, {"text": text, "stop_reason": data.get("stop_reason")})
 
 
 def check_count_tokens(target: Target, cfg: SmokeConfig) -> CheckResult:
