@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup demo test vulkan test-vulkan bench lab doctor lock clean check-python
 
 help:
-	@sed -n '1,19p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
 
 check-python:
 	@if ! command -v $(PYTHON) >/dev/null 2>&1; then \
