@@ -270,6 +270,7 @@ def _lora_files(flag: str, value: str, scaled: bool) -> tuple[str, ...]:
 
 
 def _text(flag: str, value: str) -> str:
+    """A value taken as typed (a path, URL, repo or address)."""
     return value
 
 
@@ -348,7 +349,7 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
     FlagRow("-ngl", "gpu_layers", "placement of weights, KV and compute", _NGL, _ngl, render="-ngl"),
     FlagRow("-fa", "flash_attn", "V row padding and the compute buffer", ", ".join((*TRUTHY, *FALSEY, *AUTOY)), _fa,
             render="-fa", tokens=lambda v, f: ["-fa", v.value]),
-    FlagRow("-kvu", "kv_unified", "slots share one KV stream", "switch",
+    FlagRow("-kvu", "kv_unified", "slots share one KV stream", "switch (unset: the server decides)",
             switch={"-kvu": True, "--kv-unified": True, "-no-kvu": False, "--no-kv-unified": False}, render="-kvu",
             tokens=lambda v, f: ["-kvu" if v else "-no-kvu"]),
     FlagRow("--swa-full", "swa_full", "sliding-window cache size and checkpoints", "switch",
@@ -361,7 +362,8 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
             render="--rpc", tokens=_listed("--rpc")),
     FlagRow("-ts", "tensor_split", "layer shares per device", "non-negative shares, e.g. 3,1", _split, render="-ts",
             tokens=_listed("-ts", lambda x: f"{x:g}")),
-    FlagRow("-ncmoe", "cpu_moe_layers", _CPU_MOE, _NUMBER.format(0) + " (layers 0..N-1)", _at_least(0),
+    FlagRow("-ncmoe", "cpu_moe_layers", _CPU_MOE, _NUMBER.format(0) + " (layers 0..N-1; renders -1 as --cpu-moe)",
+            _at_least(0),
             combine=_cpu_moe_union, render="--n-cpu-moe",
             tokens=lambda v, f: ["--cpu-moe"] if v < 0 else ["--n-cpu-moe", str(v)]),
     FlagRow("-cmoe", "cpu_moe_layers", _CPU_MOE, "switch (every layer)", switch={"-cmoe": -1, "--cpu-moe": -1},
@@ -664,6 +666,6 @@ def flags_markdown() -> str:
         if renderers.get(row.field) is row:
             renders = f"`{row.render}`"
         else:
-            renders = UNRENDERED.get(row.field) or f"as `{renderers[row.field].render}`"
+            renders = UNRENDERED.get(row.field) or f"by the `{renderers[row.field].canonical}` row"
         lines.append(f"| {names} | {env} | {row.values} | `{row.field}` | {row.read} | {renders} |")
     return "\n".join(lines) + "\n"
