@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import PurePath
@@ -90,6 +91,7 @@ PRESET_UNFLAGGED = {"--embd-gemma-default": "verbose_prompt"}
 PRESET_DRAFT_FILE = {"--fim-qwen-7b-spec": "qwen2.5-coder-0.5b-q8_0.gguf",
                      "--fim-qwen-14b-spec": "qwen2.5-coder-0.5b-q8_0.gguf"}
 INT32 = (-(2**31), 2**31 - 1)
+_DEFAULTS = ServerFlags(model="")  # the server's defaults
 
 
 @cache
@@ -267,58 +269,172 @@ def _lora_files(flag: str, value: str, scaled: bool) -> tuple[str, ...]:
     return tuple(files)
 
 
-# canonical spelling -> (field, converter); converters get (flag as typed, value)
-_VALUED: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    "-m": ("model", lambda f, v: v),
-    "-c": ("ctx", lambda f, v: _int(f, v, 0)),
-    "-np": ("parallel", _slots),
-    "-ctk": ("type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
-    "-ctv": ("type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
-    "-fa": ("flash_attn", _fa),
-    "-b": ("batch", lambda f, v: _int(f, v, 1)),
-    "-ub": ("ubatch", lambda f, v: _int(f, v, 1)),
-    "-cram": ("cache_ram_mib", lambda f, v: _int(f, v, -1)),
-    "-ctxcp": ("ctx_checkpoints", lambda f, v: _int(f, v, 0)),
-    "-ngl": ("gpu_layers", _ngl),
-    "-fit": ("fit", _bool_value),
-    "-fitt": ("fit_target_mib", lambda f, v: _fit_target(f, v)),
-    "-fitc": ("fit_ctx", lambda f, v: _int(f, v, 0)),
-    "--rpc": ("rpc", _rpc),
-    "-ncmoe": ("cpu_moe_layers", lambda f, v: _int(f, v, 0)),
-    "-ts": ("tensor_split", _split),
-    "--host": ("host", lambda f, v: v),
-    "--port": ("port", lambda f, v: _int(f, v, 0)),
-    "-dev": ("devices", _device_list),
-    "-sm": ("split_mode", lambda f, v: _choice(f, v, ("none", "layer", "row", "tensor"))),
-    "-mg": ("main_gpu", lambda f, v: _int(f, v, INT32[0])),
-    "--spec-draft-model": ("draft_model", lambda f, v: v),
-    "--spec-draft-hf": ("draft_hf_repo", lambda f, v: v),
-    "--spec-draft-type-k": ("draft_type_k", lambda f, v: _choice(f, v, CACHE_TYPES)),
-    "--spec-draft-type-v": ("draft_type_v", lambda f, v: _choice(f, v, CACHE_TYPES)),
-    "--spec-draft-ngl": ("draft_gpu_layers", _ngl),
-    "-mm": ("mmproj", lambda f, v: v),
-    "-mmu": ("mmproj", lambda f, v: v),
-    "-hf": ("hf_repo", lambda f, v: v),
-    "-mu": ("model_url", lambda f, v: v),
-    "-hft": ("hf_token", lambda f, v: v),
-    "-hff": ("hf_file", lambda f, v: v),
-}
+def _text(flag: str, value: str) -> str:
+    """A value taken as typed (a path, URL, repo or address)."""
+    return value
 
-# canonical spelling -> {spelling: (field, value)} for boolean switches
-_SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
-    "-kvu": {"-kvu": ("kv_unified", True), "--kv-unified": ("kv_unified", True),
-             "-no-kvu": ("kv_unified", False), "--no-kv-unified": ("kv_unified", False)},
-    "--swa-full": {"--swa-full": ("swa_full", True)},
-    "--no-host": {"--no-host": ("no_host", True)},
-    "--repack": {"--repack": ("repack", True), "-nr": ("repack", False), "--no-repack": ("repack", False)},
-    "-cmoe": {"-cmoe": ("cpu_moe_layers", -1), "--cpu-moe": ("cpu_moe_layers", -1)},
-    "-kvo": {"-kvo": ("no_kv_offload", False), "--kv-offload": ("no_kv_offload", False),
-             "-nkvo": ("no_kv_offload", True), "--no-kv-offload": ("no_kv_offload", True)},
-    "--offline": {"--offline": ("offline", True)},
-    "--mmproj-offload": {"--mmproj-offload": ("mmproj_offload", True), "--no-mmproj-offload": ("mmproj_offload", False)},
-    "--mmproj-auto": {"--mmproj-auto": ("no_mmproj", False), "--no-mmproj": ("no_mmproj", True),
-                      "--no-mmproj-auto": ("no_mmproj", True)},
-}
+
+def _at_least(minimum: int) -> Callable[[str, str], int]:
+    """A whole number as llama-server reads it, with kvbook's lower bound."""
+    return lambda flag, value: _int(flag, value, minimum)
+
+
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    return lambda flag, value: _choice(flag, value, choices)
+
+
+def _listed(spelling: str, fmt: Callable[[Any], str] = str) -> Callable[[Any, ServerFlags], list[str]]:
+    """Renders a list-valued field: the flag, then its items comma-joined."""
+    return lambda value, flags: [spelling, ",".join(fmt(x) for x in value)]
+
+
+def _added(old: Any, new: Any) -> Any:
+    return old + new
+
+
+@dataclass(frozen=True)
+class FlagRow:
+    """One modelled llama-server option, declared once: parsing, rendering, flags_read and docs/flags.md derive
+    from it. Its other spellings and its LLAMA_ARG_* variable come from data/llama_server_flags.json."""
+
+    canonical: str  # the option's first spelling in llama_server_flags.json
+    field: str  # the ServerFlags field it sets
+    read: str  # what it changes in the plan (the "flags read" list and the docs)
+    values: str  # the values it takes, for the docs
+    parse: Callable[[str, str], Any] | None = None  # a valued option: (flag as typed, value) -> the field's value
+    switch: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # a switch: spelling -> the value it sets
+    combine: Callable[[Any, Any], Any] | None = None  # how a repeat joins what is set so far (None: it replaces)
+    render: str = ""  # the spelling the field renders as ("": another row of the same field renders it)
+    tokens: Callable[[Any, ServerFlags], list[str]] | None = None  # argv for a value (None: `render` [str(value)])
+    keeps: str | None = "="  # the field a solver must keep when the line sets this option ("=": `field`)
+
+
+_MODEL = "the model"
+_MMPROJ = "the multimodal projector: its weights and compute buffer"
+_CPU_MOE = "expert weights kept in host RAM"
+_OVERRIDES = "the buffer (device) of every tensor the pattern matches"
+_LORA = "LoRA adapter buffers next to the weights"
+_NUMBER = "a whole number >= {}"
+_CACHE = "a cache type: " + ", ".join(CACHE_TYPES)
+_NGL = "N, auto or all (-1 auto, -2 all)"
+
+
+def _render_model(value: Any, flags: ServerFlags) -> list[str]:
+    if flags.model_url:  # -mu needs -m (where it saves the download) or the server starts in router mode
+        return ["-mu", flags.model_url, *(["-m", flags.model] if flags.model else [])]
+    if flags.hf_repo:
+        return ["-hf", flags.hf_repo, *(["-hff", flags.hf_file] if flags.hf_file else [])]
+    return ["-m", flags.model]
+
+
+def _render_slot_cap(value: Any, flags: ServerFlags) -> list[str]:
+    """--kv-unified-per-slot sets -c only where -c is not given: an unset -c is written out as -c 0."""
+    return ["--kv-unified-per-slot", str(value), *(["-c", "0"] if not flags.ctx else [])]
+
+
+# One row per modelled option. Rows render in this order (the first row of a field renders it).
+FLAG_TABLE: tuple[FlagRow, ...] = (
+    FlagRow("-m", "model", _MODEL, "a GGUF path", _text, render="-m", tokens=_render_model),
+    FlagRow("-c", "ctx", "context size: every cache", _NUMBER.format(0) + " (0: the model's)", _at_least(0), render="-c"),
+    FlagRow("-np", "parallel", "slots: context per slot, caches, logits", "N >= 1, or a negative number for auto",
+            _slots, render="-np"),
+    FlagRow("-ctk", "type_k", "K cache bytes", _CACHE, _one_of(*CACHE_TYPES), render="-ctk"),
+    FlagRow("-ctv", "type_v", "V cache bytes", _CACHE, _one_of(*CACHE_TYPES), render="-ctv"),
+    FlagRow("-b", "batch", "logical batch (caps the ubatch)", _NUMBER.format(1), _at_least(1), render="-b"),
+    FlagRow("-ub", "ubatch", "compute buffer and sliding-window cells", _NUMBER.format(1), _at_least(1), render="-ub"),
+    FlagRow("-cram", "cache_ram_mib", "host growth: prompt cache", _NUMBER.format(-1) + " MiB (-1: no limit)",
+            _at_least(-1), render="-cram"),
+    FlagRow("-ctxcp", "ctx_checkpoints", "host growth: context checkpoints", _NUMBER.format(0), _at_least(0),
+            render="-ctxcp"),
+    FlagRow("-ngl", "gpu_layers", "placement of weights, KV and compute", _NGL, _ngl, render="-ngl"),
+    FlagRow("-fa", "flash_attn", "V row padding and the compute buffer", ", ".join((*TRUTHY, *FALSEY, *AUTOY)), _fa,
+            render="-fa", tokens=lambda v, f: ["-fa", v.value]),
+    FlagRow("-kvu", "kv_unified", "slots share one KV stream", "switch (unset: the server decides)",
+            switch={"-kvu": True, "--kv-unified": True, "-no-kvu": False, "--no-kv-unified": False}, render="-kvu",
+            tokens=lambda v, f: ["-kvu" if v else "-no-kvu"]),
+    FlagRow("--swa-full", "swa_full", "sliding-window cache size and checkpoints", "switch",
+            switch={"--swa-full": True}, render="--swa-full"),
+    FlagRow("-kvo", "no_kv_offload", "placement of the KV cache", "switch",
+            switch={"-kvo": False, "--kv-offload": False, "-nkvo": True, "--no-kv-offload": True}, render="-nkvo"),
+    FlagRow("-fit", "fit", "-c 0 sizing and start-up fitting", ", ".join((*TRUTHY, *FALSEY)), _bool_value,
+            render="--fit", tokens=lambda v, f: ["--fit", "off"]),
+    FlagRow("--rpc", "rpc", "devices: each RPC server holds its share of the layers", "host:port[,host:port...]", _rpc,
+            render="--rpc", tokens=_listed("--rpc")),
+    FlagRow("-ts", "tensor_split", "layer shares per device", "non-negative shares, e.g. 3,1", _split, render="-ts",
+            tokens=_listed("-ts", lambda x: f"{x:g}")),
+    FlagRow("-ncmoe", "cpu_moe_layers", _CPU_MOE, _NUMBER.format(0) + " (layers 0..N-1; renders -1 as --cpu-moe)",
+            _at_least(0),
+            combine=_cpu_moe_union, render="--n-cpu-moe",
+            tokens=lambda v, f: ["--cpu-moe"] if v < 0 else ["--n-cpu-moe", str(v)]),
+    FlagRow("-cmoe", "cpu_moe_layers", _CPU_MOE, "switch (every layer)", switch={"-cmoe": -1, "--cpu-moe": -1},
+            combine=_cpu_moe_union),
+    FlagRow("-ot", "tensor_overrides", _OVERRIDES, "PATTERN=BUFFER_TYPE[,...]", combine=_added, render="-ot",
+            tokens=lambda v, f: ["-ot", ",".join(f"{p}={b}" for p, b in v)], keeps="cpu_moe_layers"),
+    FlagRow("-ncffn", "tensor_overrides", _OVERRIDES, _NUMBER.format(0) + " (dense FFN of layers 0..N-1 on the CPU)",
+            lambda flag, value: tuple((rf"blk\.{il}\.ffn_(up|down|gate)\.", "CPU")  # common.h LLM_FFN_DENSE_REGEX
+                                      for il in range(_int(flag, value, 0))), combine=_added, keeps=None),
+    FlagRow("--repack", "repack", "CPU weights copied into the CPU_REPACK buffer (or not)", "switch",
+            switch={"--repack": True, "-nr": False, "--no-repack": False}, render="-nr"),
+    FlagRow("--no-host", "no_host",
+            "CPU weights: the extra buffer types (CPU_REPACK) instead of a GPU's pinned host buffer", "switch",
+            switch={"--no-host": True}, render="--no-host"),
+    FlagRow("-dev", "devices", "devices: which offload devices are used, in this order", "NAME[,NAME...] or none",
+            _device_list, render="-dev", tokens=_listed("-dev")),
+    FlagRow("-sm", "split_mode", "devices: one (none) or all (layer)", "none, layer, row, tensor",
+            _one_of("none", "layer", "row", "tensor"), render="-sm"),
+    FlagRow("-mg", "main_gpu", "devices: the one used with -sm none", "a whole number", _at_least(INT32[0]),
+            render="-mg"),
+    FlagRow("-mm", "mmproj", _MMPROJ, "a GGUF path", _text, render="--mmproj"),
+    FlagRow("-mmu", "mmproj", _MMPROJ, "a URL", _text),
+    FlagRow("--mmproj-offload", "mmproj_offload", "where the projector sits", "switch",
+            switch={"--mmproj-offload": True, "--no-mmproj-offload": False}, render="--no-mmproj-offload"),
+    # rendered since the table (before it these were parsed but dropped when rendering)
+    FlagRow("-fitt", "fit_target_mib", "what --fit keeps free on each device", "MiB[,MiB...] (one: every device)",
+            _fit_target, render="-fitt", tokens=_listed("-fitt")),
+    FlagRow("-fitc", "fit_ctx", "the smallest -c --fit may lower to", _NUMBER.format(0), _at_least(0), render="-fitc"),
+    FlagRow("--kv-unified-per-slot", "slot_ctx_cap", "context size per slot", _NUMBER.format(0) + " tokens",
+            _at_least(0), render="--kv-unified-per-slot", tokens=_render_slot_cap, keeps="ctx"),
+    FlagRow("--host", "host", "nothing (where it listens)", "an address", _text, render="--host"),
+    FlagRow("--port", "port", "nothing (where it listens)", _NUMBER.format(0), _at_least(0), render="--port"),
+    FlagRow("--lora", "lora", _LORA, "FILE[,FILE...]", lambda flag, value: _lora_files(flag, value, False),
+            combine=_added, render="--lora", tokens=_listed("--lora"), keeps=None),
+    FlagRow("--lora-scaled", "lora", _LORA, "FILE:SCALE[,...] (the scale changes no memory)",
+            lambda flag, value: _lora_files(flag, value, True), combine=_added, keeps=None),
+    FlagRow("--spec-draft-model", "draft_model", "a draft model: its own weights, KV cache, logits and compute buffer",
+            "a GGUF path", _text, render="-md"),
+    FlagRow("--spec-draft-hf", "draft_hf_repo", "a draft model: the file llama-server fetches from the hub",
+            "user/repo[:quant]", _text, render="-hfd"),
+    FlagRow("--spec-draft-type-k", "draft_type_k", "the draft's K cache bytes", _CACHE, _one_of(*CACHE_TYPES),
+            render="-ctkd"),
+    FlagRow("--spec-draft-type-v", "draft_type_v", "the draft's V cache bytes", _CACHE, _one_of(*CACHE_TYPES),
+            render="-ctvd"),
+    FlagRow("--spec-draft-ngl", "draft_gpu_layers", "placement of the draft model", _NGL, _ngl, render="-ngld"),
+    FlagRow("-hf", "hf_repo", "the model: the file llama-server fetches from the hub", "user/repo[:quant]", _text),
+    FlagRow("-hff", "hf_file", "the model: this file of the -hf repo", "a file name in the -hf repo", _text),
+    FlagRow("-mu", "model_url", "the model: the file llama-server downloads (planned from its header)", "a URL", _text),
+    FlagRow("-hft", "hf_token", "nothing (the hub's access token, used for -hf listings)",
+            "a token (secret: never shown, never rendered)", _text),
+    FlagRow("--offline", "offline", "where -hf files come from (the local cache: not planned)", "switch",
+            switch={"--offline": True}, render="--offline"),
+    FlagRow("--mmproj-auto", "no_mmproj", "whether the -hf repo's projector (mmproj) is loaded too", "switch",
+            switch={"--mmproj-auto": False, "--no-mmproj": True, "--no-mmproj-auto": True}, render="--no-mmproj"),
+)
+ROWS = {row.canonical: row for row in FLAG_TABLE}
+# the ServerFlags fields no option sets: kvbook's own bookkeeping, and what only a preset sets
+NOT_FLAGS = frozenset({"argv", "ignored", "from_env", "read", "draft_hf_file"})
+# fields a row does not render, and why
+UNRENDERED = {"hf_token": "a secret: never written into a command line kvbook shows",
+              "hf_repo": "rendered with the model (-m row)", "hf_file": "rendered with the model (-m row)",
+              "model_url": "rendered with the model (-m row)"}
+
+
+def _renderers() -> dict[str, FlagRow]:
+    """field -> the row that renders it, in render order."""
+    out: dict[str, FlagRow] = {}
+    for row in FLAG_TABLE:
+        if row.render and row.field not in out:
+            out[row.field] = row
+    return out
 
 
 def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
@@ -330,86 +446,46 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
     return None
 
 
-# what each field changes in the plan, for the "flags read" list
-_EFFECT = {
-    "model": "the model", "ctx": "context size: every cache", "parallel": "slots: context per slot, caches, logits",
-    "kv_unified": "slots share one KV stream", "fit": "-c 0 sizing and start-up fitting",
-    "fit_target_mib": "what --fit keeps free on each device", "fit_ctx": "the smallest -c --fit may lower to",
-    "type_k": "K cache bytes", "type_v": "V cache bytes", "flash_attn": "V row padding and the compute buffer",
-    "batch": "logical batch (caps the ubatch)", "ubatch": "compute buffer and sliding-window cells",
-    "swa_full": "sliding-window cache size and checkpoints", "cache_ram_mib": "host growth: prompt cache",
-    "ctx_checkpoints": "host growth: context checkpoints", "gpu_layers": "placement of weights, KV and compute",
-    "no_kv_offload": "placement of the KV cache", "host": "nothing (where it listens)",
-    "rpc": "devices: each RPC server holds its share of the layers", "tensor_split": "layer shares per device",
-    "cpu_moe_layers": "expert weights kept in host RAM",
-    "tensor_overrides": "the buffer (device) of every tensor the pattern matches",
-    "repack": "CPU weights copied into the CPU_REPACK buffer (or not)",
-    "no_host": "CPU weights: the extra buffer types (CPU_REPACK) instead of a GPU's pinned host buffer",
-    "port": "nothing (where it listens)", "kv_unified_per_slot": "context size per slot",
-    "devices": "devices: which offload devices are used, in this order", "split_mode": "devices: one (none) or all (layer)",
-    "main_gpu": "devices: the one used with -sm none",
-    "hf_repo": "the model: the file llama-server fetches from the hub",
-    "model_url": "the model: the file llama-server downloads (planned from its header)",
-    "hf_token": "nothing (the hub's access token, used for -hf listings)",
-    "offline": "where -hf files come from (the local cache: not planned)", "hf_file": "the model: this file of the -hf repo",
-    "no_mmproj": "whether the -hf repo's projector (mmproj) is loaded too",
-    "lora": "LoRA adapter buffers next to the weights",
-    "draft_model": "a draft model: its own weights, KV cache, logits and compute buffer",
-    "draft_hf_repo": "a draft model: the file llama-server fetches from the hub",
-    "draft_type_k": "the draft's K cache bytes", "draft_type_v": "the draft's V cache bytes",
-    "draft_gpu_layers": "placement of the draft model",
-    "mmproj": "the multimodal projector: its weights and compute buffer", "mmproj_offload": "where the projector sits",
-}
-
-
 def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str, value: str | None,
            shown: str, read: list[tuple[str, str, str]] | None = None, source: str = "command line") -> None:
     """Record what one option sets; `shown` names it in errors (the flag as typed, or its variable)."""
-    field = _VALUED.get(canonical, (None,))[0] or (
-        _SWITCHES[canonical][flag][0] if canonical in _SWITCHES and flag in _SWITCHES[canonical] else None)
-    if canonical == "--kv-unified-per-slot":
-        field = "kv_unified_per_slot"
-    if canonical in ("-ot", "-ncffn"):
-        field = "tensor_overrides"
-    if canonical in ("--lora", "--lora-scaled"):
-        field = "lora"
+    row = ROWS.get(canonical)
+    if row is not None and row.switch and flag not in row.switch:
+        row = None
     if read is not None:
         label = shown if value is None or source == "environment" else f"{shown} {value}"
         if source.startswith("preset "):
             label = flag if value is None else f"{flag} {value}"
         if canonical in SECRET_OPTIONS and source == "command line":
             label = f"{shown} ***"
-        read.append((label, source, _EFFECT.get(field or "", "nothing: does not change memory")))
+        read.append((label, source, row.read if row else "nothing: does not change memory"))
     why = _refusal(flag, canonical, value)
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
-    if canonical in ("--lora", "--lora-scaled"):
-        values["lora"] = values.get("lora", ()) + _lora_files(shown, value or "", canonical == "--lora-scaled")
-    elif canonical == "--kv-unified-per-slot":
-        values["kv_unified_per_slot"] = _int(shown, value or "", 0)
-    elif canonical == "-ot":
-        values["tensor_overrides"] = values.get("tensor_overrides", ()) + _overrides(shown, value or "", values.get("rpc", ()))
-    elif canonical == "-ncffn":  # common/common.h llm_add_n_cpu_ffn_overrides with LLM_FFN_DENSE_REGEX, in line order
-        values["tensor_overrides"] = values.get("tensor_overrides", ()) + tuple(
-            (rf"blk\.{il}\.ffn_(up|down|gate)\.", "CPU") for il in range(_int(shown, value or "", 0)))
-    elif canonical in ("-ncmoe", "-cmoe"):
-        new = _VALUED[canonical][1](shown, value or "") if canonical == "-ncmoe" else -1
-        values["cpu_moe_layers"] = _cpu_moe_union(values.get("cpu_moe_layers", 0), new)
-    elif canonical in _VALUED:
-        field, convert = _VALUED[canonical]
-        values[field] = convert(shown, value or "")
-    elif canonical in _SWITCHES:
-        field, setting = _SWITCHES[canonical][flag]
-        values[field] = setting
-    else:
+    if row is None:
         ignored.append(shown)
+        return
+    if canonical == "-ot":  # its buffer types may name an --rpc given earlier on the line
+        new = _overrides(shown, value or "", values.get("rpc", ()))
+    else:
+        new = row.parse(shown, value or "") if row.parse else row.switch[flag]
+    if row.combine is not None:
+        new = row.combine(values.get(row.field, getattr(_DEFAULTS, row.field)), new)
+    values[row.field] = new
 
 
-# options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
-# true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false
-_ENV_SWITCHES = {"-kvu": ("-kvu", "-no-kvu"), "-kvo": ("-kvo", "-nkvo"), "--repack": ("--repack", "-nr"),
-                 "--mmproj-auto": ("--mmproj-auto", "--no-mmproj"),
-                 "--mmproj-offload": ("--mmproj-offload", "--no-mmproj-offload")}
+def _env_switches() -> dict[str, tuple[str, str]]:
+    """Options with a negative spelling (a bool handler in arg.cpp) set by a variable: canonical -> (the spelling a
+    true value means, the one a false value means); LLAMA_ARG_NO_<X> also means false."""
+    out = {}
+    for row in FLAG_TABLE:
+        no = [s for s, v in row.switch.items() if v != row.switch[row.canonical]] if row.switch else []
+        if no:
+            out[row.canonical] = (row.canonical, no[0])
+    return out
+
+
+_ENV_SWITCHES = _env_switches()
 
 
 def _from_environment(environ: Mapping[str, str], values: dict[str, Any], ignored: list[str],
@@ -502,80 +578,27 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
         values.setdefault("model", "")  # -hf / -mu win over -m: llama-server loads the file it fetched
     if "model" not in values:
         raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
-    per_slot = values.pop("kv_unified_per_slot", None)
+    per_slot = values.get("slot_ctx_cap", 0)
     if per_slot and "ctx" not in values:  # server.cpp: only without -c (an explicit -c 0 wins); 0 means unset
         values["ctx"] = (values.get("parallel", -1) if values.get("parallel", -1) > 0 else 4) * per_slot
-    if per_slot:
-        values["slot_ctx_cap"] = per_slot
     return ServerFlags(argv=tuple(argv), ignored=tuple(ignored), from_env=tuple(from_env), read=tuple(log), **values)
 
 
-_RENDERED = (("-c", "ctx"), ("-np", "parallel"), ("-ctk", "type_k"), ("-ctv", "type_v"), ("-b", "batch"),
-             ("-ub", "ubatch"), ("-cram", "cache_ram_mib"), ("-ctxcp", "ctx_checkpoints"), ("-ngl", "gpu_layers"))
-
-
 def _render_field(flags: ServerFlags, field: str) -> list[str]:
-    """The argv tokens that set one field to its value in `flags` ([] for the server's default)."""
-    default = ServerFlags(model=flags.model)
+    """The argv tokens that set one field to its value in `flags` ([] for the server's default, or a field no
+    row renders: see UNRENDERED)."""
+    row = _renderers().get(field)
     value = getattr(flags, field)
-    if field == "model":
-        if flags.model_url:
-            return ["-mu", flags.model_url]
-        if flags.hf_repo:
-            return ["-hf", flags.hf_repo, *(["-hff", flags.hf_file] if flags.hf_file else [])]
-        return ["-m", flags.model]
-    if value == getattr(default, field):
+    if row is None or (field != "model" and value == getattr(_DEFAULTS, field)):
         return []
-    for flag, name in _RENDERED:
-        if name == field:
-            return [flag, str(value)]
-    if field == "flash_attn":
-        return ["-fa", value.value]
-    if field == "kv_unified":
-        return ["-kvu" if value else "-no-kvu"]
-    if field == "swa_full":
-        return ["--swa-full"]
-    if field == "no_host":
-        return ["--no-host"]
-    if field == "no_kv_offload":
-        return ["-nkvo"]
-    if field == "fit":
-        return ["--fit", "off"]
-    if field == "mmproj":
-        return ["--mmproj", value]
-    if field == "mmproj_offload":
-        return ["--no-mmproj-offload"]
-    if field == "rpc":
-        return ["--rpc", ",".join(value)]
-    if field == "cpu_moe_layers":
-        return ["--cpu-moe"] if value < 0 else ["--n-cpu-moe", str(value)]
-    if field == "tensor_overrides":
-        return ["-ot", ",".join(f"{p}={b}" for p, b in value)]
-    if field == "repack":
-        return ["-nr"]
-    if field == "tensor_split":
-        return ["-ts", ",".join(f"{x:g}" for x in value)]
-    if field == "devices":
-        return ["-dev", ",".join(value)]
-    if field == "split_mode":
-        return ["-sm", value]
-    if field == "main_gpu":
-        return ["-mg", str(value)]
-    return []
+    if row.tokens is not None:
+        return row.tokens(value, flags)
+    return [row.render] if row.switch else [row.render, str(value)]
 
 
 def render_args(flags: ServerFlags) -> list[str]:
-    """ServerFlags as a llama-server argv (memory flags that differ from defaults)."""
-    fields = ["model", *(name for _, name in _RENDERED), "flash_attn", "kv_unified", "swa_full", "no_kv_offload", "fit",
-              "rpc", "tensor_split", "cpu_moe_layers", "tensor_overrides", "repack", "no_host", "devices", "split_mode", "main_gpu", "mmproj",
-              "mmproj_offload"]
-    return [token for field in fields for token in _render_field(flags, field)]
-
-
-def _canonical_of_field() -> dict[str, str]:
-    out = {field: canonical for canonical, (field, _) in _VALUED.items()}
-    out.update({field: canonical for canonical, spellings in _SWITCHES.items() for field, _ in spellings.values()})
-    return out
+    """ServerFlags as a llama-server argv (the flags that differ from the server's defaults)."""
+    return [token for field in _renderers() for token in _render_field(flags, field)]
 
 
 def edit_argv(argv: Sequence[str], flags: ServerFlags, fields: Sequence[str]) -> tuple[str, ...]:
@@ -583,12 +606,12 @@ def edit_argv(argv: Sequence[str], flags: ServerFlags, fields: Sequence[str]) ->
     flag, memory-relevant or not (--port, --jinja, sampling...), is kept as typed."""
     args = list(argv)
     head = [args.pop(0)] if args and not args[0].startswith("-") else []
-    table, owner = _spellings(), _canonical_of_field()
+    table = _spellings()
     fields = list(fields)
     if "--kv-unified-per-slot" in {table.get(a.replace("_", "-") if a.startswith("--") else a, ("",))[0]
                                     for a in args} and {"ctx", "parallel"} & set(fields):
         fields = ["ctx", *(f for f in fields if f != "ctx")]  # the per-slot size became -c: write it out
-    drop = {owner[f] for f in fields if f in owner}
+    drop = {row.canonical for row in FLAG_TABLE if row.field in fields}
     if "ctx" in fields:
         drop.add("--kv-unified-per-slot")
     kept: list[str] = []
@@ -617,11 +640,32 @@ def replace(flags: ServerFlags, **changes: Any) -> ServerFlags:
 def fields_set(flags: ServerFlags) -> frozenset[str]:
     """The ServerFlags fields the user's command line (or environment) sets: the ones a solver must keep."""
     table, env = _spellings(), _env_names()
-    owner = {canonical: field for canonical, (field, _) in _VALUED.items()}
-    owner.update({canonical: field for canonical, spellings in _SWITCHES.items() for field, _ in spellings.values()})
-    owner["--kv-unified-per-slot"] = "ctx"
-    owner["-ot"] = "cpu_moe_layers"
+    owner = {row.canonical: row.field if row.keeps == "=" else row.keeps for row in FLAG_TABLE if row.keeps}
     canon = [table.get(a.replace("_", "-") if a.startswith("--") else a, ("",))[0] for a in flags.argv if a.startswith("-")]
     canon += [env.get(item.partition("=")[0].replace("LLAMA_ARG_NO_", "LLAMA_ARG_", 1), "") for item in flags.from_env]
     canon += [env.get(item.partition("=")[0], "") for item in flags.from_env]
     return frozenset(owner[c] for c in canon if c in owner)
+
+
+def flags_markdown() -> str:
+    """docs/flags.md: the modelled options as the table declares them (tools/gen_flags_doc.py writes it,
+    tests/test_flag_table.py checks it is current)."""
+    spellings = {entry["names"][0]: entry for entry in _options()}
+    lines = ["# llama-server flags kvbook models", "",
+             "Generated from `FLAG_TABLE` in `lib/kvbook/plan/flags.py` by `tools/gen_flags_doc.py`; do not edit.",
+             "Spellings and variables are the pinned build's (`lib/kvbook/data/llama_server_flags.json`). A flag",
+             "not listed here is either refused by name (it changes memory in a way kvbook does not model) or",
+             "accepted and listed as ignored (it changes no memory).", "",
+             "| flag (aliases) | variable | values | `ServerFlags` field | what it changes | renders as |",
+             "|---|---|---|---|---|---|"]
+    renderers = _renderers()
+    for row in FLAG_TABLE:
+        entry = spellings[row.canonical]
+        names = ", ".join(f"`{n}`" for n in entry["names"])
+        env = f"`{entry['env']}`" if entry.get("env") else ""
+        if renderers.get(row.field) is row:
+            renders = f"`{row.render}`"
+        else:
+            renders = UNRENDERED.get(row.field) or f"by the `{renderers[row.field].canonical}` row"
+        lines.append(f"| {names} | {env} | {row.values} | `{row.field}` | {row.read} | {renders} |")
+    return "\n".join(lines) + "\n"
