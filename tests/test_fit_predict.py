@@ -14,20 +14,35 @@ from pathlib import Path
 import jsonschema
 import pytest
 from kvbook import cli
-from kvbook.interface import Device, MiB, Verdict
+from kvbook.interface import Device, GiB, Host, MiB, Verdict
 from kvbook.memory.rules import plan_memory
 from kvbook.model.sources import load_model
 from kvbook.plan.devices import load_device
 from kvbook.plan.fit import predict_fit
 from kvbook.plan.flags import parse_server_args, replace
 from kvbook.plan.planner import make_plan, place
+from kvbook.plan.summary import plan_summary
+from kvbook.plan.weights import X86_AVX2
 
 SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
 
 
+# a fixed host (64 GiB, AVX2): presets without a host pool borrow its RAM; no plan here reads this machine
+HOST = Host(platform="linux", ram_bytes=64 * GiB, cpu=X86_AVX2)
+
+
 def _plan(device: str, *args: str):
     arch = load_model(args[1])
-    return make_plan(arch, parse_server_args(list(args)), load_device(device))
+    return make_plan(arch, parse_server_args(list(args)), load_device(device, HOST))
+
+
+def _budget(device: str, pool: str = "CUDA0") -> int:
+    return next(p.budget_bytes for p in load_device(device, HOST).pools if p.name == pool)
+
+
+def _cpu_expert_layers(plan) -> int:
+    """Layers whose experts the plan keeps on the CPU (fit writes them as -ot ..._exps=CPU)."""
+    return sum(r["last"] - r["first"] + 1 for r in plan_summary(plan)["placement"]["experts"] if r["device"] == "CPU")
 
 
 def _gpu_use(plan, pool: str = "CUDA0") -> int:
@@ -44,13 +59,14 @@ def test_qwen36_full_context_on_a_4090_starts_with_experts_moved() -> None:
     assert fit.status == "adjusted" and plan.verdict is not Verdict.DOES_NOT_FIT
     assert plan.memory.shape.n_ctx == 262144
     (name, target), = fit.targets
-    assert name == "CUDA0" and target == (24564 - 1024) * MiB
+    assert name == "CUDA0" and target == _budget("rtx-4090") - 1024 * MiB
     assert _gpu_use(plan) <= target == dict(fit.targets)["CUDA0"]
-    assert 0 < plan.flags.cpu_moe_layers < 40 and plan.flags.gpu_layers == "41"
+    assert 0 < _cpu_expert_layers(plan) < 40 and plan.flags.gpu_layers == "41"
     assert any("experts of" in c and "moved to the CPU" in c for c in fit.changes)
     assert "-ot" in fit.adjusted_args and "-ngl" in fit.adjusted_args
-    # the boundary: one layer's experts fewer on the CPU passes fit's target
-    one_less = replace(plan.flags, cpu_moe_layers=plan.flags.cpu_moe_layers - 1)
+    # the boundary: the first layer whose experts fit moved kept on the GPU passes fit's target
+    exps = [o for o in plan.flags.tensor_overrides if "exps" in o[0]]
+    one_less = replace(plan.flags, tensor_overrides=tuple(o for o in plan.flags.tensor_overrides if o != exps[0]))
     memory = plan_memory(plan.model, one_less)
     use = next(u for u in place(plan.model, one_less, memory, plan.device) if u.pool == "CUDA0")
     assert use.weights_bytes + use.kv_bytes + use.recurrent_bytes + use.compute_bytes > target
@@ -62,11 +78,11 @@ def test_gpt_oss_120b_without_ngl_lowers_context_first_then_moves_experts() -> N
     fit = plan.fit
     assert fit.status == "adjusted"
     assert fit.changes[0].startswith("-c lowered from 131072 to its minimum 4096")
-    assert plan.memory.shape.n_ctx == 4096 and plan.flags.cpu_moe_layers > 0
+    assert plan.memory.shape.n_ctx == 4096 and _cpu_expert_layers(plan) > 0
     assert _gpu_use(plan) <= dict(fit.targets)["CUDA0"]
     bigger_margin = _plan("rtx-4090-host-64", "-m", "gpt-oss-120b", "--fit-target", "4096")
-    assert bigger_margin.flags.cpu_moe_layers > plan.flags.cpu_moe_layers
-    assert dict(bigger_margin.fit.targets)["CUDA0"] == (24564 - 4096) * MiB
+    assert _cpu_expert_layers(bigger_margin) > _cpu_expert_layers(plan)
+    assert dict(bigger_margin.fit.targets)["CUDA0"] == _budget("rtx-4090-host-64") - 4096 * MiB
 
 
 def test_fit_ctx_sets_the_floor_and_dash_c_0_keeps_the_training_context() -> None:
@@ -96,13 +112,13 @@ def test_a_plan_that_fits_is_left_alone_and_fit_off_plans_as_given() -> None:
 def test_cpu_only_fit_lowers_context_against_host_memory_or_fails() -> None:
     """No offload device: fit compares the host's total memory with the plan; only an unset -c can change."""
     arch = load_model("qwen3.6-35b-a3b")
-    host = next(p for p in load_device("rtx-4090-host-64").pools if p.kind == "host")
+    host = next(p for p in load_device("rtx-4090-host-64", HOST).pools if p.kind == "host")
     small = Device(id="cpu24", name="24 GiB host", unified=False,
                    pools=(dataclasses.replace(host, budget_bytes=24 * 2**30, total_bytes=24 * 2**30),))
-    adjusted, fit = predict_fit(arch, parse_server_args(["-m", "qwen3.6-35b-a3b", "-c", "262144"]), small)
+    adjusted, fit = predict_fit(arch, parse_server_args(["-m", "qwen3.6-35b-a3b", "-c", "262144"]), small, place)
     assert fit.status == "failed" and "unable to fit model into system memory" in fit.reason
     assert adjusted.ctx == 262144 and fit.changes == ("-c 262144 set: not lowered",)
-    adjusted, fit = predict_fit(arch, parse_server_args(["-m", "qwen3.6-35b-a3b"]), small)
+    adjusted, fit = predict_fit(arch, parse_server_args(["-m", "qwen3.6-35b-a3b"]), small, place)
     assert fit.status == "adjusted" and 4096 <= adjusted.ctx < 262144 and adjusted.ctx % 256 == 0
     assert dict(fit.used) == {} and fit.targets == ()
 
@@ -115,8 +131,10 @@ def test_json_fit_entry_matches_the_schema(capsys) -> None:
     assert code == 0 and out["fit"]["status"] == "adjusted"
     dev, = out["fit"]["devices"]
     assert dev["name"] == "CUDA0" and dev["used_bytes"] <= dev["target_bytes"] and dev["n_layer"] == 41
-    # fit counts the output layer among the last device's partial ones; kvbook plans the same bytes as --n-cpu-moe
-    assert out["llama_server_args"][-2:] == ["--n-cpu-moe", str(dev["n_partial"] - 1)]
+    # fit writes the moved experts as -ot ..._exps=CPU (the preset's tensors are listed), one entry per layer, plus
+    # one entry for the first partial layer's other FFN tensors; it counts the output layer among the partial ones
+    ot = out["llama_server_args"][out["llama_server_args"].index("-ot") + 1].split(",")
+    assert sum("exps=CPU" in o for o in ot) == dev["n_partial"] - 2 and sum(".*=CPU" in o for o in ot) == 1
 
 
 def test_the_solver_alternative_still_comes_with_fit_off() -> None:
@@ -125,7 +143,7 @@ def test_the_solver_alternative_still_comes_with_fit_off() -> None:
 
     arch = load_model("gpt-oss-120b")
     flags = parse_server_args(["-m", "gpt-oss-120b", "-c", "65536", "-fa", "on", "--fit", "off"])
-    device = load_device("rtx-4090-host-64")
+    device = load_device("rtx-4090-host-64", HOST)
     plan = with_placement_alternative(make_plan(arch, flags, device), arch, flags, device)
     assert plan.verdict is Verdict.DOES_NOT_FIT
     assert any(a.change.startswith("placement (kvbook plan --solve") for a in plan.alternatives)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvbook import cli
-from kvbook.interface import GiB, MiB, Verdict
+from kvbook.interface import GiB, Host, MiB, Verdict
 from kvbook.load.serverlog import parse_host_growth
 from kvbook.memory.rules import plan_memory, prompt_state_bytes, prompts_to_fill
 from kvbook.model.sources import load_model
@@ -21,14 +21,18 @@ from kvbook.ops.llama_server import start_llama_server
 from kvbook.plan.devices import load_device, resolve_device
 from kvbook.plan.flags import parse_server_args
 from kvbook.plan.planner import make_plan
+from kvbook.plan.weights import X86_AVX2
 
 # one Gemma 3 270M checkpoint: 512 cells (n_swa) x (15 SWA layers x 1 KiB of K and V + 12 B of cell metadata)
 # + headers; the server logs it as 7.506 MiB at -np 1 and at the 4-slot default (measured on the pinned build)
 GEMMA3_CHECKPOINT_MIB = 7.506
 
+# a fixed host (64 GiB, AVX2) for the presets that borrow the host RAM; no plan here reads this machine
+HOST = Host(platform="linux", ram_bytes=64 * GiB, cpu=X86_AVX2)
+
 
 def _plan(model: str, args: list[str], device: str):
-    return make_plan(load_model(model), parse_server_args(["-m", model, *args]), load_device(device))
+    return make_plan(load_model(model), parse_server_args(["-m", model, *args]), load_device(device, HOST))
 
 
 def test_a_checkpoint_is_one_sequences_window_whatever_the_slots(gemma3: Path) -> None:
@@ -126,8 +130,8 @@ def test_host_growth_is_never_on_a_discrete_gpu(device, args) -> None:
 def test_the_cuda_presets_budget_what_is_free_after_the_context() -> None:
     """nvidia-smi's total less 555 MiB (the CUDA context's high end, PR #20595 / #23604); the fit margin of
     1024 MiB makes a plan tight, as --fit would keep it free."""
-    assert load_device("rtx-4090").pools[0].budget_bytes == (24564 - 555) * MiB
-    assert load_device("h100-80").pools[0].budget_bytes == (81559 - 555) * MiB
+    assert load_device("rtx-4090", HOST).pools[0].budget_bytes == (24564 - 555) * MiB
+    assert load_device("h100-80", HOST).pools[0].budget_bytes == (81559 - 555) * MiB
 
 
 # ---------------------------------------------------------------- the real server

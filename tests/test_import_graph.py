@@ -28,7 +28,7 @@ ALLOWED = {
     "claude": {"ops", "smoke", "records"},
     "load": {"model", "memory", "plan", "capacity", "ops", "smoke", "records"},
     "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "load"},
-    "testing": {"model", "memory", "plan", "ops"},
+    "testing": {"model", "memory", "plan", "ops", "smoke", "claude"},  # test support drives the real stack
 }
 SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}
 

@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, FitOutcome, MiB, ModelArch, PoolUsage, ServerFlags
+from kvbook.interface import Device, FitOutcome, MemoryPlan, MiB, ModelArch, PoolUsage, ServerFlags
 from kvbook.memory.rules import context_shape, plan_memory
 from kvbook.plan.flags import fields_set, replace
-from kvbook.plan.planner import offload_pools, place
 
 UINT32_MAX = 2**32 - 1
 # common/fit.cpp common_layer_fraction_t: what of the first partial layer of a device stays on it
@@ -59,6 +58,10 @@ class _Unpredicted(Exception):
     """A step kvbook cannot size (said why): the plan keeps the flags as given."""
 
 
+# the planner's placement of one candidate (plan/planner.py place): kvbook's stand-in for fit's test allocation
+Place = Callable[[ModelArch, ServerFlags, MemoryPlan, Device], tuple[PoolUsage, ...]]
+
+
 def _cdiv(a: int, b: int) -> int:
     """C++ integer division (truncates toward zero)."""
     q = abs(a) // abs(b)
@@ -73,10 +76,11 @@ def _u32(x: int) -> int:
 class _Fit:
     """One prediction: the model, the user's flags, the devices, and kvbook's plan of any candidate."""
 
-    def __init__(self, arch: ModelArch, flags: ServerFlags, device: Device):
-        self.arch, self.flags, self.device = arch, flags, device
+    def __init__(self, arch: ModelArch, flags: ServerFlags, device: Device, place: Place):
+        self.arch, self.flags, self.device, self.place = arch, flags, device, place
         self.fixed = fields_set(flags)
-        self.names = [device.pools[0].name] if device.unified else offload_pools(device)
+        self.names = [device.pools[0].name] if device.unified else [
+            p.name for p in device.pools if p.kind in ("gpu", "rpc")]  # the offload devices, in llama.cpp's order
         self.nd = len(self.names)
         host = next((p for p in device.pools if p.kind == "host"), device.pools[0])
         self.host = host
@@ -103,11 +107,13 @@ class _Fit:
         """Model + context + compute bytes per device (fit's measure), or on the host when there is no device."""
         if flags not in self.known:
             self.evaluations += 1
-            self.known[flags] = place(self.arch, flags, plan_memory(self.arch, flags), self.device)
+            self.known[flags] = self.place(self.arch, flags, plan_memory(self.arch, flags), self.device)
         usages = {u.pool: u for u in self.known[flags]}
         pools = self.names or [self.host.name]
-        return [usages[n].weights_bytes + usages[n].kv_bytes + usages[n].recurrent_bytes + usages[n].compute_bytes
-                for n in pools]
+        # fit's host "model" figure leaves out the CPU_REPACK copies (llama-fit-params' Host column, checked in
+        # shared/reference/llama-cpp-memory.md 9): they are not counted against system memory here either
+        return [usages[n].weights_bytes - usages[n].repack_bytes + usages[n].kv_bytes + usages[n].recurrent_bytes
+                + usages[n].compute_bytes for n in pools]
 
     def at_ctx(self, ctx: int) -> ServerFlags:
         return replace(self.flags, ctx=ctx)
@@ -378,14 +384,16 @@ def _step(delta: int, target: int, low: int, high: int) -> int:
     return min(max(step, 1), delta - 1)
 
 
-def predict_fit(arch: ModelArch, flags: ServerFlags, device: Device,
+def predict_fit(arch: ModelArch, flags: ServerFlags, device: Device, place: Place,
                 usages: tuple[PoolUsage, ...] | None = None) -> tuple[ServerFlags, FitOutcome]:
     """The flags llama-server runs after --fit (`flags` itself with --fit off) and what fit changed. `device` is
-    the one the plan uses (RPC endpoints bound, -dev / -sm applied); `usages`, the plan of `flags` if made."""
+    the one the plan uses (RPC endpoints bound, -dev / -sm applied); `place` is the planner's per-device placement
+    (plan/planner.py, passed in so this module does not import the planner that calls it); `usages`, the plan of
+    `flags` if made."""
     given = _args(flags)
     if not flags.fit:
         return flags, FitOutcome(status="off", given_args=given, adjusted_args=given)
-    fit = _Fit(arch, flags, device)
+    fit = _Fit(arch, flags, device, place)
     if usages is not None:
         fit.known[flags] = usages
     try:

@@ -677,7 +677,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
 
         given = flags
-        flags, fit = predict_fit(arch, flags, device, usages)
+        flags, fit = predict_fit(arch, flags, device, place, usages)
         if flags is not given:
             memory = plan_memory(arch, flags)
             usages = place(arch, flags, memory, device)

@@ -12,7 +12,6 @@ Used by tests/test_vulkan_lavapipe.py and benchmarks/bench_vulkan.py (which writ
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shlex
@@ -113,16 +112,19 @@ def budgets(case: Case) -> list[str]:
 
 
 def plan_json(case: Case, argv: Sequence[str]) -> dict:
-    """`kvbook plan --json` for the case's command line on its Vulkan devices (+ this machine's RAM)."""
-    from kvbook import cli
+    """`kvbook plan --json` for the case's command line on its Vulkan devices (+ this machine's RAM), through the
+    same planner API and device options the CLI uses (no saved calibrations)."""
+    from kvbook.ops.fit_params import FIT_PARAMS
+    from kvbook.ops.host import detect_host, local_request
+    from kvbook.plan.api import plan
+    from kvbook.plan.devices import resolve_device
+    from kvbook.plan.flags import parse_server_args
+    from kvbook.plan.summary import plan_summary
 
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.main(["plan", "--json", *(a for b in budgets(case) for a in ("--device-budget", b)), "--",
-                         "llama-server", *argv])
-    if code != 0:
-        raise RuntimeError(f"kvbook plan exited {code} for {case.id}")
-    return json.loads(out.getvalue())
+    host = detect_host()
+    flags = parse_server_args(["llama-server", *argv], {})
+    device = resolve_device(device_budgets=budgets(case), endpoints=flags.rpc, host=host)
+    return plan_summary(plan(local_request(flags, device, {}, host, calibrations=False), fit_fallback=FIT_PARAMS))
 
 
 def _device_of(buffer: str, endpoints: Sequence[str]) -> str:
