@@ -31,7 +31,7 @@ from kvbook.ops.procs import free_port
 from kvbook.ops.host import detect_host, this_machine
 from kvbook.plan.devices import with_rpc
 from kvbook.plan.flags import parse_server_args
-from kvbook.plan.planner import make_plan
+from kvbook.plan.planner import make_plan, place
 
 _FREE = re.compile(r"(?:using device (RPC\d+) \(([^)]*)\).* - (\d+) MiB free|- (RPC\d+)\s*: (\S+) \(\d+ MiB, (\d+) MiB free\))")
 _DEV_LINE = re.compile(r"common_params_fit_impl:\s+- (\S+) \(.*?\)\s*:\s+(\d+) layers(?: \(\s*(\d+) overflowing\))?,"
@@ -238,7 +238,7 @@ def compare_fit(case: FitCase, endpoints: Sequence[str], run_dir: Path) -> FitCo
             replay_same = False
         at_ctx = parse_server_args(["-m", str(case.model), "--rpc", ",".join(eps), *_with_ctx(case.args, real.n_ctx)])
         for layers, mib, _ in search.allocations:
-            mine = layer_use(arch, at_ctx, plan.device, layers)
+            mine = layer_use(arch, at_ctx, plan.device, place, layers)
             errors += [(b / MiB - r) / r * 100 for b, r in zip(mine, mib) if r >= 8]
     used = dict(fit.used)
     rows = tuple((f"RPC{i}", n, p, keeps, int(used.get(name, 0) // MiB))

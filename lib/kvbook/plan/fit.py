@@ -487,11 +487,11 @@ def _short_ot(args: tuple[str, ...]) -> list[str]:
     return out
 
 
-def layer_use(arch: ModelArch, flags: ServerFlags, device: Device,
+def layer_use(arch: ModelArch, flags: ServerFlags, device: Device, place: Place,
               layers: Sequence[tuple[int, int, int]]) -> list[int]:
     """kvbook's bytes per device for one of fit's layer assignments, given as its log prints it ((n_layer, n_part,
     overflow_type) per device, 4 = all but the experts); `flags` at the context fit measured it."""
-    fit = _Fit(arch, flags, device)
+    fit = _Fit(arch, flags, device, place)
     ngl = [_Ngl(n, p, o) for n, p, o in layers]
     bufts: list[int | None] = [d + 1 if o != MOE and d < len(layers) - 1 else None for d, (_, _, o) in enumerate(layers)]
     return fit.measure(ngl, bufts)
