@@ -114,6 +114,11 @@ def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
     return None if not flags.repack or (host_buffer_first(device) and not flags.no_host) else host_cpu(device)
 
 
+def tensor_limits(device: Device) -> dict[str, int]:
+    """Pool name -> the largest tensor that device accepts, for the pools that have a limit (Pool.max_tensor_bytes)."""
+    return {p.name: p.max_tensor_bytes for p in device.pools if p.max_tensor_bytes is not None}
+
+
 def override_devices(device: Device) -> dict[str, str]:
     """-ot buffer-type names -> the device that holds them: RPC0[host:port] (every RPC device's buffer type is
     named RPC0[...], tell them apart by endpoint) and the local GPUs by name."""
@@ -128,7 +133,8 @@ def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offlo
     if arch.tensors:
         return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
                               cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
-                              bufts=override_devices(device))
+                              bufts=override_devices(device), max_tensor=tensor_limits(device),
+                              mmap=_maps_weights(flags))
     moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
     groups = dict(arch.tensor_groups) or _estimated(arch)
