@@ -32,6 +32,7 @@ class Offload:
     layers: tuple[str, ...]
     output: str
     devices: tuple[str, ...]  # the offload devices, in llama.cpp's order
+    output_kept: bool = False  # -ngl offloads the output layer but its weight is too large for the device: CPU
 
 
 def assign(n_layer_all: int, n_gpu_layers: int, devices: Sequence[str], split: Sequence[float]) -> Offload:

@@ -175,7 +175,20 @@ def offload_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload:
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
     split = split_shares(flags.tensor_split, len(devices)) or [float(p.budget_bytes) for p in device.pools
                                                                 if p.kind in ("gpu", "rpc")]
-    return assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
+    return output_stays(arch, device, assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device),
+                                             devices, split))
+
+
+def output_stays(arch: ModelArch, device: Device, offload: Offload) -> Offload:
+    """The offload with the output layer on the CPU when its weight (output.weight, or token_embd when tied) is
+    larger than its device accepts (Pool.max_tensor_bytes): the MUL_MAT falls back to the CPU's buffer list
+    (plan/weights.py), so the logits are computed there."""
+    limit = tensor_limits(device).get(offload.output)
+    if limit is None:
+        return offload
+    names = {t.name: t.nbytes for t in arch.tensors}
+    size = names.get("output.weight", names.get("token_embd.weight", 0))
+    return dataclasses.replace(offload, output=CPU, output_kept=True) if size > limit else offload
 
 
 def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
@@ -238,7 +251,7 @@ def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
     if pool.kind != "gpu":
         return None
     n_all = arch.n_layer + arch.n_layer_nextn
-    return assign(n_all, n_all + 1, (main,), (1.0,))
+    return output_stays(arch, device, assign(n_all, n_all + 1, (main,), (1.0,)))
 
 
 def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
@@ -284,8 +297,9 @@ def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> boo
 
 
 def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
-    """-ngl as a count (all layers and the output when everything is offloaded)."""
-    off = sum(d != CPU for d in offload.layers) + (offload.output != CPU)
+    """-ngl as a count (all layers and the output when everything is offloaded, an output kept on the CPU by its
+    size included: llama.cpp's pipeline rule reads -ngl, not where the output landed)."""
+    off = sum(d != CPU for d in offload.layers) + (offload.output != CPU or offload.output_kept)
     return arch.n_layer + arch.n_layer_nextn + 1 if off == len(offload.layers) + 1 else off
 
 
