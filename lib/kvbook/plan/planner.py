@@ -28,7 +28,7 @@ from kvbook.memory.backends import (
     backend_of,
     cpu_matrix_bytes,
 )
-from kvbook.memory.compute import coefficients
+from kvbook.memory.compute import activation_width, coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
@@ -224,6 +224,12 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
     terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
                           no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
     backend = backends.pop()
+    if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] not in terms \
+            and CPU in offload.layers:
+        # no layer on the first GPU, some on the CPU: it still runs their big-batch matmuls (op offload), taking
+        # their input and giving their output as a layer's activations would
+        terms[offload.devices[0]] = {**dict.fromkeys(terms[CPU], 0), "embd": 4 * arch.n_embd * shape.n_ubatch,
+                                     "act": 4 * shape.n_ubatch * activation_width(arch)}
     if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] in terms:
         experts = bool(arch.n_expert) and (flags.cpu_moe_layers != 0 or any("exps" in ops for ops in on_cpu.values())
                                            or any("exps" in p for p, _ in flags.tensor_overrides))
@@ -259,6 +265,20 @@ def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, de
     """gpu_compute when every layer runs on the one GPU pool `main`."""
     offload = _one_gpu(arch, device, main)
     return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+
+
+def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
+                       ) -> dict[str, DeviceCompute] | None:
+    """-ngl 0 beside a discrete GPU whose backend offloads big-batch ops (CUDA, ROCm, Vulkan, SYCL; not Metal):
+    the first GPU runs the CPU layers' weight matmuls (ggml-backend.cpp ggml_backend_sched_backend_id_from_cur
+    asks offload_op for an op whose weight sits in a host buffer; ggml-vulkan.cpp ggml_backend_vk_device_offload_op:
+    a batch of at least 32), so it has a compute buffer of its own; None when that does not apply."""
+    gpus = [p.name for p in device.pools if p.kind == "gpu"]
+    if (device.unified or not gpus or "--no-op-offload" in flags.argv
+            or memory.shape.n_ubatch < OP_OFFLOAD_MIN_BATCH):
+        return None
+    n_all = arch.n_layer + arch.n_layer_nextn
+    return gpu_compute(arch, flags, memory, Offload((CPU,) * n_all, CPU, (gpus[0],)), device.calibrations)
 
 
 def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
@@ -467,12 +487,13 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
-        gpu = _one_gpu_compute(arch, flags, memory, device, main)
+        gpu = _one_gpu_compute(arch, flags, memory, device, main) if main != host else op_offload_compute(
+            arch, flags, memory, device)
         if gpu is None:
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
-            parts[main]["compute"] += gpu[main].high
-            parts[host]["compute"] += gpu[CPU].high
+            for dev, c in gpu.items():
+                parts[host if dev == CPU else dev]["compute"] += c.high
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
