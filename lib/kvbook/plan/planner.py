@@ -294,7 +294,9 @@ def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, dev
     """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
     intervals; None when the CPU backend (or RPC) holds them."""
     offload = compute_offload(arch, flags, device)
-    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+    if offload is None:
+        return op_offload_compute(arch, flags, memory, device)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations)
 
 
 def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
