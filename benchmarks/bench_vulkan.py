@@ -45,21 +45,26 @@ def slug(text: str) -> str:
 
 
 def print_table(rows: list[tuple[str, dict, dict]]) -> None:
-    """The markdown table of compute buffers per device, logged against planned, and the |error| summary."""
-    print("\n| case | device | logged compute MiB | planned MiB | error % |\n|---|---|---:|---:|---:|")
-    errors: dict[str, list[float]] = {"GPU": [], "CPU": []}
+    """docs/accuracy.md's table: per case and device, weights, KV and compute logged / planned (MiB), and the
+    compute |error| summary (devices, then the CPU's host side)."""
+    print("\n| case | device | weights MiB log / plan | KV MiB log / plan | compute MiB log / plan (err) |\n"
+          "|---|---|---|---|---|")
+    errors: dict[str, list[float]] = {"devices": [], "CPU": []}
     for case, logged, planned in rows:
         for dev, got in sorted(logged.items()):
-            if got["compute"]:
-                want = planned.get(dev, {}).get("compute", 0.0)
-                err = (want - got["compute"]) / got["compute"] * 100
-                if got["compute"] >= 1.0:  # a 0.01 MiB buffer's percentage says nothing
-                    errors["CPU" if dev == "CPU" else "GPU"].append(abs(err))
-                print(f"| {case} | {dev} | {got['compute']:.2f} | {want:.2f} | {err:+.1f} |")
+            want = planned.get(dev, {})
+            c_log, c_plan = got["compute"], want.get("compute", 0.0)
+            err = f" ({(c_plan - c_log) / c_log * 100:+.0f}%)" if c_log >= 1.0 else ""  # 0.01 MiB: no percentage
+            if c_log >= 1.0:
+                errors["CPU" if dev == "CPU" else "devices"].append(abs(c_plan - c_log) / c_log * 100)
+            weights = f"{got['weights']} / {want.get('weights')}" + ("" if got["weights"] == want.get("weights")
+                                                                     else " **off**")
+            print(f"| `{case.replace('|', chr(92) + '|')}` | {dev} | {weights} | {got['kv']} / {want.get('kv')} | "
+                  f"{c_log} / {c_plan}{err} |")
     for kind, errs in errors.items():
         if errs:
-            print(f"\n{kind} buffers: median |error| {statistics.median(errs):.1f} %, max {max(errs):.1f} % "
-                  f"over {len(errs)}")
+            print(f"\ncompute, {kind}: |error| median {statistics.median(errs):.1f}%, max {max(errs):.1f}% "
+                  f"over {len(errs)} buffers of at least 1 MiB")
 
 
 def replay(substring: str) -> int:
