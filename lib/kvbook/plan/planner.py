@@ -180,15 +180,15 @@ def offload_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload:
 
 
 def output_stays(arch: ModelArch, device: Device, offload: Offload) -> Offload:
-    """The offload with the output layer on the CPU when its weight (output.weight, or token_embd when tied) is
-    larger than its device accepts (Pool.max_tensor_bytes): the MUL_MAT falls back to the CPU's buffer list
-    (plan/weights.py), so the logits are computed there."""
+    """The offload marked `output_kept` when the output weight (output.weight, or token_embd when tied) is larger
+    than the output layer's device accepts (Pool.max_tensor_bytes): that MUL_MAT's weight falls back to the CPU's
+    buffer list (plan/weights.py), so the logits are computed there; the output norm stays on the device."""
     limit = tensor_limits(device).get(offload.output)
     if limit is None:
         return offload
     names = {t.name: t.nbytes for t in arch.tensors}
     size = names.get("output.weight", names.get("token_embd.weight", 0))
-    return dataclasses.replace(offload, output=CPU, output_kept=True) if size > limit else offload
+    return dataclasses.replace(offload, output_kept=True) if size > limit else offload
 
 
 def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
@@ -319,9 +319,8 @@ def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> boo
 
 
 def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
-    """-ngl as a count (all layers and the output when everything is offloaded, an output kept on the CPU by its
-    size included: llama.cpp's pipeline rule reads -ngl, not where the output landed)."""
-    off = sum(d != CPU for d in offload.layers) + (offload.output != CPU or offload.output_kept)
+    """-ngl as a count (all layers and the output when everything is offloaded)."""
+    off = sum(d != CPU for d in offload.layers) + (offload.output != CPU)
     return arch.n_layer + arch.n_layer_nextn + 1 if off == len(offload.layers) + 1 else off
 
 
