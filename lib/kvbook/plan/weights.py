@@ -167,8 +167,8 @@ def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides
             out[dev] += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         elif repack_on is not None and repacks(t, repack_on, as_output=as_output):
             repack += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
-        elif not mmap:
-            allocated += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+        elif not mmap:  # a tied output on the CPU is token_embd's own data (TENSOR_DUPLICATED): counted once
+            allocated += 0 if as_output else -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         else:
             first, end = ranges.get(t.file, [t.offset, t.offset])
             ranges[t.file] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
