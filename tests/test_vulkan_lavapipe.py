@@ -37,6 +37,8 @@ LIVE = [c for c in CASES if c.id in {  # one of each kind; the full grid runs in
     "gemma3-2vk -ngl all -ts 1,1 -c 4096 -np 1",
     "moe-1vk -ngl all --n-cpu-moe 2 -c 4096 -np 1",
     "hybrid-1vk -ngl 4 -c 4096 -np 1",
+    "gemma3-1vk -ngl 0 -c 4096 -np 1",  # op offload: a Vulkan device with no layer still computes
+    "smollm2-1vk -ngl 12 -lm none -c 4096 -np 1",  # no mmap: the CPU's tensors in Vulkan_Host
 }]
 
 
