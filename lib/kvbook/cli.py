@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-budget", action="append", metavar="NAME=SIZE",
                    help="a device's budget by llama.cpp's name, repeatable or comma-separated (CUDA0=24GiB, "
                         "CUDA1=22.5GiB, RPC0=20000MiB, Metal=48GiB, CPU=64GiB): with --device it overrides that "
-                        "preset's device; without, the names are the devices")
+                        "preset's device; without, the names are the devices; NAME=SIZE@MAX: tensors over MAX stay on "
+                        "the CPU (a Vulkan device without 64-bit indexing: its maxStorageBufferRange)")
     p.add_argument("--rpc-gib", help="with llama-server --rpc: each RPC server's budget in GiB, comma-separated "
                                      "(default: this machine's RAM, what a loopback rpc-server reports)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

@@ -379,6 +379,9 @@ class Pool:
     budget_bytes: int
     total_bytes: int
     bandwidth_gbps: float | None = None
+    # the largest tensor the device's backend accepts; a larger one stays on the CPU (ggml-vulkan.cpp
+    # ggml_backend_vk_device_supports_op: maxStorageBufferRange on devices without 64-bit indexing). None: no limit
+    max_tensor_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -307,14 +307,28 @@ def canonical_name(name: str) -> str:
     return f"{_FAMILIES[m.group(1)]}{int(m.group(2))}"
 
 
+def tensor_limits(values: Sequence[str]) -> dict[str, int]:
+    """The `@SIZE` suffixes of --device-budget NAME=SIZE@SIZE: the largest tensor that device accepts (a Vulkan
+    device without 64-bit indexing: its maxStorageBufferRange, as vulkaninfo prints it), by llama.cpp name."""
+    out = {}
+    for item in (x.strip() for v in values for x in v.split(",")):
+        name, _, size = item.partition("=")
+        if "@" in size:
+            canon = canonical_name(name)
+            out[canon] = parse_size(size.split("@", 1)[1], f"--device-budget {canon} largest tensor (@SIZE)")
+    return out
+
+
 def parse_device_budgets(values: Sequence[str]) -> tuple[tuple[str, int], ...]:
     """--device-budget NAME=SIZE entries (repeated and/or comma-separated) as (llama.cpp name, bytes), in the
-    order given; one line for a malformed entry or size, an unknown name, a duplicate."""
+    order given; one line for a malformed entry or size, an unknown name, a duplicate. A `@SIZE` suffix is the
+    device's largest tensor (tensor_limits)."""
     out: dict[str, int] = {}
     for item in (x.strip() for v in values for x in v.split(",")):
         if not item:
             continue
         name, eq, size = item.partition("=")
+        size = size.split("@", 1)[0]
         if not eq or not name.strip() or not size.strip():
             raise BadInput(f"--device-budget: '{item}' is not NAME=SIZE (e.g. CUDA0=24GiB)")
         canon = canonical_name(name)
@@ -432,7 +446,15 @@ def resolve_device(*, preset: str | None = None, budget_gib: float | None = None
         budgets = (*budgets, ("CPU", _gib("--host-gib", host_gib)))
     device = with_rpc(device, endpoints, rpc_budgets, host)
     overrides = budgets if preset else tuple((n, b) for n, b in budgets if _family(n) == "RPC")
-    return apply_budgets(device, overrides) if overrides else device
+    device = apply_budgets(device, overrides) if overrides else device
+    limits = tensor_limits(device_budgets)
+    if not limits:
+        return device
+    unknown = set(limits) - {llama_name(p) for p in device.pools}
+    if unknown:
+        raise BadInput(f"--device-budget {sorted(unknown)[0]}@...: no such device in this plan")
+    return replace(device, pools=tuple(replace(p, max_tensor_bytes=limits.get(llama_name(p), p.max_tensor_bytes))
+                                       for p in device.pools))
 
 
 def llama_name(pool: Pool) -> str:

@@ -32,6 +32,7 @@ class Offload:
     layers: tuple[str, ...]
     output: str
     devices: tuple[str, ...]  # the offload devices, in llama.cpp's order
+    output_kept: bool = False  # the output weight is too large for `output`'s device: it and the logits stay on the CPU
 
 
 def assign(n_layer_all: int, n_gpu_layers: int, devices: Sequence[str], split: Sequence[float]) -> Offload:
@@ -188,7 +189,7 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
       or -ot sending experts to the CPU: `cpu_ops`); -ot sending another matmul to the CPU gives it a layer's act;
     - scores: f32 KQ scores of the largest cache where attention runs, without flash attention;
     - logits: f32 logits for `n_outputs` rows (llama-server reserves one per slot; llama-fit-params n_ubatch)
-      on the output layer's device."""
+      on the output layer's device (the CPU when the output weight is kept there: Offload.output_kept)."""
     shape = memory.shape
     ub = shape.n_ubatch
     n_outputs = shape.n_seq if n_outputs is None else n_outputs
@@ -210,7 +211,8 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
         return sorted(devs, key=lambda d: (d not in offload.devices, offload.devices.index(d) if d in offload.devices
                                            else 0, d))
 
-    for dev in ordered({*offload.layers, offload.output} - {CPU}):
+    output = CPU if offload.output_kept else offload.output
+    for dev in ordered({*offload.layers, output} - {CPU}):
         at(dev)["embd"] += copies * 4 * arch.n_embd * ub
     for kind, layers in ((CacheKind.KV, full), (CacheKind.SWA, swa)):
         for dev in ordered({CPU if no_kv_offload else offload.layers[il] for il in layers} - {CPU}):
@@ -230,7 +232,7 @@ def compute_terms(arch: ModelArch, memory: MemoryPlan, offload: Offload, *, copi
     if not shape.flash_attn:
         for dev in ordered({CPU if no_kv_offload else offload.layers[il] for il in (*full, *swa)}):
             at(dev)["scores"] = 4 * max(arch.n_head, default=0) * n_kv * ub
-    at(offload.output)["logits"] = 4 * arch.n_vocab * n_outputs
+    at(output)["logits"] = 4 * arch.n_vocab * n_outputs
     return out
 
 

@@ -28,7 +28,7 @@ from kvbook.memory.backends import (
     backend_of,
     cpu_matrix_bytes,
 )
-from kvbook.memory.compute import coefficients
+from kvbook.memory.compute import activation_width, coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
@@ -114,6 +114,11 @@ def repack_cpu(flags: ServerFlags, device: Device) -> CpuFeatures | None:
     return None if not flags.repack or (host_buffer_first(device) and not flags.no_host) else host_cpu(device)
 
 
+def tensor_limits(device: Device) -> dict[str, int]:
+    """Pool name -> the largest tensor that device accepts, for the pools that have a limit (Pool.max_tensor_bytes)."""
+    return {p.name: p.max_tensor_bytes for p in device.pools if p.max_tensor_bytes is not None}
+
+
 def override_devices(device: Device) -> dict[str, str]:
     """-ot buffer-type names -> the device that holds them: RPC0[host:port] (every RPC device's buffer type is
     named RPC0[...], tell them apart by endpoint) and the local GPUs by name."""
@@ -128,7 +133,8 @@ def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offlo
     if arch.tensors:
         return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
                               cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
-                              bufts=override_devices(device))
+                              bufts=override_devices(device), max_tensor=tensor_limits(device),
+                              mmap=_maps_weights(flags))
     moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
     groups = dict(arch.tensor_groups) or _estimated(arch)
@@ -169,7 +175,20 @@ def offload_of(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload:
     devices = [p.name for p in device.pools if p.kind in ("gpu", "rpc")]
     split = split_shares(flags.tensor_split, len(devices)) or [float(p.budget_bytes) for p in device.pools
                                                                 if p.kind in ("gpu", "rpc")]
-    return assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device), devices, split)
+    return output_stays(arch, device, assign(arch.n_layer + arch.n_layer_nextn, _rpc_layers(arch, flags, device),
+                                             devices, split))
+
+
+def output_stays(arch: ModelArch, device: Device, offload: Offload) -> Offload:
+    """The offload marked `output_kept` when the output weight (output.weight, or token_embd when tied) is larger
+    than the output layer's device accepts (Pool.max_tensor_bytes): that MUL_MAT's weight falls back to the CPU's
+    buffer list (plan/weights.py), so the logits are computed there; the output norm stays on the device."""
+    limit = tensor_limits(device).get(offload.output)
+    if limit is None:
+        return offload
+    names = {t.name: t.nbytes for t in arch.tensors}
+    size = names.get("output.weight", names.get("token_embd.weight", 0))
+    return dataclasses.replace(offload, output_kept=True) if size > limit else offload
 
 
 def rpc_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: Offload,
@@ -205,6 +224,12 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
     terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
                           no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
     backend = backends.pop()
+    if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] not in terms \
+            and CPU in offload.layers:
+        # no layer on the first GPU, some on the CPU: it still runs their big-batch matmuls (op offload), taking
+        # their input and giving their output as a layer's activations would
+        terms[offload.devices[0]] = {**dict.fromkeys(terms[CPU], 0), "embd": 4 * arch.n_embd * shape.n_ubatch,
+                                     "act": 4 * shape.n_ubatch * activation_width(arch)}
     if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] in terms:
         experts = bool(arch.n_expert) and (flags.cpu_moe_layers != 0 or any("exps" in ops for ops in on_cpu.values())
                                            or any("exps" in p for p, _ in flags.tensor_overrides))
@@ -232,7 +257,7 @@ def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
     if pool.kind != "gpu":
         return None
     n_all = arch.n_layer + arch.n_layer_nextn
-    return assign(n_all, n_all + 1, (main,), (1.0,))
+    return output_stays(arch, device, assign(n_all, n_all + 1, (main,), (1.0,)))
 
 
 def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
@@ -240,6 +265,20 @@ def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, de
     """gpu_compute when every layer runs on the one GPU pool `main`."""
     offload = _one_gpu(arch, device, main)
     return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+
+
+def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
+                       ) -> dict[str, DeviceCompute] | None:
+    """-ngl 0 beside a discrete GPU whose backend offloads big-batch ops (CUDA, ROCm, Vulkan, SYCL; not Metal):
+    the first GPU runs the CPU layers' weight matmuls (ggml-backend.cpp ggml_backend_sched_backend_id_from_cur
+    asks offload_op for an op whose weight sits in a host buffer; ggml-vulkan.cpp ggml_backend_vk_device_offload_op:
+    a batch of at least 32), so it has a compute buffer of its own; None when that does not apply."""
+    gpus = [p.name for p in device.pools if p.kind == "gpu"]
+    if (device.unified or not gpus or "--no-op-offload" in flags.argv
+            or memory.shape.n_ubatch < OP_OFFLOAD_MIN_BATCH):
+        return None
+    n_all = arch.n_layer + arch.n_layer_nextn
+    return gpu_compute(arch, flags, memory, Offload((CPU,) * n_all, CPU, (gpus[0],)), device.calibrations)
 
 
 def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
@@ -255,7 +294,9 @@ def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, dev
     """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
     intervals; None when the CPU backend (or RPC) holds them."""
     offload = compute_offload(arch, flags, device)
-    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
+    if offload is None:
+        return op_offload_compute(arch, flags, memory, device)
+    return gpu_compute(arch, flags, memory, offload, device.calibrations)
 
 
 def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
@@ -447,12 +488,13 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
-        gpu = _one_gpu_compute(arch, flags, memory, device, main)
+        gpu = _one_gpu_compute(arch, flags, memory, device, main) if main != host else op_offload_compute(
+            arch, flags, memory, device)
         if gpu is None:
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
-            parts[main]["compute"] += gpu[main].high
-            parts[host]["compute"] += gpu[CPU].high
+            for dev, c in gpu.items():
+                parts[host if dev == CPU else dev]["compute"] += c.high
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes

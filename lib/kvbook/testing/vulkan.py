@@ -22,6 +22,9 @@ from pathlib import Path
 from kvbook.ops.logparse import LoggedMemory, mib2
 
 LAVAPIPE_MIB = 2048  # what lavapipe reports as the device's memory (llama-server --list-devices)
+# lavapipe's maxStorageBufferRange (vulkaninfo; 2^27 bytes), without 64-bit indexing: the largest tensor ggml-vulkan
+# accepts (ggml_backend_vk_device_supports_op); Gemma 3's 170 MiB tied output stays on the CPU
+LAVAPIPE_MAX_TENSOR_MIB = 128
 HOST_BUFFERS = ("CPU", "CPU_Mapped", "CPU_REPACK", "Vulkan_Host")  # buffer types of the CPU device
 COMMON = ("-c", "4096", "-np", "1")
 
@@ -107,8 +110,8 @@ def argv_for(case: Case, model: Path, endpoints: Sequence[str] = ()) -> list[str
 
 
 def budgets(case: Case) -> list[str]:
-    """--device-budget entries for the Vulkan devices lavapipe gives (2048 MiB each)."""
-    return [f"Vulkan{i}={LAVAPIPE_MIB}MiB" for i in range(case.vulkan)]
+    """--device-budget entries for the Vulkan devices lavapipe gives (2048 MiB each, tensors up to 128 MiB)."""
+    return [f"Vulkan{i}={LAVAPIPE_MIB}MiB@{LAVAPIPE_MAX_TENSOR_MIB}MiB" for i in range(case.vulkan)]
 
 
 def plan_json(case: Case, argv: Sequence[str]) -> dict:
