@@ -21,14 +21,12 @@ from pathlib import Path
 from kvbook.ops.components import model_path
 from kvbook.ops.fit_check import FitCase, compare_fit, format_table
 from kvbook.ops.rpc import start_rpc_server
-from kvbook.testing.synthetic import write_synthetic_gguf
+from kvbook.testing.synthetic import TINY_MOE, tiny_metadata, write_synthetic_gguf
 
 REPO = Path(__file__).resolve().parent.parent
-MOE_META = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in {
-    "context_length": 32768, "embedding_length": 512, "attention.layer_norm_rms_epsilon": 1e-6,
-    "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 8, "attention.head_count_kv": 2,
-    "attention.key_length": 64, "attention.value_length": 64, "block_count": 8, "feed_forward_length": 1024,
-    "expert_count": 16, "expert_used_count": 2, "expert_feed_forward_length": 256}.items()}}
+MOE_META = tiny_metadata("qwen3moe", **{**TINY_MOE,  # twice the tiny shape: fit has layers to move
+    "embedding_length": 512, "attention.head_count": 8, "attention.key_length": 64, "attention.value_length": 64,
+    "block_count": 8, "feed_forward_length": 1024, "expert_count": 16, "expert_feed_forward_length": 256})
 
 
 def cases(tmp: Path, full_size: bool = False) -> list[FitCase]:

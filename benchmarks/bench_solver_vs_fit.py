@@ -20,14 +20,10 @@ from pathlib import Path
 from kvbook.ops.components import model_path
 from kvbook.ops.rpc import start_rpc_server
 from kvbook.ops.solver_fit import Case, compare, format_table
-from kvbook.testing.synthetic import write_synthetic_gguf
+from kvbook.testing.synthetic import TINY_MOE, tiny_metadata, write_synthetic_gguf
 
 REPO = Path(__file__).resolve().parent.parent
-MOE_META = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in {
-    "context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
-    "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
-    "attention.key_length": 128, "attention.value_length": 128, "block_count": 4, "feed_forward_length": 512,
-    "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 128}.items()}}
+MOE_META = tiny_metadata("qwen3moe", **TINY_MOE)
 
 
 def cases(tmp: Path) -> list[Case]:

@@ -45,11 +45,6 @@ CASES = [  # (model fixture, servers, flags)
     ("smollm2", 2, ["-ngl", "0", "-ot", r"blk\.(2|7)\.=RPC0[{rpc1}],output=RPC0[{rpc0}]", "-c", "4096", "-np", "1"]),
 ]
 
-_COMMON = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
-           "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
-           "attention.key_length": 128, "attention.value_length": 128}
-
-
 def with_endpoints(flags: list[str], endpoints: list[str]) -> list[str]:
     """The flags with each {rpcN} replaced by the N-th server's host:port."""
     out = []
@@ -63,24 +58,17 @@ def with_endpoints(flags: list[str], endpoints: list[str]) -> list[str]:
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A small synthetic Qwen3-MoE GGUF (8 experts, 4 layers) that llama-server really loads."""
-    from kvbook.testing.synthetic import write_synthetic_gguf
+    from kvbook.testing.synthetic import TINY_MOE, tiny_metadata, write_synthetic_gguf
 
-    meta = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in {
-        **_COMMON, "block_count": 4, "feed_forward_length": 512, "expert_count": 8, "expert_used_count": 2,
-        "expert_feed_forward_length": 128}.items()}}
-    return write_synthetic_gguf(meta, tmp_path_factory.mktemp("moe") / "moe.gguf")
+    return write_synthetic_gguf(tiny_metadata("qwen3moe", **TINY_MOE), tmp_path_factory.mktemp("moe") / "moe.gguf")
 
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
     """A small synthetic Qwen3.5 hybrid GGUF (attention every 4th layer, Gated DeltaNet elsewhere)."""
-    from kvbook.testing.synthetic import write_synthetic_gguf
+    from kvbook.testing.synthetic import TINY_HYBRID, tiny_metadata, write_synthetic_gguf
 
-    meta = {"general.architecture": "qwen35", **{f"qwen35.{k}": v for k, v in {
-        **_COMMON, "block_count": 8, "feed_forward_length": 512, "ssm.conv_kernel": 4, "ssm.state_size": 128,
-        "ssm.group_count": 2, "ssm.time_step_rank": 4, "ssm.inner_size": 512, "full_attention_interval": 4,
-        "rope.dimension_sections": [11, 11, 10, 0], "rope.dimension_count": 64}.items()}}
-    return write_synthetic_gguf(meta, tmp_path_factory.mktemp("hybrid") / "hybrid.gguf")
+    return write_synthetic_gguf(tiny_metadata("qwen35", **TINY_HYBRID), tmp_path_factory.mktemp("hybrid") / "hybrid.gguf")
 
 
 @pytest.fixture()

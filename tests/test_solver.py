@@ -28,14 +28,9 @@ EPS = "127.0.0.1:50001,127.0.0.1:50002"
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A small synthetic Qwen3-MoE GGUF (8 experts, 4 layers)."""
-    from kvbook.testing.synthetic import write_synthetic_gguf
+    from kvbook.testing.synthetic import TINY_MOE, tiny_metadata, write_synthetic_gguf
 
-    common = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
-              "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
-              "attention.key_length": 128, "attention.value_length": 128, "block_count": 4,
-              "feed_forward_length": 512, "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 128}
-    meta = {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in common.items()}}
-    return write_synthetic_gguf(meta, tmp_path_factory.mktemp("moe") / "moe.gguf")
+    return write_synthetic_gguf(tiny_metadata("qwen3moe", **TINY_MOE), tmp_path_factory.mktemp("moe") / "moe.gguf")
 
 
 def _setup(path, budgets_gib, *args):

@@ -574,6 +574,23 @@ def _write_with_hole(writer: GGUFWriter, data_size: int) -> None:
         writer.close()
 
 
+TINY_SHAPE: Mapping[str, Any] = {
+    "context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
+    "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
+    "attention.key_length": 128, "attention.value_length": 128, "block_count": 4, "feed_forward_length": 512}
+TINY_MOE: Mapping[str, Any] = {"expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 128}
+TINY_HYBRID: Mapping[str, Any] = {  # qwen35: attention every 4th of 8 layers, Gated DeltaNet elsewhere
+    "block_count": 8, "ssm.conv_kernel": 4, "ssm.state_size": 128, "ssm.group_count": 2, "ssm.time_step_rank": 4,
+    "ssm.inner_size": 512, "full_attention_interval": 4, "rope.dimension_sections": [11, 11, 10, 0],
+    "rope.dimension_count": 64}
+
+
+def tiny_metadata(arch: str, **keys: Any) -> dict[str, Any]:
+    """GGUF metadata of a tiny model of `arch` (TINY_SHAPE, then `keys`, each prefixed with the arch) for tests and
+    benchmarks that need a file llama-server really loads; one definition so their models stay the same."""
+    return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in {**TINY_SHAPE, **keys}.items()}}
+
+
 def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
                          weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K,
                          type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = ()) -> Path:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvbook.ops.logparse import LoggedMemory, mib2
+from kvbook.testing.synthetic import TINY_HYBRID, TINY_MOE, tiny_metadata
 
 LAVAPIPE_MIB = 2048  # what lavapipe reports as the device's memory (llama-server --list-devices)
 # lavapipe's maxStorageBufferRange (vulkaninfo; 2^27 bytes), without 64-bit indexing: the largest tensor ggml-vulkan
@@ -28,20 +29,9 @@ LAVAPIPE_MAX_TENSOR_MIB = 128
 HOST_BUFFERS = ("CPU", "CPU_Mapped", "CPU_REPACK", "Vulkan_Host")  # buffer types of the CPU device
 COMMON = ("-c", "4096", "-np", "1")
 
-_SYN = {"context_length": 32768, "embedding_length": 256, "attention.layer_norm_rms_epsilon": 1e-6,
-        "rope.freq_base": 1000000.0, "vocab_size": 1000, "attention.head_count": 4, "attention.head_count_kv": 2,
-        "attention.key_length": 128, "attention.value_length": 128}
 # small synthetic GGUFs llama-server really loads (zero weights: allocations only), the same ones
 # tests/test_rpc_placement.py uses
-SYNTHETIC = {
-    "moe": {"general.architecture": "qwen3moe", **{f"qwen3moe.{k}": v for k, v in {
-        **_SYN, "block_count": 4, "feed_forward_length": 512, "expert_count": 8, "expert_used_count": 2,
-        "expert_feed_forward_length": 128}.items()}},
-    "hybrid": {"general.architecture": "qwen35", **{f"qwen35.{k}": v for k, v in {
-        **_SYN, "block_count": 8, "feed_forward_length": 512, "ssm.conv_kernel": 4, "ssm.state_size": 128,
-        "ssm.group_count": 2, "ssm.time_step_rank": 4, "ssm.inner_size": 512, "full_attention_interval": 4,
-        "rope.dimension_sections": [11, 11, 10, 0], "rope.dimension_count": 64}.items()}},
-}
+SYNTHETIC = {"moe": tiny_metadata("qwen3moe", **TINY_MOE), "hybrid": tiny_metadata("qwen35", **TINY_HYBRID)}
 
 
 @dataclass(frozen=True)
