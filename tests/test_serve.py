@@ -247,7 +247,7 @@ def test_several_servers_are_planned_together(tmp_path, env, capsys) -> None:
     assert not stack.fits and all(p.verdict.value == "fits" for p in stack.plans)
     code, err = kvbook_here(capsys, "serve", "-f", str(many))
     assert code == 2 and err.count("\n") == 1, err
-    assert "the 16 llama-servers together need" in err and "nothing was started" in err
+    assert "the 16 llama-servers together need" in err and "at start" in err and "nothing was started" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -280,3 +280,32 @@ def test_no_orphans_after_sigterm_or_a_killed_serve(tmp_path, sig) -> None:
     status = kvbook("serve", "--name", "t-sig", "--status", env=s.env)
     assert status.returncode == 2 and status.stderr.count("\n") == 1
     assert ("stale" in status.stderr) == (sig == signal.SIGKILL), status.stderr
+
+
+def test_two_models_and_replicas_routes_and_groups(tmp_path) -> None:
+    """params/serve/two-models.yaml planned together; each slot's ID goes to its model, claude-* to the first;
+    replicas of a model form one LiteLLM group (so LiteLLM may retry on the other backend)."""
+    from kvbook.ops.litellm import write_config
+    from kvbook.ops.serve import plan_stack, spec_from_params, stack_routes
+
+    spec = spec_from_params(ROOT / "params/serve/two-models.yaml")
+    assert [m.name for m in spec.models] == ["gemma3", "smollm2"]
+    stack = plan_stack(spec, [[], []])
+    assert stack.fits and len(stack.plans) == 2
+    pool, start, grown, _ = stack.need[0]
+    assert start == sum(u.need_bytes - u.host_extras_bytes for p in stack.plans for u in p.pools if u.pool == pool)
+    assert grown == sum(u.need_bytes for p in stack.plans for u in p.pools if u.pool == pool) > start
+    ids = {"opus": "claude-opus-x", "sonnet": "claude-sonnet-x", "haiku": "claude-haiku-x"}
+    routes = stack_routes(spec, ["http://127.0.0.1:1", "http://127.0.0.1:2"], [32768, 16384], ids)
+    to = {r.model_name: (r.upstream_model, r.api_base) for r in routes if r.backend == "anthropic"}
+    assert to["claude-opus-x"] == to["claude-sonnet-x"] == to["claude-*"] == ("gemma3", "http://127.0.0.1:1")
+    assert to["claude-haiku-x"] == ("smollm2", "http://127.0.0.1:2")
+    doc = yaml.safe_load(write_config(routes, tmp_path / "a.yaml").read_text())
+    assert doc["router_settings"]["num_retries"] == 0
+    two = write_params(tmp_path / "r.yaml", "r", [{"model": "smollm2-135m", "replicas": 2, "server_args": ["-c", "1024"]}])
+    rspec = spec_from_params(two)
+    routes = stack_routes(rspec, ["http://127.0.0.1:1", "http://127.0.0.1:2"], [1024, 1024], {"opus": "claude-o"})
+    group = [r.api_base for r in routes if r.model_name == "claude-o"]
+    assert group == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    doc = yaml.safe_load(write_config(routes, tmp_path / "b.yaml").read_text())
+    assert "router_settings" not in doc  # several backends per name: LiteLLM's retries may go to the other one

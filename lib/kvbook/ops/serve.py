@@ -187,21 +187,28 @@ def serve_dir(name: str) -> Path:
 
 @dataclass(frozen=True)
 class StackPlan:
-    """Each llama-server's plan, and the pools' sums: several servers share the same devices."""
+    """Each llama-server's plan, and the pools' sums: several servers share the same devices. Like one plan, a
+    pool does not fit when the servers' start allocations exceed it, and is tight when their run-time growth
+    (each server's own --cache-ram prompt cache and checkpoints) could."""
 
     plans: tuple[Plan, ...]
-    need: tuple[tuple[str, int, int], ...]  # (pool, bytes all servers need, budget)
+    need: tuple[tuple[str, int, int, int], ...]  # (pool, start bytes of all servers, with run-time growth, budget)
 
     @property
     def fits(self) -> bool:
-        return all(p.verdict is not Verdict.DOES_NOT_FIT for p in self.plans) and all(n <= b for _, n, b in self.need)
+        return all(p.verdict is not Verdict.DOES_NOT_FIT for p in self.plans) and all(s <= b for _, s, _, b in self.need)
+
+    def tight(self) -> list[str]:
+        """Pools whose summed run-time growth could exceed them (said in the ready block, not refused)."""
+        return [f"{pool}: {n / 2**30:.2f} GiB with run-time growth (prompt caches) of {b / 2**30:.2f} GiB"
+                for pool, s, n, b in self.need if s <= b < n and len(self.plans) > 1]
 
     def refusal(self) -> str:
-        over = [(pool, n, b) for pool, n, b in self.need if n > b]
+        over = [(pool, s, b) for pool, s, _, b in self.need if s > b]
         if len(self.plans) > 1 and over:
-            pool, n, b = over[0]
-            return (f"the {len(self.plans)} llama-servers together need {n / 2**30:.2f} GiB on {pool}, which has "
-                    f"{b / 2**30:.2f} GiB")
+            pool, need, b = over[0]
+            return (f"the {len(self.plans)} llama-servers together need {need / 2**30:.2f} GiB on {pool} at start, "
+                    f"which has {b / 2**30:.2f} GiB")
         bad = next(p for p in self.plans if p.verdict is Verdict.DOES_NOT_FIT)
         need = max(u.need_bytes for u in bad.pools) / 2**30
         return (f"{bad.model.name}: the plan says it will not fit ({need:.2f} GiB needed on {bad.device.name}); "
@@ -224,9 +231,10 @@ def plan_stack(spec: ServeSpec, rpc_endpoints: Sequence[Sequence[str]]) -> Stack
     sums: dict[str, list[int]] = {}
     for p in plans:
         for u in p.pools:
-            entry = sums.setdefault(u.pool, [0, u.budget_bytes])
-            entry[0] += u.need_bytes
-    return StackPlan(tuple(plans), tuple((k, v[0], v[1]) for k, v in sums.items()))
+            entry = sums.setdefault(u.pool, [0, 0, u.budget_bytes])
+            entry[0] += u.need_bytes - u.host_extras_bytes
+            entry[1] += u.need_bytes
+    return StackPlan(tuple(plans), tuple((k, *v) for k, v in sums.items()))
 
 
 # ---------------------------------------------------------------- the LiteLLM side
@@ -412,6 +420,8 @@ class Session:
             old.replace(old.with_name(old.name + ".1"))
         if not stack.fits:
             self.log(f"--force: {stack.refusal()}; starting anyway")
+        for line in stack.tight():
+            self.log(f"warning: the servers together are tight on {line}")
         key, key_path = master_key(self.folder)
         for m, eps in zip(spec.models, endpoints):
             for h, ep in zip(m.rpc, eps):
