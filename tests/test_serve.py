@@ -84,7 +84,22 @@ def write_params(path: Path, name: str, models: list[dict], **top) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def users_own_server(tmp_path_factory):
+    """The user's own llama-server, unrelated to kvbook, running through the whole module: serve must neither
+    count it nor stop it."""
+    from kvbook.ops.components import find_llama_server, model_path
+    from kvbook.ops.procs import free_port, kill_group
+
+    log = tmp_path_factory.mktemp("user") / "user.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([str(find_llama_server()), "-m", str(model_path("smollm2-135m")), "-c", "512", "-t", "1",
+                                 "--port", str(free_port())], stdout=fh, stderr=fh, start_new_session=True)
+    yield proc
+    kill_group(proc)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, users_own_server):
     out = tmp_path_factory.mktemp("serve")
     user = out / "home" / ".claude" / "settings.json"
     user.parent.mkdir(parents=True)
@@ -188,11 +203,12 @@ def test_status_then_a_crashed_llama_server_is_restarted(stack) -> None:
     assert shown.returncode == 0 and f"pid {new['pid']}  up" in shown.stdout and "had exited with code -9" in shown.stdout
 
 
-def test_ctrl_c_stops_everything(stack) -> None:
-    """Last in the module: SIGINT, as Ctrl-C sends it."""
+def test_ctrl_c_stops_everything(stack, users_own_server) -> None:
+    """Last of the stack's checks: SIGINT, as Ctrl-C sends it; the user's own llama-server is left running."""
     pids = stack.pids(stack.state())
     assert stack.stop(signal.SIGINT) == 0, stack.stderr.read_text()[-2000:]
     assert all(gone(p) for p in pids), [p for p in pids if not gone(p, 0)]
+    assert users_own_server.poll() is None
     assert not (stack.folder / "state.json").exists()
     assert "Ctrl-C: every process it started is stopped" in stack.stderr.read_text()
     after = kvbook("serve", "--name", "t-serve", "--status", env=stack.env)
@@ -262,25 +278,6 @@ def test_settings_file_that_is_not_json_is_left_alone(tmp_path) -> None:
     assert path.read_text() == "{not json" and [p.name for p in tmp_path.iterdir()] == ["settings.json"]
 
 
-# ---------------------------------------------------------------- stopping: SIGTERM, and a killed parent
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_no_orphans_after_sigterm_or_a_killed_serve(tmp_path, sig) -> None:
-    """A short-lived stack per signal (no Claude slots, so no probe). SIGKILL gives serve no chance to clean up:
-    its children must still die (the kernel's PR_SET_PDEATHSIG), and the stale state is reported as such."""
-    params = write_params(tmp_path / "s.yaml", "t-sig", [{"model": "smollm2-135m", "server_args": ["-c", "1024", "-t", "1"],
-                                                          "slots": []}], restart=False)
-    s = Stack(tmp_path, ["-f", str(params)], "t-sig")
-    pids = s.pids(s.wait_ready())
-    assert len(pids) == 2 and all(not gone(p, 0) for p in pids)
-    code = s.stop(sig)
-    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), s.stderr.read_text()[-2000:]
-    assert all(gone(p) for p in pids), f"left running after {sig.name}: {[p for p in pids if not gone(p, 0)]}"
-    status = kvbook("serve", "--name", "t-sig", "--status", env=s.env)
-    assert status.returncode == 2 and status.stderr.count("\n") == 1
-    assert ("stale" in status.stderr) == (sig == signal.SIGKILL), status.stderr
-
 
 def test_two_models_and_replicas_routes_and_groups(tmp_path) -> None:
     """params/serve/two-models.yaml planned together; each slot's ID goes to its model, claude-* to the first;
@@ -309,3 +306,29 @@ def test_two_models_and_replicas_routes_and_groups(tmp_path) -> None:
     assert group == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
     doc = yaml.safe_load(write_config(routes, tmp_path / "b.yaml").read_text())
     assert "router_settings" not in doc  # several backends per name: LiteLLM's retries may go to the other one
+
+
+# ---------------------------------------------------------------- stopping: SIGTERM, and a killed parent
+
+
+def test_no_orphans_after_sigterm_or_a_killed_serve(tmp_path) -> None:
+    """Two short-lived stacks started side by side (no Claude slots, so no probe): one gets SIGTERM, the other
+    SIGKILL, which gives serve no chance to clean up: its children must still die (the kernel's
+    PR_SET_PDEATHSIG), and the stale state is reported as such."""
+    stacks = {}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        name = f"t-{sig.name.lower()}"
+        params = write_params(tmp_path / f"{name}.yaml", name, [{"model": "smollm2-135m", "slots": [],
+                                                                  "server_args": ["-c", "1024", "-t", "1"]}],
+                              restart=False)
+        (tmp_path / name).mkdir()
+        stacks[sig] = Stack(tmp_path / name, ["-f", str(params)], name)
+    for sig, s in stacks.items():
+        pids = s.pids(s.wait_ready())
+        assert len(pids) == 2 and all(not gone(p, 0) for p in pids)
+        code = s.stop(sig)
+        assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), s.stderr.read_text()[-2000:]
+        assert all(gone(p) for p in pids), f"left running after {sig.name}: {[p for p in pids if not gone(p, 0)]}"
+        status = kvbook("serve", "--name", s.name, "--status", env=s.env)
+        assert status.returncode == 2 and status.stderr.count("\n") == 1
+        assert ("stale" in status.stderr) == (sig == signal.SIGKILL), status.stderr
