@@ -100,8 +100,8 @@ def probed_slot_ids(slots: Sequence[str], cache: Path, claude: Path | None = Non
         except (OSError, ValueError, KeyError, TypeError):
             report = None
     if report is None or any(not report.ids_for(s) for s in slots):
-        report = probe_claude_code(None, claude, timeout_s=timeout_s, aliases=tuple(dict.fromkeys(slots)) or ("opus",),
-                                   opusplan=False)
+        aliases = tuple(dict.fromkeys((*SLOT_ENV, *slots)))  # every pinnable slot: another params file reuses it
+        report = probe_claude_code(None, claude, timeout_s=timeout_s, aliases=aliases, opusplan=False)
         ran = True
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(report.to_dict(), indent=1))

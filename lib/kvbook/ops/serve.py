@@ -135,10 +135,7 @@ def spec_from_command_line(argv: Sequence[str], name: str | None = None, **overr
     if args[0].startswith("-") or not Path(args[0]).name.startswith("llama-server"):
         args = ["llama-server", *args]
     flags = parse_server_args(args, os.environ)
-    model = flags.model or ""
-    if not model:
-        raise BadInput("the llama-server command line needs -m MODEL.gguf")
-    label = name or Path(model).stem.lower()
+    label = name or (Path(flags.model).stem.lower() if flags.model else "local")  # -hf: name it with --name
     spec = ServeSpec(name=label, models=(ServedModel(label, tuple(args), 0, DEFAULT_SLOTS),))
     return check_spec(replace(spec, **{k: v for k, v in override.items() if v is not None}))
 
