@@ -267,6 +267,19 @@ def test_several_servers_are_planned_together(tmp_path, env, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_busy_port_is_refused_before_anything_starts(tmp_path, env, capsys) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        params = write_params(tmp_path / "p.yaml", "busy", [{"model": "smollm2-135m", "slots": []}], port=port)
+        code, err = kvbook_here(capsys, "serve", "-f", str(params))
+    assert code == 2 and err.count("\n") == 1 and f"127.0.0.1:{port} is already in use" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_settings_file_that_is_not_json_is_left_alone(tmp_path) -> None:
     from kvbook.claude.settings import merge_settings
     from kvbook.errors import BadInput

@@ -396,6 +396,13 @@ class Session:
                 running = read_state(spec.name)
                 raise BadInput(f"kvbook serve {spec.name!r} is already running (pid {running['pid']}); "
                                f"see kvbook serve --name {spec.name} --status")
+        from kvbook.ops.procs import port_in_use
+
+        busy = [f"{h}:{p}" for h, p in [(spec.host, spec.port), *(("127.0.0.1", m.port) for m in spec.models)]
+                if p and port_in_use(h if h not in ("0.0.0.0", "::") else "127.0.0.1", p)]
+        if busy:
+            raise BadInput(f"{busy[0]} is already in use; give another port (--port, or the params file's), "
+                           "nothing was started")
         ports, endpoints = self._ports()
         stack = plan_stack(spec, endpoints)
         if not stack.fits:
