@@ -253,7 +253,7 @@ def test_bad_params_one_line_nothing_written(tmp_path, env, capsys, doc, message
 def test_several_servers_are_planned_together(tmp_path, env, capsys) -> None:
     """One SmolLM2 with a 131072-token slot fits this machine (~2.8 GiB of KV); sixteen replicas do not: refused
     with one line, nothing started or written."""
-    from kvbook.ops.serve import plan_stack, spec_from_params
+    from kvbook.serve.stack import plan_stack, spec_from_params
 
     args = ["-c", "131072", "-np", "1", "-t", "1"]
     one = spec_from_params(write_params(tmp_path / "one.yaml", "one", [{"model": "smollm2-135m", "server_args": args}]))
@@ -296,7 +296,7 @@ def test_two_models_and_replicas_routes_and_groups(tmp_path) -> None:
     """params/serve/two-models.yaml planned together; each slot's ID goes to its model, claude-* to the first;
     replicas of a model form one LiteLLM group (so LiteLLM may retry on the other backend)."""
     from kvbook.ops.litellm import write_config
-    from kvbook.ops.serve import plan_stack, spec_from_params, stack_routes
+    from kvbook.serve.stack import plan_stack, spec_from_params, stack_routes
 
     spec = spec_from_params(ROOT / "params/serve/two-models.yaml")
     assert [m.name for m in spec.models] == ["gemma3", "smollm2"]

@@ -193,7 +193,7 @@ def _cmd_check_log(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvbook.ops import serve
+    from kvbook.serve import stack as serve
 
     server_argv = list(args.server_args)
     if args.status or args.print_env:

@@ -1,6 +1,6 @@
-"""`kvbook serve`: the planned llama-server(s) (and the RPC servers they name) behind LiteLLM, in the foreground
-for daily use, until Ctrl-C or SIGTERM; then everything it started is stopped. A killed `kvbook serve` takes its
-children with it (each gets SIGTERM from the kernel: PR_SET_PDEATHSIG, set in ops/procs.py).
+"""`kvbook serve`: the planned llama-server(s) (and the RPC servers they name) behind LiteLLM, wired for Claude Code, in
+the foreground for daily use until Ctrl-C or SIGTERM; then everything it started is stopped. A killed `kvbook serve` takes its
+children with it (each gets SIGTERM from the kernel: PR_SET_PDEATHSIG, set in kvbook/ops/procs.py).
 
 Everything lives in one folder (outputs/serve/NAME/): the logs, the LiteLLM config and key (mode 0600), the Claude
 Code settings, and state.json, which `kvbook serve --status` and `--print-env` read."""
