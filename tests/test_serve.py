@@ -104,8 +104,10 @@ def stack(tmp_path_factory, users_own_server):
     user = out / "home" / ".claude" / "settings.json"
     user.parent.mkdir(parents=True)
     user.write_text(json.dumps({"theme": "dark", "permissions": {"allow": ["Bash(ls)"]}, "env": {"KEEP_ME": "1"}}))
-    params = write_params(out / "t.yaml", "t-serve", [{"model": "smollm2-135m", "name": "smol",
-                                                       "server_args": SERVER_ARGS, "slots": ["opus", "haiku"]}])
+    params = write_params(out / "t.yaml", "t-serve", [
+        {"model": "smollm2-135m", "name": "smol", "server_args": SERVER_ARGS, "slots": ["opus"]},
+        {"model": "smollm2-135m", "name": "smol-b", "server_args": ["-c", "2048", "-np", "1", "-t", "1"],
+         "slots": ["haiku"]}])
     s = Stack(out, ["-f", str(params), "--claude-settings", str(user)], "t-serve")
     s.user_settings = user
     try:
@@ -124,8 +126,8 @@ def test_ready_block_and_folder(stack) -> None:
     assert "8192 tokens per slot (logged 8192)" in text, text
     assert stat.S_IMODE((stack.folder / "litellm.key").stat().st_mode) == 0o600
     logs = sorted(p.name for p in stack.folder.glob("*.log"))
-    assert logs == sorted([f"llama-server-{st['servers'][0]['port']}.log", f"litellm-{st['litellm']['port']}.log",
-                           "serve.log"]), logs
+    assert logs == sorted([*(f"llama-server-{s['port']}.log" for s in st["servers"]),
+                           f"litellm-{st['litellm']['port']}.log", "serve.log"]), logs
     key = (stack.folder / "litellm.key").read_text().strip()
     assert key not in json.dumps(st)  # the state never holds the key
 
@@ -138,10 +140,30 @@ def test_litellm_config_for_daily_use(stack) -> None:
     assert set(ids) == {"opus", "haiku"} and all(i.startswith("claude-") for i in ids.values())
     plan_max = st["servers"][0]["plan"]["max_input_tokens"]
     assert plan_max == 8192  # the per-slot context (-c 8192 -np 1)
-    for name in ("smol", *ids.values(), "claude-*"):
+    for name in ("smol", ids["opus"], "claude-*"):
         assert names[name]["litellm_params"]["model"] == "anthropic/smol"
         assert names[name]["model_info"] == {"max_input_tokens": plan_max}
-    assert doc["router_settings"]["num_retries"] == 0  # one backend: no retries against it
+    assert names[ids["haiku"]]["litellm_params"] == {**names["smol-b"]["litellm_params"]}
+    assert names["smol-b"]["litellm_params"]["api_base"] == st["servers"][1]["url"]
+    assert names[ids["haiku"]]["model_info"] == {"max_input_tokens": 2048}
+    assert doc["router_settings"]["num_retries"] == 0  # one backend per name: no retries against it
+
+
+def test_each_slot_reaches_its_own_server(stack) -> None:
+    """Two models planned together and served side by side: opus's ID on the first, haiku's on the second."""
+    import requests
+
+    st = stack.ready
+    key = (stack.folder / "litellm.key").read_text().strip()
+    logs = [Path(s["log"]) for s in st["servers"]]
+    for slot, index in (("haiku", 1), ("opus", 0)):
+        before = [p.read_text(errors="replace").count("launch_slot_") for p in logs]
+        resp = requests.post(st["litellm"]["url"] + "/v1/messages", headers={"x-api-key": key}, timeout=120,
+                             json={"model": st["claude"]["slot_ids"][slot], "max_tokens": 4,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 200, resp.text[:300]
+        grew = [p.read_text(errors="replace").count("launch_slot_") > b for p, b in zip(logs, before)]
+        assert grew == [index == 0, index == 1], (slot, grew)
 
 
 def test_claude_settings_merged_and_print_env(stack) -> None:

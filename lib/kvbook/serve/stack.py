@@ -444,7 +444,7 @@ class Session:
         self.proxy = start_proxy(routes, run_dir=self.folder, host=spec.host, port=port, master_key=key,
                                  allow_remote=spec.allow_remote)
         base = self.proxy.base_url if spec.host not in ("0.0.0.0", "::") else f"http://127.0.0.1:{port}"
-        n_ctx_seq = min(_planned(s.plan)["n_ctx_seq"] for s in self.servers)
+        n_ctx_seq = _planned(self.servers[0].plan)["n_ctx_seq"]  # the first model's: the main conversation's
         env = claude_env_block(base, key, n_ctx_seq, slot_ids)
         from kvbook.claude.settings import merge_settings
 
