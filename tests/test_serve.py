@@ -313,6 +313,14 @@ def test_settings_file_that_is_not_json_is_left_alone(tmp_path) -> None:
     assert path.read_text() == "{not json" and [p.name for p in tmp_path.iterdir()] == ["settings.json"]
 
 
+def test_unmergeable_claude_settings_refused_before_anything_starts(tmp_path, env, capsys) -> None:
+    (tmp_path / "settings.json").write_text("[1, 2]")
+    params = write_params(tmp_path / "p.yaml", "s", [{"model": "smollm2-135m"}])
+    code, err = kvbook_here(capsys, "serve", "-f", str(params), "--claude-settings", str(tmp_path / "settings.json"))
+    assert code == 2 and err.count("\n") == 1 and "expected a JSON object" in err, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "settings.json").read_text() == "[1, 2]"
+
+
 
 def test_two_models_and_replicas_routes_and_groups(tmp_path) -> None:
     """params/serve/two-models.yaml planned together; each slot's ID goes to its model, claude-* to the first;

@@ -40,17 +40,25 @@ def claude_env_block(base_url: str, key: str, n_ctx_seq: int, slot_ids: Mapping[
     return env
 
 
+def read_settings(path: Path) -> dict:
+    """An existing settings.json as a dict ({} when absent); one line when it cannot be merged into."""
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder; give the path of a settings.json file, nothing was written")
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text() or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{path}: not readable as JSON ({exc}); fix or move it, nothing was written") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("env", {}), dict):
+        raise BadInput(f"{path}: expected a JSON object whose 'env' is an object; nothing was written")
+    return doc
+
+
 def merge_settings(path: Path, env: Mapping[str, str]) -> Path:
     """Write `env` into the settings.json at `path`, keeping every other key (and other env entries); the file
     is replaced atomically with mode 0600 (it holds the key). A file that is not a JSON object is left untouched."""
-    doc: dict = {}
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text() or "{}")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"{path}: not readable as JSON ({exc}); fix or move it, nothing was written") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("env", {}), dict):
-            raise BadInput(f"{path}: expected a JSON object whose 'env' is an object; nothing was written")
+    doc = read_settings(path)
     doc["env"] = {**doc.get("env", {}), **env}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".settings-", dir=path.parent)

@@ -396,7 +396,11 @@ class Session:
                 running = read_state(spec.name)
                 raise BadInput(f"kvbook serve {spec.name!r} is already running (pid {running['pid']}); "
                                f"see kvbook serve --name {spec.name} --status")
+        from kvbook.claude.settings import read_settings
         from kvbook.ops.procs import port_in_use
+
+        if self.claude_settings:
+            read_settings(self.claude_settings)  # a file that cannot be merged into: refused before anything starts
 
         busy = [f"{h}:{p}" for h, p in [(spec.host, spec.port), *(("127.0.0.1", m.port) for m in spec.models)]
                 if p and port_in_use(h if h not in ("0.0.0.0", "::") else "127.0.0.1", p)]
