@@ -500,8 +500,8 @@ class Session:
         lines.append(f"  LiteLLM                   {base}  pid {self.proxy.process.proc.pid}  key in {key_path}")
         names = sorted({s.model.name for s in self.servers})
         routed = ", ".join(f"{mid} ({slot})" for slot, mid in slot_ids.items())
-        lines.append(f"  models: {', '.join(names)}; {client}: {routed or '-'}; any other claude-* -> "
-                     f"{self.spec.models[0].name}")
+        slots = f"{client}: {routed}" if routed else (client or "no Claude Code slots in the params file")
+        lines.append(f"  models: {', '.join(names)}; {slots}; any other claude-* -> {self.spec.models[0].name}")
         sm = self.state["smoke"]
         lines.append(f"  smoke check through LiteLLM: {'passed' if sm['passed'] else 'FAILED: ' + sm['reason']} "
                      f"({sm['seconds']} s)")
