@@ -205,6 +205,14 @@ def test_claude_p_answers_through_the_served_stack(stack, tmp_path) -> None:
     assert after > before  # the turn reached the served llama-server
 
 
+def test_a_second_serve_of_the_same_name_is_refused(stack) -> None:
+    """A subprocess with a timeout: were the check missing, this would start a second stack."""
+    run = kvbook("serve", "--name", "t-serve", "--port", "0", "--", "-m", stack.ready["servers"][0]["argv"][2],
+                 "-c", "512", env=stack.env, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is already running" in run.stderr, run.stderr
+    assert (stack.folder / "state.json").exists() and stack.proc.poll() is None
+
+
 def test_status_then_a_crashed_llama_server_is_restarted(stack) -> None:
     shown = kvbook("serve", "--name", "t-serve", "--status", env=stack.env)
     assert shown.returncode == 0, shown.stdout + shown.stderr

@@ -391,11 +391,13 @@ class Session:
         from kvbook.paths import cache_dir
 
         spec = self.spec
+        running = None
         if (self.folder / "state.json").exists():
-            with contextlib.suppress(BadInput):
+            with contextlib.suppress(BadInput):  # a stale state (its serve was killed) is overwritten
                 running = read_state(spec.name)
-                raise BadInput(f"kvbook serve {spec.name!r} is already running (pid {running['pid']}); "
-                               f"see kvbook serve --name {spec.name} --status")
+        if running:
+            raise BadInput(f"kvbook serve {spec.name!r} is already running (pid {running['pid']}); "
+                           f"see kvbook serve --name {spec.name} --status")
         from kvbook.claude.settings import read_settings
         from kvbook.ops.procs import port_in_use
 
@@ -590,8 +592,9 @@ class Session:
         for proc in ([self.proxy.process] if self.proxy else []) + [s.process for s in self.servers] + self.rpc:
             with contextlib.suppress(Exception):
                 proc.stop()
-        with contextlib.suppress(OSError):
-            (self.folder / "state.json").unlink()
+        if self.state:  # only the state this run wrote (a refused second serve leaves the running one's alone)
+            with contextlib.suppress(OSError):
+                (self.folder / "state.json").unlink()
 
 
 # ---------------------------------------------------------------- status
