@@ -95,14 +95,28 @@ def test_two_runs_at_once_get_their_own_ports_and_folders(tmp_path):
     assert (compare_dir / "03-compare.html").exists()
 
 
-def test_a_second_server_with_default_threads_is_warned_about(smollm2, tmp_path):
-    from kvbook.ops.llama_server import thread_oversubscription
+def test_a_second_server_with_default_threads_is_warned_about(smollm2, llama_server, tmp_path):
+    """Also with a user's own llama-server running (started here, unrelated to kvbook, on a port of its own):
+    the machine-wide scan finds both, and the arithmetic is checked on the one this test started."""
+    from kvbook.ops.llama_server import running_llama_servers, thread_oversubscription
+    from kvbook.ops.procs import free_port, kill_group
 
-    with start_llama_server(["-m", str(smollm2), "-c", "1024", "-t", "1"], run_dir=tmp_path) as server:
-        pid = server.process.proc.pid
-        warning = thread_oversubscription(["llama-server", "-m", "x"], cores=2)
-        assert warning and f"pid {pid}" in warning and "want 3 CPU threads on 2 cores" in warning, warning
-        assert thread_oversubscription(["llama-server", "-m", "x", "--threads", "1"], cores=2) is None
+    with (tmp_path / "user.log").open("wb") as log:
+        user = subprocess.Popen([str(llama_server), "-m", str(smollm2), "-c", "512", "-t", "1", "--port",
+                                 str(free_port())], stdout=log, stderr=log, start_new_session=True)
+    try:
+        with start_llama_server(["-m", str(smollm2), "-c", "1024", "-t", "1"], run_dir=tmp_path) as server:
+            pid = server.process.proc.pid
+            found = dict(running_llama_servers())
+            assert {pid, user.pid} <= set(found), found
+            mine = [(pid, found[pid])]
+            warning = thread_oversubscription(["llama-server", "-m", "x"], cores=2, others=mine)
+            assert warning and f"pid {pid}" in warning and "want 3 CPU threads on 2 cores" in warning, warning
+            assert thread_oversubscription(["llama-server", "-m", "x", "--threads", "1"], cores=2, others=mine) is None
+            warning = thread_oversubscription(["llama-server", "-m", "x", "--threads", "1"], cores=2)
+            assert warning and "want" in warning  # the machine-wide default counts the user's server too
+    finally:
+        kill_group(user)
 
 
 def test_a_client_whose_check_raises_keeps_going_and_records_it(tmp_path, monkeypatch):

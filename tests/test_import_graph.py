@@ -13,9 +13,9 @@ import pytest
 
 LIB = Path(__file__).resolve().parent.parent / "lib"
 PKG = LIB / "kvbook"
-STAGES = ("model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "notebook", "testing")
+STAGES = ("model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "notebook", "serve", "testing")
 LOWER = ("model", "memory", "plan", "capacity")
-UPPER = ("ops", "smoke", "notebook", "claude", "load")
+UPPER = ("ops", "smoke", "notebook", "claude", "load", "serve")
 # package -> the packages it may import (besides the shared top-level errors, interface, yamlio)
 ALLOWED = {
     "model": set(),
@@ -28,6 +28,7 @@ ALLOWED = {
     "claude": {"ops", "smoke", "records"},
     "load": {"model", "memory", "plan", "capacity", "ops", "smoke", "records"},
     "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "load"},
+    "serve": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude"},
     "testing": {"model", "memory", "plan", "ops", "smoke", "claude"},  # test support drives the real stack
 }
 SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}

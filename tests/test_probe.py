@@ -66,11 +66,22 @@ def _pids_running(needle: str) -> list[int]:
     return found
 
 
+def _ours(pid: int) -> bool:
+    """A claude that kvbook or these tests started: its HOME is a throwaway folder (kvbook-claude-*, or a pytest
+    tmp_path), never the user's, so a Claude Code session the user runs meanwhile is not counted."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    home = next((e[5:].decode(errors="replace") for e in env if e.startswith(b"HOME=")), "")
+    return "kvbook-claude-" in home or "pytest-" in home
+
+
 @pytest.fixture
 def no_claude_left(claude: Path):
     before = set(_pids_running(str(claude.resolve().parent.parent)))
     yield
-    left = set(_pids_running(str(claude.resolve().parent.parent))) - before
+    left = {p for p in set(_pids_running(str(claude.resolve().parent.parent))) - before if _ours(p)}
     assert not left, f"claude processes left running: {sorted(left)}"
 
 

@@ -190,6 +190,37 @@ def _cmd_check_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvbook.serve import stack as serve
+
+    server_argv = list(args.server_args)
+    if args.status or args.print_env:
+        if server_argv:
+            raise BadInput("--status and --print-env read the running stack; give -f or --name, no command line")
+        name = args.name or (serve.spec_from_params(Path(args.params_file)).name if args.params_file else None)
+        if not name:
+            raise BadInput("which stack? give -f params/serve/NAME.yaml or --name NAME")
+        state = serve.read_state(name)
+        if args.print_env:
+            print(serve.print_env(state))
+            return 0
+        lines, ok = serve.status_lines(state)
+        print("\n".join(lines))
+        return 0 if ok else 1
+    override = {"host": args.host, "port": args.port, "allow_remote": args.allow_remote or None,
+                "device": args.device, "restart": False if args.no_restart else None, "smoke_every_s": args.smoke_every}
+    if args.params_file and server_argv:
+        raise BadInput("give a params file (-f) or a llama-server command line after --, not both")
+    if args.params_file:
+        spec = serve.spec_from_params(Path(args.params_file), **override, **({"name": args.name} if args.name else {}))
+    else:
+        spec = serve.spec_from_command_line(server_argv, args.name, **override)
+    settings = Path(args.claude_settings).expanduser() if args.claude_settings else None
+    return serve.Session(spec, force=args.force, claude_settings=settings).run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -271,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(server_args=[])  # what follows `--` (main() takes it off before argparse sees it)
     cl.set_defaults(func=_cmd_check_log)
 
+    sv = sub.add_parser("serve", help="plan, then run llama-server(s) and LiteLLM in the foreground for daily use, "
+                                      "wired for Claude Code; Ctrl-C stops everything")
+    sv.add_argument("-f", "--params-file", help="params/serve/NAME.yaml: models, slots, ports (or a command line after --)")
+    sv.add_argument("--name", help="the stack's name (its folder outputs/serve/NAME); default: the params file's")
+    sv.add_argument("--force", action="store_true", help="start even when the plan says it will not fit")
+    sv.add_argument("--host", help="LiteLLM's bind address (default 127.0.0.1; another needs --allow-remote)")
+    sv.add_argument("--port", type=int, help="LiteLLM's port (default 4000; 0: a free one)")
+    sv.add_argument("--allow-remote", action="store_true",
+                    help="let LiteLLM (always behind its key) listen on a non-loopback address")
+    sv.add_argument("--device", help="plan on this params/devices preset instead of this machine")
+    sv.add_argument("--no-restart", action="store_true", help="stop everything when a llama-server exits "
+                                                              "(default: restart it with backoff)")
+    sv.add_argument("--smoke-every", type=float, help="seconds between smoke requests through LiteLLM (0: only at start)")
+    sv.add_argument("--claude-settings", metavar="PATH",
+                    help="also merge the Claude Code env into this settings.json (e.g. ~/.claude/settings.json)")
+    sv.add_argument("--print-env", action="store_true", help="print the running stack's Claude Code env as shell exports")
+    sv.add_argument("--status", action="store_true", help="show the running stack's processes, plans and last smoke check")
+    sv.set_defaults(server_args=[])
+    sv.set_defaults(func=_cmd_serve)
+
     d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=_cmd_doctor)
@@ -281,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
-    if argv[:1] == ["check-log"] and "--" in argv:  # the run's llama-server flags, options after the log allowed
+    if argv[:1] in (["check-log"], ["serve"]) and "--" in argv:  # the run's llama-server flags, options after the log allowed
         extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     try:
         args = parser.parse_args(argv)

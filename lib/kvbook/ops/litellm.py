@@ -28,6 +28,7 @@ class Route:
     backend: str  # "anthropic" (llama-server's /v1/messages) or "openai" (/v1/chat/completions)
     upstream_model: str
     api_base: str  # llama-server base URL, without /v1
+    max_input_tokens: int = 0  # the plan's per-slot prompt limit (model_info; 0: not stated)
 
     def litellm_entry(self) -> dict:
         if self.backend not in (ANTHROPIC, OPENAI):
@@ -35,7 +36,7 @@ class Route:
         base = self.api_base.rstrip("/")
         if base.endswith("/v1"):
             raise BadInput(f"route {self.model_name}: api_base must not end in /v1 ({base}); kvbook adds it for openai/")
-        return {
+        entry: dict = {
             "model_name": self.model_name,
             "litellm_params": {
                 "model": f"{self.backend}/{self.upstream_model}",
@@ -43,6 +44,9 @@ class Route:
                 "api_key": "local-backend-not-a-secret",
             },
         }
+        if self.max_input_tokens:
+            entry["model_info"] = {"max_input_tokens": self.max_input_tokens}
+        return entry
 
 
 # LiteLLM's environment: every switch in litellm 1.106.2's source that stops a run-time fetch (each falls back to

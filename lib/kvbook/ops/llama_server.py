@@ -152,15 +152,17 @@ def running_llama_servers() -> list[tuple[int, list[str]]]:
     return found
 
 
-def thread_oversubscription(argv: list[str] | tuple[str, ...], cores: int | None = None) -> str | None:
-    """A warning when this server plus those already running want more CPU threads than there are cores.
+def thread_oversubscription(argv: list[str] | tuple[str, ...], cores: int | None = None,
+                            others: list[tuple[int, list[str]]] | None = None) -> str | None:
+    """A warning when this server plus those already running (`others`, default: every llama-server on this
+    machine) want more CPU threads than there are cores.
 
     llama.cpp's worker threads spin while they wait; oversubscribed, two servers on this 2-core machine
     decoded at 0.4 tokens/s instead of ~150 (measured)."""
     import os
 
     cores = cores or os.cpu_count() or 1
-    others = running_llama_servers()
+    others = running_llama_servers() if others is None else others
     if not others:
         return None
     want = (_threads(argv) or cores) + sum(_threads(a) or cores for _, a in others)
