@@ -163,6 +163,13 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The started process's pid (a process that was never started has none: an error)."""
+        if self.proc is None:
+            raise ServerError(f"{self.spec.name} was never started")
+        return self.proc.pid
+
     def stop(self) -> int | None:
         """SIGTERM the process group, wait, then SIGKILL; returns the exit code."""
         proc = self.proc

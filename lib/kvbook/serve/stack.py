@@ -207,8 +207,8 @@ class StackPlan:
             return (f"the {len(self.plans)} llama-servers together need {need / 2**30:.2f} GiB on {pool} at start, "
                     f"which has {b / 2**30:.2f} GiB")
         bad = next(p for p in self.plans if p.verdict is Verdict.DOES_NOT_FIT)
-        need = max(u.need_bytes for u in bad.pools) / 2**30
-        return (f"{bad.model.name}: the plan says it will not fit ({need:.2f} GiB needed on {bad.device.name}); "
+        worst = max(u.need_bytes for u in bad.pools) / 2**30
+        return (f"{bad.model.name}: the plan says it will not fit ({worst:.2f} GiB needed on {bad.device.name}); "
                 f"largest context that fits: {bad.max_ctx}")
 
 
@@ -231,7 +231,7 @@ def plan_stack(spec: ServeSpec, rpc_endpoints: Sequence[Sequence[str]]) -> Stack
             entry = sums.setdefault(u.pool, [0, 0, u.budget_bytes])
             entry[0] += u.need_bytes - u.host_extras_bytes
             entry[1] += u.need_bytes
-    return StackPlan(tuple(plans), tuple((k, *v) for k, v in sums.items()))
+    return StackPlan(tuple(plans), tuple((k, start, total, budget) for k, (start, total, budget) in sums.items()))
 
 
 # ---------------------------------------------------------------- the LiteLLM side
@@ -443,7 +443,7 @@ class Session:
             argv = [*m.argv, "--rpc", ",".join(eps)] if eps else list(m.argv)
             server = start_llama_server(argv, run_dir=self.folder, port=port, plan_first=False, ready_timeout_s=300)
             self.servers.append(_Server(m, server.process, p))
-            self.log(f"llama-server {m.name} ready on {server.base_url} (pid {server.process.proc.pid})")
+            self.log(f"llama-server {m.name} ready on {server.base_url} (pid {server.process.pid})")
         routes = stack_routes(spec, [s.process.base_url for s in self.servers],
                               [s.plan.litellm_max_input_tokens for s in self.servers], slot_ids)
         port = self._free(spec.port, set()) if spec.port == 0 else spec.port
@@ -462,7 +462,7 @@ class Session:
             "litellm": {"url": base, "pid": self.proxy.process.proc.pid, "port": port,
                         "config": str(self.proxy.config_path), "log": str(self.proxy.process.spec.log_path),
                         "key_file": str(key_path)},
-            "rpc": [{"endpoint": f"{p.spec.host}:{p.spec.port}", "pid": p.proc.pid, "log": str(p.spec.log_path)}
+            "rpc": [{"endpoint": f"{p.spec.host}:{p.spec.port}", "pid": p.pid, "log": str(p.spec.log_path)}
                     for p in self.rpc],
             "claude": {"client": client, "slot_ids": slot_ids, "settings": str(settings),
                        "user_settings": str(self.claude_settings) if self.claude_settings else None,
@@ -498,7 +498,7 @@ class Session:
             lines.append(f"  llama-server {s.model.name:<14} {s.process.base_url}  pid {p['pid']}  plan {p['plan']['verdict']}, "
                          f"{p['plan']['n_ctx_seq']} tokens per slot (logged {p['logged'].get('n_ctx_seq')})")
         for r in self.rpc:
-            lines.append(f"  ggml-rpc-server          {r.spec.host}:{r.spec.port}  pid {r.proc.pid}")
+            lines.append(f"  ggml-rpc-server          {r.spec.host}:{r.spec.port}  pid {r.pid}")
         lines.append(f"  LiteLLM                   {base}  pid {self.proxy.process.proc.pid}  key in {key_path}")
         names = sorted({s.model.name for s in self.servers})
         routed = ", ".join(f"{mid} ({slot})" for slot, mid in slot_ids.items())
@@ -551,7 +551,7 @@ class Session:
                     self.log(f"llama-server {s.model.name} restart failed: {str(exc).splitlines()[0]}")
                     continue
                 s.process, s.next_try, s.up_since = proc, 0.0, time.monotonic()
-                self.log(f"llama-server {s.model.name} restarted on port {proc.spec.port} (pid {proc.proc.pid})")
+                self.log(f"llama-server {s.model.name} restarted on port {proc.spec.port} (pid {proc.pid})")
                 self._server_state()
                 self._save()
         if not self.proxy.process.alive():
