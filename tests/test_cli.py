@@ -1,6 +1,7 @@
 """The command line's small edges: every subcommand's --help says what it does and shows examples that parse, a usage
 error names the program once and the --help of the command that was mistyped, `kvbook doctor` prints aligned
-columns (a rendering check: tests/test_components.py runs the real doctor), and `kvbook run` starts its kernel without the "TCP without encryption" warning (the real ipykernel).
+columns (a rendering check: tests/test_components.py runs the real doctor), and `kvbook run` starts its kernel
+without the "TCP without encryption" warning (the real ipykernel).
 """
 
 from __future__ import annotations
