@@ -101,14 +101,14 @@ GEMMA3_SHAPES = {  # gemma3 towers (average pooling, then a projection into Gemm
     "gemma3 1024 patches": ProjectorShape(384, 1536, 2, 6, 448, 14, 4, 640, "gemma3"),
 }
 # the estimate was not fitted to them; measured here: -39.2% / -22.7% (256 patches, flash attention on/off),
-# 0.0% / -9.1% (1024 patches): the README states "up to 40% low" for towers other than idefics3
+# 0.0% / -9.1% (1024 patches): docs/planning.md states "0 to 39% low" for gemma3 towers
 MAX_LOW_PCT = 40.0
 
 
 @pytest.mark.parametrize("fa", ["on", "off"])
 @pytest.mark.parametrize("name", list(GEMMA3_SHAPES))
 def test_on_a_tower_it_was_not_fitted_to_the_estimate_is_low_by_the_stated_error(tmp_path, gemma3, name, fa) -> None:
-    """Weights stay exact; the compute estimate is up to 39% low on gemma3 towers (README says so)."""
+    """Weights stay exact; the compute estimate is up to 39% low on gemma3 towers (docs/planning.md says so)."""
     mm = write_synthetic_projector(GEMMA3_SHAPES[name], tmp_path / "mmproj-gemma3-F32.gguf")
     args = ["-m", str(gemma3), "--mmproj", str(mm), "-c", "1024", "-np", "1", "-fa", fa, "-t", "1"]
     with start_llama_server(args, run_dir=tmp_path) as server:

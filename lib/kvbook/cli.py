@@ -12,11 +12,19 @@ from kvbook.errors import BadInput, KvbookError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage dump)."""
+    """argparse that reports a usage error as one line (no usage dump); prog is the whole command ('kvbook',
+    'kvbook plan', 'kvbook probe claude-code'), so the hint names the --help that explains the mistake."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"kvbook: error: {message} (see kvbook {self.prog.split()[-1]} --help)", file=sys.stderr)
+        print(f"kvbook: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _subcommand(sub, name: str, summary: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does (summary + description) and shows examples to copy."""
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}. {description}",
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -222,10 +230,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM.")
+    parser = _Parser(prog="kvbook", description="Plan, launch and check llama-server behind LiteLLM. "
+                     "Run 'kvbook COMMAND --help' for what each command does, with examples.",
+                     epilog="examples:\n  kvbook plan --device rtx-4090 -- llama-server -m qwen3.6-35b-a3b -c 65536 -fa on"
+                            "\n  kvbook run -f params/runs/smoke-default.yaml\n  kvbook doctor",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("plan", help="predict what a llama-server command line allocates and whether it fits")
+    p = _subcommand(sub, "plan", "predict what a llama-server command line allocates and whether it fits",
+                    "Reads the command line as the pinned llama-server does, plans every device's weights, caches, "
+                    "compute and host growth against its budget, and prints the verdict, the largest context that "
+                    "starts and alternatives. Nothing is started; -m takes a GGUF path or URL, a preset "
+                    "(params/models/) or a config.json.",
+                    ["kvbook plan -- llama-server -m model.gguf -c 32768 -np 2 -fa on",
+                     "kvbook plan --device rtx-4090 -- llama-server -m qwen3.6-35b-a3b -c 65536 -ngl 99 --n-cpu-moe 20",
+                     "kvbook plan --json --device m1-max-64 -- llama-server -m qwen3.6-35b-a3b -c 262144",
+                     "kvbook plan --solve --device rtx-4090-host-64 -- llama-server -m gpt-oss-120b -c 65536"])
     where = p.add_mutually_exclusive_group()
     where.add_argument("--device", help="device preset id (params/devices) or 'this-machine' (default)")
     where.add_argument("--budget-gib", type=float,
@@ -253,13 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="-- llama-server -m MODEL [flags]")
     p.set_defaults(func=_cmd_plan)
 
-    m = sub.add_parser("models", help="bundled models")
+    m = _subcommand(sub, "models", "the bundled models", "kvbook ships two small GGUFs (smollm2-135m, "
+                    "gemma3-270m) for its tests and demo; 'models path NAME' prints where one is.",
+                    ['kvbook plan -- llama-server -m "$(kvbook models path gemma3-270m)" -c 8192'])
     msub = m.add_subparsers(dest="models_command", required=True, parser_class=_Parser)
-    mp = msub.add_parser("path", help="print a bundled model's local GGUF path")
+    mp = _subcommand(msub, "path", "print a bundled model's local GGUF path", "The file is sha256-checked at set-up.",
+                     ["kvbook models path smollm2-135m"])
     mp.add_argument("name", help="smollm2-135m or gemma3-270m")
     mp.set_defaults(func=_cmd_models)
 
-    r = sub.add_parser("run", help="execute notebooks headless with params files; write HTML and summary.json per run")
+    r = _subcommand(sub, "run", "execute notebooks headless with params files; write HTML and summary.json per run",
+                    "Each notebook x params file runs with papermill into outputs/<run id>/ (executed notebook, "
+                    "HTML report, summary.json). Exits non-zero when a notebook fails, a required smoke check "
+                    "fails or a plan does not fit: a CI gate.",
+                    ["kvbook run -f params/runs/sizing-default.yaml",
+                     "kvbook run -f params/runs/blog-post-m1max.yaml -f params/runs/smoke-default.yaml",
+                     "kvbook run 01-sizing -f my-params.yaml --output-dir /tmp/sizing"])
     r.add_argument("notebooks", nargs="*", help="notebook paths or names in notebooks/ (e.g. 01-sizing); "
                    "optional when every params file names its notebook")
     r.add_argument("-f", "--params-file", dest="params_files", action="append", metavar="PARAMS.yaml",
@@ -275,22 +304,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the same label and model by more than their noise (at least 10%%)")
     r.set_defaults(func=_cmd_run)
 
-    dm = sub.add_parser("demo", help="plan the post's flag set, launch both servers, smoke-test, write reports")
-    dm.add_argument("--quiet", action="store_true")
+    dm = _subcommand(sub, "demo", "plan the post's flag set, launch both servers, smoke-test, write reports",
+                     "What 'make demo' runs: sizing, serve-and-smoke with its failing contrast, the comparison of "
+                     "the bundled models and a short capacity sweep, then where the reports are.",
+                     ["kvbook demo", "kvbook demo --quiet"])
+    dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)
 
-    rp = sub.add_parser("report", help="build outputs/index.html listing every run")
+    rp = _subcommand(sub, "report", "build outputs/index.html listing every run",
+                     "One page with every run's verdict, date and report link, and trend charts of tokens/s, time "
+                     "to first token, pass rate and goodput per label and model. Prints the page's path.",
+                     ["kvbook report", "KVBOOK_OUTPUTS=/srv/kvbook-runs kvbook report"])
     rp.set_defaults(func=_cmd_report)
 
-    pr = sub.add_parser("probe", help="ask an installed client which model IDs it really sends")
+    pr = _subcommand(sub, "probe", "ask an installed client which model IDs it really sends",
+                     "The IDs a LiteLLM config must route; 'probe claude-code' asks Claude Code.",
+                     ["kvbook probe claude-code"])
     prsub = pr.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
-    pc = prsub.add_parser("claude-code", help="run claude -p against a local recording endpoint, once per alias and agent")
+    pc = _subcommand(prsub, "claude-code", "run claude -p against a local recording endpoint, once per alias and agent",
+                     "Uses a throwaway HOME and a dummy key; no model is needed. Reports the model ID that arrives "
+                     "for each --model alias, each agent file and each subagent.",
+                     ["kvbook probe claude-code", "kvbook probe claude-code --agents .claude/agents --json"])
     pc.add_argument("--agents", help="folder of agent .md files to probe with --agent and as subagents")
     pc.add_argument("--json", action="store_true", help="print the probe report as JSON")
     pc.add_argument("--timeout", type=float, default=90.0, help="seconds each claude run may take (default 90)")
     pc.set_defaults(func=_cmd_probe)
 
-    cl = sub.add_parser("check-log", help="compare a llama.cpp log's buffers per device with kvbook's plan of the same run")
+    cl = _subcommand(sub, "check-log", "compare a llama.cpp log's buffers per device with kvbook's plan of the same run",
+                     "Reads the model, flags and devices from the log itself, plans the same run and prints "
+                     "logged / planned MiB per device and buffer.",
+                     ["kvbook check-log server.log",
+                      "kvbook check-log breakdown.log --model model.gguf -- -c 32768 -ngl 99"])
     cl.add_argument("log", help="a saved llama-server / llama-cli / llama-bench / llama-fit-params log (-lv 4 or -v)")
     cl.add_argument("--json", action="store_true", help="print the comparison as JSON")
     cl.add_argument("--save-calibration", action="store_true",
@@ -302,8 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(server_args=[])  # what follows `--` (main() takes it off before argparse sees it)
     cl.set_defaults(func=_cmd_check_log)
 
-    sv = sub.add_parser("serve", help="plan, then run llama-server(s) and LiteLLM in the foreground for daily use, "
-                                      "wired for Claude Code; Ctrl-C stops everything")
+    sv = _subcommand(sub, "serve", "plan, then run llama-server(s) and LiteLLM in the foreground for daily use, "
+                     "wired for Claude Code; Ctrl-C stops everything",
+                     "Plans every llama-server first (refuses what does not fit unless --force), starts the RPC servers "
+                     "it names, each llama-server and LiteLLM, prints one ready block and runs until Ctrl-C or SIGTERM, "
+                     "then stops everything. Logs, config and key in outputs/serve/NAME/.",
+                     ["kvbook serve -f params/serve/smollm2.yaml --claude-settings ~/.claude/settings.json",
+                      "kvbook serve --name qwen -- llama-server -m model.gguf -c 65536 -np 2 -fa on",
+                      "kvbook serve -f params/serve/smollm2.yaml --status",
+                      "kvbook serve -f params/serve/smollm2.yaml --print-env"])
     sv.add_argument("-f", "--params-file", help="params/serve/NAME.yaml: models, slots, ports (or a command line after --)")
     sv.add_argument("--name", help="the stack's name (its folder outputs/serve/NAME); default: the params file's")
     sv.add_argument("--force", action="store_true", help="start even when the plan says it will not fit")
@@ -322,9 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(server_args=[])
     sv.set_defaults(func=_cmd_serve)
 
-    d = sub.add_parser("doctor", help="list every component with version, path and a fix hint")
-    d.add_argument("--json", action="store_true")
+    d = _subcommand(sub, "doctor", "list every component with version, path and a fix hint",
+                    "Python, llama-server and its build, a one-token decode check of every llama-server kvbook may "
+                    "use, LiteLLM, Claude Code, Chromium and the bundled models. Exits 1 when one is missing.",
+                    ["kvbook doctor", "kvbook doctor --json"])
+    d.add_argument("--json", action="store_true", help="print the components as JSON")
     d.set_defaults(func=_cmd_doctor)
+    return parser
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command line parsed into args: `kvbook probe claude-code` -> that subcommand's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
     return parser
 
 
@@ -335,7 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] in (["check-log"], ["serve"]) and "--" in argv:  # the run's llama-server flags, options after the log allowed
         extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the subcommand that got them, so the hint names its --help
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
         if extra:
             args.server_args = extra
     except SystemExit as exc:  # usage errors and --help

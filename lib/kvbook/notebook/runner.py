@@ -172,6 +172,8 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    from kvbook.notebook.kernel import encrypted_kernel_manager_class
+
     check_notebook_params(notebook, params)
     out = output_dir or outputs_dir() / new_run_id(notebook.stem)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,7 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
         papermill.execute_notebook(
             str(notebook), str(executed), parameters=injected, kernel_name="python3", progress_bar=progress,
             cwd=str(notebook.parent), execution_timeout=timeout_s,
+            kernel_manager_class=encrypted_kernel_manager_class(),  # no "TCP without encryption" (notebook/kernel.py)
         )
     except PapermillExecutionError as exc:
         evalue = str(exc.evalue).splitlines()[0] if exc.evalue else ""

@@ -508,13 +508,20 @@ def doctor() -> list[Component]:
 
 
 def doctor_lines(rows: list[Component]) -> list[str]:
-    """doctor() as text: one line per component, its fix hint indented below a failing or noted one."""
-    out = []
-    for r in rows:
-        mark = "ok " if r.ok else "MISSING"
-        out.append(f"{mark:<8}{r.name:<22}{(r.version or '-'):<28}{r.path or '-'}")
+    """doctor() as text: a header and one line per component in columns as wide as their longest entry, the
+    version last (a build's version lists every CMake switch), the fix hint indented below a failing or noted one."""
+    header = ("status", "component", "path", "version")
+    cells = [("ok" if r.ok else "MISSING", r.name, str(r.path) if r.path else "-", r.version or "-") for r in rows]
+    widths = [max(len(row[i]) for row in [header, *cells]) for i in range(3)]
+
+    def line(row: tuple[str, str, str, str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
+
+    out = [line(header)]
+    for r, row in zip(rows, cells):
+        out.append(line(row))
         if r.hint:
-            out.append(f"{'':<8}{r.hint}")
+            out.append(" " * (widths[0] + 2) + r.hint)
     return out
 
 

@@ -90,7 +90,7 @@ def compare_devices(model: Path, endpoints: Sequence[str], flags: Sequence[str])
 
 
 def format_table(cases: Sequence[CaseCompare]) -> str:
-    """The comparison as a Markdown table (README 'Full-size models over RPC')."""
+    """The comparison as a Markdown table (docs/accuracy.md, 'Full-size models over RPC')."""
     rows = ["| model | flags | device | model MiB fit / kvbook | context MiB fit / kvbook | compute MiB fit / kvbook (err) "
             "| kvbook compute as llama-server |", "|---|---|---|---|---|---|---|"]
     for c in cases:

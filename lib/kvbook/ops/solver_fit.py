@@ -174,7 +174,7 @@ def compare(case: Case, endpoints: Sequence[str], run_dir: Path) -> Result:
 
 
 def format_table(results: Sequence[Result]) -> str:
-    """The comparison as a Markdown table (README 'Solver vs --fit')."""
+    """The comparison as a Markdown table (docs/solver.md)."""
     rows = ["| case | budgets MiB | objective | --fit chose | real use MiB | fits | kvbook chose | real use MiB | fits | "
             "-c fit / kvbook | host reads/token fit / kvbook |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
