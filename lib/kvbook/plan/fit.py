@@ -136,7 +136,7 @@ class _Fit:
         """fit's set_ngl_tensor_split_tbo: -ngl, -ts per device (several), and its -ot list, as kvbook flags
         (`as_fit`: its -ot list even where kvbook plans the same bytes another way)."""
         total = sum(n.n_layer for n in ngl)
-        changes: dict = {"gpu_layers": str(total)}
+        changes: dict[str, object] = {"gpu_layers": str(total)}  # ServerFlags field -> value, for replace
         if self.nd > 1:
             changes["tensor_split"] = tuple(float(n.n_layer) for n in ngl) if total else ()
         il0 = self.hp_ngl + 1 - total

@@ -10,6 +10,7 @@ from kvbook.errors import BadInput
 from kvbook.interface import (
     Alternative,
     ComputeCalibration,
+    CpuFeatures,
     Device,
     FlashAttn,
     GiB,
@@ -46,7 +47,6 @@ from kvbook.plan.placement import (
     weights_by_device,
 )
 from kvbook.plan.weights import (
-    CpuFeatures,
     WeightBytes,
     cpu_ops,
     expert_devices,
@@ -333,7 +333,7 @@ def _rpc_compute_note() -> str:
             f"llama-server RPC runs, held out, buffers >= 5 MiB)")
 
 
-def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
+def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict[str, int]]:
     """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
@@ -420,7 +420,7 @@ def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
 
 
 def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, gpu: str,
-                   ram: str) -> dict[str, dict]:
+                   ram: str) -> dict[str, dict[str, int]]:
     """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
     recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
     left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
@@ -440,7 +440,7 @@ def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, devi
     return parts
 
 
-def _usage(name: str, budget: int, part: dict, inside: tuple[PoolUsage, ...] = ()) -> PoolUsage:
+def _usage(name: str, budget: int, part: dict[str, int], inside: tuple[PoolUsage, ...] = ()) -> PoolUsage:
     """One pool's usage and verdict: does not fit when its start allocation (with the pools it covers) exceeds the
     budget, tight when run-time growth takes it within the margin."""
     start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"] + sum(
@@ -588,7 +588,10 @@ def largest_context(arch: ModelArch, flags: ServerFlags, device: Device, accept:
     hi_n = max(1, arch.n_ctx_train // step) if below is None else min(arch.n_ctx_train, below - 1) // step
     if hi_n < 1:
         return 0
-    ok = lambda n: accept(verdict_of(arch, replace(flags, ctx=n * step), device))  # noqa: E731
+
+    def ok(n: int) -> bool:
+        return accept(verdict_of(arch, replace(flags, ctx=n * step), device))
+
     if ok(hi_n):
         return hi_n * step
     if not ok(1):

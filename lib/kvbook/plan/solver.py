@@ -143,7 +143,7 @@ class _Search:
         self.per_device = "rpc" in model.kinds or len(model.devices) > 1
 
     def flags_for(self, ctx: int, cache: str) -> ServerFlags:
-        changes: dict = {"ctx": ctx}
+        changes: dict[str, object] = {"ctx": ctx}  # ServerFlags field -> value, for replace
         if cache:
             changes.update(type_k=cache, type_v=cache)
             if self.flags.flash_attn is not FlashAttn.ON:
@@ -323,8 +323,11 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
             rejected.append(placed)
         else:
             out.append(placed)
-    goal = (lambda p: -p.n_ctx) if objective == "max-context" else (lambda p: p.host_read_bytes)
-    out = sorted(out, key=lambda p: (goal(p), p.verdict is not Verdict.FITS))[:top]  # stable: keeps the rest of the order
+    def goal(p: Placement) -> tuple[int, bool]:
+        """The objective first (larger context, or fewer bytes read from the host), fitting before tight."""
+        return (-p.n_ctx if objective == "max-context" else p.host_read_bytes), p.verdict is not Verdict.FITS
+
+    out = sorted(out, key=goal)[:top]  # stable: keeps the rest of the order
     out = [dataclasses.replace(p, rank=i) for i, p in enumerate(out, start=1)]
     return Solution(objective=objective, fixed=tuple(sorted(fixed - {"model"})), searched=len(options),
                     fitting=len(found), placements=tuple(out), rejected=tuple(rejected))
@@ -385,7 +388,7 @@ def _verify(s: _Search, opt: _Option, ctx: int, rank: int, step: int = 0) -> Pla
 def _planned(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejected:
     m = s.m
     split = s.split_for(opt, ctx)
-    changes: dict = {"gpu_layers": "all" if opt.ngl >= m.n_all + 1 else str(opt.ngl), "fit": False}
+    changes: dict[str, object] = {"gpu_layers": "all" if opt.ngl >= m.n_all + 1 else str(opt.ngl), "fit": False}
     if opt.ncmoe != s.flags.cpu_moe_layers:
         changes["cpu_moe_layers"] = opt.ncmoe
     if split and tuple(split) != tuple(s.flags.tensor_split):

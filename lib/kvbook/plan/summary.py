@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
+from typing import Any
+
+from kvbook.interface import FitOutcome, GiB, MiB, Plan, PoolUsage, to_dict
 from kvbook.memory.rules import prompt_state_bytes, prompts_to_fill
 from kvbook.plan.solver import Solution
 
@@ -19,7 +21,7 @@ def _size(n: int) -> str:
 SCHEMA_VERSION = 7
 
 
-def plan_summary(plan: Plan) -> dict:
+def plan_summary(plan: Plan) -> dict[str, Any]:
     """The plan as the flat JSON contract other tools and notebooks read (format_plan prints its totals)."""
     mem = plan.memory
     main = max((u for u in plan.pools if not u.includes), key=lambda u: u.need_bytes)  # Apple: Metal's, not RAM's
@@ -76,7 +78,7 @@ def plan_summary(plan: Plan) -> dict:
     }
 
 
-def fit_entry(plan: Plan) -> dict | None:
+def fit_entry(plan: Plan) -> dict[str, Any] | None:
     """What llama-server's --fit does at start (plan/fit.py); None where it was not looked at."""
     fit = plan.fit
     if fit is None:
@@ -88,7 +90,7 @@ def fit_entry(plan: Plan) -> dict | None:
             "evaluations": fit.evaluations}
 
 
-def _fit_layers(fit, name: str) -> dict:
+def _fit_layers(fit: FitOutcome, name: str) -> dict[str, str | int | None]:
     """The layers fit gives a device: how many, how many of them partial (experts on the CPU), and what the
     first partial one keeps (MOE: all but its experts; UP / GATE / ATTN: part of its dense FFN too)."""
     row = next((r for r in fit.layers if r[0] == name), None)
@@ -96,7 +98,7 @@ def _fit_layers(fit, name: str) -> dict:
         "n_layer": None, "n_partial": None, "first_partial_keeps": None}
 
 
-def draft_entry(plan: Plan) -> dict | None:
+def draft_entry(plan: Plan) -> dict[str, Any] | None:
     """The draft model's own context (-md), sized like the target's (None without one)."""
     arch, mem = plan.model.draft, plan.memory.draft
     if arch is None or mem is None:
@@ -113,7 +115,7 @@ def draft_entry(plan: Plan) -> dict | None:
             "device": _device_name(plan, draft_pool(plan.model, plan.flags, plan.device))}
 
 
-def projector_entry(plan: Plan) -> dict | None:
+def projector_entry(plan: Plan) -> dict[str, Any] | None:
     """The multimodal projector llama-server loads with the model (None without one)."""
     proj, mem = plan.model.projector, plan.memory.projector
     if proj is None or mem is None:
@@ -125,7 +127,7 @@ def projector_entry(plan: Plan) -> dict | None:
             "device": _device_name(plan, projector_pool(plan.memory, plan.device) or "")}
 
 
-def device_entry(plan: Plan, use: PoolUsage) -> dict:
+def device_entry(plan: Plan, use: PoolUsage) -> dict[str, Any]:
     """One device as llama.cpp names it (the host pool is its CPU device) with what it must hold."""
     kind = next((p.kind for p in plan.device.pools if p.name == use.pool), "host")
     return {"name": _device_name(plan, use.pool), "kind": kind, "budget_bytes": use.budget_bytes,
@@ -138,7 +140,7 @@ def device_entry(plan: Plan, use: PoolUsage) -> dict:
 GROWTH_PROMPT_TOKENS = 4096  # the prompt size the plan states the prompt cache's fill rate for
 
 
-def host_growth_entry(plan: Plan) -> dict:
+def host_growth_entry(plan: Plan) -> dict[str, Any]:
     """How host growth fills: each checkpoint and how many the slots keep, the prompt cache's bytes per cached
     token, what one distinct 4k-token prompt costs there, and how many such prompts fill --cache-ram."""
     h = plan.memory.host_extras
@@ -176,9 +178,9 @@ def _device_name(plan: Plan, pool: str) -> str:
     return "CPU" if kind == "host" else pool
 
 
-def _runs(devices: list[str]) -> list[dict]:
+def _runs(devices: list[str]) -> list[dict[str, Any]]:
     """Consecutive layers on the same device as {device, first, last} runs."""
-    runs: list[dict] = []
+    runs: list[dict[str, Any]] = []
     for il, name in enumerate(devices):
         if runs and runs[-1]["device"] == name and runs[-1]["last"] == il - 1:
             runs[-1]["last"] = il
@@ -187,7 +189,7 @@ def _runs(devices: list[str]) -> list[dict]:
     return runs
 
 
-def placement_entry(plan: Plan) -> dict:
+def placement_entry(plan: Plan) -> dict[str, Any]:
     """Which device holds which layers and tensor groups: input = token embeddings (always on the CPU); a layer's
     attention, dense FFN, norms, KV and recurrent state sit with the layer; its experts on the CPU where --cpu-moe,
     --n-cpu-moe or -ot keep them (`experts`, [] for a dense model); output = the output layer."""
@@ -317,7 +319,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def solution_entry(solution: Solution, plan: Plan) -> dict:
+def solution_entry(solution: Solution, plan: Plan) -> dict[str, Any]:
     """The solver's answer for `kvbook plan --solve --json`: ranked placements with their argv and per-device
     rows (named as llama.cpp names devices), and every rejected option with its reason."""
     return {

@@ -121,11 +121,14 @@ def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
     return tuple((rf"blk\.{il}{exps}", CPU) for il in range(cpu_moe_layers))
 
 
-def _compiled(overrides: Iterable[tuple[str, str]]) -> list[tuple[re.Pattern[str], str, str]]:
+_Compiled = list[tuple[re.Pattern[str], str, str]]  # (regex, its pattern, its buffer type) per override
+
+
+def _compiled(overrides: Iterable[tuple[str, str]]) -> _Compiled:
     return [(re.compile(p), p, b) for p, b in overrides]
 
 
-def _target(name: str, user: list, moe: list, devices: Mapping[str, str]) -> str | None:
+def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, str]) -> str | None:
     """The device an override sends `name` to (None: its layer decides). -ot entries are tried before the
     --cpu-moe patterns; where they disagree the order on the command line would decide: refused."""
     hit = next(((p, b) for r, p, b in user if r.search(name)), None)
