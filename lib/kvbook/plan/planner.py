@@ -16,6 +16,7 @@ from kvbook.interface import (
     GiB,
     MemoryPlan,
     ModelArch,
+    Note,
     Plan,
     PoolUsage,
     ServerFlags,
@@ -687,22 +688,22 @@ def _maps_weights(flags: ServerFlags) -> bool:
     return True
 
 
-def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[str]:
+def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[Note]:
     """What the plan assumed about llama.cpp's CPU_REPACK buffer (plan/weights.py)."""
     if not flags.repack:
         return []
     if host_buffer_first(device) and not flags.no_host:
-        return ["CPU_REPACK: none; with a GPU host buffer type first and mmap, llama.cpp leaves the CPU's weights "
-                "mapped (not repacked; --no-host would repack them)"]
+        return [Note("repack.host-buffer-first", "CPU_REPACK: none; with a GPU host buffer type first and mmap, "
+                     "llama.cpp leaves the CPU's weights mapped (not repacked; --no-host would repack them)")]
     repack = sum(u.repack_bytes for u in usages)
     cpu = host_cpu(device)
     if not arch.tensors:
-        return [f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it copies some quantized "
-                "CPU weights; -nr turns it off)"]
+        return [Note("repack.not-counted", f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it "
+                     "copies some quantized CPU weights; -nr turns it off)")]
     if not repack:
         return []
-    return [f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, counted on top of the "
-            "mapped weights (their pages stay mapped); -nr turns it off"]
+    return [Note("repack.host-copy", f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, "
+                 "counted on top of the mapped weights (their pages stay mapped); -nr turns it off")]
 
 
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
@@ -727,64 +728,73 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
             memory = plan_memory(arch, flags)
             usages = place(arch, flags, memory, device)
     layers_on, output_on = layer_devices(arch, flags, device)
-    notes_extra = []
+    notes: list[Note] = []
+    shapes_only = Note("spread.shape-estimates",
+                       "per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
     if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
-        notes_extra.append("layers spread over devices: each device that runs layers and the host side reserve a "
-                           "compute buffer of their own (the GPU backend's model below)")
+        notes.append(Note("spread.gpu-compute", "layers spread over devices: each device that runs layers and the host "
+                          "side reserve a compute buffer of their own (the GPU backend's model below)"))
         if not arch.tensor_groups:
-            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+            notes.append(shapes_only)
     elif _spread(arch, flags, device):
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
-        notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
+        notes.append(Note("spread.rpc-compute", "layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
-            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else ""))
+            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else "")))
         if dense_ops_on_cpu(arch, flags, device):
-            notes_extra.append("-ot sends matmuls of offloaded layers other than their experts to the CPU: each "
-                               "device's compute buffer is the upper bound fitted to loopback RPC runs (never below the "
-                               "log there), not the calibrated estimate, which such splits were not fitted on")
+            notes.append(Note("spread.dense-ops-bound", "-ot sends matmuls of offloaded layers other than their experts "
+                              "to the CPU: each device's compute buffer is the upper bound fitted to loopback RPC runs "
+                              "(never below the log there), not the calibrated estimate, which such splits were not "
+                              "fitted on"))
         if not arch.tensor_groups:
-            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
-    notes_extra += _repack_notes(arch, flags, device, usages)
-    if note := compute_note(arch, flags, memory, device):
-        notes_extra.append(note)
+            notes.append(shapes_only)
+    notes += _repack_notes(arch, flags, device, usages)
+    if text := compute_note(arch, flags, memory, device):
+        notes.append(Note("compute.gpu-intervals", text))
     idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
             and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
     if idle:
-        notes_extra.append(f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute buffer there is "
-                           "not modelled (the bound is for devices that run layers; measured far above it)")
+        notes.append(Note("ot.idle-device", f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute "
+                          "buffer there is not modelled (the bound is for devices that run layers; measured far above "
+                          "it)"))
     if not arch.n_expert and (flags.cpu_moe_layers or any("exps" in pat for pat, _ in flags.tensor_overrides)):
-        notes_extra.append(f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, so nothing moves to "
-                           "the CPU (llama-server accepts the flag and its overrides match no tensor)")
+        notes.append(Note("moe.no-experts", f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, "
+                          "so nothing moves to the CPU (llama-server accepts the flag and its overrides match no "
+                          "tensor)"))
     idle_ot = unmatched_patterns(arch.tensors, flags.tensor_overrides) if arch.tensors else []
     if idle_ot and arch.n_expert:
-        notes_extra.append(f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it moves nothing "
-                           "(llama-server accepts it)")
-    if split_note(flags, device):
-        notes_extra.append(split_note(flags, device))
+        notes.append(Note("ot.matches-nothing", f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it "
+                          "moves nothing (llama-server accepts it)"))
+    if text := split_note(flags, device):
+        notes.append(Note("split.no-effect", text))
     verdict = worst(usages)
-    notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
-    if ram_note(device):
-        notes.append(ram_note(device))
+    if detected:
+        notes.append(Note("device.detected", f"this machine: {detected}"))
+    if text := ram_note(device):
+        notes.append(Note("device.apple-ram", text))
     if not arch.weights_exact:
-        notes.append(f"weights are {arch.weights_note}")
+        notes.append(Note("weights.approximate", f"weights are {arch.weights_note}"))
     host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)
     if host_use and host_use.verdict is Verdict.DOES_NOT_FIT and host_use.weights_bytes and _maps_weights(flags):
-        notes.append(f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB of CPU weights as resident. llama.cpp "
-                     "repacks those it can (CPU_REPACK, an allocated buffer: it then fails to start, 'unable to allocate "
-                     "CPU_REPACK buffer', seen here for gpt-oss-120b on 24 GiB); with --no-repack they stay mapped from the "
-                     "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
+        notes.append(Note("host.weights-resident", f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB "
+                          "of CPU weights as resident. llama.cpp repacks those it can (CPU_REPACK, an allocated buffer: "
+                          "it then fails to start, 'unable to allocate CPU_REPACK buffer', seen here for gpt-oss-120b on "
+                          "24 GiB); with --no-repack they stay mapped from the file (-lm mmap, the default) and it starts "
+                          "(seen here), paging weights in from disk as they are used"))
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
-        notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
+        notes.append(Note("context.beyond-training",
+                          f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}"))
     if fit is not None:
         notes += fit_notes(fit)
     elif flags.fit:
-        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit "
-                     "(not predicted: the caches are llama.cpp's own accounting)")
+        notes.append(Note("fit.unpredicted-accounting", "--fit is on (default): llama-server may lower an unset -c or "
+                          "-ngl at start if it does not fit (not predicted: the caches are llama.cpp's own accounting)"))
     if flags.from_env:
-        notes.append("read from the environment, as llama-server reads them (the command line wins): "
-                     + " ".join(flags.from_env))
+        notes.append(Note("flags.from-environment", "read from the environment, as llama-server reads them (the "
+                          "command line wins): " + " ".join(flags.from_env)))
     if flags.cache_ram_mib < 0:
-        notes.append("--cache-ram -1: the prompt cache has no limit; host growth is unbounded")
+        notes.append(Note("host-growth.unbounded", "--cache-ram -1: the prompt cache has no limit; host growth is "
+                          "unbounded"))
     return Plan(
         model=arch,
         flags=flags,

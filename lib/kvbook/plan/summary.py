@@ -16,9 +16,10 @@ def _size(n: int) -> str:
 
 # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes
 # and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); 6: "host_growth",
-# pools[] and devices[] "includes"; 7: "fit" (what llama-server's --fit changes at start); bump on any change to the
-# keys below; lib/kvbook/data/plan.schema.json describes them
-SCHEMA_VERSION = 7
+# pools[] and devices[] "includes"; 7: "fit" (what llama-server's --fit changes at start); 8: "notes" are
+# {code, text} objects (codes in kvbook.interface.NOTE_CODES), solver.rejected[] gain "code"; bump on any change to the keys below;
+# lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 8
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
@@ -72,7 +73,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "alternatives": to_dict(plan.alternatives),
         "llama_server_args": list(plan.flags.argv),
         "litellm_max_input_tokens": plan.litellm_max_input_tokens,
-        "notes": list(plan.notes),
+        "notes": [{"code": n.code, "text": n.text} for n in plan.notes],
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
         "fit": fit_entry(plan),
     }
@@ -223,8 +224,7 @@ def _model_weights_compute(plan: Plan) -> tuple[int, int]:
 def _compute_note(plan: Plan, per_device: bool) -> str:
     """What the compute line stands for: the one estimate, or the sum of a buffer per device."""
     mem = plan.memory
-    gpu_note = next((n for n in plan.notes if n.startswith("compute buffers (estimate, interval)")), "")
-    if gpu_note:  # kvbook.memory.backends: each GPU backend's own model, fitted on public logs
+    if plan.note_text("compute.gpu-intervals"):  # kvbook.memory.backends: each GPU backend's own model, fitted on public logs
         rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.compute_bytes).strip()}" for u in plan.pools
                          if u.compute_bytes)
         return (f"a buffer per device and on the host side ({rows}), the high end of each backend's interval "
@@ -234,7 +234,7 @@ def _compute_note(plan: Plan, per_device: bool) -> str:
                          if u.compute_bytes)
         gpus = sorted({u.pool.rstrip("0123456789") for u in plan.pools if u.compute_bytes and any(
             p.name == u.pool and p.kind == "gpu" for p in plan.device.pools)})
-        bounded = any("compute buffer is the upper bound" in n for n in plan.notes)
+        bounded = bool(plan.note_text("spread.dense-ops-bound"))
         return (f"a buffer on each device that runs layers and on the CPU ({rows}): "
                 + ("an upper bound fitted to loopback RPC runs" if bounded else
                    "calibrated per device on the CPU backend over RPC")
@@ -310,8 +310,7 @@ def format_plan(plan: Plan) -> str:
     for alt in plan.alternatives:
         lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
-    for note in plan.notes:
-        lines.append(f"note: {note}")
+    lines += [f"note: {n.text}" for n in plan.notes]
     if plan.flags.read:
         lines.append("flags read:")
         lines += [f"  {f:<28} {what}" + ("  (from the environment)" if src == "environment" else "")
@@ -335,7 +334,7 @@ def solution_entry(solution: Solution, plan: Plan) -> dict[str, Any]:
                           "verdict": u.verdict.value} for u in p.pools]}
             for p in solution.placements
         ],
-        "rejected": [{"option": r.option, "reason": r.reason} for r in solution.rejected],
+        "rejected": [{"option": r.option, "code": r.reason.code, "reason": r.reason.text} for r in solution.rejected],
     }
 
 
@@ -352,5 +351,5 @@ def format_solution(solution: Solution, plan: Plan) -> str:
         lines.append("  no placement starts on these devices")
     if solution.rejected:
         lines.append(f"  rejected: {len(solution.rejected)}")
-        lines += [f"    {r.option}: {r.reason}" for r in solution.rejected]
+        lines += [f"    {r.option}: {r.reason.text}" for r in solution.rejected]
     return "\n".join(lines)
