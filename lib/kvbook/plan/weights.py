@@ -147,37 +147,84 @@ def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, st
     return devices[buft]
 
 
-def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
+MAPPED = "CPU_Mapped"
+
+
+@dataclass(frozen=True)
+class PlacedTensor:
+    """One use of a GGUF tensor where llama.cpp puts it: its device, its buffer type, and the bytes it takes there
+    (what the per-device weights, CPU_Mapped and CPU_REPACK are summed from)."""
+
+    name: str
+    device: str  # CPU or an offload device (llama.cpp's name)
+    buffer: str  # the offload device's own buffer (its name), CPU_Mapped, CPU_REPACK, or CPU (allocated: -lm none)
+    nbytes: int  # the tensor's bytes where mapped, padded to ALIGNMENT where allocated (0: the tied output's
+    # CPU copy without mmap, which is token_embd's own data)
+    file: int = 0  # where a mapped tensor's bytes lie (the CPU maps one range per file)
+    offset: int = 0
+    output: bool = False  # the tied output's use of token_embd (TENSOR_DUPLICATED)
+
+
+def tensor_buffers(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
                    cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
                    bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
-                   mmap: bool = True) -> WeightBytes:
-    """Weights per device, tensor by tensor (module docstring). `repack_on`: the CPU's features when repacking
-    applies (None: -nr, or a host buffer type first); `bufts`: -ot buffer-type name -> device name; `max_tensor`:
-    device -> the largest tensor it accepts; `mmap`: False with -lm none (the CPU's tensors allocated, not mapped)."""
+                   mmap: bool = True) -> tuple[PlacedTensor, ...]:
+    """Every tensor's device and buffer type (module docstring), a tied output's second use of token_embd
+    included. `repack_on`: the CPU's features when repacking applies (None: -nr, or a host buffer type first);
+    `bufts`: -ot buffer-type name -> device name; `max_tensor`: device -> the largest tensor it accepts; `mmap`:
+    False with -lm none (the CPU's tensors allocated, not mapped)."""
     user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
-    out = {CPU: 0, **{d: 0 for d in offload.devices}}
-    ranges: dict[int, list[int]] = {}
-    repack = allocated = 0
     tied = not any(t.name == "output.weight" for t in tensors)
     uses = [(t, False) for t in tensors] + [(t, True) for t in tensors if tied and t.name == "token_embd.weight"]
+    out = []
     for t, as_output in uses:
         dev = _target(t.name, user, moe, bufts)
         if dev is None:
             dev = offload.output if as_output else _device_of(tensor_group(t.name), offload)
         if dev != CPU and t.nbytes > max_tensor.get(dev, t.nbytes):
             dev = CPU
+        padded = -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         if dev != CPU:
-            out[dev] += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+            buffer, size = dev, padded
         elif repack_on is not None and repacks(t, repack_on, as_output=as_output):
-            repack += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
-        elif not mmap:  # a tied output on the CPU is token_embd's own data (TENSOR_DUPLICATED): counted once
-            allocated += 0 if as_output else -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+            buffer, size = REPACK, padded
+        elif not mmap:
+            buffer, size = CPU, 0 if as_output else padded
         else:
-            first, end = ranges.get(t.file, [t.offset, t.offset])
-            ranges[t.file] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
+            buffer, size = MAPPED, t.nbytes
+        out.append(PlacedTensor(t.name, dev, buffer, size, t.file, t.offset, as_output))
+    return tuple(out)
+
+
+def weight_bytes(placed: Sequence[PlacedTensor], devices: Sequence[str]) -> WeightBytes:
+    """Weights per device from the tensors' buffers: each offload device's tensors, the CPU's mapped range (per
+    file, first to last byte of its CPU_Mapped tensors) plus its allocated and CPU_REPACK tensors."""
+    out = {CPU: 0, **{d: 0 for d in devices}}
+    ranges: dict[int, list[int]] = {}
+    repack = allocated = 0
+    for p in placed:
+        if p.buffer == MAPPED:
+            first, end = ranges.get(p.file, [p.offset, p.offset])
+            ranges[p.file] = [min(first, p.offset), max(end, p.offset + p.nbytes)]
+        elif p.buffer == REPACK:
+            repack += p.nbytes
+        elif p.device == CPU:
+            allocated += p.nbytes
+        else:
+            out[p.device] += p.nbytes
     mapped = sum(end - first for first, end in ranges.values()) + allocated
     out[CPU] = mapped + repack
     return WeightBytes(out, mapped, repack)
+
+
+def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
+                   cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
+                   bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
+                   mmap: bool = True) -> WeightBytes:
+    """Weights per device, tensor by tensor: `tensor_buffers` summed by `weight_bytes`."""
+    return weight_bytes(tensor_buffers(tensors, offload, overrides=overrides, cpu_moe_layers=cpu_moe_layers,
+                                       repack_on=repack_on, bufts=bufts, max_tensor=max_tensor, mmap=mmap),
+                        offload.devices)
 
 
 def cpu_ops(tensors: Sequence[TensorInfo], offload: Offload, overrides: Sequence[tuple[str, str]]) -> dict[int, set[str]]:
