@@ -48,14 +48,18 @@ from kvbook.plan.placement import (
     weights_by_device,
 )
 from kvbook.plan.weights import (
+    PlacedTensor,
+    PlacementMap,
     WeightBytes,
     cpu_ops,
     expert_devices,
     host_buffer_first,
     host_cpu,
     overrides_as_cpu_moe,
+    tensor_buffers,
     tensor_weights,
     unmatched_patterns,
+    weight_bytes,
 )
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
@@ -128,37 +132,70 @@ def override_devices(device: Device) -> dict[str, str]:
     return out
 
 
-def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
-    """Weights per device for this offload: tensor by tensor from the GGUF's tensors, else by group from the
-    shapes (where -ot can only keep whole layers' experts on the CPU)."""
+def _tensor_map(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload
+                ) -> tuple[tuple[PlacedTensor, ...], WeightBytes]:
+    """Every tensor's device and buffer for this offload and the weights per device summed from them, tensor by
+    tensor from the GGUF's tensors; else by group from the shapes (where -ot can only keep whole layers' experts
+    on the CPU), with no tensor list."""
     if arch.tensors:
-        return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
-                              cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
-                              bufts=override_devices(device), max_tensor=tensor_limits(device),
-                              mmap=_maps_weights(flags))
+        placed = tensor_buffers(arch.tensors, offload, overrides=flags.tensor_overrides,
+                                cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
+                                bufts=override_devices(device), max_tensor=tensor_limits(device),
+                                mmap=_maps_weights(flags))
+        return placed, weight_bytes(placed, offload.devices)
     moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
     groups = dict(arch.tensor_groups) or _estimated(arch)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
-    return WeightBytes(weights, weights[CPU], 0)
+    return (), WeightBytes(weights, weights[CPU], 0)
 
 
-def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main: str, n_gpu: int) -> tuple[int, int]:
-    """(weights, of which CPU_REPACK) on the one pool that holds the model: with nothing offloaded, the CPU's
-    mapped range plus its repacked copies; on unified memory with a GPU, every tensor plus the repacked copies
-    of the layers left on the CPU; a discrete GPU that runs every layer holds every tensor."""
-    gpu = any(p.kind == "gpu" for p in device.pools)
-    offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
-    if not arch.tensors or (offloaded and not device.unified):
-        if flags.tensor_overrides:
-            _weights(arch, flags, device, assign(arch.n_layer + arch.n_layer_nextn, 0, (), ()))  # its refusals
-        return arch.weights_bytes, 0
+def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
+    """Weights per device for this offload (`_tensor_map`'s sums)."""
+    return _tensor_map(arch, flags, device, offload)[1]
+
+
+def _host_pool(device: Device) -> str:
+    """The pool of the CPU's buffers: the host pool, else the device's first (one unified pool)."""
+    return next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+
+
+def placement_map(arch: ModelArch, flags: ServerFlags, device: Device) -> PlacementMap:
+    """Where this command line puts the model, computed once: unified memory with two limits (Apple: the layers
+    on Metal, the CPU's tensors on RAM), layers spread per device (several offload devices, a partial -ngl, experts
+    on the CPU, a GGUF on a discrete GPU), or one pool that holds every layer (or none: the CPU)."""
+    host = _host_pool(device)
     n_all = arch.n_layer + arch.n_layer_nextn
-    offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and device.unified else assign(n_all, 0, (), ())
-    wb = _weights(arch, flags, device, offload)
-    if gpu and device.unified:
-        return arch.weights_bytes + wb.repack, wb.repack
-    return wb.mapped + wb.repack, wb.repack
+    limits = two_limits(device)
+    tensors: tuple[PlacedTensor, ...]
+    if limits or _spread(arch, flags, device):
+        mode, main = ("two-limits", limits[0]) if limits else ("spread", "")
+        offload = _unified_offload(arch, flags, limits[0]) if limits else offload_of(arch, flags, device)
+        tensors, weights = _tensor_map(arch, flags, device, offload)
+        layers_on = tuple(host if d == CPU else d for d in offload.layers)
+        output_on = host if offload.output == CPU else offload.output
+    else:
+        mode = "one-pool"
+        main = device.main_pool.name if _offloaded(arch, flags, device) else host
+        if device.unified:
+            main = host = device.pools[0].name
+        gpu = any(p.kind == "gpu" for p in device.pools)
+        offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
+        n_gpu = n_all + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
+        offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and (device.unified or offloaded) else assign(
+            n_all, 0, (), ())
+        tensors = ()
+        if not arch.tensors or (offloaded and not device.unified):  # every tensor in the one pool, as in the file
+            if flags.tensor_overrides:
+                _weights(arch, flags, device, assign(n_all, 0, (), ()))  # its refusals
+            weights = WeightBytes({main: arch.weights_bytes}, arch.weights_bytes, 0)
+        else:
+            tensors, wb = _tensor_map(arch, flags, device, offload)
+            held = arch.weights_bytes + wb.repack if gpu and device.unified else wb.mapped + wb.repack
+            weights = WeightBytes({main: held}, held - wb.repack, wb.repack)
+        layers_on, output_on = (main,) * n_all, main
+    return PlacementMap(mode=mode, host=host, main=main, offload=offload, layers_on=layers_on, output_on=output_on,
+                        experts_on=expert_pools(arch, flags, device, layers_on), weights=weights, tensors=tensors)
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -334,14 +371,11 @@ def _rpc_compute_note() -> str:
             f"llama-server RPC runs, held out, buffers >= 5 MiB)")
 
 
-def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict[str, int]]:
-    """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
-    if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
-        raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
-                       "no per-layer sizes); pass the GGUF path or URL")
-    offload = offload_of(arch, flags, device)
+def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+               where: PlacementMap) -> dict[str, dict[str, int]]:
+    """Bytes per pool when layers spread over devices: the map's assignment and weights (placement.py)."""
+    host, offload, placed = where.host, where.offload, where.weights
     devices = list(offload.devices)
-    placed = _weights(arch, flags, device, offload)
     weights = placed.by_device
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
     out = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
@@ -387,21 +421,6 @@ def expert_pools(arch: ModelArch, flags: ServerFlags, device: Device, layers_on:
     return tuple(host if moe < 0 or il < moe else d for il, d in enumerate(layers_on))
 
 
-def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[tuple[str, ...], str]:
-    """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
-    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
-    n_all = arch.n_layer + arch.n_layer_nextn
-    limits = two_limits(device)
-    if limits:
-        off = _unified_offload(arch, flags, limits[0])
-        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
-    if _spread(arch, flags, device):
-        off = offload_of(arch, flags, device)
-        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
-    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
-    return (main,) * n_all, main
-
-
 def two_limits(device: Device) -> tuple[str, str] | None:
     """(GPU pool, RAM pool) of unified memory with two limits (Apple: Metal buffers against the working set,
     everything against physical RAM less what macOS keeps); None for one pool or discrete devices."""
@@ -420,15 +439,14 @@ def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
     return assign(n_all, n_gpu, (gpu,), (1.0,)) if n_gpu else assign(n_all, 0, (), ())
 
 
-def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, gpu: str,
-                   ram: str) -> dict[str, dict[str, int]]:
+def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                   where: PlacementMap) -> dict[str, dict[str, int]]:
     """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
     recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
     left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
     parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
-    offload = _unified_offload(arch, flags, gpu)
+    gpu, ram, offload, placed = where.main, where.host, where.offload, where.weights
     n_gpu = sum(d != CPU for d in (*offload.layers, offload.output))
-    placed = _weights(arch, flags, device, offload)
     on_gpu = placed.by_device.get(gpu, 0)
     parts[gpu]["weights"] += on_gpu + memory.lora_bytes
     parts[ram]["weights"] += max(arch.weights_bytes - on_gpu, 0) + placed.repack  # the file's other tensors, mapped
@@ -460,9 +478,15 @@ def _usage(name: str, budget: int, part: dict[str, int], inside: tuple[PoolUsage
 
 
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
-    """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included; with
-    two limits (Apple) the GPU pool holds the Metal buffers and the RAM pool everything (`_unified_parts`)."""
-    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    """Bytes each pool must hold, by kind (`place_mapped` without the map)."""
+    return place_mapped(arch, flags, memory, device)[0]
+
+
+def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
+                 ) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
+    """Bytes each pool must hold, by kind, read from the placement map (returned with them). Unified memory: one
+    pool holds everything, host extras included; with two limits (Apple) the GPU pool holds the Metal buffers
+    and the RAM pool everything (`_unified_parts`)."""
     if memory.lora_bytes and _spread(arch, flags, device):
         raise BadInput("--lora with layers spread over devices: the adapters follow each base tensor's device, "
                        "which kvbook does not model yet")
@@ -473,20 +497,21 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
-    limits = two_limits(device)
-    if limits:
-        parts = _unified_parts(arch, flags, memory, device, *limits)
-        host = limits[1]
-    elif _spread(arch, flags, device):
-        parts = _by_device(arch, flags, memory, device, host)
+    if (not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools)
+            and _spread(arch, flags, device) and not two_limits(device)):
+        raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
+                       "no per-layer sizes); pass the GGUF path or URL")
+    where = placement_map(arch, flags, device)
+    host, limits = where.host, where.mode == "two-limits"
+    if where.mode == "two-limits":
+        parts = _unified_parts(arch, flags, memory, device, where)
+    elif where.mode == "spread":
+        parts = _by_device(arch, flags, memory, device, where)
     else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
-        main = device.main_pool.name if _offloaded(arch, flags, device) else host
-        if device.unified:
-            main = host = device.pools[0].name
+        main = where.main
         kv_pool = host if flags.no_kv_offload else main
-        n_gpu = arch.n_layer + arch.n_layer_nextn + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
-        weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
+        weights, repack = where.weights.by_device[main], where.weights.repack
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
         gpu = _one_gpu_compute(arch, flags, memory, device, main) if main != host else op_offload_compute(
@@ -523,7 +548,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     if limits:  # physical RAM holds the Metal buffers too
         by_pool[host] = _usage(host, next(p.budget_bytes for p in device.pools if p.name == host), parts[host],
                                tuple(by_pool.values()))
-    return tuple(by_pool[p.name] for p in device.pools)
+    return tuple(by_pool[p.name] for p in device.pools), where
 
 
 def _draft_weights(arch: ModelArch, flags: ServerFlags, device: Device, pool: str, total: int) -> tuple[int, int]:
@@ -718,7 +743,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     device = dataclasses.replace(effective_device(device, flags), calibrations=calibrations)
     fit = None
     memory = memory or plan_memory(arch, flags)
-    usages = place(arch, flags, memory, device)
+    usages, where = place_mapped(arch, flags, memory, device)
     if searched:  # what --fit does at start (plan/fit.py): the plan is of the flags the server then runs
         from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
 
@@ -726,8 +751,8 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         flags, fit = predict_fit(arch, flags, device, place, usages)
         if flags is not given:
             memory = plan_memory(arch, flags)
-            usages = place(arch, flags, memory, device)
-    layers_on, output_on = layer_devices(arch, flags, device)
+            usages, where = place_mapped(arch, flags, memory, device)
+    layers_on, output_on = where.layers_on, where.output_on
     notes: list[Note] = []
     shapes_only = Note("spread.shape-estimates",
                        "per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
@@ -810,6 +835,6 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         accounting=accounting,
         layers_on=layers_on,
         output_on=output_on,
-        experts_on=expert_pools(arch, flags, device, layers_on),
+        experts_on=where.experts_on,
         fit=fit,
     )

@@ -113,6 +113,24 @@ class WeightBytes:
     repack: int  # CPU_REPACK
 
 
+@dataclass(frozen=True)
+class PlacementMap:
+    """Where one command line puts the model on one device, computed once (planner.placement_map) as llama.cpp
+    assigns it: the layer assignment, every layer's, the output's and the experts' pool, and every tensor's
+    device and buffer type with the weights per device summed from them. place() reads weights, repack, KV,
+    recurrent state and compute per pool from it."""
+
+    mode: str  # "one-pool" (one device holds every layer), "spread" (per-layer over devices), "two-limits" (Apple)
+    host: str  # the pool of the CPU's buffers (Apple: the RAM pool)
+    main: str  # the pool that holds the layers in "one-pool" mode, Metal's in "two-limits"; "" when spread
+    offload: Offload  # the layer assignment by llama.cpp device name (CPU for the host)
+    layers_on: tuple[str, ...]  # the pool of each repeating layer, NextN ones included
+    output_on: str  # the pool of the output layer
+    experts_on: tuple[str, ...]  # the pool of each layer's experts (() for a dense model)
+    weights: WeightBytes  # weights per llama.cpp device (one-pool: the one pool's, under `main`)
+    tensors: tuple[PlacedTensor, ...] = ()  # every GGUF tensor's device and buffer (() for a model known by shapes)
+
+
 def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
     """The overrides --cpu-moe (-1) and --n-cpu-moe N add (common/common.h LLM_FFN_EXPS_REGEX, per layer)."""
     exps = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
