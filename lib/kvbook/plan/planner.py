@@ -168,15 +168,21 @@ def placement_map(arch: ModelArch, flags: ServerFlags, device: Device) -> Placem
     n_all = arch.n_layer + arch.n_layer_nextn
     limits = two_limits(device)
     tensors: tuple[PlacedTensor, ...]
-    if limits or _spread(arch, flags, device):
+    spread, offloaded_all = _spread(arch, flags, device), _offloaded(arch, flags, device)
+    if spread:
+        compute: Offload | None = offload_of(arch, flags, device)
+    else:
+        gpu_main = device.pools[0].name if device.unified else (device.main_pool.name if offloaded_all else "")
+        compute = _one_gpu(arch, device, gpu_main) if gpu_main else None
+    if limits or spread:
         mode, main = ("two-limits", limits[0]) if limits else ("spread", "")
-        offload = _unified_offload(arch, flags, limits[0]) if limits else offload_of(arch, flags, device)
+        offload = _unified_offload(arch, flags, limits[0]) if limits else compute or offload_of(arch, flags, device)
         tensors, weights = _tensor_map(arch, flags, device, offload)
         layers_on = tuple(host if d == CPU else d for d in offload.layers)
         output_on = host if offload.output == CPU else offload.output
     else:
         mode = "one-pool"
-        main = device.main_pool.name if _offloaded(arch, flags, device) else host
+        main = device.main_pool.name if offloaded_all else host
         if device.unified:
             main = host = device.pools[0].name
         gpu = any(p.kind == "gpu" for p in device.pools)
@@ -195,7 +201,8 @@ def placement_map(arch: ModelArch, flags: ServerFlags, device: Device) -> Placem
             weights = WeightBytes({main: held}, held - wb.repack, wb.repack)
         layers_on, output_on = (main,) * n_all, main
     return PlacementMap(mode=mode, host=host, main=main, offload=offload, layers_on=layers_on, output_on=output_on,
-                        experts_on=expert_pools(arch, flags, device, layers_on), weights=weights, tensors=tensors)
+                        experts_on=expert_pools(arch, flags, device, layers_on), weights=weights, spread=spread,
+                        compute=compute, tensors=tensors)
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -298,13 +305,6 @@ def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
     return output_stays(arch, device, assign(n_all, n_all + 1, (main,), (1.0,)))
 
 
-def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-                     main: str) -> dict[str, DeviceCompute] | None:
-    """gpu_compute when every layer runs on the one GPU pool `main`."""
-    offload = _one_gpu(arch, device, main)
-    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
-
-
 def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
                        ) -> dict[str, DeviceCompute] | None:
     """-ngl 0 beside a discrete GPU whose backend offloads big-batch ops (CUDA, ROCm, Vulkan, SYCL; not Metal):
@@ -319,27 +319,27 @@ def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, 
     return gpu_compute(arch, flags, memory, Offload((CPU,) * n_all, CPU, (gpus[0],)), device.calibrations)
 
 
-def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
-    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool)."""
-    if _spread(arch, flags, device):
-        return offload_of(arch, flags, device)
-    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else "")
-    return _one_gpu(arch, device, main) if main else None
+def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device,
+                    where: PlacementMap | None = None) -> Offload | None:
+    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool): the
+    placement map's (`where`, else this command line's)."""
+    return (where or placement_map(arch, flags, device)).compute
 
 
-def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
-                    ) -> dict[str, DeviceCompute] | None:
+def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                    where: PlacementMap | None = None) -> dict[str, DeviceCompute] | None:
     """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
     intervals; None when the CPU backend (or RPC) holds them."""
-    offload = compute_offload(arch, flags, device)
+    offload = compute_offload(arch, flags, device, where)
     if offload is None:
         return op_offload_compute(arch, flags, memory, device)
     return gpu_compute(arch, flags, memory, offload, device.calibrations)
 
 
-def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
+def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                 where: PlacementMap | None = None) -> str:
     """What the plan assumed for GPU-backend compute buffers: each device's estimate and interval ('' on the CPU)."""
-    gpu = device_computes(arch, flags, memory, device)
+    gpu = device_computes(arch, flags, memory, device, where)
     if not gpu:
         return ""
     parts = ", ".join(f"{'host side' if d == CPU else d} {c.estimate / 2**20:.0f} MiB ({c.low / 2**20:.0f}-"
@@ -348,12 +348,14 @@ def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
             f"({next(iter(gpu.values())).note})")
 
 
-def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
+def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device, where: PlacementMap | None = None) -> bool:
     """Whether -ot sends matmuls other than the experts of offloaded layers to the CPU (its compute is bounded)."""
-    if not (flags.tensor_overrides and arch.tensors and _spread(arch, flags, device)):
+    if not (flags.tensor_overrides and arch.tensors):
         return False
-    return any("dense" in ops for ops in cpu_ops(arch.tensors, offload_of(arch, flags, device),
-                                                   flags.tensor_overrides).values())
+    where = where or placement_map(arch, flags, device)
+    if not where.spread or where.compute is None:
+        return False
+    return any("dense" in ops for ops in cpu_ops(arch.tensors, where.compute, flags.tensor_overrides).values())
 
 
 def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
@@ -514,8 +516,10 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
         weights, repack = where.weights.by_device[main], where.weights.repack
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
-        gpu = _one_gpu_compute(arch, flags, memory, device, main) if main != host else op_offload_compute(
-            arch, flags, memory, device)
+        if main != host:  # every layer on the one GPU pool
+            gpu = gpu_compute(arch, flags, memory, where.compute, device.calibrations) if where.compute else None
+        else:
+            gpu = op_offload_compute(arch, flags, memory, device)
         if gpu is None:
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
@@ -694,11 +698,11 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
     return tuple(out)
 
 
-def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
+def compute_backend(device: Device, where: PlacementMap) -> str:
     """The backend that holds the main compute buffer: the GPU pool's backend (CUDA0 -> CUDA, Metal) when
-    the model runs there, else CPU."""
+    the model runs there (every layer and the output offloaded), else CPU."""
     gpu = next((p for p in device.pools if p.kind == "gpu"), None)
-    if gpu is None or not (device.unified or _offloaded(arch, flags, device)):
+    if gpu is None or not (device.unified or CPU not in (*where.offload.layers, where.offload.output)):
         return "CPU"
     return gpu.name.rstrip("0123456789") or "GPU"
 
@@ -756,17 +760,17 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     notes: list[Note] = []
     shapes_only = Note("spread.shape-estimates",
                        "per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
-    if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
+    if where.spread and device_computes(arch, flags, memory, device, where) is not None:
         notes.append(Note("spread.gpu-compute", "layers spread over devices: each device that runs layers and the host "
                           "side reserve a compute buffer of their own (the GPU backend's model below)"))
         if not arch.tensor_groups:
             notes.append(shapes_only)
-    elif _spread(arch, flags, device):
+    elif where.spread:
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
         notes.append(Note("spread.rpc-compute", "layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
             "for their backend: a CUDA or Metal device's buffer differs)" if gpus else "")))
-        if dense_ops_on_cpu(arch, flags, device):
+        if dense_ops_on_cpu(arch, flags, device, where):
             notes.append(Note("spread.dense-ops-bound", "-ot sends matmuls of offloaded layers other than their experts "
                               "to the CPU: each device's compute buffer is the upper bound fitted to loopback RPC runs "
                               "(never below the log there), not the calibrated estimate, which such splits were not "
@@ -774,7 +778,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         if not arch.tensor_groups:
             notes.append(shapes_only)
     notes += _repack_notes(arch, flags, device, usages)
-    if text := compute_note(arch, flags, memory, device):
+    if text := compute_note(arch, flags, memory, device, where):
         notes.append(Note("compute.gpu-intervals", text))
     idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
             and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
@@ -831,7 +835,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         alternatives=alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else (),
         litellm_max_input_tokens=min(memory.shape.n_ctx_seq, flags.slot_ctx_cap or memory.shape.n_ctx_seq),
         notes=tuple(notes),
-        compute_backend=compute_backend(arch, flags, device),
+        compute_backend=compute_backend(device, where),
         accounting=accounting,
         layers_on=layers_on,
         output_on=output_on,

@@ -128,6 +128,8 @@ class PlacementMap:
     output_on: str  # the pool of the output layer
     experts_on: tuple[str, ...]  # the pool of each layer's experts (() for a dense model)
     weights: WeightBytes  # weights per llama.cpp device (one-pool: the one pool's, under `main`)
+    spread: bool  # llama.cpp's per-layer assignment over devices applies (also on unified memory with RPC devices)
+    compute: Offload | None  # the layer placement behind the GPU-backend compute buffers (None: none runs on a GPU)
     tensors: tuple[PlacedTensor, ...] = ()  # every GGUF tensor's device and buffer (() for a model known by shapes)
 
 
