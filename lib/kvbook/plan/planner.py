@@ -38,17 +38,18 @@ from kvbook.plan.placement import (
     CPU,
     SCHED_MAX_COPIES,
     Offload,
+    PlacedTensor,
     assign,
     caches_by_device,
     compute_terms,
     device_compute,
     device_compute_bound,
     estimated_groups,
+    group_buffers,
     pipeline_parallel,
     weights_by_device,
 )
 from kvbook.plan.weights import (
-    PlacedTensor,
     PlacementMap,
     WeightBytes,
     cpu_ops,
@@ -136,7 +137,7 @@ def _tensor_map(arch: ModelArch, flags: ServerFlags, device: Device, offload: Of
                 ) -> tuple[tuple[PlacedTensor, ...], WeightBytes]:
     """Every tensor's device and buffer for this offload and the weights per device summed from them, tensor by
     tensor from the GGUF's tensors; else by group from the shapes (where -ot can only keep whole layers' experts
-    on the CPU), with no tensor list."""
+    on the CPU), each group placed."""
     if arch.tensors:
         placed = tensor_buffers(arch.tensors, offload, overrides=flags.tensor_overrides,
                                 cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
@@ -147,7 +148,7 @@ def _tensor_map(arch: ModelArch, flags: ServerFlags, device: Device, offload: Of
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
     groups = dict(arch.tensor_groups) or _estimated(arch)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
-    return (), WeightBytes(weights, weights[CPU], 0)
+    return group_buffers(groups, offload, moe), WeightBytes(weights, weights[CPU], 0)
 
 
 def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from kvbook.errors import BadInput
 from kvbook.interface import CpuFeatures, Device, TensorInfo
 from kvbook.model.gguf_header import tensor_group
-from kvbook.plan.placement import CPU, Offload, _device_of
+from kvbook.plan.placement import CPU, MAPPED, Offload, PlacedTensor, _device_of
 
 ALIGNMENT = 32  # ggml-cpu's TENSOR_ALIGNMENT: every allocated (not mapped) tensor is padded to it
 REPACK = "CPU_REPACK"
@@ -130,7 +130,8 @@ class PlacementMap:
     weights: WeightBytes  # weights per llama.cpp device (one-pool: the one pool's, under `main`)
     spread: bool  # llama.cpp's per-layer assignment over devices applies (also on unified memory with RPC devices)
     compute: Offload | None  # the layer placement behind the GPU-backend compute buffers (None: none runs on a GPU)
-    tensors: tuple[PlacedTensor, ...] = ()  # every GGUF tensor's device and buffer (() for a model known by shapes)
+    tensors: tuple[PlacedTensor, ...] = ()  # every GGUF tensor's (or tensor group's) device and buffer; () when
+    # one pool holds the file as it is
 
 
 def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
@@ -165,24 +166,6 @@ def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, st
         raise BadInput(f"-ot {pattern}={buft}: {buft} is not a device of this plan (devices: "
                        f"{', '.join(devices) or 'none'})")
     return devices[buft]
-
-
-MAPPED = "CPU_Mapped"
-
-
-@dataclass(frozen=True)
-class PlacedTensor:
-    """One use of a GGUF tensor where llama.cpp puts it: its device, its buffer type, and the bytes it takes there
-    (what the per-device weights, CPU_Mapped and CPU_REPACK are summed from)."""
-
-    name: str
-    device: str  # CPU or an offload device (llama.cpp's name)
-    buffer: str  # the offload device's own buffer (its name), CPU_Mapped, CPU_REPACK, or CPU (allocated: -lm none)
-    nbytes: int  # the tensor's bytes where mapped, padded to ALIGNMENT where allocated (0: the tied output's
-    # CPU copy without mmap, which is token_embd's own data)
-    file: int = 0  # where a mapped tensor's bytes lie (the CPU maps one range per file)
-    offset: int = 0
-    output: bool = False  # the tied output's use of token_embd (TENSOR_DUPLICATED)
 
 
 def tensor_buffers(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
