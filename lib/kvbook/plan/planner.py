@@ -485,9 +485,10 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     return place_mapped(arch, flags, memory, device)[0]
 
 
-def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
-                 ) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
-    """Bytes each pool must hold, by kind, read from the placement map (returned with them). Unified memory: one
+def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                 where: PlacementMap | None = None) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
+    """Bytes each pool must hold, by kind, read from the placement map (returned with them; `where`: the map of
+    these flags already computed, e.g. at another -c, which the map does not depend on). Unified memory: one
     pool holds everything, host extras included; with two limits (Apple) the GPU pool holds the Metal buffers
     and the RAM pool everything (`_unified_parts`)."""
     if memory.lora_bytes and _spread(arch, flags, device):
@@ -504,7 +505,7 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
             and _spread(arch, flags, device) and not two_limits(device)):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
                        "no per-layer sizes); pass the GGUF path or URL")
-    where = placement_map(arch, flags, device)
+    where = where or placement_map(arch, flags, device)
     host, limits = where.host, where.mode == "two-limits"
     if where.mode == "two-limits":
         parts = _unified_parts(arch, flags, memory, device, where)
@@ -620,8 +621,13 @@ def largest_context(arch: ModelArch, flags: ServerFlags, device: Device, accept:
     if hi_n < 1:
         return 0
 
+    mapped: list[PlacementMap] = []  # the placement map, computed at the first -c tried (the map has no -c in it)
+
     def ok(n: int) -> bool:
-        return accept(verdict_of(arch, replace(flags, ctx=n * step), device))
+        at = replace(flags, ctx=n * step)
+        usages, where = place_mapped(arch, at, plan_memory(arch, at), device, mapped[0] if mapped else None)
+        mapped[:] = [where]
+        return accept(worst(usages))
 
     if ok(hi_n):
         return hi_n * step
