@@ -64,8 +64,8 @@ def main() -> int:
                 key = (lambda table: "CPU_Mapped" if ep is None else next((k for k in table if k.endswith(f"[{ep}]")), ""))  # noqa: E731
                 kv_key = "CPU" if ep is None else key(logged.kv_buffer_mib)
                 rows.append({"model": model, "flags": " ".join(flags), "device": d["name"].split("[")[0],
-                             "bound": len(plan["devices"]) > 1 and not any("run(s) no layer" in n for n in plan["notes"]),
-                             "upper_bound": any("compute buffer is the upper bound" in n for n in plan["notes"]),
+                             "bound": len(plan["devices"]) > 1 and not any(n["code"] == "ot.idle-device" for n in plan["notes"]),
+                             "upper_bound": any(n["code"] == "spread.dense-ops-bound" for n in plan["notes"]),
                              "model_mib": [mib2(d["weights_bytes"] - d["repack_bytes"]),
                                            logged.model_mib.get(key(logged.model_mib), 0.0)],
                              "repack_mib": [mib2(d["repack_bytes"]),

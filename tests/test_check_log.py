@@ -189,12 +189,14 @@ def test_save_calibration_used_by_later_plans(capsys, tmp_path, monkeypatch):
     saved = [json.loads(x) for x in (tmp_path / "compute_calibrations.jsonl").read_text().splitlines()]
     assert saved[0]["backend"] == "Metal" and saved[0]["arch"] == "gpt-oss"
     _, after, _ = run_cli(capsys, *argv)
-    notes = " ".join(json.loads(after)["notes"])
-    assert "calibrated on your log" in notes and "001-metal-m5" in notes
-    assert "calibrated on your log" not in " ".join(json.loads(before)["notes"])
+    def compute_note(doc: str) -> str:  # the note on the GPU backend's compute buffers, selected by its code
+        return " ".join(n["text"] for n in json.loads(doc)["notes"] if n["code"] == "compute.gpu-intervals")
+
+    assert "calibrated on your log" in compute_note(after) and "001-metal-m5" in compute_note(after)
+    assert compute_note(before) and "calibrated on your log" not in compute_note(before)
     _, other, _ = run_cli(capsys, "plan", "--json", "--device", "m1-max-64", "--", "llama-server", "-m",
                           "llama-3.1-8b", "-c", "8192", "-np", "1")
-    assert "calibrated on your log" not in " ".join(json.loads(other)["notes"])
+    assert compute_note(other) and "calibrated on your log" not in compute_note(other)
 
 
 def test_calibration_needs_a_gpu_log(tmp_path, monkeypatch):
@@ -217,7 +219,7 @@ def test_gpu_plan_has_host_side_compute(capsys):
     gpu = next(d for d in doc["devices"] if d["kind"] == "gpu")
     host = next(d for d in doc["devices"] if d["kind"] == "host")
     assert gpu["compute_bytes"] > 0 and host["compute_bytes"] > 0
-    assert any(n.startswith("compute buffers") for n in doc["notes"])
+    assert any(n["code"] == "compute.gpu-intervals" and n["text"].startswith("compute buffers") for n in doc["notes"])
 
 
 # ---------------------------------------------------------------- the pinned llama-server, here

@@ -83,7 +83,7 @@ def test_two_3090s_split_layers_by_free_memory_with_kv_and_compute_per_gpu(capsy
     assert sum(d["recurrent_bytes"] for d in doc["devices"]) == doc["recurrent_bytes"]
     # each GPU that runs layers and the host side reserve their own compute buffer: CUDA's model (public logs)
     assert all(d["compute_bytes"] > 0 for d in doc["devices"])
-    assert any(n.startswith("compute buffers (estimate, interval)") and "CUDA: fitted on" in n for n in doc["notes"])
+    assert any(n["code"] == "compute.gpu-intervals" and "CUDA: fitted on" in n["text"] for n in doc["notes"])
     assert doc["verdict"] == "fits"
 
 
@@ -183,7 +183,8 @@ def test_rpc_devices_come_before_local_gpus(capsys, gemma3) -> None:
     assert [d["name"] for d in doc["devices"]] == ["RPC0[127.0.0.1:50052]", "CUDA0", "CPU"]
     assert layer_list(doc) == expected_layers(18, 19, ["RPC0[127.0.0.1:50052]", "CUDA0"], [2 * GiB, FREE_4090])
     assert doc["devices"][0]["budget_bytes"] == 2 * GiB
-    assert any("local GPUs' (CUDA0) buffers are not calibrated" in n for n in doc["notes"])
+    assert any(n["code"] == "spread.rpc-compute" and "local GPUs' (CUDA0) buffers are not calibrated" in n["text"]
+               for n in doc["notes"])
     one = plan_json(capsys, *base, "-sm", "none", "-mg", "0")  # device 0 is the RPC server, not CUDA0
     assert sorted(d["name"] for d in one["devices"]) == ["CPU", "RPC0[127.0.0.1:50052]"]
     swapped = plan_json(capsys, *base, "-dev", "CUDA0,RPC0")
@@ -274,7 +275,8 @@ def test_this_machine_plans_on_the_detected_gpus(tmp_path, capsys, monkeypatch) 
     doc = plan_json(capsys, "--", "llama-server", "-m", "llama-3.1-8b", "-c", "4096")
     assert [d["name"] for d in doc["devices"]] == ["CUDA0", "CUDA1", "CPU"]
     assert layer_list(doc) == expected_layers(32, 33, ["CUDA0", "CUDA1"], [24090 * MiB, 32119 * MiB])
-    assert any(n.startswith("this machine: nvidia-smi: CUDA0 NVIDIA GeForce RTX 4090") for n in doc["notes"])
+    assert any(n["code"] == "device.detected" and n["text"].startswith("this machine: nvidia-smi: CUDA0 NVIDIA GeForce RTX 4090")
+               for n in doc["notes"])
 
 
 @pytest.mark.parametrize("body, needle", [

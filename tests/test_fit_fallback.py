@@ -43,7 +43,8 @@ def test_plan_uses_llama_cpps_accounting_and_says_so(capsys, unknown) -> None:
     assert doc["accounting"] == "llama-fit-params" and doc["arch"] == UNKNOWN
     assert [(c["kind"], c["cells"], c["layers"]) for c in doc["caches"]] == [("kv", 4096, 4)]
     assert doc["max_ctx"] == 0 and doc["alternatives"] == []
-    assert any("has no kvbook rule" in n and "llama-fit-params" in n for n in doc["notes"])
+    assert any(n["code"] == "accounting.llama-fit-params" and "has no kvbook rule" in n["text"] and "llama-fit-params" in n["text"]
+               for n in doc["notes"])
 
 
 @pytest.mark.parametrize("args", [["-c", "8192", "-np", "2"], ["-c", "8192"], ["-c", "4096", "-np", "1", "-ctk", "q8_0",

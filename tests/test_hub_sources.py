@@ -129,8 +129,8 @@ def test_hf_plans_the_chosen_split_file_from_headers_only(capsys, monkeypatch, t
         assert doc["source"] == f"{loop.endpoint}kv/smol-GGUF/resolve/{loop.state.commit}/q41/smol-Q4_1-00001-of-00003.gguf"
         assert doc["weights_bytes"] == local["weights_bytes"] and doc["caches"] == local["caches"]
         assert doc["weights_note"] == "exact: sum of tensor sizes in 3 remote shards' headers"
-        assert any("q41/smol-Q4_1-00001-of-00003.gguf (3 split files)" in n for n in doc["notes"])
-        assert any("the repo's projector mmproj-smol-F16.gguf is not loaded" in n for n in doc["notes"])
+        assert any(n["code"] == "model.hf" and "q41/smol-Q4_1-00001-of-00003.gguf (3 split files)" in n["text"] for n in doc["notes"])
+        assert any(n["code"] == "projector.not-loaded" and "mmproj-smol-F16.gguf is not loaded" in n["text"] for n in doc["notes"])
         for name in (p.name for p in shards.iterdir()):
             assert 0 < loop.state.sent[f"q41/{name}"] < (shards / name).stat().st_size / 4  # headers, not weights
         # the projector the server would load too is planned (tests/test_projector.py checks its figures)
@@ -251,7 +251,8 @@ def test_a_remote_gguf_of_an_architecture_without_a_rule_is_sized_by_fit_params_
             assert remote["accounting"] == local["accounting"] == "llama-fit-params"
             for key in ("caches", "compute_bytes", "output_bytes", "weights_bytes", "n_ctx", "n_ctx_seq"):
                 assert remote[key] == local[key], key
-            assert any("sparse local copy of the remote header" in n for n in remote["notes"])
+            assert any("sparse local copy of the remote header" in n["text"] for n in remote["notes"]
+                       if n["code"] == "accounting.llama-fit-params")
         # headers only: 1 MiB ranges, four reads (two plans, each reading the header, then its sparse copy)
         assert loop.state.sent[model.name] <= 4 << 20 and model.stat().st_size > 10 * (4 << 20)
 

@@ -68,7 +68,7 @@ def test_ts_with_one_offload_device_or_none_is_a_no_op_with_a_note(capsys, smoll
     plain = plan_json(capsys, device, "-m", str(smollm2), *extra)
     split = plan_json(capsys, device, "-m", str(smollm2), *extra, "-ts", "1")
     assert rows(split) == rows(plain) and split["placement"] == plain["placement"]
-    assert any(n.startswith("-ts 1 changes nothing") for n in split["notes"]), split["notes"]
+    assert any(n["code"] == "split.no-effect" and n["text"].startswith("-ts 1 changes nothing") for n in split["notes"]), split["notes"]
     solved = plan_json(capsys, device, "-m", str(smollm2), *extra, "-ts", "1", "-c", "4096", solve=True)
     assert solved["solver"]["placements"], solved["solver"]["rejected"][:3]
 
@@ -137,7 +137,7 @@ def test_cpu_moe_on_a_dense_model_is_a_no_op_with_a_note(capsys, smollm2, flag) 
     plain = plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2), "-ngl", "0")
     moe = plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2), "-ngl", "0", *flag)
     assert rows(moe) == rows(plain)
-    assert any("has no experts, so nothing moves" in n for n in moe["notes"])
+    assert any(n["code"] == "moe.no-experts" and "has no experts, so nothing moves" in n["text"] for n in moe["notes"])
     full = plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2), *flag)
     assert rows(full) == rows(plan_json(capsys, ["--device", "rtx-4090"], "-m", str(smollm2)))
 
@@ -287,4 +287,4 @@ def test_a_model_bigger_than_the_gpu_gets_the_solvers_placement_as_an_alternativ
     assert again["verdict"] == placement[0]["verdict"] and any(r["device"] == "CPU" for r in again["placement"]["experts"])
     small = plan_json(capsys, ["--gpu-gib", "24", "--host-gib", "16"], "-m", "gpt-oss-120b", "-c", "32768", "--fit", "off")
     assert not [a for a in small["alternatives"] if a["change"].startswith("placement")]
-    assert any("no placement of -ngl / --n-cpu-moe / -ts starts" in n for n in small["notes"])
+    assert any(n["code"] == "solve.no-placement" for n in small["notes"])

@@ -154,6 +154,6 @@ def test_a_preset_states_the_cpu_it_assumes(capsys, monkeypatch, tmp_path, gemma
     line = ["--", "llama-server", "-m", str(gemma3), "-c", "4096", "-ngl", "0", "--no-host"]
     x86, arm = (cli_json(capsys, "--device", d, *line) for d in ("rtx-4090-host-64", "arm-4090"))
     assert x86["devices"][-1]["repack_bytes"] != arm["devices"][-1]["repack_bytes"]
-    assert any("neon, dotprod, as the preset states" in n for n in arm["notes"])
+    assert any(n["code"] == "repack.host-copy" and "neon, dotprod, as the preset states" in n["text"] for n in arm["notes"])
     assert cli.main(["plan", "--device", "bad-4090", *line]) == 2
     assert "cpu_features must be a list of avx2, avx512, neon, dotprod, i8mm" in capsys.readouterr().err

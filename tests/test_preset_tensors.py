@@ -141,7 +141,7 @@ def test_qwen36_experts_on_cpu_gpu_share(capsys):
     w = weights(doc)
     gpu = next(n for n in w if n != "CPU")
     assert 1.2 * GiB < w[gpu] < 2 * GiB
-    assert not doc["weights_exact"] and any("approximate" in n for n in doc["notes"])
+    assert not doc["weights_exact"] and any(n["code"] == "weights.approximate" and "approximate" in n["text"] for n in doc["notes"])
 
 
 def test_rules_reproduce_a_real_header(gemma3):

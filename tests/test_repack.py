@@ -109,11 +109,11 @@ def test_device_presets_state_their_repack_assumption(capsys, gemma3) -> None:
     argv = ["-m", str(gemma3), "-c", "4096", "-np", "1"]
     assert cli.main(["plan", "--json", "--device", "rtx-4090", "--", "llama-server", *argv, "-ngl", "0"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert all(d["repack_bytes"] == 0 for d in doc["devices"]) and any("CPU_REPACK: none" in n for n in doc["notes"])
+    assert all(d["repack_bytes"] == 0 for d in doc["devices"]) and any(n["code"] == "repack.host-buffer-first" for n in doc["notes"])
     assert cli.main(["plan", "--json", "--device", "m1-max-32", "--", "llama-server", *argv, "-ngl", "10"]) == 0
     doc = json.loads(capsys.readouterr().out)
     repacked = {d["name"]: d["repack_bytes"] for d in doc["devices"]}  # CPU_REPACK is CPU memory: RAM, not Metal's
-    assert repacked["CPU"] > 0 and repacked["Metal"] == 0 and any("Apple M-series" in n for n in doc["notes"])
+    assert repacked["CPU"] > 0 and repacked["Metal"] == 0 and any(n["code"] == "repack.host-copy" and "Apple M-series" in n["text"] for n in doc["notes"])
     assert cli.main(["plan", "--json", "--device", "m1-max-32", "--", "llama-server", *argv, "-ngl", "10", "-nr"]) == 0
     assert all(d["repack_bytes"] == 0 for d in json.loads(capsys.readouterr().out)["devices"])
 

@@ -185,7 +185,7 @@ def test_resolve_names_the_bad_parameter(params, name):
 def test_over_max_allowed_when_asked():
     run = sizing.resolve({"model": "smollm2-135m", "device": "this-machine", "context": 16384, "allow_over_max": True})
     assert run.plan.memory.shape.n_ctx == 16384 and run.sweep.ctx[-1] == 16384
-    assert any("exceeds the training context" in n for n in run.plan.notes)
+    assert "exceeds the training context" in run.plan.note_text("context.beyond-training")
 
 
 # ---------------------------------------------------------------- figures

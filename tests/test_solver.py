@@ -122,6 +122,7 @@ def test_nothing_fits_lists_every_option_with_a_reason(capsys, gemma3) -> None:
     assert code == 1 and "no placement starts" in err
     assert doc["solver"]["placements"] == [] and len(doc["solver"]["rejected"]) == doc["solver"]["searched"] > 0
     assert all("needs" in r["reason"] for r in doc["solver"]["rejected"])
+    assert {r["code"] for r in doc["solver"]["rejected"]} <= {"rejected.does-not-start", "rejected.planner-check"}
 
 
 @pytest.mark.parametrize("objective", ["max-context", "fastest-decode"])

@@ -1,5 +1,5 @@
 """Static checks inside `make test`: ruff over lib, tests, tools and benchmarks (the rule set pinned in
-pyproject.toml), and mypy over lib/kvbook (strict for the settled stages, default elsewhere); each fails with the
+pyproject.toml), and mypy over lib/kvbook (strict for model, memory, plan, capacity and records; default elsewhere); each fails with the
 tool's own report. Both tools are pinned in requirements.lock."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STRICT = {"kvbook.model.*", "kvbook.memory.*", "kvbook.capacity.*", "kvbook.records.*"}
+STRICT = {"kvbook.model.*", "kvbook.memory.*", "kvbook.plan.*", "kvbook.capacity.*", "kvbook.records.*"}
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,10 +29,10 @@ def test_mypy_is_clean() -> None:
 
 
 def test_the_settled_stages_stay_strict() -> None:
-    """The strict override names model, memory, capacity and records and turns on every flag of --strict."""
+    """The strict override names model, memory, plan, capacity and records and turns on every flag of --strict."""
     conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
     strict = [o for o in conf["overrides"] if STRICT <= set(o["module"])]
-    assert strict, "pyproject.toml: no mypy override makes kvbook.model/.memory/.capacity/.records strict"
+    assert strict, "pyproject.toml: no mypy override makes kvbook.model/.memory/.plan/.capacity/.records strict"
     flags = ("disallow_any_generics", "disallow_subclassing_any", "disallow_untyped_calls", "disallow_untyped_defs",
              "disallow_incomplete_defs", "check_untyped_defs", "disallow_untyped_decorators", "warn_return_any",
              "no_implicit_reexport", "strict_equality", "extra_checks")

@@ -483,6 +483,67 @@ class PoolUsage:
         return {"headroom_bytes": self.headroom_bytes}
 
 
+# Every note code a plan can carry, with what it says: consumers (check-log, the text and JSON summaries, tests)
+# select notes by these codes, never by their text, which may be reworded (tests/test_plan_notes.py checks that
+# every code a plan emits is here).
+NOTE_CODES: dict[str, str] = {
+    # how the model was found (kvbook.model.resolve) and whose rules size it (kvbook.plan.api)
+    "model.url": "-mu: the model is the file llama-server downloads, planned from its header",
+    "model.hf": "-hf: the file llama-server picks from the hub repo, planned from its header",
+    "model.hf-wins-over-m": "-m with -hf: the fetched file loads, not -m",
+    "projector.not-loaded": "--no-mmproj: the repo's projector is left out",
+    "projector.from-hf": "-hf also fetches the repo's projector",
+    "projector.loaded": "the projector that loads: weights exact, compute estimated",
+    "draft.from-hfd": "-hfd: the draft file llama-server picks from the hub repo",
+    "draft.loaded": "the draft model and its own context",
+    "lora.loaded": "the LoRA adapters and their buffer bytes",
+    "accounting.llama-fit-params": "no kvbook rule for the architecture: caches and compute are llama.cpp's accounting",
+    # the devices
+    "device.detected": "what host detection found on this machine (GPUs, Metal's estimate, a failed nvidia-smi)",
+    "device.apple-ram": "how the RAM limit of two-limit unified memory (Apple) was set",
+    "split.no-effect": "-ts given with one offload device or none: it changes nothing",
+    # placement over devices (kvbook.plan.planner)
+    "spread.gpu-compute": "layers spread over devices: a GPU-backend compute buffer per device and on the host side",
+    "spread.rpc-compute": "layers spread over devices: the calibrated per-device compute estimate (RPC, CPU backend)",
+    "spread.dense-ops-bound": "-ot moves dense matmuls to the CPU: each device's compute is the fitted upper bound",
+    "spread.shape-estimates": "per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)",
+    "ot.idle-device": "a device holds -ot tensors but runs no layer: its compute buffer is not modelled",
+    "ot.matches-nothing": "an -ot pattern matches no tensor, so it moves nothing",
+    "moe.no-experts": "--cpu-moe / --n-cpu-moe / -ot on experts for a model without experts: nothing moves",
+    "compute.gpu-intervals": "each GPU-backend compute buffer's estimate and interval; planned at the high end",
+    "repack.host-copy": "CPU_REPACK bytes, counted on top of the mapped CPU weights",
+    "repack.host-buffer-first": "no CPU_REPACK: a GPU host buffer type comes first, the CPU's weights stay mapped",
+    "repack.not-counted": "CPU_REPACK not counted: no GGUF tensors to size it",
+    "weights.approximate": "the weights are estimated, not summed from the GGUF's tensors",
+    "host.weights-resident": "the host does not fit: the CPU weights are counted resident; how llama.cpp behaves",
+    "context.beyond-training": "the per-slot context exceeds the training context",
+    # llama-server's --fit (kvbook.plan.fit), the flags, host growth, the solver
+    "fit.no-change": "--fit changes nothing: every device keeps its --fit-target free",
+    "fit.adjusted": "--fit changes the command line at start; the plan is of the adjusted line",
+    "fit.failed": "--fit gives up at start (the server goes on with the given line)",
+    "fit.not-predicted": "--fit's outcome could not be predicted, and why",
+    "fit.adjusted-args": "the command line after --fit",
+    "fit.unpredicted-accounting": "--fit is on but not predicted: the caches are llama.cpp's own accounting",
+    "flags.from-environment": "settings read from LLAMA_ARG_* environment variables",
+    "host-growth.unbounded": "--cache-ram -1: host growth has no limit",
+    "solve.no-placement": "no placement of -ngl / --n-cpu-moe / -ts starts either",
+    # why the solver rejects an option (kvbook.plan.solver.Rejected.reason)
+    "rejected.refused": "the planner refuses the option by name (what it does not model)",
+    "rejected.does-not-start": "the option does not start even at the smallest context: devices over budget",
+    "rejected.under-fit-minimum": "the option's largest context is under --fit's minimum",
+    "rejected.planner-check": "the planner's full check does not fit the option at its context",
+}
+
+
+@dataclass(frozen=True)
+class Note:
+    """One explanation on a plan: a stable code from NOTE_CODES (what consumers select by) and the text a person
+    reads (the same in the text plan, the JSON and the notebook)."""
+
+    code: str
+    text: str
+
+
 @dataclass(frozen=True)
 class Alternative:
     """A changed command line that fits, with the reason it was suggested."""
@@ -522,13 +583,17 @@ class Plan:
     max_ctx: int
     alternatives: tuple[Alternative, ...] = ()
     litellm_max_input_tokens: int = 0
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[Note, ...] = field(default=())
     compute_backend: str = "CPU"  # the backend whose compute buffer the estimate stands for
     accounting: str = "kvbook"  # whose rules sized the caches: "kvbook", or "llama-fit-params" (no kvbook rule)
     layers_on: tuple[str, ...] = ()  # the device (pool name) of each repeating layer, NextN ones included
     output_on: str = ""  # the device of the output layer
     experts_on: tuple[str, ...] = ()  # the device of each layer's experts (() for a dense model)
     fit: FitOutcome | None = None  # llama-server's --fit at start, predicted (None: not looked at)
+
+    def note_text(self, code: str) -> str:
+        """The text of the plan's first note with this code ('' when it has none)."""
+        return next((n.text for n in self.notes if n.code == code), "")
 
     @property
     def compute_calibrated(self) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvbook.errors import BadInput
-from kvbook.interface import LoraAdapter, ModelArch, ServerFlags
+from kvbook.interface import LoraAdapter, ModelArch, Note, ServerFlags
 from kvbook.model.arch import UnknownArchitecture
 from kvbook.model.sources import load_model
 
@@ -23,7 +23,7 @@ class ResolvedModel:
 
     arch: ModelArch
     source: str  # the file or URL that loads
-    notes: tuple[str, ...] = ()
+    notes: tuple[Note, ...] = ()
     has_rule: bool = True
     unknown: str = ""
 
@@ -33,12 +33,13 @@ def _with_token(environ: Mapping[str, str], flags: ServerFlags) -> Mapping[str, 
     return {**environ, "HF_TOKEN": flags.hf_token} if flags.hf_token else environ
 
 
-def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, str, tuple[str, ...]]:
+def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, str, tuple[Note, ...]]:
     """What llama-server loads: the model (a path or URL), the projector ('' for none), and notes on how they
     were found. `-hf` is the file the pinned build would fetch from the hub (MODEL_ENDPOINT / HF_ENDPOINT),
     and it wins over -m; its repo's projector comes too unless --no-mmproj or --mmproj/--mmproj-url is given."""
     if flags.model_url:
-        note = f"-mu: the model is the file llama-server downloads from {flags.model_url}, planned from its header"
+        note = Note("model.url", f"-mu: the model is the file llama-server downloads from {flags.model_url}, "
+                    "planned from its header")
         return flags.model_url, flags.mmproj, (note,)
     if not flags.hf_repo:
         return flags.model, flags.mmproj, ()
@@ -51,18 +52,20 @@ def model_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, s
     auto = bool(hub.mmproj_url and not flags.no_mmproj and not flags.mmproj)
     shards = f" ({len(hub.model_urls)} split files)" if len(hub.model_urls) > 1 else ""
     how = f"-hff {hub.model_path}" if flags.hf_file else f"quant '{hub.tag}'" if hub.tag else "the default quant"
-    notes = [f"-hf {flags.hf_repo}: {hub.model_path}{shards} from {hub.repo} at {hub.commit[:12]}, as llama-server "
-             f"picks it ({how}); planned from its header over HTTP Range"]
+    notes = [Note("model.hf", f"-hf {flags.hf_repo}: {hub.model_path}{shards} from {hub.repo} at {hub.commit[:12]}, "
+                  f"as llama-server picks it ({how}); planned from its header over HTTP Range")]
     if flags.model:
-        notes.append(f"-m {flags.model} is not what loads: with -hf, llama-server loads the file it fetched")
+        notes.append(Note("model.hf-wins-over-m",
+                          f"-m {flags.model} is not what loads: with -hf, llama-server loads the file it fetched"))
     if hub.mmproj_path and flags.no_mmproj:
-        notes.append(f"--no-mmproj: the repo's projector {hub.mmproj_path} is not loaded")
+        notes.append(Note("projector.not-loaded", f"--no-mmproj: the repo's projector {hub.mmproj_path} is not loaded"))
     if auto:
-        notes.append(f"-hf also fetches the repo's projector {hub.mmproj_path} (--no-mmproj to leave it out)")
+        notes.append(Note("projector.from-hf",
+                          f"-hf also fetches the repo's projector {hub.mmproj_path} (--no-mmproj to leave it out)"))
     return hub.model_urls[0], (hub.mmproj_url or "") if auto else flags.mmproj, tuple(notes)
 
 
-def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, tuple[Note, ...]]:
     """The draft file: -md, or the model file of the -hfd repo as llama-server picks it (common/arg.cpp: with
     no --spec-type it looks for speculative sidecars in that repo first)."""
     if not flags.draft_hf_repo:
@@ -75,7 +78,8 @@ def _draft_source(flags: ServerFlags, environ: Mapping[str, str]) -> tuple[str, 
     if hub.sidecars and not flags.draft_hf_file:  # a named draft file turns the sidecar search off
         raise BadInput(f"-hfd {flags.draft_hf_repo}: the repo ships the speculative sidecar {hub.sidecars[0]}, which "
                        "llama-server would run instead of a draft model (MTP/EAGLE3/DFlash), not modelled yet")
-    return hub.model_urls[0], (f"-hfd {flags.draft_hf_repo}: the draft is {hub.model_path}, as llama-server picks it",)
+    return hub.model_urls[0], (Note("draft.from-hfd",
+                                    f"-hfd {flags.draft_hf_repo}: the draft is {hub.model_path}, as llama-server picks it"),)
 
 
 def _draft(flags: ServerFlags, source: str) -> ModelArch | None:
@@ -114,17 +118,18 @@ def resolve_model(flags: ServerFlags, environ: Mapping[str, str]) -> ResolvedMod
         from kvbook.model.projector import load_projector
 
         projector = load_projector(mmproj)
-        notes = (*notes, f"projector {projector.projector_type} from {mmproj}: weights exact (its tensors), compute "
-                         "buffer estimated from the vision tower's shapes")
+        notes = (*notes, Note("projector.loaded", f"projector {projector.projector_type} from {mmproj}: weights exact "
+                                                  "(its tensors), compute buffer estimated from the vision tower's shapes"))
     draft_source, draft_notes = _draft_source(flags, environ)
     draft = _draft(flags, draft_source)
     if draft is not None:
-        notes = (*notes, *draft_notes, f"draft model {draft.name} ({draft.arch}) from {draft_source}: its own context "
-                                       "of the target's n_ctx, sized by kvbook's rules")
+        notes = (*notes, *draft_notes, Note("draft.loaded", f"draft model {draft.name} ({draft.arch}) from "
+                                            f"{draft_source}: its own context of the target's n_ctx, sized by kvbook's rules"))
     loras = _loras(flags)
     if loras:
-        notes = (*notes, f"LoRA adapters: {len(loras)} file(s), {sum(a.buffer_bytes for a in loras)} bytes of buffers "
-                         "(exact on the CPU; a GPU buffer pads each tensor to its own alignment)")
+        notes = (*notes, Note("lora.loaded", f"LoRA adapters: {len(loras)} file(s), {sum(a.buffer_bytes for a in loras)} "
+                                             "bytes of buffers (exact on the CPU; a GPU buffer pads each tensor to its own "
+                                             "alignment)"))
     try:
         arch = replace(load_model(source), projector=projector, draft=draft, loras=loras)
     except UnknownArchitecture as e:

@@ -438,7 +438,7 @@ def solver_rows(solution: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
                "-ts": ",".join(map(str, p.tensor_split)) or "-", "cache": p.cache_type,
                "host MiB read / token": round(p.host_read_bytes / 2**20, 1), "llama-server args": " ".join(p.argv)}
               for p in solution.placements]
-    rejected = [{"option": r.option, "reason": r.reason} for r in solution.rejected]
+    rejected = [{"option": r.option, "code": r.reason.code, "reason": r.reason.text} for r in solution.rejected]
     return ranked, rejected
 
 

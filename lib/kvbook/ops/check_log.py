@@ -335,7 +335,8 @@ def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[s
     notes.append("graph rules: " + ("this build's (min(n_ubatch, slots) logits rows, f16 masks under flash attention)"
                                     if new_graph(run) else "before ggml-org/llama.cpp#23861/#23764 (logits for "
                                     "n_ubatch rows, f32 masks cast for flash attention)"))
-    notes += [n for n in plan.notes if n.startswith("compute buffers")]
+    if text := plan.note_text("compute.gpu-intervals"):
+        notes.append(text)
     mismatches = kv_mismatches(run, memory, rows) if run.caches else _device_kv_mismatches(rows)
     return LogCheck(run.build, run.tool, name, rows, mismatches, tuple(notes), plan=plan)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, MemoryPlan, ModelArch, Plan, ServerFlags
+from kvbook.interface import Device, MemoryPlan, ModelArch, Note, Plan, ServerFlags
 from kvbook.memory.rules import draft_memory, with_projector
 from kvbook.model.resolve import ResolvedModel
 from kvbook.plan import solver
@@ -26,7 +26,7 @@ class PlanRequest:
     model: ModelArch
     flags: ServerFlags
     device: Device
-    notes: tuple[str, ...] = ()
+    notes: tuple[Note, ...] = ()
     source: str = ""  # the file or URL that loads (what a FitFallback sizes)
     has_rule: bool = True  # False: kvbook has no rule for model.arch; plan() needs a FitFallback
     unknown: str = ""  # why there is no rule (the loader's message)
@@ -69,8 +69,9 @@ def plan(request: PlanRequest, *, fit_fallback: FitFallback | None = None, searc
                                  draft=draft_memory(arch, memory.shape, flags),
                                  lora_bytes=sum(a.buffer_bytes for a in arch.loras))
     planned = make_plan(arch, flags, device, memory=memory, accounting="llama-fit-params")
-    note = (f"architecture '{arch.arch}' has no kvbook rule: caches and compute are llama.cpp's own "
-            f"accounting ({how}, MiB to two decimals); the largest context and alternatives are not searched")
+    note = Note("accounting.llama-fit-params", f"architecture '{arch.arch}' has no kvbook rule: caches and compute "
+                f"are llama.cpp's own accounting ({how}, MiB to two decimals); the largest context and alternatives "
+                "are not searched")
     return dataclasses.replace(planned, notes=(*request.notes, note, *planned.notes))
 
 

@@ -5,6 +5,7 @@ and CPU). Nothing here looks at the host: a Host record comes in where this mach
 from __future__ import annotations
 
 import re
+from typing import Any
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -188,7 +189,7 @@ def load_device(device_id: str, host: Host | None = None) -> Device:
     )
 
 
-def _preset_cpu(path: object, doc: dict, pools: tuple[Pool, ...]) -> CpuFeatures:
+def _preset_cpu(path: object, doc: dict[str, Any], pools: tuple[Pool, ...]) -> CpuFeatures:
     """The CPU a preset assumes beside its devices: its `cpu_features` list (avx2, avx512, neon, dotprod, i8mm),
     else the family default (Apple M-series beside Metal: NEON with dotprod; x86-64 with AVX2 otherwise)."""
     from kvbook.plan.weights import host_cpu
@@ -216,7 +217,7 @@ def _ordered(device: Device, rpc: Sequence[Pool]) -> tuple[Pool, ...]:
     return (*hosts, *rpc, *gpus) if device.pools[0].kind == "host" else (*rpc, *gpus, *hosts)
 
 
-def _preset_pool(pool: Pool, entry: dict) -> Pool:
+def _preset_pool(pool: Pool, entry: dict[str, Any]) -> Pool:
     """A preset's pool checked: kind gpu, host or rpc; an RPC pool's optional `endpoint` (host:port) goes into
     its name as llama.cpp prints it, RPC0[host:port]."""
     if pool.kind not in ("gpu", "host", "rpc"):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
-from kvbook.interface import Device, FitOutcome, MemoryPlan, MiB, ModelArch, PoolUsage, ServerFlags
+from kvbook.interface import Device, FitOutcome, MemoryPlan, MiB, ModelArch, Note, PoolUsage, ServerFlags
 from kvbook.memory.rules import context_shape, plan_memory
 from kvbook.plan.flags import fields_set, replace
 
@@ -136,7 +136,7 @@ class _Fit:
         """fit's set_ngl_tensor_split_tbo: -ngl, -ts per device (several), and its -ot list, as kvbook flags
         (`as_fit`: its -ot list even where kvbook plans the same bytes another way)."""
         total = sum(n.n_layer for n in ngl)
-        changes: dict = {"gpu_layers": str(total)}
+        changes: dict[str, object] = {"gpu_layers": str(total)}  # ServerFlags field -> value, for replace
         if self.nd > 1:
             changes["tensor_split"] = tuple(float(n.n_layer) for n in ngl) if total else ()
         il0 = self.hp_ngl + 1 - total
@@ -461,19 +461,21 @@ def _outcome(fit: _Fit, status: str, flags: ServerFlags, reason: str) -> FitOutc
                                    zip(fit.names, getattr(fit, "ngl", ()))))
 
 
-def fit_notes(fit: FitOutcome) -> list[str]:
+def fit_notes(fit: FitOutcome) -> list[Note]:
     """The plan's notes on --fit: what it changed, that it fails, or that it was not predicted."""
     if fit.status == "off":
         return []
     if fit.status == "no change":
-        return ["--fit (on by default) changes nothing: every device keeps its --fit-target free with these flags"]
-    head = {"adjusted": "--fit (on by default) changes the command line at start; planned as the server runs it",
-            "failed": "--fit (on by default) gives up at start",
-            "not predicted": "--fit (on by default) not predicted"}[fit.status]
+        return [Note("fit.no-change",
+                     "--fit (on by default) changes nothing: every device keeps its --fit-target free with these flags")]
+    code, head = {"adjusted": ("fit.adjusted", "--fit (on by default) changes the command line at start; planned as "
+                                               "the server runs it"),
+                  "failed": ("fit.failed", "--fit (on by default) gives up at start"),
+                  "not predicted": ("fit.not-predicted", "--fit (on by default) not predicted")}[fit.status]
     parts = [f"fit: {c}" for c in fit.changes] + ([fit.reason] if fit.reason else [])
-    out = [head + (": " + "; ".join(parts) if parts else "")]
+    out = [Note(code, head + (": " + "; ".join(parts) if parts else ""))]
     if fit.status == "adjusted":
-        out.append("after --fit: " + " ".join(_short_ot(fit.adjusted_args)))
+        out.append(Note("fit.adjusted-args", "after --fit: " + " ".join(_short_ot(fit.adjusted_args))))
     return out
 
 

@@ -96,7 +96,9 @@ _DEFAULTS = ServerFlags(model="")  # the server's defaults
 
 @cache
 def _options() -> list[dict[str, Any]]:
-    return json.loads(resources.files("kvbook").joinpath("data/llama_server_flags.json").read_text())["options"]
+    doc: dict[str, list[dict[str, Any]]] = json.loads(
+        resources.files("kvbook").joinpath("data/llama_server_flags.json").read_text())
+    return doc["options"]
 
 
 @cache

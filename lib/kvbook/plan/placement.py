@@ -23,6 +23,7 @@ from kvbook.memory.compute import activation_width
 from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
 
 CPU = "CPU"
+MAPPED = "CPU_Mapped"  # the buffer of the CPU's tensors left in the file mapping
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,22 @@ class Offload:
     output: str
     devices: tuple[str, ...]  # the offload devices, in llama.cpp's order
     output_kept: bool = False  # the output weight is too large for `output`'s device: it and the logits stay on the CPU
+
+
+@dataclass(frozen=True)
+class PlacedTensor:
+    """One use of a GGUF tensor where llama.cpp puts it: its device, its buffer type, and the bytes it takes there
+    (what the per-device weights, CPU_Mapped and CPU_REPACK are summed from)."""
+
+    name: str  # the GGUF tensor's name, or a tensor group's (token_embd, output, L<i>, L<i>.exps) for a model
+    # known by its shapes
+    device: str  # CPU or an offload device (llama.cpp's name)
+    buffer: str  # the offload device's own buffer (its name), CPU_Mapped, CPU_REPACK, or CPU (allocated: -lm none)
+    nbytes: int  # the tensor's bytes where mapped, padded to ALIGNMENT where allocated (0: the tied output's
+    # CPU copy without mmap, which is token_embd's own data)
+    file: int = 0  # where a mapped tensor's bytes lie (the CPU maps one range per file)
+    offset: int = 0
+    output: bool = False  # the tied output's use of token_embd (TENSOR_DUPLICATED)
 
 
 def assign(n_layer_all: int, n_gpu_layers: int, devices: Sequence[str], split: Sequence[float]) -> Offload:
@@ -68,16 +85,26 @@ def _device_of(key: str, offload: Offload, cpu_moe_layers: int = 0) -> str:
     return offload.output if key == "output" else CPU
 
 
+def group_buffers(groups: Mapping[str, int], offload: Offload, cpu_moe_layers: int = 0) -> tuple[PlacedTensor, ...]:
+    """Each tensor group's device and buffer for a model known by its shapes: token embeddings and ungrouped
+    tensors on the CPU (mapped), a layer's groups with their layer (experts on the CPU under --cpu-moe /
+    --n-cpu-moe), and a tied output layer on another device holding a copy of the token embeddings there."""
+    out = []
+    for key, size in groups.items():
+        dev = _device_of(key, offload, cpu_moe_layers)
+        out.append(PlacedTensor(key, dev, MAPPED if dev == CPU else dev, size))
+    if offload.output != CPU and _tied(groups):
+        out.append(PlacedTensor("token_embd", offload.output, offload.output, groups.get("token_embd", 0), output=True))
+    return tuple(out)
+
+
 def weights_by_device(groups: Mapping[str, int], offload: Offload,
                       ranges: Sequence[Sequence[tuple[str, int, int]]] = (), cpu_moe_layers: int = 0) -> dict[str, int]:
-    """Tensor bytes per device. Token embeddings and ungrouped tensors stay on the CPU; a tied output layer
-    on another device holds a copy of the token embeddings there. With the file ranges, the CPU's figure
-    is what llama.cpp maps (CPU_Mapped): per file, from the first CPU tensor to the end of the last."""
+    """Tensor bytes per device, summed from `group_buffers`. With the file ranges, the CPU's figure is what
+    llama.cpp maps (CPU_Mapped): per file, from the first CPU tensor to the end of the last."""
     out = {CPU: 0, **{d: 0 for d in offload.devices}}
-    for key, size in groups.items():
-        out[_device_of(key, offload, cpu_moe_layers)] += size
-    if offload.output != CPU and _tied(groups):
-        out[offload.output] += groups.get("token_embd", 0)
+    for p in group_buffers(groups, offload, cpu_moe_layers):
+        out[p.device] += p.nbytes
     if ranges:
         mapped = 0
         for file_ranges in ranges:

@@ -10,11 +10,13 @@ from kvbook.errors import BadInput
 from kvbook.interface import (
     Alternative,
     ComputeCalibration,
+    CpuFeatures,
     Device,
     FlashAttn,
     GiB,
     MemoryPlan,
     ModelArch,
+    Note,
     Plan,
     PoolUsage,
     ServerFlags,
@@ -36,25 +38,29 @@ from kvbook.plan.placement import (
     CPU,
     SCHED_MAX_COPIES,
     Offload,
+    PlacedTensor,
     assign,
     caches_by_device,
     compute_terms,
     device_compute,
     device_compute_bound,
     estimated_groups,
+    group_buffers,
     pipeline_parallel,
     weights_by_device,
 )
 from kvbook.plan.weights import (
-    CpuFeatures,
+    PlacementMap,
     WeightBytes,
     cpu_ops,
     expert_devices,
     host_buffer_first,
     host_cpu,
     overrides_as_cpu_moe,
+    tensor_buffers,
     tensor_weights,
     unmatched_patterns,
+    weight_bytes,
 )
 
 _ORDER = {Verdict.FITS: 0, Verdict.TIGHT: 1, Verdict.DOES_NOT_FIT: 2}
@@ -127,37 +133,77 @@ def override_devices(device: Device) -> dict[str, str]:
     return out
 
 
-def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
-    """Weights per device for this offload: tensor by tensor from the GGUF's tensors, else by group from the
-    shapes (where -ot can only keep whole layers' experts on the CPU)."""
+def _tensor_map(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload
+                ) -> tuple[tuple[PlacedTensor, ...], WeightBytes]:
+    """Every tensor's device and buffer for this offload and the weights per device summed from them, tensor by
+    tensor from the GGUF's tensors; else by group from the shapes (where -ot can only keep whole layers' experts
+    on the CPU), each group placed."""
     if arch.tensors:
-        return tensor_weights(arch.tensors, offload, overrides=flags.tensor_overrides,
-                              cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
-                              bufts=override_devices(device), max_tensor=tensor_limits(device),
-                              mmap=_maps_weights(flags))
+        placed = tensor_buffers(arch.tensors, offload, overrides=flags.tensor_overrides,
+                                cpu_moe_layers=flags.cpu_moe_layers, repack_on=repack_cpu(flags, device),
+                                bufts=override_devices(device), max_tensor=tensor_limits(device),
+                                mmap=_maps_weights(flags))
+        return placed, weight_bytes(placed, offload.devices)
     moe = overrides_as_cpu_moe(flags.tensor_overrides, arch.source) if flags.tensor_overrides else 0
     moe = -1 if moe < 0 or flags.cpu_moe_layers < 0 else max(moe, flags.cpu_moe_layers)
     groups = dict(arch.tensor_groups) or _estimated(arch)
     weights = weights_by_device(groups, offload, arch.tensor_ranges, moe)
-    return WeightBytes(weights, weights[CPU], 0)
+    return group_buffers(groups, offload, moe), WeightBytes(weights, weights[CPU], 0)
 
 
-def _one_pool_weights(arch: ModelArch, flags: ServerFlags, device: Device, main: str, n_gpu: int) -> tuple[int, int]:
-    """(weights, of which CPU_REPACK) on the one pool that holds the model: with nothing offloaded, the CPU's
-    mapped range plus its repacked copies; on unified memory with a GPU, every tensor plus the repacked copies
-    of the layers left on the CPU; a discrete GPU that runs every layer holds every tensor."""
-    gpu = any(p.kind == "gpu" for p in device.pools)
-    offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
-    if not arch.tensors or (offloaded and not device.unified):
-        if flags.tensor_overrides:
-            _weights(arch, flags, device, assign(arch.n_layer + arch.n_layer_nextn, 0, (), ()))  # its refusals
-        return arch.weights_bytes, 0
+def _weights(arch: ModelArch, flags: ServerFlags, device: Device, offload: Offload) -> WeightBytes:
+    """Weights per device for this offload (`_tensor_map`'s sums)."""
+    return _tensor_map(arch, flags, device, offload)[1]
+
+
+def _host_pool(device: Device) -> str:
+    """The pool of the CPU's buffers: the host pool, else the device's first (one unified pool)."""
+    return next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+
+
+def placement_map(arch: ModelArch, flags: ServerFlags, device: Device) -> PlacementMap:
+    """Where this command line puts the model, computed once: unified memory with two limits (Apple: the layers
+    on Metal, the CPU's tensors on RAM), layers spread per device (several offload devices, a partial -ngl, experts
+    on the CPU, a GGUF on a discrete GPU), or one pool that holds every layer (or none: the CPU)."""
+    host = _host_pool(device)
     n_all = arch.n_layer + arch.n_layer_nextn
-    offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and device.unified else assign(n_all, 0, (), ())
-    wb = _weights(arch, flags, device, offload)
-    if gpu and device.unified:
-        return arch.weights_bytes + wb.repack, wb.repack
-    return wb.mapped + wb.repack, wb.repack
+    limits = two_limits(device)
+    tensors: tuple[PlacedTensor, ...]
+    spread, offloaded_all = _spread(arch, flags, device), _offloaded(arch, flags, device)
+    if spread:
+        compute: Offload | None = offload_of(arch, flags, device)
+    else:
+        gpu_main = device.pools[0].name if device.unified else (device.main_pool.name if offloaded_all else "")
+        compute = _one_gpu(arch, device, gpu_main) if gpu_main else None
+    if limits or spread:
+        mode, main = ("two-limits", limits[0]) if limits else ("spread", "")
+        offload = _unified_offload(arch, flags, limits[0]) if limits else compute or offload_of(arch, flags, device)
+        tensors, weights = _tensor_map(arch, flags, device, offload)
+        layers_on = tuple(host if d == CPU else d for d in offload.layers)
+        output_on = host if offload.output == CPU else offload.output
+    else:
+        mode = "one-pool"
+        main = device.main_pool.name if offloaded_all else host
+        if device.unified:
+            main = host = device.pools[0].name
+        gpu = any(p.kind == "gpu" for p in device.pools)
+        offloaded = gpu and main != next((p.name for p in device.pools if p.kind == "host"), "")
+        n_gpu = n_all + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
+        offload = assign(n_all, n_gpu, (main,), (1.0,)) if gpu and (device.unified or offloaded) else assign(
+            n_all, 0, (), ())
+        tensors = ()
+        if not arch.tensors or (offloaded and not device.unified):  # every tensor in the one pool, as in the file
+            if flags.tensor_overrides:
+                _weights(arch, flags, device, assign(n_all, 0, (), ()))  # its refusals
+            weights = WeightBytes({main: arch.weights_bytes}, arch.weights_bytes, 0)
+        else:
+            tensors, wb = _tensor_map(arch, flags, device, offload)
+            held = arch.weights_bytes + wb.repack if gpu and device.unified else wb.mapped + wb.repack
+            weights = WeightBytes({main: held}, held - wb.repack, wb.repack)
+        layers_on, output_on = (main,) * n_all, main
+    return PlacementMap(mode=mode, host=host, main=main, offload=offload, layers_on=layers_on, output_on=output_on,
+                        experts_on=expert_pools(arch, flags, device, layers_on), weights=weights, spread=spread,
+                        compute=compute, tensors=tensors)
 
 
 def _rpc_layers(arch: ModelArch, flags: ServerFlags, device: Device) -> int:
@@ -260,13 +306,6 @@ def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
     return output_stays(arch, device, assign(n_all, n_all + 1, (main,), (1.0,)))
 
 
-def _one_gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-                     main: str) -> dict[str, DeviceCompute] | None:
-    """gpu_compute when every layer runs on the one GPU pool `main`."""
-    offload = _one_gpu(arch, device, main)
-    return gpu_compute(arch, flags, memory, offload, device.calibrations) if offload else None
-
-
 def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
                        ) -> dict[str, DeviceCompute] | None:
     """-ngl 0 beside a discrete GPU whose backend offloads big-batch ops (CUDA, ROCm, Vulkan, SYCL; not Metal):
@@ -281,27 +320,27 @@ def op_offload_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, 
     return gpu_compute(arch, flags, memory, Offload((CPU,) * n_all, CPU, (gpus[0],)), device.calibrations)
 
 
-def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device) -> Offload | None:
-    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool)."""
-    if _spread(arch, flags, device):
-        return offload_of(arch, flags, device)
-    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else "")
-    return _one_gpu(arch, device, main) if main else None
+def compute_offload(arch: ModelArch, flags: ServerFlags, device: Device,
+                    where: PlacementMap | None = None) -> Offload | None:
+    """The layer placement behind the plan's compute buffers (None when nothing runs on a GPU pool): the
+    placement map's (`where`, else this command line's)."""
+    return (where or placement_map(arch, flags, device)).compute
 
 
-def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device
-                    ) -> dict[str, DeviceCompute] | None:
+def device_computes(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                    where: PlacementMap | None = None) -> dict[str, DeviceCompute] | None:
     """The GPU-backend compute buffers this plan places (device by pool name, the host side under CPU), with their
     intervals; None when the CPU backend (or RPC) holds them."""
-    offload = compute_offload(arch, flags, device)
+    offload = compute_offload(arch, flags, device, where)
     if offload is None:
         return op_offload_compute(arch, flags, memory, device)
     return gpu_compute(arch, flags, memory, offload, device.calibrations)
 
 
-def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> str:
+def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                 where: PlacementMap | None = None) -> str:
     """What the plan assumed for GPU-backend compute buffers: each device's estimate and interval ('' on the CPU)."""
-    gpu = device_computes(arch, flags, memory, device)
+    gpu = device_computes(arch, flags, memory, device, where)
     if not gpu:
         return ""
     parts = ", ".join(f"{'host side' if d == CPU else d} {c.estimate / 2**20:.0f} MiB ({c.low / 2**20:.0f}-"
@@ -310,12 +349,14 @@ def compute_note(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
             f"({next(iter(gpu.values())).note})")
 
 
-def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
+def dense_ops_on_cpu(arch: ModelArch, flags: ServerFlags, device: Device, where: PlacementMap | None = None) -> bool:
     """Whether -ot sends matmuls other than the experts of offloaded layers to the CPU (its compute is bounded)."""
-    if not (flags.tensor_overrides and arch.tensors and _spread(arch, flags, device)):
+    if not (flags.tensor_overrides and arch.tensors):
         return False
-    return any("dense" in ops for ops in cpu_ops(arch.tensors, offload_of(arch, flags, device),
-                                                   flags.tensor_overrides).values())
+    where = where or placement_map(arch, flags, device)
+    if not where.spread or where.compute is None:
+        return False
+    return any("dense" in ops for ops in cpu_ops(arch.tensors, where.compute, flags.tensor_overrides).values())
 
 
 def _rpc_layers_n(arch: ModelArch, offload: Offload, flags: ServerFlags) -> int:
@@ -333,14 +374,11 @@ def _rpc_compute_note() -> str:
             f"llama-server RPC runs, held out, buffers >= 5 MiB)")
 
 
-def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
-    """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
-    if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
-        raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
-                       "no per-layer sizes); pass the GGUF path or URL")
-    offload = offload_of(arch, flags, device)
+def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+               where: PlacementMap) -> dict[str, dict[str, int]]:
+    """Bytes per pool when layers spread over devices: the map's assignment and weights (placement.py)."""
+    host, offload, placed = where.host, where.offload, where.weights
     devices = list(offload.devices)
-    placed = _weights(arch, flags, device, offload)
     weights = placed.by_device
     caches = caches_by_device(arch, memory, offload, flags.no_kv_offload)
     out = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
@@ -386,21 +424,6 @@ def expert_pools(arch: ModelArch, flags: ServerFlags, device: Device, layers_on:
     return tuple(host if moe < 0 or il < moe else d for il, d in enumerate(layers_on))
 
 
-def layer_devices(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[tuple[str, ...], str]:
-    """(pool of each repeating layer, pool of the output layer) as llama.cpp assigns them."""
-    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
-    n_all = arch.n_layer + arch.n_layer_nextn
-    limits = two_limits(device)
-    if limits:
-        off = _unified_offload(arch, flags, limits[0])
-        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
-    if _spread(arch, flags, device):
-        off = offload_of(arch, flags, device)
-        return tuple(host if d == CPU else d for d in off.layers), host if off.output == CPU else off.output
-    main = device.pools[0].name if device.unified else (device.main_pool.name if _offloaded(arch, flags, device) else host)
-    return (main,) * n_all, main
-
-
 def two_limits(device: Device) -> tuple[str, str] | None:
     """(GPU pool, RAM pool) of unified memory with two limits (Apple: Metal buffers against the working set,
     everything against physical RAM less what macOS keeps); None for one pool or discrete devices."""
@@ -419,15 +442,14 @@ def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
     return assign(n_all, n_gpu, (gpu,), (1.0,)) if n_gpu else assign(n_all, 0, (), ())
 
 
-def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, gpu: str,
-                   ram: str) -> dict[str, dict]:
+def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                   where: PlacementMap) -> dict[str, dict[str, int]]:
     """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
     recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
     left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
     parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
-    offload = _unified_offload(arch, flags, gpu)
+    gpu, ram, offload, placed = where.main, where.host, where.offload, where.weights
     n_gpu = sum(d != CPU for d in (*offload.layers, offload.output))
-    placed = _weights(arch, flags, device, offload)
     on_gpu = placed.by_device.get(gpu, 0)
     parts[gpu]["weights"] += on_gpu + memory.lora_bytes
     parts[ram]["weights"] += max(arch.weights_bytes - on_gpu, 0) + placed.repack  # the file's other tensors, mapped
@@ -440,7 +462,7 @@ def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, devi
     return parts
 
 
-def _usage(name: str, budget: int, part: dict, inside: tuple[PoolUsage, ...] = ()) -> PoolUsage:
+def _usage(name: str, budget: int, part: dict[str, int], inside: tuple[PoolUsage, ...] = ()) -> PoolUsage:
     """One pool's usage and verdict: does not fit when its start allocation (with the pools it covers) exceeds the
     budget, tight when run-time growth takes it within the margin."""
     start = part["weights"] + part["kv"] + part["recurrent"] + part["compute"] + part["output"] + sum(
@@ -459,9 +481,16 @@ def _usage(name: str, budget: int, part: dict, inside: tuple[PoolUsage, ...] = (
 
 
 def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
-    """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included; with
-    two limits (Apple) the GPU pool holds the Metal buffers and the RAM pool everything (`_unified_parts`)."""
-    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    """Bytes each pool must hold, by kind (`place_mapped` without the map)."""
+    return place_mapped(arch, flags, memory, device)[0]
+
+
+def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+                 where: PlacementMap | None = None) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
+    """Bytes each pool must hold, by kind, read from the placement map (returned with them; `where`: the map of
+    these flags already computed, e.g. at another -c, which the map does not depend on). Unified memory: one
+    pool holds everything, host extras included; with two limits (Apple) the GPU pool holds the Metal buffers
+    and the RAM pool everything (`_unified_parts`)."""
     if memory.lora_bytes and _spread(arch, flags, device):
         raise BadInput("--lora with layers spread over devices: the adapters follow each base tensor's device, "
                        "which kvbook does not model yet")
@@ -472,24 +501,27 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
-    limits = two_limits(device)
-    if limits:
-        parts = _unified_parts(arch, flags, memory, device, *limits)
-        host = limits[1]
-    elif _spread(arch, flags, device):
-        parts = _by_device(arch, flags, memory, device, host)
+    if (not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools)
+            and _spread(arch, flags, device) and not two_limits(device)):
+        raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
+                       "no per-layer sizes); pass the GGUF path or URL")
+    where = where or placement_map(arch, flags, device)
+    host, limits = where.host, where.mode == "two-limits"
+    if where.mode == "two-limits":
+        parts = _unified_parts(arch, flags, memory, device, where)
+    elif where.mode == "spread":
+        parts = _by_device(arch, flags, memory, device, where)
     else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
-        main = device.main_pool.name if _offloaded(arch, flags, device) else host
-        if device.unified:
-            main = host = device.pools[0].name
+        main = where.main
         kv_pool = host if flags.no_kv_offload else main
-        n_gpu = arch.n_layer + arch.n_layer_nextn + 1 if flags.gpu_layers in ("auto", "all", "-1") else int(flags.gpu_layers)
-        weights, repack = _one_pool_weights(arch, flags, device, main, n_gpu)
+        weights, repack = where.weights.by_device[main], where.weights.repack
         parts[main]["weights"] += weights + memory.lora_bytes
         parts[main]["repack"] += repack
-        gpu = _one_gpu_compute(arch, flags, memory, device, main) if main != host else op_offload_compute(
-            arch, flags, memory, device)
+        if main != host:  # every layer on the one GPU pool
+            gpu = gpu_compute(arch, flags, memory, where.compute, device.calibrations) if where.compute else None
+        else:
+            gpu = op_offload_compute(arch, flags, memory, device)
         if gpu is None:
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
@@ -522,7 +554,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
     if limits:  # physical RAM holds the Metal buffers too
         by_pool[host] = _usage(host, next(p.budget_bytes for p in device.pools if p.name == host), parts[host],
                                tuple(by_pool.values()))
-    return tuple(by_pool[p.name] for p in device.pools)
+    return tuple(by_pool[p.name] for p in device.pools), where
 
 
 def _draft_weights(arch: ModelArch, flags: ServerFlags, device: Device, pool: str, total: int) -> tuple[int, int]:
@@ -588,7 +620,15 @@ def largest_context(arch: ModelArch, flags: ServerFlags, device: Device, accept:
     hi_n = max(1, arch.n_ctx_train // step) if below is None else min(arch.n_ctx_train, below - 1) // step
     if hi_n < 1:
         return 0
-    ok = lambda n: accept(verdict_of(arch, replace(flags, ctx=n * step), device))  # noqa: E731
+
+    mapped: list[PlacementMap] = []  # the placement map, computed at the first -c tried (the map has no -c in it)
+
+    def ok(n: int) -> bool:
+        at = replace(flags, ctx=n * step)
+        usages, where = place_mapped(arch, at, plan_memory(arch, at), device, mapped[0] if mapped else None)
+        mapped[:] = [where]
+        return accept(worst(usages))
+
     if ok(hi_n):
         return hi_n * step
     if not ok(1):
@@ -665,11 +705,11 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
     return tuple(out)
 
 
-def compute_backend(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
+def compute_backend(device: Device, where: PlacementMap) -> str:
     """The backend that holds the main compute buffer: the GPU pool's backend (CUDA0 -> CUDA, Metal) when
-    the model runs there, else CPU."""
+    the model runs there (every layer and the output offloaded), else CPU."""
     gpu = next((p for p in device.pools if p.kind == "gpu"), None)
-    if gpu is None or not (device.unified or _offloaded(arch, flags, device)):
+    if gpu is None or not (device.unified or CPU not in (*where.offload.layers, where.offload.output)):
         return "CPU"
     return gpu.name.rstrip("0123456789") or "GPU"
 
@@ -684,22 +724,22 @@ def _maps_weights(flags: ServerFlags) -> bool:
     return True
 
 
-def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[str]:
+def _repack_notes(arch: ModelArch, flags: ServerFlags, device: Device, usages: tuple[PoolUsage, ...]) -> list[Note]:
     """What the plan assumed about llama.cpp's CPU_REPACK buffer (plan/weights.py)."""
     if not flags.repack:
         return []
     if host_buffer_first(device) and not flags.no_host:
-        return ["CPU_REPACK: none; with a GPU host buffer type first and mmap, llama.cpp leaves the CPU's weights "
-                "mapped (not repacked; --no-host would repack them)"]
+        return [Note("repack.host-buffer-first", "CPU_REPACK: none; with a GPU host buffer type first and mmap, "
+                     "llama.cpp leaves the CPU's weights mapped (not repacked; --no-host would repack them)")]
     repack = sum(u.repack_bytes for u in usages)
     cpu = host_cpu(device)
     if not arch.tensors:
-        return [f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it copies some quantized "
-                "CPU weights; -nr turns it off)"]
+        return [Note("repack.not-counted", f"CPU_REPACK not counted: {arch.source} has no GGUF tensors to size it (it "
+                     "copies some quantized CPU weights; -nr turns it off)")]
     if not repack:
         return []
-    return [f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, counted on top of the "
-            "mapped weights (their pages stay mapped); -nr turns it off"]
+    return [Note("repack.host-copy", f"CPU_REPACK: {repack / 2**20:.2f} MiB of CPU weights repacked for {cpu.name}, "
+                 "counted on top of the mapped weights (their pages stay mapped); -nr turns it off")]
 
 
 def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: MemoryPlan | None = None,
@@ -714,7 +754,7 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     device = dataclasses.replace(effective_device(device, flags), calibrations=calibrations)
     fit = None
     memory = memory or plan_memory(arch, flags)
-    usages = place(arch, flags, memory, device)
+    usages, where = place_mapped(arch, flags, memory, device)
     if searched:  # what --fit does at start (plan/fit.py): the plan is of the flags the server then runs
         from kvbook.plan.fit import fit_notes, predict_fit  # fit.py plans its candidates with this module
 
@@ -722,66 +762,75 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         flags, fit = predict_fit(arch, flags, device, place, usages)
         if flags is not given:
             memory = plan_memory(arch, flags)
-            usages = place(arch, flags, memory, device)
-    layers_on, output_on = layer_devices(arch, flags, device)
-    notes_extra = []
-    if _spread(arch, flags, device) and device_computes(arch, flags, memory, device) is not None:
-        notes_extra.append("layers spread over devices: each device that runs layers and the host side reserve a "
-                           "compute buffer of their own (the GPU backend's model below)")
+            usages, where = place_mapped(arch, flags, memory, device)
+    layers_on, output_on = where.layers_on, where.output_on
+    notes: list[Note] = []
+    shapes_only = Note("spread.shape-estimates",
+                       "per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
+    if where.spread and device_computes(arch, flags, memory, device, where) is not None:
+        notes.append(Note("spread.gpu-compute", "layers spread over devices: each device that runs layers and the host "
+                          "side reserve a compute buffer of their own (the GPU backend's model below)"))
         if not arch.tensor_groups:
-            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
-    elif _spread(arch, flags, device):
+            notes.append(shapes_only)
+    elif where.spread:
         gpus = [p.name for p in device.pools if p.kind == "gpu"] if not device.unified else []
-        notes_extra.append("layers spread over devices: " + _rpc_compute_note() + (
+        notes.append(Note("spread.rpc-compute", "layers spread over devices: " + _rpc_compute_note() + (
             f" (calibrated on the CPU backend over RPC; the local GPUs' ({', '.join(gpus)}) buffers are not calibrated "
-            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else ""))
-        if dense_ops_on_cpu(arch, flags, device):
-            notes_extra.append("-ot sends matmuls of offloaded layers other than their experts to the CPU: each "
-                               "device's compute buffer is the upper bound fitted to loopback RPC runs (never below the "
-                               "log there), not the calibrated estimate, which such splits were not fitted on")
+            "for their backend: a CUDA or Metal device's buffer differs)" if gpus else "")))
+        if dense_ops_on_cpu(arch, flags, device, where):
+            notes.append(Note("spread.dense-ops-bound", "-ot sends matmuls of offloaded layers other than their experts "
+                              "to the CPU: each device's compute buffer is the upper bound fitted to loopback RPC runs "
+                              "(never below the log there), not the calibrated estimate, which such splits were not "
+                              "fitted on"))
         if not arch.tensor_groups:
-            notes_extra.append("per-layer and expert sizes estimated from the model's shapes (no GGUF tensors)")
-    notes_extra += _repack_notes(arch, flags, device, usages)
-    if note := compute_note(arch, flags, memory, device):
-        notes_extra.append(note)
+            notes.append(shapes_only)
+    notes += _repack_notes(arch, flags, device, usages)
+    if text := compute_note(arch, flags, memory, device, where):
+        notes.append(Note("compute.gpu-intervals", text))
     idle = [u.pool for u in usages if u.weights_bytes and u.pool not in {*layers_on, output_on}
             and any(p.name == u.pool and p.kind == "rpc" for p in device.pools)]
     if idle:
-        notes_extra.append(f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute buffer there is "
-                           "not modelled (the bound is for devices that run layers; measured far above it)")
+        notes.append(Note("ot.idle-device", f"{', '.join(idle)} hold(s) -ot tensors but run(s) no layer: the compute "
+                          "buffer there is not modelled (the bound is for devices that run layers; measured far above "
+                          "it)"))
     if not arch.n_expert and (flags.cpu_moe_layers or any("exps" in pat for pat, _ in flags.tensor_overrides)):
-        notes_extra.append(f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, so nothing moves to "
-                           "the CPU (llama-server accepts the flag and its overrides match no tensor)")
+        notes.append(Note("moe.no-experts", f"--cpu-moe / --n-cpu-moe / -ot on experts: {arch.name} has no experts, "
+                          "so nothing moves to the CPU (llama-server accepts the flag and its overrides match no "
+                          "tensor)"))
     idle_ot = unmatched_patterns(arch.tensors, flags.tensor_overrides) if arch.tensors else []
     if idle_ot and arch.n_expert:
-        notes_extra.append(f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it moves nothing "
-                           "(llama-server accepts it)")
-    if split_note(flags, device):
-        notes_extra.append(split_note(flags, device))
+        notes.append(Note("ot.matches-nothing", f"-ot {', '.join(idle_ot)}: matches no tensor of {arch.name}, so it "
+                          "moves nothing (llama-server accepts it)"))
+    if text := split_note(flags, device):
+        notes.append(Note("split.no-effect", text))
     verdict = worst(usages)
-    notes = list(notes_extra) + ([f"this machine: {detected}"] if detected else [])
-    if ram_note(device):
-        notes.append(ram_note(device))
+    if detected:
+        notes.append(Note("device.detected", f"this machine: {detected}"))
+    if text := ram_note(device):
+        notes.append(Note("device.apple-ram", text))
     if not arch.weights_exact:
-        notes.append(f"weights are {arch.weights_note}")
+        notes.append(Note("weights.approximate", f"weights are {arch.weights_note}"))
     host_use = next((u for u in usages if u.pool == next((p.name for p in device.pools if p.kind == "host"), "")), None)
     if host_use and host_use.verdict is Verdict.DOES_NOT_FIT and host_use.weights_bytes and _maps_weights(flags):
-        notes.append(f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB of CPU weights as resident. llama.cpp "
-                     "repacks those it can (CPU_REPACK, an allocated buffer: it then fails to start, 'unable to allocate "
-                     "CPU_REPACK buffer', seen here for gpt-oss-120b on 24 GiB); with --no-repack they stay mapped from the "
-                     "file (-lm mmap, the default) and it starts (seen here), paging weights in from disk as they are used")
+        notes.append(Note("host.weights-resident", f"host RAM: kvbook counts the {host_use.weights_bytes / GiB:.1f} GiB "
+                          "of CPU weights as resident. llama.cpp repacks those it can (CPU_REPACK, an allocated buffer: "
+                          "it then fails to start, 'unable to allocate CPU_REPACK buffer', seen here for gpt-oss-120b on "
+                          "24 GiB); with --no-repack they stay mapped from the file (-lm mmap, the default) and it starts "
+                          "(seen here), paging weights in from disk as they are used"))
     if memory.shape.n_ctx_seq > arch.n_ctx_train:
-        notes.append(f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}")
+        notes.append(Note("context.beyond-training",
+                          f"n_ctx_seq {memory.shape.n_ctx_seq} exceeds the training context {arch.n_ctx_train}"))
     if fit is not None:
         notes += fit_notes(fit)
     elif flags.fit:
-        notes.append("--fit is on (default): llama-server may lower an unset -c or -ngl at start if it does not fit "
-                     "(not predicted: the caches are llama.cpp's own accounting)")
+        notes.append(Note("fit.unpredicted-accounting", "--fit is on (default): llama-server may lower an unset -c or "
+                          "-ngl at start if it does not fit (not predicted: the caches are llama.cpp's own accounting)"))
     if flags.from_env:
-        notes.append("read from the environment, as llama-server reads them (the command line wins): "
-                     + " ".join(flags.from_env))
+        notes.append(Note("flags.from-environment", "read from the environment, as llama-server reads them (the "
+                          "command line wins): " + " ".join(flags.from_env)))
     if flags.cache_ram_mib < 0:
-        notes.append("--cache-ram -1: the prompt cache has no limit; host growth is unbounded")
+        notes.append(Note("host-growth.unbounded", "--cache-ram -1: the prompt cache has no limit; host growth is "
+                          "unbounded"))
     return Plan(
         model=arch,
         flags=flags,
@@ -793,10 +842,10 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         alternatives=alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else (),
         litellm_max_input_tokens=min(memory.shape.n_ctx_seq, flags.slot_ctx_cap or memory.shape.n_ctx_seq),
         notes=tuple(notes),
-        compute_backend=compute_backend(arch, flags, device),
+        compute_backend=compute_backend(device, where),
         accounting=accounting,
         layers_on=layers_on,
         output_on=output_on,
-        experts_on=expert_pools(arch, flags, device, layers_on),
+        experts_on=where.experts_on,
         fit=fit,
     )

@@ -20,7 +20,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kvbook.errors import BadInput
-from kvbook.interface import Alternative, Device, FlashAttn, MemoryPlan, MiB, ModelArch, Plan, PoolUsage, ServerFlags, Verdict
+from kvbook.interface import (
+    Alternative,
+    Device,
+    FlashAttn,
+    MemoryPlan,
+    MiB,
+    ModelArch,
+    Note,
+    Plan,
+    PoolUsage,
+    ServerFlags,
+    Verdict,
+)
 from kvbook.memory.roofline import expert_read_fraction
 from kvbook.memory.rules import CTX_PAD, plan_memory
 from kvbook.plan.devices import effective_device, split_shares, with_rpc
@@ -59,10 +71,10 @@ class Placement:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A placement that does not start (or misses the objective's bar), and why."""
+    """A placement that does not start (or misses the objective's bar), and why (a rejected.* code and its text)."""
 
     option: str
-    reason: str
+    reason: Note
 
 
 @dataclass(frozen=True)
@@ -143,7 +155,7 @@ class _Search:
         self.per_device = "rpc" in model.kinds or len(model.devices) > 1
 
     def flags_for(self, ctx: int, cache: str) -> ServerFlags:
-        changes: dict = {"ctx": ctx}
+        changes: dict[str, object] = {"ctx": ctx}  # ServerFlags field -> value, for replace
         if cache:
             changes.update(type_k=cache, type_v=cache)
             if self.flags.flash_attn is not FlashAttn.ON:
@@ -310,7 +322,8 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
         if not ctx:
             rejected.append(Rejected(_describe(opt, model), _why(search, opt, flags.ctx if ctx_fixed else step)))
         elif ctx < floor_ctx:
-            rejected.append(Rejected(_describe(opt, model), f"largest context {ctx} is under --fit's minimum {floor_ctx}"))
+            rejected.append(Rejected(_describe(opt, model), Note(
+                "rejected.under-fit-minimum", f"largest context {ctx} is under --fit's minimum {floor_ctx}")))
         else:
             found.append((opt, ctx))
     ranked = _rank(search, found, objective)
@@ -323,8 +336,11 @@ def solve(arch: ModelArch, flags: ServerFlags, device: Device, objective: str = 
             rejected.append(placed)
         else:
             out.append(placed)
-    goal = (lambda p: -p.n_ctx) if objective == "max-context" else (lambda p: p.host_read_bytes)
-    out = sorted(out, key=lambda p: (goal(p), p.verdict is not Verdict.FITS))[:top]  # stable: keeps the rest of the order
+    def goal(p: Placement) -> tuple[int, bool]:
+        """The objective first (larger context, or fewer bytes read from the host), fitting before tight."""
+        return (-p.n_ctx if objective == "max-context" else p.host_read_bytes), p.verdict is not Verdict.FITS
+
+    out = sorted(out, key=goal)[:top]  # stable: keeps the rest of the order
     out = [dataclasses.replace(p, rank=i) for i, p in enumerate(out, start=1)]
     return Solution(objective=objective, fixed=tuple(sorted(fixed - {"model"})), searched=len(options),
                     fitting=len(found), placements=tuple(out), rejected=tuple(rejected))
@@ -346,15 +362,16 @@ def _largest(s: _Search, opt: _Option, ctx_fixed: int, step: int, hi: int) -> in
     return lo * step
 
 
-def _why(s: _Search, opt: _Option, ctx: int) -> str:
+def _why(s: _Search, opt: _Option, ctx: int) -> Note:
+    """Why an option does not start at `ctx`: the planner refuses it by name, or the devices over their budgets."""
     try:
         need, _ = s.needs(opt, ctx)
     except BadInput as exc:
-        return str(exc)
+        return Note("rejected.refused", str(exc))
     budgets = dict(zip(s.m.devices, s.m.budgets))
     budgets[s.m.host] = s.m.host_budget
     over = [f"{k} needs {v / MiB:.0f} of {budgets[k] / MiB:.0f} MiB" for k, v in need.items() if v > budgets[k]]
-    return f"does not start even at -c {ctx}: " + "; ".join(over)
+    return Note("rejected.does-not-start", f"does not start even at -c {ctx}: " + "; ".join(over))
 
 
 def _rank(s: _Search, found: list[tuple[_Option, int]], objective: str) -> list[tuple[_Option, int]]:
@@ -385,7 +402,7 @@ def _verify(s: _Search, opt: _Option, ctx: int, rank: int, step: int = 0) -> Pla
 def _planned(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejected:
     m = s.m
     split = s.split_for(opt, ctx)
-    changes: dict = {"gpu_layers": "all" if opt.ngl >= m.n_all + 1 else str(opt.ngl), "fit": False}
+    changes: dict[str, object] = {"gpu_layers": "all" if opt.ngl >= m.n_all + 1 else str(opt.ngl), "fit": False}
     if opt.ncmoe != s.flags.cpu_moe_layers:
         changes["cpu_moe_layers"] = opt.ncmoe
     if split and tuple(split) != tuple(s.flags.tensor_split):
@@ -396,12 +413,13 @@ def _planned(s: _Search, opt: _Option, ctx: int, rank: int) -> Placement | Rejec
     try:
         pools = place(s.arch, flags, plan_memory(s.arch, flags), s.device)
     except BadInput as exc:
-        return Rejected(_describe(opt, m), str(exc))
+        return Rejected(_describe(opt, m), Note("rejected.refused", str(exc)))
     verdict = worst(pools)
     if verdict is Verdict.DOES_NOT_FIT:
         over = [f"{u.pool} needs {u.need_bytes / MiB:.0f} of {u.budget_bytes / MiB:.0f} MiB" for u in pools
                 if u.verdict is Verdict.DOES_NOT_FIT]
-        return Rejected(_describe(opt, m), f"the planner's check at -c {ctx}: " + "; ".join(over))
+        return Rejected(_describe(opt, m), Note("rejected.planner-check", f"the planner's check at -c {ctx}: "
+                                                + "; ".join(over)))
     argv = flags.argv[1:] if flags.argv and not flags.argv[0].startswith("-") else flags.argv
     return Placement(rank=rank, argv=tuple(argv), n_ctx=ctx, n_gpu_layers=opt.ngl, n_cpu_moe=opt.ncmoe,
                      tensor_split=tuple(split), cache_type=opt.cache or s.flags.type_k, host_read_bytes=_host_reads(s, opt, ctx),
@@ -432,8 +450,9 @@ def with_placement_alternative(plan: Plan, arch: ModelArch, flags: ServerFlags, 
     except BadInput:
         return plan
     if not solution.placements:
-        note = (f"no placement of -ngl / --n-cpu-moe / -ts starts on {plan.device.name} either (searched "
-                f"{solution.searched}); `kvbook plan --solve` lists every option and why it does not start")
+        note = Note("solve.no-placement", f"no placement of -ngl / --n-cpu-moe / -ts starts on {plan.device.name} "
+                    f"either (searched {solution.searched}); `kvbook plan --solve` lists every option and why it "
+                    "does not start")
         return dataclasses.replace(plan, notes=(*plan.notes, note))
     best = solution.placements[0]
     moved = [f"-ngl {'all' if best.n_gpu_layers >= arch.n_layer + arch.n_layer_nextn + 1 else best.n_gpu_layers}"]

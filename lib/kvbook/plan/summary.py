@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kvbook.interface import GiB, MiB, Plan, PoolUsage, to_dict
+from typing import Any
+
+from kvbook.interface import FitOutcome, GiB, MiB, Plan, PoolUsage, to_dict
 from kvbook.memory.rules import prompt_state_bytes, prompts_to_fill
 from kvbook.plan.solver import Solution
 
@@ -14,12 +16,13 @@ def _size(n: int) -> str:
 
 # 2: "projector" and "draft"; 3: devices[].repack_bytes; 4: placement "experts"; 5: start_bytes, host_extras_bytes
 # and total_bytes are the devices' sums (CPU_REPACK, weight copies and the draft's growth included); 6: "host_growth",
-# pools[] and devices[] "includes"; 7: "fit" (what llama-server's --fit changes at start); bump on any change to the
-# keys below; lib/kvbook/data/plan.schema.json describes them
-SCHEMA_VERSION = 7
+# pools[] and devices[] "includes"; 7: "fit" (what llama-server's --fit changes at start); 8: "notes" are
+# {code, text} objects (codes in kvbook.interface.NOTE_CODES), solver.rejected[] gain "code"; bump on any change to the keys below;
+# lib/kvbook/data/plan.schema.json describes them
+SCHEMA_VERSION = 8
 
 
-def plan_summary(plan: Plan) -> dict:
+def plan_summary(plan: Plan) -> dict[str, Any]:
     """The plan as the flat JSON contract other tools and notebooks read (format_plan prints its totals)."""
     mem = plan.memory
     main = max((u for u in plan.pools if not u.includes), key=lambda u: u.need_bytes)  # Apple: Metal's, not RAM's
@@ -70,13 +73,13 @@ def plan_summary(plan: Plan) -> dict:
         "alternatives": to_dict(plan.alternatives),
         "llama_server_args": list(plan.flags.argv),
         "litellm_max_input_tokens": plan.litellm_max_input_tokens,
-        "notes": list(plan.notes),
+        "notes": [{"code": n.code, "text": n.text} for n in plan.notes],
         "flags_read": [{"flag": f, "source": src, "changes": what} for f, src, what in plan.flags.read],
         "fit": fit_entry(plan),
     }
 
 
-def fit_entry(plan: Plan) -> dict | None:
+def fit_entry(plan: Plan) -> dict[str, Any] | None:
     """What llama-server's --fit does at start (plan/fit.py); None where it was not looked at."""
     fit = plan.fit
     if fit is None:
@@ -88,7 +91,7 @@ def fit_entry(plan: Plan) -> dict | None:
             "evaluations": fit.evaluations}
 
 
-def _fit_layers(fit, name: str) -> dict:
+def _fit_layers(fit: FitOutcome, name: str) -> dict[str, str | int | None]:
     """The layers fit gives a device: how many, how many of them partial (experts on the CPU), and what the
     first partial one keeps (MOE: all but its experts; UP / GATE / ATTN: part of its dense FFN too)."""
     row = next((r for r in fit.layers if r[0] == name), None)
@@ -96,7 +99,7 @@ def _fit_layers(fit, name: str) -> dict:
         "n_layer": None, "n_partial": None, "first_partial_keeps": None}
 
 
-def draft_entry(plan: Plan) -> dict | None:
+def draft_entry(plan: Plan) -> dict[str, Any] | None:
     """The draft model's own context (-md), sized like the target's (None without one)."""
     arch, mem = plan.model.draft, plan.memory.draft
     if arch is None or mem is None:
@@ -113,7 +116,7 @@ def draft_entry(plan: Plan) -> dict | None:
             "device": _device_name(plan, draft_pool(plan.model, plan.flags, plan.device))}
 
 
-def projector_entry(plan: Plan) -> dict | None:
+def projector_entry(plan: Plan) -> dict[str, Any] | None:
     """The multimodal projector llama-server loads with the model (None without one)."""
     proj, mem = plan.model.projector, plan.memory.projector
     if proj is None or mem is None:
@@ -125,7 +128,7 @@ def projector_entry(plan: Plan) -> dict | None:
             "device": _device_name(plan, projector_pool(plan.memory, plan.device) or "")}
 
 
-def device_entry(plan: Plan, use: PoolUsage) -> dict:
+def device_entry(plan: Plan, use: PoolUsage) -> dict[str, Any]:
     """One device as llama.cpp names it (the host pool is its CPU device) with what it must hold."""
     kind = next((p.kind for p in plan.device.pools if p.name == use.pool), "host")
     return {"name": _device_name(plan, use.pool), "kind": kind, "budget_bytes": use.budget_bytes,
@@ -138,7 +141,7 @@ def device_entry(plan: Plan, use: PoolUsage) -> dict:
 GROWTH_PROMPT_TOKENS = 4096  # the prompt size the plan states the prompt cache's fill rate for
 
 
-def host_growth_entry(plan: Plan) -> dict:
+def host_growth_entry(plan: Plan) -> dict[str, Any]:
     """How host growth fills: each checkpoint and how many the slots keep, the prompt cache's bytes per cached
     token, what one distinct 4k-token prompt costs there, and how many such prompts fill --cache-ram."""
     h = plan.memory.host_extras
@@ -176,9 +179,9 @@ def _device_name(plan: Plan, pool: str) -> str:
     return "CPU" if kind == "host" else pool
 
 
-def _runs(devices: list[str]) -> list[dict]:
+def _runs(devices: list[str]) -> list[dict[str, Any]]:
     """Consecutive layers on the same device as {device, first, last} runs."""
-    runs: list[dict] = []
+    runs: list[dict[str, Any]] = []
     for il, name in enumerate(devices):
         if runs and runs[-1]["device"] == name and runs[-1]["last"] == il - 1:
             runs[-1]["last"] = il
@@ -187,7 +190,7 @@ def _runs(devices: list[str]) -> list[dict]:
     return runs
 
 
-def placement_entry(plan: Plan) -> dict:
+def placement_entry(plan: Plan) -> dict[str, Any]:
     """Which device holds which layers and tensor groups: input = token embeddings (always on the CPU); a layer's
     attention, dense FFN, norms, KV and recurrent state sit with the layer; its experts on the CPU where --cpu-moe,
     --n-cpu-moe or -ot keep them (`experts`, [] for a dense model); output = the output layer."""
@@ -221,8 +224,7 @@ def _model_weights_compute(plan: Plan) -> tuple[int, int]:
 def _compute_note(plan: Plan, per_device: bool) -> str:
     """What the compute line stands for: the one estimate, or the sum of a buffer per device."""
     mem = plan.memory
-    gpu_note = next((n for n in plan.notes if n.startswith("compute buffers (estimate, interval)")), "")
-    if gpu_note:  # kvbook.memory.backends: each GPU backend's own model, fitted on public logs
+    if plan.note_text("compute.gpu-intervals"):  # kvbook.memory.backends: each GPU backend's own model, fitted on public logs
         rows = ", ".join(f"{_device_name(plan, u.pool)} {_size(u.compute_bytes).strip()}" for u in plan.pools
                          if u.compute_bytes)
         return (f"a buffer per device and on the host side ({rows}), the high end of each backend's interval "
@@ -232,7 +234,7 @@ def _compute_note(plan: Plan, per_device: bool) -> str:
                          if u.compute_bytes)
         gpus = sorted({u.pool.rstrip("0123456789") for u in plan.pools if u.compute_bytes and any(
             p.name == u.pool and p.kind == "gpu" for p in plan.device.pools)})
-        bounded = any("compute buffer is the upper bound" in n for n in plan.notes)
+        bounded = bool(plan.note_text("spread.dense-ops-bound"))
         return (f"a buffer on each device that runs layers and on the CPU ({rows}): "
                 + ("an upper bound fitted to loopback RPC runs" if bounded else
                    "calibrated per device on the CPU backend over RPC")
@@ -308,8 +310,7 @@ def format_plan(plan: Plan) -> str:
     for alt in plan.alternatives:
         lines.append(f"  alternative: {alt.change} -> {_size(alt.total_bytes).strip()} ({alt.verdict.value})")
     lines.append(f"LiteLLM model_info.max_input_tokens: {plan.litellm_max_input_tokens}")
-    for note in plan.notes:
-        lines.append(f"note: {note}")
+    lines += [f"note: {n.text}" for n in plan.notes]
     if plan.flags.read:
         lines.append("flags read:")
         lines += [f"  {f:<28} {what}" + ("  (from the environment)" if src == "environment" else "")
@@ -317,7 +318,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def solution_entry(solution: Solution, plan: Plan) -> dict:
+def solution_entry(solution: Solution, plan: Plan) -> dict[str, Any]:
     """The solver's answer for `kvbook plan --solve --json`: ranked placements with their argv and per-device
     rows (named as llama.cpp names devices), and every rejected option with its reason."""
     return {
@@ -333,7 +334,7 @@ def solution_entry(solution: Solution, plan: Plan) -> dict:
                           "verdict": u.verdict.value} for u in p.pools]}
             for p in solution.placements
         ],
-        "rejected": [{"option": r.option, "reason": r.reason} for r in solution.rejected],
+        "rejected": [{"option": r.option, "code": r.reason.code, "reason": r.reason.text} for r in solution.rejected],
     }
 
 
@@ -350,5 +351,5 @@ def format_solution(solution: Solution, plan: Plan) -> str:
         lines.append("  no placement starts on these devices")
     if solution.rejected:
         lines.append(f"  rejected: {len(solution.rejected)}")
-        lines += [f"    {r.option}: {r.reason}" for r in solution.rejected]
+        lines += [f"    {r.option}: {r.reason.text}" for r in solution.rejected]
     return "\n".join(lines)

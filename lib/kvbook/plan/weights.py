@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from kvbook.errors import BadInput
 from kvbook.interface import CpuFeatures, Device, TensorInfo
 from kvbook.model.gguf_header import tensor_group
-from kvbook.plan.placement import CPU, Offload, _device_of
+from kvbook.plan.placement import CPU, MAPPED, Offload, PlacedTensor, _device_of
 
 ALIGNMENT = 32  # ggml-cpu's TENSOR_ALIGNMENT: every allocated (not mapped) tensor is padded to it
 REPACK = "CPU_REPACK"
@@ -113,6 +113,27 @@ class WeightBytes:
     repack: int  # CPU_REPACK
 
 
+@dataclass(frozen=True)
+class PlacementMap:
+    """Where one command line puts the model on one device, computed once (planner.placement_map) as llama.cpp
+    assigns it: the layer assignment, every layer's, the output's and the experts' pool, and every tensor's
+    device and buffer type with the weights per device summed from them. place() reads weights, repack, KV,
+    recurrent state and compute per pool from it."""
+
+    mode: str  # "one-pool" (one device holds every layer), "spread" (per-layer over devices), "two-limits" (Apple)
+    host: str  # the pool of the CPU's buffers (Apple: the RAM pool)
+    main: str  # the pool that holds the layers in "one-pool" mode, Metal's in "two-limits"; "" when spread
+    offload: Offload  # the layer assignment by llama.cpp device name (CPU for the host)
+    layers_on: tuple[str, ...]  # the pool of each repeating layer, NextN ones included
+    output_on: str  # the pool of the output layer
+    experts_on: tuple[str, ...]  # the pool of each layer's experts (() for a dense model)
+    weights: WeightBytes  # weights per llama.cpp device (one-pool: the one pool's, under `main`)
+    spread: bool  # llama.cpp's per-layer assignment over devices applies (also on unified memory with RPC devices)
+    compute: Offload | None  # the layer placement behind the GPU-backend compute buffers (None: none runs on a GPU)
+    tensors: tuple[PlacedTensor, ...] = ()  # every GGUF tensor's (or tensor group's) device and buffer; () when
+    # one pool holds the file as it is
+
+
 def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
     """The overrides --cpu-moe (-1) and --n-cpu-moe N add (common/common.h LLM_FFN_EXPS_REGEX, per layer)."""
     exps = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
@@ -121,11 +142,14 @@ def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
     return tuple((rf"blk\.{il}{exps}", CPU) for il in range(cpu_moe_layers))
 
 
-def _compiled(overrides: Iterable[tuple[str, str]]) -> list[tuple[re.Pattern[str], str, str]]:
+_Compiled = list[tuple[re.Pattern[str], str, str]]  # (regex, its pattern, its buffer type) per override
+
+
+def _compiled(overrides: Iterable[tuple[str, str]]) -> _Compiled:
     return [(re.compile(p), p, b) for p, b in overrides]
 
 
-def _target(name: str, user: list, moe: list, devices: Mapping[str, str]) -> str | None:
+def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, str]) -> str | None:
     """The device an override sends `name` to (None: its layer decides). -ot entries are tried before the
     --cpu-moe patterns; where they disagree the order on the command line would decide: refused."""
     hit = next(((p, b) for r, p, b in user if r.search(name)), None)
@@ -144,37 +168,66 @@ def _target(name: str, user: list, moe: list, devices: Mapping[str, str]) -> str
     return devices[buft]
 
 
-def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
+def tensor_buffers(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
                    cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
                    bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
-                   mmap: bool = True) -> WeightBytes:
-    """Weights per device, tensor by tensor (module docstring). `repack_on`: the CPU's features when repacking
-    applies (None: -nr, or a host buffer type first); `bufts`: -ot buffer-type name -> device name; `max_tensor`:
-    device -> the largest tensor it accepts; `mmap`: False with -lm none (the CPU's tensors allocated, not mapped)."""
+                   mmap: bool = True) -> tuple[PlacedTensor, ...]:
+    """Every tensor's device and buffer type (module docstring), a tied output's second use of token_embd
+    included. `repack_on`: the CPU's features when repacking applies (None: -nr, or a host buffer type first);
+    `bufts`: -ot buffer-type name -> device name; `max_tensor`: device -> the largest tensor it accepts; `mmap`:
+    False with -lm none (the CPU's tensors allocated, not mapped)."""
     user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
-    out = {CPU: 0, **{d: 0 for d in offload.devices}}
-    ranges: dict[int, list[int]] = {}
-    repack = allocated = 0
     tied = not any(t.name == "output.weight" for t in tensors)
     uses = [(t, False) for t in tensors] + [(t, True) for t in tensors if tied and t.name == "token_embd.weight"]
+    out = []
     for t, as_output in uses:
         dev = _target(t.name, user, moe, bufts)
         if dev is None:
             dev = offload.output if as_output else _device_of(tensor_group(t.name), offload)
         if dev != CPU and t.nbytes > max_tensor.get(dev, t.nbytes):
             dev = CPU
+        padded = -(-t.nbytes // ALIGNMENT) * ALIGNMENT
         if dev != CPU:
-            out[dev] += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+            buffer, size = dev, padded
         elif repack_on is not None and repacks(t, repack_on, as_output=as_output):
-            repack += -(-t.nbytes // ALIGNMENT) * ALIGNMENT
-        elif not mmap:  # a tied output on the CPU is token_embd's own data (TENSOR_DUPLICATED): counted once
-            allocated += 0 if as_output else -(-t.nbytes // ALIGNMENT) * ALIGNMENT
+            buffer, size = REPACK, padded
+        elif not mmap:
+            buffer, size = CPU, 0 if as_output else padded
         else:
-            first, end = ranges.get(t.file, [t.offset, t.offset])
-            ranges[t.file] = [min(first, t.offset), max(end, t.offset + t.nbytes)]
+            buffer, size = MAPPED, t.nbytes
+        out.append(PlacedTensor(t.name, dev, buffer, size, t.file, t.offset, as_output))
+    return tuple(out)
+
+
+def weight_bytes(placed: Sequence[PlacedTensor], devices: Sequence[str]) -> WeightBytes:
+    """Weights per device from the tensors' buffers: each offload device's tensors, the CPU's mapped range (per
+    file, first to last byte of its CPU_Mapped tensors) plus its allocated and CPU_REPACK tensors."""
+    out = {CPU: 0, **{d: 0 for d in devices}}
+    ranges: dict[int, list[int]] = {}
+    repack = allocated = 0
+    for p in placed:
+        if p.buffer == MAPPED:
+            first, end = ranges.get(p.file, [p.offset, p.offset])
+            ranges[p.file] = [min(first, p.offset), max(end, p.offset + p.nbytes)]
+        elif p.buffer == REPACK:
+            repack += p.nbytes
+        elif p.device == CPU:
+            allocated += p.nbytes
+        else:
+            out[p.device] += p.nbytes
     mapped = sum(end - first for first, end in ranges.values()) + allocated
     out[CPU] = mapped + repack
     return WeightBytes(out, mapped, repack)
+
+
+def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
+                   cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
+                   bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
+                   mmap: bool = True) -> WeightBytes:
+    """Weights per device, tensor by tensor: `tensor_buffers` summed by `weight_bytes`."""
+    return weight_bytes(tensor_buffers(tensors, offload, overrides=overrides, cpu_moe_layers=cpu_moe_layers,
+                                       repack_on=repack_on, bufts=bufts, max_tensor=max_tensor, mmap=mmap),
+                        offload.devices)
 
 
 def cpu_ops(tensors: Sequence[TensorInfo], offload: Offload, overrides: Sequence[tuple[str, str]]) -> dict[int, set[str]]:
