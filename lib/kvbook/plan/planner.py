@@ -248,7 +248,8 @@ def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
         return None
     backend, terms = found
     return backend_compute(terms, backend, flash_attn=memory.shape.flash_attn,
-                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations)
+                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations,
+                           embd_input=memory.shape.embd_input)
 
 
 def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
