@@ -437,7 +437,14 @@ def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, devi
         pool = ram if name == CPU else gpu
         parts[pool]["kv"] += kv
         parts[pool]["recurrent"] += rec
-    parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
+    # Metal's own compute buffer counts against the working set; the CPU backend's beside it (graph inputs, the
+    # residual stream from get_rows: llama.cpp logs it as "CPU compute buffer") is host memory, on RAM alone
+    computes = gpu_compute(arch, flags, memory, offload, device.calibrations) if n_gpu else None
+    if computes is None:
+        parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
+    else:
+        for dev, c in computes.items():
+            parts[ram if dev == CPU else gpu]["compute"] += c.high
     return parts
 
 
