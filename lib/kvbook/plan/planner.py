@@ -334,7 +334,8 @@ def _rpc_compute_note() -> str:
             f"llama-server RPC runs, held out, buffers >= 5 MiB)")
 
 
-def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str) -> dict[str, dict]:
+def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, host: str,
+               compute_at: str = "high") -> dict[str, dict]:
     """Bytes per pool when layers spread over devices: llama.cpp's assignment (placement.py)."""
     if not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools):
         raise BadInput(f"{arch.source}: a multi-device plan needs the GGUF's tensors (a preset or config.json has "
@@ -355,7 +356,7 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     # a device that only holds -ot tensors runs their ops too and reserves a buffer kvbook does not size (a note says so)
     if busy or any(weights.get(d) for d in devices):  # every device that runs layers, and the CPU, reserve their own
         gpu = gpu_compute(arch, flags, memory, offload, device.calibrations)
-        estimate = ({d: c.high for d, c in gpu.items()} if gpu is not None
+        estimate = ({d: _at(c, compute_at) for d, c in gpu.items()} if gpu is not None
                     else rpc_compute(arch, flags, memory, offload))
         for name in busy:
             out[name]["compute"] += estimate.get(name, 0)
@@ -421,7 +422,7 @@ def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
 
 
 def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device, gpu: str,
-                   ram: str) -> dict[str, dict]:
+                   ram: str, compute_at: str = "high") -> dict[str, dict]:
     """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
     recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
     left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
@@ -444,7 +445,7 @@ def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, devi
         parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
     else:
         for dev, c in computes.items():
-            parts[ram if dev == CPU else gpu]["compute"] += c.high
+            parts[ram if dev == CPU else gpu]["compute"] += _at(c, compute_at)
     return parts
 
 
@@ -466,7 +467,14 @@ def _usage(name: str, budget: int, part: dict, inside: tuple[PoolUsage, ...] = (
                      includes=tuple(u.pool for u in inside))
 
 
-def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
+def _at(c: DeviceCompute, compute_at: str) -> int:
+    """A GPU backend's compute buffer at its interval's high end (what plans place) or at the estimate (what --fit's
+    dry run is compared with: ops/fit_log.py)."""
+    return c.high if compute_at == "high" else c.estimate
+
+
+def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+          compute_at: str = "high") -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind. Unified memory: one pool holds everything, host extras included; with
     two limits (Apple) the GPU pool holds the Metal buffers and the RAM pool everything (`_unified_parts`)."""
     host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
@@ -482,10 +490,10 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     limits = two_limits(device)
     if limits:
-        parts = _unified_parts(arch, flags, memory, device, *limits)
+        parts = _unified_parts(arch, flags, memory, device, *limits, compute_at=compute_at)
         host = limits[1]
     elif _spread(arch, flags, device):
-        parts = _by_device(arch, flags, memory, device, host)
+        parts = _by_device(arch, flags, memory, device, host, compute_at)
     else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
         main = device.main_pool.name if _offloaded(arch, flags, device) else host
@@ -502,7 +510,7 @@ def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Devic
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
             for dev, c in gpu.items():
-                parts[host if dev == CPU else dev]["compute"] += c.high
+                parts[host if dev == CPU else dev]["compute"] += _at(c, compute_at)
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
