@@ -97,7 +97,12 @@ def test_compute_error_per_backend_as_stated():
             for s in rows:
                 est = sample_estimate(s, c)
                 assert est * c[lo] - MiB <= s["logged"] <= est * c[hi] + MiB, (s["file"], s["device"])
-        assert c["device_median_error_pct"] is None or c["device_median_error_pct"] <= 15, backend
+        if c["fitted_on"] == backend:  # the target where a backend has logs enough for coefficients of its own
+            assert c["device_median_error_pct"] is None or c["device_median_error_pct"] <= 15, backend
+        else:  # ROCm's one log: every GPU log's coefficients, labelled, its interval holding the log
+            from kvbook.memory.backends import backend_coefficients
+
+            assert "too few to fit" in backend_coefficients(backend)[1], backend
 
 
 def test_compute_was_far_off_before(checks):

@@ -57,7 +57,11 @@ def backend_coefficients(backend: str) -> tuple[dict[str, Any], str]:
     """(coefficients, label) for a GPU backend; one without logs of its own borrows another's, said so."""
     table = coefficients()["backends"]
     if backend in table and table[backend].get("n_logs"):
-        return table[backend], f"{backend}: fitted on {table[backend]['n_logs']} public log(s)"
+        c = table[backend]
+        if c.get("fitted_on", backend) != backend:  # too few logs of its own: every GPU log's coefficients
+            return c, (f"{backend}: {c['n_logs']} public log(s), too few to fit: coefficients fitted on "
+                       f"{c['fitted_on']}, interval widened to hold its own log(s)")
+        return c, f"{backend}: fitted on {c['n_logs']} public log(s)"
     borrowed = coefficients()["borrow"].get(backend, "CUDA")
     if borrowed not in table:
         borrowed = next(iter(table))
