@@ -9,7 +9,9 @@ What the rules say (llama-context.cpp sched_reserve / graph_reserve, ggml-backen
 - the token embeddings stay on the CPU, so get_rows puts one ubatch of the residual stream (f32 n_embd) there and
   the device receives a copy; builds with ggml-org/llama.cpp#18898 (llama-graph.cpp build_inp_embd: `inp_embd`, the
   vector-embeddings path every graph now carries beside the token path) add one more f32 n_embd x n_ubatch input
-  there (host side: 2 x the residual stream from b7800, 1 before; logs b6699/b7342 vs b8110 on);
+  there (host side: 2 x the residual stream from b7800, 1 before; logs b6699/b7342 vs b8110 on); the mixed
+  tokens+embeddings path (`has_mixed` there: `inp_mixed_embd` and its ggml_dup copy, in the pinned build, not in b9849)
+  adds two more (4 x in all: lavapipe runs of the pinned build, corpus 062);
 - the device holds each layer's activations and, without flash attention, the f32 KQ scores; ggml-alloc frees a
   tensor after its last use, so the logits (f32 n_vocab x reserved output rows: n_ubatch before
   ggml-org/llama.cpp#23861, min(n_ubatch, slots) since) reuse the layers' memory: the buffer is the larger of the two;
@@ -130,7 +132,9 @@ def host_bytes(t: Mapping[str, Any], c: Mapping[str, float], mask_input: Any, xp
     logits when the output stays there)."""
     cpu_work = xp.maximum(xp.maximum(c["moe"] * t["moe"], c.get("h_act", 1.0) * t["act"] + t["scores"]), t["logits"])
     embd = c["h_embd"] + (1 if embd_input else 0)
-    return xp.to_int(embd * t["embd"] + xp.maximum(c["h_mask"] * mask_input, cpu_work))
+    # the mixed path's input and its copy (t["mixed"], planner.gpu_terms): once, not per pipeline copy (two Vulkan
+    # devices on lavapipe: 32.62 MiB logged, 32.5 planned this way)
+    return xp.to_int(embd * t["embd"] + t.get("mixed", 0) + xp.maximum(c["h_mask"] * mask_input, cpu_work))
 
 
 def one_gpu_bytes(xp: Any, arch: ModelArch, backend: str, *, flash_attn: bool, n_ubatch: Any, cells_sum: Any,
@@ -142,7 +146,7 @@ def one_gpu_bytes(xp: Any, arch: ModelArch, backend: str, *, flash_attn: bool, n
     t = {"mask": mask, "embd": 4 * arch.n_embd * n_ubatch, "act": 4 * n_ubatch * activation_width(arch),
          "scores": 0 if flash_attn else 4 * max(arch.n_head, default=0) * cells_max * n_ubatch,
          "logits": 4 * arch.n_vocab * xp.minimum(n_ubatch, n_seq), "moe": 0, "wcopy": 0}
-    host_t = {**t, "act": 0, "scores": 0, "logits": 0}
+    host_t = {**t, "act": 0, "scores": 0, "logits": 0, "mixed": 2 * t["embd"]}  # the pinned build's mixed path
     mask_input = mask * (2 if flash_attn and mask_f32_input else 1)
     device = gpu_device_bytes(t, c, mask_input, xp)
     host = host_bytes(host_t, c, mask_input, xp)

@@ -34,6 +34,10 @@ EMBD_INPUT_BUILD = 7800
 # upstream passed b5000 before any log format check-log reads (llama_kv_cache without _unified is ~b6230): a smaller
 # number with this era's lines is a fork's or a packager's own counter, not comparable, so it is not used
 FORK_BUILD_BELOW = 5000
+# the mixed tokens+embeddings path (two more host inputs): in the pinned build's source, not in b9849 (corpus 046/050
+# exact without it); 062, a master clone of about 2026-10, has it. Builds b9850-b11433 are planned without it, wrong
+# for part of that range (which part is not known here)
+MIXED_INPUT_BUILD = 11434
 _HOST = re.compile(r"^(CPU|Host|.*_Host)")
 # print_info key -> GGUF metadata key (without the `{arch}.` prefix)
 _KEYS = {
@@ -253,11 +257,11 @@ def plan_from_log(arch: ModelArch, flags: ServerFlags, device: Device, memory: M
 def _memory(arch: ModelArch, flags: ServerFlags, run: LogRun) -> MemoryPlan:
     """kvbook's memory plan with the build's graph rules (outputs reserved, mask type)."""
     memory = plan_memory(arch, flags)
+    inputs = {"embd_input": run.build is None or run.build >= EMBD_INPUT_BUILD,
+              "mixed_input": run.build is not None and run.build >= MIXED_INPUT_BUILD}
     if new_graph(run):
-        return memory
-    embd_input = run.build is None or run.build >= EMBD_INPUT_BUILD
-    shape = dataclasses.replace(memory.shape, reserve_outputs=memory.shape.n_ubatch, mask_f32_input=True,
-                                embd_input=embd_input)
+        return dataclasses.replace(memory, shape=dataclasses.replace(memory.shape, **inputs))
+    shape = dataclasses.replace(memory.shape, reserve_outputs=memory.shape.n_ubatch, mask_f32_input=True, **inputs)
     return dataclasses.replace(memory, shape=shape)
 
 

@@ -224,6 +224,8 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
     terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
                           no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
     backend = backends.pop()
+    # the mixed tokens+embeddings path's input and its ggml_dup copy on the host (memory/backends.py host_bytes)
+    terms[CPU]["mixed"] = 2 * 4 * arch.n_embd * shape.n_ubatch if shape.mixed_input else 0
     if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] not in terms \
             and CPU in offload.layers:
         # no layer on the first GPU, some on the CPU: it still runs their big-batch matmuls (op offload), taking
