@@ -85,12 +85,33 @@ def test_apple_has_two_limits_and_the_verdict_agrees_with_the_largest_context() 
     metal, ram = plan.pools
     assert (metal.pool, metal.budget_bytes, ram.pool, ram.budget_bytes) == ("Metal", 53084 * MiB, "RAM", 56 * GiB)
     assert metal.host_extras_bytes == 0 and metal.verdict is Verdict.FITS
-    assert ram.includes == ("Metal",) and ram.need_bytes == plan.memory.total_bytes > ram.budget_bytes
+    # RAM holds everything: the memory plan, with the compute buffers as the Metal backend model places them (Metal's
+    # own buffer on the working set, the CPU backend's beside it on RAM) instead of the one CPU-derived estimate
+    compute = metal.compute_bytes + ram.compute_bytes
+    assert ram.includes == ("Metal",) and ram.compute_bytes > 0
+    assert ram.need_bytes == plan.memory.total_bytes - plan.memory.compute.bytes + compute > ram.budget_bytes
     assert ram.verdict is plan.verdict is Verdict.TIGHT and plan.max_ctx == 262144
     assert any(a.change.startswith(("smaller prompt cache", "fewer context checkpoints")) for a in plan.alternatives)
     # the post's own line on the same Mac: everything fits both limits
     post = _plan("qwen3.6-35b-a3b", ["-c", "262144", "-ub", "2048", "-b", "2048"], "m1-max-64")
     assert post.verdict is Verdict.FITS
+
+
+def test_apple_compute_is_split_between_the_working_set_and_ram() -> None:
+    """The Metal backend's two compute buffers as llama.cpp logs them on a Mac ("MTL0 compute buffer" and "CPU compute
+    buffer", public corpus 001/008/053): the device's on the Metal pool (the working set), the CPU's on RAM only; each
+    at its interval's high end, as the plan's compute note states them."""
+    from kvbook.plan.planner import device_computes
+
+    plan = _plan("gpt-oss-20b", ["-c", "32768", "-np", "1"], "m1-max-64")
+    metal, ram = plan.pools
+    computes = device_computes(plan.model, plan.flags, plan.memory, plan.device)
+    assert computes is not None and set(computes) == {"Metal", "CPU"}
+    assert metal.compute_bytes == computes["Metal"].high and ram.compute_bytes == computes["CPU"].high
+    assert computes["CPU"].estimate > 0 and "Metal: fitted on" in computes["Metal"].note
+    # -ngl 0 on a Mac: nothing runs on Metal, the CPU's one buffer is on RAM
+    cpu_only = _plan("gpt-oss-20b", ["-c", "32768", "-np", "1", "-ngl", "0"], "m1-max-64")
+    assert cpu_only.pools[0].compute_bytes == 0 and cpu_only.pools[1].compute_bytes == cpu_only.memory.compute.bytes
 
 
 @pytest.mark.parametrize("device", ["m1-max-32", "m1-max-64", "m2-ultra-192", "m3-max-128", "m4-max-128"])

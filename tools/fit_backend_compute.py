@@ -25,7 +25,7 @@ from kvbook.ops.check_log import compute_samples, sample_estimate  # noqa: E402
 # without flash attention: coefficient >= 1; the masks' copy into the device may be skipped where the backend reads
 # host memory in place); the corpus holds no flash-attention-off GPU log, so `scores`
 # stays at the rules' 1
-GRID_DEVICE = {"embd": (0, 1, 2, 3), "mask": (0, 0.5, 1, 1.5), "act": (1, 1.5, 2, 3, 4), "scores": (1,),
+GRID_DEVICE = {"embd": (0, 1, 2, 3), "mask": (0, 0.5, 1, 1.5), "act": (1, 1.5, 2, 2.5, 3, 4), "scores": (1,),
                "out": (0, 0.5, 1, 2, 3), "wcopy": (0, 1, 2, 3)}
 GRID_HOST = {"h_embd": (1, 2, 3), "h_mask": (1, 1.5, 2), "moe": (0, 1, 2, 4), "h_act": (1, 2, 3)}
 

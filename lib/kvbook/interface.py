@@ -247,6 +247,12 @@ class ContextShape:
     # pinned build does (ggml-org/llama.cpp#23861); builds before it reserve n_ubatch rows (set here from a log)
     reserve_outputs: int = 0
     mask_f32_input: bool = False  # builds before ggml-org/llama.cpp#23764 feed an f32 KQ mask and cast it for FA
+    # builds since ggml-org/llama.cpp#18898 (b7800 here) keep the f32 n_embd x n_ubatch embeddings input (inp_embd)
+    # in every graph beside the token path's get_rows: a second residual-width tensor on the host
+    embd_input: bool = True
+    # the mixed tokens+embeddings path (llama-graph.cpp build_inp_embd, has_mixed; the pinned build has it, b9849
+    # does not) adds inp_mixed_embd and its ggml_dup copy: two more residual-width tensors on the host
+    mixed_input: bool = True
 
 
 # ---------------------------------------------------------------- memory

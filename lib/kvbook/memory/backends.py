@@ -7,7 +7,11 @@ What the rules say (llama-context.cpp sched_reserve / graph_reserve, ggml-backen
   buffer (the GPU's pinned host buffer type when there is one): the masks are n_kv x n_ubatch per attention cache,
   f16 under flash attention in builds with ggml-org/llama.cpp#23764, f32 before it (cast to f16 on the device);
 - the token embeddings stay on the CPU, so get_rows puts one ubatch of the residual stream (f32 n_embd) there and
-  the device receives a copy;
+  the device receives a copy; builds with ggml-org/llama.cpp#18898 (llama-graph.cpp build_inp_embd: `inp_embd`, the
+  vector-embeddings path every graph now carries beside the token path) add one more f32 n_embd x n_ubatch input
+  there (host side: 2 x the residual stream from b7800, 1 before; logs b6699/b7342 vs b8110 on); the mixed
+  tokens+embeddings path (`has_mixed` there: `inp_mixed_embd` and its ggml_dup copy, in the pinned build, not in b9849)
+  adds two more (4 x in all: lavapipe runs of the pinned build, corpus 062);
 - the device holds each layer's activations and, without flash attention, the f32 KQ scores; ggml-alloc frees a
   tensor after its last use, so the logits (f32 n_vocab x reserved output rows: n_ubatch before
   ggml-org/llama.cpp#23861, min(n_ubatch, slots) since) reuse the layers' memory: the buffer is the larger of the two;
@@ -55,7 +59,11 @@ def backend_coefficients(backend: str) -> tuple[dict[str, Any], str]:
     """(coefficients, label) for a GPU backend; one without logs of its own borrows another's, said so."""
     table = coefficients()["backends"]
     if backend in table and table[backend].get("n_logs"):
-        return table[backend], f"{backend}: fitted on {table[backend]['n_logs']} public log(s)"
+        c = table[backend]
+        if c.get("fitted_on", backend) != backend:  # too few logs of its own: every GPU log's coefficients
+            return c, (f"{backend}: {c['n_logs']} public log(s), too few to fit: coefficients fitted on "
+                       f"{c['fitted_on']}, interval widened to hold its own log(s)")
+        return c, f"{backend}: fitted on {c['n_logs']} public log(s)"
     borrowed = coefficients()["borrow"].get(backend, "CUDA")
     if borrowed not in table:
         borrowed = next(iter(table))
@@ -75,13 +83,17 @@ class DeviceCompute:
 
 def gpu_device_bytes(t: Mapping[str, Any], c: Mapping[str, float], mask_input: Any, xp: Any = PY) -> Any:
     """A GPU device's buffer from its graph terms (kvbook.plan.placement.compute_terms): the residual stream copied
-    in, then the larger of the layers' work (the masks as copied in, their f16 cast in builds that feed f32 masks to
-    flash attention, activations, scores, CPU weights copied for op offload) and the logits with what feeds them."""
+    in, then the largest of the layers' work (the masks as copied in, their f16 cast in builds that feed f32 masks to
+    flash attention, activations, scores, CPU weights copied for op offload), the logits with what feeds them, and,
+    in builds that feed f32 masks to flash attention, the cast itself: ggml_cast's f32 source copied in and its f16
+    result are live together while it runs (llama-graph.cpp build_attn_inp_kv: self_kq_mask_cnv), before any layer;
+    ggml-alloc frees the f32 copy after its one use (ggml-alloc.c ggml_gallocr_free_node once n_children is 0)."""
     cast = (mask_input - t["mask"]) // 1  # the f16 cast is as large as the f16 mask (f32 input: twice it)
     layers = (c["mask"] * mask_input + cast + c["act"] * t["act"] + c["scores"] * t["scores"]
               + c.get("wcopy", 0.0) * t.get("wcopy", 0))
     out = (t["logits"] + c["out"] * t["act"]) * (t["logits"] > 0)
-    return xp.to_int(c["embd"] * t["embd"] + xp.maximum(layers, out))
+    casting = (mask_input + cast) * (cast > 0)
+    return xp.to_int(c["embd"] * t["embd"] + xp.maximum(xp.maximum(layers, out), casting))
 
 
 OP_OFFLOAD_MIN_BATCH = 32  # ggml-cuda / ggml-vulkan offload_op: a batch at least this large runs on the GPU
@@ -113,11 +125,16 @@ def _mask_input(t: Mapping[str, int], flash_attn: bool, mask_f32_input: bool) ->
     return t["mask"] * (2 if flash_attn and mask_f32_input else 1)
 
 
-def host_bytes(t: Mapping[str, Any], c: Mapping[str, float], mask_input: Any, xp: Any = PY) -> Any:
-    """The host-side buffer beside GPUs: the graph inputs (the masks as fed), the residual stream built by get_rows,
-    and whatever the CPU runs (experts kept there, layers left there, the logits when the output stays there)."""
+def host_bytes(t: Mapping[str, Any], c: Mapping[str, float], mask_input: Any, xp: Any = PY,
+               embd_input: bool = True) -> Any:
+    """The host-side buffer beside GPUs: the graph inputs (the masks as fed, the embeddings input where the build has
+    it), the residual stream built by get_rows, and whatever the CPU runs (experts kept there, layers left there, the
+    logits when the output stays there)."""
     cpu_work = xp.maximum(xp.maximum(c["moe"] * t["moe"], c.get("h_act", 1.0) * t["act"] + t["scores"]), t["logits"])
-    return xp.to_int(c["h_embd"] * t["embd"] + xp.maximum(c["h_mask"] * mask_input, cpu_work))
+    embd = c["h_embd"] + (1 if embd_input else 0)
+    # the mixed path's input and its copy (t["mixed"], planner.gpu_terms): once, not per pipeline copy (two Vulkan
+    # devices on lavapipe: 32.62 MiB logged, 32.5 planned this way)
+    return xp.to_int(embd * t["embd"] + t.get("mixed", 0) + xp.maximum(c["h_mask"] * mask_input, cpu_work))
 
 
 def one_gpu_bytes(xp: Any, arch: ModelArch, backend: str, *, flash_attn: bool, n_ubatch: Any, cells_sum: Any,
@@ -129,7 +146,7 @@ def one_gpu_bytes(xp: Any, arch: ModelArch, backend: str, *, flash_attn: bool, n
     t = {"mask": mask, "embd": 4 * arch.n_embd * n_ubatch, "act": 4 * n_ubatch * activation_width(arch),
          "scores": 0 if flash_attn else 4 * max(arch.n_head, default=0) * cells_max * n_ubatch,
          "logits": 4 * arch.n_vocab * xp.minimum(n_ubatch, n_seq), "moe": 0, "wcopy": 0}
-    host_t = {**t, "act": 0, "scores": 0, "logits": 0}
+    host_t = {**t, "act": 0, "scores": 0, "logits": 0, "mixed": 2 * t["embd"]}  # the pinned build's mixed path
     mask_input = mask * (2 if flash_attn and mask_f32_input else 1)
     device = gpu_device_bytes(t, c, mask_input, xp)
     host = host_bytes(host_t, c, mask_input, xp)
@@ -141,7 +158,8 @@ CALIBRATED_SPREAD = 0.10  # a saved calibration is exact for its own run; other 
 
 def backend_compute(terms: Mapping[str, Mapping[str, int]], backend: str, *, flash_attn: bool,
                     mask_f32_input: bool, host: str = "CPU", arch: str = "",
-                    calibrations: Sequence[ComputeCalibration] = ()) -> dict[str, DeviceCompute]:
+                    calibrations: Sequence[ComputeCalibration] = (), embd_input: bool = True
+                    ) -> dict[str, DeviceCompute]:
     """Every busy device's compute buffer and the host side's for one GPU backend; `terms` from compute_terms
     (per device, the CPU's under `host`). The CPU's mask term is f16 under flash attention; builds before #23764
     feed it as f32 (twice the bytes). A saved calibration of this backend and model family (`arch`) scales the
@@ -156,13 +174,14 @@ def backend_compute(terms: Mapping[str, Mapping[str, int]], backend: str, *, fla
         for dev, t in terms.items():
             r = host_r if dev == host else dev_r
             mask = _mask_input(t, flash_attn, mask_f32_input)
-            est = int(r * (host_bytes(t, c, mask) if dev == host else gpu_device_bytes(t, c, mask)))
+            est = int(r * (host_bytes(t, c, mask, embd_input=embd_input) if dev == host
+                           else gpu_device_bytes(t, c, mask)))
             out[dev] = DeviceCompute(est, int(est * (1 - CALIBRATED_SPREAD)), int(est * (1 + CALIBRATED_SPREAD)), note)
         return out
     out = {}
     for dev, t in terms.items():
         if dev == host:
-            est = host_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input))
+            est = host_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input), embd_input=embd_input)
             lo, hi = c["host_low"], c["host_high"]
         else:
             est = gpu_device_bytes(t, c, _mask_input(t, flash_attn, mask_f32_input))

@@ -88,6 +88,16 @@ def plan_parts(plan: Plan) -> dict[str, int]:
             "compute": use.compute_bytes, "output": use.output_bytes, "host_extras": use.host_extras_bytes}
 
 
+def ram_parts(plan: Plan) -> dict[str, int]:
+    """Apple's RAM pool by component: its own bytes and the Metal pool's it covers (the plan's figures, so the compute
+    is the Metal backend's two buffers, not the one CPU-derived estimate of the memory plan)."""
+    ram = next(u for u in plan.pools if u.includes)
+    inside = [ram, *(u for u in plan.pools if u.pool in ram.includes)]
+    return {"weights": sum(u.weights_bytes for u in inside), "kv": sum(u.kv_bytes for u in inside),
+            "recurrent": sum(u.recurrent_bytes for u in inside), "compute": sum(u.compute_bytes for u in inside),
+            "output": sum(u.output_bytes for u in inside), "host_extras": sum(u.host_extras_bytes for u in inside)}
+
+
 def ram_line(plan: Plan) -> list[tuple[str, float]]:
     """Apple's second limit (RAM less what macOS keeps) as a reference line; none elsewhere."""
     ram = next((u for u in plan.pools if u.includes), None)
@@ -114,7 +124,7 @@ def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None
         label = f"-c {ctx_label(plan.memory.shape.n_ctx)}"
         bars = [(label + (f" on {_budget_pool(plan).name}" if ram_line(plan) else ""), plan_parts(plan))]
         if ram_line(plan):
-            bars.append((f"{label}, all in RAM", memory_parts(plan.memory)))
+            bars.append((f"{label}, all in RAM", ram_parts(plan)))
         extra_lines = [*extra_lines, *ram_line(plan)]
         budget_bytes = plan_budget(plan) if budget_bytes is None else budget_bytes
         title = plan_title(plan) if title is None else title

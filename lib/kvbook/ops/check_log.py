@@ -27,6 +27,17 @@ from kvbook.ops.logrun import LogRun, parse_run
 # attention (ggml-org/llama.cpp#23861 and #23764, merged 2026-05-28..30; b9272 is documented before them in #23527).
 # Their logs print `llama_context: n_outputs_max`, which decides when present; the number decides otherwise.
 NEW_GRAPH_BUILD = 9400
+# builds from this number carry the embeddings input (inp_embd) in every graph (ggml-org/llama.cpp#18898, merged
+# 2026-01-18; b7868 was released 2026-01-29): a second f32 n_embd x n_ubatch tensor on the host side. Corpus logs
+# b6699 and b7342 have one, b8110 on two; a build in b7700-b7867 may fall either side of this number.
+EMBD_INPUT_BUILD = 7800
+# upstream passed b5000 before any log format check-log reads (llama_kv_cache without _unified is ~b6230): a smaller
+# number with this era's lines is a fork's or a packager's own counter, not comparable, so it is not used
+FORK_BUILD_BELOW = 5000
+# the mixed tokens+embeddings path (two more host inputs): in the pinned build's source, not in b9849 (corpus 046/050
+# exact without it); 062, a master clone of about 2026-10, has it. Builds b9850-b11433 are planned without it, wrong
+# for part of that range (which part is not known here)
+MIXED_INPUT_BUILD = 11434
 _HOST = re.compile(r"^(CPU|Host|.*_Host)")
 # print_info key -> GGUF metadata key (without the `{arch}.` prefix)
 _KEYS = {
@@ -246,9 +257,10 @@ def plan_from_log(arch: ModelArch, flags: ServerFlags, device: Device, memory: M
 def _memory(arch: ModelArch, flags: ServerFlags, run: LogRun) -> MemoryPlan:
     """kvbook's memory plan with the build's graph rules (outputs reserved, mask type)."""
     memory = plan_memory(arch, flags)
-    if new_graph(run):
-        return memory
-    shape = dataclasses.replace(memory.shape, reserve_outputs=memory.shape.n_ubatch, mask_f32_input=True)
+    shape = dataclasses.replace(memory.shape, embd_input=run.build is None or run.build >= EMBD_INPUT_BUILD,
+                                mixed_input=run.build is not None and run.build >= MIXED_INPUT_BUILD)
+    if not new_graph(run):
+        shape = dataclasses.replace(shape, reserve_outputs=shape.n_ubatch, mask_f32_input=True)
     return dataclasses.replace(memory, shape=shape)
 
 
@@ -300,6 +312,8 @@ def check_log(text: str, model: ModelArch | None = None, server_args: Sequence[s
     excerpt) is planned when the model (a GGUF, preset, or another log's ModelArch) and the command line's flags are
     given; otherwise its logged figures alone. `build` stands in when the log does not print its build."""
     run = parse_run(text)
+    if run.build is not None and run.build < FORK_BUILD_BELOW:  # a fork's or a packager's own counter (b484-...)
+        run = dataclasses.replace(run, build=None)
     if run.build is None and build is not None:
         run = dataclasses.replace(run, build=build)
     logged = _logged_rows(run)
@@ -501,14 +515,16 @@ def corpus_checks(log_dir: Path) -> Iterator[tuple[dict, LogCheck]]:
         entry = json.loads(line)
         given = plans.get(entry["file"]) or {}
         model = None
-        if "model" in given:
-            model = model_of(given["model"])
+        if "model" in given:  # a preset, or a model file kept beside the logs (models/*.config.json)
+            here = log_dir / given["model"]
+            model = model_of(str(here) if here.is_file() else given["model"])
         elif "model_log" in given:  # another log of the same model file prints its print_info
             model = model_of(str(log_dir / given["model_log"]))
         text = (log_dir / entry["file"]).read_text(errors="replace")
-        build = re.search(r"\d{4,5}", str(entry.get("build") or ""))
+        # the index's build text names a build number as "b8169" or leads with it; dates and commit hashes do not count
+        build = re.search(r"(?:^|\bb)(\d{4,5})\b", str(entry.get("build") or ""))
         try:
-            yield entry, check_log(text, model, given.get("args", ()), int(build.group()) if build else None)
+            yield entry, check_log(text, model, given.get("args", ()), int(build.group(1)) if build else None)
         except BadInput as e:  # what the CLI would print as its one line
             yield entry, LogCheck(None, None, entry["file"], (), (), (), refused=str(e))
 
@@ -541,6 +557,7 @@ def compute_samples(log_dir: Path) -> list[dict]:
             out.append({"file": entry["file"], "device": row.name, "backend": backend,
                         "side": "host" if key == "CPU" else "device", "terms": terms[key],
                         "mask_input": terms[key]["mask"] * (2 if shape.flash_attn and shape.mask_f32_input else 1),
+                        "embd_input": shape.embd_input,
                         "logged": logged})
     return out
 
@@ -550,5 +567,5 @@ def sample_estimate(sample: dict, coef: dict) -> int:
     from kvbook.memory.backends import gpu_device_bytes, host_bytes
 
     if sample["side"] == "host":
-        return host_bytes(sample["terms"], coef, sample["mask_input"])
+        return host_bytes(sample["terms"], coef, sample["mask_input"], embd_input=sample.get("embd_input", True))
     return gpu_device_bytes(sample["terms"], coef, sample["mask_input"])

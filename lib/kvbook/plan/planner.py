@@ -270,6 +270,8 @@ def gpu_terms(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload: 
     terms = compute_terms(arch, memory, offload, copies=copies, cpu_moe_layers=flags.cpu_moe_layers,
                           no_kv_offload=flags.no_kv_offload, n_outputs=rows, cpu_ops=on_cpu)
     backend = backends.pop()
+    # the mixed tokens+embeddings path's input and its ggml_dup copy on the host (memory/backends.py host_bytes)
+    terms[CPU]["mixed"] = 2 * 4 * arch.n_embd * shape.n_ubatch if shape.mixed_input else 0
     if backend != "Metal" and shape.n_ubatch >= OP_OFFLOAD_MIN_BATCH and offload.devices[0] not in terms \
             and CPU in offload.layers:
         # no layer on the first GPU, some on the CPU: it still runs their big-batch matmuls (op offload), taking
@@ -294,7 +296,8 @@ def gpu_compute(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, offload
         return None
     backend, terms = found
     return backend_compute(terms, backend, flash_attn=memory.shape.flash_attn,
-                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations)
+                           mask_f32_input=memory.shape.mask_f32_input, arch=arch.arch, calibrations=calibrations,
+                           embd_input=memory.shape.embd_input)
 
 
 def _one_gpu(arch: ModelArch, device: Device, main: str) -> Offload | None:
@@ -375,7 +378,7 @@ def _rpc_compute_note() -> str:
 
 
 def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-               where: PlacementMap) -> dict[str, dict[str, int]]:
+               where: PlacementMap, compute_at: str = "high") -> dict[str, dict[str, int]]:
     """Bytes per pool when layers spread over devices: the map's assignment and weights (placement.py)."""
     host, offload, placed = where.host, where.offload, where.weights
     devices = list(offload.devices)
@@ -392,7 +395,7 @@ def _by_device(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: 
     # a device that only holds -ot tensors runs their ops too and reserves a buffer kvbook does not size (a note says so)
     if busy or any(weights.get(d) for d in devices):  # every device that runs layers, and the CPU, reserve their own
         gpu = gpu_compute(arch, flags, memory, offload, device.calibrations)
-        estimate = ({d: c.high for d, c in gpu.items()} if gpu is not None
+        estimate = ({d: _at(c, compute_at) for d, c in gpu.items()} if gpu is not None
                     else rpc_compute(arch, flags, memory, offload))
         for name in busy:
             out[name]["compute"] += estimate.get(name, 0)
@@ -443,7 +446,7 @@ def _unified_offload(arch: ModelArch, flags: ServerFlags, gpu: str) -> Offload:
 
 
 def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-                   where: PlacementMap) -> dict[str, dict[str, int]]:
+                   where: PlacementMap, compute_at: str = "high") -> dict[str, dict[str, int]]:
     """Bytes per pool on unified memory with two limits: the Metal buffers (offloaded layers' weights, their KV and
     recurrent state, the compute buffer) on the GPU pool; the CPU's tensors (token embeddings, layers or experts
     left on the CPU: mapped from the file) and CPU_REPACK copies on the RAM pool, which also covers the GPU pool."""
@@ -458,7 +461,14 @@ def _unified_parts(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, devi
         pool = ram if name == CPU else gpu
         parts[pool]["kv"] += kv
         parts[pool]["recurrent"] += rec
-    parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
+    # Metal's own compute buffer counts against the working set; the CPU backend's beside it (graph inputs, the
+    # residual stream from get_rows: llama.cpp logs it as "CPU compute buffer") is host memory, on RAM alone
+    computes = gpu_compute(arch, flags, memory, offload, device.calibrations) if n_gpu else None
+    if computes is None:
+        parts[gpu if n_gpu else ram]["compute"] += memory.compute.bytes
+    else:
+        for dev, c in computes.items():
+            parts[ram if dev == CPU else gpu]["compute"] += _at(c, compute_at)
     return parts
 
 
@@ -480,13 +490,21 @@ def _usage(name: str, budget: int, part: dict[str, int], inside: tuple[PoolUsage
                      includes=tuple(u.pool for u in inside))
 
 
-def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device) -> tuple[PoolUsage, ...]:
+def _at(c: DeviceCompute, compute_at: str) -> int:
+    """A GPU backend's compute buffer at its interval's high end (what plans place) or at the estimate (what --fit's
+    dry run is compared with: ops/fit_log.py)."""
+    return c.high if compute_at == "high" else c.estimate
+
+
+def place(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
+          compute_at: str = "high") -> tuple[PoolUsage, ...]:
     """Bytes each pool must hold, by kind (`place_mapped` without the map)."""
-    return place_mapped(arch, flags, memory, device)[0]
+    return place_mapped(arch, flags, memory, device, compute_at=compute_at)[0]
 
 
 def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device: Device,
-                 where: PlacementMap | None = None) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
+                 where: PlacementMap | None = None, compute_at: str = "high"
+                 ) -> tuple[tuple[PoolUsage, ...], PlacementMap]:
     """Bytes each pool must hold, by kind, read from the placement map (returned with them; `where`: the map of
     these flags already computed, e.g. at another -c, which the map does not depend on). Unified memory: one
     pool holds everything, host extras included; with two limits (Apple) the GPU pool holds the Metal buffers
@@ -508,9 +526,9 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
     where = where or placement_map(arch, flags, device)
     host, limits = where.host, where.mode == "two-limits"
     if where.mode == "two-limits":
-        parts = _unified_parts(arch, flags, memory, device, where)
+        parts = _unified_parts(arch, flags, memory, device, where, compute_at)
     elif where.mode == "spread":
-        parts = _by_device(arch, flags, memory, device, where)
+        parts = _by_device(arch, flags, memory, device, where, compute_at)
     else:  # one offload device or none: -ts changes nothing (split_note)
         parts = {p.name: dict.fromkeys(_PARTS, 0) for p in device.pools}
         main = where.main
@@ -526,7 +544,7 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
             parts[main]["compute"] += memory.compute.bytes
         else:  # the device's buffer and the host side's (the same pool on unified memory), at the interval's high end
             for dev, c in gpu.items():
-                parts[host if dev == CPU else dev]["compute"] += c.high
+                parts[host if dev == CPU else dev]["compute"] += _at(c, compute_at)
         parts[kv_pool]["kv"] += memory.kv_bytes
         parts[kv_pool]["recurrent"] += memory.recurrent_bytes
     parts[host]["output"] += memory.output_bytes
