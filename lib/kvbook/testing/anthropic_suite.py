@@ -107,6 +107,26 @@ def suite_dir(dest: Path) -> Path:
     return tests
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far (0 when it is gone): the work a component did,
+    which on a loaded shared machine says more than wall time."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def _cases(junit: Path) -> tuple[CaseResult, ...]:
     out = []
     for case in ET.parse(junit).getroot().iter("testcase"):
