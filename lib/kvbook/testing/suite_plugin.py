@@ -14,18 +14,19 @@ import importlib.util
 import os
 import sys
 import types
+from typing import Any
 
 import requests
 
 
-def _no_download(url: str, *args: object, **kwargs: object) -> str:
+def _no_download(url: str, *args: Any, **kwargs: Any) -> str:
     raise RuntimeError(f"kvbook runs llama.cpp's suite offline: refusing to download {url}")
 
 
 if importlib.util.find_spec("wget") is None:
     _stub = types.ModuleType("wget")
     _stub.__doc__ = "kvbook's stand-in: llama.cpp's utils.py imports wget; the Anthropic suite never downloads"
-    _stub.download = _no_download  # type: ignore[attr-defined]
+    setattr(_stub, "download", _no_download)
     sys.modules["wget"] = _stub
 
 _BASE = os.environ.get("KVBOOK_SUITE_BASE", "")
@@ -34,12 +35,12 @@ _KEY = os.environ.get("KVBOOK_SUITE_KEY", "")
 if _BASE and _KEY:
     _request = requests.Session.request
 
-    def _with_key(self: requests.Session, method: str, url: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    def _with_key(self: requests.Session, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         """Session.request, adding the route's key to requests for the route (the suite passes headers=None)."""
         if str(url).startswith(_BASE):
-            headers = {k: v for k, v in (kwargs.get("headers") or {}).items() if v is not None}  # type: ignore[union-attr]
+            headers = {k: v for k, v in (kwargs.get("headers") or {}).items() if v is not None}
             headers.setdefault("Authorization", f"Bearer {_KEY}")
             kwargs["headers"] = headers
         return _request(self, method, url, *args, **kwargs)
 
-    requests.Session.request = _with_key  # type: ignore[method-assign]
+    setattr(requests.Session, "request", _with_key)
