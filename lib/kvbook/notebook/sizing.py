@@ -468,3 +468,36 @@ def finish(s: Sizing, output_dir: str = "", blog: BlogComparison | None = None) 
     data["output_dir"] = str(out_dir)
     write_summary(out_dir, data)
     return data
+
+
+def largest_context_per_pool(request: PlanRequest, cap: int = 0) -> dict[str, int]:
+    """Per device of the plan: the largest -c (a multiple of 256, at most the training context or `cap`) at which
+    that device's own share still starts within its budget, with the request's placement as llama-server makes it
+    at that context (0: not even the smallest). Bisection per device over plans without the context search, which
+    assumes a device's need grows with -c; needs kvbook's rules."""
+    from kvbook.interface import Verdict
+    from kvbook.plan.api import plan as make_plan
+
+    top = max(CTX_PAD, (cap or request.model.n_ctx_train) // CTX_PAD * CTX_PAD)
+    cache: dict[int, dict[str, bool]] = {}
+
+    def fits(n_ctx: int) -> dict[str, bool]:
+        if n_ctx not in cache:
+            planned = make_plan(request.with_flags(replace(request.flags, ctx=n_ctx)), search=False)
+            cache[n_ctx] = {u.pool: u.verdict is not Verdict.DOES_NOT_FIT for u in planned.pools}
+        return cache[n_ctx]
+
+    out: dict[str, int] = {}
+    for name in fits(top):
+        lo, hi = 0, top // CTX_PAD  # in steps of 256: lo fits (0: nothing yet), hi is the top
+        if fits(top)[name]:
+            out[name] = top
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid * CTX_PAD).get(name, False):
+                lo = mid
+            else:
+                hi = mid
+        out[name] = lo * CTX_PAD
+    return out
