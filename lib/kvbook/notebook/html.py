@@ -49,20 +49,22 @@ class HTML:
 
 
 def latency_figure(results: Sequence[Any]):
-    """Time to first byte, first text and total per route for each timed check (plotly bar chart)."""
+    """Median total time per check, one bar per route side by side (checks on the x axis, horizontal labels)."""
+    import statistics
+
     import plotly.graph_objects as go
 
+    checks = list(dict.fromkeys(r.check for r in results))
     fig = go.Figure()
-    for metric, label in (("ttfb_s", "first byte"), ("first_text_s", "first text"), ("total_s", "total")):
-        xs, ys = [], []
-        for r in results:
-            value = getattr(r.timings, metric)
-            if value is not None:
-                xs.append(f"{r.check}<br>{r.route}")
-                ys.append(1000 * value)
-        if ys:
-            fig.add_bar(name=label, x=xs, y=ys)
-    fig.update_layout(barmode="group", yaxis_title="ms", title="Latency per check and route", height=420)
+    for route in dict.fromkeys(r.route for r in results):
+        ys = []
+        for check in checks:
+            times = [r.timings.total_s for r in results if r.route == route and r.check == check
+                     and r.timings.total_s is not None]
+            ys.append(1000 * statistics.median(times) if times else None)
+        fig.add_bar(name=route, x=checks, y=ys, hovertemplate="%{x}: %{y:.0f} ms<extra>" + route + "</extra>")
+    fig.update_layout(barmode="group", yaxis_title="total ms (median)", title="Total time per check and route",
+                      height=420, xaxis_tickangle=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return fig
 
 
