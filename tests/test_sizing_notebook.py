@@ -10,7 +10,6 @@ import ast
 import dataclasses
 import json
 import os
-import statistics
 
 import nbformat
 import pytest
