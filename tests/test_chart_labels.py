@@ -34,6 +34,12 @@ def _overlaps(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
+def pages_dir(tmp_path_factory) -> Path:
+    """One folder for every page: plotly.js is written there once and each page loads it from the file."""
+    return tmp_path_factory.mktemp("charts")
+
+
+@pytest.fixture(scope="module")
 def page():
     if not CHROMIUM.is_file():
         pytest.fail(f"{CHROMIUM} not found: apt-get install -y chromium (never `playwright install`)")
@@ -47,13 +53,13 @@ def page():
             browser.close()
 
 
-def _render(page, fig, tmp_path: Path, name: str) -> dict:
-    path = tmp_path / f"{name}.html"
+def _render(page, fig, folder: Path, name: str) -> dict:
+    path = folder / f"{name}.html"
     fig.update_layout(width=900)
-    fig.write_html(str(path), include_plotlyjs=True, include_mathjax=False, full_html=True)
+    fig.write_html(str(path), include_plotlyjs="directory", include_mathjax=False, full_html=True)
     page.goto(path.as_uri())
     page.wait_for_selector(".js-plotly-plot .main-svg")
-    page.screenshot(path=str(tmp_path / f"{name}.png"))  # kept beside the page for a failing run
+    page.screenshot(path=str(folder / f"{name}.png"))  # kept beside the page for a failing run
     return page.evaluate(READ_TEXT)
 
 
@@ -69,26 +75,52 @@ def _check(drawn: dict, kinds: tuple[str, ...]) -> None:
             assert not _overlaps(a, b), f"labels collide: {a['text']!r} and {b['text']!r}"
 
 
-def test_largest_context_labels_do_not_collide(page, tmp_path):
+def test_largest_context_labels_do_not_collide(page, pages_dir):
     """The regression: on a 24 GB GPU every cache type's 'largest -c' label sat on the budget line, overlapping."""
     s = sizing.resolve(dict(model="qwen3.6-35b-a3b", device="rtx-4090", context=65536))
     usable = [sizing.type_usable(s.arch, t, s.flash) for t in s.sweep.cache_types]
     fig = figures.context_figure(s.sweep, s.budget_bytes, usable=usable, current=(65536, s.plan.memory.start_bytes),
                                  title=f"{s.arch.name} on {s.device.name}")
-    drawn = _render(page, fig, tmp_path, "curves")
+    drawn = _render(page, fig, pages_dir, "curves")
     labels = [b for b in drawn["boxes"] if b["cls"] and "annotation" in b["cls"] and ": " in b["text"]]
     assert len(labels) >= 4, "one label per usable cache type that fits"
     _check(drawn, ("annotation", "gtitle"))
 
 
-def test_per_device_bars_are_readable(page, tmp_path):
+def test_per_device_bars_are_readable(page, pages_dir):
     """One bar per device with its budget mark, verdict and largest -c: the texts stay apart and inside."""
     s = sizing.resolve(dict(model="gpt-oss-120b", device="rtx-4090-host-64", context=65536, slots=1,
                             n_gpu_layers="99", n_cpu_moe=26))
     plan = api.plan(s.request, search=False)
     largest = sizing.largest_context_per_pool(s.request)
     fig = placement_view.device_figure(placement_view.device_rows(plan), figures.plan_title(s.plan), largest=largest)
-    drawn = _render(page, fig, tmp_path, "devices")
+    drawn = _render(page, fig, pages_dir, "devices")
     texts = [b["text"] for b in drawn["boxes"]]
     assert any("largest -c" in t for t in texts) and "CUDA0" in texts and "CPU" in texts
     _check(drawn, ("textpoint", "gtitle", "xtick", "legendtext"))
+
+
+def test_capacity_curves_count_whole_agents(page, pages_dir):
+    """05's charts: concurrency ticks are the measured agent counts (never 1.5 agents); labels stay apart."""
+    from kvbook.notebook import capacity_figures as cf
+
+    levels = [{"concurrency": c, "ttft_p50_ms": 100.0 * c, "ttft_p95_ms": 150.0 * c,
+               "ttft_p95_ci_ms": [120.0 * c, None if c == 8 else 200.0 * c], "e2e_p50_ms": 900.0 * c,
+               "e2e_p95_ms": 1400.0 * c, "e2e_p95_ci_ms": None, "goodput_rps": 1.0 / c, "meets_slo": c < 4,
+               "tokens_per_s": 20.0 * c} for c in (1, 2, 3, 4, 8)]
+    for name, fig in (("latency", cf.latency_figure(levels, {"ttft_ms": 8000.0})),
+                      ("goodput", cf.goodput_figure(levels, 3))):
+        drawn = _render(page, fig, pages_dir, name)
+        ticks = [b["text"] for b in drawn["boxes"] if b["cls"] and "xtick" in b["cls"]]
+        assert ticks == ["1", "2", "3", "4", "8"], (name, ticks)
+        _check(drawn, ("xtick", "gtitle", "annotation"))
+
+
+def test_tables_show_no_none_and_scroll_instead_of_cutting_off():
+    """html_table: an interval with an open end reads as one, never "None"; a wide table scrolls in its own box."""
+    from kvbook.notebook.html import html_table
+
+    out = html_table([{"p95 ms": 1400.5, "p95 95% interval ms": [1399.3, None], "agents": 2, "meets": True,
+                       "note": None, "by cause": {"slot_evicted": 1}}])
+    assert "None" not in out and "1399.3 to n/a (too few samples)" in out and "slot_evicted: 1" in out
+    assert "overflow-x:auto" in out and "<td>yes</td>" in out and "<td>2</td>" in out
