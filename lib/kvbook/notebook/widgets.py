@@ -39,6 +39,7 @@ from kvbook.plan.flags import CACHE_TYPES, parse_server_args, replace
 SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
 BATCH_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SLIDER_STEP = 1 / 16  # log2 steps: 16 positions per doubling of the context
+SEARCH_DELAY_S = 0.3  # the searches start once the controls rest this long
 # -ot presets: (label, PATTERN=BUFFER_TYPE or "" for what the command line gives)
 OT_PRESETS: tuple[tuple[str, str], ...] = (
     ("-ot: as the command line gives", ""),
@@ -81,7 +82,9 @@ class SizingUI:
         self._busy = False
         self._background = background
         self._generation = 0  # the newest change: a background result for an older one is dropped
-        self._worker: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
+        # plotly's FigureWidget.batch_update is not thread-safe: the handler and the background searches draw in turn
+        self._draw = threading.RLock()
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self.error: str | None = None
         self.max_ctx = 0
@@ -377,17 +380,19 @@ class SizingUI:
         self.memory = plan.memory
         self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
         current = (p.context, plan.memory.start_bytes)
-        with self.breakdown.batch_update():
-            self._draw_devices()
-        with self.curve.batch_update():
-            if level == "point":
-                figures.apply_current(self.curve, current, len(self.sweep.cache_types))
-            else:
-                figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(), current=current)
-        self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
-                                f"{html.escape(command_text(plan))}</pre>")
-        self.status.value = self._status_html(searching=True)
-        self._generation += 1
+        with self._draw:
+            self._generation += 1
+            with self.breakdown.batch_update():
+                self._draw_devices()
+            with self.curve.batch_update():
+                if level == "point":
+                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
+                else:
+                    figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(),
+                                          current=current)
+            self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
+                                    f"{html.escape(command_text(plan))}</pre>")
+            self.status.value = self._status_html(searching=True)
         self._start_searches(request, p, level, self._generation)
 
     def _draw_devices(self) -> None:
@@ -396,28 +401,46 @@ class SizingUI:
         placement_view.apply_devices(self.breakdown, rows, figures.plan_title(self.plan), self.per_device)
 
     def _start_searches(self, request: PlanRequest, p: sizing.SizingParams, level: str, generation: int) -> None:
+        """The searches for this change, in a background thread that starts once the controls rest for
+        SEARCH_DELAY_S and gives up as soon as a newer change arrives (so they never slow a moving slider)."""
+        def stale() -> bool:
+            return generation != self._generation
+
         def work() -> None:
             try:
-                found = self._searches(request, p, level)
+                found = self._searches(request, p, level, stale)
+            except sizing.Superseded:
+                return
             except KvbookError as exc:
                 found = {"error": str(exc)}
-            if generation == self._generation:
-                self._show_searches(found)
+            with self._draw:
+                if not stale():
+                    self._show_searches(found)
 
-        if self._background:
-            self._worker = threading.Thread(target=work, name="kvbook-sizing-search", daemon=True)
-            self._worker.start()
-        else:
+        if not self._background:
             work()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(SEARCH_DELAY_S, work)
+        self._timer.daemon = True
+        self._timer.start()
 
-    def _searches(self, request: PlanRequest, p: sizing.SizingParams, level: str) -> dict[str, Any]:
+    def _searches(self, request: PlanRequest, p: sizing.SizingParams, level: str,
+                  stale: Any = None) -> dict[str, Any]:
         """What the slow part shows: the largest context (overall and per device), the table, the solver."""
-        out: dict[str, Any] = {"max_ctx": api.largest_context(request),
-                               "per_device": sizing.largest_context_per_pool(request, self._sweep_top())}
+        def check() -> None:
+            if stale is not None and stale():
+                raise sizing.Superseded()
+
+        out: dict[str, Any] = {"max_ctx": api.largest_context(request)}
+        check()
+        out["per_device"] = sizing.largest_context_per_pool(request, self._sweep_top(), stale)
         if level != "point" or not self.table.value:
-            rows = sizing.fit_rows(request, p, self.sweep)
+            rows = sizing.fit_rows(request, p, self.sweep, stale)
             out["table"] = figures.fit_table_html(
                 rows, caption=f"Largest -c that starts on {self.device_record.name} ({self.arch.name})")
+        check()
         out["solution"] = api.solve(request, p.objective)
         return out
 
@@ -443,8 +466,8 @@ class SizingUI:
 
     def wait(self, timeout: float = 60.0) -> None:
         """Until the background searches of the last change are shown (tests, benchmarks)."""
-        if self._worker is not None:
-            self._worker.join(timeout)
+        if self._timer is not None:
+            self._timer.join(timeout)
 
     def _status_html(self, searching: bool) -> str:
         plan, mem = self.plan, self.memory
