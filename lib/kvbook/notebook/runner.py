@@ -173,6 +173,8 @@ def overall_verdict(summary: dict[str, Any], error: str | None) -> tuple[str, st
         ok = not summary.get("required_failures")
         return ("PASS" if ok else "FAIL"), (f"{summary.get('required_passed')}/{summary.get('required_total')} "
                                             "required checks passed")
+    if summary.get("required_failures"):
+        return "FAIL", f"{len(summary['required_failures'])} required check(s) failed"
     if summary.get("kind") == "sizing":
         return str(summary.get("verdict", "")).upper(), f"largest -c that starts: {summary.get('max_ctx', 0):,}"
     if "e2e_ok" in summary:
