@@ -413,4 +413,5 @@ def test_executed_notebook_has_no_widget_state(runs):
     assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     assert all(not c.outputs for c in nb.cells if c.cell_type == "code" and "interactive" in c.metadata.get("tags", []))
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs), "the figures stay"
-    assert result.executed.stat().st_size < 4 * 2**20, result.executed.stat().st_size
+    # plotly.js (~4.6 MB) is embedded once so the figures show offline; the widget state was another 15 MB
+    assert result.executed.stat().st_size < 7 * 2**20, result.executed.stat().st_size
