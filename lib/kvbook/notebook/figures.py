@@ -96,8 +96,8 @@ def ram_line(plan: Plan) -> list[tuple[str, float]]:
 
 def plan_title(plan: Plan) -> str:
     mem = plan.memory
-    return (f"-c {mem.shape.n_ctx:,}: {_in_gib(mem.start_bytes):.2f} GiB at start, {_in_gib(mem.total_bytes):.2f} GiB with "
-            f"run-time growth, budget {_in_gib(plan_budget(plan)):.2f} GiB: {plan.verdict.value}")
+    return (f"-c {mem.shape.n_ctx:,}: {plan.verdict.value}<br><sup>{_in_gib(mem.start_bytes):.2f} GiB at start, "
+            f"{_in_gib(mem.total_bytes):.2f} GiB with run-time growth, budget {_in_gib(plan_budget(plan)):.2f} GiB</sup>")
 
 
 def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None, *, title: str | None = None,
@@ -186,7 +186,8 @@ def context_figure(result: SweepResult, budget_bytes: int, *, si: int = 0, usabl
                     marker=dict(symbol="circle-open", size=14, line=dict(width=3), color="#e41a1c"),
                     hovertemplate="-c %{x:,}: %{y:.2f} GiB at start<extra>this configuration</extra>")
     fig.update_layout(height=460, yaxis_title="GiB allocated at start", xaxis_title="context (-c, tokens)",
-                      margin=dict(t=60, r=20, l=60, b=50), hovermode="closest")
+                      margin=dict(t=70, r=20, l=60, b=50), hovermode="closest",
+                      title=dict(x=0, xanchor="left", font=dict(size=14)))
     apply_context(fig, result, budget_bytes, si=si, usable=usable, current=current, title=title)
     return fig
 

@@ -46,7 +46,7 @@ def device_figure(devices: Sequence[Mapping[str, Any]], title: str = "Per device
     fig.add_scatter(name="budget", mode="markers+text", textposition="top center", meta="budget",
                     marker={"symbol": "line-ew-open", "size": 40, "color": "#222", "line": {"width": 3}},
                     hovertemplate="budget %{y:.2f} GiB<extra>%{x}</extra>")
-    fig.update_layout(barmode="stack", yaxis_title="GiB", height=440, legend_traceorder="reversed",
-                      title=dict(x=0, xanchor="left", font=dict(size=14)), margin=dict(t=90, r=20, l=60, b=40))
+    fig.update_layout(barmode="stack", yaxis_title="GiB", height=460, title=dict(x=0, xanchor="left", font=dict(size=14)),
+                      margin=dict(t=80, r=20, l=60, b=40), legend=dict(orientation="h", x=0, y=-0.12, yanchor="top"))
     apply_devices(fig, devices, title, largest)
     return fig

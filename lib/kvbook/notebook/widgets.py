@@ -97,7 +97,6 @@ class SizingUI:
         self._make_controls(w, params)
         self._first_view()
         half = w.Layout(width="50%")
-        self.breakdown.layout.title.x = self.curve.layout.title.x = 0  # titles start left, clear of the toolbar
         self.layout = w.VBox([
             self.command_line,
             w.HBox([self.model, self.model_path]),
@@ -163,7 +162,8 @@ class SizingUI:
         self.batch = w.Dropdown(options=_choices(BATCH_CHOICES, p.batch), value=p.batch, description="batch (-b)",
                                 style=wide)
         self.flash_attn = w.ToggleButtons(options=list(sizing.FLASH_CHOICES), value=p.flash_attn,
-                                          description="flash attention (-fa)", style=wide)
+                                          description="flash attention (-fa)",
+                                          style={"description_width": "initial", "button_width": "56px"})
         self.swa_full = w.Checkbox(value=p.swa_full, description="--swa-full", indent=False)
         ngl = "" if p.n_gpu_layers in ("", "auto") else p.n_gpu_layers
         self.ngl = w.Dropdown(options=_ngl_options(self.arch.n_layer, ngl), value=ngl, description="-ngl", style=wide)
