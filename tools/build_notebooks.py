@@ -51,8 +51,10 @@ budget; it is *tight* when the growth at run time would bring it within 1 GiB of
 
 Paste the command line you run into `command_line` (the model and the knobs below are then read from it), or
 set the knobs one by one. Either way it is planned by the same API as `kvbook plan`, with every flag.
-Run it headless with a params file, e.g. `kvbook run 01-sizing -f params/runs/blog-post-m1max.yaml`.
 """),
+    md("""
+To run it headless with a params file: `kvbook run 01-sizing -f params/runs/blog-post-m1max.yaml`.
+""", tags=("interactive",)),
     code("""
 command_line: str = ""  # the whole llama-server command line; when set, the model and the knobs below come from it
 model: str = "qwen3.6-35b-a3b"  # preset id (params/models), GGUF path or URL, or a config.json
@@ -159,20 +161,12 @@ else:
     display(HTML("<p><em>Not requested: set solve to True.</em></p>"))
 """),
     md("""
-## Move layers by hand
-
-Sliders for `-ngl` and `--n-cpu-moe` and a `-ts` box re-plan every device at once (live kernel only).
-""", tags=('interactive',)),
-    code("""
-placement_ui = pv.PlacementUI(run.request)
-placement_ui.layout
-""", tags=('interactive',)),
-    md("""
 ## Try other settings
 
-Every control re-plans at once: context, cache types and slots, ubatch, flash attention and the device; the
-other flags of the run (its command line, -ngl, --n-cpu-moe, -ts) are kept, so it agrees with the panel above.
-This part needs a live kernel and is left out of the HTML report.
+One panel: paste a command line or move any control (context by slider or exact box, slots, cache types, flash
+attention, batch sizes, `-ngl`, `--n-cpu-moe`, `-ts`, an `-ot` preset) and every device's bar, the memory curve,
+the largest-context table and the solver's ranking re-plan through the same API as above. Copy the command line
+under the status. This part needs a live kernel and is left out of the HTML report.
 """, tags=('interactive',)),
     code("""
 from kvbook.notebook.widgets import build_sizing_ui
@@ -195,7 +189,7 @@ HTML(html_table(blog.table(), caption="the post against kvbook") if blog else
     code('figures.blog_figure(blog) if blog else None'),
     code("""
 summary = sizing.finish(run, output_dir, blog)
-print(f"verdict {summary['verdict']}; largest -c that fits {summary['max_ctx']:,}; summary.json in {summary['output_dir']}")
+print(f"verdict {summary['verdict']}; largest -c that fits {summary['max_ctx']:,}")
 """),
 ])
 
@@ -211,11 +205,11 @@ Every check is appended to `outputs/results.jsonl`; both servers are stopped at 
 The proxy's master key is generated per run and never printed."""),
     code("""
 model: str = "smollm2-135m"  # bundled model name (smollm2-135m, gemma3-270m) or a GGUF path
-server_args: list = ["-c", "65536", "-ngl", "999", "--flash-attn", "on", "-b", "4096", "-ub", "2048", "--fit", "off", "--cache-type-k", "bf16", "--cache-type-v", "bf16", "-n", "32768", "--jinja"]  # the flag set from the blog post
+server_args: list = ["-c", "65536", "-ngl", "999", "--flash-attn", "on", "-b", "4096", "-ub", "2048", "--fit", "off", "--cache-type-k", "bf16", "--cache-type-v", "bf16", "-n", "32768", "--jinja", "--chat-template-file", "params/templates/smollm2-chatml-tools.jinja"]  # the blog post's flag set with a tool-aware template
 routes: list = ["direct", "litellm-anthropic", "litellm-openai"]  # which routes to test
 repeats: int = 1  # how many times to run the whole suite per route
 max_tokens: int = 96  # per check request
-tool_prefill: str = ""  # assistant prefill for forced tool calls, for example a tool_call tag and a newline
+tool_prefill: str = "<tool_call>\\n"  # assistant prefill for forced tool calls (the failing contrast, no template or prefill: params/runs/smoke-contrast.yaml)
 force: bool = False  # launch even when the plan says it will not fit
 rpc_servers: list = []  # ggml-rpc-servers kvbook starts here first and adds as --rpc devices, e.g. ["127.0.0.1:0"]
 allow_remote_rpc: bool = False  # allow a non-loopback bind address for them (they have no authentication)
@@ -230,12 +224,13 @@ ctx = ns.start_run("smoke", output_dir, results_path)
 model_path = ns.resolve_model(model)
 print(f"run {ctx.run_id}: model {model_path.name}")
 """),
-    md("## Launch, check, record, stop"),
+    md("## Launch, check, record, stop\nStarting the servers takes a minute; each step and check is printed as it lands."),
     code("""
 session = ns.run_smoke_session(ctx, model_path, server_args, routes=routes, repeats=repeats,
                                max_tokens=max_tokens, force=force, label=label, tool_prefill=tool_prefill,
                                rpc_servers=rpc_servers, allow_remote_rpc=allow_remote_rpc)
-"""),
+""", tags=("progress",)),
+    code("ns.smoke_headline(session)", tags=("headline",)),
     md("## Plan against what the server allocated\nCaches must match to the log's two decimals; compute is a calibrated estimate."),
     code("ns.show_table(session.comparison, 'planned vs measured (MiB)')"),
     md("## Routing table LiteLLM was started with"),
@@ -244,10 +239,10 @@ session = ns.run_smoke_session(ctx, model_path, server_args, routes=routes, repe
     code("ns.show_table(ns.results_table(session.results), 'every check, every route')"),
     code("ns.show_figure(ns.pass_fail_figure(session.results))"),
     code("ns.show_figure(ns.latency_figure(session.results))"),
-    code("ns.show_table(ns.proxy_overhead(session.results), 'proxy overhead against the direct call')"),
+    code("ns.show_table(ns.proxy_overhead(session.results), 'proxy overhead against the direct call (estimated from 3 runs per side: repeats >= 3)')"),
     md("## Versions"),
     code("ns.show_table([session.versions], 'components')"),
-    code("ns.finish_smoke(ctx, session)"),
+    code("summary = ns.finish_smoke(ctx, session)\nprint(ns.summary_line(summary))"),
 ])
 
 
@@ -264,6 +259,8 @@ backend dropped or rejected from the real request, and the prompt-cache reuse, a
 agents_dir: str = ""  # folder of agent .md files to probe, empty for none
 timeout_s: float = 90.0  # seconds each claude run may take
 route_alias: str = "opus"  # the alias whose IDs are routed to the local model
+route_model: str = "smollm2-135m"  # the local model those IDs are routed to
+configured_ids: list = ["claude-opus-4-7"]  # model IDs your settings pin (ANTHROPIC_MODEL and the like), routed too
 run_e2e: bool = True  # also run claude -p through LiteLLM to llama-server
 results_path: str = "auto"  # results file, auto means outputs/results.jsonl
 output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
@@ -283,7 +280,7 @@ print(format_table(report))
     code("ns.show_table([{'how': r.how, 'model ID sent': r.model_id, 'side calls': ', '.join(r.other_ids), 'note': r.note} for r in report.rows], f'Claude Code {report.client_version}')"),
     md("## LiteLLM routes generated from the probe"),
     code("""
-plan = plan_routes({route_alias: "smollm2-135m"}, report, "http://llama-server", configured=("claude-opus-4-7",))
+plan = plan_routes({route_alias: route_model}, report, "http://llama-server", configured=tuple(configured_ids))
 ns.show_table([{"client sends": r.model_name, "routed to": f"{r.backend}/{r.upstream_model}"} for r in plan.routes], "model_list")
 """),
     code("print('\\n'.join(plan.warnings) or 'no warnings')"),
@@ -311,6 +308,7 @@ figures = cache_figures(list(e2e.turns)) if e2e else {}
 ns.show_table([{"scope": scope, "setting": key, **fig} for scope, row in figures.items() for key, fig in row.items()],
               "cached of prompt tokens (llama-server log) and cache_read_input_tokens (Claude Code)") if e2e else None
 """),
+    code("ns.claude_headline(report, plan, e2e)", tags=("headline",)),
     code("""
 write_summary(ctx.output_dir, {"kind": "claude-code", "run_id": ctx.run_id, "probe": report.to_dict(),
                                "routes": [r.model_name for r in plan.routes], "warnings": list(plan.warnings),

@@ -5,6 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+def agent_axis(counts: Sequence[Any]) -> dict[str, Any]:
+    """An x axis of agent counts: a tick at each measured count, whole numbers only (no 1.5 agents)."""
+    ticks = sorted({int(c) for c in counts})
+    return {"title": "concurrent agents", "tickmode": "array", "tickvals": ticks, "ticktext": [str(t) for t in ticks]}
+
+
 CAUSE_COLORS = {"": "#1a7f37", "attribution_header": "#c62828", "reminder_position": "#ef6c00",
                 "context_shift": "#6a1b9a", "swa_checkpoint": "#1565c0", "slot_evicted": "#795548", "unknown": "#616161"}
 
@@ -29,7 +35,7 @@ def latency_figure(levels: Sequence[Mapping[str, Any]], slo: Mapping[str, Any]) 
         if target:
             fig.add_hline(y=target, line={"color": color, "dash": "dash"}, annotation_text=f"SLO {metric} {target:.0f} ms")
     fig.update_layout(title="Latency against concurrency (p95 bars: 95% order-statistic interval)",
-                      xaxis_title="concurrent agents", yaxis_title="ms", yaxis_type="log", height=420)
+                      xaxis=agent_axis(xs), yaxis_title="ms", yaxis_type="log", height=420)
     return fig
 
 
@@ -43,7 +49,7 @@ def goodput_figure(levels: Sequence[Mapping[str, Any]], best: int) -> Any:
     fig.add_trace(go.Scatter(x=[r["concurrency"] for r in levels], y=[r["tokens_per_s"] for r in levels],
                              name="output tokens/s", yaxis="y2", mode="lines+markers"))
     fig.update_layout(title=f"Goodput under the SLO (largest concurrency meeting it: {best})",
-                      xaxis_title="concurrent agents", yaxis_title="requests/s meeting the SLO",
+                      xaxis=agent_axis([r["concurrency"] for r in levels]), yaxis_title="requests/s meeting the SLO",
                       yaxis2={"overlaying": "y", "side": "right", "title": "tokens/s"}, height=400)
     return fig
 
@@ -89,5 +95,6 @@ def scale_out_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
         fig.add_trace(go.Scatter(x=[r["concurrency"] for r in picked], y=[r["goodput_rps"] for r in picked],
                                  mode="lines+markers", name=f"{n} server(s) behind LiteLLM"))
     fig.update_layout(title="Scale-out: goodput with one and with several llama-servers in one LiteLLM group",
-                      xaxis_title="concurrent agents", yaxis_title="requests/s meeting the SLO", height=380)
+                      xaxis=agent_axis([r["concurrency"] for r in rows]), yaxis_title="requests/s meeting the SLO",
+                      height=380)
     return fig

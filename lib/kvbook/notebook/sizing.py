@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -304,7 +304,7 @@ def largest_fitting_rows(arch: ModelArch, result: SweepResult, budget_bytes: int
 
 
 def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unified: bool,
-                     flash_attn: bool) -> list[dict[str, Any]]:
+                     flash_attn: bool, stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """The same table as `largest_fitting_rows` from the planner's own search, device by device, with every
     placement flag of the request (-ngl, --n-cpu-moe, -ts, -ot): on several pools the start allocation is not one
     sum against one budget. The sweep gives the same numbers on unified memory, faster."""
@@ -318,6 +318,8 @@ def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unif
             if not type_usable(request.model, ctype, flash_attn):
                 row[label] = None
                 continue
+            if stop is not None and stop():
+                raise Superseded()
             flags = replace(request.flags, type_k=ctype, type_v=ctype, parallel=slots,
                             kv_unified=True if kv_unified and slots > 0 else None)
             row[label] = largest_context(request.with_flags(flags))
@@ -325,7 +327,12 @@ def planned_fit_rows(request: PlanRequest, slot_counts: tuple[int, ...], kv_unif
     return rows
 
 
-def fit_rows(request: PlanRequest, p: SizingParams, result: SweepResult | None) -> list[dict[str, Any]]:
+class Superseded(Exception):
+    """A search given up because a newer request replaced it (the live panel's controls moved on)."""
+
+
+def fit_rows(request: PlanRequest, p: SizingParams, result: SweepResult | None,
+             stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
     """The largest-context table for this request: from the sweep on unified memory, from the planner's search
     where the devices are several pools (placement decides what fits); [] without a kvbook rule."""
     if result is None or not request.has_rule:
@@ -333,7 +340,7 @@ def fit_rows(request: PlanRequest, p: SizingParams, result: SweepResult | None) 
     flash = p.flash_attn != "off"
     if request.device.unified:
         return largest_fitting_rows(request.model, result, budget_of(request.device), p.kv_unified, flash)
-    return planned_fit_rows(request, tuple(int(s) for s in result.slots.tolist()), p.kv_unified, flash)
+    return planned_fit_rows(request, tuple(int(s) for s in result.slots.tolist()), p.kv_unified, flash, stop)
 
 
 # ---------------------------------------------------------------- one resolved run
@@ -468,3 +475,38 @@ def finish(s: Sizing, output_dir: str = "", blog: BlogComparison | None = None) 
     data["output_dir"] = str(out_dir)
     write_summary(out_dir, data)
     return data
+
+
+def largest_context_per_pool(request: PlanRequest, cap: int = 0, stop: Callable[[], bool] | None = None) -> dict[str, int]:
+    """Per device of the plan: the largest -c (a multiple of 256, at most the training context or `cap`) at which
+    that device's own share still starts within its budget, with the request's placement as llama-server makes it
+    at that context (0: not even the smallest). Bisection per device over plans without the context search, which
+    assumes a device's need grows with -c; needs kvbook's rules."""
+    from kvbook.interface import Verdict
+    from kvbook.plan.api import plan as make_plan
+
+    top = max(CTX_PAD, (cap or request.model.n_ctx_train) // CTX_PAD * CTX_PAD)
+    cache: dict[int, dict[str, bool]] = {}
+
+    def fits(n_ctx: int) -> dict[str, bool]:
+        if stop is not None and stop():
+            raise Superseded()
+        if n_ctx not in cache:
+            planned = make_plan(request.with_flags(replace(request.flags, ctx=n_ctx)), search=False)
+            cache[n_ctx] = {u.pool: u.verdict is not Verdict.DOES_NOT_FIT for u in planned.pools}
+        return cache[n_ctx]
+
+    out: dict[str, int] = {}
+    for name in fits(top):
+        lo, hi = 0, top // CTX_PAD  # in steps of 256: lo fits (0: nothing yet), hi is the top
+        if fits(top)[name]:
+            out[name] = top
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid * CTX_PAD).get(name, False):
+                lo = mid
+            else:
+                hi = mid
+        out[name] = lo * CTX_PAD
+    return out

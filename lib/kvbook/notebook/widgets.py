@@ -1,17 +1,19 @@
-"""Interactive sizing UI: ipywidgets controls for every sizing parameter, two plotly FigureWidgets
-and a table, all updated in place by handlers that call kvbook's pure functions.
+"""Interactive sizing UI, one panel: every control of a llama-server command line (the line itself, model, device,
+context as a slider and an exact box, slots, cache types, flash attention, batch sizes, -ngl, --n-cpu-moe, -ts, -ot
+presets), one bar per device against its own budget, memory against context, the largest-context table, the
+solver's ranked placements and the command line to copy, all updated in place by handlers that plan through
+kvbook.plan.api, as `kvbook plan` does.
 
-`build_sizing_ui(params)` returns a SizingUI holding the layout and every widget, so tests drive it
-without a browser: set `ui.context.value = 131072`, then read `ui.breakdown.data`.
+`build_sizing_ui(params)` returns a SizingUI holding the layout and every widget, so tests drive it without a
+browser: set `ui.context.value = 131072`, then read `ui.breakdown.data` (one bar per device).
 
-Every plan goes through kvbook.plan.api, as `kvbook plan` does, with every flag of the run (its command_line,
--ngl, --n-cpu-moe, -ts, ...): only the knobs a control moved are edited into it.
-
-What each control recomputes (nothing more):
-- context, K/V cache type: one plan of the chosen configuration without the context search (bar, marker, status);
-- device, budget: the budget line, markers, table and status, from the sweep already computed;
+What each control recomputes in the handler (the foreground, kept under ~100 ms):
+- context, K/V cache type, -ngl, --n-cpu-moe, -ts, -ot: one plan without the context search (bars, marker, status);
+- device, budget: the device, a new sweep, then the above;
 - slots, unified, ubatch, batch, flash attention, --swa-full: a new vectorised sweep, then the above;
-- model: the model, the slider's range, then everything.
+- model, command line: the model, the slider's range, then everything.
+The searches (largest context overall and per device, the largest-context table, the solver's ranking) follow in a
+background thread, newest change only, so a slider never waits for them (`background=False`: inline, for tests).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import shlex
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,14 +31,22 @@ from kvbook.errors import BadInput, KvbookError
 from kvbook.interface import GiB, MemoryPlan, ModelArch, Plan, ServerFlags
 from kvbook.memory.rules import CTX_PAD
 from kvbook.memory.sweep import SweepResult
-from kvbook.notebook import figures, sizing
+from kvbook.notebook import figures, placement_view, sizing
 from kvbook.plan import api
 from kvbook.plan.api import PlanRequest
-from kvbook.plan.flags import CACHE_TYPES
+from kvbook.plan.flags import CACHE_TYPES, parse_server_args, replace
 
 SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
 BATCH_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SLIDER_STEP = 1 / 16  # log2 steps: 16 positions per doubling of the context
+SEARCH_DELAY_S = 0.3  # the searches start once the controls rest this long
+# -ot presets: (label, PATTERN=BUFFER_TYPE or "" for what the command line gives)
+OT_PRESETS: tuple[tuple[str, str], ...] = (
+    ("-ot: as the command line gives", ""),
+    ("-ot: MoE experts on the CPU", r"\.ffn_(up|down|gate)_exps\.=CPU"),
+    ("-ot: every FFN on the CPU", r"\.ffn_.*=CPU"),
+    ("-ot: output layer on the CPU", r"^output\.weight=CPU"),
+)
 
 
 def _choices(values: tuple[int, ...], current: int) -> list[int]:
@@ -45,41 +57,67 @@ def _slot_options(current: int) -> list[tuple[str, int]]:
     return [("auto (4, unified)" if n < 0 else str(n), n) for n in _choices(SLOT_CHOICES, current)]
 
 
-class SizingUI:
-    """The sizing controls, figures and the state behind them."""
+def _ngl_options(n_layer: int, current: str) -> list[tuple[str, str]]:
+    """-ngl choices: llama-server's auto (the default: --fit places what fits), all layers, or a count (the model's
+    n_layer repeating layers plus the output layer: n_layer + 1 is all)."""
+    counts = [str(n) for n in range(n_layer + 2)]
+    extra = [current] if current and current not in ("auto", "all") and current not in counts else []
+    return ([("auto (default: fit what the device holds)", ""), (f"all layers ({n_layer + 1})", "all")]
+            + [(n, n) for n in counts + extra])
 
-    def __init__(self, params: sizing.SizingParams):
+
+def command_text(plan: Plan) -> str:
+    """The planned llama-server command line, shell-quoted, to copy."""
+    return shlex.join(["llama-server", *plan.flags.argv[1:]] if plan.flags.argv[:1] == ["llama-server"]
+                      else ["llama-server", *plan.flags.argv])
+
+
+class SizingUI:
+    """The sizing controls, figures and the state behind them, in one panel."""
+
+    def __init__(self, params: sizing.SizingParams, *, background: bool = True):
         import ipywidgets as w
 
         self._resolved: dict[str, Any] = {}  # model spec -> kvbook.model.resolve.ResolvedModel
         self._busy = False
+        self._background = background
+        self._generation = 0  # the newest change: a background result for an older one is dropped
+        self._timer: threading.Timer | None = None
+        # plotly's FigureWidget.batch_update is not thread-safe: the handler and the background searches draw in turn
+        self._draw = threading.RLock()
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self.error: str | None = None
-        # what no control here moves, planned as given (the placement flags and command_line included)
+        self.max_ctx = 0
+        self.per_device: dict[str, int] = {}
+        self.solution: Any = None
+        # what no control here moves, planned as given
         self._fixed: dict[str, Any] = {"allow_over_max": params.allow_over_max, "compare_blog_post": params.compare_blog_post,
-                       "output_dir": params.output_dir, "n_gpu_layers": params.n_gpu_layers,
-                       "n_cpu_moe": params.n_cpu_moe, "tensor_split": params.tensor_split, "solve": params.solve,
-                       "objective": params.objective, "command_line": params.command_line}
+                                       "output_dir": params.output_dir, "solve": params.solve,
+                                       "objective": params.objective, "command_line": params.command_line}
         self._make_controls(w, params)
         self._first_view()
+        half = w.Layout(width="50%")
         self.layout = w.VBox([
+            self.command_line,
             w.HBox([self.model, self.model_path]),
             w.HBox([self.device, self.budget_gib]),
-            self.context,
+            w.HBox([self.context, self.context_exact]),
             w.HBox([self.slots, self.kv_unified, self.swa_full]),
-            w.HBox([self.cache_type_k, self.cache_type_v]),
-            self.flash_attn,
+            w.HBox([self.cache_type_k, self.cache_type_v, self.flash_attn]),
             w.HBox([self.ubatch, self.batch]),
+            w.HBox([self.ngl, self.n_cpu_moe, self.ts, self.ot]),
             self.status,
-            self.breakdown,
-            self.curve,
-            self.table,
+            self.copy_line,
+            w.HBox([w.Box([self.breakdown], layout=half), w.Box([self.curve], layout=half)]),
+            w.HBox([w.Box([self.table], layout=half), w.Box([self.ranked], layout=half)]),
         ])
-        for widget, level in ((self.model, "model"), (self.model_path, "model"), (self.device, "budget"),
-                              (self.budget_gib, "budget"), (self.context, "point"), (self.cache_type_k, "point"),
-                              (self.cache_type_v, "point"), (self.slots, "sweep"), (self.kv_unified, "sweep"),
-                              (self.ubatch, "sweep"), (self.batch, "sweep"), (self.flash_attn, "sweep"),
-                              (self.swa_full, "sweep")):
+        self.layout.add_class("kvbook-sizing")
+        for widget, level in ((self.model, "model"), (self.model_path, "model"), (self.command_line, "command_line"),
+                              (self.device, "budget"), (self.budget_gib, "budget"), (self.context, "point"),
+                              (self.context_exact, "exact"), (self.cache_type_k, "point"), (self.cache_type_v, "point"),
+                              (self.ngl, "point"), (self.n_cpu_moe, "point"), (self.ts, "point"), (self.ot, "point"),
+                              (self.slots, "sweep"), (self.kv_unified, "sweep"), (self.ubatch, "sweep"),
+                              (self.batch, "sweep"), (self.flash_attn, "sweep"), (self.swa_full, "sweep")):
             widget.observe(self._handler(level), names="value")
 
     def _make_controls(self, w: Any, p: sizing.SizingParams) -> None:
@@ -90,6 +128,9 @@ class SizingUI:
         presets = preset_ids()
         preset = p.model if p.model in presets else (presets[0] if presets else "")
         wide = {"description_width": "initial"}
+        self.command_line = w.Textarea(value=p.command_line, description="command line", style=wide,
+                                       placeholder="paste a llama-server command line: every control below follows it",
+                                       continuous_update=False, layout=w.Layout(width="95%", height="3.2em"))
         self.model = w.Dropdown(options=presets, value=preset or None, description="model", style=wide)
         self.model_path = w.Text(value="" if p.model in presets else p.model,
                                  placeholder="or a GGUF path / URL / config.json", continuous_update=False,
@@ -104,8 +145,12 @@ class SizingUI:
         top = max(self.arch.n_ctx_train, p.context if p.allow_over_max else 0)
         self.context = w.FloatLogSlider(value=p.context, base=2, min=min(10.0, math.log2(max(CTX_PAD, p.context))),
                                         max=math.log2(top), step=SLIDER_STEP,
-                                        description="context (-c)", readout_format=",.0f", continuous_update=True,
-                                        style=wide, layout=w.Layout(width="640px"))
+                                        description="context (-c)", readout=False, continuous_update=True,
+                                        style=wide, layout=w.Layout(width="520px"))
+        # the exact -c: what is typed is planned as typed (llama-server pads it as the planner does)
+        self.context_exact = w.BoundedIntText(value=p.context, min=CTX_PAD, max=top, step=CTX_PAD, description="exact -c",
+                                              style=wide, layout=w.Layout(width="200px"))
+        self._exact = p.context
         self.slots = w.Dropdown(options=_slot_options(p.slots), value=p.slots, description="slots (-np)", style=wide)
         self.kv_unified = w.Checkbox(value=p.kv_unified, description="unified KV (-kvu)", indent=False)
         self.cache_type_k = w.Dropdown(options=list(CACHE_TYPES), value=p.cache_type_k, description="K cache (-ctk)",
@@ -117,19 +162,31 @@ class SizingUI:
         self.batch = w.Dropdown(options=_choices(BATCH_CHOICES, p.batch), value=p.batch, description="batch (-b)",
                                 style=wide)
         self.flash_attn = w.ToggleButtons(options=list(sizing.FLASH_CHOICES), value=p.flash_attn,
-                                          description="flash attention (-fa)", style=wide)
+                                          description="flash attention (-fa)",
+                                          style={"description_width": "initial", "button_width": "56px"})
         self.swa_full = w.Checkbox(value=p.swa_full, description="--swa-full", indent=False)
+        ngl = "" if p.n_gpu_layers in ("", "auto") else p.n_gpu_layers
+        self.ngl = w.Dropdown(options=_ngl_options(self.arch.n_layer, ngl), value=ngl, description="-ngl", style=wide)
+        self.n_cpu_moe = w.BoundedIntText(value=p.n_cpu_moe, min=-1, max=self.arch.n_layer,
+                                          description="--n-cpu-moe (-1: all)", style=wide,
+                                          disabled=not getattr(self.arch, "n_expert", 0),
+                                          layout=w.Layout(width="210px"))
+        self.ts = w.Text(value=p.tensor_split, description="-ts", placeholder="e.g. 3,1 (empty: by free memory)",
+                         continuous_update=False, style=wide, layout=w.Layout(width="260px"))
+        self.ot = w.Dropdown(options=[(label, value) for label, value in OT_PRESETS], value="", style=wide,
+                             layout=w.Layout(width="300px"))
         self.status = w.HTML()
+        self.copy_line = w.HTML()
         self.table = w.HTML()
+        self.ranked = w.HTML()
 
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
         self.device_record = self._device()
         self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top(), self.device_record)
-        self.max_ctx = 0
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
-        self.breakdown = figures.breakdown_figure([("-c", {})], self.budget_bytes, widget=True)
+        self.breakdown = placement_view.device_figure([], widget=True)
         self.curve = figures.context_figure(self.sweep, self.budget_bytes, usable=self._usable(), widget=True,
                                             title="Memory at start against context (K = V cache type)")
         self._refresh("all")
@@ -158,17 +215,27 @@ class SizingUI:
             batch=int(self.batch.value),
             flash_attn=self.flash_attn.value,
             swa_full=bool(self.swa_full.value),
+            n_gpu_layers=self.ngl.value,
+            n_cpu_moe=int(self.n_cpu_moe.value),
+            tensor_split=self.ts.value.strip(),
             **self._fixed,
         )
 
     @property
     def context_tokens(self) -> int:
-        """The slider's value as a -c: a multiple of 256."""
-        return max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
+        """The -c planned: the exact box's value (the slider, moved, writes its nearest multiple of 256 there)."""
+        return int(self._exact)
 
     @property
     def flags(self) -> ServerFlags:
-        return sizing.server_flags(self.params, self.arch.n_ctx_train, self.resolved.source)
+        flags = sizing.server_flags(self.params, self.arch.n_ctx_train, self.resolved.source)
+        if self.ot.value:
+            try:
+                overrides = parse_server_args(["-m", "x", "-ot", self.ot.value]).tensor_overrides
+            except BadInput as exc:
+                raise BadInput(f"-ot preset: {exc}") from None
+            flags = replace(flags, tensor_overrides=overrides)
+        return flags
 
     @property
     def request(self) -> PlanRequest:
@@ -220,6 +287,50 @@ class SizingUI:
         self.context.min, self.context.max = min(lo, self.context.min), max(hi, self.context.max)
         self.context.value = value
         self.context.min, self.context.max = lo, hi
+        self._exact = min(self._exact, top)
+        self.context_exact.max = max(top, self.context_exact.value)
+        self.context_exact.value = self._exact
+        self.context_exact.max = top
+        self._set_ngl(self.ngl.value)
+        self.n_cpu_moe.max = self.arch.n_layer
+        self.n_cpu_moe.disabled = not getattr(self.arch, "n_expert", 0)
+
+    def _set_ngl(self, value: str) -> None:
+        """The -ngl choices of this model, with `value` kept (a count above this model's layers stays as given:
+        llama-server reads it as all layers)."""
+        self.ngl.options = _ngl_options(self.arch.n_layer, value)
+        self.ngl.value = value
+
+    def _read_command_line(self) -> None:
+        """The command line box's line becomes the run: every control is set from it (its knobs read as
+        `kvbook run 01-sizing` reads them)."""
+        line = self.command_line.value.strip()
+        self._fixed["command_line"] = line
+        if not line:
+            return
+        flags = sizing.parse_command_line(line)
+        resolved = sizing.resolve_model_of(flags, "command_line")
+        knobs = sizing.knobs_of(flags, resolved.arch.n_ctx_train, resolved.source)
+        self._resolved.pop(knobs["model"], None)
+        if knobs["model"] in self.model.options:
+            self.model_path.value = ""
+            self.model.value = knobs["model"]
+        else:
+            self.model_path.value = knobs["model"]
+        self.arch = self._load(self._model_spec())
+        self._set_slider_range()
+        self._exact = int(knobs["context"])
+        self.context.value = float(self._exact)
+        self.context_exact.value = self._exact
+        self.slots.options = _slot_options(int(knobs["slots"]))
+        for name in ("slots", "kv_unified", "cache_type_k", "cache_type_v", "flash_attn", "swa_full", "n_cpu_moe"):
+            getattr(self, name).value = knobs[name]
+        self.ubatch.options = _choices(BATCH_CHOICES, int(knobs["ubatch"]))
+        self.batch.options = _choices(BATCH_CHOICES, int(knobs["batch"]))
+        self.ubatch.value, self.batch.value = knobs["ubatch"], knobs["batch"]
+        self._set_ngl(knobs["n_gpu_layers"])
+        self.ts.value = knobs["tensor_split"]
+        self.ot.value = ""
 
     # ------------------------------------------------------------ handlers
 
@@ -230,15 +341,24 @@ class SizingUI:
             self._busy = True
             t0 = time.perf_counter()
             try:
-                self._refresh(level, source=change.get("owner"))
+                if level == "point" and change.get("owner") is self.context:
+                    self._exact = max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
+                    self.context_exact.value = self._exact
+                elif level == "exact":
+                    self._exact = int(self.context_exact.value)
+                    self.context.value = float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max))
+                self._refresh("point" if level == "exact" else level)
             finally:
                 self._busy = False
                 self.timings.append((level, (time.perf_counter() - t0) * 1000))
         return handle
 
-    def _refresh(self, level: str, source: Any = None) -> None:
-        """Recompute from `level` down, then update the figures in place."""
+    def _refresh(self, level: str) -> None:
+        """Recompute from `level` down, then update the figures in place; the searches follow (`_searches`)."""
         try:
+            if level == "command_line":
+                self._read_command_line()
+                level = "model"
             if level == "model":
                 self.arch = self._load(self._model_spec())
                 self._set_slider_range()
@@ -250,50 +370,122 @@ class SizingUI:
             if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
                 self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
                 self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record)
-            search = level != "point" or self.max_ctx == 0 or source in (self.cache_type_k, self.cache_type_v)
-            plan = api.plan(self.request, search=search)
-            if search:
-                self.max_ctx = plan.max_ctx
+            request = self.request
+            plan = api.plan(request, search=False)
         except KvbookError as exc:
             self.error = str(exc)
             self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
             return
         self.error = None
-        memory = plan.memory
-        self.memory = memory
-        self.plan = plan if search else dataclasses.replace(plan, max_ctx=self.max_ctx)
-        budget = self.budget_bytes
-        current = (p.context, memory.start_bytes)
-        with self.breakdown.batch_update():
-            bar = (f"-c {figures.ctx_label(p.context)}", figures.plan_parts(self.plan))
-            figures.apply_breakdown(self.breakdown, [bar], budget, title=figures.plan_title(self.plan),
-                                    extra_lines=figures.ram_line(self.plan))
-        with self.curve.batch_update():
-            if level == "point":
-                figures.apply_current(self.curve, current, len(self.sweep.cache_types))
-            else:
-                figures.apply_context(self.curve, self.sweep, budget, usable=self._usable(), current=current)
-        if level != "point":
-            rows = sizing.fit_rows(self.request, p, self.sweep)
-            self.table.value = figures.fit_table_html(
-                rows, caption=f"Largest -c that starts on {self.device_record.name} ({self.arch.name})")
-        self.status.value = self._status_html()
+        self.memory = plan.memory
+        self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
+        current = (p.context, plan.memory.start_bytes)
+        with self._draw:
+            self._generation += 1
+            with self.breakdown.batch_update():
+                self._draw_devices()
+            with self.curve.batch_update():
+                if level == "point":
+                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
+                else:
+                    figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(),
+                                          current=current)
+            self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
+                                    f"{html.escape(command_text(plan))}</pre>")
+            self.status.value = self._status_html(searching=True)
+        self._start_searches(request, p, level, self._generation)
 
-    def _status_html(self) -> str:
+    def _draw_devices(self) -> None:
+        assert self.plan is not None
+        rows = placement_view.device_rows(self.plan)
+        placement_view.apply_devices(self.breakdown, rows, figures.plan_title(self.plan), self.per_device)
+
+    def _start_searches(self, request: PlanRequest, p: sizing.SizingParams, level: str, generation: int) -> None:
+        """The searches for this change, in a background thread that starts once the controls rest for
+        SEARCH_DELAY_S and gives up as soon as a newer change arrives (so they never slow a moving slider)."""
+        def stale() -> bool:
+            return generation != self._generation
+
+        def work() -> None:
+            try:
+                found = self._searches(request, p, level, stale)
+            except sizing.Superseded:
+                return
+            except KvbookError as exc:
+                found = {"error": str(exc)}
+            with self._draw:
+                if not stale():
+                    self._show_searches(found)
+
+        if not self._background:
+            work()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(SEARCH_DELAY_S, work)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _searches(self, request: PlanRequest, p: sizing.SizingParams, level: str,
+                  stale: Any = None) -> dict[str, Any]:
+        """What the slow part shows: the largest context (overall and per device), the table, the solver."""
+        def check() -> None:
+            if stale is not None and stale():
+                raise sizing.Superseded()
+
+        out: dict[str, Any] = {"max_ctx": api.largest_context(request)}
+        check()
+        out["per_device"] = sizing.largest_context_per_pool(request, self._sweep_top(), stale)
+        if level != "point" or not self.table.value:
+            rows = sizing.fit_rows(request, p, self.sweep, stale)
+            out["table"] = figures.fit_table_html(
+                rows, caption=f"Largest -c that starts on {self.device_record.name} ({self.arch.name})")
+        check()
+        out["solution"] = api.solve(request, p.objective)
+        return out
+
+    def _show_searches(self, found: Mapping[str, Any]) -> None:
+        if "error" in found:
+            self.ranked.value = f"<p><em>Not searched: {html.escape(found['error'])}</em></p>"
+            return
+        self.max_ctx, self.per_device = found["max_ctx"], found["per_device"]
+        if self.plan is not None:
+            self.plan = dataclasses.replace(self.plan, max_ctx=self.max_ctx)
+            with self.breakdown.batch_update():
+                self._draw_devices()
+        if "table" in found:
+            self.table.value = found["table"]
+        self.solution = found["solution"]
+        ranked, _ = sizing.solver_rows(self.solution)
+        from kvbook.notebook.html import html_table
+
+        self.ranked.value = html_table(
+            [{k: r[k] for k in ("rank", "verdict", "n_ctx", "-ngl", "--n-cpu-moe", "-ts", "cache")} for r in ranked],
+            caption=f"The solver's placements, best first for {self.solution.objective}")
+        self.status.value = self._status_html(searching=False)
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Until the background searches of the last change are shown (tests, benchmarks)."""
+        if self._timer is not None:
+            self._timer.join(timeout)
+
+    def _status_html(self, searching: bool) -> str:
         plan, mem = self.plan, self.memory
         assert plan is not None and mem is not None
         color = {"fits": "#1b7f3b", "tight": "#b36b00", "does not fit": "#b00020"}[plan.verdict.value]
         kv = f"{mem.kv_bytes / GiB:.2f} GiB KV"
         rec = f", {mem.recurrent_bytes / GiB:.2f} GiB recurrent" if mem.recurrent_bytes else ""
+        largest = "searching ..." if searching else f"{self.max_ctx:,}"
         return (f'<p><b style="color:{color}">{html.escape(plan.verdict.value.upper())}</b> on '
                 f"{html.escape(self.device_record.name)}: {mem.start_bytes / GiB:.2f} GiB at start ({kv}{rec}), "
-                f"{mem.total_bytes / GiB:.2f} GiB with run-time growth, of {self.budget_bytes / GiB:.2f} GiB. "
-                f"n_ctx {mem.shape.n_ctx:,} over {mem.shape.n_seq} slot(s); largest -c that fits: {plan.max_ctx:,}. "
-                f"<code>{html.escape(' '.join(plan.flags.argv))}</code></p>")
+                f"{mem.total_bytes / GiB:.2f} GiB with run-time growth; each device against its own budget below. "
+                f"n_ctx {mem.shape.n_ctx:,} over {mem.shape.n_seq} slot(s); largest -c that starts: {largest}.</p>")
 
 
-def build_sizing_ui(params: sizing.SizingParams | Mapping[str, Any] | None = None) -> SizingUI:
-    """The sizing UI for these parameters (a SizingParams or the notebook's parameter dict)."""
+def build_sizing_ui(params: sizing.SizingParams | Mapping[str, Any] | None = None, *,
+                    background: bool = True) -> SizingUI:
+    """The sizing UI for these parameters (a SizingParams or the notebook's parameter dict); `background` False
+    runs the searches inline (tests)."""
     if params is None:
         p = sizing.SizingParams()
     elif isinstance(params, sizing.SizingParams):
@@ -302,4 +494,4 @@ def build_sizing_ui(params: sizing.SizingParams | Mapping[str, Any] | None = Non
         names = {f.name for f in dataclasses.fields(sizing.SizingParams)}
         p = sizing.SizingParams.from_mapping({k: v for k, v in params.items() if k in names})
     p, _ = sizing.request_for(p)  # checks every parameter (with command_line: its knobs read from it)
-    return SizingUI(p)
+    return SizingUI(p, background=background)

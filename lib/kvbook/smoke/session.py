@@ -116,9 +116,14 @@ def run_session(
     between_repeats: Callable[[int], None] | None = None,
     rpc: Sequence[RpcHost] = (),
     allow_remote_rpc: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> SessionResult:
     """Launch (RPC servers first, when given), check, record, stop. Every check result is appended to
-    results_path as it lands."""
+    results_path as it lands; `progress` hears each step (server starts take a while)."""
+    import time
+
+    say = progress or (lambda _line: None)
+    started = time.monotonic()
     from kvbook.model.ggufio import sha256_file
     from kvbook.ops.components import find_llama_server
 
@@ -135,14 +140,19 @@ def run_session(
     with ExitStack() as stack:
         if rpc:
             argv += ["--rpc", ",".join(stack.enter_context(rpc_servers(rpc, run_dir, allow_remote=allow_remote_rpc)))]
+        say(f"starting llama-server ({model.name}) ...")
         server = stack.enter_context(start_llama_server(argv, binary=binary, run_dir=run_dir, force=force))
+        say(f"llama-server ready after {time.monotonic() - started:.0f} s")
         summary = plan_summary(server.plan) if server.plan else {}
         logged = server.measured()
         per_device = {d["name"]: d["weights_bytes"] - d["repack_bytes"] for d in summary.get("devices") or []}
         per_device.update({"CPU_REPACK": d["repack_bytes"] for d in summary.get("devices") or [] if d["repack_bytes"]})
         comparison = ([r.as_record() for r in compare_memory(server.plan.memory, logged, per_device)]
                       if server.plan else [])
+        if any(r.startswith("litellm") for r in routes):
+            say("starting LiteLLM ...")
         targets, routing = _targets(stack, server.base_url, routes, client_ids, run_dir)
+        say(f"servers ready after {time.monotonic() - started:.0f} s; checking {', '.join(routes)}")
         context = _record_context(smoke, model, sha, [str(binary), *argv[1:]], vers, summary, logged, comparison)
         results: list[CheckResult] = []
 
@@ -182,8 +192,12 @@ def results_table(results: list[CheckResult]) -> list[dict[str, Any]]:
             for r in results]
 
 
+MIN_OVERHEAD_RUNS = 3  # fewer runs per side: the difference is one sample's noise, shown as such, not as an overhead
+
+
 def proxy_overhead(results: list[CheckResult]) -> list[dict[str, Any]]:
-    """Median total time per route and check, and each proxy route's overhead over the direct call."""
+    """Median total time per route and check, and each proxy route's overhead over the direct call: only with
+    MIN_OVERHEAD_RUNS runs on both sides (one run of a generating check varies by seconds), else said so."""
     import statistics
 
     by: dict[tuple[str, str], list[float]] = {}
@@ -194,7 +208,12 @@ def proxy_overhead(results: list[CheckResult]) -> list[dict[str, Any]]:
     for (check, route), values in sorted(by.items()):
         direct = by.get((check, "direct"))
         med = statistics.median(values)
-        rows.append({"check": check, "route": route, "median ms": round(1000 * med, 1),
-                     "overhead ms vs direct": round(1000 * (med - statistics.median(direct)), 1) if direct else None})
+        row: dict[str, Any] = {"check": check, "route": route, "runs": len(values), "median ms": round(1000 * med, 1)}
+        if route == "direct" or not direct:
+            row["overhead ms vs direct"] = "-"
+        elif min(len(values), len(direct)) < MIN_OVERHEAD_RUNS:
+            row["overhead ms vs direct"] = f"not estimated (fewer than {MIN_OVERHEAD_RUNS} runs)"
+        else:
+            row["overhead ms vs direct"] = round(1000 * (med - statistics.median(direct)), 1)
+        rows.append(row)
     return rows
-
