@@ -342,7 +342,7 @@ class SizingUI:
             t0 = time.perf_counter()
             try:
                 if level == "point" and change.get("owner") is self.context:
-                    self._exact = max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
+                    self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
                     self.context_exact.value = self._exact
                 elif level == "exact":
                     self._exact = int(self.context_exact.value)
