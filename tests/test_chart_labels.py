@@ -19,13 +19,15 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # every drawn text element of the plot: its string and box (client pixels), and the figure's own box
 READ_TEXT = """() => {
-  const root = document.querySelector('.js-plotly-plot').getBoundingClientRect();
+  const root = document.querySelector('.js-plotly-plot .main-svg').getBoundingClientRect();  // the drawn figure
   const boxes = [...document.querySelectorAll('.annotation-text, .gtitle, .xtick text, .ytick text, .textpoint text, .legendtext')]
     .map(e => { const r = e.getBoundingClientRect();
                 return {cls: e.getAttribute('class') || e.parentNode.getAttribute('class'), text: e.textContent,
                         x0: r.left, x1: r.right, y0: r.top, y1: r.bottom}; })
     .filter(b => b.x1 > b.x0 && b.y1 > b.y0);
-  return {root: {x0: root.left, x1: root.right, y0: root.top, y1: root.bottom}, boxes};
+  const area = document.querySelector('.js-plotly-plot .nsewdrag').getBoundingClientRect();  // the plot area
+  return {root: {x0: root.left, x1: root.right, y0: root.top, y1: root.bottom},
+          area: {x0: area.left, x1: area.right, y0: area.top, y1: area.bottom}, boxes};
 }"""
 
 
@@ -53,9 +55,9 @@ def page():
             browser.close()
 
 
-def _render(page, fig, folder: Path, name: str) -> dict:
+def _render(page, fig, folder: Path, name: str, width: int = 900) -> dict:
     path = folder / f"{name}.html"
-    fig.update_layout(width=900)
+    fig.update_layout(width=width)
     fig.write_html(str(path), include_plotlyjs="directory", include_mathjax=False, full_html=True)
     page.goto(path.as_uri())
     page.wait_for_selector(".js-plotly-plot .main-svg")
@@ -85,6 +87,21 @@ def test_largest_context_labels_do_not_collide(page, pages_dir):
     labels = [b for b in drawn["boxes"] if b["cls"] and "annotation" in b["cls"] and ": " in b["text"]]
     assert len(labels) >= 4, "one label per usable cache type that fits"
     _check(drawn, ("annotation", "gtitle"))
+
+
+def test_labels_at_the_largest_context_stay_inside_a_half_width_panel(page, pages_dir):
+    """Where every cache type fits up to the model's maximum (m1-max-64), the labels sit at the right edge: in the
+    sizing panel's half width (about 450 px) centred labels were cut off there."""
+    s = sizing.resolve(dict(model="qwen3.6-35b-a3b", device="m1-max-64", context=65536))
+    usable = [sizing.type_usable(s.arch, t, s.flash) for t in s.sweep.cache_types]
+    fig = figures.context_figure(s.sweep, s.budget_bytes, usable=usable, current=(65536, s.plan.memory.start_bytes),
+                                 title="Memory at start against context (K = V cache type)")  # the panel's title
+    drawn = _render(page, fig, pages_dir, "curves-edge", width=450)
+    labels = [b for b in drawn["boxes"] if b["cls"] and "annotation" in b["cls"] and ": " in b["text"]]
+    assert len(labels) >= 4, "one label per usable cache type that fits"
+    _check(drawn, ("annotation", "legendtext"))  # nor over the legend
+    area = drawn["area"]  # in the panel the figure has no room right of the plot: a label must stay within it
+    assert all(area["x0"] - 1 <= b["x0"] and b["x1"] <= area["x1"] + 1 for b in labels), (area, labels)
 
 
 def test_per_device_bars_are_readable(page, pages_dir):

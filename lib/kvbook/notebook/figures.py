@@ -202,6 +202,13 @@ def context_figure(result: SweepResult, budget_bytes: int, *, si: int = 0, usabl
     return fig
 
 
+def _edge_anchor(at: float, span: tuple[float, float]) -> str:
+    """A label's anchor so it stays inside the plot: right-aligned near the right edge, left-aligned near the left
+    (centred labels on a point at the largest context were cut off at the plot's edge)."""
+    share = (at - span[0]) / (span[1] - span[0]) if span[1] > span[0] else 0.5
+    return "right" if share > 0.8 else "left" if share < 0.2 else "center"
+
+
 def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int = 0,
                   usable: Sequence[bool] | None = None, current: tuple[int, int] | None = None,
                   title: str | None = None) -> None:
@@ -232,8 +239,10 @@ def apply_context(fig: Any, result: SweepResult, budget_bytes: int, *, si: int =
     # the largest -c labels: one row each below the budget line, left to right by context, an arrow to its
     # diamond (labels drawn on the markers collided where several types fit at nearby contexts)
     order = sorted(shown, key=lambda ti: int(fits[ti]))
+    span = (float(np.log10(int(x[0]))), float(np.log10(int(x[-1]))))
     notes += [dict(xref="x", x=float(np.log10(int(fits[ti]))), yref="y", y=_in_gib(at[ti]), showarrow=True,
-                   arrowhead=0, arrowwidth=1, arrowcolor="#888888", ax=0, ay=22 + 16 * row, xanchor="center",
+                   arrowhead=0, arrowwidth=1, arrowcolor="#888888", ax=0, ay=22 + 16 * row,
+                   xanchor=_edge_anchor(float(np.log10(int(fits[ti]))), span),
                    text=f"{types[ti]}: {ctx_label(int(fits[ti]))}", font=dict(size=10, color=TYPE_COLORS.get(types[ti], "#222222")),
                    bgcolor="rgba(255,255,255,0.85)")
               for row, ti in enumerate(order)]
