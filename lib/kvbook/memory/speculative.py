@@ -17,15 +17,14 @@ attention cache over the NextN layers):
   common_base_params_to_speculative, the draft cache types -ctkd/-ctvd, n_outputs_max = n_parallel, one per
   sequence); its memory (src/llama-model.cpp llama_model::create_memory, `mtp_on_hybrid_qwen`) is one
   llama_kv_cache of n_ctx_seq cells over the layers il >= n_layer (the NextN layers), with no recurrent state;
-  its logits buffer is one row per slot, and it reserves a compute buffer of its own.
+  its logits buffer is one row per slot, and it reserves a compute buffer of its own (memory/rules.py
+  mtp_memory builds that context's MemoryPlan from these rules).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from kvbook.errors import BadInput
-from kvbook.interface import CacheKind, CacheSpec, ContextShape, HostExtras, MemoryPlan, ModelArch, ServerFlags
+from kvbook.interface import ContextShape, ModelArch, ServerFlags
 
 # common/speculative.cpp common_speculative_type_from_name_map: every name --spec-type takes
 SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-simple",
@@ -90,45 +89,3 @@ def check_mtp(arch: ModelArch) -> None:
     if len(kv_heads) != 1:
         raise BadInput(f"--spec-type draft-mtp on {arch.name}: attention layers of different KV widths; the NextN "
                        "layer's width is not known")
-
-
-def mtp_cache(arch: ModelArch, shape: ContextShape) -> CacheSpec:
-    """The MTP context's llama_kv_cache: n_ctx_seq cells over the NextN layers, each as wide as the model's
-    attention layers (qwen35*.cpp load_block_mtp: a full-attention block), in the draft cache types."""
-    from kvbook.memory.rules import row_bytes
-
-    il = next(i for i in range(arch.n_layer) if arch.has_kv(i))
-    width_k = arch.head_k * arch.n_head_kv[il]
-    width_v = arch.head_v * arch.n_head_kv[il]
-    k = row_bytes(shape.type_k, width_k) * arch.n_layer_nextn
-    v = row_bytes(shape.type_v, width_v) * arch.n_layer_nextn  # V rows are this width with or without FA
-    cells = shape.n_ctx_seq
-    return CacheSpec(kind=CacheKind.KV, cells=cells, layers=arch.n_layer_nextn, k_type=shape.type_k,
-                     v_type=shape.type_v, k_bytes=k * cells * shape.n_stream, v_bytes=v * cells * shape.n_stream)
-
-
-def mtp_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan:
-    """The MTP context (common_speculative_init_result with ctx_type MTP): the target's shape with the draft cache
-    types and one output per slot; no weights of its own (it runs on the target's)."""
-    from kvbook.memory.compute import estimate_compute
-    from kvbook.memory.rules import is_quantized, logits_bytes
-
-    check_mtp(arch)
-    if arch.draft is not None:
-        raise BadInput("-md with --spec-type draft-mtp: llama-server then runs the -md file as the MTP context "
-                       "(common_speculative_init_result), which kvbook does not model yet; drop -md to use the "
-                       "model's own MTP layers")
-    if not shape.flash_attn and is_quantized(flags.draft_type_v):
-        raise BadInput(f"a quantized draft V cache (-ctvd {flags.draft_type_v}) needs flash attention")
-    mshape = dataclasses.replace(shape, type_k=flags.draft_type_k, type_v=flags.draft_type_v,
-                                 n_outputs_max=shape.n_seq, reserve_outputs=0)
-    cache = mtp_cache(arch, mshape)
-    return MemoryPlan(
-        shape=mshape,
-        caches=(cache,),
-        weights_bytes=0,
-        weights_exact=True,
-        output_bytes=int(logits_bytes(arch.n_vocab, shape.n_seq)),
-        compute=estimate_compute(arch, mshape, [cache.cells]),
-        host_extras=HostExtras(cache_ram_bytes=0, checkpoint_bytes=0),
-    )

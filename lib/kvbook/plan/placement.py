@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kvbook.errors import BadInput
 from kvbook.interface import CacheKind, MemoryPlan, ModelArch
 from kvbook.memory.compute import activation_width
-from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
+from kvbook.memory.rules import attention_layers, cell_bytes
 
 CPU = "CPU"
 MAPPED = "CPU_Mapped"  # the buffer of the CPU's tensors left in the file mapping
