@@ -7,7 +7,9 @@ are refused by name (pure checks, no server)."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 
+import jsonschema
 import pytest
 
 from kvbook import cli
@@ -71,6 +73,7 @@ def test_mtp_adds_its_context_and_the_nextn_weights(capsys, mtp_models) -> None:
     assert doc["draft"]["n_ctx"] == doc["n_ctx"] and [c["layers"] for c in doc["draft"]["caches"]] == [1]
     assert doc["recurrent_bytes"] == 4 * alone["recurrent_bytes"]  # 1 + 3 rows per slot
     assert any(f["flag"] == "--spec-type draft-mtp" for f in doc["flags_read"])
+    jsonschema.validate(doc, json.loads(resources.files("kvbook").joinpath("data/plan.schema.json").read_text()))
 
 
 def test_on_one_gpu_the_mtp_context_sits_with_the_layers(capsys, mtp_models) -> None:
