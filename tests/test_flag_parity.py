@@ -43,14 +43,17 @@ ROWS = [
     (["--fim-qwen-1.5b-default", "-c", "4096"], {}, True, "ok"),
     (["--embd-gemma-default"], {}, True, "sets --embedding"),
     (["--fim-qwen-7b-spec"], {}, True, "ok"),  # its draft comes from the hub (-hfd) and is planned
-    (["--spec-default"], {}, True, "speculative decoding state"),
+    (["--spec-default"], {}, True, "--spec-type ngram-mod"),  # n-gram modes: refused by name (test_spec_decoding.py)
     (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
     ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
     (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),
-    # a draft model is planned (tests/test_draft.py); other speculative state is refused by name
+    # a draft model and an MTP head are planned (tests/test_draft.py, test_spec_decoding.py); other types refused by name
     (["-md", "draft.gguf", "-ctkd", "q8_0", "-ctvd", "q8_0", "-ngld", "99"], {}, True, "ok"),
     (["-ctkd", "q3_k"], {}, False, "unknown value 'q3_k'"),
-    (["--spec-type", "draft-mtp"], {}, True, "speculative decoding state"),
+    (["--spec-type", "draft-mtp", "--spec-draft-n-max", "2"], {}, True, "ok"),
+    (["--spec-type", "mtp"], {}, False, "unknown speculative type 'mtp'"),
+    (["--spec-type", "draft-eagle3"], {}, True, "EAGLE3"),
+    (["--spec-draft-n-max", "-1"], {}, False, "must be >= 0"),
     (["--mmproj", "p.gguf", "--no-mmproj-offload"], {}, True, "ok"),
     (["--image-max-tokens", "256"], {}, True, "warm-up image size"),
     (["--lora", "a.gguf,b.gguf", "--lora-scaled", "c.gguf:0.5"], {}, True, "ok"),

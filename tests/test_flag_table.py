@@ -58,6 +58,8 @@ DOMAINS: dict[str, Callable[[random.Random], Any]] = {
     "draft_model": _path, "draft_hf_repo": lambda r: "ggml-org/d-GGUF:Q8_0",
     "draft_type_k": lambda r: r.choice(F.CACHE_TYPES), "draft_type_v": lambda r: r.choice(F.CACHE_TYPES),
     "draft_gpu_layers": _ngl,
+    "spec_types": lambda r: r.choice([("draft-mtp",), ("draft-simple",), ("draft-simple", "draft-mtp")]),
+    "spec_draft_n_max": lambda r: r.randrange(0, 17),
     "offline": lambda r: r.random() < 0.5, "no_mmproj": lambda r: r.random() < 0.5,
 }
 

@@ -213,6 +213,9 @@ class ServerFlags:
     draft_type_k: str = "f16"  # -ctkd
     draft_type_v: str = "f16"  # -ctvd
     draft_gpu_layers: str = "auto"  # -ngld
+    # --spec-type A,B (repeats add up): speculative decoding types, as llama-server names them; () = none
+    spec_types: tuple[str, ...] = ()
+    spec_draft_n_max: int = 3  # --spec-draft-n-max: tokens drafted per step (common.h common_params_speculative_draft)
     mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
     mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
     model_url: str = ""  # -mu URL: the model is the file llama-server downloads from there (wins over -m)

@@ -7,6 +7,7 @@ the compute buffer is a calibrated approximation (see kvbook.memory.compute).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from kvbook.errors import BadInput
@@ -24,6 +25,7 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import estimate_compute
 from kvbook.memory.projector import projector_memory
+from kvbook.memory.speculative import check_mtp, n_rs_seq, outputs_max, uses_mtp
 from kvbook.memory.xp import PY, Num
 
 # ggml block size and bytes per block for the cache types llama-server accepts
@@ -235,8 +237,9 @@ def caches(arch: ModelArch, shape: ContextShape, n_rs_seq: int = 0) -> tuple[Cac
 
 
 def output_bytes(arch: ModelArch, shape: ContextShape) -> int:
-    """Logits buffer: n_vocab floats for each of n_outputs_max rows."""
-    return int(logits_bytes(arch.n_vocab, max(shape.n_outputs_max, shape.n_seq)))
+    """Logits buffer at start: n_vocab floats per slot (llama_context::llama_context: output_reserve(n_seq_max);
+    a larger n_outputs_max, as speculative decoding sets, grows it only at decode time)."""
+    return int(logits_bytes(arch.n_vocab, shape.n_seq))
 
 
 def host_extras(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> HostExtras:
@@ -282,7 +285,9 @@ def prompts_to_fill(extras: HostExtras, n_tokens: int) -> int:
 def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
     """Everything llama-server allocates for this model and command line."""
     shape = context_shape(arch, flags)
-    cache_list = caches(arch, shape)
+    if flags.spec_types:  # memory/speculative.py: the drafted tokens' outputs, the rollback state rows
+        shape = dataclasses.replace(shape, n_outputs_max=outputs_max(shape, flags))
+    cache_list = caches(arch, shape, n_rs_seq(arch, flags))
     return MemoryPlan(
         shape=shape,
         caches=cache_list,
@@ -292,7 +297,7 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
         compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
         host_extras=host_extras(arch, shape, flags),
         projector=with_projector(arch, shape, flags),
-        draft=draft_memory(arch, shape, flags),
+        draft=mtp_memory(arch, shape, flags) if uses_mtp(flags) else draft_memory(arch, shape, flags),
         lora_bytes=sum(a.buffer_bytes for a in arch.loras),
     )
 
@@ -301,11 +306,9 @@ def draft_flags(flags: ServerFlags, shape: ContextShape) -> ServerFlags:
     """The draft context's settings (common/speculative.cpp): the server's own, with the target context's
     n_ctx, the draft's cache types (-ctkd/-ctvd, f16 by default), and no prompt cache of its own (the one
     --cache-ram limit covers both)."""
-    import dataclasses
-
     return dataclasses.replace(flags, model=flags.draft_model, model_url="", hf_repo="", hf_file="", ctx=shape.n_ctx, type_k=flags.draft_type_k,
                                type_v=flags.draft_type_v, gpu_layers=flags.draft_gpu_layers, cache_ram_mib=0,
-                               draft_model="", draft_hf_repo="", draft_hf_file="", mmproj="",
+                               draft_model="", spec_types=(), draft_hf_repo="", draft_hf_file="", mmproj="",
                                lora=())
 
 
@@ -319,3 +322,40 @@ def draft_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> Me
 def with_projector(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> ProjectorMemory | None:
     """The projector's memory when the model has one (`on_gpu` is what the flags ask; the planner places it)."""
     return projector_memory(arch.projector, shape.flash_attn, flags.mmproj_offload) if arch.projector else None
+
+
+def mtp_cache(arch: ModelArch, shape: ContextShape) -> CacheSpec:
+    """The MTP context's llama_kv_cache: n_ctx_seq cells over the NextN layers, each as wide as the model's
+    attention layers (qwen35*.cpp load_block_mtp: a full-attention block), in the draft cache types."""
+    il = next(i for i in range(arch.n_layer) if arch.has_kv(i))
+    width_k = arch.head_k * arch.n_head_kv[il]
+    width_v = arch.head_v * arch.n_head_kv[il]
+    k = row_bytes(shape.type_k, width_k) * arch.n_layer_nextn
+    v = row_bytes(shape.type_v, width_v) * arch.n_layer_nextn  # V rows are this width with or without FA
+    cells = shape.n_ctx_seq
+    return CacheSpec(kind=CacheKind.KV, cells=cells, layers=arch.n_layer_nextn, k_type=shape.type_k,
+                     v_type=shape.type_v, k_bytes=k * cells * shape.n_stream, v_bytes=v * cells * shape.n_stream)
+
+
+def mtp_memory(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> MemoryPlan:
+    """The MTP context (common_speculative_init_result with ctx_type MTP): the target's shape with the draft cache
+    types and one output per slot; no weights of its own (it runs on the target's)."""
+    check_mtp(arch)
+    if arch.draft is not None:
+        raise BadInput("-md with --spec-type draft-mtp: llama-server then runs the -md file as the MTP context "
+                       "(common_speculative_init_result), which kvbook does not model yet; drop -md to use the "
+                       "model's own MTP layers")
+    if not shape.flash_attn and is_quantized(flags.draft_type_v):
+        raise BadInput(f"a quantized draft V cache (-ctvd {flags.draft_type_v}) needs flash attention")
+    mshape = dataclasses.replace(shape, type_k=flags.draft_type_k, type_v=flags.draft_type_v,
+                                 n_outputs_max=shape.n_seq, reserve_outputs=0)
+    cache = mtp_cache(arch, mshape)
+    return MemoryPlan(
+        shape=mshape,
+        caches=(cache,),
+        weights_bytes=0,
+        weights_exact=True,
+        output_bytes=int(logits_bytes(arch.n_vocab, shape.n_seq)),
+        compute=estimate_compute(arch, mshape, [cache.cells]),
+        host_extras=HostExtras(cache_ram_bytes=0, checkpoint_bytes=0),
+    )

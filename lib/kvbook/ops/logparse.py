@@ -88,12 +88,22 @@ class LoggedMemory:
 
 
 DRAFT_MARKER = "loading draft model"  # common/speculative.cpp logs it before it loads the -md model
+MTP_MARKER = "creating MTP draft context"  # ... and this before the MTP context (--spec-type draft-mtp)
+
+
+def _split_draft(text: str) -> tuple[str, str, str]:
+    """(before, marker, after) at the first draft or MTP marker."""
+    at = [(i, m) for m in (DRAFT_MARKER, MTP_MARKER) if (i := text.find(m)) >= 0]
+    if not at:
+        return text, "", ""
+    i, m = min(at)
+    return text[:i], m, text[i + len(m):]
 
 
 def parse_log(text: str) -> LoggedMemory:
     """The target model's context in a llama-server log (the last one created before a draft model is loaded;
     fit probes log none at -lv 4), and the projector's lines wherever they are."""
-    head, marker, _ = text.partition(DRAFT_MARKER)
+    head, marker, _ = _split_draft(text)
     if not marker:
         return _parse(text)
     clip = "\n".join(ln for ln in text.splitlines() if "load_hparams: model size" in ln or "reserve_compute_meta" in ln)
@@ -101,8 +111,8 @@ def parse_log(text: str) -> LoggedMemory:
 
 
 def parse_draft_log(text: str) -> LoggedMemory | None:
-    """The draft model's context (-md): everything the log says after the draft starts loading."""
-    _, marker, tail = text.partition(DRAFT_MARKER)
+    """The draft model's context (-md) or the MTP context: everything the log says after it starts."""
+    _, marker, tail = _split_draft(text)
     return _parse(tail) if marker else None
 
 

@@ -79,7 +79,9 @@ def compare_memory(predicted: MemoryPlan, logged: LoggedMemory,
         rows += [MemoryRow(f"weights MiB on {name}", mib2(b), logged.model_mib.get(_log_key(name, logged), 0.0), True)
                  for name, b in device_weights.items()]
     else:
-        rows.append(MemoryRow("weights MiB", mib2(predicted.weights_bytes), logged.model_mib.get("CPU_Mapped"), True))
+        # a context on another's weights (the MTP context) logs no model buffer at all: it holds none
+        rows.append(MemoryRow("weights MiB", mib2(predicted.weights_bytes),
+                              logged.model_mib.get("CPU_Mapped", None if logged.model_mib else 0.0), True))
     rows += [
         MemoryRow("compute MiB", mib2(predicted.compute.bytes), round(logged.compute_bytes / MiB, 2), None),
     ]

@@ -23,6 +23,7 @@ from typing import Any
 from kvbook.errors import BadInput
 from kvbook.interface import FlashAttn, ServerFlags
 from kvbook.memory.rules import CACHE_TYPE_LAYOUT
+from kvbook.memory.speculative import UNMODELLED_TYPES, spec_type_names
 
 CACHE_TYPES = tuple(CACHE_TYPE_LAYOUT)  # every -ctk/-ctv value the pinned server accepts
 
@@ -31,7 +32,6 @@ UNMODELLED = {
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
-    "--spec-type": "speculative decoding state",
     "--spec-draft-device": "the draft model's device",
     "--spec-draft-cpu-moe": "the draft's experts on the CPU",
     "--spec-draft-n-cpu-moe": "the draft's experts on the CPU",
@@ -410,6 +410,12 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
             render="-ctkd"),
     FlagRow("--spec-draft-type-v", "draft_type_v", "the draft's V cache bytes", _CACHE, _one_of(*CACHE_TYPES),
             render="-ctvd"),
+    FlagRow("--spec-type", "spec_types", "speculative decoding: with draft-mtp the MTP context (its KV cache, logits and "
+            "compute buffer), the NextN weights, the drafted outputs and recurrent rollback rows of the target",
+            "none, draft-simple or draft-mtp (comma-separated; repeats add up)", spec_type_names, combine=_added,
+            render="--spec-type", tokens=_listed("--spec-type")),
+    FlagRow("--spec-draft-n-max", "spec_draft_n_max", "tokens drafted per step: the target's outputs and, with "
+            "draft-mtp, its recurrent rollback rows", _NUMBER.format(0), _at_least(0), render="--spec-draft-n-max"),
     FlagRow("--spec-draft-ngl", "draft_gpu_layers", "placement of the draft model", _NGL, _ngl, render="-ngld"),
     FlagRow("-hf", "hf_repo", "the model: the file llama-server fetches from the hub", "user/repo[:quant]", _text),
     FlagRow("-hff", "hf_file", "the model: this file of the -hf repo", "a file name in the -hf repo", _text),
@@ -443,8 +449,12 @@ def _refusal(flag: str, canonical: str, value: str | None) -> str | None:
     """Why kvbook refuses this flag (it changes memory in a way not modelled yet), or None."""
     if flag in UNMODELLED_SPELLINGS:
         return UNMODELLED_SPELLINGS[flag]
-    if canonical in UNMODELLED and not (canonical == "--spec-type" and value in ("none", "draft-simple")):
+    if canonical in UNMODELLED:
         return UNMODELLED[canonical]
+    if canonical == "--spec-type" and value is not None:
+        unmodelled = [t for t in value.split(",") if t in UNMODELLED_TYPES]
+        if unmodelled and "none" not in value.split(","):
+            return f"--spec-type {unmodelled[0]}: {UNMODELLED_TYPES[unmodelled[0]]}"
     return None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kvbook.errors import BadInput
 from kvbook.interface import CacheKind, MemoryPlan, ModelArch
 from kvbook.memory.compute import activation_width
-from kvbook.memory.rules import attention_layers, cell_bytes, recurrent_seq_bytes
+from kvbook.memory.rules import attention_layers, cell_bytes
 
 CPU = "CPU"
 MAPPED = "CPU_Mapped"  # the buffer of the CPU's tensors left in the file mapping
@@ -147,13 +147,12 @@ def layer_cache_bytes(arch: ModelArch, memory: MemoryPlan) -> tuple[tuple[int, i
         for il in layers:
             k, v = cell_bytes(arch, [il], shape.type_k, shape.type_v, shape.flash_attn)
             out[il][0] += (k + v) * cells.get(kind, 0) * shape.n_stream
-    r, s = recurrent_seq_bytes(arch)
     n_rec = sum(arch.is_recurrent)
+    rec_total = sum(c.bytes for c in memory.caches if c.kind is CacheKind.RECURRENT)  # rollback rows included
     if n_rec:
-        rows = max(1, shape.n_seq)
         for il in range(arch.n_layer):
             if arch.is_recurrent[il]:
-                out[il][1] += (r + s) // n_rec * rows
+                out[il][1] += rec_total // n_rec
     return tuple((kv, rec) for kv, rec in out)
 
 

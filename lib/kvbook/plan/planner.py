@@ -32,6 +32,7 @@ from kvbook.memory.backends import (
 )
 from kvbook.memory.compute import activation_width, coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
+from kvbook.memory.speculative import uses_mtp
 from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
 from kvbook.plan.placement import (
@@ -99,7 +100,7 @@ def _spread(arch: ModelArch, flags: ServerFlags, device: Device) -> bool:
     # stays on the CPU (mapped) and the CPU backend keeps a compute buffer of its own (Vulkan_Host / CUDA_Host),
     # which one GPU pool holding every tensor would miss (measured on Vulkan, docs/accuracy.md); not yet with a
     # LoRA, a draft model or a projector, whose per-device placement the spread plan does not model
-    full = (bool(arch.tensors) and not flags.lora and arch.draft is None and arch.projector is None
+    full = (bool(arch.tensors) and not flags.lora and arch.draft is None and arch.projector is None and not uses_mtp(flags)
             and (flags.gpu_layers in ("auto", "all", "-1") or int(flags.gpu_layers) > 0))
     return partial or full or (flags.cpu_moe_layers != 0 and bool(arch.n_expert)) or _ot_moves(arch, flags)
 
@@ -517,6 +518,9 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
     if memory.draft is not None and len(offload_pools(device)) > 1:
         raise BadInput(f"-md with several GPUs ({', '.join(offload_pools(device))}): how llama.cpp splits the draft "
                        "over them is not modelled yet (keep one GPU with -dev or -sm none: the draft inherits them)")
+    if uses_mtp(flags) and _spread(arch, flags, device):
+        raise BadInput("--spec-type draft-mtp with layers spread over devices (several GPUs, RPC, a partial -ngl or "
+                       "experts on the CPU): where llama.cpp puts the MTP context then is not modelled yet")
     if memory.projector is not None and any(p.kind == "rpc" for p in device.pools):
         raise BadInput("--mmproj with --rpc devices: where llama.cpp puts the projector then is not modelled yet")
     if (not arch.tensor_groups and any(p.kind == "rpc" for p in device.pools)
@@ -552,7 +556,7 @@ def place_mapped(arch: ModelArch, flags: ServerFlags, memory: MemoryPlan, device
     if memory.draft is not None:
         if not memory.draft.shape.n_ctx:
             raise BadInput("the draft model has no context")
-        pool = draft_pool(arch, flags, device)
+        pool = mtp_pool(arch, flags, device) if uses_mtp(flags) else draft_pool(arch, flags, device)
         d = memory.draft
         weights, repack = _draft_weights(arch, flags, device, pool, d.weights_bytes)
         parts[pool]["weights"] += weights
@@ -602,6 +606,18 @@ def draft_pool(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
     if int(ngl) == 0:
         return host
     raise BadInput(f"-ngld {ngl}: a draft split between the GPU and the CPU is not modelled yet (use -ngld 0 or all)")
+
+
+def mtp_pool(arch: ModelArch, flags: ServerFlags, device: Device) -> str:
+    """Where the MTP context's KV cache and compute buffer sit: with the model's layers (the NextN layers are the
+    last ones; offload_kqv puts their cache on their device), the GPU pool on unified memory (memory/speculative.py)."""
+    limits = two_limits(device)
+    if limits:
+        return limits[0] if _unified_offload(arch, flags, limits[0]).layers[-1] != CPU else limits[1]
+    if device.unified:
+        return device.pools[0].name
+    host = next((p.name for p in device.pools if p.kind == "host"), device.pools[0].name)
+    return device.main_pool.name if _offloaded(arch, flags, device) else host
 
 
 def projector_pool(memory: MemoryPlan, device: Device) -> str | None:

@@ -100,20 +100,24 @@ def _fit_layers(fit: FitOutcome, name: str) -> dict[str, str | int | None]:
 
 
 def draft_entry(plan: Plan) -> dict[str, Any] | None:
-    """The draft model's own context (-md), sized like the target's (None without one)."""
+    """The draft model's own context (-md), sized like the target's, or the MTP context on the model's own NextN
+    layers (--spec-type draft-mtp: model "<name> (MTP)"); None without either."""
     arch, mem = plan.model.draft, plan.memory.draft
+    mtp = arch is None and mem is not None
+    arch = plan.model if mtp else arch
     if arch is None or mem is None:
         return None
-    from kvbook.plan.planner import draft_pool
+    from kvbook.plan.planner import draft_pool, mtp_pool
 
-    return {"model": arch.name, "arch": arch.arch, "source": arch.source, "n_ctx": mem.shape.n_ctx,
+    pool = (mtp_pool if mtp else draft_pool)(plan.model, plan.flags, plan.device)
+    return {"model": f"{arch.name} (MTP)" if mtp else arch.name, "arch": arch.arch, "source": arch.source, "n_ctx": mem.shape.n_ctx,
             "n_ctx_seq": mem.shape.n_ctx_seq,
             "caches": [{"kind": c.kind.value, "cells": c.cells, "layers": c.layers, "k_type": c.k_type,
                         "v_type": c.v_type, "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "bytes": c.bytes}
                        for c in mem.caches],
             "weights_bytes": mem.weights_bytes, "kv_bytes": mem.kv_bytes, "recurrent_bytes": mem.recurrent_bytes,
             "compute_bytes": mem.compute.bytes, "output_bytes": mem.output_bytes, "start_bytes": mem.start_bytes,
-            "device": _device_name(plan, draft_pool(plan.model, plan.flags, plan.device))}
+            "device": _device_name(plan, pool)}
 
 
 def projector_entry(plan: Plan) -> dict[str, Any] | None:
@@ -278,10 +282,10 @@ def format_plan(plan: Plan) -> str:
            f"tensors of {plan.model.projector.source}",
            f"  proj compute {_size(mem.projector.compute_bytes)}  {mem.projector.compute_note}"]
           if mem.projector and plan.model.projector else []),
-        *([f"  draft        {_size(mem.draft.start_bytes)}  {plan.model.draft.name}: weights "
+        *([f"  draft        {_size(mem.draft.start_bytes)}  {doc['draft']['model']}: weights "
            f"{_size(mem.draft.weights_bytes).strip()}, KV {_size(mem.draft.kv_bytes + mem.draft.recurrent_bytes).strip()}"
            f", compute {_size(mem.draft.compute.bytes).strip()}, logits {_size(mem.draft.output_bytes).strip()}"]
-          if mem.draft and plan.model.draft else []),
+          if mem.draft and doc.get("draft") else []),
         f"  at start     {_size(doc['start_bytes'])}",
         f"  host growth  {_size(doc['host_extras_bytes'])}  {_growth_text(plan)}",
         f"  total        {_size(doc['total_bytes'])}" + ("  what the devices below hold in all" if len(plan.pools) > 1 else ""),

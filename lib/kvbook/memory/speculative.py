@@ -1,0 +1,91 @@
+"""Speculative decoding's memory in the pinned llama-server build: pure rules, each cited to the source.
+
+What `--spec-type draft-mtp` adds (kvbook models it for the hybrid Qwen families, whose MTP context is a plain
+attention cache over the NextN layers):
+- the target context drafts-and-verifies `1 + n_max` tokens per slot, so it reserves that many outputs
+  (tools/server/server-context.cpp server_output_limits, common/speculative.cpp
+  common_speculative_get_output_limits: n_outputs_max = min(n_batch, n_parallel * (1 + n_max)), per sequence
+  min(n_batch, 1 + n_max)); the logits buffer at start stays one row per slot (src/llama-context.cpp
+  llama_context::llama_context: output_reserve(n_seq_max));
+- a recurrent model that can roll back part of a sequence keeps n_rs_seq = n_max extra state rows per slot
+  (common/common.h common_params_speculative::need_n_rs_seq, common/common.cpp common_context_params_to_llama;
+  src/llama-arch.cpp llm_arch_supports_rs_rollback clamps it to 0 for other architectures);
+- the NextN/MTP layers' weights are loaded (common/common.cpp common_model_params_to_llama sets load_mtp;
+  without it src/models/qwen35*.cpp load_arch_tensors skip them with TENSOR_SKIP);
+- a second llama_context on the same weights (common/speculative.cpp common_speculative_init_result: ctx_type
+  MTP, n_ctx = the target's n_ctx, n_rs_seq 0, the target's n_seq_max, n_batch and n_ubatch inherited from
+  common_base_params_to_speculative, the draft cache types -ctkd/-ctvd, n_outputs_max = n_parallel, one per
+  sequence); its memory (src/llama-model.cpp llama_model::create_memory, `mtp_on_hybrid_qwen`) is one
+  llama_kv_cache of n_ctx_seq cells over the layers il >= n_layer (the NextN layers), with no recurrent state;
+  its logits buffer is one row per slot, and it reserves a compute buffer of its own (memory/rules.py
+  mtp_memory builds that context's MemoryPlan from these rules).
+"""
+
+from __future__ import annotations
+
+from kvbook.errors import BadInput
+from kvbook.interface import ContextShape, ModelArch, ServerFlags
+
+# common/speculative.cpp common_speculative_type_from_name_map: every name --spec-type takes
+SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-simple",
+              "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+# the types kvbook does not model yet, and why (one line each)
+UNMODELLED_TYPES = {
+    "draft-eagle3": "an EAGLE3 head's own context and weights",
+    "draft-dflash": "a DFlash head's own context, which decodes n_max + 1 outputs per slot",
+    "draft-dspark": "a DSpark head's own context, which decodes n_max + 1 outputs per slot",
+    "ngram-simple": "the target's n_outputs_max with an n-gram draft (--spec-ngram-simple-size-m per slot)",
+    "ngram-map-k": "the target's n_outputs_max with an n-gram draft (--spec-ngram-map-k-size-m per slot)",
+    "ngram-map-k4v": "the target's n_outputs_max with an n-gram draft (--spec-ngram-map-k4v-size-m per slot)",
+    "ngram-mod": "the target's n_outputs_max and the n-gram hash table of --spec-ngram-mod",
+    "ngram-cache": "the n-gram cache files' host tables",
+}
+# src/llama-model.cpp create_memory: `mtp_on_hybrid_qwen` (a plain KV cache over the NextN layers)
+MTP_ARCHS = ("qwen35", "qwen35moe", "qwen3next")
+# src/llama-arch.cpp llm_arch_supports_rs_rollback (those kvbook has rules for)
+RS_ROLLBACK_ARCHS = ("qwen35", "qwen35moe", "nemotron_h", "nemotron_h_moe", "lfm2", "lfm2moe")
+
+
+def spec_type_names(flag: str, value: str) -> tuple[str, ...]:
+    """--spec-type A,B as common_speculative_types_from_names reads it: an unknown name is an error, `none`
+    anywhere means none at all."""
+    names = tuple(value.split(","))
+    for name in names:
+        if name not in SPEC_TYPES:
+            raise BadInput(f"{flag}: unknown speculative type '{name}'; choose from {', '.join(SPEC_TYPES)}")
+    return () if "none" in names else names
+
+
+def uses_mtp(flags: ServerFlags) -> bool:
+    return "draft-mtp" in flags.spec_types
+
+
+def spec_n_max(flags: ServerFlags) -> int:
+    """common_speculative_n_max over the modelled types: --spec-draft-n-max for a draft type, else 0."""
+    return flags.spec_draft_n_max if set(flags.spec_types) & {"draft-mtp", "draft-simple"} else 0
+
+
+def n_rs_seq(arch: ModelArch, flags: ServerFlags) -> int:
+    """Extra recurrent state rows per slot of the target context (common_params_speculative::need_n_rs_seq,
+    clamped by llm_arch_supports_rs_rollback)."""
+    return flags.spec_draft_n_max if uses_mtp(flags) and arch.arch in RS_ROLLBACK_ARCHS else 0
+
+
+def outputs_max(shape: ContextShape, flags: ServerFlags) -> int:
+    """The target context's n_outputs_max (server_output_limits): one per slot, plus the drafted tokens."""
+    n_max = spec_n_max(flags)
+    return min(shape.n_batch, shape.n_seq * (1 + n_max)) if n_max else shape.n_seq
+
+
+def check_mtp(arch: ModelArch) -> None:
+    """One clear line where llama-server cannot build an MTP context, or kvbook has no rule for it."""
+    if not arch.n_layer_nextn:
+        raise BadInput(f"--spec-type draft-mtp: {arch.name} has no NextN/MTP layers ({arch.arch}.nextn_predict_layers"
+                       " is 0), so llama-server has no MTP head to run; use a GGUF converted with its MTP layers")
+    if arch.arch not in MTP_ARCHS:
+        raise BadInput(f"--spec-type draft-mtp on {arch.arch}: its MTP context is not modelled yet (kvbook models "
+                       f"{', '.join(MTP_ARCHS)})")
+    kv_heads = {arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)}
+    if len(kv_heads) != 1:
+        raise BadInput(f"--spec-type draft-mtp on {arch.name}: attention layers of different KV widths; the NextN "
+                       "layer's width is not known")
