@@ -64,6 +64,19 @@ def test_the_mtp_context_is_what_the_server_allocates(mtp_models, tmp_path, mode
     assert f"n_outputs_max         = {plan.memory.shape.n_outputs_max}" in log
 
 
+def test_without_mtp_the_nextn_layer_is_not_loaded(mtp_models, tmp_path) -> None:
+    """Without --spec-type draft-mtp llama.cpp skips the NextN layer's tensors (TENSOR_SKIP): the weights the server
+    maps equal the plan's, which leaves that layer out (model/resolve.py loaded_weights)."""
+    with start_llama_server(["-m", mtp_models["moe"], "-c", "4096", "-np", "2", "-t", "1", "--no-warmup"],
+                            run_dir=tmp_path) as server:
+        logged, plan = server.measured(), server.plan
+        log = server.log_path.read_text(errors="replace")
+    assert plan is not None and "model has unused tensor blk.8." in log
+    rows = compare_memory(plan.memory, logged)
+    assert rows and not [r for r in rows if r.matches is False], rows
+    assert logged.model_mib["CPU_Mapped"] == 7.64  # 8.62 MiB with the NextN layer (test above: draft-mtp)
+
+
 def test_mtp_adds_its_context_and_the_nextn_weights(capsys, mtp_models) -> None:
     base = ["plan", "--json", "--", "llama-server", "-m", mtp_models["moe"], "-c", "4096", "-np", "2"]
     assert cli.main(base) == 0

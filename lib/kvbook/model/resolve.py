@@ -108,6 +108,35 @@ def _loras(flags: ServerFlags) -> tuple[LoraAdapter, ...]:
     return tuple(load_lora(f) for f in flags.lora)
 
 
+# src/models/<arch>.cpp load_arch_tensors of these architectures: without llama_model_params.load_mtp (common sets it
+# only for --spec-type draft-mtp) the NextN/MTP layers' tensors are created with TENSOR_SKIP, and
+# src/llama-model-loader.cpp create_tensor then ignores them ("model has unused tensor"): not allocated, not mapped
+MTP_SKIPPED_ARCHS = frozenset({"bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa", "glm4moe",
+                               "glm5-next", "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35", "qwen35moe",
+                               "qwen3next", "qwen4exp", "step35"})
+
+
+def _nextn_layer(name: str, n_layer: int) -> bool:
+    """A tensor (blk.N.*) or tensor group (LN, LN.exps) of a NextN/MTP layer: N at or past the trunk's n_layer."""
+    head = name[4:].partition(".")[0] if name.startswith("blk.") else name[1:].partition(".")[0] if name[:1] == "L" else ""
+    return head.isdigit() and int(head) >= n_layer
+
+
+def loaded_weights(arch: ModelArch, flags: ServerFlags) -> ModelArch:
+    """The model as llama-server loads it under `flags`: without --spec-type draft-mtp the NextN/MTP layers' tensors
+    of MTP_SKIPPED_ARCHS are skipped, so neither their tensors nor their bytes count (a model known only by its
+    shapes keeps its file size: the plan then over-counts those layers, on the safe side)."""
+    if "draft-mtp" in flags.spec_types or not arch.n_layer_nextn or arch.arch not in MTP_SKIPPED_ARCHS:
+        return arch
+    tensors = tuple(t for t in arch.tensors if not _nextn_layer(t.name, arch.n_layer))
+    groups = tuple((g, n) for g, n in arch.tensor_groups if not _nextn_layer(g, arch.n_layer))
+    skipped = (sum(t.nbytes for t in arch.tensors) - sum(t.nbytes for t in tensors) if arch.tensors
+               else sum(n for _, n in arch.tensor_groups) - sum(n for _, n in groups))
+    if not skipped:
+        return arch
+    return replace(arch, tensors=tensors, tensor_groups=groups, weights_bytes=arch.weights_bytes - skipped)
+
+
 def resolve_model(flags: ServerFlags, environ: Mapping[str, str]) -> ResolvedModel:
     """The model `flags` load, as llama-server would find it (`environ`: the server's environment, for HF_TOKEN
     and the hub endpoint); an architecture without a kvbook rule resolves to its generic shape when llama.cpp's
@@ -142,4 +171,4 @@ def resolve_model(flags: ServerFlags, environ: Mapping[str, str]) -> ResolvedMod
         if adapter.arch != arch.arch:
             raise BadInput(f"--lora {adapter.source}: an adapter for '{adapter.arch}', the model is '{arch.arch}' "
                            "(llama-server refuses it)")
-    return ResolvedModel(arch, source, notes)
+    return ResolvedModel(loaded_weights(arch, flags), source, notes)
