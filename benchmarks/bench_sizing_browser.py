@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "lib"))
-sys.path.insert(0, str(ROOT / "tests"))
 TARGET_P95_MS = 150.0
 PANEL = ".kvbook-sizing"
 READ = """() => { const p = document.querySelector('.kvbook-sizing .js-plotly-plot');
@@ -37,42 +35,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="changes per control")
     ap.add_argument("--screenshot", default="", help="save a picture of the panel once drawn (PNG path)")
     args = ap.parse_args()
-    import nbformat
     from playwright.sync_api import sync_playwright
-    from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_ready
 
-    from kvbook.notebook.lab import lab_argv, lab_env
+    from kvbook.testing.lab import CHROMIUM, CHROMIUM_ARGS, open_notebook, sizing_lab
 
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        nb = nbformat.read(str(ROOT / "notebooks" / "01-sizing.ipynb"), as_version=4)
-        params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        params.source += f"\ndevice = 'rtx-4090'\noutput_dir = {str(tmp / 'out')!r}"
-        nbformat.write(nb, str(tmp / "01-sizing.ipynb"))
-        port = _free_port()
-        env = lab_env()
-        for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
-                         ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
-            env[var] = str(tmp / "jupyter" / sub)
-        log = tmp / "lab.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(lab_argv(tmp, ["--allow-root", "--no-browser", f"--port={port}", "--ServerApp.token=",
-                                                   "--ServerApp.password=", "--LabApp.expose_app_in_browser=True"]),
-                                    cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT)
-        times: dict[str, list[float]] = {}  # change -> new bars in the page
-        searches: dict[str, list[float]] = {}  # change -> the background searches shown
+    times: dict[str, list[float]] = {}  # change -> new bars in the page
+    searches: dict[str, list[float]] = {}  # change -> the background searches shown
+    with tempfile.TemporaryDirectory() as tmp_name, sizing_lab(Path(tmp_name), "\ndevice = 'rtx-4090'") as base:
+        log = Path(tmp_name) / "lab.log"
         try:
-            _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", log)
             say("jupyter lab ready")
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
                 page = browser.new_page(viewport={"width": 1600, "height": 1200})
                 page.on("console", lambda m: say(f"console {m.type}: {m.text[:300]}") if m.type in ("error", "warning") else None)
-                page.goto(f"http://127.0.0.1:{port}/lab/tree/01-sizing.ipynb", wait_until="domcontentloaded")
-                page.wait_for_function(
-                    "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                    " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-                    " && w.sessionContext.session.kernel.status === 'idle'; }", timeout=120_000)
+                open_notebook(page, f"{base}/lab/tree/01-sizing.ipynb")
                 say("kernel idle: running every cell")
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
                 page.wait_for_function(f"() => ({READ})() !== ''", timeout=180_000)
@@ -143,9 +120,6 @@ def main() -> int:
         except Exception:
             say(f"failed; lab log tail:\n{log.read_text()[-1500:]}")
             raise
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
     def p95(xs: list[float]) -> float:
         return sorted(xs)[max(0, round(0.95 * len(xs)) - 1)]

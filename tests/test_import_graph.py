@@ -29,7 +29,7 @@ ALLOWED = {
     "load": {"model", "memory", "plan", "capacity", "ops", "smoke", "records"},
     "notebook": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude", "load"},
     "serve": {"model", "memory", "plan", "capacity", "ops", "smoke", "records", "claude"},
-    "testing": {"model", "memory", "plan", "ops", "smoke", "claude"},  # test support drives the real stack
+    "testing": {"model", "memory", "plan", "ops", "smoke", "claude", "notebook"},  # test support drives the real stack (JupyterLab as make lab starts it)
 }
 SHARED = {"kvbook.errors", "kvbook.interface", "kvbook.paths", "kvbook.yamlio"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_ready
+from kvbook.testing.lab import CHROMIUM, CHROMIUM_ARGS, LAB_FLAGS, free_port, jupyter_dirs, open_notebook, running_lab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,52 +53,33 @@ def test_make_lab_opens_a_notebook_with_a_running_kernel(tmp_path) -> None:
     before = _checkout_state()
     checkpoints = ROOT / "notebooks" / ".ipynb_checkpoints"
     had_checkpoints = checkpoints.exists()
-    port = _free_port()
+    port = free_port()
     # The Makefile's recipe is `$(VENV)/bin/python -m kvbook.notebook.lab`; only the port, a token-less login and
     # headless flags are added, and Jupyter's config/runtime folders are kept out of the user's home.
     recipe = re.search(r"^lab:.*\n(?:\t.*\n)*?\t\$\(VENV\)/bin/python (-m kvbook\.notebook\.lab)\s*$",
                        (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert recipe, "make lab no longer runs `$(VENV)/bin/python -m kvbook.notebook.lab`; update this test"
-    argv = [sys.executable, *recipe.group(1).split(), "--allow-root", "--no-browser", f"--port={port}",
-            "--ServerApp.token=", "--ServerApp.password=", "--LabApp.expose_app_in_browser=True"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
-    for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
-                     ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
-        env[var] = str(tmp_path / sub)
+    argv = [sys.executable, *recipe.group(1).split(), *LAB_FLAGS, f"--port={port}"]
     log = tmp_path / "lab.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", log)
-        printed = re.findall(r"http://127\.0\.0\.1:\d+/lab\S*", log.read_text())
-        assert printed, f"make lab printed no URL to open:\n{log.read_text()[-2000:]}"
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            try:
-                page.goto(printed[0].split("?")[0].rstrip("/") + "/tree/01-sizing.ipynb", wait_until="domcontentloaded")
-                page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')",
-                                       timeout=90_000)
-                page.wait_for_function(
-                    "() => { const w = window.jupyterapp.shell.currentWidget;"
-                    " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-                    " && w.sessionContext.session.kernel.status === 'idle'; }", timeout=90_000)
-                title = page.evaluate("() => window.jupyterapp.shell.currentWidget.title.label")
-                kvbook_file = page.evaluate(KERNEL_EXEC, "import kvbook; print(kvbook.__file__)")
-                status = page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus").count()
-            except Exception as exc:
-                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-                raise AssertionError(f"{type(exc).__name__}: {exc}\nscreenshot: {tmp_path / 'failure.png'}\n"
-                                     f"lab log tail:\n{log.read_text()[-2000:]}") from exc
-            finally:
-                browser.close()
+        with running_lab(argv, ROOT, jupyter_dirs(os.environ, tmp_path), log):
+            printed = re.findall(r"http://127\.0\.0\.1:\d+/lab\S*", log.read_text())
+            assert printed, f"make lab printed no URL to open:\n{log.read_text()[-2000:]}"
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                try:
+                    open_notebook(page, printed[0].split("?")[0].rstrip("/") + "/tree/01-sizing.ipynb", 90_000)
+                    title = page.evaluate("() => window.jupyterapp.shell.currentWidget.title.label")
+                    kvbook_file = page.evaluate(KERNEL_EXEC, "import kvbook; print(kvbook.__file__)")
+                    status = page.locator(".jp-Notebook-ExecutionIndicator, .jp-Toolbar-kernelStatus").count()
+                except Exception as exc:
+                    page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                    raise AssertionError(f"{type(exc).__name__}: {exc}\nscreenshot: {tmp_path / 'failure.png'}\n"
+                                         f"lab log tail:\n{log.read_text()[-2000:]}") from exc
+                finally:
+                    browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
         if not had_checkpoints:  # JupyterLab's checkpoint copy (git-ignored): not left behind by a test
             shutil.rmtree(checkpoints, ignore_errors=True)
     assert title == "01-sizing.ipynb"

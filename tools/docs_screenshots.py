@@ -18,12 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvbook.testing.lab import CHROMIUM, CHROMIUM_ARGS, open_notebook, sizing_lab
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port, _wait_ready  # noqa: E402
-
-from kvbook.notebook.lab import lab_argv, lab_env  # noqa: E402
 
 IMG = ROOT / "docs" / "img"
 VIEWPORT = {"width": 1280, "height": 860}
@@ -31,54 +28,31 @@ SIZING_VIEWPORT = {"width": 1280, "height": 1350}  # the controls and the charts
 
 
 def sizing_shot(work: Path, out: Path) -> None:
-    import nbformat
     from playwright.sync_api import sync_playwright
 
-    nb = nbformat.read(str(ROOT / "notebooks" / "01-sizing.ipynb"), as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source += f"\noutput_dir = {str(work / 'out')!r}"
-    nbformat.write(nb, str(work / "01-sizing.ipynb"))
-    port = _free_port()
-    env = lab_env()
-    for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
-                     ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
-        env[var] = str(work / "jupyter" / sub)
-    log = work / "lab.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(lab_argv(work, ["--allow-root", "--no-browser", f"--port={port}", "--ServerApp.token=",
-                                                "--ServerApp.password=", "--LabApp.expose_app_in_browser=True"]),
-                                cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/api/status", log)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport=SIZING_VIEWPORT)
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/01-sizing.ipynb", wait_until="domcontentloaded")
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-                " && w.sessionContext.session.kernel.status === 'idle'; }", timeout=120_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            # the interactive sizing panel: its plots are the widget plots outside the placement view
-            ready = ("() => [...document.querySelectorAll('.widget-vbox .js-plotly-plot')]"
-                     ".some(p => !p.closest('.kvbook-placement') && (p.data || []).length > 0)")
-            deadline = time.monotonic() + 420
-            while not page.evaluate(ready):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no sizing panel after 420 s; lab log: {log}")
-                page.wait_for_timeout(2000)
-            page.wait_for_timeout(3000)  # the first search finishes and the bars settle
-            page.evaluate("() => { const plot = [...document.querySelectorAll('.widget-vbox .js-plotly-plot')]"
-                          ".find(p => !p.closest('.kvbook-placement') && (p.data || []).length);"
-                          " plot.closest('.jp-Cell').scrollIntoView({block: 'start'}); }")
-            page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the file browser
-            page.add_style_tag(content=".Toastify { display: none !important; }")  # JupyterLab's news prompt
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(out))
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with sizing_lab(work) as base, sync_playwright() as pw:
+        log = work / "lab.log"
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport=SIZING_VIEWPORT)
+        open_notebook(page, f"{base}/lab/tree/01-sizing.ipynb")
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        # the interactive sizing panel: its plots are the widget plots outside the placement view
+        ready = ("() => [...document.querySelectorAll('.widget-vbox .js-plotly-plot')]"
+                 ".some(p => !p.closest('.kvbook-placement') && (p.data || []).length > 0)")
+        deadline = time.monotonic() + 420
+        while not page.evaluate(ready):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no sizing panel after 420 s; lab log: {log}")
+            page.wait_for_timeout(2000)
+        page.wait_for_timeout(3000)  # the first search finishes and the bars settle
+        page.evaluate("() => { const plot = [...document.querySelectorAll('.widget-vbox .js-plotly-plot')]"
+                      ".find(p => !p.closest('.kvbook-placement') && (p.data || []).length);"
+                      " plot.closest('.jp-Cell').scrollIntoView({block: 'start'}); }")
+        page.evaluate("() => window.jupyterapp.shell.collapseLeft()")  # the file browser
+        page.add_style_tag(content=".Toastify { display: none !important; }")  # JupyterLab's news prompt
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(out))
+        browser.close()
 
 
 def report_shot(work: Path, out: Path) -> None:
