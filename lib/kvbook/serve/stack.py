@@ -559,7 +559,11 @@ class Session:
                               f"log {self.proxy.process.spec.log_path}")
 
     def run(self) -> int:
-        old = {sig: signal.signal(sig, _on_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        # Ctrl-C stops the stack even when serve was launched with SIGINT ignored (a background job of a
+        # non-interactive shell inherits SIG_IGN, and Python then leaves it so); an ignored SIGHUP (nohup) stays ignored
+        stops = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP])
+        old = {sig: signal.signal(sig, _on_stop) for sig in stops}
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         why = "stopped"
         try:
             self.start()
@@ -584,7 +588,6 @@ class Session:
             finally:
                 for sig, handler in old.items():
                     signal.signal(sig, handler)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
         self.log(f"{why}: every process it started is stopped")
         return 0
 
