@@ -35,6 +35,46 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("=", f"{n} Vulkan test(s) DESELECTED: {why}", yellow=True, bold=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def litellm_forkserver():
+    """Proxies start as forks of one process that imported LiteLLM once (kvbook.ops.forkserver: about 17 s of CPU
+    saved per proxy, the largest single cost of the suite); it starts now and imports while the first tests run.
+    Subprocesses (kvbook run, notebooks' kernels) inherit it through the environment. Modules marked
+    `litellm_command` run the `litellm` command instead, as users' `kvbook serve` and `kvbook run` do."""
+    import os
+    import shutil
+    import tempfile
+
+    from kvbook.ops import forkserver
+    from kvbook.ops.litellm import OFFLINE_ENV
+
+    folder = tempfile.mkdtemp(prefix="kvbook-fs-")  # short: a Unix socket path has at most 107 bytes
+    path = os.path.join(folder, "litellm.sock")
+    server = forkserver.start_server(path, OFFLINE_ENV)
+    os.environ[forkserver.ENV_VAR] = path
+    yield path
+    os.environ.pop(forkserver.ENV_VAR, None)
+    server.terminate()  # its forked proxies get SIGTERM with it (PR_SET_PDEATHSIG)
+    server.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def litellm_command_where_marked(request):
+    """In a module marked `litellm_command`, LiteLLM starts as the `litellm` command (no fork server)."""
+    import os
+
+    from kvbook.ops import forkserver
+
+    if request.node.get_closest_marker("litellm_command") is None:
+        yield
+        return
+    saved = os.environ.pop(forkserver.ENV_VAR, None)
+    yield
+    if saved is not None:
+        os.environ[forkserver.ENV_VAR] = saved
+
+
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
     """The llama-server under test (KVBOOK_LLAMA_SERVER, PATH, or the pinned build); fails, never skips."""

@@ -17,7 +17,7 @@ import pytest
 from kvbook.ops.procs import kill_group
 from kvbook.testing.offline import ALIASES, netns_prefix, outside_attempts, outside_log_lines, strace_prefix
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.litellm_command]  # offline as users start it
 FIRST_BYTE_MARGIN_S = 3.0  # generous on purpose: the tight figure is benchmarks/bench_proxy.py's
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.litellm_command  # kvbook serve runs the `litellm` command, as for users
 SERVER_ARGS = ["-c", "8192", "-np", "1", "--jinja", "--temp", "0", "-t", "1"]
 
 
@@ -130,6 +131,8 @@ def test_ready_block_and_folder(stack) -> None:
                            f"litellm-{st['litellm']['port']}.log", "serve.log"]), logs
     key = (stack.folder / "litellm.key").read_text().strip()
     assert key not in json.dumps(st)  # the state never holds the key
+    cmdline = Path(f"/proc/{st['litellm']['pid']}/cmdline").read_bytes().split(b"\0")
+    assert Path(cmdline[1].decode()).name == "litellm" and b"--config" in cmdline, cmdline  # the command, not a fork
 
 
 def test_litellm_config_for_daily_use(stack) -> None:

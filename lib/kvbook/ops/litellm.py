@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from kvbook.errors import BadInput
+from kvbook.ops import forkserver
 from kvbook.ops.procs import ManagedProcess, ProcessSpec, check_host, free_port
 
 ANTHROPIC = "anthropic"
@@ -211,6 +212,7 @@ def start_proxy(routes: tuple[Route, ...], *, run_dir: Path, host: str = "127.0.
         ready_paths=("/health/liveliness", "/health/readiness"),
         env={"LITELLM_MASTER_KEY": key, "LITELLM_LOG": "INFO", **OFFLINE_ENV},
         ready_timeout_s=ready_timeout_s,
+        forkserver=forkserver.socket_path(),  # make test: a fork of a process that imported LiteLLM once
     )
     process = ManagedProcess(spec)
     process.start()

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 from pathlib import Path
 
 from kvbook.errors import BadInput, ServerError
@@ -76,6 +77,21 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+class Proc(Protocol):
+    """What kvbook uses of a started process: subprocess.Popen, or a proxy the LiteLLM fork server started."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | Any: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]: ...
+
+
 @dataclass(frozen=True)
 class ProcessSpec:
     """How to run one server: argv (never a shell string), environment, log file, readiness URL."""
@@ -90,6 +106,7 @@ class ProcessSpec:
     ready_timeout_s: float = 120.0
     stop_timeout_s: float = 5.0
     inherit_env: bool = True  # False: `env` is the whole environment
+    forkserver: str | None = None  # a LiteLLM fork server's socket (ops/forkserver.py): fork there instead of exec
 
 
 class ManagedProcess:
@@ -97,7 +114,7 @@ class ManagedProcess:
 
     def __init__(self, spec: ProcessSpec):
         self.spec = spec
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Proc | None = None
 
     @property
     def base_url(self) -> str:
@@ -120,21 +137,21 @@ class ManagedProcess:
             raise ServerError(f"{spec.name}: port {spec.port} on {spec.host} is already in use; nothing was started")
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **spec.env} if spec.inherit_env else dict(spec.env)
-        with spec.log_path.open("ab") as log:
-            try:
-                self.proc = subprocess.Popen(
-                    list(spec.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=die_with_parent,
-                )
-            except OSError as exc:
-                raise ServerError(f"{spec.name}: cannot run {spec.argv[0]} ({exc.strerror})") from None
+        proc: Proc
+        if spec.forkserver:
+            from kvbook.ops.forkserver import spawn
+
+            proc = spawn(spec.forkserver, spec.argv, env, spec.log_path, spec.ready_timeout_s)
+        else:
+            proc = self._exec(env)
+        self.proc = proc
         _register(self)
         deadline = time.monotonic() + spec.ready_timeout_s
         pending = list(spec.ready_paths)
         last = "no answer yet"
         try:
             while pending:
-                code = self.proc.poll()
+                code = proc.poll()
                 if code is not None:
                     raise ServerError(
                         f"{spec.name} exited with {describe_exit(code)} before it was ready; log {spec.log_path}:\n"
@@ -159,6 +176,18 @@ class ManagedProcess:
         except BaseException:
             self.stop()
             raise
+
+    def _exec(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Run the argv as a child in its own session, output appended to the log."""
+        spec = self.spec
+        with spec.log_path.open("ab") as log:
+            try:
+                return subprocess.Popen(
+                    list(spec.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=env, start_new_session=True, preexec_fn=die_with_parent,
+                )
+            except OSError as exc:
+                raise ServerError(f"{spec.name}: cannot run {spec.argv[0]} ({exc.strerror})") from None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -203,12 +232,12 @@ def die_with_parent() -> None:
         pass
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+def _signal_group(proc: Proc, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
 
 
-def kill_group(proc: subprocess.Popen[bytes], wait_s: float = 5.0) -> None:
+def kill_group(proc: Proc, wait_s: float = 5.0) -> None:
     """SIGKILL a child's whole process group, reap the child, and wait (bounded) until no live member is left.
 
     killpg returns before delivery: without the wait a grandchild can still be alive a moment later."""
