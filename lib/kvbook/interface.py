@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,19 @@ class ModelArch:
 
     def head_v_at(self, il: int) -> int:
         return self.head_v_swa if self.is_swa[il] else self.head_v
+
+    @functools.cached_property
+    def v_row_max(self) -> int:
+        """The widest V row (head_v x n_head_kv) over the layers that own a KV cache: without flash attention
+        every layer's V rows are padded to it. Cached: asked per cache type per plan."""
+        return max((self.head_v_at(il) * self.n_head_kv[il] for il in range(self.n_layer) if self.has_kv(il)),
+                   default=0)
+
+    @functools.cached_property
+    def kv_layer_split(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(full-attention layers, sliding-window layers) that own a KV cache. Cached: asked per plan."""
+        return (tuple(il for il in range(self.n_layer) if self.has_kv(il) and not self.is_swa[il]),
+                tuple(il for il in range(self.n_layer) if self.has_kv(il) and self.is_swa[il]))
 
     @property
     def is_hybrid(self) -> bool:

@@ -89,15 +89,14 @@ def swa_cell_count(xp: Any, n_swa: int, n_ctx_seq: Num, n_seq: Num, unified: Num
 
 def attention_layers(arch: ModelArch) -> tuple[list[int], list[int]]:
     """(full-attention layers, sliding-window layers) that own a KV cache."""
-    full = [il for il in range(arch.n_layer) if arch.has_kv(il) and not arch.is_swa[il]]
-    swa = [il for il in range(arch.n_layer) if arch.has_kv(il) and arch.is_swa[il]]
-    return full, swa
+    full, swa = arch.kv_layer_split
+    return list(full), list(swa)
 
 
 def cell_bytes(arch: ModelArch, layers: list[int], type_k: str, type_v: str, flash: bool, *,
                strict: bool = True) -> tuple[int, int]:
     """K and V bytes of one cell of one stream over `layers` (V rows padded to the widest layer without FA)."""
-    v_max = max((arch.head_v_at(il) * arch.n_head_kv[il] for il in range(arch.n_layer) if arch.has_kv(il)), default=0)
+    v_max = arch.v_row_max
     k = sum(row_bytes(type_k, arch.head_k_at(il) * arch.n_head_kv[il], strict=strict) for il in layers)
     if arch.is_mla:
         return k, 0

