@@ -46,9 +46,15 @@ SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash
               "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
 # the types kvbook does not model yet, and why (one line each)
 UNMODELLED_TYPES = {
-    "draft-eagle3": "an EAGLE3 head's own context and weights",
-    "draft-dflash": "a DFlash head's own context, which decodes n_max + 1 outputs per slot",
-    "draft-dspark": "a DSpark head's own context, which decodes n_max + 1 outputs per slot",
+    "draft-eagle3": "needs -md with an EAGLE3 draft GGUF (general.architecture eagle3: one decoder layer fed by 3 of "
+                    "the target's layers, src/models/eagle3.cpp); kvbook has no rule for its context or the target's "
+                    "extracted features, and no such GGUF here to check one against the real server",
+    "draft-dflash": "needs -md with a DFlash draft GGUF (general.architecture dflash, src/models/dflash.cpp), whose "
+                    "context decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to "
+                    "check one against the real server",
+    "draft-dspark": "needs -md with a DSpark draft GGUF (a dflash GGUF with markov_w1/markov_w2 heads), whose context "
+                    "decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to check one "
+                    "against the real server",
 }
 DRAFT_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
 NGRAM_CACHE_DRAFT = 8  # common/speculative.cpp create_state_ngram_cache: n_draft = 8
