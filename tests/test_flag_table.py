@@ -63,6 +63,7 @@ DOMAINS: dict[str, Callable[[random.Random], Any]] = {
     "spec_draft_n_max": lambda r: r.randrange(0, 17),
     "ngram_mod_n_max": lambda r: r.randrange(0, 1025), "ngram_simple_size_m": lambda r: r.randrange(1, 1025),
     "ngram_map_k_size_m": lambda r: r.randrange(1, 1025), "ngram_map_k4v_size_m": lambda r: r.randrange(1, 1025),
+    "models_preset": _path, "models_dir": lambda r: "/a/models", "models_max": lambda r: r.randrange(0, 9),
     "lookup_caches": lambda r: tuple((r.choice(["-lcs", "-lcd"]), f"/a/c{i}.bin") for i in range(r.randrange(1, 3))),
     "offline": lambda r: r.random() < 0.5, "no_mmproj": lambda r: r.random() < 0.5,
 }

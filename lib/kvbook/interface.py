@@ -231,6 +231,10 @@ class ServerFlags:
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
     hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
     no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf
+    # router mode (no model): the models it may load, and how many at once (0: no limit): ops/router.py
+    models_preset: str = ""  # --models-preset FILE (INI)
+    models_dir: str = ""  # --models-dir DIR
+    models_max: int = 4  # --models-max N
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value

@@ -43,8 +43,6 @@ UNMODELLED = {
     "--embedding": "embedding outputs",
     "--rerank": "reranking outputs",
     "--pooling": "pooled outputs",
-    "--models-dir": "router mode (several models)",
-    "--models-preset": "router mode (several models)",
 }
 # options whose value is a secret: never echoed in a plan (notes, flags_read)
 SECRET_OPTIONS = {"-hft", "--api-key"}
@@ -449,6 +447,12 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
             lambda flag, value: (("-lcd", value),), combine=_added, keeps=None),
     FlagRow("--spec-draft-ngl", "draft_gpu_layers", "placement of the draft model", _NGL, _ngl, render="-ngld"),
     FlagRow("-hf", "hf_repo", "the model: the file llama-server fetches from the hub", "user/repo[:quant]", _text),
+    FlagRow("--models-preset", "models_preset", "router mode: the models it may load (each planned as its own "
+            "llama-server)", "an INI file", _text, render="--models-preset"),
+    FlagRow("--models-dir", "models_dir", "router mode: the models it may load (each planned as its own llama-server)",
+            "a directory", _text, render="--models-dir"),
+    FlagRow("--models-max", "models_max", "router mode: how many models are loaded at once (the worst case)",
+            "N (0: no limit)", _at_least(INT32[0]), render="--models-max"),
     FlagRow("-hff", "hf_file", "the model: this file of the -hf repo", "a file name in the -hf repo", _text),
     FlagRow("-mu", "model_url", "the model: the file llama-server downloads (planned from its header)", "a URL", _text),
     FlagRow("-hft", "hf_token", "nothing (the hub's access token, used for -hf listings)",
@@ -621,6 +625,8 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
                        "add -m PATH (where it saves the download)")
     if values.get("hf_repo") or values.get("model_url"):
         values.setdefault("model", "")  # -hf / -mu win over -m: llama-server loads the file it fetched
+    if "model" not in values and (values.get("models_preset") or values.get("models_dir")):
+        values["model"] = ""  # router mode (tools/server/server.cpp is_router_server): ops/router.py plans each model
     if "model" not in values:
         raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
     per_slot = values.get("slot_ctx_cap", 0)
