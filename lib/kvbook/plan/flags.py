@@ -32,10 +32,12 @@ UNMODELLED = {
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
-    "--spec-draft-device": "the draft model's device",
-    "--spec-draft-cpu-moe": "the draft's experts on the CPU",
-    "--spec-draft-n-cpu-moe": "the draft's experts on the CPU",
-    "--spec-draft-override-tensor": "a draft model for speculative decoding",
+    # kvbook places a draft whole, with -ngld on the GPU or the CPU (planner.py draft_pool)
+    "--spec-draft-device": "the draft's own device list; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-cpu-moe": "the draft's experts kept on the CPU; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-n-cpu-moe": "the draft's experts kept on the CPU; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-override-tensor": "the draft's tensors moved between devices; kvbook places a draft whole with "
+                                    "-ngld (0 or all)",
     "-mmdev": "the projector's device",
     "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
     "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
