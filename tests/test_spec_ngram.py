@@ -111,3 +111,22 @@ def test_each_mode_reserves_its_drafted_outputs(args, n_out, table) -> None:
 def test_what_stays_refused_is_one_line(argv, message) -> None:
     with pytest.raises(BadInput, match=message):
         plan_memory(_tiny(), parse_server_args(["-m", "x", *argv]))
+
+
+def test_a_recurrent_target_keeps_one_speculative_checkpoint_per_slot(capsys, tmp_path) -> None:
+    """A hybrid model cannot drop rejected draft tokens from its recurrent state: the server says it "will use
+    checkpoints" (a real start) and each slot keeps one, the size of a context checkpoint (the same state flags:
+    LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY; for this model the server logged a 1.570 MiB context checkpoint, planned
+    1.5703 MiB; a synthetic model cannot generate text, so the speculative one is not logged here). MTP's rollback
+    rows cover its draft: no checkpoint."""
+    from kvbook.testing.synthetic import TINY_HYBRID, write_synthetic_gguf
+
+    path = write_synthetic_gguf(tiny_metadata("qwen35", **TINY_HYBRID), tmp_path / "hybrid.gguf")
+    with start_llama_server(["-m", str(path), "-c", "2048", "-np", "2", "-t", "1", "--no-warmup", "--spec-type",
+                             "ngram-simple"], run_dir=tmp_path) as server:
+        log = server.log_path.read_text(errors="replace")
+        extras = server.plan.memory.host_extras if server.plan else None
+    assert "speculative decoding will use checkpoints" in log and extras is not None
+    assert extras.spec_checkpoint_bytes == 2 * extras.checkpoint_each_bytes > 0
+    alone = plan_memory(_tiny(), parse_server_args(["-m", "x", "--spec-type", "ngram-mod"])).host_extras
+    assert alone.spec_checkpoint_bytes == 0  # attention only: the server drops the rejected tokens

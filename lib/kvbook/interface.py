@@ -321,10 +321,11 @@ class HostExtras:
     cache_prompt_bytes: int = 0  # prompt cache: fixed bytes per cached prompt (window, recurrent state, headers)
     cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
     ngram_bytes: int = 0  # n-gram speculation's host tables, allocated at start (memory/speculative.py ngram_bytes)
+    spec_checkpoint_bytes: int = 0  # speculative checkpoints: one sequence's state per slot (speculative.py)
 
     @property
     def bytes(self) -> int:
-        return self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes
+        return self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ reserves `min(n_batch, slots x (1 + n_max))` outputs as for a draft (common_spec
 - ngram-simple: nothing (common_ngram_simple_draft searches the slot's tokens);
 - ngram-cache: three unordered maps per slot (common_speculative_impl_ngram_cache::seq_info), empty at start,
   growing with every token (not in the plan); -lcs/-lcd files are loaded and copied into every slot (refused).
+
+Speculative checkpoints (`spec_checkpoint_slots`): a target whose cache cannot drop the rejected draft tokens keeps,
+per slot, a copy of the sequence's partial state before each verification (tools/server/server-context.cpp:
+slot.spec_ckpt.update_tgt with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, the flags of a context checkpoint, so the same
+size: memory/rules.py checkpoint_seq_bytes). That is a model with recurrent state (common_context_can_seq_rm:
+partial removal fails, "speculative decoding will use checkpoints") unless its n_rs_seq rollback rows cover the
+draft (MTP on qwen35*: they do).
 """
 
 from __future__ import annotations
@@ -102,6 +109,11 @@ def n_rs_seq(arch: ModelArch, flags: ServerFlags) -> int:
     """Extra recurrent state rows per slot of the target context (common_params_speculative::need_n_rs_seq,
     clamped by llm_arch_supports_rs_rollback)."""
     return flags.spec_draft_n_max if uses_mtp(flags) and arch.arch in RS_ROLLBACK_ARCHS else 0
+
+
+def spec_checkpoint_slots(arch: ModelArch, flags: ServerFlags, n_seq: int) -> int:
+    """How many speculative checkpoints the slots keep (module docstring): one per slot, or none."""
+    return max(1, n_seq) if flags.spec_types and arch.is_hybrid and spec_n_max(flags) > n_rs_seq(arch, flags) else 0
 
 
 def outputs_max(shape: ContextShape, flags: ServerFlags) -> int:
