@@ -107,7 +107,8 @@ def test_unknown_preset(capsys):
         (["-dev", "none,CUDA0"], "invalid device: none"),
         (["-sm", "none", "-mg", "1", "--rpc", "127.0.0.1:1", "-ngl", "all"], "-mg 1: invalid value for main_gpu"),
         (["-sm", "row", "--rpc", "127.0.0.1:1", "-ngl", "all"], "does not support split buffers"),
-        (["-sm", "tensor"], "-sm tensor changes memory"),
+        (["-sm", "tensor"], "-sm tensor without an offload device: llama-server refuses it"),  # as the real one does
+        (["-sm", "tensor", "--rpc", "127.0.0.1:1", "-ngl", "all"], "-sm tensor changes memory"),
         (["--rpc", "127.0.0.1:1", "-ngl", "5", "-ts", "1,1"], "-ts has 2 entries but the plan has 1 device (RPC0)"),
         (["--rpc", "127.0.0.1", "-ngl", "5"], "is not host:port"),
         (["-c"], "-c needs a value"),
@@ -262,3 +263,14 @@ def test_numbers_longer_than_python_converts_are_one_line(args) -> None:
 
     with pytest.raises(BadInput, match="out of range|not host:port"):
         parse_server_args(["-m", "x.gguf", *args, "-ngl", "1"])
+
+
+def test_sm_tensor_on_the_cpu_is_refused_as_the_real_server_refuses_it(capsys, llama_server, smollm2):
+    """The pinned server on this CPU-only build fails to load with -sm tensor (no device for the meta device)."""
+    import subprocess
+
+    proc = subprocess.run([str(llama_server), "-m", str(smollm2), "-sm", "tensor", "-c", "512", "-t", "1",
+                           "--port", "0", "--no-warmup"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0 and "LLAMA_SPLIT_MODE_TENSOR needs >= 1 devices" in proc.stdout + proc.stderr
+    assert_one_line_error(*plan(capsys, "-m", str(smollm2), "-sm", "tensor"), "LLAMA_SPLIT_MODE_TENSOR needs >= 1")

@@ -43,7 +43,8 @@ ROWS = [
     (["--fim-qwen-1.5b-default", "-c", "4096"], {}, True, "ok"),
     (["--embd-gemma-default"], {}, True, "sets --embedding"),
     (["--fim-qwen-7b-spec"], {}, True, "ok"),  # its draft comes from the hub (-hfd) and is planned
-    (["--spec-default"], {}, True, "--spec-type ngram-mod"),  # n-gram modes: refused by name (test_spec_decoding.py)
+    (["--spec-default"], {}, True, "ok"),  # sets --spec-type ngram-mod: planned (test_spec_ngram.py)
+    (["--draft", "4"], {}, False, "has been removed"),
     (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
     ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
     (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),

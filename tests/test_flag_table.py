@@ -58,8 +58,13 @@ DOMAINS: dict[str, Callable[[random.Random], Any]] = {
     "draft_model": _path, "draft_hf_repo": lambda r: "ggml-org/d-GGUF:Q8_0",
     "draft_type_k": lambda r: r.choice(F.CACHE_TYPES), "draft_type_v": lambda r: r.choice(F.CACHE_TYPES),
     "draft_gpu_layers": _ngl,
-    "spec_types": lambda r: r.choice([("draft-mtp",), ("draft-simple",), ("draft-simple", "draft-mtp")]),
+    "spec_types": lambda r: r.choice([("draft-mtp",), ("draft-simple",), ("draft-simple", "draft-mtp"),
+                                      ("ngram-mod",), ("ngram-map-k", "ngram-cache"), ("ngram-simple", "draft-mtp")]),
     "spec_draft_n_max": lambda r: r.randrange(0, 17),
+    "ngram_mod_n_max": lambda r: r.randrange(0, 1025), "ngram_simple_size_m": lambda r: r.randrange(1, 1025),
+    "ngram_map_k_size_m": lambda r: r.randrange(1, 1025), "ngram_map_k4v_size_m": lambda r: r.randrange(1, 1025),
+    "models_preset": _path, "models_dir": lambda r: "/a/models", "models_max": lambda r: r.randrange(0, 9),
+    "lookup_caches": lambda r: tuple((r.choice(["-lcs", "-lcd"]), f"/a/c{i}.bin") for i in range(r.randrange(1, 3))),
     "offline": lambda r: r.random() < 0.5, "no_mmproj": lambda r: r.random() < 0.5,
 }
 

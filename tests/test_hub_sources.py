@@ -91,8 +91,7 @@ def test_a_preset_applies_where_it_stands() -> None:
     assert read[-1] == ("-c 4096", "command line")
 
 
-@pytest.mark.parametrize("preset, words", [("--embd-gemma-default", "sets --embedding"),
-                                           ("--spec-default", "sets --spec-type ngram-mod")])
+@pytest.mark.parametrize("preset, words", [("--embd-gemma-default", "sets --embedding")])
 def test_presets_that_set_what_kvbook_does_not_model_are_refused_by_name(preset, words) -> None:
     with pytest.raises(BadInput, match=words) as e:
         parse_server_args([preset])

@@ -45,6 +45,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     device = resolve_device(preset=args.device, budget_gib=args.budget_gib, gpu_gib=args.gpu_gib,
                             host_gib=args.host_gib, device_budgets=args.device_budget or (), rpc_gib=args.rpc_gib,
                             endpoints=flags.rpc, host=host)
+    from kvbook.ops.router import format_router, is_router, plan_router, router_summary
+
+    if is_router(flags):  # router mode: each model as its own llama-server, and the --models-max worst case
+        routed = plan_router(flags, device, os.environ)
+        print(json.dumps(router_summary(routed), indent=1) if args.json else format_router(routed))
+        return 1 if args.check and not routed.fits else 0
     request = local_request(flags, device, os.environ, host)  # the user's saved calibrations attached
     if args.solve:
         return _solve_and_print(args, request)

@@ -230,6 +230,13 @@ class ServerFlags:
     # --spec-type A,B (repeats add up): speculative decoding types, as llama-server names them; () = none
     spec_types: tuple[str, ...] = ()
     spec_draft_n_max: int = 3  # --spec-draft-n-max: tokens drafted per step (common.h common_params_speculative_draft)
+    # tokens an n-gram mode drafts per step (common.h common_params_speculative_ngram_mod / _ngram_map defaults)
+    ngram_mod_n_max: int = 64  # --spec-ngram-mod-n-max
+    ngram_simple_size_m: int = 48  # --spec-ngram-simple-size-m
+    ngram_map_k_size_m: int = 48  # --spec-ngram-map-k-size-m
+    ngram_map_k4v_size_m: int = 48  # --spec-ngram-map-k4v-size-m
+    # -lcs / -lcd FILE, in order, as (flag, file): n-gram cache files ngram-cache loads into every slot
+    lookup_caches: tuple[tuple[str, str], ...] = ()
     mmproj: str = ""  # --mmproj FILE / --mmproj-url URL: the projector to load
     mmproj_offload: bool = True  # --no-mmproj-offload: the projector stays on the CPU
     model_url: str = ""  # -mu URL: the model is the file llama-server downloads from there (wins over -m)
@@ -238,6 +245,10 @@ class ServerFlags:
     hf_repo: str = ""  # -hf user/repo[:quant]: the model is the file llama-server fetches (wins over -m)
     hf_file: str = ""  # -hff FILE: that file of the -hf repo instead of the quant's
     no_mmproj: bool = False  # --no-mmproj: no projector fetched with -hf
+    # router mode (no model): the models it may load, and how many at once (0: no limit): ops/router.py
+    models_preset: str = ""  # --models-preset FILE (INI)
+    models_dir: str = ""  # --models-dir DIR
+    models_max: int = 4  # --models-max N
     argv: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     from_env: tuple[str, ...] = ()  # the LLAMA_ARG_* variables that were read, as NAME=value
@@ -312,8 +323,9 @@ class ComputeEstimate:
 
 @dataclass(frozen=True)
 class HostExtras:
-    """Host RAM that grows while the server runs (prompt cache, context checkpoints): the caps, and the rates
-    they fill at (memory/rules.py host_extras reads them from the server's state-saving code)."""
+    """Host RAM outside the buffers llama.cpp logs: what grows while the server runs (prompt cache, context
+    checkpoints: the caps, and the rates they fill at, from the server's state-saving code) and the n-gram
+    speculation tables (fixed, from start)."""
 
     cache_ram_bytes: int
     checkpoint_bytes: int
@@ -322,10 +334,12 @@ class HostExtras:
     cache_token_bytes: int = 0  # prompt cache: bytes per cached token (the full-attention KV rows of one token)
     cache_prompt_bytes: int = 0  # prompt cache: fixed bytes per cached prompt (window, recurrent state, headers)
     cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
+    ngram_bytes: int = 0  # n-gram speculation's host tables, allocated at start (memory/speculative.py ngram_bytes)
+    spec_checkpoint_bytes: int = 0  # speculative checkpoints: one sequence's state per slot (speculative.py)
 
     @property
     def bytes(self) -> int:
-        return self.cache_ram_bytes + self.checkpoint_bytes
+        return self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
 
 
 @dataclass(frozen=True)

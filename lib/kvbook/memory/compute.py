@@ -5,7 +5,9 @@ llama.cpp sizes this buffer from a worst-case graph and prints it; there is no c
 What is modelled:
 - flash attention on: one f16 mask per attention cache, n_kv x n_ubatch;
 - flash attention off: f32 scores for the largest cache (n_head x n_kv x n_ubatch) plus f32 masks;
-- one row of logits;
+- one row of logits; where speculative decoding reserves many output rows (n_outputs_max: the drafted
+  tokens), the peak is at the output instead: the masks, the reserved rows of f32 logits and OUTPUT_TAIL
+  residual-width f32 tensors alive beside them (ggml-alloc frees the layers' activations by then);
 - activations: COEF x n_ubatch x width floats, width = n_embd + FFN width + n_head*head_k.
 COEF and the measured error come from tools/calibrate_compute.py over
 data/compute_calibration.jsonl (both bundled models, 120 flag sets).
@@ -37,6 +39,18 @@ def activation_width(arch: ModelArch) -> int:
     return arch.n_embd + ffn + q_width + extra
 
 
+# residual-width f32 tensors (n_embd x n_ubatch) alive at the output matmul beside the logits: fitted to the pinned
+# server's CPU buffer for SmolLM2 with 130 and 512 reserved rows (ngram speculation): 33.1 vs 32.02 MiB, 104.75
+# vs 104.77 (tests/test_spec_ngram.py checks it within the CPU estimate's error)
+OUTPUT_TAIL = 6
+
+
+def output_peak(xp: Any, arch: ModelArch, flash_attn: bool, n_ubatch: Num, cells_sum: Num, rows: Num) -> Num:
+    """The buffer at the output matmul when `rows` logits rows are reserved (module docstring)."""
+    mask = 2 * n_ubatch * cells_sum if flash_attn else 4 * n_ubatch * cells_sum
+    return mask + 4 * arch.n_vocab * rows + OUTPUT_TAIL * 4 * arch.n_embd * n_ubatch
+
+
 def compute_bytes(xp: Any, arch: ModelArch, flash_attn: bool, n_ubatch: Num, cells_sum: Num, cells_max: Num,
                   coef: float | None = None) -> Num:
     """The estimate for one ubatch over attention caches of `cells_sum` cells in all (the largest
@@ -56,6 +70,8 @@ def estimate_compute(arch: ModelArch, shape: ContextShape, cells: list[int]) -> 
     coef = coefficients()
     mode = "fa_on" if shape.flash_attn else "fa_off"
     total = compute_bytes(PY, arch, shape.flash_attn, shape.n_ubatch, sum(cells), max(cells, default=0))
+    rows = shape.reserve_outputs or min(shape.n_ubatch, shape.n_outputs_max)  # graph_reserve's logits rows
+    total = max(total, output_peak(PY, arch, shape.flash_attn, shape.n_ubatch, sum(cells), rows))
     return ComputeEstimate(
         bytes=int(total),
         error_pct=float(coef[mode]["max_error_pct"]),

@@ -25,7 +25,7 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import estimate_compute
 from kvbook.memory.projector import projector_memory
-from kvbook.memory.speculative import check_mtp, n_rs_seq, outputs_max, uses_mtp
+from kvbook.memory.speculative import check_mtp, n_rs_seq, ngram_bytes, outputs_max, spec_checkpoint_slots, uses_mtp
 from kvbook.memory.xp import PY, Num
 
 # ggml block size and bytes per block for the cache types llama-server accepts
@@ -264,6 +264,8 @@ def host_extras(arch: ModelArch, shape: ContextShape, flags: ServerFlags) -> Hos
         cache_token_bytes=(per_full + STATE_CELL_META) if full else 0,
         cache_prompt_bytes=fixed,
         cache_prompt_checkpoints=PROMPT_END_CHECKPOINTS if makes else 0,
+        ngram_bytes=ngram_bytes(flags, shape.n_seq),
+        spec_checkpoint_bytes=spec_checkpoint_slots(arch, flags, shape.n_seq) * each,
     )
 
 

@@ -19,6 +19,28 @@ attention cache over the NextN layers):
   llama_kv_cache of n_ctx_seq cells over the layers il >= n_layer (the NextN layers), with no recurrent state;
   its logits buffer is one row per slot, and it reserves a compute buffer of its own (memory/rules.py
   mtp_memory builds that context's MemoryPlan from these rules).
+
+What the n-gram modes add (`ngram_bytes`, `spec_n_max`): no llama_context, no device buffer; the target context
+reserves `min(n_batch, slots x (1 + n_max))` outputs as for a draft (common_speculative_n_max: ngram-simple,
+-map-k and -map-k4v draft their size_m, ngram-mod its n_max, ngram-cache 8), no recurrent rollback rows
+(common_params_speculative::need_n_rs_seq counts the draft types only), and host tables made once at start
+(tools/server/server-context.cpp load_model: common_speculative_init(params, n_parallel)):
+- ngram-mod: one hash table shared by every slot, 4 Mi int32 entries (common/speculative.cpp
+  common_speculative_impl_ngram_mod: mod(n_match, 4*1024*1024); common/ngram-mod.cpp common_ngram_mod: entries
+  filled with EMPTY, so resident from start): 16 MiB; the server logs its size at -lv 4 ("mod size=");
+- ngram-map-k / ngram-map-k4v: one common_ngram_map per slot (common_speculative_impl_ngram_map_k), each with a
+  key_map of COMMON_NGRAM_HASH_MAP_SIZE = 262144 uint32 (common/ngram-map.h): 1 MiB per slot; its `keys` vector
+  grows at run time, at most one 88-byte key per token of the slot's history (not in the plan: a note says so);
+- ngram-simple: nothing (common_ngram_simple_draft searches the slot's tokens);
+- ngram-cache: three unordered maps per slot (common_speculative_impl_ngram_cache::seq_info), empty at start,
+  growing with every token (not in the plan); -lcs/-lcd files are loaded and copied into every slot (refused).
+
+Speculative checkpoints (`spec_checkpoint_slots`): a target whose cache cannot drop the rejected draft tokens keeps,
+per slot, a copy of the sequence's partial state before each verification (tools/server/server-context.cpp:
+slot.spec_ckpt.update_tgt with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, the flags of a context checkpoint, so the same
+size: memory/rules.py checkpoint_seq_bytes). That is a model with recurrent state (common_context_can_seq_rm:
+partial removal fails, "speculative decoding will use checkpoints") unless its n_rs_seq rollback rows cover the
+draft (MTP on qwen35*: they do).
 """
 
 from __future__ import annotations
@@ -31,15 +53,20 @@ SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash
               "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
 # the types kvbook does not model yet, and why (one line each)
 UNMODELLED_TYPES = {
-    "draft-eagle3": "an EAGLE3 head's own context and weights",
-    "draft-dflash": "a DFlash head's own context, which decodes n_max + 1 outputs per slot",
-    "draft-dspark": "a DSpark head's own context, which decodes n_max + 1 outputs per slot",
-    "ngram-simple": "the target's n_outputs_max with an n-gram draft (--spec-ngram-simple-size-m per slot)",
-    "ngram-map-k": "the target's n_outputs_max with an n-gram draft (--spec-ngram-map-k-size-m per slot)",
-    "ngram-map-k4v": "the target's n_outputs_max with an n-gram draft (--spec-ngram-map-k4v-size-m per slot)",
-    "ngram-mod": "the target's n_outputs_max and the n-gram hash table of --spec-ngram-mod",
-    "ngram-cache": "the n-gram cache files' host tables",
+    "draft-eagle3": "needs -md with an EAGLE3 draft GGUF (general.architecture eagle3: one decoder layer fed by 3 of "
+                    "the target's layers, src/models/eagle3.cpp); kvbook has no rule for its context or the target's "
+                    "extracted features, and no such GGUF here to check one against the real server",
+    "draft-dflash": "needs -md with a DFlash draft GGUF (general.architecture dflash, src/models/dflash.cpp), whose "
+                    "context decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to "
+                    "check one against the real server",
+    "draft-dspark": "needs -md with a DSpark draft GGUF (a dflash GGUF with markov_w1/markov_w2 heads), whose context "
+                    "decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to check one "
+                    "against the real server",
 }
+DRAFT_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+NGRAM_CACHE_DRAFT = 8  # common/speculative.cpp create_state_ngram_cache: n_draft = 8
+NGRAM_MOD_BYTES = 4 * 1024 * 1024 * 4  # common_speculative_impl_ngram_mod: 4 Mi int32 entries, shared by the slots
+NGRAM_MAP_SLOT_BYTES = 262144 * 4  # common/ngram-map.h COMMON_NGRAM_HASH_MAP_SIZE uint32 entries, per slot
 # src/llama-model.cpp create_memory: `mtp_on_hybrid_qwen` (a plain KV cache over the NextN layers)
 MTP_ARCHS = ("qwen35", "qwen35moe", "qwen3next")
 # src/llama-arch.cpp llm_arch_supports_rs_rollback (those kvbook has rules for)
@@ -61,14 +88,32 @@ def uses_mtp(flags: ServerFlags) -> bool:
 
 
 def spec_n_max(flags: ServerFlags) -> int:
-    """common_speculative_n_max over the modelled types: --spec-draft-n-max for a draft type, else 0."""
-    return flags.spec_draft_n_max if set(flags.spec_types) & {"draft-mtp", "draft-simple"} else 0
+    """Tokens drafted per step, the most over the types (common/speculative.cpp common_speculative_n_max)."""
+    per_type = {"ngram-simple": flags.ngram_simple_size_m, "ngram-map-k": flags.ngram_map_k_size_m,
+                "ngram-map-k4v": flags.ngram_map_k4v_size_m, "ngram-mod": flags.ngram_mod_n_max,
+                "ngram-cache": NGRAM_CACHE_DRAFT, **dict.fromkeys(DRAFT_TYPES, flags.spec_draft_n_max)}
+    return max((max(0, per_type[t]) for t in flags.spec_types), default=0)
+
+
+def ngram_bytes(flags: ServerFlags, n_seq: int) -> int:
+    """Host bytes the n-gram modes' tables take from start (module docstring); -lcs/-lcd with ngram-cache refused."""
+    types = set(flags.spec_types)
+    if "ngram-cache" in types and flags.lookup_caches:
+        raise BadInput("-lcs/-lcd with --spec-type ngram-cache changes memory (every slot gets its own copy of the "
+                       "file's n-gram table, host RAM several times the file size) and kvbook does not model it yet")
+    maps = len(types & {"ngram-map-k", "ngram-map-k4v"})
+    return (NGRAM_MOD_BYTES if "ngram-mod" in types else 0) + maps * max(1, n_seq) * NGRAM_MAP_SLOT_BYTES
 
 
 def n_rs_seq(arch: ModelArch, flags: ServerFlags) -> int:
     """Extra recurrent state rows per slot of the target context (common_params_speculative::need_n_rs_seq,
     clamped by llm_arch_supports_rs_rollback)."""
     return flags.spec_draft_n_max if uses_mtp(flags) and arch.arch in RS_ROLLBACK_ARCHS else 0
+
+
+def spec_checkpoint_slots(arch: ModelArch, flags: ServerFlags, n_seq: int) -> int:
+    """How many speculative checkpoints the slots keep (module docstring): one per slot, or none."""
+    return max(1, n_seq) if flags.spec_types and arch.is_hybrid and spec_n_max(flags) > n_rs_seq(arch, flags) else 0
 
 
 def outputs_max(shape: ContextShape, flags: ServerFlags) -> int:

@@ -100,6 +100,11 @@ def start_llama_server(
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         raise BadInput(f"llama-server on {host} would be reachable from the network: give it an API key")
     plan = None
+    from kvbook.ops.router import is_router
+
+    if plan_first and is_router(flags):
+        raise BadInput("router mode (no -m, models from --models-preset/--models-dir): kvbook plans it (kvbook plan) "
+                       "but starts one model per llama-server; give -m MODEL")
     if plan_first:
         plan = make_plan(local_request(flags, device), fit_fallback=FIT_PARAMS)
         if plan.verdict is Verdict.DOES_NOT_FIT and not force:

@@ -515,6 +515,18 @@ def split_note(flags: ServerFlags, device: Device) -> str:
             "splits layers only between several devices (src/llama-model.cpp load_tensors)")
 
 
+def sm_tensor_refusal(device: Device, flags: ServerFlags) -> str:
+    """Why -sm tensor is refused, in one line: without an offload device the server itself refuses it (src/llama.cpp
+    llama_prepare_model_devices skips every CPU-buffer device: "LLAMA_SPLIT_MODE_TENSOR needs >= 1 devices"); with
+    one, every tensor is split over a meta device (ggml_backend_meta_device, llama_meta_device_get_split_state),
+    which kvbook does not model and this CPU-only machine cannot check."""
+    if flags.devices == ("none",) or not any(p.kind in ("gpu", "rpc") for p in device.pools):
+        return ("-sm tensor without an offload device: llama-server refuses it (LLAMA_SPLIT_MODE_TENSOR needs >= 1 "
+                "devices; the CPU is never one) and fails to load the model; use -sm layer")
+    return ("-sm tensor changes memory (every weight, KV and compute tensor split over a meta device of the GPUs: "
+            "ggml_backend_meta_device) and kvbook does not model it yet; its split is unchecked here (no GPU)")
+
+
 def effective_device(device: Device, flags: ServerFlags) -> Device:
     """The devices llama.cpp uses for this command line (src/llama.cpp llama_prepare_model_devices): -dev picks
     and orders the offload devices (names case-insensitive, as ggml_backend_dev_by_name; none: no offload),
@@ -522,8 +534,7 @@ def effective_device(device: Device, flags: ServerFlags) -> Device:
     (`_check_row`) and -sm tensor is not modelled. On unified memory the one device is Metal's MTL0 and the pool stays as it is."""
     offload = [] if device.unified else [p for p in device.pools if p.kind in ("gpu", "rpc")]
     if flags.split_mode == "tensor":
-        raise BadInput("-sm tensor changes memory (weights and KV split across GPUs, experimental) and kvbook does not "
-                       "model it yet")
+        raise BadInput(sm_tensor_refusal(device, flags))
     gpu = _unified_gpu(device)
     if gpu is not None:
         _unified_selection(flags, gpu)

@@ -32,10 +32,12 @@ UNMODELLED = {
     "--control-vector": "control vectors",
     "--control-vector-scaled": "control vectors",
     "--override-kv": "metadata overrides that can change the architecture",
-    "--spec-draft-device": "the draft model's device",
-    "--spec-draft-cpu-moe": "the draft's experts on the CPU",
-    "--spec-draft-n-cpu-moe": "the draft's experts on the CPU",
-    "--spec-draft-override-tensor": "a draft model for speculative decoding",
+    # kvbook places a draft whole, with -ngld on the GPU or the CPU (planner.py draft_pool)
+    "--spec-draft-device": "the draft's own device list; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-cpu-moe": "the draft's experts kept on the CPU; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-n-cpu-moe": "the draft's experts kept on the CPU; kvbook places a draft whole with -ngld (0 or all)",
+    "--spec-draft-override-tensor": "the draft's tensors moved between devices; kvbook places a draft whole with "
+                                    "-ngld (0 or all)",
     "-mmdev": "the projector's device",
     "--image-min-tokens": "the projector's warm-up image size (its compute buffer)",
     "--image-max-tokens": "the projector's warm-up image size (its compute buffer)",
@@ -43,13 +45,17 @@ UNMODELLED = {
     "--embedding": "embedding outputs",
     "--rerank": "reranking outputs",
     "--pooling": "pooled outputs",
-    "--models-dir": "router mode (several models)",
-    "--models-preset": "router mode (several models)",
 }
 # options whose value is a secret: never echoed in a plan (notes, flags_read)
 SECRET_OPTIONS = {"-hft", "--api-key"}
 # Spellings refused although their option's other spellings are fine.
 UNMODELLED_SPELLINGS: dict[str, str] = {}
+# Options the pinned build removed: it refuses them with this advice (common/arg.cpp arg_removed)
+REMOVED = {"--draft": "use --spec-draft-n-max or --spec-ngram-mod-n-max",
+           "--draft-min": "use --spec-draft-n-min or --spec-ngram-mod-n-min",
+           "--spec-ngram-size-n": "use the respective --spec-ngram-*-size-n",
+           "--spec-ngram-size-m": "use the respective --spec-ngram-*-size-m",
+           "--spec-ngram-min-hits": "use the respective --spec-ngram-*-min-hits"}
 # The pinned build's presets (common/arg.cpp, "// presets"): each sets these options, in this order, where it
 # stands on the command line (a later flag overrides it, an earlier one is overridden). Where arg.cpp computes
 # n_ctx as a multiple of the n_parallel it has just set, the product is written out. Sampling and template
@@ -281,6 +287,16 @@ def _at_least(minimum: int) -> Callable[[str, str], int]:
     return lambda flag, value: _int(flag, value, minimum)
 
 
+def _between(lo: int, hi: int, what: str) -> Callable[[str, str], int]:
+    """A whole number llama-server checks against [lo, hi] (common/arg.cpp: "invalid_argument" with its message)."""
+    def parse(flag: str, value: str) -> int:
+        number = _int(flag, value, INT32[0])
+        if not lo <= number <= hi:
+            raise BadInput(f"{flag} {value}: llama-server refuses it ({what} must be between {lo} and {hi} inclusive)")
+        return number
+    return parse
+
+
 def _one_of(*choices: str) -> Callable[[str, str], str]:
     return lambda flag, value: _choice(flag, value, choices)
 
@@ -319,6 +335,7 @@ _LORA = "LoRA adapter buffers next to the weights"
 _NUMBER = "a whole number >= {}"
 _CACHE = "a cache type: " + ", ".join(CACHE_TYPES)
 _NGL = "N, auto or all (-1 auto, -2 all)"
+_NGRAM_DRAFT = "tokens {} drafts per step: the target's outputs"
 
 
 def _render_model(value: Any, flags: ServerFlags) -> list[str]:
@@ -411,13 +428,33 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
     FlagRow("--spec-draft-type-v", "draft_type_v", "the draft's V cache bytes", _CACHE, _one_of(*CACHE_TYPES),
             render="-ctvd"),
     FlagRow("--spec-type", "spec_types", "speculative decoding: with draft-mtp the MTP context (its KV cache, logits and "
-            "compute buffer), the NextN weights, the drafted outputs and recurrent rollback rows of the target",
-            "none, draft-simple or draft-mtp (comma-separated; repeats add up)", spec_type_names, combine=_added,
-            render="--spec-type", tokens=_listed("--spec-type")),
+            "compute buffer), the NextN weights and recurrent rollback rows; every type: the target's outputs for the "
+            "drafted tokens; ngram-mod and ngram-map-k(4v): their host tables",
+            "none, draft-simple, draft-mtp or an n-gram mode (comma-separated; repeats add up)", spec_type_names,
+            combine=_added, render="--spec-type", tokens=_listed("--spec-type")),
     FlagRow("--spec-draft-n-max", "spec_draft_n_max", "tokens drafted per step: the target's outputs and, with "
             "draft-mtp, its recurrent rollback rows", _NUMBER.format(0), _at_least(0), render="--spec-draft-n-max"),
+    FlagRow("--spec-ngram-mod-n-max", "ngram_mod_n_max", _NGRAM_DRAFT.format("ngram-mod"), "0 to 1024",
+            _between(0, 1024, "ngram n-max"), render="--spec-ngram-mod-n-max"),
+    FlagRow("--spec-ngram-simple-size-m", "ngram_simple_size_m", _NGRAM_DRAFT.format("ngram-simple"), "1 to 1024",
+            _between(1, 1024, "ngram size M"), render="--spec-ngram-simple-size-m"),
+    FlagRow("--spec-ngram-map-k-size-m", "ngram_map_k_size_m", _NGRAM_DRAFT.format("ngram-map-k"), "1 to 1024",
+            _between(1, 1024, "ngram size M"), render="--spec-ngram-map-k-size-m"),
+    FlagRow("--spec-ngram-map-k4v-size-m", "ngram_map_k4v_size_m", _NGRAM_DRAFT.format("ngram-map-k4v"), "1 to 1024",
+            _between(1, 1024, "ngram size M"), render="--spec-ngram-map-k4v-size-m"),
+    FlagRow("-lcs", "lookup_caches", "with ngram-cache: refused (the file's table copied into every slot)", "a file",
+            lambda flag, value: (("-lcs", value),), combine=_added, render="-lcs",
+            tokens=lambda v, f: [t for pair in v for t in pair], keeps=None),
+    FlagRow("-lcd", "lookup_caches", "with ngram-cache: refused (the file's table copied into every slot)", "a file",
+            lambda flag, value: (("-lcd", value),), combine=_added, keeps=None),
     FlagRow("--spec-draft-ngl", "draft_gpu_layers", "placement of the draft model", _NGL, _ngl, render="-ngld"),
     FlagRow("-hf", "hf_repo", "the model: the file llama-server fetches from the hub", "user/repo[:quant]", _text),
+    FlagRow("--models-preset", "models_preset", "router mode: the models it may load (each planned as its own "
+            "llama-server)", "an INI file", _text, render="--models-preset"),
+    FlagRow("--models-dir", "models_dir", "router mode: the models it may load (each planned as its own llama-server)",
+            "a directory", _text, render="--models-dir"),
+    FlagRow("--models-max", "models_max", "router mode: how many models are loaded at once (the worst case)",
+            "N (0: no limit)", _at_least(INT32[0]), render="--models-max"),
     FlagRow("-hff", "hf_file", "the model: this file of the -hf repo", "a file name in the -hf repo", _text),
     FlagRow("-mu", "model_url", "the model: the file llama-server downloads (planned from its header)", "a URL", _text),
     FlagRow("-hft", "hf_token", "nothing (the hub's access token, used for -hf listings)",
@@ -471,6 +508,8 @@ def _apply(values: dict[str, Any], ignored: list[str], flag: str, canonical: str
         if canonical in SECRET_OPTIONS and source == "command line":
             label = f"{shown} ***"
         read.append((label, source, row.read if row else "nothing: does not change memory"))
+    if canonical in REMOVED:
+        raise BadInput(f"{shown}: the argument has been removed from llama-server (it refuses it); {REMOVED[canonical]}")
     why = _refusal(flag, canonical, value)
     if why:
         raise BadInput(f"{shown} changes memory ({why}) and kvbook does not model it yet")
@@ -588,6 +627,8 @@ def parse_server_args(argv: Sequence[str], environ: Mapping[str, str] | None = N
                        "add -m PATH (where it saves the download)")
     if values.get("hf_repo") or values.get("model_url"):
         values.setdefault("model", "")  # -hf / -mu win over -m: llama-server loads the file it fetched
+    if "model" not in values and (values.get("models_preset") or values.get("models_dir")):
+        values["model"] = ""  # router mode (tools/server/server.cpp is_router_server): ops/router.py plans each model
     if "model" not in values:
         raise BadInput("the llama-server command line has no model: give -m MODEL or -hf USER/REPO[:QUANT]")
     per_slot = values.get("slot_ctx_cap", 0)

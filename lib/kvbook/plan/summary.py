@@ -154,7 +154,8 @@ def host_growth_entry(plan: Plan) -> dict[str, Any]:
             "cache_token_bytes": h.cache_token_bytes, "cache_prompt_bytes": h.cache_prompt_bytes,
             "cache_prompt_checkpoints": h.cache_prompt_checkpoints, "prompt_tokens": GROWTH_PROMPT_TOKENS,
             "prompt_state_bytes": prompt_state_bytes(h, GROWTH_PROMPT_TOKENS),
-            "prompts_to_fill": prompts_to_fill(h, GROWTH_PROMPT_TOKENS)}
+            "prompts_to_fill": prompts_to_fill(h, GROWTH_PROMPT_TOKENS), "ngram_bytes": h.ngram_bytes,
+            "spec_checkpoint_bytes": h.spec_checkpoint_bytes}
 
 
 def _growth_text(plan: Plan) -> str:
@@ -175,6 +176,11 @@ def _growth_text(plan: Plan) -> str:
                          f" + {h.cache_prompt_checkpoints} checkpoints" if h.cache_prompt_checkpoints else "") + ")")
     else:
         parts.append("no prompt cache (--cache-ram 0)")
+    if h.spec_checkpoint_bytes:
+        parts.append(f"speculative checkpoints {_size(h.spec_checkpoint_bytes).strip()} (one state per slot)")
+    if h.ngram_bytes:
+        parts.append(f"n-gram tables {_size(h.ngram_bytes).strip()} from start (--spec-type "
+                     f"{','.join(t for t in plan.flags.spec_types if t.startswith('ngram'))})")
     return "; ".join(parts)
 
 
