@@ -57,3 +57,22 @@ def test_a_forked_proxy_dies_with_the_process_that_asked(litellm_forkserver: str
     finally:
         asker.kill()
         asker.wait()
+
+
+def test_a_fork_server_that_cannot_import_litellm_fails_at_once(tmp_path: Path) -> None:
+    """A broken LiteLLM install (a stand-in package that fails to import: a fault the real, working install here
+    cannot produce) is reported to the first proxy start in one line, not after its ready timeout."""
+    fake = tmp_path / "pkgs" / "litellm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    path = str(tmp_path / "fs.sock")
+    server = forkserver.start_server(path, {"PYTHONPATH": f"{tmp_path / 'pkgs'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    try:
+        start = time.monotonic()
+        with pytest.raises(Exception, match="could not start: importing LiteLLM failed: ImportError.*a broken install"):
+            forkserver.spawn(path, ["litellm"], dict(os.environ), tmp_path / "l.log", ready_timeout_s=120)
+        assert time.monotonic() - start < 30
+        assert server.wait(10) == 1
+    finally:
+        server.kill()
+        server.wait()

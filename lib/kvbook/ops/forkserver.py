@@ -63,6 +63,10 @@ def wait_ready(path: str, timeout_s: float) -> None:
                 return
         except (OSError, ValueError) as exc:
             last = str(exc)
+        failed = Path(path + ".failed")
+        if failed.exists():
+            raise ServerError(f"the LiteLLM fork server at {path} could not start: {failed.read_text()}; "
+                              f"unset {ENV_VAR} to run the litellm command instead")
         time.sleep(0.2)
     raise ServerError(f"the LiteLLM fork server at {path} did not answer within {timeout_s:.0f} s ({last}); "
                       f"unset {ENV_VAR} to run the litellm command instead")
@@ -191,8 +195,12 @@ def serve(path: str) -> None:
     """Import LiteLLM once, then fork a proxy per request until killed; answers pings and exit statuses."""
     _die_with_parent()
     os.environ.update(_PRELOAD_ENV)
-    import litellm.proxy.proxy_cli
-    import litellm.proxy.proxy_server  # noqa: F401
+    try:
+        import litellm.proxy.proxy_cli
+        import litellm.proxy.proxy_server  # noqa: F401
+    except BaseException as exc:  # said to every client at once, instead of a wait until their timeout
+        Path(path + ".failed").write_text(f"importing LiteLLM failed: {exc!r}")
+        raise SystemExit(1) from None
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
