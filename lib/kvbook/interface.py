@@ -336,10 +336,12 @@ class HostExtras:
     cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
     ngram_bytes: int = 0  # n-gram speculation's host tables, allocated at start (memory/speculative.py ngram_bytes)
     spec_checkpoint_bytes: int = 0  # speculative checkpoints: one sequence's state per slot (speculative.py)
+    spec_output_bytes: int = 0  # draft-eagle3: output buffers' growth at decode time (speculative.py eagle3_output_bytes)
 
     @property
     def bytes(self) -> int:
-        return self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
+        return (self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
+                + self.spec_output_bytes)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,25 @@ reserves `min(n_batch, slots x (1 + n_max))` outputs as for a draft (common_spec
 - ngram-cache: three unordered maps per slot (common_speculative_impl_ngram_cache::seq_info), empty at start,
   growing with every token (not in the plan); -lcs/-lcd files are loaded and copied into every slot (refused).
 
+What `--spec-type draft-eagle3` adds (`-md` with a GGUF of general.architecture eagle3): the draft context of a
+plain draft model (common/speculative.cpp common_speculative_init_result: the same llama_init_from_model call as
+draft-simple, n_ctx = the target's, n_rs_seq 0, -ctkd/-ctvd), over eagle3 weights (src/models/eagle3.cpp
+load_arch_tensors: fc [3 x target_hidden_size, n_embd], one decoder layer whose q/k/v read 2 x n_embd, optional
+token_embd/output/d2t) and one full-attention KV cache layer; and, unlike draft-simple:
+- the draft context has an encoder (src/llama-model.cpp llama_model_has_encoder: eagle3), so its n_outputs_max
+  is n_batch (src/llama-context.cpp llama_context::llama_context) and its graph reserves logits for a whole
+  ubatch (memory/compute.py reads n_outputs_max); its output buffer at start stays one row per slot;
+- run-time host growth (`eagle3_output_bytes`, not in a start figure: llama_context::output_reserve runs at
+  decode time and the release build does not log it): the target context turns on extraction of 3 layers'
+  inputs (common_speculative_impl_draft_eagle3: llama_set_embeddings_layer_inp, or llama_set_embeddings_nextn
+  unmasked for the layer n_layer), each n_embd x n_batch floats in the target's output buffer
+  (src/llama-context.cpp output_reserve: embd_layer_inp_float_count / embd_nextn.size); the draft's encoder
+  outputs every token of a chunk of up to n_ubatch (llama_context::encode: output_reserve(n_tokens)), so its
+  output buffer grows to that many rows of logits (its vocabulary) and pre-norm states (n_embd, embd_nextn);
+- no recurrent rollback rows (need_n_rs_seq is for draft-mtp only on the archs that roll back).
+The backend sampler buffers a draft context may add per slot (llama_set_sampler, common to every draft type)
+are not in the plan.
+
 Speculative checkpoints (`spec_checkpoint_slots`): a target whose cache cannot drop the rejected draft tokens keeps,
 per slot, a copy of the sequence's partial state before each verification (tools/server/server-context.cpp:
 slot.spec_ckpt.update_tgt with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, the flags of a context checkpoint, so the same
@@ -53,9 +72,6 @@ SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash
               "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
 # the types kvbook does not model yet, and why (one line each)
 UNMODELLED_TYPES = {
-    "draft-eagle3": "needs -md with an EAGLE3 draft GGUF (general.architecture eagle3: one decoder layer fed by 3 of "
-                    "the target's layers, src/models/eagle3.cpp); kvbook has no rule for its context or the target's "
-                    "extracted features, and no such GGUF here to check one against the real server",
     "draft-dflash": "needs -md with a DFlash draft GGUF (general.architecture dflash, src/models/dflash.cpp), whose "
                     "context decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to "
                     "check one against the real server",
@@ -120,6 +136,33 @@ def outputs_max(shape: ContextShape, flags: ServerFlags) -> int:
     """The target context's n_outputs_max (server_output_limits): one per slot, plus the drafted tokens."""
     n_max = spec_n_max(flags)
     return min(shape.n_batch, shape.n_seq * (1 + n_max)) if n_max else shape.n_seq
+
+
+def uses_eagle3(flags: ServerFlags) -> bool:
+    return "draft-eagle3" in flags.spec_types
+
+
+def check_eagle3(arch: ModelArch) -> None:
+    """One clear line where llama-server cannot run draft-eagle3 with this target and draft (module docstring)."""
+    if arch.draft is None:
+        raise BadInput("--spec-type draft-eagle3 needs -md with an EAGLE3 draft GGUF (general.architecture eagle3); "
+                       "without one llama-server fails to create the draft context")
+    if arch.draft.arch != "eagle3":
+        raise BadInput(f"--spec-type draft-eagle3: the -md draft is a {arch.draft.arch} model, not an EAGLE3 one "
+                       "(llama-server: 'draft model is not eagle3')")
+    if arch.draft.n_layer != 1:
+        raise BadInput(f"--spec-type draft-eagle3: the EAGLE3 draft has {arch.draft.n_layer} layers; "
+                       "llama-server's eagle3 graph runs exactly one (src/models/eagle3.cpp)")
+
+
+def eagle3_output_bytes(arch: ModelArch, shape: ContextShape, draft_shape: ContextShape) -> int:
+    """Run-time growth of the output buffers under draft-eagle3 (module docstring): the target's 3 extracted
+    layers (n_embd x n_batch floats each) and the draft encoder's rows (logits and pre-norm state, n_ubatch)."""
+    assert arch.draft is not None
+    features = 3 * arch.n_embd * shape.n_batch * 4
+    rows = max(draft_shape.n_ubatch, draft_shape.n_seq)
+    start = arch.draft.n_vocab * draft_shape.n_seq * 4  # the draft's logits at start, already in its plan
+    return features + (arch.draft.n_vocab + arch.draft.n_embd) * rows * 4 - start
 
 
 def check_mtp(arch: ModelArch) -> None:

@@ -81,6 +81,8 @@ RULES: dict[str, ArchRule] = {
     "lfm2": ArchRule(recurrent="kv_zero", shortconv=True, swa_on_attention=True, swa_needs_window=True),
     # falcon-h1.cpp + create_memory: every layer runs attention and Mamba2 in parallel (both filters true)
     "falcon-h1": ArchRule(recurrent="all"),
+    # eagle3.cpp: an EAGLE3 draft (-md with --spec-type draft-eagle3): one full-attention decoder layer
+    "eagle3": ArchRule(),
 }
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS

@@ -195,6 +195,21 @@ def _llama(h: _Hp) -> Iterator[Tensor]:
         yield from (_experts(h, i, h.n_ff(i)) if h.n_expert else _ffn(h, i, h.n_ff(i)))
 
 
+def _eagle3(h: _Hp) -> Iterator[Tensor]:
+    """src/models/eagle3.cpp load_arch_tensors: fc fuses 3 target layers' features; one decoder layer whose q/k/v
+    read [token embedding, fused features] (2 x n_embd); its own output and token_embd (both optional there)."""
+    n_inp = 3 * int(h.get("target_hidden_size"))
+    yield "fc.weight", (n_inp, h.n_embd)
+    yield from _io(h, tied=False)
+    b, q = "blk.0", h.head_k * h.n_head
+    yield from _norms(h, 0, "attn_norm", "attn_norm_2", "ffn_norm")
+    yield f"{b}.attn_q.weight", (2 * h.n_embd, q)
+    yield f"{b}.attn_k.weight", (2 * h.n_embd, h.head_k * h.n_head_kv)
+    yield f"{b}.attn_v.weight", (2 * h.n_embd, h.head_v * h.n_head_kv)
+    yield f"{b}.attn_output.weight", (q, h.n_embd)
+    yield from _ffn(h, 0, h.n_ff(0))
+
+
 def _qwen3(h: _Hp) -> Iterator[Tensor]:
     yield from _io(h, tied=False)
     for i in range(h.n_layer):
@@ -480,6 +495,7 @@ def _falcon_h1(h: _Hp) -> Iterator[Tensor]:
 
 _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "llama": _llama,
+    "eagle3": _eagle3,
     "qwen3": _qwen3,
     "qwen3moe": _qwen3,
     "qwen3next": _qwen_hybrid,
