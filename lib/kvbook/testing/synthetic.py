@@ -607,13 +607,22 @@ def tiny_metadata(arch: str, **keys: Any) -> dict[str, Any]:
     return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in {**TINY_SHAPE, **keys}.items()}}
 
 
+def donor_tokenizer(path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` keys of a real GGUF, for a synthetic model the server must tokenize and sample with."""
+    from gguf import GGUFReader
+
+    return {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+
+
 def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
                          weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K,
-                         type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = ()) -> Path:
+                         type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
+                         tokenizer: Mapping[str, Any] | None = None) -> Path:
     """Write `metadata` plus the architecture's tensors as a sparse GGUF at `path`.
 
-    Tokenizer keys are replaced by `tokenizer.ggml.model = "none"` (llama.cpp then makes
-    `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit, or the type of
+    Tokenizer keys are replaced by `tokenizer` (a real model's, `donor_tokenizer`) or else by
+    `tokenizer.ggml.model = "none"` (llama.cpp then makes `{arch}.vocab_size` dummy tokens, which it can neither
+    tokenize text with nor sample). Big weights use `weight_type` where their rows fit, or the type of
     the first `type_overrides` regex found in the tensor's name (a quant mix like a real file's).
     """
     overrides = [(re.compile(pattern), t) for pattern, t in type_overrides]
@@ -621,7 +630,7 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     for name, ne in synthetic_tensors(metadata):
         wanted = next((t for rx, t in overrides if rx.search(name)), weight_type)
         typed.append((name, ne, _tensor_type(name, ne, wanted)))
-    return _write_model(metadata, path, typed)
+    return _write_model(metadata, path, typed, tokenizer)
 
 
 def write_listed_gguf(metadata: Mapping[str, Any], path: Path,
@@ -632,7 +641,8 @@ def write_listed_gguf(metadata: Mapping[str, Any], path: Path,
 
 
 def _write_model(metadata: Mapping[str, Any], path: Path,
-                 tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> Path:
+                 tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]],
+                 tokenizer: Mapping[str, Any] | None = None) -> Path:
     h = _hparams(metadata)
     path = Path(path)
     writer = GGUFWriter(path, h.arch)
@@ -641,7 +651,8 @@ def _write_model(metadata: Mapping[str, Any], path: Path,
             continue
         writer.add_key_value(key, *_typed(key, value))
     writer.add_uint32(f"{h.arch}.vocab_size", h.n_vocab)
-    writer.add_string("tokenizer.ggml.model", "none")
+    for key, value in (tokenizer or {"tokenizer.ggml.model": "none"}).items():
+        writer.add_key_value(key, *_typed(key, value))
     data_size = 0
     for name, ne, t in tensors:
         nbytes = _nbytes(ne, t)
