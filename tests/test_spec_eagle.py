@@ -42,10 +42,11 @@ def _anon_rss(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def served(smollm2, draft, tmp_path_factory) -> tuple:
-    """One real server with the EAGLE3 draft, stopped before the tests: (plan, target log, draft log, raw log,
-    anonymous RSS growth over one 8-token request)."""
+    """One real server with the EAGLE3 draft, stopped before the tests: (plan, target log, draft log, raw log at
+    start, then the anonymous RSS growth over one 8-token request and the raw log after it)."""
     with start_llama_server(["-m", str(smollm2), "-md", draft, "--spec-type", "draft-eagle3", *ARGS, "-t", "1",
                              "--no-warmup", "--cache-ram", "0"], run_dir=tmp_path_factory.mktemp("run")) as server:
+        logged = (server.plan, server.measured(), server.measured_draft(), server.log_path.read_text(errors="replace"))
         before = _anon_rss(server.process.pid)
         body = json.dumps({"prompt": list(range(100, 108)), "n_predict": 2}).encode()
         req = urllib.request.Request(f"{server.base_url}/completion", data=body,
@@ -53,12 +54,11 @@ def served(smollm2, draft, tmp_path_factory) -> tuple:
         with urllib.request.urlopen(req, timeout=120) as r:
             assert r.status == 200
         growth = _anon_rss(server.process.pid) - before
-        return (server.plan, server.measured(), server.measured_draft(), server.log_path.read_text(errors="replace"),
-                growth)
+        return (*logged, growth, server.log_path.read_text(errors="replace"))
 
 
 def test_both_contexts_are_what_the_server_allocates(served) -> None:
-    plan, target, logged_draft, log, _ = served
+    plan, target, logged_draft, log, *_ = served
     assert plan is not None and plan.memory.draft is not None and logged_draft is not None
     assert "adding speculative implementation 'draft-eagle3'" in log and "EAGLE3 extract_layers = [2, 15, 27]" in log
     for memory, logged in ((plan.memory, target), (plan.memory.draft, logged_draft)):
@@ -70,6 +70,10 @@ def test_both_contexts_are_what_the_server_allocates(served) -> None:
     assert logged_draft.model_mib
     # an encoder context: n_outputs_max is n_batch (llama_model_has_encoder), so the graph reserves ubatch logits
     assert plan.memory.draft.shape.n_outputs_max == 8192 and "n_outputs_max         = 8192" in log
+    # the draft's compute buffer, reserved again with the backend sampler over its 512 logits rows (98.25 ->
+    # 194.44 MiB logged): the estimate adds one more n_vocab x 512 floats (measured: within +6.3%)
+    planned = plan.memory.draft.compute.bytes / MiB
+    assert abs(planned - logged_draft.compute_bytes / MiB) <= 0.1 * logged_draft.compute_bytes / MiB, planned
     # the target drafts 1 + 3 tokens per slot
     assert plan.memory.shape.n_outputs_max == 4 and "n_outputs_max         = 4" in log
 
@@ -78,10 +82,15 @@ def test_the_output_rows_grow_at_decode_time(served) -> None:
     """The release build does not log output_reserve, so the figure is the source's (eagle3_output_bytes); the
     server's anonymous RSS over one short request brackets it: at least the extracted rows (without them it grew
     ~12 MiB here), at most those plus 24 MiB (compute buffers first touched, samplers: measured 11.6 MiB)."""
-    plan, *_, growth = served
+    plan, target, *_, growth, log_after = served
     encoder = (49152 + 576) * 512 * 4 - 49152 * 1 * 4  # the draft's logits and pre-norm rows for a ubatch, less start
     assert plan.memory.host_extras.spec_output_bytes == FEATURES + encoder
     assert FEATURES <= growth <= FEATURES + 24 * MiB, growth / MiB
+    # the target's graph, reserved again at the first decode with the 3 layers' inputs as outputs (logged
+    # 22.64 -> 24.89 MiB here): the plan's estimate (with its +3.38 MiB term) stays within 10% of the later figure
+    later = [float(m) for m in re.findall(r"CPU compute buffer size = +([0-9.]+) MiB", log_after)][-1]
+    assert later > target.compute_bytes / MiB
+    assert abs(plan.memory.compute.bytes / MiB - later) <= 0.1 * later, (plan.memory.compute.bytes / MiB, later)
 
 
 def test_the_plan_counts_the_draft_and_the_growth(capsys, smollm2, draft) -> None:
@@ -95,6 +104,9 @@ def test_the_plan_counts_the_draft_and_the_growth(capsys, smollm2, draft) -> Non
     assert cli.main(["plan", "--", "llama-server", "-m", str(smollm2), "-md", draft, *ARGS,
                      "--spec-type", "draft-eagle3"]) == 0
     assert "EAGLE3 output rows" in capsys.readouterr().out
+    assert cli.main([*base, "-md", draft, "--spec-type", "draft-eagle3", "--no-spec-draft-backend-sampling"]) == 0
+    cpu_sampling = json.loads(capsys.readouterr().out)
+    assert doc["draft"]["compute_bytes"] - cpu_sampling["draft"]["compute_bytes"] == 4 * 49152 * 512
 
 
 @pytest.mark.parametrize("with_md, why", [

@@ -230,6 +230,7 @@ class ServerFlags:
     # --spec-type A,B (repeats add up): speculative decoding types, as llama-server names them; () = none
     spec_types: tuple[str, ...] = ()
     spec_draft_n_max: int = 3  # --spec-draft-n-max: tokens drafted per step (common.h common_params_speculative_draft)
+    spec_draft_backend_sampling: bool = True  # --(no-)spec-draft-backend-sampling: a sampler in the draft's graph
     # tokens an n-gram mode drafts per step (common.h common_params_speculative_ngram_mod / _ngram_map defaults)
     ngram_mod_n_max: int = 64  # --spec-ngram-mod-n-max
     ngram_simple_size_m: int = 48  # --spec-ngram-simple-size-m

@@ -29,6 +29,8 @@ from kvbook.memory.speculative import (
     check_eagle3,
     check_mtp,
     eagle3_output_bytes,
+    eagle3_sampler_bytes,
+    eagle3_target_compute_bytes,
     n_rs_seq,
     ngram_bytes,
     outputs_max,
@@ -304,17 +306,22 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
     cache_list = caches(arch, shape, n_rs_seq(arch, flags))
     draft = mtp_memory(arch, shape, flags) if uses_mtp(flags) else draft_memory(arch, shape, flags)
     extras = host_extras(arch, shape, flags)
+    compute = estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT])
     if uses_eagle3(flags):
         check_eagle3(arch)
-        assert draft is not None
+        assert draft is not None and arch.draft is not None
         extras = dataclasses.replace(extras, spec_output_bytes=eagle3_output_bytes(arch, shape, draft.shape))
+        sampler = eagle3_sampler_bytes(arch.draft, draft.shape, flags)
+        draft = dataclasses.replace(draft, compute=dataclasses.replace(
+            draft.compute, bytes=draft.compute.bytes + sampler))
+        compute = dataclasses.replace(compute, bytes=compute.bytes + eagle3_target_compute_bytes(arch, shape))
     return MemoryPlan(
         shape=shape,
         caches=cache_list,
         weights_bytes=arch.weights_bytes,
         weights_exact=arch.weights_exact,
         output_bytes=output_bytes(arch, shape),
-        compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
+        compute=compute,
         host_extras=extras,
         projector=with_projector(arch, shape, flags),
         draft=draft,

@@ -50,6 +50,15 @@ token_embd/output/d2t) and one full-attention KV cache layer; and, unlike draft-
   (src/llama-context.cpp output_reserve: embd_layer_inp_float_count / embd_nextn.size); the draft's encoder
   outputs every token of a chunk of up to n_ubatch (llama_context::encode: output_reserve(n_tokens)), so its
   output buffer grows to that many rows of logits (its vocabulary) and pre-norm states (n_embd, embd_nextn);
+- with --spec-draft-backend-sampling (on by default) the eagle3 implementation attaches a top-k sampler per slot
+  to the draft context (common_speculative_impl_draft_eagle3: llama_set_sampler), whose graph is reserved again
+  at start with the sampler over every reserved logits row: on SmolLM2's 49152-token vocabulary the draft's
+  compute buffer went from 98.25 to 194.44 MiB (one more n_vocab x min(n_ubatch, n_outputs_max) floats,
+  `eagle3_sampler_bytes`, added to the estimate);
+- the target's graph is reserved again at its first decode (llama_context::set_embeddings_layer_inp sets
+  sched_need_reserve) with the 3 layers' inputs as graph outputs (src/llama-graph.cpp: ggml_set_output on
+  t_layer_inp), which the allocator can no longer reuse: `eagle3_target_compute_bytes`, at most 3 x n_embd x
+  n_ubatch floats on the estimate (SmolLM2: 22.64 -> 24.89 MiB logged, +2.25 MiB; the term gives +3.38);
 - no recurrent rollback rows (need_n_rs_seq is for draft-mtp only on the archs that roll back).
 The backend sampler buffers a draft context may add per slot (llama_set_sampler, common to every draft type)
 are not in the plan.
@@ -163,6 +172,19 @@ def eagle3_output_bytes(arch: ModelArch, shape: ContextShape, draft_shape: Conte
     rows = max(draft_shape.n_ubatch, draft_shape.n_seq)
     start = arch.draft.n_vocab * draft_shape.n_seq * 4  # the draft's logits at start, already in its plan
     return features + (arch.draft.n_vocab + arch.draft.n_embd) * rows * 4 - start
+
+
+def eagle3_sampler_bytes(draft: ModelArch, draft_shape: ContextShape, flags: ServerFlags) -> int:
+    """What the backend sampler adds to the eagle3 draft's compute buffer (module docstring): a copy of the
+    reserved logits rows, or nothing with --no-spec-draft-backend-sampling."""
+    rows = min(draft_shape.n_ubatch, draft_shape.n_outputs_max)
+    return 4 * draft.n_vocab * rows if flags.spec_draft_backend_sampling else 0
+
+
+def eagle3_target_compute_bytes(arch: ModelArch, shape: ContextShape) -> int:
+    """What the 3 extracted layers' inputs, kept as graph outputs, add to the target's compute buffer at its first
+    decode (module docstring): at most one ubatch of n_embd floats per layer."""
+    return 3 * arch.n_embd * shape.n_ubatch * 4
 
 
 def check_mtp(arch: ModelArch) -> None:
