@@ -103,7 +103,7 @@ def test_the_plan_counts_the_draft_and_the_growth(capsys, smollm2, draft) -> Non
     assert any(f["flag"] == "--spec-type draft-eagle3" for f in doc["flags_read"])
     assert cli.main(["plan", "--", "llama-server", "-m", str(smollm2), "-md", draft, *ARGS,
                      "--spec-type", "draft-eagle3"]) == 0
-    assert "EAGLE3 output rows" in capsys.readouterr().out
+    assert "speculative output rows" in capsys.readouterr().out
     assert cli.main([*base, "-md", draft, "--spec-type", "draft-eagle3", "--no-spec-draft-backend-sampling"]) == 0
     cpu_sampling = json.loads(capsys.readouterr().out)
     assert doc["draft"]["compute_bytes"] - cpu_sampling["draft"]["compute_bytes"] == 4 * 49152 * 512

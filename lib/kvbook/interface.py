@@ -140,6 +140,9 @@ class ModelArch:
     # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
+    # an EAGLE3/DFlash draft ({arch}.target_layers, {arch}.block_size): the target layers it reads, its block
+    target_layers: tuple[int, ...] = ()
+    block_size: int = 0
     projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
     draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
     loras: tuple[LoraAdapter, ...] = ()  # --lora / --lora-scaled adapters, loaded next to the weights
@@ -337,7 +340,7 @@ class HostExtras:
     cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
     ngram_bytes: int = 0  # n-gram speculation's host tables, allocated at start (memory/speculative.py ngram_bytes)
     spec_checkpoint_bytes: int = 0  # speculative checkpoints: one sequence's state per slot (speculative.py)
-    spec_output_bytes: int = 0  # draft-eagle3: output buffers' growth at decode time (speculative.py eagle3_output_bytes)
+    spec_output_bytes: int = 0  # draft-eagle3/-dflash: output buffers grown at decode (speculative.py extract_output_bytes)
 
     @property
     def bytes(self) -> int:

@@ -26,16 +26,16 @@ from kvbook.interface import (
 from kvbook.memory.compute import estimate_compute
 from kvbook.memory.projector import projector_memory
 from kvbook.memory.speculative import (
-    check_eagle3,
+    check_extract_draft,
     check_mtp,
-    eagle3_output_bytes,
-    eagle3_sampler_bytes,
-    eagle3_target_compute_bytes,
+    extract_draft,
+    extract_output_bytes,
+    extract_sampler_bytes,
+    extract_target_compute_bytes,
     n_rs_seq,
     ngram_bytes,
     outputs_max,
     spec_checkpoint_slots,
-    uses_eagle3,
     uses_mtp,
 )
 from kvbook.memory.xp import PY, Num
@@ -55,7 +55,7 @@ CACHE_TYPE_LAYOUT: dict[str, tuple[int, int]] = {
 SERVER_AUTO_SLOTS = 4
 # src/llama-model.cpp llama_model_has_encoder (those kvbook has rules for): such a context's n_outputs_max is
 # n_batch (src/llama-context.cpp llama_context::llama_context), so its graph reserves logits for a whole ubatch
-ENCODER_ARCHS = ("eagle3",)
+ENCODER_ARCHS = ("eagle3", "dflash")
 CTX_PAD = 256
 
 
@@ -307,14 +307,15 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
     draft = mtp_memory(arch, shape, flags) if uses_mtp(flags) else draft_memory(arch, shape, flags)
     extras = host_extras(arch, shape, flags)
     compute = estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT])
-    if uses_eagle3(flags):
-        check_eagle3(arch)
+    spec = extract_draft(flags)
+    if spec:  # draft-eagle3 / draft-dflash (memory/speculative.py)
+        check_extract_draft(arch, spec)
         assert draft is not None and arch.draft is not None
-        extras = dataclasses.replace(extras, spec_output_bytes=eagle3_output_bytes(arch, shape, draft.shape))
-        sampler = eagle3_sampler_bytes(arch.draft, draft.shape, flags)
+        extras = dataclasses.replace(extras, spec_output_bytes=extract_output_bytes(arch, shape, draft.shape))
+        sampler = extract_sampler_bytes(arch.draft, draft.shape, flags)
         draft = dataclasses.replace(draft, compute=dataclasses.replace(
             draft.compute, bytes=draft.compute.bytes + sampler))
-        compute = dataclasses.replace(compute, bytes=compute.bytes + eagle3_target_compute_bytes(arch, shape))
+        compute = dataclasses.replace(compute, bytes=compute.bytes + extract_target_compute_bytes(arch, shape))
     return MemoryPlan(
         shape=shape,
         caches=cache_list,

@@ -83,6 +83,9 @@ RULES: dict[str, ArchRule] = {
     "falcon-h1": ArchRule(recurrent="all"),
     # eagle3.cpp: an EAGLE3 draft (-md with --spec-type draft-eagle3): one full-attention decoder layer
     "eagle3": ArchRule(),
+    # dflash.cpp: a plain DFlash draft: full-attention layers in a standard KV cache (create_memory's default);
+    # its sliding-window and DSpark (hyper-connection) forms are refused (check_extract_draft)
+    "dflash": ArchRule(),
 }
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -284,6 +287,9 @@ def arch_from_metadata(
         if m.raw(key) is None:
             raise ModelError(f"{source}: missing metadata key {arch}.{key}")
 
+    if arch == "dflash" and (m.raw("attention.sliding_window", 0) or m.raw("hyper_connection.count", 0)):
+        raise ModelError(f"{source}: a DFlash draft with a sliding window or DSpark stages (its own SWA cache, "
+                         "src/models/dflash.cpp) is not modelled yet")
     n_layer_all, n_layer, n_nextn = _layer_counts(m, source, arch)
     n_embd = m.int("embedding_length")
     n_head_all = m.per_layer("attention.head_count", n_layer_all, 0)
@@ -332,4 +338,6 @@ def arch_from_metadata(
         tensor_ranges=tensor_ranges,
         tensors=tensors,
         kv_layers=kv_layers[:n_layer],
+        target_layers=tuple(int(x) for x in m.raw("target_layers", ())),
+        block_size=m.int("block_size", 16) if arch == "dflash" else 0,  # common/speculative.cpp: 16 by default
     )

@@ -179,8 +179,8 @@ def _growth_text(plan: Plan) -> str:
     if h.spec_checkpoint_bytes:
         parts.append(f"speculative checkpoints {_size(h.spec_checkpoint_bytes).strip()} (one state per slot)")
     if h.spec_output_bytes:
-        parts.append(f"EAGLE3 output rows {_size(h.spec_output_bytes).strip()} at the first long prompt (3 target "
-                     "layers' features per batch token, the draft encoder's logits per ubatch token)")
+        parts.append(f"speculative output rows {_size(h.spec_output_bytes).strip()} at the first long prompt (the "
+                     "target's extracted layers per batch token, the draft's logits rows)")
     if h.ngram_bytes:
         parts.append(f"n-gram tables {_size(h.ngram_bytes).strip()} from start (--spec-type "
                      f"{','.join(t for t in plan.flags.spec_types if t.startswith('ngram'))})")

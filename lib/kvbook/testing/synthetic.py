@@ -210,6 +210,18 @@ def _eagle3(h: _Hp) -> Iterator[Tensor]:
     yield from _ffn(h, 0, h.n_ff(0))
 
 
+def _dflash(h: _Hp) -> Iterator[Tensor]:
+    """src/models/dflash.cpp load_arch_tensors (a plain DFlash draft, no DSpark/DFlash2 heads): fc fuses the
+    target layers' features (n_embd each), then qwen3-style blocks; its own token_embd and output."""
+    yield "fc.weight", (len(h.get("target_layers")) * h.n_embd, h.n_embd)
+    yield "enc.output_norm.weight", (h.n_embd,)
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield from _attn(h, i, qk_norm=True)
+        yield from _ffn(h, i, h.n_ff(i))
+
+
 def _qwen3(h: _Hp) -> Iterator[Tensor]:
     yield from _io(h, tied=False)
     for i in range(h.n_layer):
@@ -496,6 +508,7 @@ def _falcon_h1(h: _Hp) -> Iterator[Tensor]:
 _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "llama": _llama,
     "eagle3": _eagle3,
+    "dflash": _dflash,
     "qwen3": _qwen3,
     "qwen3moe": _qwen3,
     "qwen3next": _qwen_hybrid,
