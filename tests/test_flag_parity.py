@@ -48,12 +48,14 @@ ROWS = [
     (["-hf", "ggml-org/gpt-oss-20b-GGUF:Q4_K_M", "--no-mmproj"], {}, True, "ok"),
     ([], {"LLAMA_ARG_HF_REPO": "ggml-org/gpt-oss-20b-GGUF", "LLAMA_ARG_MMPROJ_AUTO": "0"}, True, "ok"),
     (["-hff", "model.gguf"], {}, True, "-hff FILE needs -hf"),
-    # a draft model and an MTP head are planned (tests/test_draft.py, test_spec_decoding.py); other types refused by name
+    # a draft model, an MTP head, EAGLE3 and DFlash are planned (tests/test_draft.py, test_spec_*.py); other types refused by name
     (["-md", "draft.gguf", "-ctkd", "q8_0", "-ctvd", "q8_0", "-ngld", "99"], {}, True, "ok"),
     (["-ctkd", "q3_k"], {}, False, "unknown value 'q3_k'"),
     (["--spec-type", "draft-mtp", "--spec-draft-n-max", "2"], {}, True, "ok"),
     (["--spec-type", "mtp"], {}, False, "unknown speculative type 'mtp'"),
-    (["--spec-type", "draft-eagle3"], {}, True, "EAGLE3"),
+    (["--spec-type", "draft-eagle3"], {}, True, "ok"),  # planned with an eagle3 -md (test_spec_eagle.py)
+    (["--spec-type", "draft-dflash"], {}, True, "ok"),  # planned with a dflash -md (test_spec_dflash.py)
+    (["--spec-type", "draft-dspark"], {}, True, "DSpark"),
     (["--spec-draft-n-max", "-1"], {}, False, "must be >= 0"),
     (["--mmproj", "p.gguf", "--no-mmproj-offload"], {}, True, "ok"),
     (["--image-max-tokens", "256"], {}, True, "warm-up image size"),

@@ -44,7 +44,8 @@ DOMAINS: dict[str, Callable[[random.Random], Any]] = {
     "cpu_moe_layers": lambda r: r.choice([-1, 0, r.randrange(1, 100)]),
     "tensor_overrides": lambda r: tuple((p, b) for p, b in r.sample(
         [("exps", "CPU"), (r"blk\.1[0-9]\.ffn_.*", "CUDA0"), ("attn_q", "CUDA1"), ("ffn_up", "Metal0")], r.randrange(1, 4))),
-    "repack": lambda r: r.random() < 0.5, "no_host": lambda r: r.random() < 0.5,
+    "repack": lambda r: r.random() < 0.5, "spec_draft_backend_sampling": lambda r: r.random() < 0.5,
+    "no_host": lambda r: r.random() < 0.5,
     "devices": lambda r: r.choice([("none",), ("CUDA0",), ("CUDA1", "CUDA0"), ("Vulkan0",)]),
     "split_mode": lambda r: r.choice(["none", "layer", "row", "tensor"]),
     "main_gpu": lambda r: r.randrange(-3, 8),

@@ -1,8 +1,8 @@
 """`--spec-type draft-mtp`: the target's NextN weights, drafted outputs and recurrent rollback rows, and the MTP
 context (a KV cache over the NextN layers, its logits and compute buffer), as memory/speculative.py models them.
 Checked against the real pinned llama-server on tiny synthetic GGUFs with one MTP layer (a qwen35moe and a dense
-qwen35): every exact figure the server logs at -lv 4 for both contexts equals the plan. The other spec types
-are refused by name (pure checks, no server)."""
+qwen35): every exact figure the server logs at -lv 4 for both contexts equals the plan. EAGLE3 and DFlash
+are in tests/test_spec_eagle.py and test_spec_dflash.py; DSpark is refused by name (pure checks, no server)."""
 
 from __future__ import annotations
 
@@ -102,8 +102,7 @@ def test_on_one_gpu_the_mtp_context_sits_with_the_layers(capsys, mtp_models) -> 
 
 
 @pytest.mark.parametrize("value, why", [
-    ("draft-eagle3", "EAGLE3"), ("draft-dflash", "DFlash"), ("draft-dspark", "DSpark"),
-    ("ngram-mod,draft-eagle3", "EAGLE3"),
+    ("draft-dspark", "DSpark"), ("ngram-mod,draft-dspark", "DSpark"),
 ])
 def test_unmodelled_spec_types_are_refused_by_name(value, why) -> None:
     with pytest.raises(BadInput, match=rf"--spec-type {value.split(',')[-1]}: .*{why}.* does not model it yet"):

@@ -133,12 +133,22 @@ SMALL: dict[str, dict[str, Any]] = {
                     **{"attention.head_count": 4, "attention.head_count_kv": 1,
                        "attention.key_length": 128, "attention.value_length": 128,
                        "attention.sliding_window": 512}),
+    # speculative drafts (their own token_embd and output, so they load without a target context)
+    "eagle3": _meta("eagle3", **_COMMON, block_count=1, feed_forward_length=512, target_layers=[0, 1, 2],
+                    target_hidden_size=256, **{"attention.head_count": 4, "attention.head_count_kv": 2,
+                                               "attention.key_length": 128, "attention.value_length": 128}),
+    "dflash": _meta("dflash", **_COMMON, block_count=2, feed_forward_length=512, target_layers=[0, 1, 2],
+                    **{"attention.head_count": 4, "attention.head_count_kv": 2,
+                       "attention.key_length": 128, "attention.value_length": 128}),
 }
 
 # arch -> (flags, [(kind, cells, layers, K MiB, V MiB)], recurrent MiB) at -c 4096
 EXPECTED: dict[str, tuple[list[str], list[tuple[str, int, int, float, float]], float]] = {
     # 4 layers x 2 heads x 64 x f16 x 4096 cells
     "llama": (["-np", "1"], [("kv", 4096, 4, 4.0, 4.0)], 0.0),
+    # 1 and 2 layers x 2 heads x 128 x f16 x 4096 cells
+    "eagle3": (["-np", "1"], [("kv", 4096, 1, 2.0, 2.0)], 0.0),
+    "dflash": (["-np", "1"], [("kv", 4096, 2, 4.0, 4.0)], 0.0),
     "qwen3": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
     "qwen3moe": (["-np", "1"], [("kv", 4096, 4, 8.0, 8.0)], 0.0),
     # 2 attention layers; 6 delta-net layers x 4 B x (3*(512+2*2*128) + 128*512) = 1.57 MiB

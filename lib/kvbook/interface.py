@@ -140,6 +140,9 @@ class ModelArch:
     # which main layers own an attention KV cache, where that is not simply "not recurrent": Nemotron-H's
     # MLP-only layers own nothing, Falcon-H1's layers own KV and recurrent state both; () = not recurrent
     kv_layers: tuple[bool, ...] = ()
+    # an EAGLE3/DFlash draft ({arch}.target_layers, {arch}.block_size): the target layers it reads, its block
+    target_layers: tuple[int, ...] = ()
+    block_size: int = 0
     projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
     draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
     loras: tuple[LoraAdapter, ...] = ()  # --lora / --lora-scaled adapters, loaded next to the weights
@@ -230,6 +233,7 @@ class ServerFlags:
     # --spec-type A,B (repeats add up): speculative decoding types, as llama-server names them; () = none
     spec_types: tuple[str, ...] = ()
     spec_draft_n_max: int = 3  # --spec-draft-n-max: tokens drafted per step (common.h common_params_speculative_draft)
+    spec_draft_backend_sampling: bool = True  # --(no-)spec-draft-backend-sampling: a sampler in the draft's graph
     # tokens an n-gram mode drafts per step (common.h common_params_speculative_ngram_mod / _ngram_map defaults)
     ngram_mod_n_max: int = 64  # --spec-ngram-mod-n-max
     ngram_simple_size_m: int = 48  # --spec-ngram-simple-size-m
@@ -336,10 +340,12 @@ class HostExtras:
     cache_prompt_checkpoints: int = 0  # checkpoints a cached prompt carries with it (near its end)
     ngram_bytes: int = 0  # n-gram speculation's host tables, allocated at start (memory/speculative.py ngram_bytes)
     spec_checkpoint_bytes: int = 0  # speculative checkpoints: one sequence's state per slot (speculative.py)
+    spec_output_bytes: int = 0  # draft-eagle3/-dflash: output buffers grown at decode (speculative.py extract_output_bytes)
 
     @property
     def bytes(self) -> int:
-        return self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
+        return (self.cache_ram_bytes + self.checkpoint_bytes + self.ngram_bytes + self.spec_checkpoint_bytes
+                + self.spec_output_bytes)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,19 @@ from kvbook.interface import (
 )
 from kvbook.memory.compute import estimate_compute
 from kvbook.memory.projector import projector_memory
-from kvbook.memory.speculative import check_mtp, n_rs_seq, ngram_bytes, outputs_max, spec_checkpoint_slots, uses_mtp
+from kvbook.memory.speculative import (
+    check_extract_draft,
+    check_mtp,
+    extract_draft,
+    extract_output_bytes,
+    extract_sampler_bytes,
+    extract_target_compute_bytes,
+    n_rs_seq,
+    ngram_bytes,
+    outputs_max,
+    spec_checkpoint_slots,
+    uses_mtp,
+)
 from kvbook.memory.xp import PY, Num
 
 # ggml block size and bytes per block for the cache types llama-server accepts
@@ -41,6 +53,9 @@ CACHE_TYPE_LAYOUT: dict[str, tuple[int, int]] = {
     "q5_1": (32, 24),
 }
 SERVER_AUTO_SLOTS = 4
+# src/llama-model.cpp llama_model_has_encoder (those kvbook has rules for): such a context's n_outputs_max is
+# n_batch (src/llama-context.cpp llama_context::llama_context), so its graph reserves logits for a whole ubatch
+ENCODER_ARCHS = ("eagle3", "dflash")
 CTX_PAD = 256
 
 
@@ -201,7 +216,7 @@ def context_shape(arch: ModelArch, flags: ServerFlags) -> ContextShape:
         type_v=flags.type_v,
         flash_attn=flash,
         swa_full=flags.swa_full,
-        n_outputs_max=n_seq,
+        n_outputs_max=n_batch if arch.arch in ENCODER_ARCHS else n_seq,
     )
 
 
@@ -289,16 +304,28 @@ def plan_memory(arch: ModelArch, flags: ServerFlags) -> MemoryPlan:
     if flags.spec_types:  # memory/speculative.py: the drafted tokens' outputs, the rollback state rows
         shape = dataclasses.replace(shape, n_outputs_max=outputs_max(shape, flags))
     cache_list = caches(arch, shape, n_rs_seq(arch, flags))
+    draft = mtp_memory(arch, shape, flags) if uses_mtp(flags) else draft_memory(arch, shape, flags)
+    extras = host_extras(arch, shape, flags)
+    compute = estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT])
+    spec = extract_draft(flags)
+    if spec:  # draft-eagle3 / draft-dflash (memory/speculative.py)
+        check_extract_draft(arch, spec)
+        assert draft is not None and arch.draft is not None
+        extras = dataclasses.replace(extras, spec_output_bytes=extract_output_bytes(arch, shape, draft.shape))
+        sampler = extract_sampler_bytes(arch.draft, draft.shape, flags)
+        draft = dataclasses.replace(draft, compute=dataclasses.replace(
+            draft.compute, bytes=draft.compute.bytes + sampler))
+        compute = dataclasses.replace(compute, bytes=compute.bytes + extract_target_compute_bytes(arch, shape))
     return MemoryPlan(
         shape=shape,
         caches=cache_list,
         weights_bytes=arch.weights_bytes,
         weights_exact=arch.weights_exact,
         output_bytes=output_bytes(arch, shape),
-        compute=estimate_compute(arch, shape, [c.cells for c in cache_list if c.kind is not CacheKind.RECURRENT]),
-        host_extras=host_extras(arch, shape, flags),
+        compute=compute,
+        host_extras=extras,
         projector=with_projector(arch, shape, flags),
-        draft=mtp_memory(arch, shape, flags) if uses_mtp(flags) else draft_memory(arch, shape, flags),
+        draft=draft,
         lora_bytes=sum(a.buffer_bytes for a in arch.loras),
     )
 

@@ -35,6 +35,42 @@ reserves `min(n_batch, slots x (1 + n_max))` outputs as for a draft (common_spec
 - ngram-cache: three unordered maps per slot (common_speculative_impl_ngram_cache::seq_info), empty at start,
   growing with every token (not in the plan); -lcs/-lcd files are loaded and copied into every slot (refused).
 
+What `--spec-type draft-eagle3` adds (`-md` with a GGUF of general.architecture eagle3): the draft context of a
+plain draft model (common/speculative.cpp common_speculative_init_result: the same llama_init_from_model call as
+draft-simple, n_ctx = the target's, n_rs_seq 0, -ctkd/-ctvd), over eagle3 weights (src/models/eagle3.cpp
+load_arch_tensors: fc [3 x target_hidden_size, n_embd], one decoder layer whose q/k/v read 2 x n_embd, optional
+token_embd/output/d2t) and one full-attention KV cache layer; and, unlike draft-simple:
+- the draft context has an encoder (src/llama-model.cpp llama_model_has_encoder: eagle3), so its n_outputs_max
+  is n_batch (src/llama-context.cpp llama_context::llama_context) and its graph reserves logits for a whole
+  ubatch (memory/compute.py reads n_outputs_max); its output buffer at start stays one row per slot;
+- run-time host growth (`extract_output_bytes`, not in a start figure: llama_context::output_reserve runs at
+  decode time and the release build does not log it): the target context turns on extraction of 3 layers'
+  inputs (common_speculative_impl_draft_eagle3: llama_set_embeddings_layer_inp, or llama_set_embeddings_nextn
+  unmasked for the layer n_layer), each n_embd x n_batch floats in the target's output buffer
+  (src/llama-context.cpp output_reserve: embd_layer_inp_float_count / embd_nextn.size); the draft's encoder
+  outputs every token of a chunk of up to n_ubatch (llama_context::encode: output_reserve(n_tokens)), so its
+  output buffer grows to that many rows of logits (its vocabulary) and pre-norm states (n_embd, embd_nextn);
+- with --spec-draft-backend-sampling (on by default) the eagle3 implementation attaches a top-k sampler per slot
+  to the draft context (common_speculative_impl_draft_eagle3: llama_set_sampler), whose graph is reserved again
+  at start with the sampler over every reserved logits row: on SmolLM2's 49152-token vocabulary the draft's
+  compute buffer went from 98.25 to 194.44 MiB (one more n_vocab x min(n_ubatch, n_outputs_max) floats,
+  `extract_sampler_bytes`, added to the estimate);
+- the target's graph is reserved again at its first decode (llama_context::set_embeddings_layer_inp sets
+  sched_need_reserve) with the 3 layers' inputs as graph outputs (src/llama-graph.cpp: ggml_set_output on
+  t_layer_inp), which the allocator can no longer reuse: `extract_target_compute_bytes`, at most 3 x n_embd x
+  n_ubatch floats on the estimate (SmolLM2: 22.64 -> 24.89 MiB logged, +2.25 MiB; the term gives +3.38);
+- no recurrent rollback rows (need_n_rs_seq is for draft-mtp only on the archs that roll back).
+What `--spec-type draft-dflash` adds (`-md` with a plain DFlash GGUF, general.architecture dflash; its sliding-window,
+DFlash2 and DSpark forms are refused): the same as draft-eagle3 with these differences (common/speculative.cpp
+common_speculative_impl_draft_dflash, src/models/dflash.cpp): weights fc [len(target_layers) x n_embd, n_embd],
+enc.output_norm, then n_layer qwen3-style blocks, in a standard KV cache (llama_model::create_memory's default)
+over every layer; the target extracts len(target_layers) layers (not 3), and the draft's width must be the
+target's (n_embd_inp_enc = len(target_layers) x the draft's n_embd); the draft decodes one block of
+dflash.block_size tokens (16 by default) per slot with every output, so its output buffer grows to
+slots x block_size rows (the extracted features go in as embeddings without outputs).
+The backend sampler buffers a draft context may add per slot (llama_set_sampler, common to every draft type)
+are not in the plan.
+
 Speculative checkpoints (`spec_checkpoint_slots`): a target whose cache cannot drop the rejected draft tokens keeps,
 per slot, a copy of the sequence's partial state before each verification (tools/server/server-context.cpp:
 slot.spec_ckpt.update_tgt with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY, the flags of a context checkpoint, so the same
@@ -53,12 +89,6 @@ SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash
               "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
 # the types kvbook does not model yet, and why (one line each)
 UNMODELLED_TYPES = {
-    "draft-eagle3": "needs -md with an EAGLE3 draft GGUF (general.architecture eagle3: one decoder layer fed by 3 of "
-                    "the target's layers, src/models/eagle3.cpp); kvbook has no rule for its context or the target's "
-                    "extracted features, and no such GGUF here to check one against the real server",
-    "draft-dflash": "needs -md with a DFlash draft GGUF (general.architecture dflash, src/models/dflash.cpp), whose "
-                    "context decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to "
-                    "check one against the real server",
     "draft-dspark": "needs -md with a DSpark draft GGUF (a dflash GGUF with markov_w1/markov_w2 heads), whose context "
                     "decodes n_max + 1 outputs per slot; kvbook has no rule for it and no such GGUF here to check one "
                     "against the real server",
@@ -120,6 +150,66 @@ def outputs_max(shape: ContextShape, flags: ServerFlags) -> int:
     """The target context's n_outputs_max (server_output_limits): one per slot, plus the drafted tokens."""
     n_max = spec_n_max(flags)
     return min(shape.n_batch, shape.n_seq * (1 + n_max)) if n_max else shape.n_seq
+
+
+# the draft types fed by the target's extracted layers, and the draft architecture each needs
+EXTRACT_DRAFTS = {"draft-eagle3": "eagle3", "draft-dflash": "dflash"}
+
+
+def extract_draft(flags: ServerFlags) -> str | None:
+    """The --spec-type whose -md draft reads the target's layers (draft-eagle3, draft-dflash), or None."""
+    return next((t for t in flags.spec_types if t in EXTRACT_DRAFTS), None)
+
+
+def check_extract_draft(arch: ModelArch, spec: str) -> None:
+    """One clear line where llama-server cannot run this draft type with this target and draft (module docstring)."""
+    want = EXTRACT_DRAFTS[spec]
+    name = {"eagle3": "an EAGLE3", "dflash": "a DFlash"}[want]
+    if arch.draft is None:
+        raise BadInput(f"--spec-type {spec} needs -md with {name} draft GGUF (general.architecture {want}); "
+                       "without one llama-server fails to create the draft context")
+    if arch.draft.arch != want:
+        raise BadInput(f"--spec-type {spec}: the -md draft is a {arch.draft.arch} model, not {name} one "
+                       f"(llama-server: 'draft model is not {want}')")
+    if want == "eagle3" and arch.draft.n_layer != 1:
+        raise BadInput(f"--spec-type {spec}: the EAGLE3 draft has {arch.draft.n_layer} layers; "
+                       "llama-server's eagle3 graph runs exactly one (src/models/eagle3.cpp)")
+    if want == "dflash" and any(t.name.startswith(("selector_", "markov_")) for t in arch.draft.tensors):
+        raise BadInput(f"--spec-type {spec}: a DFlash2/DSpark draft (selector or Markov heads: unmasked outputs, no "
+                       "backend sampler) is not modelled yet")
+    if want == "dflash" and arch.draft.n_embd != arch.n_embd:
+        raise BadInput(f"--spec-type {spec}: the DFlash draft's width ({arch.draft.n_embd}) is not the target's "
+                       f"({arch.n_embd}); its encoder reads the target's layers at its own width")
+    bad = [il for il in arch.draft.target_layers if il > arch.n_layer]
+    if bad:
+        raise BadInput(f"--spec-type {spec}: the draft reads target layer {bad[0]}, the target has {arch.n_layer}")
+
+
+def extract_output_bytes(arch: ModelArch, shape: ContextShape, draft_shape: ContextShape) -> int:
+    """Run-time growth of the output buffers (module docstring): the target's extracted layers (n_embd x n_batch
+    floats each) and the draft's output rows (logits and pre-norm state): an EAGLE3 encoder's ubatch, or a DFlash
+    draft's block per slot."""
+    draft = arch.draft
+    assert draft is not None
+    features = len(draft.target_layers) * arch.n_embd * shape.n_batch * 4
+    block = draft_shape.n_seq * draft.block_size if draft.arch == "dflash" else draft_shape.n_ubatch
+    rows = max(block, draft_shape.n_seq)
+    start = draft.n_vocab * draft_shape.n_seq * 4  # the draft's logits at start, already in its plan
+    return features + (draft.n_vocab + draft.n_embd) * rows * 4 - start
+
+
+def extract_sampler_bytes(draft: ModelArch, draft_shape: ContextShape, flags: ServerFlags) -> int:
+    """What the backend sampler adds to the draft's compute buffer (module docstring): a copy of the reserved
+    logits rows, or nothing with --no-spec-draft-backend-sampling."""
+    rows = min(draft_shape.n_ubatch, draft_shape.n_outputs_max)
+    return 4 * draft.n_vocab * rows if flags.spec_draft_backend_sampling else 0
+
+
+def extract_target_compute_bytes(arch: ModelArch, shape: ContextShape) -> int:
+    """What the extracted layers' inputs, kept as graph outputs, add to the target's compute buffer at its first
+    decode (module docstring): at most one ubatch of n_embd floats per layer."""
+    assert arch.draft is not None
+    return len(arch.draft.target_layers) * arch.n_embd * shape.n_ubatch * 4
 
 
 def check_mtp(arch: ModelArch) -> None:

@@ -81,6 +81,11 @@ RULES: dict[str, ArchRule] = {
     "lfm2": ArchRule(recurrent="kv_zero", shortconv=True, swa_on_attention=True, swa_needs_window=True),
     # falcon-h1.cpp + create_memory: every layer runs attention and Mamba2 in parallel (both filters true)
     "falcon-h1": ArchRule(recurrent="all"),
+    # eagle3.cpp: an EAGLE3 draft (-md with --spec-type draft-eagle3): one full-attention decoder layer
+    "eagle3": ArchRule(),
+    # dflash.cpp: a plain DFlash draft: full-attention layers in a standard KV cache (create_memory's default);
+    # its sliding-window and DSpark (hyper-connection) forms are refused (check_extract_draft)
+    "dflash": ArchRule(),
 }
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS
@@ -282,6 +287,9 @@ def arch_from_metadata(
         if m.raw(key) is None:
             raise ModelError(f"{source}: missing metadata key {arch}.{key}")
 
+    if arch == "dflash" and (m.raw("attention.sliding_window", 0) or m.raw("hyper_connection.count", 0)):
+        raise ModelError(f"{source}: a DFlash draft with a sliding window or DSpark stages (its own SWA cache, "
+                         "src/models/dflash.cpp) is not modelled yet")
     n_layer_all, n_layer, n_nextn = _layer_counts(m, source, arch)
     n_embd = m.int("embedding_length")
     n_head_all = m.per_layer("attention.head_count", n_layer_all, 0)
@@ -330,4 +338,6 @@ def arch_from_metadata(
         tensor_ranges=tensor_ranges,
         tensors=tensors,
         kv_layers=kv_layers[:n_layer],
+        target_layers=tuple(int(x) for x in m.raw("target_layers", ())),
+        block_size=m.int("block_size", 16) if arch == "dflash" else 0,  # common/speculative.cpp: 16 by default
     )

@@ -428,12 +428,18 @@ FLAG_TABLE: tuple[FlagRow, ...] = (
     FlagRow("--spec-draft-type-v", "draft_type_v", "the draft's V cache bytes", _CACHE, _one_of(*CACHE_TYPES),
             render="-ctvd"),
     FlagRow("--spec-type", "spec_types", "speculative decoding: with draft-mtp the MTP context (its KV cache, logits and "
-            "compute buffer), the NextN weights and recurrent rollback rows; every type: the target's outputs for the "
-            "drafted tokens; ngram-mod and ngram-map-k(4v): their host tables",
-            "none, draft-simple, draft-mtp or an n-gram mode (comma-separated; repeats add up)", spec_type_names,
+            "compute buffer), the NextN weights and recurrent rollback rows; with draft-eagle3/-dflash the -md draft's "
+            "output rows and the target's extracted layers; every type: the target's outputs for the drafted tokens; "
+            "ngram-mod and ngram-map-k(4v): their host tables",
+            "none, draft-simple, draft-mtp, draft-eagle3, draft-dflash or an n-gram mode (comma-separated; repeats "
+            "add up)", spec_type_names,
             combine=_added, render="--spec-type", tokens=_listed("--spec-type")),
     FlagRow("--spec-draft-n-max", "spec_draft_n_max", "tokens drafted per step: the target's outputs and, with "
             "draft-mtp, its recurrent rollback rows", _NUMBER.format(0), _at_least(0), render="--spec-draft-n-max"),
+    FlagRow("--spec-draft-backend-sampling", "spec_draft_backend_sampling", "with draft-eagle3/-dflash, the draft's "
+            "compute buffer (its graph samples every reserved logits row)", "switch",
+            switch={"--spec-draft-backend-sampling": True, "--no-spec-draft-backend-sampling": False},
+            render="--no-spec-draft-backend-sampling", tokens=lambda v, f: [] if v else ["--no-spec-draft-backend-sampling"]),
     FlagRow("--spec-ngram-mod-n-max", "ngram_mod_n_max", _NGRAM_DRAFT.format("ngram-mod"), "0 to 1024",
             _between(0, 1024, "ngram n-max"), render="--spec-ngram-mod-n-max"),
     FlagRow("--spec-ngram-simple-size-m", "ngram_simple_size_m", _NGRAM_DRAFT.format("ngram-simple"), "1 to 1024",

@@ -178,6 +178,9 @@ def _growth_text(plan: Plan) -> str:
         parts.append("no prompt cache (--cache-ram 0)")
     if h.spec_checkpoint_bytes:
         parts.append(f"speculative checkpoints {_size(h.spec_checkpoint_bytes).strip()} (one state per slot)")
+    if h.spec_output_bytes:
+        parts.append(f"speculative output rows {_size(h.spec_output_bytes).strip()} at the first long prompt (the "
+                     "target's extracted layers per batch token, the draft's logits rows)")
     if h.ngram_bytes:
         parts.append(f"n-gram tables {_size(h.ngram_bytes).strip()} from start (--spec-type "
                      f"{','.join(t for t in plan.flags.spec_types if t.startswith('ngram'))})")

@@ -195,6 +195,33 @@ def _llama(h: _Hp) -> Iterator[Tensor]:
         yield from (_experts(h, i, h.n_ff(i)) if h.n_expert else _ffn(h, i, h.n_ff(i)))
 
 
+def _eagle3(h: _Hp) -> Iterator[Tensor]:
+    """src/models/eagle3.cpp load_arch_tensors: fc fuses 3 target layers' features; one decoder layer whose q/k/v
+    read [token embedding, fused features] (2 x n_embd); its own output and token_embd (both optional there)."""
+    n_inp = 3 * int(h.get("target_hidden_size"))
+    yield "fc.weight", (n_inp, h.n_embd)
+    yield from _io(h, tied=False)
+    b, q = "blk.0", h.head_k * h.n_head
+    yield from _norms(h, 0, "attn_norm", "attn_norm_2", "ffn_norm")
+    yield f"{b}.attn_q.weight", (2 * h.n_embd, q)
+    yield f"{b}.attn_k.weight", (2 * h.n_embd, h.head_k * h.n_head_kv)
+    yield f"{b}.attn_v.weight", (2 * h.n_embd, h.head_v * h.n_head_kv)
+    yield f"{b}.attn_output.weight", (q, h.n_embd)
+    yield from _ffn(h, 0, h.n_ff(0))
+
+
+def _dflash(h: _Hp) -> Iterator[Tensor]:
+    """src/models/dflash.cpp load_arch_tensors (a plain DFlash draft, no DSpark/DFlash2 heads): fc fuses the
+    target layers' features (n_embd each), then qwen3-style blocks; its own token_embd and output."""
+    yield "fc.weight", (len(h.get("target_layers")) * h.n_embd, h.n_embd)
+    yield "enc.output_norm.weight", (h.n_embd,)
+    yield from _io(h, tied=False)
+    for i in range(h.n_layer):
+        yield from _norms(h, i, "attn_norm", "ffn_norm")
+        yield from _attn(h, i, qk_norm=True)
+        yield from _ffn(h, i, h.n_ff(i))
+
+
 def _qwen3(h: _Hp) -> Iterator[Tensor]:
     yield from _io(h, tied=False)
     for i in range(h.n_layer):
@@ -480,6 +507,8 @@ def _falcon_h1(h: _Hp) -> Iterator[Tensor]:
 
 _BUILDERS: dict[str, Callable[[_Hp], Iterator[Tensor]]] = {
     "llama": _llama,
+    "eagle3": _eagle3,
+    "dflash": _dflash,
     "qwen3": _qwen3,
     "qwen3moe": _qwen3,
     "qwen3next": _qwen_hybrid,
@@ -591,13 +620,22 @@ def tiny_metadata(arch: str, **keys: Any) -> dict[str, Any]:
     return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in {**TINY_SHAPE, **keys}.items()}}
 
 
+def donor_tokenizer(path: Path) -> dict[str, Any]:
+    """The `tokenizer.*` keys of a real GGUF, for a synthetic model the server must tokenize and sample with."""
+    from gguf import GGUFReader
+
+    return {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+
+
 def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
                          weight_type: GGMLQuantizationType = GGMLQuantizationType.Q4_K,
-                         type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = ()) -> Path:
+                         type_overrides: Sequence[tuple[str, GGMLQuantizationType]] = (),
+                         tokenizer: Mapping[str, Any] | None = None) -> Path:
     """Write `metadata` plus the architecture's tensors as a sparse GGUF at `path`.
 
-    Tokenizer keys are replaced by `tokenizer.ggml.model = "none"` (llama.cpp then makes
-    `{arch}.vocab_size` dummy tokens). Big weights use `weight_type` where their rows fit, or the type of
+    Tokenizer keys are replaced by `tokenizer` (a real model's, `donor_tokenizer`) or else by
+    `tokenizer.ggml.model = "none"` (llama.cpp then makes `{arch}.vocab_size` dummy tokens, which it can neither
+    tokenize text with nor sample). Big weights use `weight_type` where their rows fit, or the type of
     the first `type_overrides` regex found in the tensor's name (a quant mix like a real file's).
     """
     overrides = [(re.compile(pattern), t) for pattern, t in type_overrides]
@@ -605,7 +643,7 @@ def write_synthetic_gguf(metadata: Mapping[str, Any], path: Path,
     for name, ne in synthetic_tensors(metadata):
         wanted = next((t for rx, t in overrides if rx.search(name)), weight_type)
         typed.append((name, ne, _tensor_type(name, ne, wanted)))
-    return _write_model(metadata, path, typed)
+    return _write_model(metadata, path, typed, tokenizer)
 
 
 def write_listed_gguf(metadata: Mapping[str, Any], path: Path,
@@ -616,7 +654,8 @@ def write_listed_gguf(metadata: Mapping[str, Any], path: Path,
 
 
 def _write_model(metadata: Mapping[str, Any], path: Path,
-                 tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> Path:
+                 tensors: Sequence[tuple[str, tuple[int, ...], GGMLQuantizationType]],
+                 tokenizer: Mapping[str, Any] | None = None) -> Path:
     h = _hparams(metadata)
     path = Path(path)
     writer = GGUFWriter(path, h.arch)
@@ -625,7 +664,8 @@ def _write_model(metadata: Mapping[str, Any], path: Path,
             continue
         writer.add_key_value(key, *_typed(key, value))
     writer.add_uint32(f"{h.arch}.vocab_size", h.n_vocab)
-    writer.add_string("tokenizer.ggml.model", "none")
+    for key, value in (tokenizer or {"tokenizer.ggml.model": "none"}).items():
+        writer.add_key_value(key, *_typed(key, value))
     data_size = 0
     for name, ne, t in tensors:
         nbytes = _nbytes(ne, t)
