@@ -10,6 +10,7 @@ from kvbook.capacity.speed import (
     SpeedPoint,
     acceptance_for_length,
     batch_extra_from,
+    batch_extra_from_rejections,
     batch_extra_measured,
     expected_tokens_per_step,
     fit_affine,
@@ -78,7 +79,25 @@ def test_a_speculative_step_costs_the_drafts_the_verify_batch_and_the_drafts_ree
     plain = model.decode.seconds(6000, 100)
     assert spec_decode_seconds(model, SpecDecode(0.75, 3, 0.1, 0.2), 6000, 100) == pytest.approx(plain / step.speedup)
     assert batch_extra_from(model, 0) == pytest.approx(100 / 500)
+    rejected = spec_step(SpecDecode(0.0, 3, 0.1, 0.2)).speedup
+    assert batch_extra_from_rejections(rejected, 3, 0.1) == pytest.approx(0.2)
     assert batch_extra_measured(100.0, 200.0, 4) == pytest.approx((4 / 200 * 100 - 1) / 3)
     for bad in (dict(acceptance=1.1), dict(n_draft=0), dict(draft_cost=-1.0)):
         with pytest.raises(BadInput):
             SpecDecode(**{**dict(acceptance=0.5, n_draft=3, draft_cost=0.1, batch_extra=0.1), **bad})
+
+
+def test_the_capacity_turn_table_shows_each_turn_with_and_without_speculation() -> None:
+    """What notebook 05's turn table shows (kvbook.notebook.capacity.turn_time_rows), checked without a server."""
+    from kvbook.notebook.capacity import spec_setup, turn_time_rows
+
+    model = fit_speed([SpeedPoint(0, 500.0, 100.0), SpeedPoint(8000, 100.0, 25.0)])
+    spec = spec_setup(model, acceptance=0.75, n_draft=3, draft_cost=0.2, depth=6000)
+    assert spec.batch_extra == pytest.approx(batch_extra_from(model, 6000))
+    rows = turn_time_rows(model, 6000, 5000, 100, spec)
+    assert [r["turn"].split(",")[0] for r in rows] == ["cold (nothing cached)"] * 2 + ["system prompt + tools cached"] * 2
+    plain, fast = rows[2], rows[3]
+    assert "speculative" in fast["turn"] and "estimate" in fast["turn"]
+    assert fast["prefill s"] == plain["prefill s"]  # speculation changes decoding only
+    assert fast["decode s"] == pytest.approx(plain["decode s"] / spec_step(spec).speedup, abs=0.01)
+    assert len(turn_time_rows(model, 6000, 5000, 100)) == 2

@@ -181,6 +181,14 @@ def batch_extra_measured(decode_tps: float, batch_tps: float, batch: int) -> flo
     return max(0.0, (batch / batch_tps * decode_tps - 1.0) / (batch - 1))
 
 
+def batch_extra_from_rejections(speedup: float, n_draft: int, draft_cost: float) -> float:
+    """The batch cost that explains a measured speed-up when every draft is rejected (one token per step, so the
+    step costs 1 / speedup): (1 + N*extra) * (1 + draft_cost) + N * draft_cost = 1 / speedup."""
+    if speedup <= 0 or n_draft < 1:
+        raise BadInput("a rejection-only speed-up must be positive and the draft at least one token")
+    return max(0.0, ((1.0 / speedup - n_draft * draft_cost) / (1.0 + draft_cost) - 1.0) / n_draft)
+
+
 def spec_decode_seconds(speed: SpeedModel, spec: SpecDecode, start: int, tokens: int) -> float:
     """Decode time of `tokens` tokens from depth `start` with speculation: the plain time over the speed-up."""
     return speed.decode.seconds(start, tokens) / spec_step(spec).speedup
