@@ -3,7 +3,8 @@
 Each token's cost grows with the context it attends to, so the time per token is close to affine in the
 depth: 1/tps(d) = a + b*d, for prefill and for decode separately (llama-bench -d D -p P -n N measures both
 at depth D). A turn that sends P prompt tokens of which C are already cached, then generates N, costs
-the integral of that time over the new prompt tokens and over the generated ones.
+the integral of that time over the new prompt tokens and over the generated ones. Speculative decoding divides
+the decode part by the step model's speed-up (memory/spec_speed.py), its batch cost taken from these speeds.
 """
 
 from __future__ import annotations

@@ -55,10 +55,12 @@ class SpecMeasurement:
     baseline_tps: float
     spec_tps: float
     realized_length: float  # 1 + accepted / steps, from the server's draft counters
+    paired_speedup: float  # median over rounds of (speculative / plain) of two back-to-back requests
 
     @property
     def measured_speedup(self) -> float:
-        return self.spec_tps / self.baseline_tps
+        """The paired median: each ratio is of two requests a moment apart, so load drift cancels in it."""
+        return self.paired_speedup
 
     def predicted_speedup(self, draft_cost: float, batch_extra: float) -> float:
         """The speed model at the acceptance the server realized (synthetic draws scatter around the target)."""
@@ -124,23 +126,23 @@ def spec_servers(model: Path, draft: Path, cases: Sequence[SpecCase], run_dir: P
 
 def measure_spec_speed(model: Path, draft: Path, cases: Sequence[SpecCase], run_dir: Path, *, threads: int = 1,
                        n_predict: int = 64, rounds: int = 3) -> list[SpecMeasurement]:
-    """Per case: `rounds` alternating requests to the plain and the speculative server (medians of each) and the
-    acceptance the server realized."""
-    out = []
+    """Per case: `rounds` back-to-back pairs of requests to the plain and the speculative server (rounds outside,
+    cases inside) and the acceptance the server realized."""
+    base_runs: dict[SpecCase, list[DecodeRun]] = {c: [] for c in cases}
+    spec_runs: dict[SpecCase, list[DecodeRun]] = {c: [] for c in cases}
     with spec_servers(model, draft, cases, run_dir, threads=threads) as (plain, urls):
         for url in (plain, *urls.values()):
             decode_run(url, 4)  # first-request allocations, out of the timed runs
-        for c in cases:
-            base_runs, spec_runs = [], []
-            for r in range(rounds):
-                base_runs.append(decode_run(plain, n_predict, seed=r))
-                spec_runs.append(decode_run(urls[c], n_predict, seed=r))
-            out.append(SpecMeasurement(
-                case=c, baseline_tps=statistics.median(x.tokens_per_s for x in base_runs),
-                spec_tps=statistics.median(x.tokens_per_s for x in spec_runs),
-                realized_length=realized_length(spec_runs, c.n_draft)))
-    return out
-
+        for r in range(rounds):  # rounds outside, cases inside: each case's runs spread over the whole time
+            for c in cases:
+                base_runs[c].append(decode_run(plain, n_predict, seed=r))
+                spec_runs[c].append(decode_run(urls[c], n_predict, seed=r))
+    return [SpecMeasurement(
+        case=c, baseline_tps=statistics.median(x.tokens_per_s for x in base_runs[c]),
+        spec_tps=statistics.median(x.tokens_per_s for x in spec_runs[c]),
+        realized_length=realized_length(spec_runs[c], c.n_draft),
+        paired_speedup=statistics.median(s.tokens_per_s / b.tokens_per_s for s, b in zip(spec_runs[c], base_runs[c])))
+        for c in cases]
 
 # ------------------------------------------------------------------ n-gram drafts, where acceptance is real
 
