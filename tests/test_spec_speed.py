@@ -16,7 +16,7 @@ REJECT, ACCEPT = SpecCase(1, 1.0), SpecCase(1, 2.0)  # acceptance 0 and 1 with o
 @pytest.fixture(scope="module")
 def measured(smollm2, tmp_path_factory):
     runs = measure_spec_speed(smollm2, smollm2, [REJECT, ACCEPT], tmp_path_factory.mktemp("spec"), threads=1,
-                              n_predict=24, rounds=2)
+                              n_predict=16, rounds=3)
     return {m.case: m for m in runs}
 
 
