@@ -165,27 +165,11 @@ class NgramMeasurement:
     acceptance: float  # accepted / drafted, summed over the runs
     drafted: int
     mean_length: float  # the last request's mean tokens per verification step, from the server log
+    paired_speedup: float  # median over rounds of (speculative / plain) of two back-to-back requests
 
     @property
     def measured_speedup(self) -> float:
-        return self.spec_tps / self.baseline_tps
-
-
-@contextlib.contextmanager
-def unplanned_server(args: Sequence[str], run_dir: Path) -> Iterator[tuple[str, Path]]:
-    """llama-server started without kvbook's plan, for a line the planner still refuses (n-gram modes until their
-    memory is modelled, #25): a benchmark on loopback with a model of a few hundred MiB, never a user's launch."""
-    from kvbook.ops.components import find_llama_server
-    from kvbook.ops.procs import ManagedProcess, ProcessSpec, free_port
-
-    port = free_port("127.0.0.1")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = ProcessSpec(name="llama-server", argv=(str(find_llama_server()), *args, "--host", "127.0.0.1", "--port",
-                                                   str(port)),
-                       host="127.0.0.1", port=port, log_path=run_dir / f"llama-server-{port}.log",
-                       ready_paths=("/health",))
-    with ManagedProcess(spec) as proc:
-        yield proc.base_url, spec.log_path
+        return self.paired_speedup
 
 
 def _agent_run(base_url: str, n_predict: int) -> DecodeRun:
@@ -202,10 +186,14 @@ def _agent_run(base_url: str, n_predict: int) -> DecodeRun:
 
 def measure_ngram(model: Path, spec_type: str, run_dir: Path, *, threads: int = 1, n_predict: int = 256,
                   rounds: int = 3) -> NgramMeasurement:
-    """The agent-like copy turn on a plain server and on one with `--spec-type spec_type`, alternating."""
+    """The agent-like copy turn on a plain server and on one with `--spec-type spec_type` (both planned first),
+    in back-to-back pairs."""
+    from kvbook.ops.llama_server import start_llama_server
+
     base = ["-m", str(model), "-c", "2048", "-np", "1", "-t", str(threads), "--no-warmup"]
-    with unplanned_server(base, run_dir / "plain") as (plain, _), \
-            unplanned_server([*base, "--spec-type", spec_type], run_dir / spec_type) as (spec, log):
+    with start_llama_server(base, run_dir=run_dir / "plain") as plain_server, \
+            start_llama_server([*base, "--spec-type", spec_type], run_dir=run_dir / spec_type) as spec_server:
+        plain, spec, log = plain_server.base_url, spec_server.base_url, spec_server.log_path
         base_runs, spec_runs = [], []
         for _ in range(rounds):
             base_runs.append(_agent_run(plain, n_predict))
@@ -216,4 +204,5 @@ def measure_ngram(model: Path, spec_type: str, run_dir: Path, *, threads: int = 
         spec_type=spec_type, baseline_tps=statistics.median(r.tokens_per_s for r in base_runs),
         spec_tps=statistics.median(r.tokens_per_s for r in spec_runs),
         acceptance=sum(r.draft_accepted for r in spec_runs) / drafted if drafted else 0.0, drafted=drafted,
-        mean_length=float(lines[-1][3]) if lines else 1.0)
+        mean_length=float(lines[-1][3]) if lines else 1.0,
+        paired_speedup=statistics.median(s.tokens_per_s / b.tokens_per_s for s, b in zip(spec_runs, base_runs)))
