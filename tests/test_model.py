@@ -247,6 +247,20 @@ def test_decode_bound_falls_with_context_and_moe_reads_less():
     assert active_weight_bytes(llama) == llama.weights_bytes
 
 
+def test_a_batch_reads_a_dense_model_once_and_more_experts_of_a_moe():
+    """What the speculative speed estimate stands on: a verify batch's extra tokens are free for a dense model at
+    the bandwidth bound and not for MoE; an MTP head reads one layer and the output matrix per drafted token."""
+    from kvbook.memory.roofline import active_weight_bytes, batch_extra_bound, batch_weight_bytes, mtp_draft_cost
+
+    llama, moe = load_model("llama-3.1-8b"), load_model("qwen3.6-35b-a3b-mtp")
+    assert batch_extra_bound(llama, 4) == 0.0 and batch_weight_bytes(llama, 4) == llama.weights_bytes
+    assert batch_weight_bytes(moe, 1) == pytest.approx(active_weight_bytes(moe), rel=1e-6)
+    assert active_weight_bytes(moe) < batch_weight_bytes(moe, 4) < 4 * active_weight_bytes(moe)
+    assert 0.1 < batch_extra_bound(moe, 4) < 1.0
+    # one of 40 layers plus the output matrix: well under the whole model, above one layer
+    assert 1 / 40 < mtp_draft_cost(moe) < 0.5
+
+
 def test_real_hf_configs_with_nested_text_config_and_defaults(tmp_path):
     """google/gemma-3-27b-it's config.json keeps the text model under text_config and leaves out what
     transformers fills in (vocab_size, max_position_embeddings, the 5:1 window pattern); DeepSeek-V3's

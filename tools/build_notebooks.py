@@ -423,6 +423,9 @@ slot_counts: list = [1, 2, 4, 8]  # -np options checked against memory
 per_slot_ctx: int = 0  # context per slot for those options (0: what the sweep's sessions needed)
 scale_out: bool = True  # also run 1 and 2 servers behind one LiteLLM model group
 scale_out_levels: list = [1, 2, 4]  # concurrencies for the scale-out comparison
+spec_acceptance: float = 0.75  # speculative decoding in the turn table: per-draft acceptance (0.75 with 3 drafts: upstream's MTP figure, ggml-org/llama.cpp#22673, not measured here)
+spec_draft_n: int = 3  # tokens drafted per step (--spec-draft-n-max)
+spec_draft_cost: float = 0.2  # a drafted token's time over a target token's (Qwen3.6-35B-A3B's MTP head: about 0.2 by bytes read)
 label: str = "capacity"  # run label (the index charts trends per label)
 output_dir: str = "auto"  # set by kvbook run, auto means a new folder under outputs/
 """, tags=("parameters",)),
@@ -440,7 +443,8 @@ params = cap.capacity_params(
     subagent_every=subagent_every, slo_ttft_ms=slo_ttft_ms, slo_itl_ms=slo_itl_ms, slo_e2e_ms=slo_e2e_ms,
     slo_attainment=slo_attainment, max_concurrency=max_concurrency, sessions_min=sessions_min,
     level_budget_s=level_budget_s, cache_sessions=cache_sessions, slot_counts=slot_counts, per_slot_ctx=per_slot_ctx,
-    scale_out=scale_out, scale_out_levels=scale_out_levels)
+    scale_out=scale_out, scale_out_levels=scale_out_levels, spec_acceptance=spec_acceptance,
+    spec_draft_n=spec_draft_n, spec_draft_cost=spec_draft_cost)
 result = cap.measure_capacity(params, ctx.output_dir)
 summary = cap.capacity_summary(params, result, label=label, build=versions()["llama_server"])
 """),
@@ -448,7 +452,7 @@ summary = cap.capacity_summary(params, result, label=label, build=versions()["ll
     code("ns.show_figure(cf.speed_figure(result.speed_rows))"),
     code("ns.show_table(result.speed_rows, 'held-out median error: prefill {prefill_pct}%, decode {decode_pct}%'.format(**result.speed_error))"),
     code("ns.show_table(result.bounds, 'decode upper bounds on the device presets (memory bandwidth / bytes read per token): bounds, not predictions')"),
-    code("ns.show_table(result.turn_rows, f'a Claude-Code-sized turn ({result.client}: {result.full_prefix_tokens} tokens of system prompt and tools), predicted')"),
+    code("ns.show_table(result.turn_rows, f'a Claude-Code-sized turn ({result.client}: {result.full_prefix_tokens} tokens of system prompt and tools), predicted; speculative rows: estimates at the given acceptance, batch cost from this machine\\'s prefill speed (a lower bound)')"),
     md("## Latency and goodput against concurrency"),
     code("ns.show_figure(cf.latency_figure(result.levels, summary['goodput']['slo']))"),
     code("ns.show_figure(cf.goodput_figure(result.levels, result.max_ok))"),

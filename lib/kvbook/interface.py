@@ -146,6 +146,9 @@ class ModelArch:
     projector: ProjectorArch | None = None  # the multimodal projector llama-server loads with this model
     draft: ModelArch | None = None  # the draft model for speculative decoding (-md), with its own context
     loras: tuple[LoraAdapter, ...] = ()  # --lora / --lora-scaled adapters, loaded next to the weights
+    # the model as its file holds it, where this one leaves out layers the line does not load (NextN/MTP layers
+    # without --spec-type draft-mtp, model/resolve.py loaded_weights): what an alternative that loads them plans from
+    file_model: ModelArch | None = field(default=None, repr=False, compare=False)
 
     def has_kv(self, il: int) -> bool:
         """True when layer il owns an attention KV cache in the main context."""
@@ -560,6 +563,8 @@ NOTE_CODES: dict[str, str] = {
     "weights.approximate": "the weights are estimated, not summed from the GGUF's tensors",
     "host.weights-resident": "the host does not fit: the CPU weights are counted resident; how llama.cpp behaves",
     "context.beyond-training": "the per-slot context exceeds the training context",
+    "speculative.mtp-offer": "the model's MTP head, unused by the line: its exact extra memory and an estimated speed-up",
+    "speculative.mtp-unplanned": "the model's MTP head, unused by the line: why no MTP alternative is offered",
     # llama-server's --fit (kvbook.plan.fit), the flags, host growth, the solver
     "fit.no-change": "--fit changes nothing: every device keeps its --fit-target free",
     "fit.adjusted": "--fit changes the command line at start; the plan is of the adjusted line",

@@ -3,7 +3,8 @@
 Each token's cost grows with the context it attends to, so the time per token is close to affine in the
 depth: 1/tps(d) = a + b*d, for prefill and for decode separately (llama-bench -d D -p P -n N measures both
 at depth D). A turn that sends P prompt tokens of which C are already cached, then generates N, costs
-the integral of that time over the new prompt tokens and over the generated ones.
+the integral of that time over the new prompt tokens and over the generated ones. Speculative decoding divides
+the decode part by the step model's speed-up (memory/spec_speed.py), its batch cost taken from these speeds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
+from kvbook.memory.spec_speed import (  # noqa: F401  (the speed model's speculative half, re-exported)
+    SpecDecode,
+    SpecStep,
+    acceptance_for_length,
+    expected_tokens_per_step,
+    spec_step,
+)
 
 
 @dataclass(frozen=True)
@@ -84,3 +92,36 @@ def held_out_errors(model: SpeedModel, points: Sequence[SpeedPoint]) -> list[tup
     """(depth, prefill error %, decode error %) of the model's predictions at measured points."""
     return [(p.depth, 100 * (model.prefill.tps(p.depth) - p.prefill_tps) / p.prefill_tps,
              100 * (model.decode.tps(p.depth) - p.decode_tps) / p.decode_tps) for p in points]
+
+
+# ------------------------------------------------------------------ speculative decoding (the step model is
+# memory/spec_speed.py, shared with the planner's MTP offer; here it meets the measured speeds)
+
+
+def batch_extra_from(speed: SpeedModel, depth: float) -> float:
+    """The cost of each extra token in a small batch, from the fitted speeds at `depth`: a prompt token's time over
+    a decode token's (a batch shares one pass over the weights; each token adds its own compute). A large prompt
+    batch amortizes better than a verify batch of a few tokens, so this is a lower bound: measure pp(N+1) where
+    it matters (benchmarks/bench_spec_speed.py does)."""
+    return speed.prefill.seconds_per_token(depth) / speed.decode.seconds_per_token(depth)
+
+
+def batch_extra_measured(decode_tps: float, batch_tps: float, batch: int) -> float:
+    """The cost of each extra token in a batch of `batch` tokens from two measurements at one depth: single-token
+    decode tokens/s and the batch's tokens/s (llama-bench -p `batch`), as batch_time = t1 * (1 + extra * (batch - 1))."""
+    if decode_tps <= 0 or batch_tps <= 0 or batch < 2:
+        raise BadInput("a batch cost needs positive tokens/s and a batch of at least two tokens")
+    return max(0.0, (batch / batch_tps * decode_tps - 1.0) / (batch - 1))
+
+
+def batch_extra_from_rejections(speedup: float, n_draft: int, draft_cost: float) -> float:
+    """The batch cost that explains a measured speed-up when every draft is rejected (one token per step, so the
+    step costs 1 / speedup): (1 + N*extra) * (1 + draft_cost) + N * draft_cost = 1 / speedup."""
+    if speedup <= 0 or n_draft < 1:
+        raise BadInput("a rejection-only speed-up must be positive and the draft at least one token")
+    return max(0.0, ((1.0 / speedup - n_draft * draft_cost) / (1.0 + draft_cost) - 1.0) / n_draft)
+
+
+def spec_decode_seconds(speed: SpeedModel, spec: SpecDecode, start: int, tokens: int) -> float:
+    """Decode time of `tokens` tokens from depth `start` with speculation: the plain time over the speed-up."""
+    return speed.decode.seconds(start, tokens) / spec_step(spec).speedup

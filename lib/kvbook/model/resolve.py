@@ -134,7 +134,8 @@ def loaded_weights(arch: ModelArch, flags: ServerFlags) -> ModelArch:
                else sum(n for _, n in arch.tensor_groups) - sum(n for _, n in groups))
     if not skipped:
         return arch
-    return replace(arch, tensors=tensors, tensor_groups=groups, weights_bytes=arch.weights_bytes - skipped)
+    return replace(arch, tensors=tensors, tensor_groups=groups, weights_bytes=arch.weights_bytes - skipped,
+                   file_model=arch)
 
 
 def resolve_model(flags: ServerFlags, environ: Mapping[str, str]) -> ResolvedModel:

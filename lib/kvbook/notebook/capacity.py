@@ -15,7 +15,7 @@ from typing import Any
 
 from kvbook.capacity.cache import CAUSES, cache_summary, miss_cause
 from kvbook.capacity.slo import LevelResult, Slo, summarize_level
-from kvbook.capacity.speed import SpeedModel, fit_speed
+from kvbook.capacity.speed import SpecDecode, SpeedModel, batch_extra_from, fit_speed, spec_decode_seconds
 from kvbook.capacity.workload import AgentShape, Workload, run_nonce, scale_shape, shape_from_capture, shared_prefix_body
 from kvbook.errors import BadInput
 from kvbook.load.client import count_tokens
@@ -52,15 +52,30 @@ def held_out_median_error(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"prefill_pct": err("prefill"), "decode_pct": err("decode"), "held_out_depths": [r["depth"] for r in held]}
 
 
-def turn_time_rows(speed: SpeedModel, prompt_tokens: int, cached_tokens: int, output_tokens: int) -> list[dict[str, Any]]:
-    """A turn of `prompt_tokens`, cold and with `cached_tokens` already cached."""
+def turn_time_rows(speed: SpeedModel, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                   spec: SpecDecode | None = None) -> list[dict[str, Any]]:
+    """A turn of `prompt_tokens`, cold and with `cached_tokens` already cached; with `spec`, each also with
+    speculative decoding (the same prefill, decode divided by the step model's speed-up: an estimate)."""
     rows = []
     for label, cached in (("cold (nothing cached)", 0), ("system prompt + tools cached", cached_tokens)):
-        pre, dec = speed.turn_seconds(prompt_tokens, min(cached, prompt_tokens), output_tokens)
-        rows.append({"turn": label, "prompt tokens": prompt_tokens, "cached": min(cached, prompt_tokens),
-                     "output tokens": output_tokens, "prefill s": round(pre, 2), "decode s": round(dec, 2),
-                     "total s": round(pre + dec, 2)})
+        cached = min(cached, prompt_tokens)
+        pre, dec = speed.turn_seconds(prompt_tokens, cached, output_tokens)
+        variants = [(label, dec)]
+        if spec is not None:
+            variants.append((f"{label}, speculative: acceptance {spec.acceptance:g}, {spec.n_draft} drafted, draft "
+                             f"cost {spec.draft_cost:g} (estimate)",
+                             spec_decode_seconds(speed, spec, prompt_tokens, output_tokens)))
+        rows += [{"turn": name, "prompt tokens": prompt_tokens, "cached": cached, "output tokens": output_tokens,
+                  "prefill s": round(pre, 2), "decode s": round(d, 2), "total s": round(pre + d, 2)}
+                 for name, d in variants]
     return rows
+
+
+def spec_setup(speed: SpeedModel, acceptance: float, n_draft: int, draft_cost: float, depth: int) -> SpecDecode:
+    """The notebook's speculative set-up: the batch cost from this machine's fitted prefill and decode speeds at
+    `depth` (a lower bound: a long prompt batch amortizes better than N + 1 tokens, so the speed-up is high-side)."""
+    return SpecDecode(acceptance=acceptance, n_draft=n_draft, draft_cost=draft_cost,
+                      batch_extra=batch_extra_from(speed, depth))
 
 
 def decode_bound_rows(model: Path, depths: Sequence[int]) -> list[dict[str, Any]]:
@@ -340,6 +355,9 @@ class CapacityParams:
     per_slot_ctx: int
     scale_out: bool
     scale_out_levels: tuple[int, ...]
+    spec_acceptance: float = 0.75
+    spec_draft_n: int = 3
+    spec_draft_cost: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.speed_depths or any(d < 0 for d in self.speed_depths):
@@ -354,13 +372,15 @@ class CapacityParams:
             raise BadInput("per_slot_ctx must be >= 0 (0: from the prompts the sweep saw)")
         if any(not 1 <= c <= 64 for c in self.scale_out_levels):
             raise BadInput("scale_out_levels must be concurrencies 1..64")
+        SpecDecode(self.spec_acceptance, self.spec_draft_n, self.spec_draft_cost, 0.0)  # one clear line if out of range
 
 
 def capacity_params(*, model: str, server_args: Sequence[str], speed_depths: Sequence[int], speed_fit_depths: Sequence[int],
                     prompt_scale: float, turns: int, turn_words: int, max_tokens: int, reminder: str, subagent_every: int,
                     slo_ttft_ms: float, slo_itl_ms: float, slo_e2e_ms: float, slo_attainment: float, max_concurrency: int,
                     sessions_min: int, level_budget_s: float, cache_sessions: int, slot_counts: Sequence[int],
-                    per_slot_ctx: int, scale_out: bool, scale_out_levels: Sequence[int]) -> CapacityParams:
+                    per_slot_ctx: int, scale_out: bool, scale_out_levels: Sequence[int], spec_acceptance: float = 0.75,
+                    spec_draft_n: int = 3, spec_draft_cost: float = 0.2) -> CapacityParams:
     """Notebook literals -> CapacityParams (a target of 0 means no target)."""
     return CapacityParams(
         model=model, server_args=tuple(map(str, server_args)), speed_depths=tuple(speed_depths),
@@ -371,7 +391,8 @@ def capacity_params(*, model: str, server_args: Sequence[str], speed_depths: Seq
                 attainment=slo_attainment),
         max_concurrency=max_concurrency, sessions_min=sessions_min, level_budget_s=level_budget_s,
         cache_sessions=cache_sessions, slot_counts=tuple(slot_counts), per_slot_ctx=per_slot_ctx, scale_out=scale_out,
-        scale_out_levels=tuple(scale_out_levels))
+        scale_out_levels=tuple(scale_out_levels), spec_acceptance=spec_acceptance, spec_draft_n=spec_draft_n,
+        spec_draft_cost=spec_draft_cost)
 
 
 @dataclass(frozen=True)
@@ -441,7 +462,9 @@ def measure_capacity(p: CapacityParams, run_dir: Path, progress: bool = True) ->
                            sessions_min=p.sessions_min)
     return CapacityResult(
         speed_rows=speed_rows, speed_error=held_out_median_error(speed_rows),
-        turn_rows=turn_time_rows(speed, full_prefix + 200, full_prefix, p.workload.max_tokens), client=full.client,
+        turn_rows=turn_time_rows(speed, full_prefix + 200, full_prefix, p.workload.max_tokens,
+                                 spec_setup(speed, p.spec_acceptance, p.spec_draft_n, p.spec_draft_cost,
+                                            full_prefix + 200)), client=full.client,
         full_prefix_tokens=full_prefix, levels=level_rows(levels), max_ok=swept.search.max_concurrency_meeting_slo,
         capped=swept.search.capped, cache_rows=cache_rows(records), cache=cache_block(records), slots=slots,
         recommendation=rec, scale_out=scaled, facts=facts,

@@ -32,9 +32,10 @@ from kvbook.memory.backends import (
 )
 from kvbook.memory.compute import activation_width, coefficients
 from kvbook.memory.rules import CTX_PAD, plan_memory
-from kvbook.memory.speculative import uses_mtp
+from kvbook.memory.speculative import check_mtp, uses_mtp
 from kvbook.plan.devices import detection_note, effective_device, ram_note, split_note, split_shares, with_rpc
 from kvbook.plan.flags import replace
+from kvbook.plan.spec_offer import SpecOffer, speedup_interval
 from kvbook.plan.placement import (
     CPU,
     SCHED_MAX_COPIES,
@@ -739,6 +740,50 @@ def alternatives(arch: ModelArch, flags: ServerFlags, device: Device) -> tuple[A
     return tuple(out)
 
 
+def mtp_offer(arch: ModelArch, flags: ServerFlags, device: Device,
+              usages: tuple[PoolUsage, ...]) -> SpecOffer | Note | None:
+    """The offer (plan/spec_offer.py) of the same line with --spec-type draft-mtp; a note saying why not where the model has an MTP head kvbook cannot plan on this line or that
+    does not fit; None without an MTP head, with speculation already on, a draft model given or a line that does not
+    fit itself. `usages` are the planned line's."""
+    if flags.spec_types or flags.draft_model or flags.draft_hf_repo or not arch.n_layer_nextn:
+        return None
+    if worst(usages) is not Verdict.FITS:
+        return None  # the line itself is short of memory: its own alternatives (and the solver's) come first
+    mtp = replace(flags, spec_types=("draft-mtp",))
+    base, arch = arch, arch.file_model or arch  # the MTP line loads the NextN layers the planned line skips
+    try:
+        check_mtp(arch)
+        memory = plan_memory(arch, mtp)
+        with_mtp = place(arch, mtp, memory, device)
+        change = "MTP speculative decoding: --spec-type draft-mtp"
+        if worst(with_mtp) is not Verdict.FITS:  # the MTP line at the largest context where it fits, else starts
+            ctx = (largest_context(arch, mtp, device, lambda v: v is Verdict.FITS, below=memory.shape.n_ctx)
+                   or (0 if worst(with_mtp) is Verdict.TIGHT else largest_context(
+                       arch, mtp, device, lambda v: v is not Verdict.DOES_NOT_FIT, below=memory.shape.n_ctx)))
+            if not ctx and worst(with_mtp) is Verdict.DOES_NOT_FIT:
+                return Note("speculative.mtp-unplanned", "the model has an MTP head; --spec-type draft-mtp does not "
+                            "start on this device even at the smallest context")
+            if ctx:
+                flags, mtp = replace(flags, ctx=ctx), replace(mtp, ctx=ctx)
+                usages = place(base, flags, plan_memory(base, flags), device)
+                memory = plan_memory(arch, mtp)
+                with_mtp = place(arch, mtp, memory, device)
+                change += f" -c {ctx}"
+    except BadInput as e:  # an MTP head kvbook cannot plan on this line yet: say why, offer nothing
+        return Note("speculative.mtp-unplanned", f"the model has an MTP head, but kvbook does not plan it on this line "
+                    f"yet ({e}), so no MTP alternative is offered")
+    verdict = worst(with_mtp)
+    before = {u.pool: u.need_bytes for u in usages}
+    extra = tuple((u.pool, u.need_bytes - before.get(u.pool, 0)) for u in with_mtp)
+    argv = mtp.argv[1:] if mtp.argv and not mtp.argv[0].startswith("-") else mtp.argv
+    n = mtp.spec_draft_n_max
+    low, high = speedup_interval(base, n)
+    alt = Alternative(change=f"{change} (decode x{low:.2f}-x{high:.2f}, estimate)",
+                      flags=tuple(argv), n_ctx=memory.shape.n_ctx, total_bytes=sum(u.need_bytes for u in with_mtp),
+                      verdict=verdict)
+    return SpecOffer(alternative=alt, extra_bytes=extra, speedup=(low, high), n_draft=n)
+
+
 def compute_backend(device: Device, where: PlacementMap) -> str:
     """The backend that holds the main compute buffer: the GPU pool's backend (CUDA0 -> CUDA, Metal) when
     the model runs there (every layer and the output offloaded), else CPU."""
@@ -865,6 +910,12 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
     if flags.cache_ram_mib < 0:
         notes.append(Note("host-growth.unbounded", "--cache-ram -1: the prompt cache has no limit; host growth is "
                           "unbounded"))
+    offer = mtp_offer(arch, flags, device, usages) if searched else None
+    if isinstance(offer, Note):
+        notes.append(offer)
+        offer = None
+    elif offer is not None:
+        notes.append(offer.note())
     return Plan(
         model=arch,
         flags=flags,
@@ -873,7 +924,8 @@ def make_plan(arch: ModelArch, flags: ServerFlags, device: Device, *, memory: Me
         pools=usages,
         verdict=verdict,
         max_ctx=max_context(arch, flags, device) if searched else 0,
-        alternatives=alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else (),
+        alternatives=(*(alternatives(arch, flags, device) if searched and verdict is not Verdict.FITS else ()),
+                      *((offer.alternative,) if offer is not None else ())),
         litellm_max_input_tokens=min(memory.shape.n_ctx_seq, flags.slot_ctx_cap or memory.shape.n_ctx_seq),
         notes=tuple(notes),
         compute_backend=compute_backend(device, where),
