@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvbook.capacity.speed import batch_extra_from_rejections, expected_tokens_per_step
+from kvbook.capacity.speed import batch_extra_from_rejections
+from kvbook.memory.spec_speed import expected_tokens_per_step
 from kvbook.ops.spec_bench import SpecCase, measure_spec_speed
 
 REJECT, ACCEPT = SpecCase(1, 1.0), SpecCase(1, 2.0)  # acceptance 0 and 1 with one drafted token

@@ -6,19 +6,16 @@ import pytest
 
 from kvbook.capacity.speed import (
     Affine,
-    SpecDecode,
     SpeedPoint,
-    acceptance_for_length,
     batch_extra_from,
     batch_extra_from_rejections,
     batch_extra_measured,
-    expected_tokens_per_step,
     fit_affine,
     fit_speed,
     held_out_errors,
     spec_decode_seconds,
-    spec_step,
 )
+from kvbook.memory.spec_speed import SpecDecode, acceptance_for_length, expected_tokens_per_step, spec_step
 from kvbook.errors import BadInput
 from kvbook.ops.bench import measure_speed
 

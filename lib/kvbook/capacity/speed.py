@@ -13,13 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvbook.errors import BadInput
-from kvbook.memory.spec_speed import (  # noqa: F401  (the speed model's speculative half, re-exported)
-    SpecDecode,
-    SpecStep,
-    acceptance_for_length,
-    expected_tokens_per_step,
-    spec_step,
-)
+from kvbook.memory.spec_speed import SpecDecode, spec_step
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from typing import Any
 
 from kvbook.capacity.cache import CAUSES, cache_summary, miss_cause
 from kvbook.capacity.slo import LevelResult, Slo, summarize_level
-from kvbook.capacity.speed import SpecDecode, SpeedModel, batch_extra_from, fit_speed, spec_decode_seconds
+from kvbook.capacity.speed import SpeedModel, batch_extra_from, fit_speed, spec_decode_seconds
 from kvbook.capacity.workload import AgentShape, Workload, run_nonce, scale_shape, shape_from_capture, shared_prefix_body
 from kvbook.errors import BadInput
+from kvbook.memory.spec_speed import SpecDecode
 from kvbook.load.client import count_tokens
 from kvbook.load.generator import LevelRun, ServerFacts, TurnRecord, run_level
 from kvbook.load.serverlog import with_log_causes

@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvbook.capacity.speed import SpecDecode, acceptance_for_length, batch_extra_measured, spec_step
+from kvbook.capacity.speed import batch_extra_measured
 from kvbook.errors import BadInput, ServerError
+from kvbook.memory.spec_speed import SpecDecode, acceptance_for_length, spec_step
 
 # a prompt the servers decode from: plain prose, short enough that depth barely moves the speed
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a map in a bottle. Once upon a time,"
