@@ -40,6 +40,7 @@ SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
 BATCH_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SLIDER_STEP = 1 / 16  # log2 steps: 16 positions per doubling of the context
 SEARCH_DELAY_S = 0.3  # the searches start once the controls rest this long
+CACHE_STATES = 256  # plans and sweeps kept per control state (oldest dropped first)
 # -ot presets: (label, PATTERN=BUFFER_TYPE or "" for what the command line gives)
 OT_PRESETS: tuple[tuple[str, str], ...] = (
     ("-ot: as the command line gives", ""),
@@ -86,6 +87,8 @@ class SizingUI:
         # plotly's FigureWidget.batch_update is not thread-safe: the handler and the background searches draw in turn
         self._draw = threading.RLock()
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
+        self._plans: dict[tuple[Any, ...], Plan] = {}  # control state -> plan (no search)
+        self._sweeps: dict[tuple[Any, ...], tuple[ModelArch, SweepResult]] = {}
         self.error: str | None = None
         self.max_ctx = 0
         self.per_device: dict[str, int] = {}
@@ -183,7 +186,7 @@ class SizingUI:
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
         self.device_record = self._device()
-        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top(), self.device_record)
+        self.sweep: SweepResult = self._sweep_for(self.params)
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
         self.breakdown = placement_view.device_figure([], widget=True)
@@ -354,7 +357,8 @@ class SizingUI:
         return handle
 
     def _refresh(self, level: str) -> None:
-        """Recompute from `level` down, then update the figures in place; the searches follow (`_searches`)."""
+        """Recompute from `level` down and update the figures in place, the per-device bars first (what a change
+        is for) and the curve, the command line and the status after them; the searches follow (`_searches`)."""
         try:
             if level == "command_line":
                 self._read_command_line()
@@ -367,23 +371,27 @@ class SizingUI:
                 self.device_record = self._device()
             p = self.params
             sizing.check_sizing_params(p, self.arch)
-            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
-                self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
-                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record)
+            self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
             request = self.request
-            plan = api.plan(request, search=False)
+            plan = self._plan_for(p, request)
         except KvbookError as exc:
-            self.error = str(exc)
-            self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
+            self._show_error(exc)
             return
         self.error = None
         self.memory = plan.memory
         self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
-        current = (p.context, plan.memory.start_bytes)
         with self._draw:
             self._generation += 1
             with self.breakdown.batch_update():
                 self._draw_devices()
+        try:
+            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
+                self.sweep = self._sweep_for(p)
+        except KvbookError as exc:
+            self._show_error(exc)
+            return
+        current = (p.context, plan.memory.start_bytes)
+        with self._draw:
             with self.curve.batch_update():
                 if level == "point":
                     figures.apply_current(self.curve, current, len(self.sweep.cache_types))
@@ -394,6 +402,33 @@ class SizingUI:
                                     f"{html.escape(command_text(plan))}</pre>")
             self.status.value = self._status_html(searching=True)
         self._start_searches(request, p, level, self._generation)
+
+    def _show_error(self, exc: Exception) -> None:
+        self.error = str(exc)
+        self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
+
+    def _plan_for(self, p: sizing.SizingParams, request: PlanRequest) -> Plan:
+        """The plan without the context search, kept per control state (moving back to a state is a look-up)."""
+        key = (p, self.ot.value)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = api.plan(request, search=False)
+            if len(self._plans) >= CACHE_STATES:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def _sweep_for(self, p: sizing.SizingParams) -> SweepResult:
+        """The context sweep of the model, device and sweep-level controls, kept per state like the plans."""
+        key = (self._model_spec(), self._fixed["command_line"], self._sweep_top(), sizing.compute_backend_of(
+            self.device_record), p.slots, p.kv_unified, p.ubatch, p.batch, p.flash_attn != "off", p.swa_full)
+        hit = self._sweeps.get(key)
+        if hit is None or hit[0] is not self.arch:
+            hit = (self.arch, sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record))
+            if len(self._sweeps) >= CACHE_STATES:
+                self._sweeps.pop(next(iter(self._sweeps)))
+            self._sweeps[key] = hit
+        return hit[1]
 
     def _draw_devices(self) -> None:
         assert self.plan is not None
