@@ -43,7 +43,8 @@ def figure_widget() -> Any:
     After every update the browser diffs its full figure against the widget's and sends the trace defaults back
     (~12 KB a figure); the stock widget applies them, echoes them back to the browser and resets them, three
     messages and ~40-70 ms of kernel time per redraw on a loaded 2-core machine, in the way of the next control
-    change. The sizing panel never reads plotly's computed defaults, so they are received and dropped."""
+    change. The sizing panel never reads plotly's computed defaults, so they are received and dropped; their arrival
+    tells the kernel the browser has drawn the figure (`on_drawn`)."""
     global _QUIET_WIDGET
     if _QUIET_WIDGET is None:
         import plotly.graph_objects as go
@@ -53,9 +54,14 @@ def figure_widget() -> Any:
         class QuietFigureWidget(go.FigureWidget):
             _js2py_traceDeltas = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
 
+            on_drawn: Any = None  # called when the browser reports it drew the newest edit
+
             @observe("_js2py_traceDeltas")
             def _handler_js2py_traceDeltas(self, change: Any) -> None:
-                self._trace_edit_in_process = False  # the browser drew the last edit
+                if change["new"] and change["new"].get("trace_edit_id") == self._last_trace_edit_id:
+                    self._trace_edit_in_process = False  # the browser drew the newest edit
+                    if self.on_drawn is not None:
+                        self.on_drawn()
 
         _QUIET_WIDGET = QuietFigureWidget
     return _QUIET_WIDGET()

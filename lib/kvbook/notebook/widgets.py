@@ -40,6 +40,7 @@ SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
 BATCH_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SLIDER_STEP = 1 / 16  # log2 steps: 16 positions per doubling of the context
 SEARCH_DELAY_S = 0.3  # the searches start once the controls rest this long
+BARS_WAIT_S = 0.4  # the curve waits this long at most for the browser to report the new bars drawn
 CACHE_STATES = 256  # plans and sweeps kept per control state (oldest dropped first)
 # -ot presets: (label, PATTERN=BUFFER_TYPE or "" for what the command line gives)
 OT_PRESETS: tuple[tuple[str, str], ...] = (
@@ -88,6 +89,8 @@ class SizingUI:
         self._draw = threading.RLock()
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
         self._plans: dict[tuple[Any, ...], Plan] = {}  # control state -> plan (no search)
+        self._curve_pending: tuple[bool, tuple[int, int]] | None = None  # (whole curve?, current) to draw
+        self._curve_timer: threading.Timer | None = None
         self._sweeps: dict[tuple[Any, ...], tuple[ModelArch, SweepResult]] = {}
         self.error: str | None = None
         self.max_ctx = 0
@@ -190,6 +193,7 @@ class SizingUI:
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
         self.breakdown = placement_view.device_figure([], widget=True)
+        self.breakdown.on_drawn = self._draw_pending_curve
         self.curve = figures.context_figure(self.sweep, self.budget_bytes, usable=self._usable(), widget=True,
                                             title="Memory at start against context (K = V cache type)")
         self._refresh("all")
@@ -382,26 +386,50 @@ class SizingUI:
         self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
         with self._draw:
             self._generation += 1
+            sent = self.breakdown._last_layout_edit_id
             with self.breakdown.batch_update():
                 self._draw_devices()
+            bars_sent = self.breakdown._last_layout_edit_id != sent
+            self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
+                                    f"{html.escape(command_text(plan))}</pre>")
+            self.status.value = self._status_html(searching=True)
         try:
             if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
                 self.sweep = self._sweep_for(p)
         except KvbookError as exc:
             self._show_error(exc)
             return
-        current = (p.context, plan.memory.start_bytes)
+        self._draw_curve_after_bars(level, (p.context, plan.memory.start_bytes), wait=bars_sent)
+        self._start_searches(request, p, level, self._generation)
+
+    def _draw_curve_after_bars(self, level: str, current: tuple[int, int], wait: bool) -> None:
+        """Update the memory-against-context curve once the browser has drawn the new bars (the breakdown's
+        redraw report, or BARS_WAIT_S without one). Sent together, the curve's redraw (100-300 ms of the page's
+        time on a loaded machine) ran before the bars could be painted; a newer change replaces a waiting one."""
         with self._draw:
+            full = level != "point" or (self._curve_pending is not None and self._curve_pending[0])
+            self._curve_pending = (full, current)
+        if not (wait and self._background):
+            self._draw_pending_curve()
+            return
+        if self._curve_timer is not None:
+            self._curve_timer.cancel()
+        self._curve_timer = threading.Timer(BARS_WAIT_S, self._draw_pending_curve)
+        self._curve_timer.daemon = True
+        self._curve_timer.start()
+
+    def _draw_pending_curve(self) -> None:
+        with self._draw:
+            if self._curve_pending is None:
+                return
+            full, current = self._curve_pending
+            self._curve_pending = None
             with self.curve.batch_update():
-                if level == "point":
-                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
-                else:
+                if full:
                     figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(),
                                           current=current)
-            self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
-                                    f"{html.escape(command_text(plan))}</pre>")
-            self.status.value = self._status_html(searching=True)
-        self._start_searches(request, p, level, self._generation)
+                else:
+                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
 
     def _show_error(self, exc: Exception) -> None:
         self.error = str(exc)
@@ -500,9 +528,11 @@ class SizingUI:
         self.status.value = self._status_html(searching=False)
 
     def wait(self, timeout: float = 60.0) -> None:
-        """Until the background searches of the last change are shown (tests, benchmarks)."""
+        """Until the background searches and the curve of the last change are shown (tests, benchmarks)."""
         if self._timer is not None:
             self._timer.join(timeout)
+        if self._curve_timer is not None:
+            self._curve_timer.join(timeout)
 
     def _status_html(self, searching: bool) -> str:
         plan, mem = self.plan, self.memory
