@@ -43,15 +43,6 @@ PROBE = """() => {
     if (k.sent !== undefined && k.plotly === undefined && state._py2js_update) k.plotly = now;
   });
 }"""
-KERNEL_TIMING = """async () => {
-  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
-  const future = kernel.requestExecute({code: 'print(ui.timings[-1][1] if ui.timings else -1)', silent: false,
-                                        store_history: false});
-  let text = '';
-  future.onIOPub = (msg) => { if (msg.header.msg_type === 'stream') text += msg.content.text; };
-  await future.done;
-  return parseFloat(text);
-}"""
 READ = """() => { const p = document.querySelector('.kvbook-sizing .js-plotly-plot');
   return p ? JSON.stringify((p.data || []).map(t => [Array.from(t.x || []), Array.from(t.y || [])])) : ''; }"""
 
@@ -70,7 +61,7 @@ def main() -> int:
     load_at_start = os.getloadavg()[0]
     from playwright.sync_api import sync_playwright
 
-    from kvbook.testing.lab import CHROMIUM, CHROMIUM_ARGS, open_notebook, sizing_lab
+    from kvbook.testing.lab import CHROMIUM, CHROMIUM_ARGS, KERNEL_EXEC, open_notebook, sizing_lab
 
     times: dict[str, list[float]] = {}  # change -> new bars in the page
     # per change, where the time went (ms): input -> sent, sent -> plotly update back, -> bars drawn, kernel handler
@@ -131,7 +122,7 @@ def main() -> int:
                     split = {"to_send": k.get("sent", k["bars"]) - k.get("input", k["bars"]),
                              "round_trip": k.get("plotly", k["bars"]) - k.get("sent", k["bars"]),
                              "redraw": k["bars"] - k.get("plotly", k["bars"]),
-                             "handler": page.evaluate(KERNEL_TIMING), "call": wall}
+                             "handler": float(page.evaluate(KERNEL_EXEC, "print(ui.timings[-1][1] if ui.timings else -1)")), "call": wall}
                     parts.setdefault(name, []).append(split)
                     say(f"{name}: bars {took:.0f} ms (send {split['to_send']:.0f}, round trip {split['round_trip']:.0f}"
                         f" of which handler {split['handler']:.0f}, redraw {split['redraw']:.0f}), searches landed"

@@ -91,6 +91,7 @@ class SizingUI:
         self._plans: dict[tuple[Any, ...], Plan] = {}  # control state -> plan (no search)
         self._curve_pending: tuple[bool, tuple[int, int]] | None = None  # (whole curve?, current) to draw
         self._curve_timer: threading.Timer | None = None
+        self._slider_sent: float | None = None  # the last value the kernel gave the context slider
         self._sweeps: dict[tuple[Any, ...], tuple[ModelArch, SweepResult]] = {}
         self.error: str | None = None
         self.max_ctx = 0
@@ -292,7 +293,7 @@ class SizingUI:
         value = min(float(self.context.value), float(top))
         # widen first so the value never falls outside while min and max move
         self.context.min, self.context.max = min(lo, self.context.min), max(hi, self.context.max)
-        self.context.value = value
+        self._set_slider(value)
         self.context.min, self.context.max = lo, hi
         self._exact = min(self._exact, top)
         self.context_exact.max = max(top, self.context_exact.value)
@@ -327,7 +328,7 @@ class SizingUI:
         self.arch = self._load(self._model_spec())
         self._set_slider_range()
         self._exact = int(knobs["context"])
-        self.context.value = float(self._exact)
+        self._set_slider(float(self._exact))
         self.context_exact.value = self._exact
         self.slots.options = _slot_options(int(knobs["slots"]))
         for name in ("slots", "kv_unified", "cache_type_k", "cache_type_v", "flash_attn", "swa_full", "n_cpu_moe"):
@@ -349,16 +350,29 @@ class SizingUI:
             t0 = time.perf_counter()
             try:
                 if level == "point" and change.get("owner") is self.context:
+                    if self._slider_echo(float(change["new"])):
+                        return
                     self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
                     self.context_exact.value = self._exact
                 elif level == "exact":
                     self._exact = int(self.context_exact.value)
-                    self.context.value = float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max))
+                    self._set_slider(float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max)))
                 self._refresh("point" if level == "exact" else level)
             finally:
                 self._busy = False
                 self.timings.append((level, (time.perf_counter() - t0) * 1000))
         return handle
+
+    def _set_slider(self, value: float) -> None:
+        """Move the context slider from the kernel (to follow the exact box or a command line)."""
+        self._slider_sent = value
+        self.context.value = value
+
+    def _slider_echo(self, value: float) -> bool:
+        """Whether a slider change is the browser snapping a value the kernel set to the slider's grid (it sends
+        the snapped value back): then the exact -c stays as typed (100000 became 101,120 before)."""
+        sent, self._slider_sent = self._slider_sent, None
+        return sent is not None and abs(math.log2(value) - math.log2(sent)) <= self.context.step / 2 + 1e-9
 
     def _refresh(self, level: str) -> None:
         """Recompute from `level` down and update the figures in place, the per-device bars first (what a change
@@ -381,10 +395,10 @@ class SizingUI:
         except KvbookError as exc:
             self._show_error(exc)
             return
-        self.error = None
-        self.memory = plan.memory
-        self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
-        with self._draw:
+        with self._draw:  # with the searches' thread shut out: it reads and replaces self.plan under this lock
+            self.error = None
+            self.memory = plan.memory
+            self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
             self._generation += 1
             sent = self.breakdown._last_layout_edit_id
             with self.breakdown.batch_update():
