@@ -104,3 +104,35 @@ def test_make_lab_opens_a_notebook_with_a_running_kernel(tmp_path) -> None:
     assert after[1] == before[1], f"make lab left files in the checkout:\n{after[1]}"
     ignored = subprocess.run(["git", "check-ignore", "-q", "lab/01-sizing.ipynb"], cwd=ROOT, check=False)
     assert ignored.returncode == 0, "lab/ (make lab's working copies) is not git-ignored"
+
+
+def test_working_copies_renew_untouched_copies_and_keep_edited_ones(tmp_path) -> None:
+    """make lab's copies (no browser): made when missing, renewed when the original changed and the copy's cells
+    were not edited (outputs alone do not count), kept with a printed line when they were."""
+    import nbformat
+
+    from kvbook.notebook.lab import working_copies
+
+    src, work = tmp_path / "notebooks", tmp_path / "lab"
+    src.mkdir()
+
+    def write(path: Path, code: str, output: str = "") -> None:
+        cell = nbformat.v4.new_code_cell(code)
+        if output:
+            cell.outputs = [nbformat.v4.new_output("stream", text=output)]
+        nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
+
+    write(src / "a.ipynb", "x = 1")
+    write(src / "b.ipynb", "y = 1")
+    assert working_copies(src, work) == []
+    assert (work / "a.ipynb").read_bytes() == (src / "a.ipynb").read_bytes()
+    write(work / "a.ipynb", "x = 1", output="1\n")  # run and saved in JupyterLab: outputs only
+    write(work / "b.ipynb", "y = 2")  # edited by the user
+    assert working_copies(src, work) == []  # nothing changed upstream: both copies stay as they are
+    assert nbformat.read(str(work / "a.ipynb"), as_version=4).cells[0].outputs and "y = 2" in (work / "b.ipynb").read_text()
+    write(src / "a.ipynb", "x = 10")
+    write(src / "b.ipynb", "y = 10")
+    notes = working_copies(src, work)
+    assert "x = 10" in (work / "a.ipynb").read_text()  # renewed: only its outputs differed
+    assert "y = 2" in (work / "b.ipynb").read_text()  # kept: the user's edit
+    assert len(notes) == 1 and "b.ipynb" in notes[0] and "changed" in notes[0]

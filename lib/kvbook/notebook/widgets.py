@@ -81,7 +81,8 @@ class SizingUI:
         import ipywidgets as w
 
         self._resolved: dict[str, Any] = {}  # model spec -> kvbook.model.resolve.ResolvedModel
-        self._busy = False
+        self._busy = 0  # the thread running a handler (0: none); its own changes to other controls are not handled
+        self._handling = threading.Lock()
         self._background = background
         self._generation = 0  # the newest change: a background result for an older one is dropped
         self._timer: threading.Timer | None = None
@@ -190,6 +191,7 @@ class SizingUI:
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
         self.device_record = self._device()
+        self._device_key = (self.device.value, self._budget(), self._fixed["command_line"])
         self.sweep: SweepResult = self._sweep_for(self.params)
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
@@ -236,10 +238,13 @@ class SizingUI:
 
     @property
     def flags(self) -> ServerFlags:
-        flags = sizing.server_flags(self.params, self.arch.n_ctx_train, self.resolved.source)
-        if self.ot.value:
+        return self._flags(self.params, self.ot.value)
+
+    def _flags(self, p: sizing.SizingParams, ot: str) -> ServerFlags:
+        flags = sizing.server_flags(p, self.arch.n_ctx_train, self.resolved.source)
+        if ot:
             try:
-                overrides = parse_server_args(["-m", "x", "-ot", self.ot.value]).tensor_overrides
+                overrides = parse_server_args(["-m", "x", "-ot", ot]).tensor_overrides
             except BadInput as exc:
                 raise BadInput(f"-ot preset: {exc}") from None
             flags = replace(flags, tensor_overrides=overrides)
@@ -250,10 +255,11 @@ class SizingUI:
         """What the controls ask kvbook.plan.api now."""
         return PlanRequest.of(self.resolved, self.flags, self.device_record)
 
-    def _device(self) -> Any:
+    def _device(self, p: sizing.SizingParams | None = None) -> Any:
+        """The device of `p` (default: the controls now)."""
+        name, budget = (p.device, p.budget_gib) if p is not None else (self.device.value, self._budget())
         base = sizing.parse_command_line(self._fixed["command_line"]) if self._fixed["command_line"] else None
-        return sizing.resolve_device("" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value,
-                                     self._budget(), base.rpc if base else ())
+        return sizing.resolve_device("" if name == sizing.CUSTOM_DEVICE else name, budget, base.rpc if base else ())
 
     @property
     def budget_bytes(self) -> int:
@@ -344,24 +350,29 @@ class SizingUI:
 
     def _handler(self, level: str):
         def handle(change: Mapping[str, Any]) -> None:
-            if self._busy:
-                return
-            self._busy = True
-            t0 = time.perf_counter()
-            try:
-                if level == "point" and change.get("owner") is self.context:
-                    if self._slider_echo(float(change["new"])):
-                        return
-                    self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
-                    self.context_exact.value = self._exact
-                elif level == "exact":
-                    self._exact = int(self.context_exact.value)
-                    self._set_slider(float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max)))
-                self._refresh("point" if level == "exact" else level)
-            finally:
-                self._busy = False
-                self.timings.append((level, (time.perf_counter() - t0) * 1000))
+            if self._busy == threading.get_ident():
+                return  # a control the handler itself moved (the box following the slider, a command line's knobs)
+            with self._handling:  # ipykernel 7 runs comm handlers on more than one thread: one change at a time
+                self._handle(level, change)
         return handle
+
+    def _handle(self, level: str, change: Mapping[str, Any]) -> None:
+        """One control change: the context box and slider kept together, then the refresh from its level."""
+        self._busy = threading.get_ident()
+        t0 = time.perf_counter()
+        try:
+            if level == "point" and change.get("owner") is self.context:
+                if self._slider_echo(float(change["new"])):
+                    return
+                self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
+                self.context_exact.value = self._exact
+            elif level == "exact":
+                self._exact = int(self.context_exact.value)
+                self._set_slider(float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max)))
+            self._refresh("point" if level == "exact" else level)
+        finally:
+            self._busy = 0
+            self.timings.append((level, (time.perf_counter() - t0) * 1000))
 
     def _set_slider(self, value: float) -> None:
         """Move the context slider from the kernel (to follow the exact box or a command line)."""
@@ -384,14 +395,17 @@ class SizingUI:
             if level == "model":
                 self.arch = self._load(self._model_spec())
                 self._set_slider_range()
-            if level in ("model", "budget", "all"):
-                self.budget_gib.disabled = self.device.value != sizing.CUSTOM_DEVICE
-                self.device_record = self._device()
-            p = self.params
+            # one reading of the controls for everything below: ipykernel 7 sets a widget's value from another
+            # thread while a handler runs, and a plan kept under one state must be the plan of that state
+            p, ot = self.params, self.ot.value
+            device_key = (p.device, p.budget_gib, self._fixed["command_line"])
+            if level in ("model", "budget", "all") or device_key != self._device_key:
+                self.budget_gib.disabled = p.device != sizing.CUSTOM_DEVICE
+                self.device_record, self._device_key = self._device(p), device_key
             sizing.check_sizing_params(p, self.arch)
             self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
-            request = self.request
-            plan = self._plan_for(p, request)
+            request = PlanRequest.of(self.resolved, self._flags(p, ot), self.device_record)
+            plan = self._plan_for((p, ot), request)
         except KvbookError as exc:
             self._show_error(exc)
             return
@@ -449,9 +463,8 @@ class SizingUI:
         self.error = str(exc)
         self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
 
-    def _plan_for(self, p: sizing.SizingParams, request: PlanRequest) -> Plan:
+    def _plan_for(self, key: tuple[sizing.SizingParams, str], request: PlanRequest) -> Plan:
         """The plan without the context search, kept per control state (moving back to a state is a look-up)."""
-        key = (p, self.ot.value)
         plan = self._plans.get(key)
         if plan is None:
             plan = api.plan(request, search=False)
