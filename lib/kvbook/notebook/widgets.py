@@ -362,9 +362,10 @@ class SizingUI:
         t0 = time.perf_counter()
         try:
             if level == "point" and change.get("owner") is self.context:
-                if self._slider_echo(float(change["new"])):
+                # the slider's value now, not the change's: changes may be handled out of order (one thread each)
+                if self._slider_echo(float(self.context.value)):
                     return
-                self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
+                self._exact = max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
                 self.context_exact.value = self._exact
             elif level == "exact":
                 self._exact = int(self.context_exact.value)
