@@ -7,7 +7,7 @@
 #   make vulkan  setup + the Vulkan build (Debian's Vulkan packages, Mesa lavapipe; ~10-20 min once)
 #   make test-vulkan  make vulkan, then the tests that run the real Vulkan llama-server
 #   make bench   setup, then every benchmarks/*.py in order
-#   make lab     setup, then JupyterLab on loopback over notebooks/ (no run-time fetch from the internet)
+#   make lab     setup, then JupyterLab on loopback over working copies of notebooks/ in lab/ (no fetch)
 #   make doctor  one line per outside component (versions, paths, sha256 status)
 #   make lock    re-resolve requirements.in in a scratch venv -> hashed requirements.lock + environment.yml
 #   make clean   remove .venv and outputs/* (keeps the per-user cache: ~/.cache/kvbook)

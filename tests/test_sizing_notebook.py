@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 
 import nbformat
@@ -271,6 +272,9 @@ def test_context_slider_updates_figures(ui):
     assert ui.params.context == 20224 and _trace(ui.breakdown, "kv").y[0] * GiB == QWEN_KV_PER_TOKEN * 20224
     assert ui.context_exact.value == 20224
     ui.context_exact.value = 200000  # typed: planned as typed, not snapped to the slider's grid
+    assert ui.params.context == 200000 and "-c 200000" in ui.copy_line.value
+    # the browser snaps the slider to its grid and sends the snapped value back: the typed -c stays
+    ui.context.value = 2 ** (round(math.log2(200000) / ui.context.step) * ui.context.step)
     assert ui.params.context == 200000 and "-c 200000" in ui.copy_line.value
     ui.context.value = 65536
 

@@ -34,6 +34,39 @@ CURVE_POINTS = 240  # points per memory-vs-context curve (log-spaced picks from 
 Bar = tuple[str, Mapping[str, float]]
 
 
+_QUIET_WIDGET: Any = None
+
+
+def figure_widget() -> Any:
+    """A plotly FigureWidget that takes no part in plotly's browser-to-kernel echo after each redraw.
+
+    After every update the browser diffs its full figure against the widget's and sends the trace defaults back
+    (~12 KB a figure); the stock widget applies them, echoes them back to the browser and resets them, three
+    messages and ~40-70 ms of kernel time per redraw on a loaded 2-core machine, in the way of the next control
+    change. The sizing panel never reads plotly's computed defaults, so they are received and dropped; their arrival
+    tells the kernel the browser has drawn the figure (`on_drawn`)."""
+    global _QUIET_WIDGET
+    if _QUIET_WIDGET is None:
+        import plotly.graph_objects as go
+        from plotly.serializers import custom_serializers
+        from traitlets import Dict, observe
+
+        class QuietFigureWidget(go.FigureWidget):
+            _js2py_traceDeltas = Dict(allow_none=True).tag(sync=True, echo_update=False, **custom_serializers)
+
+            on_drawn: Any = None  # called when the browser reports it drew the newest edit
+
+            @observe("_js2py_traceDeltas")
+            def _handler_js2py_traceDeltas(self, change: Any) -> None:
+                if change["new"] and change["new"].get("trace_edit_id") == self._last_trace_edit_id:
+                    self._trace_edit_in_process = False  # the browser drew the newest edit
+                    if self.on_drawn is not None:
+                        self.on_drawn()
+
+        _QUIET_WIDGET = QuietFigureWidget
+    return _QUIET_WIDGET()
+
+
 def setup_renderer() -> None:
     """Once per kernel: plotly_mimetype+notebook, so JupyterLab renders and exported HTML embeds plotly.js."""
     from kvbook.notebook.html import setup_plotly
@@ -128,7 +161,7 @@ def breakdown_figure(bars: Plan | Sequence[Bar], budget_bytes: int | None = None
         extra_lines = [*extra_lines, *ram_line(plan)]
         budget_bytes = plan_budget(plan) if budget_bytes is None else budget_bytes
         title = plan_title(plan) if title is None else title
-    fig = go.FigureWidget() if widget else go.Figure()
+    fig = figure_widget() if widget else go.Figure()
     for key, label, color in COMPONENTS:
         fig.add_bar(name=label, x=[], y=[], marker_color=color, meta=key,
                     hovertemplate=f"{label}: %{{y:.2f}} GiB<extra>%{{x}}</extra>")
@@ -183,7 +216,7 @@ def context_figure(result: SweepResult, budget_bytes: int, *, si: int = 0, usabl
     """
     import plotly.graph_objects as go
 
-    fig = go.FigureWidget() if widget else go.Figure()
+    fig = figure_widget() if widget else go.Figure()
     for t in result.cache_types:
         fig.add_scatter(name=t, x=[], y=[], mode="lines", line=dict(color=TYPE_COLORS.get(t), width=2,
                         dash="dot" if t == "bf16" else "solid"), meta=t,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvbook.interface import GiB, Plan
-from kvbook.notebook.figures import COMPONENTS, ctx_label
+from kvbook.notebook.figures import COMPONENTS, ctx_label, figure_widget
 from kvbook.notebook.sizing import solver_rows  # noqa: F401 - the notebook's one import for placements
 
 _PARTS = (("weights", "weights_bytes"), ("kv", "kv_bytes"), ("recurrent", "recurrent_bytes"),
@@ -39,7 +39,7 @@ def device_figure(devices: Sequence[Mapping[str, Any]], title: str = "Per device
     """One stacked bar per device (meta: the COMPONENTS key of each part), its budget as a black mark."""
     import plotly.graph_objects as go
 
-    fig = go.FigureWidget() if widget else go.Figure()
+    fig = figure_widget() if widget else go.Figure()
     for (part, _), (_, label, color) in zip(_PARTS, COMPONENTS):
         fig.add_bar(name=label, marker_color=color, meta=part,
                     hovertemplate=f"{label}: %{{y:.2f}} GiB<extra>%{{x}}</extra>")

@@ -40,6 +40,8 @@ SLOT_CHOICES = (-1, 1, 2, 3, 4, 6, 8, 16)
 BATCH_CHOICES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 SLIDER_STEP = 1 / 16  # log2 steps: 16 positions per doubling of the context
 SEARCH_DELAY_S = 0.3  # the searches start once the controls rest this long
+BARS_WAIT_S = 0.4  # the curve waits this long at most for the browser to report the new bars drawn
+CACHE_STATES = 256  # plans and sweeps kept per control state (oldest dropped first)
 # -ot presets: (label, PATTERN=BUFFER_TYPE or "" for what the command line gives)
 OT_PRESETS: tuple[tuple[str, str], ...] = (
     ("-ot: as the command line gives", ""),
@@ -79,13 +81,19 @@ class SizingUI:
         import ipywidgets as w
 
         self._resolved: dict[str, Any] = {}  # model spec -> kvbook.model.resolve.ResolvedModel
-        self._busy = False
+        self._busy = 0  # the thread running a handler (0: none); its own changes to other controls are not handled
+        self._handling = threading.Lock()
         self._background = background
         self._generation = 0  # the newest change: a background result for an older one is dropped
         self._timer: threading.Timer | None = None
         # plotly's FigureWidget.batch_update is not thread-safe: the handler and the background searches draw in turn
         self._draw = threading.RLock()
         self.timings: list[tuple[str, float]] = []  # (what changed, ms) per handler call
+        self._plans: dict[tuple[Any, ...], Plan] = {}  # control state -> plan (no search)
+        self._curve_pending: tuple[bool, tuple[int, int]] | None = None  # (whole curve?, current) to draw
+        self._curve_timer: threading.Timer | None = None
+        self._slider_sent: float | None = None  # the last value the kernel gave the context slider
+        self._sweeps: dict[tuple[Any, ...], tuple[ModelArch, SweepResult]] = {}
         self.error: str | None = None
         self.max_ctx = 0
         self.per_device: dict[str, int] = {}
@@ -183,10 +191,12 @@ class SizingUI:
     def _first_view(self) -> None:
         """The first computation, then the figures built from it."""
         self.device_record = self._device()
-        self.sweep: SweepResult = sizing.sweep_for(self.arch, self.params, self._sweep_top(), self.device_record)
+        self._device_key = (self.device.value, self._budget(), self._fixed["command_line"])
+        self.sweep: SweepResult = self._sweep_for(self.params)
         self.memory: MemoryPlan | None = None
         self.plan: Plan | None = None
         self.breakdown = placement_view.device_figure([], widget=True)
+        self.breakdown.on_drawn = self._draw_pending_curve
         self.curve = figures.context_figure(self.sweep, self.budget_bytes, usable=self._usable(), widget=True,
                                             title="Memory at start against context (K = V cache type)")
         self._refresh("all")
@@ -228,10 +238,13 @@ class SizingUI:
 
     @property
     def flags(self) -> ServerFlags:
-        flags = sizing.server_flags(self.params, self.arch.n_ctx_train, self.resolved.source)
-        if self.ot.value:
+        return self._flags(self.params, self.ot.value)
+
+    def _flags(self, p: sizing.SizingParams, ot: str) -> ServerFlags:
+        flags = sizing.server_flags(p, self.arch.n_ctx_train, self.resolved.source)
+        if ot:
             try:
-                overrides = parse_server_args(["-m", "x", "-ot", self.ot.value]).tensor_overrides
+                overrides = parse_server_args(["-m", "x", "-ot", ot]).tensor_overrides
             except BadInput as exc:
                 raise BadInput(f"-ot preset: {exc}") from None
             flags = replace(flags, tensor_overrides=overrides)
@@ -242,10 +255,11 @@ class SizingUI:
         """What the controls ask kvbook.plan.api now."""
         return PlanRequest.of(self.resolved, self.flags, self.device_record)
 
-    def _device(self) -> Any:
+    def _device(self, p: sizing.SizingParams | None = None) -> Any:
+        """The device of `p` (default: the controls now)."""
+        name, budget = (p.device, p.budget_gib) if p is not None else (self.device.value, self._budget())
         base = sizing.parse_command_line(self._fixed["command_line"]) if self._fixed["command_line"] else None
-        return sizing.resolve_device("" if self.device.value == sizing.CUSTOM_DEVICE else self.device.value,
-                                     self._budget(), base.rpc if base else ())
+        return sizing.resolve_device("" if name == sizing.CUSTOM_DEVICE else name, budget, base.rpc if base else ())
 
     @property
     def budget_bytes(self) -> int:
@@ -285,7 +299,7 @@ class SizingUI:
         value = min(float(self.context.value), float(top))
         # widen first so the value never falls outside while min and max move
         self.context.min, self.context.max = min(lo, self.context.min), max(hi, self.context.max)
-        self.context.value = value
+        self._set_slider(value)
         self.context.min, self.context.max = lo, hi
         self._exact = min(self._exact, top)
         self.context_exact.max = max(top, self.context_exact.value)
@@ -320,7 +334,7 @@ class SizingUI:
         self.arch = self._load(self._model_spec())
         self._set_slider_range()
         self._exact = int(knobs["context"])
-        self.context.value = float(self._exact)
+        self._set_slider(float(self._exact))
         self.context_exact.value = self._exact
         self.slots.options = _slot_options(int(knobs["slots"]))
         for name in ("slots", "kv_unified", "cache_type_k", "cache_type_v", "flash_attn", "swa_full", "n_cpu_moe"):
@@ -336,25 +350,45 @@ class SizingUI:
 
     def _handler(self, level: str):
         def handle(change: Mapping[str, Any]) -> None:
-            if self._busy:
-                return
-            self._busy = True
-            t0 = time.perf_counter()
-            try:
-                if level == "point" and change.get("owner") is self.context:
-                    self._exact = max(CTX_PAD, int(round(float(change["new"]) / CTX_PAD)) * CTX_PAD)
-                    self.context_exact.value = self._exact
-                elif level == "exact":
-                    self._exact = int(self.context_exact.value)
-                    self.context.value = float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max))
-                self._refresh("point" if level == "exact" else level)
-            finally:
-                self._busy = False
-                self.timings.append((level, (time.perf_counter() - t0) * 1000))
+            if self._busy == threading.get_ident():
+                return  # a control the handler itself moved (the box following the slider, a command line's knobs)
+            with self._handling:  # ipykernel 7 runs comm handlers on more than one thread: one change at a time
+                self._handle(level, change)
         return handle
 
+    def _handle(self, level: str, change: Mapping[str, Any]) -> None:
+        """One control change: the context box and slider kept together, then the refresh from its level."""
+        self._busy = threading.get_ident()
+        t0 = time.perf_counter()
+        try:
+            if level == "point" and change.get("owner") is self.context:
+                # the slider's value now, not the change's: changes may be handled out of order (one thread each)
+                if self._slider_echo(float(self.context.value)):
+                    return
+                self._exact = max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
+                self.context_exact.value = self._exact
+            elif level == "exact":
+                self._exact = int(self.context_exact.value)
+                self._set_slider(float(min(max(self._exact, 2 ** self.context.min), 2 ** self.context.max)))
+            self._refresh("point" if level == "exact" else level)
+        finally:
+            self._busy = 0
+            self.timings.append((level, (time.perf_counter() - t0) * 1000))
+
+    def _set_slider(self, value: float) -> None:
+        """Move the context slider from the kernel (to follow the exact box or a command line)."""
+        self._slider_sent = value
+        self.context.value = value
+
+    def _slider_echo(self, value: float) -> bool:
+        """Whether a slider change is the browser snapping a value the kernel set to the slider's grid (it sends
+        the snapped value back): then the exact -c stays as typed (100000 became 101,120 before)."""
+        sent, self._slider_sent = self._slider_sent, None
+        return sent is not None and abs(math.log2(value) - math.log2(sent)) <= self.context.step / 2 + 1e-9
+
     def _refresh(self, level: str) -> None:
-        """Recompute from `level` down, then update the figures in place; the searches follow (`_searches`)."""
+        """Recompute from `level` down and update the figures in place, the per-device bars first (what a change
+        is for) and the curve, the command line and the status after them; the searches follow (`_searches`)."""
         try:
             if level == "command_line":
                 self._read_command_line()
@@ -362,38 +396,95 @@ class SizingUI:
             if level == "model":
                 self.arch = self._load(self._model_spec())
                 self._set_slider_range()
-            if level in ("model", "budget", "all"):
-                self.budget_gib.disabled = self.device.value != sizing.CUSTOM_DEVICE
-                self.device_record = self._device()
-            p = self.params
+            # one reading of the controls for everything below: ipykernel 7 sets a widget's value from another
+            # thread while a handler runs, and a plan kept under one state must be the plan of that state
+            p, ot = self.params, self.ot.value
+            device_key = (p.device, p.budget_gib, self._fixed["command_line"])
+            if level in ("model", "budget", "all") or device_key != self._device_key:
+                self.budget_gib.disabled = p.device != sizing.CUSTOM_DEVICE
+                self.device_record, self._device_key = self._device(p), device_key
             sizing.check_sizing_params(p, self.arch)
-            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
-                self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
-                self.sweep = sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record)
-            request = self.request
-            plan = api.plan(request, search=False)
+            self.kv_unified.disabled = p.slots < 0  # auto slots always share one KV
+            request = PlanRequest.of(self.resolved, self._flags(p, ot), self.device_record)
+            plan = self._plan_for((p, ot), request)
         except KvbookError as exc:
-            self.error = str(exc)
-            self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
+            self._show_error(exc)
             return
-        self.error = None
-        self.memory = plan.memory
-        self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
-        current = (p.context, plan.memory.start_bytes)
-        with self._draw:
+        with self._draw:  # with the searches' thread shut out: it reads and replaces self.plan under this lock
+            self.error = None
+            self.memory = plan.memory
+            self.plan = dataclasses.replace(plan, max_ctx=self.max_ctx)
             self._generation += 1
+            sent = self.breakdown._last_layout_edit_id
             with self.breakdown.batch_update():
                 self._draw_devices()
-            with self.curve.batch_update():
-                if level == "point":
-                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
-                else:
-                    figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(),
-                                          current=current)
+            bars_sent = self.breakdown._last_layout_edit_id != sent
             self.copy_line.value = (f'<pre class="kvbook-command" style="user-select:all;white-space:pre-wrap">'
                                     f"{html.escape(command_text(plan))}</pre>")
             self.status.value = self._status_html(searching=True)
+        try:
+            if level in ("model", "sweep", "all", "budget"):  # the device's backend sizes the compute buffer
+                self.sweep = self._sweep_for(p)
+        except KvbookError as exc:
+            self._show_error(exc)
+            return
+        self._draw_curve_after_bars(level, (p.context, plan.memory.start_bytes), wait=bars_sent)
         self._start_searches(request, p, level, self._generation)
+
+    def _draw_curve_after_bars(self, level: str, current: tuple[int, int], wait: bool) -> None:
+        """Update the memory-against-context curve once the browser has drawn the new bars (the breakdown's
+        redraw report, or BARS_WAIT_S without one). Sent together, the curve's redraw (100-300 ms of the page's
+        time on a loaded machine) ran before the bars could be painted; a newer change replaces a waiting one."""
+        with self._draw:
+            full = level != "point" or (self._curve_pending is not None and self._curve_pending[0])
+            self._curve_pending = (full, current)
+        if not (wait and self._background):
+            self._draw_pending_curve()
+            return
+        if self._curve_timer is not None:
+            self._curve_timer.cancel()
+        self._curve_timer = threading.Timer(BARS_WAIT_S, self._draw_pending_curve)
+        self._curve_timer.daemon = True
+        self._curve_timer.start()
+
+    def _draw_pending_curve(self) -> None:
+        with self._draw:
+            if self._curve_pending is None:
+                return
+            full, current = self._curve_pending
+            self._curve_pending = None
+            with self.curve.batch_update():
+                if full:
+                    figures.apply_context(self.curve, self.sweep, self.budget_bytes, usable=self._usable(),
+                                          current=current)
+                else:
+                    figures.apply_current(self.curve, current, len(self.sweep.cache_types))
+
+    def _show_error(self, exc: Exception) -> None:
+        self.error = str(exc)
+        self.status.value = f'<p style="color:#b00020"><b>Cannot plan this:</b> {html.escape(str(exc))}</p>'
+
+    def _plan_for(self, key: tuple[sizing.SizingParams, str], request: PlanRequest) -> Plan:
+        """The plan without the context search, kept per control state (moving back to a state is a look-up)."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = api.plan(request, search=False)
+            if len(self._plans) >= CACHE_STATES:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def _sweep_for(self, p: sizing.SizingParams) -> SweepResult:
+        """The context sweep of the model, device and sweep-level controls, kept per state like the plans."""
+        key = (self._model_spec(), self._fixed["command_line"], self._sweep_top(), sizing.compute_backend_of(
+            self.device_record), p.slots, p.kv_unified, p.ubatch, p.batch, p.flash_attn != "off", p.swa_full)
+        hit = self._sweeps.get(key)
+        if hit is None or hit[0] is not self.arch:
+            hit = (self.arch, sizing.sweep_for(self.arch, p, self._sweep_top(), self.device_record))
+            if len(self._sweeps) >= CACHE_STATES:
+                self._sweeps.pop(next(iter(self._sweeps)))
+            self._sweeps[key] = hit
+        return hit[1]
 
     def _draw_devices(self) -> None:
         assert self.plan is not None
@@ -465,9 +556,11 @@ class SizingUI:
         self.status.value = self._status_html(searching=False)
 
     def wait(self, timeout: float = 60.0) -> None:
-        """Until the background searches of the last change are shown (tests, benchmarks)."""
+        """Until the background searches and the curve of the last change are shown (tests, benchmarks)."""
         if self._timer is not None:
             self._timer.join(timeout)
+        if self._curve_timer is not None:
+            self._curve_timer.join(timeout)
 
     def _status_html(self, searching: bool) -> str:
         plan, mem = self.plan, self.memory

@@ -24,6 +24,17 @@ KERNEL_IDLE = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.c
                " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
                " && w.sessionContext.session.kernel.status === 'idle'; }")
 
+# Runs code in the open notebook's kernel without touching the notebook document (no cell added, nothing to save);
+# resolves to what it printed.
+KERNEL_EXEC = """async (code) => {
+  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  const future = kernel.requestExecute({code, silent: false, store_history: false});
+  let text = '';
+  future.onIOPub = (msg) => { if (msg.header.msg_type === 'stream') text += msg.content.text; };
+  await future.done;
+  return text;
+}"""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,10 +61,11 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, deadline_s: f
 
 
 def jupyter_dirs(env: Mapping[str, str], folder: Path) -> dict[str, str]:
-    """`env` with Jupyter's config, runtime and workspace folders under `folder` (nothing written to ~/.jupyter)."""
+    """`env` with Jupyter's config, runtime, workspace and user-settings folders under `folder` (nothing written to
+    ~/.jupyter)."""
     out = {k: v for k, v in env.items() if not k.startswith("JUPYTER")}
     for var, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
-                     ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
+                     ("JUPYTERLAB_WORKSPACES_DIR", "workspaces"), ("JUPYTERLAB_SETTINGS_DIR", "settings")):
         out[var] = str(folder / sub)
     return out
 
