@@ -361,7 +361,7 @@ class SizingUI:
         self._busy = threading.get_ident()
         t0 = time.perf_counter()
         try:
-            if level == "point" and change.get("owner") is self.context:
+            if level == "point" and self.context is not None and change.get("owner") is self.context:
                 # the slider's value now, not the change's: changes may be handled out of order (one thread each)
                 if self._slider_echo(float(self.context.value)):
                     return
