@@ -361,11 +361,12 @@ class SizingUI:
         self._busy = threading.get_ident()
         t0 = time.perf_counter()
         try:
-            if level == "point" and self.context is not None and change.get("owner") is self.context:
+            slider = change.get("owner")
+            if level == "point" and slider is not None and slider is self.context:
                 # the slider's value now, not the change's: changes may be handled out of order (one thread each)
-                if self._slider_echo(float(self.context.value)):
+                if self._slider_echo(float(slider.value)):
                     return
-                self._exact = max(CTX_PAD, int(round(float(self.context.value) / CTX_PAD)) * CTX_PAD)
+                self._exact = max(CTX_PAD, int(round(float(slider.value) / CTX_PAD)) * CTX_PAD)
                 self.context_exact.value = self._exact
             elif level == "exact":
                 self._exact = int(self.context_exact.value)
