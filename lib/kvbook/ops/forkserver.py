@@ -191,6 +191,22 @@ def _reap(codes: dict[int, int]) -> None:
         codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
+def _status(pid: int, codes: dict[int, int]) -> int | None:
+    """A forked proxy's exit status as Popen reports it, None while it runs. A child that turned zombie after the
+    reap above is reaped here (no race with its exit); a pid that was never ours reads as killed."""
+    _reap(codes)
+    if pid in codes:
+        return codes[pid]
+    if _alive(pid):
+        return None
+    try:
+        got, status = os.waitpid(pid, 0)  # a zombie child: returns at once
+    except ChildProcessError:
+        return -signal.SIGKILL
+    codes[got] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return codes[got]
+
+
 def serve(path: str) -> None:
     """Import LiteLLM once, then fork a proxy per request until killed; answers pings and exit statuses."""
     _die_with_parent()
@@ -228,10 +244,8 @@ def serve(path: str) -> None:
             if request.get("ping"):
                 answer: dict[str, object] = {"pong": True}
             elif "status" in request:
-                _reap(codes)
                 pid = int(request["status"])
-                # running: None; exited: its status; never ours or already forgotten: as if killed
-                answer = {"code": codes[pid] if pid in codes else (None if _alive(pid) else -signal.SIGKILL)}
+                answer = {"code": _status(pid, codes)}
             else:
                 pid = os.fork()
                 if pid == 0:
